@@ -1,0 +1,157 @@
+"""FineTuneTask: one PEFT fine-tuning job, the object users `kubectl apply` and `muxtune run`.
+
+The same model validates a local YAML file, the engine's task config and (through the
+generated CRD) what the API server admits.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta
+
+# builtin:NAME, model:NAME (a BaseModel resource), pvc://CLAIM/PATH, or a local directory.
+BASE_MODEL_PATTERN = (
+    r"^(builtin:[a-z0-9][a-z0-9-]*"
+    r"|model:[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*"
+    r"|/.+|\./.+|\.\./.+)$"
+)
+
+PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
+Phase = Literal["Pending", "Placed", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class DatasetSpec(ApiModel):
+    """Where the training examples are and how to read them."""
+
+    path: str = Field(
+        min_length=1,
+        description="JSON-lines file of examples (a local path, or a path on the data volume in a cluster).",
+    )
+    format: Literal["jsonl"] = Field(default="jsonl", description="File format; jsonl is one JSON object per line.")
+    prompt_field: str = Field(default="prompt", min_length=1, description="Key of the input text.")
+    completion_field: str = Field(default="completion", min_length=1, description="Key of the target text.")
+    max_seq_len: int = Field(
+        default=512, gt=0, le=131072, description="Longer examples are truncated to this many tokens."
+    )
+    train_on_prompt: bool = Field(
+        default=False, description="Also compute the loss on prompt tokens (default: completion only)."
+    )
+    shuffle: bool = Field(default=True, description="Reshuffle examples every epoch (seeded by training.seed).")
+
+
+class PeftSpec(ApiModel):
+    """The parameter-efficient method and its hyperparameters."""
+
+    method: PeftMethod = Field(default="lora", description="lora, ia3 or prompt_tuning.")
+    r: int = Field(default=8, gt=0, le=4096, description="LoRA rank.")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Names of the backbone's linear layers the method adapts (suffix match).",
+    )
+    feedforward_modules: list[str] = Field(
+        default_factory=list,
+        description="IA3 only: target modules whose input (not output) is rescaled.",
+    )
+    num_virtual_tokens: int = Field(
+        default=16, gt=0, le=1024, description="prompt_tuning only: learned prefix length."
+    )
+
+    @model_validator(mode="after")
+    def _ff_within_targets(self) -> PeftSpec:
+        extra = set(self.feedforward_modules) - set(self.target_modules)
+        if extra:
+            raise ValueError(f"feedforwardModules {sorted(extra)} must also be in targetModules")
+        return self
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation settings; each task keeps its own optimizer and schedule."""
+
+    max_steps: int = Field(gt=0, le=10_000_000, description="Optimizer steps to train for.")
+    batch_size: int = Field(default=8, gt=0, le=65536, description="Sequences per optimizer step.")
+    learning_rate: float = Field(gt=0, le=10, description="Peak learning rate (AdamW).")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="Decay after warmup: constant, linear or cosine to zero."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup from zero over this many steps.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0, description="Clip the task's gradient norm to this (null: no clipping)."
+    )
+    seed: int = Field(default=0, ge=0, description="Seeds adapter init, dropout and data order.")
+    checkpoint_interval: int = Field(
+        default=50, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end)."
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingSpec:
+        if self.warmup_steps > self.max_steps:
+            raise ValueError("warmupSteps must not exceed maxSteps")
+        return self
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter, checkpoints and metrics go."""
+
+    path: str | None = Field(
+        default=None,
+        description="Directory for this task's output (default: <run output>/<namespace>/<name>).",
+    )
+
+
+class FineTuneTaskSpec(ApiModel):
+    base_model: str = Field(
+        pattern=BASE_MODEL_PATTERN,
+        description=(
+            "The frozen backbone: builtin:NAME, model:NAME (a BaseModel resource), "
+            "pvc://CLAIM/PATH, or a local Hugging Face model directory."
+        ),
+    )
+    dataset: DatasetSpec = Field(description="Training data.")
+    peft: PeftSpec = Field(default_factory=PeftSpec, description="PEFT method and hyperparameters.")
+    training: TrainingSpec = Field(description="Optimisation settings.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="Higher runs first when GPUs are short."
+    )
+    suspend: bool = Field(default=False, description="Hold the task (or pause it) without deleting it.")
+    share_across_namespaces: bool = Field(
+        default=False,
+        description="Allow packing with tasks of other namespaces that also allow it.",
+    )
+
+
+class FineTuneTaskStatus(ApiModel):
+    phase: Phase = Field(default="Pending", description="Pending, Placed, Running, Succeeded, Failed or Suspended.")
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
+    group: str | None = Field(default=None, description="The BackboneGroup the task is packed into.")
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps to do.")
+    progress: str | None = Field(default=None, description="step/total as text, for kubectl get.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    tokens_per_second: float | None = Field(default=None, description="Trained tokens per second.")
+    checkpoint: str | None = Field(default=None, description="Latest checkpoint path.")
+    message: str | None = Field(default=None, description="Why the task is in its phase.")
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
+
+
+class FineTuneTask(ApiModel):
+    api_version: Literal["muxtune.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["FineTuneTask"] = "FineTuneTask"
+    metadata: ObjectMeta
+    spec: FineTuneTaskSpec
+    status: FineTuneTaskStatus | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique within a run or cluster: namespace/name."""
+        return f"{self.metadata.namespace or 'default'}/{self.metadata.name}"

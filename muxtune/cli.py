@@ -1,0 +1,69 @@
+"""The `muxtune` command. Each subcommand is a pydantic model: flags, help and validation in one place."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
+
+
+class RunCommand(BaseModel):
+    """Train FineTuneTasks together over one shared backbone (no cluster needed)."""
+
+    tasks: CliPositionalArg[list[Path]] = Field(description="FineTuneTask YAML files (several documents per file are fine)")
+    output: Path = Field(Path("runs/default"), description="Run directory: one sub-directory per task")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    token_budget: int = Field(4096, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
+    chunk_size: int | None = Field(None, gt=0, description="Packed chunk length (default: the longest maxSeqLen)")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /v1/status on this port (0: any free port)")
+    watch: bool = Field(False, description="Keep running and follow changes to the task files (used in pods)")
+    resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
+    progress: bool = Field(True, description="Show a progress bar")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
+
+    def cli_cmd(self) -> None:
+        from muxtune.engine.run import run_from_cli
+
+        sys.exit(run_from_cli(self))
+
+
+class ValidateCommand(BaseModel):
+    """Check FineTuneTask files without training; errors name the file and field."""
+
+    tasks: CliPositionalArg[list[Path]] = Field(description="FineTuneTask YAML files")
+
+    def cli_cmd(self) -> None:
+        from muxtune.api.loader import SpecError, load_task_files
+
+        try:
+            tasks = load_task_files(self.tasks)
+        except SpecError as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(2)
+        for t in tasks:
+            print(f"ok {t.key} ({t.spec.peft.method}, {t.spec.training.max_steps} steps)")
+
+
+class Muxtune(BaseSettings):
+    """muxtune: many PEFT fine-tuning tasks over one multiplexed backbone."""
+
+    model_config = SettingsConfigDict(
+        cli_prog_name="muxtune", cli_kebab_case=True, cli_implicit_flags=True, cli_parse_args=False
+    )
+
+    run: CliSubCommand[RunCommand]
+    validate_: CliSubCommand[ValidateCommand] = Field(alias="validate")
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def main(argv: list[str] | None = None) -> None:
+    CliApp.run(Muxtune, cli_args=sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

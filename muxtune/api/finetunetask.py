@@ -20,7 +20,7 @@ BASE_MODEL_PATTERN = (
     r"|/.+|\./.+|\.\./.+)$"
 )
 
-PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
+PeftMethod = Literal["lora", "ia3"]
 Phase = Literal["Pending", "Placed", "Running", "Succeeded", "Failed", "Suspended"]
 
 
@@ -46,7 +46,7 @@ class DatasetSpec(ApiModel):
 class PeftSpec(ApiModel):
     """The parameter-efficient method and its hyperparameters."""
 
-    method: PeftMethod = Field(default="lora", description="lora, ia3 or prompt_tuning.")
+    method: PeftMethod = Field(default="lora", description="lora or ia3.")
     r: int = Field(default=8, gt=0, le=4096, description="LoRA rank.")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
@@ -59,10 +59,6 @@ class PeftSpec(ApiModel):
         default_factory=list,
         description="IA3 only: target modules whose input (not output) is rescaled.",
     )
-    num_virtual_tokens: int = Field(
-        default=16, gt=0, le=1024, description="prompt_tuning only: learned prefix length."
-    )
-
     @model_validator(mode="after")
     def _ff_within_targets(self) -> PeftSpec:
         extra = set(self.feedforward_modules) - set(self.target_modules)

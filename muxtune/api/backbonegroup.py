@@ -9,6 +9,8 @@ from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta
 
 
 class Parallelism(ApiModel):
+    """How the backbone is split across GPUs (dp x tp x pp GPUs in all)."""
+
     dp: int = Field(default=1, ge=1, description="Data-parallel replicas.")
     tp: int = Field(default=1, ge=1, description="Tensor-parallel degree.")
     pp: int = Field(default=1, ge=1, description="Pipeline stages.")
@@ -19,30 +21,42 @@ class Parallelism(ApiModel):
 
 
 class MemberTask(ApiModel):
-    name: str
-    namespace: str
-    uid: str | None = None
+    """A FineTuneTask packed into the group."""
+
+    name: str = Field(description="FineTuneTask name.")
+    namespace: str = Field(description="FineTuneTask namespace.")
+    uid: str | None = Field(default=None, description="FineTuneTask UID (guards against a re-created namesake).")
 
 
 class BackboneGroupSpec(ApiModel):
+    """Which tasks share the backbone and the GPUs they run on."""
+
     base_model: str = Field(description="Backbone shared by every member (FineTuneTask.spec.baseModel).")
     tasks: list[MemberTask] = Field(default_factory=list, description="Member tasks.")
     gpus_per_pod: int = Field(default=1, ge=0, description="nvidia.com/gpu requested per pod (0: CPU).")
-    parallelism: Parallelism = Field(default_factory=Parallelism)
+    parallelism: Parallelism = Field(default_factory=Parallelism, description="Data, tensor and pipeline parallelism.")
     gpu_product: str | None = Field(default=None, description="Node GPU product the plan was sized for.")
     token_budget: int | None = Field(default=None, gt=0, description="Tokens fused per step before tasks take turns.")
 
 
 class BackboneGroupStatus(ApiModel):
-    phase: Literal["Pending", "Running", "Degraded", "Succeeded", "Failed"] = "Pending"
-    pods: list[str] = Field(default_factory=list)
-    ready_pods: int = 0
-    memory_planned_bytes: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: int | None = None
+    """Observed state, written by the operator."""
+
+    phase: Literal["Pending", "Running", "Degraded", "Succeeded", "Failed"] = Field(
+        default="Pending", description="Pending, Running, Degraded, Succeeded or Failed."
+    )
+    pods: list[str] = Field(default_factory=list, description="Names of the group's pods.")
+    ready_pods: int = Field(default=0, description="Pods that are ready.")
+    task_count: int | None = Field(default=None, ge=0, description="Member tasks (len(spec.tasks)), for kubectl get.")
+    gpus: int | None = Field(default=None, ge=0, description="GPUs allocated to the group across all its pods, for kubectl get.")
+    memory_planned_bytes: int | None = Field(default=None, description="GPU memory the planner budgeted for the group, in bytes.")
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
+    observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
 
 
 class BackboneGroup(ApiModel):
+    """Tasks multiplexed over one backbone in one set of pods; written by the operator."""
+
     api_version: Literal["muxtune.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
     kind: Literal["BackboneGroup"] = "BackboneGroup"
     metadata: ObjectMeta

@@ -6,9 +6,9 @@ generated CRD) what the API server admits.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta
 
@@ -22,6 +22,10 @@ BASE_MODEL_PATTERN = (
 
 PeftMethod = Literal["lora", "ia3"]
 Phase = Literal["Pending", "Placed", "Running", "Succeeded", "Failed", "Suspended"]
+# A module name (suffix-matched against the backbone's module paths). Bounded so the API server's
+# CEL cost estimate for the feedforwardModules rule stays within budget.
+ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+MAX_MODULES = 64
 
 
 class DatasetSpec(ApiModel):
@@ -46,19 +50,36 @@ class DatasetSpec(ApiModel):
 class PeftSpec(ApiModel):
     """The parameter-efficient method and its hyperparameters."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.feedforwardModules) || self.feedforwardModules.all(m, "
+                    "has(self.targetModules) && m in self.targetModules)",
+                    "message": "feedforwardModules must also be in targetModules",
+                    "fieldPath": ".feedforwardModules",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
+
     method: PeftMethod = Field(default="lora", description="lora or ia3.")
     r: int = Field(default=8, gt=0, le=4096, description="LoRA rank.")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: list[str] = Field(
+    target_modules: list[ModuleName] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
+        max_length=MAX_MODULES,
         description="Names of the backbone's linear layers the method adapts (suffix match).",
     )
-    feedforward_modules: list[str] = Field(
+    feedforward_modules: list[ModuleName] = Field(
         default_factory=list,
+        max_length=MAX_MODULES,
         description="IA3 only: target modules whose input (not output) is rescaled.",
     )
+
     @model_validator(mode="after")
     def _ff_within_targets(self) -> PeftSpec:
         extra = set(self.feedforward_modules) - set(self.target_modules)
@@ -69,6 +90,19 @@ class PeftSpec(ApiModel):
 
 class TrainingSpec(ApiModel):
     """Optimisation settings; each task keeps its own optimizer and schedule."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.warmupSteps) || !has(self.maxSteps) || self.warmupSteps <= self.maxSteps",
+                    "message": "warmupSteps must not exceed maxSteps",
+                    "fieldPath": ".warmupSteps",
+                    "reason": "FieldValueInvalid",
+                }
+            ]
+        }
+    )
 
     max_steps: int = Field(gt=0, le=10_000_000, description="Optimizer steps to train for.")
     batch_size: int = Field(default=8, gt=0, le=65536, description="Sequences per optimizer step.")
@@ -103,6 +137,8 @@ class OutputSpec(ApiModel):
 
 
 class FineTuneTaskSpec(ApiModel):
+    """What to train: backbone, data, PEFT method and optimisation settings."""
+
     base_model: str = Field(
         pattern=BASE_MODEL_PATTERN,
         description=(
@@ -125,6 +161,8 @@ class FineTuneTaskSpec(ApiModel):
 
 
 class FineTuneTaskStatus(ApiModel):
+    """Observed state, written by the operator."""
+
     phase: Phase = Field(default="Pending", description="Pending, Placed, Running, Succeeded, Failed or Suspended.")
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
     group: str | None = Field(default=None, description="The BackboneGroup the task is packed into.")
@@ -135,12 +173,14 @@ class FineTuneTaskStatus(ApiModel):
     tokens_per_second: float | None = Field(default=None, description="Trained tokens per second.")
     checkpoint: str | None = Field(default=None, description="Latest checkpoint path.")
     message: str | None = Field(default=None, description="Why the task is in its phase.")
-    start_time: datetime | None = None
-    completion_time: datetime | None = None
+    start_time: datetime | None = Field(default=None, description="When the task started training.")
+    completion_time: datetime | None = Field(default=None, description="When the task succeeded or failed.")
     observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
 
 
 class FineTuneTask(ApiModel):
+    """One PEFT fine-tuning job over a shared, frozen backbone."""
+
     api_version: Literal["muxtune.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
     kind: Literal["FineTuneTask"] = "FineTuneTask"
     metadata: ObjectMeta

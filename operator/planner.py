@@ -1,0 +1,531 @@
+"""Placement planner: pure and deterministic (no API calls, no clock, no randomness).
+
+Input: pending tasks, existing groups (with their active members), GPU nodes with free GPUs,
+backbone architectures. Output: a :class:`Plan`.
+
+Algorithm
+1. Reserve GPUs for the pods of existing groups that no node has bound yet (best fit).
+2. Order pending tasks: priority first (higher first), then first-fit *decreasing* by the task's
+   memory (adapter state + activations), then creation time, namespace and name.
+3. For each task, the candidate groups are those with the same backbone and a compatible
+   tenancy (a namespace's own groups; shared groups only for tasks that set
+   ``shareAcrossNamespaces`` while the operator's policy allows it). First fit over existing
+   groups (by name; hot add), then over groups opened earlier in this plan.
+4. Otherwise open a group: for every GPU class (product, memory) enumerate parallelisms
+   (powers of two, tp x pp within one node, dp pods) by (GPUs, dp, pp) ascending and take the
+   first that fits the task and has free GPUs; across classes the fewest GPUs, then the
+   smaller GPU, then the product name win. Its GPUs are reserved on nodes best-fit.
+5. Tasks that fit no class even at the largest parallelism, or that wait for free GPUs, or whose
+   backbone has no size figures, are returned as unplaceable with a reason.
+
+Quality: a lower bound on GPUs, per backbone ceil((weights + sum of task memory) / the largest
+usable GPU memory), summed; ``Plan.gpus_allocated`` is measured against it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from muxtune.api.basemodel import Architecture
+from muxtune.operator.memory import (
+    MiB,
+    MemoryConfig,
+    Parallelism,
+    TaskMemory,
+    TaskShape,
+    group_memory_per_gpu,
+    resolve_architecture,
+    task_memory,
+    weight_bytes,
+)
+
+SHARED = None  # tenancy of a group open to several namespaces
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    namespace: str
+    name: str
+    base_model: str
+    shape: TaskShape = TaskShape()
+    priority: int = 0
+    created: str = ""  # RFC 3339 creationTimestamp; sorts lexicographically
+    share: bool = False
+    uid: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def from_task(cls, task) -> TaskRequest:
+        """From a muxtune.api FineTuneTask."""
+        spec, meta = task.spec, task.metadata
+        extra = meta.model_extra or {}
+        created = extra.get("creationTimestamp") or ""
+        return cls(
+            namespace=meta.namespace or "default",
+            name=meta.name,
+            uid=meta.uid or "",
+            base_model=spec.base_model,
+            priority=spec.priority,
+            created=str(created),
+            share=spec.share_across_namespaces,
+            shape=TaskShape(
+                method=spec.peft.method,
+                r=spec.peft.r,
+                target_modules=tuple(spec.peft.target_modules),
+                feedforward_modules=tuple(spec.peft.feedforward_modules),
+                num_virtual_tokens=int(getattr(spec.peft, "num_virtual_tokens", 0) or 0)
+                if spec.peft.method == "prompt_tuning"
+                else 0,
+                batch_size=spec.training.batch_size,
+                max_seq_len=spec.dataset.max_seq_len,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    gpus_allocatable: int
+    gpus_free: int
+    gpu_memory_mib: int
+    gpu_product: str = ""
+
+    @property
+    def gpu_class(self) -> tuple[str, int]:
+        return (self.gpu_product, self.gpu_memory_mib)
+
+
+@dataclass(frozen=True)
+class GroupState:
+    name: str
+    namespace: str
+    base_model: str
+    tenancy: str | None  # a namespace, or None (SHARED)
+    parallelism: Parallelism
+    gpu_memory_mib: int
+    gpu_product: str = ""
+    members: tuple[TaskRequest, ...] = ()
+    unbound_pods: int = 0  # pods created but not yet bound to a node (their GPUs are not in gpus_free)
+    accepting: bool = True  # False: failed or being torn down; never a hot-add target
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    share_across_namespaces: bool = False
+    shared_namespace: str = "muxtune-system"
+    max_tasks_per_group: int = 32
+    max_dp: int = 8
+    memory: MemoryConfig = MemoryConfig()
+
+
+@dataclass(frozen=True)
+class Placement:
+    task: str
+    group: str
+    new_group: bool
+
+
+@dataclass(frozen=True)
+class Unplaceable:
+    task: str
+    reason: str  # CamelCase, used as condition reason
+    message: str
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    name: str
+    namespace: str
+    base_model: str
+    tenancy: str | None
+    parallelism: Parallelism
+    gpu_product: str
+    gpu_memory_mib: int
+    members: tuple[str, ...]
+    memory_per_gpu_bytes: int
+    new: bool
+    changed: bool  # members added in this plan
+
+    @property
+    def gpus(self) -> int:
+        return self.parallelism.gpus
+
+    @property
+    def gpus_per_pod(self) -> int:
+        return self.parallelism.gpus_per_pod
+
+    @property
+    def pods(self) -> int:
+        return self.parallelism.dp
+
+
+@dataclass(frozen=True)
+class Plan:
+    placements: tuple[Placement, ...]
+    groups: tuple[GroupPlan, ...]
+    unplaceable: tuple[Unplaceable, ...]
+    gpus_allocated: int
+    gpus_new: int
+    lower_bound_gpus: int
+    memory_used_bytes: int
+    memory_allocated_bytes: int
+
+    @property
+    def new_groups(self) -> tuple[GroupPlan, ...]:
+        return tuple(g for g in self.groups if g.new)
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.memory_used_bytes / self.memory_allocated_bytes if self.memory_allocated_bytes else 0.0
+
+    def placement_of(self, key: str) -> Placement | None:
+        for p in self.placements:
+            if p.task == key:
+                return p
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "placements": [p.__dict__ for p in self.placements],
+            "groups": [
+                {
+                    "name": g.name,
+                    "namespace": g.namespace,
+                    "baseModel": g.base_model,
+                    "shared": g.tenancy is None,
+                    "new": g.new,
+                    "gpus": g.gpus,
+                    "gpusPerPod": g.gpus_per_pod,
+                    "parallelism": {"dp": g.parallelism.dp, "tp": g.parallelism.tp, "pp": g.parallelism.pp},
+                    "gpuProduct": g.gpu_product,
+                    "gpuMemoryMiB": g.gpu_memory_mib,
+                    "memoryPerGpuMiB": round(g.memory_per_gpu_bytes / MiB, 1),
+                    "members": list(g.members),
+                }
+                for g in self.groups
+            ],
+            "unplaceable": [u.__dict__ for u in self.unplaceable],
+            "gpusAllocated": self.gpus_allocated,
+            "gpusNew": self.gpus_new,
+            "lowerBoundGpus": self.lower_bound_gpus,
+            "packingEfficiency": round(self.packing_efficiency, 4),
+        }
+
+
+def group_name(base_model: str, tenancy: str | None, first_task_uid_or_key: str) -> str:
+    """Deterministic: a hash of the backbone (and tenancy) plus a hash of the task that opened it.
+
+    The same opening task always yields the same name, so a plan repeated after an operator
+    restart (or before the watch has shown our own write) creates nothing new: the create
+    answers 409 and the existing group is adopted.
+    """
+    b = hashlib.sha256(f"{base_model}|{tenancy or '*'}".encode()).hexdigest()[:8]
+    t = hashlib.sha256(first_task_uid_or_key.encode()).hexdigest()[:6]
+    return f"mt-{b}-{t}"
+
+
+def tenancy_for(task: TaskRequest, config: PlannerConfig) -> str | None:
+    return SHARED if (task.share and config.share_across_namespaces) else task.namespace
+
+
+def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig) -> bool:
+    if tenancy is SHARED:
+        return task.share and config.share_across_namespaces
+    return tenancy == task.namespace
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, v = [], 1
+    while v <= n:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def candidate_parallelisms(arch: Architecture, gpus_per_node: int, max_dp: int) -> list[Parallelism]:
+    """Every dp x tp x pp (powers of two; tp*pp within a node), fewest GPUs first, then dp, pp."""
+    out = []
+    for tp in _pow2_upto(gpus_per_node):
+        if arch.num_attention_heads and arch.num_attention_heads % tp:
+            continue
+        for pp in _pow2_upto(gpus_per_node // tp):
+            if pp > arch.layers:
+                continue
+            for dp in _pow2_upto(max_dp):
+                out.append(Parallelism(dp=dp, tp=tp, pp=pp))
+    out.sort(key=lambda p: (p.gpus, p.dp, p.pp, p.tp))
+    return out
+
+
+class _Capacity:
+    """Free GPUs per node, reserved best-fit (the fullest node that still fits)."""
+
+    def __init__(self, nodes: Sequence[NodeInfo]):
+        self.nodes = {n.name: n for n in nodes}
+        self.free = {n.name: max(0, n.gpus_free) for n in nodes}
+
+    def classes(self) -> list[tuple[str, int]]:
+        return sorted({n.gpu_class for n in self.nodes.values() if n.gpus_allocatable > 0 and n.gpu_memory_mib > 0})
+
+    def max_per_node(self, cls: tuple[str, int]) -> int:
+        return max((n.gpus_allocatable for n in self.nodes.values() if n.gpu_class == cls), default=0)
+
+    def find(self, cls: tuple[str, int], pods: int, gpus_per_pod: int) -> list[str] | None:
+        cands = sorted(
+            (self.free[n.name], n.name)
+            for n in self.nodes.values()
+            if n.gpu_class == cls and self.free[n.name] >= gpus_per_pod
+        )
+        if len(cands) < pods:
+            return None
+        return [name for _, name in cands[:pods]]
+
+    def reserve(self, names: Iterable[str], gpus_per_pod: int) -> None:
+        for n in names:
+            self.free[n] -= gpus_per_pod
+
+    def class_of_product(self, product: str, memory_mib: int) -> tuple[str, int] | None:
+        cls = (product, memory_mib)
+        if any(n.gpu_class == cls for n in self.nodes.values()):
+            return cls
+        same = sorted(n.gpu_class for n in self.nodes.values() if n.gpu_product == product)
+        return same[0] if same else None
+
+
+@dataclass
+class _OpenGroup:
+    name: str
+    namespace: str
+    base_model: str
+    tenancy: str | None
+    par: Parallelism
+    product: str
+    memory_mib: int
+    arch: Architecture
+    members: list[str] = field(default_factory=list)
+    mems: list[TaskMemory] = field(default_factory=list)
+    new: bool = False
+    changed: bool = False
+    accepting: bool = True
+
+    def memory_with(self, extra: list[TaskMemory], config: MemoryConfig) -> int:
+        return group_memory_per_gpu(self.arch, self.mems + extra, self.par, self.memory_mib * MiB, config)
+
+    def accepts(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> bool:
+        return (
+            self.accepting
+            and self.base_model == t.base_model
+            and compatible(t, self.tenancy, config)
+            and len(self.members) < config.max_tasks_per_group
+            and self.memory_with([mem], config.memory) <= self.memory_mib * MiB
+        )
+
+
+def lower_bound_gpus(
+    tasks_by_model: Mapping[str, list[TaskMemory]],
+    archs: Mapping[str, Architecture],
+    gpu_classes: Iterable[tuple[str, int]],
+    config: MemoryConfig = MemoryConfig(),
+) -> int:
+    """Per backbone ceil((weights + sum of tasks' unsharded memory) / largest usable GPU), summed.
+
+    Valid because sharding (tp, pp) and splitting (dp) never lower the total bytes a backbone's
+    tasks occupy across GPUs, and tasks of different backbones never share a GPU.
+    """
+    usable = max((mib * MiB - config.reserve(mib * MiB) for _, mib in gpu_classes), default=0)
+    if usable <= 0:
+        return 0
+    total = 0
+    for model, mems in sorted(tasks_by_model.items()):
+        if not mems:
+            continue
+        need = weight_bytes(archs[model]) + sum(m.total_bytes for m in mems)
+        total += math.ceil(need / usable)
+    return total
+
+
+def plan(
+    pending: Sequence[TaskRequest],
+    groups: Sequence[GroupState],
+    nodes: Sequence[NodeInfo],
+    basemodels: Mapping[str, Architecture | None],
+    config: PlannerConfig = PlannerConfig(),
+) -> Plan:
+    """Place pending tasks. Same inputs, same plan."""
+    mcfg = config.memory
+    cap = _Capacity(sorted(nodes, key=lambda n: n.name))
+    archs: dict[str, Architecture] = {}
+    arch_errors: dict[str, str] = {}
+
+    def arch_of(base_model: str) -> Architecture | None:
+        if base_model not in archs and base_model not in arch_errors:
+            a, why = resolve_architecture(base_model, basemodels)
+            if a is None:
+                arch_errors[base_model] = why
+            else:
+                archs[base_model] = a
+        return archs.get(base_model)
+
+    # Existing groups, by name.
+    open_groups: list[_OpenGroup] = []
+    for g in sorted(groups, key=lambda g: g.name):
+        arch = arch_of(g.base_model)
+        og = _OpenGroup(
+            name=g.name,
+            namespace=g.namespace,
+            base_model=g.base_model,
+            tenancy=g.tenancy,
+            par=g.parallelism,
+            product=g.gpu_product,
+            memory_mib=g.gpu_memory_mib,
+            arch=arch or Architecture(parameters=1, layers=1, hidden_size=1),
+            members=[m.key for m in sorted(g.members, key=lambda m: m.key)],
+            mems=[task_memory(m.shape, arch, mcfg) for m in g.members] if arch else [],
+            accepting=g.accepting and arch is not None,
+        )
+        open_groups.append(og)
+        if g.unbound_pods > 0:
+            cls = cap.class_of_product(g.gpu_product, g.gpu_memory_mib)
+            if cls is not None:
+                for _ in range(g.unbound_pods):
+                    where = cap.find(cls, 1, g.parallelism.gpus_per_pod)
+                    if where:
+                        cap.reserve(where, g.parallelism.gpus_per_pod)
+
+    placements: list[Placement] = []
+    unplaceable: list[Unplaceable] = []
+    names_taken = {g.name for g in groups}
+
+    # Order: priority, then FFD by memory, then creation, namespace, name.
+    def sort_key(t: TaskRequest):
+        a = arch_of(t.base_model)
+        size = task_memory(t.shape, a, mcfg).total_bytes if a else 0
+        return (-t.priority, -size, t.created, t.namespace, t.name)
+
+    seen: set[str] = set()
+    for t in sorted(pending, key=sort_key):
+        if t.key in seen:
+            continue
+        seen.add(t.key)
+        arch = arch_of(t.base_model)
+        if arch is None:
+            unplaceable.append(Unplaceable(t.key, "ModelUnknown", arch_errors[t.base_model]))
+            continue
+        mem = task_memory(t.shape, arch, mcfg)
+
+        target = next((g for g in open_groups if not g.new and g.accepts(t, mem, config)), None)
+        if target is None:
+            target = next((g for g in open_groups if g.new and g.accepts(t, mem, config)), None)
+        if target is not None:
+            target.members.append(t.key)
+            target.mems.append(mem)
+            target.changed = True
+            placements.append(Placement(t.key, target.name, target.new))
+            continue
+
+        # Open a new group: smallest GPU count over every GPU class.
+        best = None  # (gpus, memory_mib, product, par, cls, nodes)
+        fits_somewhere = False
+        for cls in cap.classes():
+            product, mib = cls
+            per_node = cap.max_per_node(cls)
+            for par in candidate_parallelisms(arch, per_node, config.max_dp):
+                if group_memory_per_gpu(arch, [mem], par, mib * MiB, mcfg) > mib * MiB:
+                    continue
+                fits_somewhere = True
+                where = cap.find(cls, par.dp, par.gpus_per_pod)
+                if where is None:
+                    continue
+                cand = (par.gpus, mib, product, par, cls, where)
+                if best is None or cand[:3] < best[:3]:
+                    best = cand
+                break  # configs are ordered: the first that fits with capacity is this class's best
+        if best is None:
+            if not cap.classes():
+                unplaceable.append(Unplaceable(t.key, "NoGpuNodes", "no node advertises nvidia.com/gpu with a gpu.memory label"))
+            elif fits_somewhere:
+                unplaceable.append(
+                    Unplaceable(t.key, "WaitingForGpus", "fits a GPU class, but not enough free GPUs right now")
+                )
+            else:
+                need = task_memory(t.shape, arch, mcfg).total_bytes + weight_bytes(arch)
+                unplaceable.append(
+                    Unplaceable(
+                        t.key,
+                        "TooLarge",
+                        f"needs about {need / MiB:.0f} MiB; fits no GPU class even at the largest "
+                        f"parallelism within one node (x{config.max_dp} data-parallel)",
+                    )
+                )
+            continue
+        _, mib, product, par, cls, where = best
+        cap.reserve(where, par.gpus_per_pod)
+        tenancy = tenancy_for(t, config)
+        name = group_name(t.base_model, tenancy, t.uid or t.key)
+        n = 1
+        while name in names_taken:  # a hash collision, or a stale group of the same task
+            name = group_name(t.base_model, tenancy, f"{t.uid or t.key}#{n}")
+            n += 1
+        names_taken.add(name)
+        og = _OpenGroup(
+            name=name,
+            namespace=tenancy if tenancy is not SHARED else config.shared_namespace,
+            base_model=t.base_model,
+            tenancy=tenancy,
+            par=par,
+            product=product,
+            memory_mib=mib,
+            arch=arch,
+            members=[t.key],
+            mems=[mem],
+            new=True,
+            changed=True,
+        )
+        open_groups.append(og)
+        placements.append(Placement(t.key, name, True))
+
+    # Summaries.
+    out_groups: list[GroupPlan] = []
+    used = alloc = gpus = gpus_new = 0
+    by_model: dict[str, list[TaskMemory]] = {}
+    for g in open_groups:
+        if g.base_model in archs:
+            per_gpu = group_memory_per_gpu(g.arch, g.mems, g.par, g.memory_mib * MiB, mcfg)
+            by_model.setdefault(g.base_model, []).extend(g.mems)
+        else:
+            per_gpu = 0
+        out_groups.append(
+            GroupPlan(
+                name=g.name,
+                namespace=g.namespace,
+                base_model=g.base_model,
+                tenancy=g.tenancy,
+                parallelism=g.par,
+                gpu_product=g.product,
+                gpu_memory_mib=g.memory_mib,
+                members=tuple(g.members),
+                memory_per_gpu_bytes=per_gpu,
+                new=g.new,
+                changed=g.changed,
+            )
+        )
+        gpus += g.par.gpus
+        gpus_new += g.par.gpus if g.new else 0
+        used += min(per_gpu, g.memory_mib * MiB) * g.par.gpus
+        alloc += g.memory_mib * MiB * g.par.gpus
+    lb = lower_bound_gpus(by_model, archs, cap.classes() or [(g.product, g.memory_mib) for g in open_groups], mcfg)
+    return Plan(
+        placements=tuple(placements),
+        groups=tuple(out_groups),
+        unplaceable=tuple(unplaceable),
+        gpus_allocated=gpus,
+        gpus_new=gpus_new,
+        lower_bound_gpus=lb,
+        memory_used_bytes=used,
+        memory_allocated_bytes=alloc,
+    )

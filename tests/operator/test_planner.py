@@ -1,0 +1,300 @@
+"""Planner and memory model: pure functions, no cluster."""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from muxtune.api.basemodel import Architecture
+from muxtune.api.finetunetask import FineTuneTask
+from muxtune.operator import memory as M
+from muxtune.operator import planner as P
+
+LLAMA7B = Architecture(parameters=6_738_000_000, layers=32, hidden_size=4096, num_attention_heads=32, vocab_size=32000)
+LLAMA70B = Architecture(parameters=70_000_000_000, layers=80, hidden_size=8192, num_attention_heads=64, vocab_size=32000)
+HUGE = Architecture(parameters=2_000_000_000_000, layers=120, hidden_size=16384, num_attention_heads=128)
+MODELS = {"llama7b": LLAMA7B, "llama70b": LLAMA70B, "huge": HUGE, "nofigures": None}
+H100 = 81920
+
+
+def nodes(n=4, gpus=8, free=None, mib=H100, product="NVIDIA-H100-80GB-HBM3", prefix="n"):
+    return [P.NodeInfo(f"{prefix}{i:03d}", gpus, gpus if free is None else free, mib, product) for i in range(n)]
+
+
+def task(name, ns="team-a", model="model:llama7b", prio=0, created=None, share=False, batch=8, seq=512, r=8, **kw):
+    return P.TaskRequest(
+        namespace=ns,
+        name=name,
+        base_model=model,
+        priority=prio,
+        created=created or "2025-01-01T00:00:00Z",
+        share=share,
+        uid=f"uid-{ns}-{name}",
+        shape=M.TaskShape(batch_size=batch, max_seq_len=seq, r=r, **kw),
+    )
+
+
+# ---------------------------------------------------------------- memory model
+
+def test_lora_params_exact():
+    # q_proj and v_proj are h x h in every layer: r * (h + h) * layers * 2 modules
+    assert M.trainable_params(M.TaskShape(r=8), LLAMA7B) == 8 * (4096 + 4096) * 32 * 2
+    assert M.trainable_params(M.TaskShape(r=16), LLAMA7B) == 2 * M.trainable_params(M.TaskShape(r=8), LLAMA7B)
+
+
+def test_ffn_estimate_close_to_llama():
+    assert abs(M.ffn_size(LLAMA7B) - 11008) < 200
+
+
+def test_ia3_and_mlp_shapes():
+    s = M.TaskShape(method="ia3", target_modules=("k_proj", "v_proj", "down_proj"), feedforward_modules=("down_proj",))
+    ffn = M.ffn_size(LLAMA7B)
+    assert M.trainable_params(s, LLAMA7B) == (4096 + 4096 + ffn) * 32
+    lora_mlp = M.TaskShape(target_modules=("gate_proj", "down_proj"), r=4)
+    assert M.trainable_params(lora_mlp, LLAMA7B) == 4 * 2 * (4096 + ffn) * 32
+
+
+def test_adapter_state_is_16_bytes_per_param():
+    tm = M.task_memory(M.TaskShape(), LLAMA7B)
+    assert tm.adapter_state_bytes == 16 * tm.trainable_params
+
+
+def test_activations_scale_with_tokens_and_factor():
+    a = M.task_memory(M.TaskShape(batch_size=4, max_seq_len=512), LLAMA7B)
+    b = M.task_memory(M.TaskShape(batch_size=8, max_seq_len=512), LLAMA7B)
+    assert b.activation_bytes == pytest.approx(2 * a.activation_bytes, rel=1e-6)
+    half = M.task_memory(M.TaskShape(batch_size=8), LLAMA7B, M.MemoryConfig(activation_factor=8.5))
+    assert half.activation_bytes < b.activation_bytes
+    # 8 x 512 tokens x 32 layers x 4096 x 17 x 2 bytes ~ 17 GiB, plus logits ~ 1.2 GiB
+    assert 17 * M.GiB < b.activation_bytes < 20 * M.GiB
+
+
+def test_parallelism_shards_weights_and_activations():
+    tm = M.task_memory(M.TaskShape(), LLAMA7B)
+    one = M.group_memory_per_gpu(LLAMA7B, [tm], M.Parallelism(), H100 * M.MiB)
+    tp2 = M.group_memory_per_gpu(LLAMA7B, [tm], M.Parallelism(tp=2), H100 * M.MiB)
+    pp2 = M.group_memory_per_gpu(LLAMA7B, [tm], M.Parallelism(pp=2), H100 * M.MiB)
+    dp2 = M.group_memory_per_gpu(LLAMA7B, [tm], M.Parallelism(dp=2), H100 * M.MiB)
+    assert tp2 < pp2 < one and dp2 < one
+    # dp does not shard weights: it only splits the batch
+    assert one - dp2 == pytest.approx(tm.activation_bytes / 2, abs=2)
+
+
+def test_reserve():
+    cfg = M.MemoryConfig()
+    assert cfg.reserve(80 * M.GiB) == M.GiB + 4 * M.GiB
+
+
+def test_resolve_architecture():
+    assert M.resolve_architecture("builtin:tiny-llama", {})[0].hidden_size == 128
+    assert M.resolve_architecture("model:llama7b", MODELS)[0] is LLAMA7B
+    for bm, word in [("model:nope", "not found"), ("model:nofigures", "no architecture"), ("pvc://c/x", "BaseModel"), ("builtin:zzz", "unknown")]:
+        arch, why = M.resolve_architecture(bm, MODELS)
+        assert arch is None and word in why
+
+
+# ---------------------------------------------------------------- planner
+
+def test_single_task_one_gpu_group():
+    p = P.plan([task("t0")], [], nodes(), MODELS)
+    assert len(p.groups) == 1 and not p.unplaceable
+    g = p.groups[0]
+    assert g.new and g.gpus == 1 and g.parallelism == M.Parallelism() and g.namespace == "team-a"
+    assert g.members == ("team-a/t0",)
+    assert p.placements == (P.Placement("team-a/t0", g.name, True),)
+    assert g.memory_per_gpu_bytes <= H100 * M.MiB
+
+
+def test_packs_same_backbone_and_respects_memory():
+    ts = [task(f"t{i}") for i in range(9)]
+    p = P.plan(ts, [], nodes(), MODELS)
+    assert not p.unplaceable
+    sizes = sorted(len(g.members) for g in p.groups)
+    assert sum(sizes) == 9 and all(s > 1 for s in sizes)
+    for g in p.groups:
+        assert g.memory_per_gpu_bytes <= g.gpu_memory_mib * M.MiB
+    assert p.lower_bound_gpus <= p.gpus_allocated
+    assert 0 < p.packing_efficiency <= 1
+
+
+def test_different_backbones_never_share():
+    p = P.plan([task("a", model="model:llama7b"), task("b", model="builtin:tiny-llama")], [], nodes(), MODELS)
+    assert len(p.groups) == 2
+    assert {g.base_model for g in p.groups} == {"model:llama7b", "builtin:tiny-llama"}
+
+
+def test_big_model_gets_tensor_parallel_within_node():
+    p = P.plan([task("big", model="model:llama70b")], [], nodes(), MODELS)
+    (g,) = p.groups
+    assert g.parallelism.tp >= 2 and g.gpus_per_pod <= 8 and g.parallelism.dp == 1
+    # smallest GPU count: one fewer power of two would not fit
+    smaller = M.Parallelism(tp=g.parallelism.tp // 2)
+    tm = M.task_memory(M.TaskShape(), LLAMA70B)
+    assert not M.fits(LLAMA70B, [tm], smaller, H100 * M.MiB)
+
+
+def test_tp_respects_head_count():
+    odd = Architecture(parameters=70_000_000_000, layers=80, hidden_size=8192, num_attention_heads=6)
+    for par in P.candidate_parallelisms(odd, 8, 4):
+        assert 6 % par.tp == 0
+
+
+def test_candidate_order_fewest_gpus_then_no_dp_then_no_pp():
+    c = P.candidate_parallelisms(LLAMA7B, 8, 8)
+    assert c[0] == M.Parallelism()
+    twos = [p for p in c if p.gpus == 2]
+    assert twos == [M.Parallelism(tp=2), M.Parallelism(pp=2), M.Parallelism(dp=2)]
+    assert all(p.gpus_per_pod <= 8 for p in c)
+
+
+def test_too_large_and_unknown_and_no_nodes():
+    p = P.plan([task("x", model="model:huge"), task("y", model="model:nofigures"), task("z", model="model:missing")], [], nodes(), MODELS)
+    reasons = {u.task: u.reason for u in p.unplaceable}
+    assert reasons == {"team-a/x": "TooLarge", "team-a/y": "ModelUnknown", "team-a/z": "ModelUnknown"}
+    p2 = P.plan([task("x")], [], [], MODELS)
+    assert p2.unplaceable[0].reason == "NoGpuNodes"
+
+
+def test_priority_first_when_gpus_are_short():
+    # One free GPU, room for 3 tasks: the three highest priorities win.
+    ts = [task(f"t{i}", prio=i, created=f"2025-01-01T00:00:0{i}Z") for i in range(6)]
+    p = P.plan(ts, [], nodes(1, gpus=1), MODELS)
+    placed = {pl.task for pl in p.placements}
+    assert placed == {"team-a/t5", "team-a/t4", "team-a/t3"}
+    assert {u.reason for u in p.unplaceable} == {"WaitingForGpus"}
+
+
+def test_tie_break_by_creation_then_name():
+    ts = [task("b", created="2025-01-01T00:00:01Z"), task("a", created="2025-01-01T00:00:02Z"),
+          task("c", created="2025-01-01T00:00:01Z"), task("d", created="2025-01-01T00:00:00Z")]
+    p = P.plan(ts, [], nodes(1, gpus=1), MODELS)
+    assert [pl.task for pl in p.placements] == ["team-a/d", "team-a/b", "team-a/c"]
+
+
+def test_deterministic_under_input_order():
+    rng = random.Random(7)
+    ts = [task(f"t{i}", ns=rng.choice(["a", "b"]), prio=rng.choice([0, 0, 5]), batch=rng.choice([1, 2, 4, 8]),
+               created=f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}Z", share=rng.random() < 0.5) for i in range(80)]
+    ns = nodes(6)
+    ref = P.plan(ts, [], ns, MODELS, P.PlannerConfig(share_across_namespaces=True))
+    for _ in range(5):
+        shuffled = ts[:]
+        rng.shuffle(shuffled)
+        nodes_sh = ns[:]
+        rng.shuffle(nodes_sh)
+        assert P.plan(shuffled, [], nodes_sh, MODELS, P.PlannerConfig(share_across_namespaces=True)) == ref
+
+
+def test_namespace_policy():
+    a, b = task("a", ns="ns1"), task("b", ns="ns2")
+    assert len(P.plan([a, b], [], nodes(), MODELS).groups) == 2
+    sa, sb = task("a", ns="ns1", share=True), task("b", ns="ns2", share=True)
+    # both opt in but the operator's policy forbids it
+    assert len(P.plan([sa, sb], [], nodes(), MODELS).groups) == 2
+    cfg = P.PlannerConfig(share_across_namespaces=True, shared_namespace="muxtune-system")
+    (g,) = P.plan([sa, sb], [], nodes(), MODELS, cfg).groups
+    assert g.tenancy is None and g.namespace == "muxtune-system" and set(g.members) == {"ns1/a", "ns2/b"}
+    # only one opts in: no sharing
+    assert len(P.plan([sa, b], [], nodes(), MODELS, cfg).groups) == 2
+
+
+def test_private_group_takes_own_namespace_only():
+    existing = P.GroupState("g-ns1", "ns1", "model:llama7b", "ns1", M.Parallelism(), H100, "NVIDIA-H100-80GB-HBM3")
+    p = P.plan([task("x", ns="ns2", share=True)], [existing], nodes(), MODELS, P.PlannerConfig(share_across_namespaces=True))
+    assert p.placements[0].group != "g-ns1" and p.placements[0].new_group
+
+
+def test_hot_add_into_running_group_with_headroom():
+    member = task("m0")
+    g = P.GroupState("mt-existing", "team-a", "model:llama7b", "team-a", M.Parallelism(), H100,
+                     "NVIDIA-H100-80GB-HBM3", members=(member,))
+    p = P.plan([task("new")], [g], nodes(), MODELS)
+    assert p.placements == (P.Placement("team-a/new", "mt-existing", False),)
+    (gp,) = p.groups
+    assert gp.changed and not gp.new and gp.members == ("team-a/m0", "team-a/new")
+    assert p.gpus_new == 0 and p.gpus_allocated == 1
+
+
+def test_full_group_opens_new_one_and_failed_group_is_skipped():
+    members = tuple(task(f"m{i}") for i in range(3))
+    full = P.GroupState("mt-full", "team-a", "model:llama7b", "team-a", M.Parallelism(), H100, "NVIDIA-H100-80GB-HBM3", members=members)
+    p = P.plan([task("new")], [full], nodes(), MODELS)
+    assert p.placements[0].new_group and p.placements[0].group != "mt-full"
+    broken = P.GroupState("mt-broken", "team-a", "model:llama7b", "team-a", M.Parallelism(), H100, "NVIDIA-H100-80GB-HBM3", accepting=False)
+    p = P.plan([task("new")], [broken], nodes(), MODELS)
+    assert p.placements[0].group != "mt-broken"
+
+
+def test_max_tasks_per_group():
+    ts = [task(f"t{i}", model="builtin:tiny-llama") for i in range(10)]
+    p = P.plan(ts, [], nodes(), MODELS, P.PlannerConfig(max_tasks_per_group=4))
+    assert sorted(len(g.members) for g in p.groups) == [2, 4, 4]
+
+
+def test_unbound_pods_hold_their_gpus():
+    # One node, one GPU, free according to bound pods; an existing group's pod is not yet bound.
+    g = P.GroupState("mt-wait", "other", "model:llama7b", "other", M.Parallelism(), H100, "NVIDIA-H100-80GB-HBM3", unbound_pods=1)
+    p = P.plan([task("x")], [g], nodes(1, gpus=1), MODELS)
+    assert p.unplaceable and p.unplaceable[0].reason == "WaitingForGpus"
+
+
+def test_free_gpus_and_classes():
+    # Busy H100 node and a free A100-40GB node: the small model goes to the A100.
+    ns = nodes(1, free=0) + nodes(1, mib=40960, product="NVIDIA-A100-40GB", prefix="a")
+    p = P.plan([task("x", batch=1)], [], ns, MODELS)
+    assert p.groups[0].gpu_product == "NVIDIA-A100-40GB" and p.groups[0].gpu_memory_mib == 40960
+    # equal GPU counts: the smaller GPU is preferred, leaving big GPUs for big jobs
+    ns = nodes(1) + nodes(1, mib=40960, product="NVIDIA-A100-40GB", prefix="a")
+    assert P.plan([task("x", batch=1)], [], ns, MODELS).groups[0].gpu_memory_mib == 40960
+
+
+def test_data_parallel_when_one_node_is_not_enough():
+    # Nodes with 1 GPU each: a 70B model cannot use tp, so it cannot fit; 7B with huge batch uses dp.
+    ns = nodes(4, gpus=1)
+    assert P.plan([task("big", model="model:llama70b")], [], ns, MODELS).unplaceable[0].reason == "TooLarge"
+    p = P.plan([task("wide", batch=40)], [], ns, MODELS)
+    (g,) = p.groups
+    assert g.parallelism.dp >= 2 and g.gpus_per_pod == 1 and g.pods == g.parallelism.dp
+
+
+def test_group_names_are_stable_and_dns_safe():
+    n1 = P.group_name("model:llama7b", "team-a", "uid-1")
+    assert n1 == P.group_name("model:llama7b", "team-a", "uid-1")
+    assert n1 != P.group_name("model:llama7b", None, "uid-1")
+    assert len(n1) <= 40 and n1.replace("-", "").isalnum() and n1.islower()
+    # replanning the same world gives the same names: what makes restarts idempotent
+    assert P.plan([task("a")], [], nodes(), MODELS).groups[0].name == P.plan([task("a")], [], nodes(), MODELS).groups[0].name
+
+
+def test_lower_bound_is_a_bound_and_packing_is_close():
+    rng = random.Random(1)
+    ts = [task(f"t{i}", ns=f"ns{i % 3}", batch=rng.choice([1, 2, 4, 8]), seq=rng.choice([256, 512, 1024]),
+               r=rng.choice([8, 16, 64]), created=f"2025-01-01T00:00:{i % 60:02d}Z") for i in range(200)]
+    p = P.plan(ts, [], nodes(40), MODELS)
+    assert not p.unplaceable
+    assert p.lower_bound_gpus <= p.gpus_allocated <= 1.6 * p.lower_bound_gpus + 3
+    assert p.packing_efficiency > 0.6
+
+
+def test_from_finetunetask():
+    ftt = FineTuneTask.model_validate({
+        "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask",
+        "metadata": {"name": "t", "namespace": "ns", "uid": "u1", "creationTimestamp": "2025-01-02T00:00:00Z"},
+        "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": "d.jsonl", "maxSeqLen": 128},
+                 "peft": {"r": 4}, "training": {"maxSteps": 5, "learningRate": 1e-3, "batchSize": 2},
+                 "priority": 3, "shareAcrossNamespaces": True},
+    })
+    t = P.TaskRequest.from_task(ftt)
+    assert (t.key, t.uid, t.priority, t.share, t.created) == ("ns/t", "u1", 3, True, "2025-01-02T00:00:00Z")
+    assert t.shape.tokens == 256 and t.shape.r == 4
+
+
+def test_planner_is_fast():
+    ts = [task(f"t{i}", ns=f"ns{i % 10}", batch=1 + i % 8, created=f"2025-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z") for i in range(1000)]
+    ns = nodes(300)
+    t0 = time.perf_counter()
+    p = P.plan(ts, [], ns, MODELS)
+    dt = time.perf_counter() - t0
+    assert not p.unplaceable
+    assert dt < 5.0, dt

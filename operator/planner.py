@@ -9,7 +9,7 @@ Algorithm
    memory (adapter state + activations), then creation time, namespace and name.
 3. For each task, the candidate groups are those with the same backbone and a compatible
    tenancy (a namespace's own groups; shared groups only for tasks that set
-   ``shareAcrossNamespaces`` while the operator's policy allows it). First fit over existing
+   ``shareAcrossNamespaces`` under the operator's ``opt-in`` policy, or any task under ``always``). First fit over existing
    groups (by name; hot add), then over groups opened earlier in this plan.
 4. Otherwise open a group: for every GPU class (product, memory) enumerate parallelisms
    (powers of two, tp x pp within one node, dp pods) by (GPUs, dp, pp) ascending and take the
@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 from muxtune.api.basemodel import Architecture
 from muxtune.operator.memory import (
@@ -116,7 +116,9 @@ class GroupState:
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    share_across_namespaces: bool = False
+    # never: groups never mix namespaces; opt-in: tasks that both set spec.shareAcrossNamespaces
+    # may share; always: any tasks with the same backbone may share.
+    sharing_policy: Literal["never", "opt-in", "always"] = "opt-in"
     shared_namespace: str = "muxtune-system"
     max_tasks_per_group: int = 32
     max_dp: int = 8
@@ -229,13 +231,18 @@ def group_name(base_model: str, tenancy: str | None, first_task_uid_or_key: str)
     return f"mt-{b}-{t}"
 
 
+def may_share(task: TaskRequest, config: PlannerConfig) -> bool:
+    return config.sharing_policy == "always" or (config.sharing_policy == "opt-in" and task.share)
+
+
 def tenancy_for(task: TaskRequest, config: PlannerConfig) -> str | None:
-    return SHARED if (task.share and config.share_across_namespaces) else task.namespace
+    """The tenancy of a group this task opens: SHARED (several namespaces) or its namespace."""
+    return SHARED if may_share(task, config) else task.namespace
 
 
 def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig) -> bool:
     if tenancy is SHARED:
-        return task.share and config.share_across_namespaces
+        return may_share(task, config)
     return tenancy == task.namespace
 
 

@@ -177,31 +177,35 @@ def test_deterministic_under_input_order():
     ts = [task(f"t{i}", ns=rng.choice(["a", "b"]), prio=rng.choice([0, 0, 5]), batch=rng.choice([1, 2, 4, 8]),
                created=f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}Z", share=rng.random() < 0.5) for i in range(80)]
     ns = nodes(6)
-    ref = P.plan(ts, [], ns, MODELS, P.PlannerConfig(share_across_namespaces=True))
+    ref = P.plan(ts, [], ns, MODELS, P.PlannerConfig(sharing_policy="opt-in"))
     for _ in range(5):
         shuffled = ts[:]
         rng.shuffle(shuffled)
         nodes_sh = ns[:]
         rng.shuffle(nodes_sh)
-        assert P.plan(shuffled, [], nodes_sh, MODELS, P.PlannerConfig(share_across_namespaces=True)) == ref
+        assert P.plan(shuffled, [], nodes_sh, MODELS, P.PlannerConfig(sharing_policy="opt-in")) == ref
 
 
 def test_namespace_policy():
     a, b = task("a", ns="ns1"), task("b", ns="ns2")
-    assert len(P.plan([a, b], [], nodes(), MODELS).groups) == 2
+    assert len(P.plan([a, b], [], nodes(), MODELS).groups) == 2  # default opt-in: neither opted in
     sa, sb = task("a", ns="ns1", share=True), task("b", ns="ns2", share=True)
     # both opt in but the operator's policy forbids it
-    assert len(P.plan([sa, sb], [], nodes(), MODELS).groups) == 2
-    cfg = P.PlannerConfig(share_across_namespaces=True, shared_namespace="muxtune-system")
+    never = P.PlannerConfig(sharing_policy="never")
+    assert len(P.plan([sa, sb], [], nodes(), MODELS, never).groups) == 2
+    cfg = P.PlannerConfig(sharing_policy="opt-in", shared_namespace="muxtune-system")
     (g,) = P.plan([sa, sb], [], nodes(), MODELS, cfg).groups
     assert g.tenancy is None and g.namespace == "muxtune-system" and set(g.members) == {"ns1/a", "ns2/b"}
     # only one opts in: no sharing
     assert len(P.plan([sa, b], [], nodes(), MODELS, cfg).groups) == 2
+    # "always": any two tasks of the same backbone may share
+    (g,) = P.plan([a, b], [], nodes(), MODELS, P.PlannerConfig(sharing_policy="always")).groups
+    assert g.tenancy is None and len(g.members) == 2
 
 
 def test_private_group_takes_own_namespace_only():
     existing = P.GroupState("g-ns1", "ns1", "model:llama7b", "ns1", M.Parallelism(), H100, "NVIDIA-H100-80GB-HBM3")
-    p = P.plan([task("x", ns="ns2", share=True)], [existing], nodes(), MODELS, P.PlannerConfig(share_across_namespaces=True))
+    p = P.plan([task("x", ns="ns2", share=True)], [existing], nodes(), MODELS, P.PlannerConfig(sharing_policy="opt-in"))
     assert p.placements[0].group != "g-ns1" and p.placements[0].new_group
 
 

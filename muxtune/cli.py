@@ -19,6 +19,7 @@ class RunCommand(BaseModel):
     token_budget: int = Field(4096, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
     chunk_size: int | None = Field(None, gt=0, description="Packed chunk length (default: the longest maxSeqLen)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /v1/status on this port (0: any free port)")
+    metrics_host: str = Field("0.0.0.0", description="Address the metrics/status server binds")
     watch: bool = Field(False, description="Keep running and follow changes to the task files (used in pods)")
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
     progress: bool = Field(True, description="Show a progress bar")

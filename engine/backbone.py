@@ -1,0 +1,137 @@
+"""One frozen backbone shared by every task in the process.
+
+Tasks attach deltas at the Linears their spec targets; a packed batch of many tasks' sequences
+runs through one forward/backward, and the loss is split back per task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muxtune.api.finetunetask import PeftSpec
+from muxtune.engine.data import IGNORE
+from muxtune.engine.models import LoadedBackbone
+from muxtune.engine.packing import PackedBatch
+from muxtune.engine.peft.base import TaskDelta
+from muxtune.engine.peft.mux_linear import MultiplexedLinear, MuxContext
+from muxtune.engine.peft.registry import get_method, matches_target
+
+
+@dataclass
+class TaskAdapter:
+    """A task's deltas by backbone module name."""
+
+    slot: int
+    spec: PeftSpec
+    deltas: dict[str, TaskDelta]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for d in self.deltas.values() for p in d.parameters()]
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Keys exactly as PEFT's save_pretrained writes them."""
+        out = {}
+        for module, delta in sorted(self.deltas.items()):
+            for name, tensor in delta.peft_state().items():
+                out[f"base_model.model.{module}.{name}"] = tensor.detach()
+        return out
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for module, delta in self.deltas.items():
+            prefix = f"base_model.model.{module}."
+            delta.load_peft_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+@dataclass
+class ForwardResult:
+    task_loss_sum: torch.Tensor  # [max_slot+1] summed token losses per slot (graph attached)
+    task_tokens: torch.Tensor  # [max_slot+1] label tokens per slot
+
+
+class MultiplexedBackbone:
+    def __init__(self, loaded: LoadedBackbone):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.path = loaded.path
+        self.ctx = MuxContext()
+        self.decoder = self.model.get_decoder()
+        self.lm_head = self.model.get_output_embeddings()
+        self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m is not self.lm_head}
+        self.wrapped: dict[str, MultiplexedLinear] = {}
+        self.adapters: dict[int, TaskAdapter] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def _wrap(self, name: str) -> MultiplexedLinear:
+        if name not in self.wrapped:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            mux = MultiplexedLinear(self.linears[name], self.ctx)
+            setattr(parent, child, mux)
+            self.wrapped[name] = mux
+        return self.wrapped[name]
+
+    def attach(self, slot: int, spec: PeftSpec, seed: int) -> TaskAdapter:
+        """Create the task's deltas (seeded by the task alone, so neighbours cannot change them)."""
+        method = get_method(spec.method)
+        names = [n for n in self.linears if matches_target(n, spec.target_modules)]
+        if not names:
+            raise ValueError(
+                f"peft.targetModules: none of {spec.target_modules} names a Linear of this backbone "
+                f"(e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.linears})[:8])})"
+            )
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        deltas = {}
+        for name in names:  # model order, as PEFT initialises
+            delta = method.make_delta(self.linears[name], name, spec, generator)
+            self._wrap(name).deltas[str(slot)] = delta
+            deltas[name] = delta
+        adapter = TaskAdapter(slot, spec, deltas)
+        self.adapters[slot] = adapter
+        return adapter
+
+    def detach(self, slot: int) -> None:
+        adapter = self.adapters.pop(slot, None)
+        if adapter is None:
+            return
+        for name in adapter.deltas:
+            deltas = self.wrapped[name].deltas
+            if str(slot) in deltas:
+                del deltas[str(slot)]
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        self.ctx.layout = batch.layout
+        try:
+            out = self.decoder(
+                input_ids=batch.input_ids, position_ids=batch.position_ids,
+                attention_mask=batch.attention_mask(self.dtype), use_cache=False,
+            )
+        finally:
+            self.ctx.layout = None
+        return out.last_hidden_state
+
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        """Full [rows, chunk, vocab] logits (tests and evaluation)."""
+        return self.lm_head(self.hidden_states(batch))
+
+    def forward_loss(self, batch: PackedBatch) -> ForwardResult:
+        """Token losses summed per task; the LM head runs only where there is a target."""
+        h = self.hidden_states(batch)
+        h = h.reshape(-1, h.shape[-1])
+        sel = (batch.targets != IGNORE).nonzero().squeeze(1)
+        logits = self.lm_head(h.index_select(0, sel)).float()
+        tok_loss = F.cross_entropy(logits, batch.targets.index_select(0, sel), reduction="none")
+        slots = batch.layout.token_slot.index_select(0, sel)
+        n = batch.layout.max_slot + 1
+        loss_sum = torch.zeros(n, device=h.device).index_add(0, slots, tok_loss)
+        tokens = torch.zeros(n, device=h.device).index_add(0, slots, torch.ones_like(tok_loss))
+        return ForwardResult(loss_sum, tokens)

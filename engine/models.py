@@ -1,0 +1,112 @@
+"""Backbone loading: built-in test models and user checkpoints take the same from_pretrained path.
+
+A built-in model is generated once from a config with a fixed seed, saved with save_pretrained
+under the muxtune cache, and from then on loaded like any Hugging Face model directory.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Small Llama-architecture configs. tiny-llama drives the quickstart and tests;
+# small-llama is large enough on CPU for the benchmark to show where time goes.
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "tiny-llama": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+    "small-llama": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096),
+}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("MUXTUNE_HOME", Path.home() / ".cache" / "muxtune"))
+
+
+@dataclass
+class LoadedBackbone:
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path  # the directory from_pretrained read: what adapters name as their base
+
+
+def _byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + 3 specials) that needs no hub download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def builtin_path(name: str) -> Path:
+    """Directory of a built-in model, generating and saving it on first use (process-safe)."""
+    if name not in BUILTIN_CONFIGS:
+        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN_CONFIGS))}")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = cache_home() / "models"
+    target = root / name
+    if (target / "config.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        tokenizer = _byte_tokenizer()
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False, **BUILTIN_CONFIGS[name],
+        )
+        fork = torch.random.fork_rng(devices=[])
+        with fork:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def resolve_base_model(base_model: str, search_dir: Path | None = None) -> Path:
+    """Map a FineTuneTask.spec.baseModel to a local model directory."""
+    if base_model.startswith("builtin:"):
+        return builtin_path(base_model.removeprefix("builtin:"))
+    if base_model.startswith(("model:", "pvc://")):
+        raise ValueError(
+            f"baseModel {base_model!r} names cluster storage; the operator rewrites it to the "
+            "mounted path before the engine starts"
+        )
+    path = Path(base_model)
+    if not path.is_absolute() and search_dir is not None and not path.exists():
+        path = search_dir / path
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"baseModel {base_model!r}: no config.json in {path}")
+    return path.resolve()
+
+
+def load_backbone(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedBackbone:
+    """Load a frozen backbone through the ordinary Hugging Face path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedBackbone(model=model, tokenizer=tokenizer, path=Path(path))

@@ -1,0 +1,134 @@
+"""Chunk-based data alignment: whole sequences of many tasks packed into fixed-size chunks.
+
+Each chunk row attends block-diagonally (a token sees only earlier tokens of its own sequence)
+and positions restart per sequence, so a packed forward equals separate forwards while the
+padding left is only what does not fit at chunk ends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from muxtune.engine.data import IGNORE, Example
+
+
+@dataclass
+class PackedSequence:
+    slot: int  # which task
+    example: Example
+
+
+@dataclass
+class TokenLayout:
+    """Where each task's tokens are in the flattened [rows*chunk] batch.
+
+    perm lists token indices grouped by task; segments[(slot, start, end)] index into perm.
+    Adapted layers gather a task's tokens with it, so a task's delta touches only its own tokens.
+    """
+
+    token_slot: torch.Tensor  # [T] slot per flattened token, -1 for padding
+    perm: torch.Tensor  # [T]
+    inv_perm: torch.Tensor  # [T]
+    segments: list[tuple[int, int, int]]
+    identity: bool
+    max_slot: int
+
+    @classmethod
+    def from_slots(cls, token_slot: torch.Tensor) -> TokenLayout:
+        # stable sort keeps order within a task; padding (-1) sorts first and belongs to no segment
+        perm = torch.sort(token_slot, stable=True).indices
+        sorted_slots = token_slot[perm].tolist()
+        segments, start = [], 0
+        for i in range(1, len(sorted_slots) + 1):
+            if i == len(sorted_slots) or sorted_slots[i] != sorted_slots[start]:
+                if sorted_slots[start] >= 0:
+                    segments.append((sorted_slots[start], start, i))
+                start = i
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(len(perm), device=perm.device)
+        identity = bool(torch.equal(perm, torch.arange(len(perm), device=perm.device)))
+        max_slot = max((seg[0] for seg in segments), default=-1)
+        return cls(token_slot, perm, inv, segments, identity, max_slot)
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [rows, chunk]
+    position_ids: torch.Tensor  # [rows, chunk]
+    seq_ids: torch.Tensor  # [rows, chunk] sequence index within the batch, -1 for padding
+    targets: torch.Tensor  # [rows*chunk] next-token targets, IGNORE for no loss
+    layout: TokenLayout
+    sequences: list[PackedSequence]
+    spans: list[tuple[int, int, int]]  # per sequence: (row, start, length)
+    real_tokens: int
+    computed_tokens: int
+
+    @property
+    def effective_token_ratio(self) -> float:
+        return self.real_tokens / max(1, self.computed_tokens)
+
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, 1, chunk, chunk] additive mask: causal within a sequence, nothing across."""
+        seq = self.seq_ids.clone()
+        pad = seq < 0
+        # padding tokens see only themselves (a row with no visible key would give NaN)
+        seq[pad] = -1 - torch.arange(int(pad.sum()), device=seq.device)
+        chunk = seq.shape[1]
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=seq.device).tril()
+        allowed = (seq[:, :, None] == seq[:, None, :]) & causal
+        zero = torch.zeros((), dtype=dtype, device=seq.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of sequence indices; longest first into the fullest bin that still fits."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"sequence of {n} tokens exceeds chunk size {capacity}")
+        best = -1
+        for b, f in enumerate(free):
+            if n <= f and (best < 0 or f < free[best]):
+                best = b
+        if best < 0:
+            bins.append([i])
+            free.append(capacity - n)
+        else:
+            bins[best].append(i)
+            free[best] -= n
+    return bins
+
+
+def pack(sequences: list[PackedSequence], chunk_size: int, device: torch.device, pad_id: int = 0) -> PackedBatch:
+    lengths = [len(s.example.input_ids) for s in sequences]
+    bins = best_fit_decreasing(lengths, chunk_size)
+    # within a chunk, order by task so a task's tokens form long runs
+    bins = [sorted(b, key=lambda i: (sequences[i].slot, i)) for b in bins]
+    rows = len(bins)
+    ids = torch.full((rows, chunk_size), pad_id, dtype=torch.long)
+    pos = torch.zeros((rows, chunk_size), dtype=torch.long)
+    seq_ids = torch.full((rows, chunk_size), -1, dtype=torch.long)
+    targets = torch.full((rows, chunk_size), IGNORE, dtype=torch.long)
+    slots = torch.full((rows, chunk_size), -1, dtype=torch.long)
+    spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(sequences)
+    for r, b in enumerate(bins):
+        o = 0
+        for i in b:
+            ex, n = sequences[i].example, lengths[i]
+            ids[r, o:o + n] = torch.tensor(ex.input_ids)
+            targets[r, o:o + n] = torch.tensor(ex.targets)
+            pos[r, o:o + n] = torch.arange(n)
+            seq_ids[r, o:o + n] = i
+            slots[r, o:o + n] = sequences[i].slot
+            spans[i] = (r, o, n)
+            o += n
+    layout = TokenLayout.from_slots(slots.view(-1).to(device))
+    return PackedBatch(
+        input_ids=ids.to(device), position_ids=pos.to(device), seq_ids=seq_ids.to(device),
+        targets=targets.view(-1).to(device), layout=layout, sequences=sequences, spans=spans,
+        real_tokens=sum(lengths), computed_tokens=rows * chunk_size,
+    )

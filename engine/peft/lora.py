@@ -1,0 +1,53 @@
+"""LoRA: y += (alpha / r) * B A x on the task's own tokens (Hu et al., 2021)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from muxtune.api.finetunetask import PeftSpec
+from muxtune.engine.peft.base import PeftMethod, TaskDelta
+
+
+class LoraDelta(TaskDelta):
+    method = "lora"
+
+    def __init__(self, base: nn.Linear, spec: PeftSpec, generator: torch.Generator):
+        super().__init__()
+        dev = base.weight.device
+        # fp32 master weights whatever the backbone dtype; initialised as PEFT does
+        self.lora_A = nn.Parameter(torch.empty(spec.r, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, spec.r, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        self.scaling = spec.alpha / spec.r
+        self.dropout = spec.dropout
+        self.generator = generator
+
+    def additive(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropout and self.training:
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.dropout
+            x = x * keep / (1 - self.dropout)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return (x @ a.t()) @ b.t() * self.scaling
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+
+class Lora(PeftMethod):
+    name = "lora"
+
+    @staticmethod
+    def make_delta(base, module_name, spec, generator):
+        return LoraDelta(base, spec, generator)
+
+    @staticmethod
+    def peft_config(spec: PeftSpec, base_model_path: str):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+            target_modules=sorted(spec.target_modules), task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model_path, bias="none",
+        )

@@ -1,0 +1,184 @@
+"""`muxtune run`: load tasks, share one backbone per baseModel, train, report."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from muxtune.api.finetunetask import FineTuneTask
+from muxtune.api.loader import SpecError, load_task_files
+from muxtune.engine import logs
+from muxtune.engine.backbone import MultiplexedBackbone
+from muxtune.engine.models import load_backbone, resolve_base_model
+from muxtune.engine.progress import ProgressBar, summary_table
+from muxtune.engine.task import FAILED, SUCCEEDED
+from muxtune.engine.telemetry import Fanout
+from muxtune.engine.trainer import MuxTrainer
+
+log = logging.getLogger("muxtune.engine")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+class StopFlag:
+    """SIGTERM/SIGINT finish the round in flight, checkpoint, and exit."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.event = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame):
+        if self.signum is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.event.set()
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+class TaskFileWatcher:
+    """Re-reads the task files (a mounted ConfigMap in a pod) and reports what changed."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.digest = self._digest()
+
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        for p in self.paths:
+            try:
+                h.update(Path(p).read_bytes())
+            except OSError:
+                h.update(b"<missing>")
+        return h.hexdigest()
+
+    def changed(self) -> list[FineTuneTask] | None:
+        digest = self._digest()
+        if digest == self.digest:
+            return None
+        try:
+            tasks = load_task_files(self.paths)
+        except SpecError as exc:
+            if "no FineTuneTask found" in str(exc):
+                tasks = []
+            else:
+                log.error("task files invalid; keeping the current tasks", extra={"error": str(exc)})
+                self.digest = digest
+                return None
+        self.digest = digest
+        return tasks
+
+
+def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
+    """Make the trainer's task set equal the file's: add, remove, restart on spec change."""
+    by_key = {t.key: t for t in wanted}
+    for key in list(trainer.tasks):
+        if key not in by_key:
+            trainer.remove_task(key, reason="removed from the group")
+        elif trainer.tasks[key].task.spec != by_key[key].spec:
+            trainer.remove_task(key, reason="spec changed")
+    for key, task in by_key.items():
+        if key not in trainer.tasks:
+            trainer.add_task(task)
+
+
+def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None) -> MuxTrainer:
+    device = pick_device(cmd.device)
+    dtype = pick_dtype(cmd.dtype, device)
+    path = resolve_base_model(tasks[0].spec.base_model, base_dir)
+    backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
+    trainer = MuxTrainer(
+        backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
+        resume=cmd.resume, base_dir=base_dir,
+    )
+    sinks = []
+    if metrics is not None:
+        metrics.attach(trainer)
+        sinks.append(metrics)
+    trainer.telemetry = Fanout(*sinks)
+    for task in tasks:
+        trainer.add_task(task)
+    if cmd.progress:  # created after the tasks are known, so its total is right
+        trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
+    try:
+        if cmd.watch:
+            watcher = TaskFileWatcher(cmd.tasks)
+            while not stop():
+                wanted = watcher.changed()
+                if wanted is not None:
+                    reconcile(trainer, [t for t in wanted if t.spec.base_model == tasks[0].spec.base_model])
+                if not trainer.run_round():
+                    stop.event.wait(1.0)
+        else:
+            trainer.run(stop)
+    finally:
+        for rt in trainer.active():  # interrupted: leave a checkpoint to resume from
+            trainer._checkpoint(rt)
+        trainer.telemetry.close()
+    return trainer
+
+
+def run_from_cli(cmd) -> int:
+    logs.configure(cmd.log_level)
+    try:
+        tasks = load_task_files(cmd.tasks)
+    except SpecError as exc:
+        print(f"error: invalid task spec\n{exc}", file=sys.stderr)
+        return 2
+    base_dir = Path.cwd()
+    groups: dict[str, list[FineTuneTask]] = defaultdict(list)
+    for t in tasks:
+        groups[t.spec.base_model].append(t)
+    if cmd.watch and len(groups) > 1:
+        print("error: --watch serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
+        return 2
+    stop = StopFlag()
+    metrics = server = None
+    if cmd.metrics_port is not None:
+        from muxtune.engine.metrics import EngineMetrics
+        from muxtune.engine.server import EngineServer
+
+        metrics = EngineMetrics()
+        server = EngineServer(cmd.metrics_host, cmd.metrics_port, metrics.status, metrics.render).start()
+        print(f"serving /metrics and /v1/status on {cmd.metrics_host}:{server.port}", file=sys.stderr)
+    t0 = time.perf_counter()
+    runtimes = []
+    try:
+        for group in groups.values():
+            if stop():
+                break
+            runtimes += run_group(group, cmd, stop, base_dir, metrics).tasks.values()
+    finally:
+        if server is not None:
+            server.stop()
+    print(summary_table(runtimes))
+    print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if stop.signum is not None:
+        return 128 + stop.signum
+    if any(r.phase == FAILED for r in runtimes):
+        return 1
+    return 0 if all(r.phase == SUCCEEDED for r in runtimes) else 1

@@ -1,0 +1,76 @@
+"""What the trainer reports, to whoever listens: metrics files, progress bar, status, Prometheus."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step of one task: a line of metrics.jsonl."""
+
+    step: int
+    loss: float
+    tokens: int  # real (non-padding) tokens of the step's sequences
+    label_tokens: int  # tokens that carried a loss
+    lr: float
+    grad_norm: float
+    seconds: float  # wall time since the task's previous step
+    tokens_per_second: float
+    fused_with: list[str] = field(default_factory=list)  # other tasks sharing its forwards
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class RoundRecord:
+    """One fused forward/backward over the shared backbone."""
+
+    fused: list[str]  # task keys in this forward
+    waiting: list[str]  # runnable tasks left out by the token budget
+    real_tokens: int
+    computed_tokens: int
+    seconds: float
+
+    @property
+    def effective_token_ratio(self) -> float:
+        return self.real_tokens / max(1, self.computed_tokens)
+
+
+class Telemetry:
+    """No-op base; subclasses override what they need."""
+
+    def task_phase(self, task) -> None: ...
+
+    def step_done(self, task, record: StepRecord) -> None: ...
+
+    def round_done(self, record: RoundRecord) -> None: ...
+
+    def checkpoint_done(self, task, seconds: float, ok: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Fanout(Telemetry):
+    def __init__(self, *sinks: Telemetry):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def task_phase(self, task):
+        for s in self.sinks:
+            s.task_phase(task)
+
+    def step_done(self, task, record):
+        for s in self.sinks:
+            s.step_done(task, record)
+
+    def round_done(self, record):
+        for s in self.sinks:
+            s.round_done(record)
+
+    def checkpoint_done(self, task, seconds, ok):
+        for s in self.sinks:
+            s.checkpoint_done(task, seconds, ok)
+
+    def close(self):
+        for s in self.sinks:
+            s.close()

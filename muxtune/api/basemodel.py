@@ -62,7 +62,7 @@ class Architecture(ApiModel):
 class BaseModelSpec(ApiModel):
     """Where a backbone's weights are and how big it is."""
 
-    source: ModelSource = Field(description="Where the weights live.")
+    source: ModelSource = Field(description="Where the weights live: exactly one of builtin, pvc, hostPath.")
     architecture: Architecture | None = Field(
         default=None, description="Size figures; filled from config.json by the operator when absent."
     )

@@ -113,7 +113,12 @@ class TrainingSpec(ApiModel):
     warmup_steps: int = Field(default=0, ge=0, description="Linear warmup from zero over this many steps.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay.")
     max_grad_norm: float | None = Field(
-        default=1.0, gt=0, description="Clip the task's gradient norm to this (null: no clipping)."
+        default=1.0,
+        ge=0,
+        description=(
+            "Clip the task's gradient norm to this (0 or null: no clipping; write 0 with kubectl apply, "
+            "which drops nulls)."
+        ),
     )
     seed: int = Field(default=0, ge=0, description="Seeds adapter init, dropout and data order.")
     checkpoint_interval: int = Field(

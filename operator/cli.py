@@ -1,0 +1,214 @@
+"""`muxtune plan` (dry-run placement) and `muxtune operator` (the kopf operator).
+
+Top-level imports stay light (pydantic, pathlib): kopf and the planner load inside cli_cmd.
+Also runnable on its own: ``python -m muxtune.operator.cli {plan,operator} ...``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import CliPositionalArg
+
+INVENTORY_HELP = """Node inventory YAML: either Kubernetes Node objects (`kubectl get nodes -o yaml`; GPUs from
+allocatable nvidia.com/gpu, memory from the nvidia.com/gpu.memory label, in MiB), or
+`nodes: [{name, gpus, gpusFree, gpuMemoryMiB, gpuProduct, count}]`."""
+
+
+def load_inventory(path: Path):
+    import yaml
+
+    from muxtune.operator.planner import NodeInfo
+    from muxtune.operator.world import compact_node
+
+    nodes: list[NodeInfo] = []
+    for doc in yaml.safe_load_all(Path(path).read_text()):
+        if not doc:
+            continue
+        items = doc.get("items") if doc.get("kind") in ("List", "NodeList") else [doc] if doc.get("kind") == "Node" else None
+        if items is not None:
+            for n in items:
+                c = compact_node(n)
+                if c["gpus"] > 0 and c["gpuMemoryMiB"] > 0:
+                    nodes.append(NodeInfo(c["name"], c["gpus"], c["gpus"], c["gpuMemoryMiB"], c["gpuProduct"]))
+            continue
+        for n in doc.get("nodes") or []:
+            count = int(n.get("count", 1))
+            for i in range(count):
+                name = n["name"] if count == 1 else f"{n['name']}-{i}"
+                gpus = int(n["gpus"])
+                nodes.append(NodeInfo(name, gpus, int(n.get("gpusFree", gpus)), int(n["gpuMemoryMiB"]), str(n.get("gpuProduct", ""))))
+    return nodes
+
+
+class PlanCommand(BaseModel):
+    """Dry run: show how the operator would pack FineTuneTasks onto GPUs (no cluster needed)."""
+
+    tasks: CliPositionalArg[list[Path]] = Field(description="FineTuneTask YAML files (several documents per file are fine)")
+    nodes: Path = Field(description=INVENTORY_HELP)
+    basemodels: list[Path] = Field(default_factory=list, description="BaseModel YAML files (size figures for model:NAME)")
+    groups: list[Path] = Field(default_factory=list, description="Existing BackboneGroup YAMLs; their member tasks count as placed")
+    sharing_policy: Literal["never", "opt-in", "always"] = Field("opt-in", description="May tasks of different namespaces share a group")
+    shared_namespace: str = Field("muxtune-system", description="Namespace of groups shared by several namespaces")
+    max_tasks_per_group: int = Field(32, gt=0, description="Most tasks in one group")
+    format: Literal["text", "json", "yaml"] = Field("text", description="Output format")
+
+    def run(self) -> dict:
+        import yaml
+
+        from muxtune.api.loader import load_task_files
+        from muxtune.operator.planner import PlannerConfig, TaskRequest, plan
+        from muxtune.operator.world import basemodel_architecture, group_state
+
+        tasks = load_task_files(self.tasks)
+        reqs = {t.key: TaskRequest.from_task(t) for t in tasks}
+        bms = {}
+        for p in self.basemodels:
+            for doc in yaml.safe_load_all(Path(p).read_text()):
+                if doc and doc.get("kind") == "BaseModel":
+                    bms[doc["metadata"]["name"]] = basemodel_architecture(doc)
+        states, members = [], set()
+        for p in self.groups:
+            for doc in yaml.safe_load_all(Path(p).read_text()):
+                if not doc or doc.get("kind") != "BackboneGroup":
+                    continue
+                doc["metadata"].setdefault("namespace", "default")
+                keys = [f"{m['namespace']}/{m['name']}" for m in (doc.get("spec") or {}).get("tasks") or []]
+                members.update(keys)
+                states.append(group_state(doc, [reqs[k] for k in keys if k in reqs], 0, True))
+        pending = [r for k, r in reqs.items() if k not in members and not next(t for t in tasks if t.key == k).spec.suspend]
+        cfg = PlannerConfig(sharing_policy=self.sharing_policy, shared_namespace=self.shared_namespace,
+                            max_tasks_per_group=self.max_tasks_per_group)
+        return plan(pending, states, load_inventory(self.nodes), bms, cfg).to_dict()
+
+    def cli_cmd(self) -> None:
+        import json
+
+        import yaml
+
+        from muxtune.api.loader import SpecError
+
+        try:
+            out = self.run()
+        except (SpecError, OSError, KeyError, ValueError) as exc:
+            print(f"plan: {exc}", file=sys.stderr)
+            sys.exit(2)
+        if self.format == "json":
+            print(json.dumps(out, indent=2))
+        elif self.format == "yaml":
+            print(yaml.safe_dump(out, sort_keys=False), end="")
+        else:
+            print(render_plan(out))
+        sys.exit(1 if out["unplaceable"] else 0)
+
+
+def render_plan(out: dict) -> str:
+    lines = []
+    hdr = f"{'GROUP':<22} {'NAMESPACE':<16} {'BACKBONE':<24} {'GPUS':>4} {'DPxTPxPP':>9} {'GPU':<24} {'MEM/GPU':>12}  TASKS"
+    lines.append(hdr)
+    for g in out["groups"]:
+        par = g["parallelism"]
+        mem = f"{g['memoryPerGpuMiB']:.0f}/{g['gpuMemoryMiB']}Mi"
+        tag = "" if g["new"] else " (existing)"
+        lines.append(f"{g['name']:<22} {g['namespace']:<16} {g['baseModel']:<24} {g['gpus']:>4} "
+                     f"{par['dp']}x{par['tp']}x{par['pp']:<5} {g['gpuProduct'][:24]:<24} {mem:>12}  "
+                     f"{', '.join(g['members'])}{tag}")
+    for u in out["unplaceable"]:
+        lines.append(f"unplaceable {u['task']}: {u['reason']}: {u['message']}")
+    lines.append(f"GPUs: {out['gpusAllocated']} allocated ({out['gpusNew']} new), lower bound {out['lowerBoundGpus']}; "
+                 f"packing efficiency {out['packingEfficiency']:.2f}")
+    return "\n".join(lines)
+
+
+class OperatorCommand(BaseModel):
+    """Run the operator: FineTuneTasks -> BackboneGroups -> engine Pods, with status flowing back."""
+
+    namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch (comma-separated); empty: all")
+    sharing_policy: Literal["never", "opt-in", "always"] = Field(
+        "opt-in", description="never; opt-in (tasks that both set spec.shareAcrossNamespaces); always")
+    shared_namespace: str | None = Field(None, description="Namespace of shared groups (default: $POD_NAMESPACE or muxtune-system)")
+    metrics_port: int = Field(8080, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
+    engine_image: str = Field("ghcr.io/muxtune/engine:0.1.0", description="Image of the engine pods")
+    engine_metrics_port: int = Field(9400, gt=0, le=65535, description="Engine /metrics and /v1/status port")
+    engine_cpu_request: str = Field("2", description="CPU request of an engine pod")
+    engine_memory_request: str = Field("16Gi", description="Memory request of an engine pod")
+    data_pvc: str | None = Field(None, description="PVC mounted read-only at /data (relative dataset paths live there)")
+    data_host_path: str | None = Field(None, description="Host directory mounted at /data instead of a PVC")
+    output_pvc: str | None = Field(None, description="PVC mounted at /output (adapters, checkpoints)")
+    output_host_path: str | None = Field(None, description="Host directory mounted at /output instead of a PVC")
+    poll_interval: float = Field(10.0, gt=0, description="Seconds between /v1/status polls of each group")
+    poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP (else only muxtune.io/engine-endpoint annotations)")
+    max_tasks_per_group: int = Field(32, gt=0, description="Most tasks in one group")
+    activation_factor: float = Field(17.0, gt=0, description="Activation bytes per token, layer and hidden unit, in dtype units")
+    standalone: bool = Field(True, description="kopf without peering (one replica)")
+    kubeconfig: str | None = Field(None, description="Kubeconfig (default: $KUBECONFIG, then in-cluster)")
+    liveness_port: int | None = Field(None, description="Serve kopf's /healthz on this port")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
+
+    def to_config(self):
+        from muxtune.operator.config import OperatorConfig
+
+        return OperatorConfig(
+            namespaces=[n for item in self.namespaces for n in item.split(",") if n],
+            sharing_policy=self.sharing_policy,
+            shared_namespace=self.shared_namespace or os.environ.get("POD_NAMESPACE") or "muxtune-system",
+            metrics_port=self.metrics_port,
+            engine_image=self.engine_image,
+            engine_metrics_port=self.engine_metrics_port,
+            engine_cpu_request=self.engine_cpu_request,
+            engine_memory_request=self.engine_memory_request,
+            data_pvc=self.data_pvc,
+            data_host_path=self.data_host_path,
+            output_pvc=self.output_pvc,
+            output_host_path=self.output_host_path,
+            poll_interval=self.poll_interval,
+            poll_pod_ip=self.poll_pod_ip,
+            max_tasks_per_group=self.max_tasks_per_group,
+            activation_factor=self.activation_factor,
+            kubeconfig=self.kubeconfig,
+            log_level=self.log_level,
+        )
+
+    def cli_cmd(self) -> None:
+        import logging
+
+        import kopf
+
+        from muxtune.operator import handlers
+
+        cfg = self.to_config()
+        handlers.CONFIG = cfg
+        logging.basicConfig(level=getattr(logging, self.log_level.upper()),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("kopf").setLevel(logging.WARNING if self.log_level != "debug" else logging.DEBUG)
+        namespaces = sorted(set(cfg.namespaces) | {cfg.shared_namespace}) if cfg.namespaces else []
+        kopf.run(
+            standalone=self.standalone,
+            clusterwide=not namespaces,
+            namespaces=namespaces or None,
+            liveness_endpoint=f"http://0.0.0.0:{self.liveness_port}/healthz" if self.liveness_port else None,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pydantic_settings import BaseSettings, CliApp, CliSubCommand, SettingsConfigDict
+
+    class OperatorCli(BaseSettings):
+        """muxtune operator commands."""
+
+        model_config = SettingsConfigDict(cli_prog_name="muxtune-operator", cli_kebab_case=True,
+                                          cli_implicit_flags=True, cli_parse_args=False)
+        plan: CliSubCommand[PlanCommand]
+        operator: CliSubCommand[OperatorCommand]
+
+        def cli_cmd(self) -> None:
+            CliApp.run_subcommand(self)
+
+    CliApp.run(OperatorCli, cli_args=sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

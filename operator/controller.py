@@ -1,0 +1,571 @@
+"""The operator's level-triggered reconciler.
+
+One reconcile pass reads the whole world from kopf's in-memory indices (kept current by watches),
+derives every desired object from it, and writes only differences:
+
+1. membership: a BackboneGroup's spec.tasks is the source of truth. Members that were deleted,
+   suspended, finished (Succeeded/Failed), re-created under another uid, or listed twice leave.
+2. pending tasks (in no group, not suspended, not terminal, valid) go to the pure planner with
+   the groups' remaining members and the free GPUs per node.
+3. apply: create/patch groups, their ConfigMap (member tasks as the engine reads them), headless
+   Service and Pods; delete groups left without members (children first, then the group).
+   Creates answer 409 on a deterministic name after a restart: the existing object is adopted.
+4. status: every task's status is recomputed (status.compute_status) and patched when it differs;
+   an Event is posted per transition.
+
+A second loop polls each running group's engine (/v1/status) and feeds the reports into pass 4.
+Our own writes are kept in an overlay until the watch shows them, so a pass that runs before the
+watch caught up neither repeats nor contradicts the previous one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import aiohttp
+
+from muxtune.api.meta import GROUP, VERSION
+from muxtune.operator import metrics, resources, status
+from muxtune.operator.config import (
+    ANN_ENDPOINT,
+    KUEUE_QUEUE_LABEL,
+    LABEL_COMPONENT,
+    LABEL_GROUP,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    OperatorConfig,
+)
+from muxtune.operator.kube import ApiError, KubeClient
+from muxtune.operator.planner import Plan, plan as run_planner
+from muxtune.operator.world import (
+    basemodel_architecture,
+    compact_pod,
+    group_state,
+    node_inventory,
+    parse_task,
+    task_request,
+)
+
+log = logging.getLogger("muxtune.operator")
+API = f"{GROUP}/{VERSION}"
+OVERLAY_TTL = 120.0
+IDX_TASKS, IDX_GROUPS, IDX_MODELS = "muxtune_tasks", "muxtune_groups", "muxtune_basemodels"
+IDX_NODES, IDX_PODS, IDX_CMS, IDX_SVCS = "muxtune_nodes", "muxtune_pods", "muxtune_configmaps", "muxtune_services"
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _rv(obj: Mapping | None) -> int:
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or -1)
+    except ValueError:
+        return -1
+
+
+def _key(obj: Mapping) -> tuple[str, str]:
+    m = obj["metadata"]
+    return (m.get("namespace") or "", m["name"])
+
+
+class Controller:
+    def __init__(self, config: OperatorConfig, client: KubeClient):
+        self.config = config
+        self.client = client
+        self.indices: Mapping[str, Any] | None = None
+        self.ready = False
+        self._kick = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._overlay: dict[tuple[str, str, str], tuple[int, dict | None, float]] = {}
+        self.reports: dict[str, dict] = {}  # task key -> engine entry
+        self._parse_cache: dict[tuple[str, str], Any] = {}
+        self.last_plan: Plan | None = None
+        self.passes = 0
+        self.errors = 0
+        self._tasks: list[asyncio.Task] = []
+        self._instance = socket.gethostname()
+        self._sem = asyncio.Semaphore(8)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def attach(self, indices: Mapping[str, Any]) -> None:
+        self.indices = indices
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def mark_ready(self) -> None:
+        """Called from resource handlers: kopf runs them only after every index is populated."""
+        if not self.ready:
+            self.ready = True
+            log.info("indices populated; reconciling")
+        self._kick.set()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._reconcile_loop(), name="muxtune-reconcile"),
+                       asyncio.create_task(self._poll_loop(), name="muxtune-poll")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.client.close()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._kick.wait(), timeout=self.config.resync_interval)
+            except asyncio.TimeoutError:
+                pass
+            if not self.ready or self.indices is None:
+                continue
+            await asyncio.sleep(self.config.debounce)  # coalesce bursts of watch events
+            self._kick.clear()
+            await self.reconcile_once()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            if not self.ready or self.indices is None:
+                continue
+            try:
+                if await self.poll_once():
+                    self.kick()
+            except Exception:  # noqa: BLE001 - a poll failure must not stop the loop
+                log.exception("polling engines failed")
+
+    # ------------------------------------------------------------------ world
+
+    def _index(self, name: str) -> dict:
+        out: dict = {}
+        idx = (self.indices or {}).get(name)
+        if idx is None:
+            return out
+        for k, store in list(idx.items()):
+            for v in store:
+                out[k] = v
+        return out
+
+    def _note(self, plural: str, obj: dict | None, key: tuple[str, str] | None = None) -> None:
+        """Remember our own write (None: deleted) until the watch shows it."""
+        if obj is not None and obj.get("kind") == "Status":
+            obj = None
+        k = key or _key(obj)  # type: ignore[arg-type]
+        self._overlay[(plural, k[0], k[1])] = (_rv(obj) if obj else -1, obj, time.monotonic())
+
+    def _view(self, plural: str, index_name: str) -> dict[tuple[str, str], dict]:
+        objs = {(k if isinstance(k, tuple) else ("", k)): v for k, v in self._index(index_name).items()}
+        now = time.monotonic()
+        for (pl, ns, name), (rv, obj, t) in list(self._overlay.items()):
+            if pl != plural:
+                continue
+            cur = objs.get((ns, name))
+            if now - t > OVERLAY_TTL:
+                del self._overlay[(pl, ns, name)]
+                continue
+            if obj is None:  # our delete
+                if cur is None:
+                    del self._overlay[(pl, ns, name)]
+                else:
+                    objs.pop((ns, name))
+                continue
+            if cur is not None and _rv(cur) >= rv:
+                del self._overlay[(pl, ns, name)]
+                continue
+            objs[(ns, name)] = obj
+        return objs
+
+    def _parsed(self, obj: dict):
+        m = obj["metadata"]
+        ck = (m.get("uid") or m["name"], str(m.get("generation")))
+        if ck not in self._parse_cache:
+            if len(self._parse_cache) > 20000:
+                self._parse_cache.clear()
+            self._parse_cache[ck] = parse_task(obj)
+        return self._parse_cache[ck]
+
+    # ------------------------------------------------------------------ reconcile
+
+    async def reconcile_once(self) -> None:
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                await self._reconcile()
+            except Exception:  # noqa: BLE001
+                metrics.RECONCILE_ERRORS.inc()
+                self.errors += 1
+                log.exception("reconcile pass failed")
+                self._kick.set()
+            finally:
+                self.passes += 1
+                metrics.RECONCILE.observe(time.perf_counter() - t0)
+
+    async def _reconcile(self) -> None:
+        cfg = self.config
+        now = utcnow()
+        tasks = self._view("finetunetasks", IDX_TASKS)
+        groups = self._view("backbonegroups", IDX_GROUPS)
+        pods = self._view("pods", IDX_PODS)
+        cms = self._view("configmaps", IDX_CMS)
+        svcs = self._view("services", IDX_SVCS)
+        nodes = self._index(IDX_NODES)
+        bms = self._index(IDX_MODELS)
+
+        by_key = {f"{ns}/{name}": obj for (ns, name), obj in tasks.items()}
+        parsed = {k: self._parsed(o) for k, o in by_key.items()}
+
+        def terminal(o: dict) -> bool:
+            return ((o.get("status") or {}).get("phase")) in status.TERMINAL
+
+        def deleting(o: dict) -> bool:
+            return bool(o["metadata"].get("deletionTimestamp"))
+
+        def suspended(k: str) -> bool:
+            p = parsed[k]
+            return not isinstance(p, str) and p.spec.suspend
+
+        # 1. membership
+        member_of: dict[str, tuple[str, str]] = {}
+        active: dict[tuple[str, str], list[str]] = {}
+        group_objs = {gk: g for gk, g in sorted(groups.items(), key=lambda kv: kv[0][1])}
+        for gk, g in group_objs.items():
+            keep = []
+            if deleting(g):
+                continue
+            for m in (g.get("spec") or {}).get("tasks") or []:
+                k = f"{m['namespace']}/{m['name']}"
+                o = by_key.get(k)
+                if o is None or (m.get("uid") and o["metadata"].get("uid") != m["uid"]) or deleting(o):
+                    continue
+                if isinstance(parsed[k], str) or suspended(k) or terminal(o) or k in member_of:
+                    continue
+                member_of[k] = gk
+                keep.append(k)
+            active[gk] = keep
+
+        # 2. pods per group, GPU inventory
+        pods_of: dict[tuple[str, str], list[dict]] = {}
+        for p in pods.values():
+            g = (p.get("labels") or {}).get(LABEL_GROUP)
+            if g and (p.get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY:
+                pods_of.setdefault((p["namespace"], g), []).append(p)
+        inventory = node_inventory(nodes.values(), pods.values())
+        node_fake = {n["name"]: n.get("fake", False) for n in nodes.values()}
+
+        def group_failed(gk) -> bool:
+            return any(p["phase"] == "Failed" for p in pods_of.get(gk, []))
+
+        states = []
+        for gk, g in group_objs.items():
+            if deleting(g):
+                continue
+            dp = int(((g.get("spec") or {}).get("parallelism") or {}).get("dp", 1))
+            live = [p for p in pods_of.get(gk, []) if not p["deleting"] and p["phase"] not in ("Succeeded", "Failed")]
+            unbound = sum(1 for p in live if not p.get("nodeName")) + max(0, dp - len(live))
+            reqs = [task_request(parsed[k]) for k in active[gk]]
+            states.append(group_state(g, reqs, unbound, accepting=not group_failed(gk)))
+
+        # 3. plan
+        pending = []
+        for k, o in sorted(by_key.items()):
+            if k in member_of or deleting(o) or terminal(o) or isinstance(parsed[k], str) or suspended(k):
+                continue
+            pending.append(task_request(parsed[k]))
+        basemodels = {name if isinstance(name, str) else name[1]: basemodel_architecture(bm) for name, bm in bms.items()}
+        t0 = time.perf_counter()
+        plan = run_planner(pending, states, inventory, basemodels, cfg.planner_config())
+        metrics.PLANNER.observe(time.perf_counter() - t0)
+        self.last_plan = plan
+        unplaceable = {u.task: u for u in plan.unplaceable}
+        gplans = {(gp.namespace, gp.name): gp for gp in plan.groups}
+
+        # 4. apply groups
+        bm_by_name = {(n if isinstance(n, str) else n[1]): bm for n, bm in bms.items()}
+        jobs = []
+        for gk, gp in gplans.items():
+            members = [by_key[k] for k in gp.members]
+            jobs.append(self._apply_group(gk, gp, group_objs.get(gk), members, [parsed[k] for k in gp.members],
+                                          pods_of.get(gk, []), cms.get((gk[0], resources.configmap_name(gk[1]))),
+                                          svcs.get(gk), bm_by_name))
+        results = await self._gather(jobs)
+        final_member: dict[str, tuple[str, str]] = {}
+        for gk, gp in gplans.items():
+            for k in gp.members:
+                final_member[k] = gk
+
+        # 5. task statuses
+        sjobs = []
+        counts: dict[tuple[str, str], int] = {}
+        for k, o in sorted(by_key.items()):
+            if deleting(o):
+                continue
+            view = self._task_view(k, o, parsed[k], final_member.get(k), unplaceable.get(k), pods_of, node_fake)
+            old = o.get("status") or {}
+            new = status.compute_status(old, view, now)
+            ns = o["metadata"]["namespace"]
+            counts[(ns, new.get("phase", "Pending"))] = counts.get((ns, new.get("phase", "Pending")), 0) + 1
+            if status.differs(old, new):
+                sjobs.append(self._write_status(o, old, new))
+        await self._gather(sjobs)
+
+        # 6. metrics
+        metrics.set_task_counts(counts)
+        live_groups = [gk for gk, gp in gplans.items() if gp.members]
+        metrics.GROUPS.set(len(live_groups))
+        req = alloc = 0
+        for gk in live_groups:
+            for p in pods_of.get(gk, []):
+                if p["phase"] in ("Succeeded", "Failed") or p["deleting"]:
+                    continue
+                req += p["gpus"]
+                alloc += p["gpus"] if p.get("nodeName") else 0
+        metrics.GPUS_REQUESTED.set(req)
+        metrics.GPUS_ALLOCATED.set(alloc)
+        metrics.GPUS_LOWER_BOUND.set(plan.lower_bound_gpus)
+        metrics.PACKING.set(plan.packing_efficiency)
+        if any(r is False for r in results):
+            self._kick.set()  # something failed: try again after the debounce
+
+    async def _gather(self, coros) -> list:
+        async def run(c):
+            async with self._sem:
+                try:
+                    return await c
+                except Exception:  # noqa: BLE001
+                    metrics.RECONCILE_ERRORS.inc()
+                    self.errors += 1
+                    log.exception("write failed")
+                    return False
+        return await asyncio.gather(*(run(c) for c in coros))
+
+    def _task_view(self, key, obj, parsed, gk, unpl, pods_of, node_fake) -> status.TaskView:
+        meta = obj["metadata"]
+        gen = meta.get("generation")
+        max_steps = None if isinstance(parsed, str) else parsed.spec.training.max_steps
+        if isinstance(parsed, str):
+            return status.TaskView(gen, None, "invalid", message=parsed)
+        kueue = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
+        if parsed.spec.suspend:
+            return status.TaskView(gen, max_steps, "suspended", kueue=kueue)
+        if gk is None:
+            if unpl:
+                return status.TaskView(gen, max_steps, "unplaceable", reason=unpl.reason, message=unpl.message)
+            return status.TaskView(gen, max_steps, "pending")
+        gpods = sorted(pods_of.get(gk, []), key=lambda p: p["name"])
+        pod_state, pod_msg = "none", ""
+        if any(p["phase"] == "Failed" for p in gpods):
+            pod_state = "failed"
+            pod_msg = next(p["message"] for p in gpods if p["phase"] == "Failed") or "engine pod failed"
+        elif gpods and all(p["phase"] == "Running" for p in gpods):
+            pod_state = "running"
+        elif gpods and all(p.get("nodeName") for p in gpods):
+            pod_state, pod_msg = "scheduled", f"pod {gpods[0]['name']} bound to {gpods[0]['nodeName']}"
+        elif gpods:
+            pod_state = "pending"
+        report = self.reports.get(key)
+        if report is not None and report.get("_group") != gk[1]:
+            report = None
+        return status.TaskView(gen, max_steps, "member", group=gk[1], pod_state=pod_state, pod_message=pod_msg,
+                               report=report, kueue=kueue)
+
+    async def _write_status(self, obj: dict, old: dict, new: dict) -> bool:
+        m = obj["metadata"]
+        patch = {"status": {**{k: None for k in old if k not in new}, **new}}
+        res = await self.client.patch(API, "finetunetasks", m["namespace"], m["name"], patch, subresource="status")
+        self._note("finetunetasks", res)
+        ev = status.transition_event(old, new)
+        if ev:
+            await self.event(obj, *ev)
+        if new.get("phase") == "Running" and old.get("phase") != "Running" and m.get("creationTimestamp"):
+            try:
+                created = datetime.strptime(m["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+                metrics.TIME_TO_RUNNING.observe(max(0.0, (datetime.now(timezone.utc) - created).total_seconds()))
+            except ValueError:
+                pass
+        return True
+
+    async def event(self, obj: dict, type_: str, reason: str, message: str) -> None:
+        m = obj["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{m['name']}.", "namespace": m.get("namespace") or "default"},
+            "involvedObject": {"apiVersion": obj.get("apiVersion", API), "kind": obj.get("kind", "FineTuneTask"),
+                               "name": m["name"], "namespace": m.get("namespace"), "uid": m.get("uid")},
+            "reason": reason,
+            "message": (message or reason)[:1024],
+            "type": type_,
+            "source": {"component": MANAGED_BY},
+            "reportingComponent": f"muxtune.io/{MANAGED_BY}",
+            "reportingInstance": self._instance[:128],
+            "firstTimestamp": now[:19] + "Z",
+            "lastTimestamp": now[:19] + "Z",
+            "count": 1,
+        }
+        try:
+            await self.client.create("v1", "events", m.get("namespace") or "default", body)
+        except Exception as e:  # noqa: BLE001 - events are best effort
+            log.warning("posting event %s for %s failed: %s", reason, m["name"], e)
+
+    async def _apply_group(self, gk, gp, gobj, members, parsed_members, gpods, cm, svc, bms) -> bool:
+        ns, name = gk
+        cfg = self.config
+        if not gp.members:
+            if gobj is not None and not gobj["metadata"].get("deletionTimestamp"):
+                await self._delete_group(gobj, gpods, cm, svc)
+            return True
+        budget = sum(p.spec.training.batch_size * p.spec.dataset.max_seq_len for p in parsed_members)
+        desired = resources.group_manifest(gp, members, budget)
+        if gobj is None:
+            gobj, created = await self.client.create_or_adopt(API, "backbonegroups", ns, desired)
+            self._note("backbonegroups", gobj)
+            if created:
+                log.info("group %s/%s created: %s", ns, name, ", ".join(gp.members))
+                await self.event(gobj, "Normal", "Created",
+                                 f"{len(gp.members)} task(s), {gp.gpus} GPU(s) dp={gp.parallelism.dp} "
+                                 f"tp={gp.parallelism.tp} pp={gp.parallelism.pp}")
+        if not subset(desired["spec"], gobj.get("spec") or {}):
+            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"spec": desired["spec"]})
+            self._note("backbonegroups", gobj)
+        # children
+        want_cm = resources.configmap_manifest(gobj, parsed_members)
+        if cm is None:
+            cm, created = await self.client.create_or_adopt("v1", "configmaps", ns, want_cm)
+            self._note("configmaps", cm)
+        if (cm.get("data") or {}) != want_cm["data"]:
+            cm = await self.client.patch("v1", "configmaps", ns, want_cm["metadata"]["name"], {"data": want_cm["data"]})
+            self._note("configmaps", cm)
+        if svc is None:
+            svc, _ = await self.client.create_or_adopt("v1", "services", ns, resources.service_manifest(gobj, cfg))
+            self._note("services", svc)
+        dp = gp.parallelism.dp
+        have = {p["name"]: p for p in gpods}
+        bm = None
+        if gp.base_model.startswith("model:"):
+            bm = bms.get(gp.base_model.split(":", 1)[1])
+        new_pods = []
+        for rank in range(dp):
+            pname = resources.pod_name(name, rank)
+            if pname not in have:
+                pod, created = await self.client.create_or_adopt("v1", "pods", ns, resources.pod_manifest(gobj, rank, cfg, bm))
+                self._note("pods", compact_pod(pod))
+                new_pods.append(pod)
+        # group status
+        pod_list = sorted([p for p in gpods if not p["deleting"]], key=lambda p: p["name"])
+        phase = "Pending"
+        if any(p["phase"] == "Failed" for p in pod_list):
+            phase = "Failed"
+        elif len(pod_list) >= dp and all(p["phase"] == "Running" for p in pod_list):
+            phase = "Running"
+        want_status = {
+            "phase": phase,
+            "pods": [resources.pod_name(name, r) for r in range(dp)],
+            "readyPods": sum(1 for p in pod_list if p.get("ready")),
+            "taskCount": len(gp.members),
+            "gpus": gp.gpus,
+            "memoryPlannedBytes": gp.memory_per_gpu_bytes * gp.gpus,
+            "observedGeneration": gobj["metadata"].get("generation"),
+        }
+        cur = gobj.get("status") or {}
+        if any(cur.get(k) != v for k, v in want_status.items()):
+            cond = {"type": "Ready", "status": "True" if phase == "Running" else "False",
+                    "reason": {"Running": "PodsRunning", "Failed": "PodFailed"}.get(phase, "PodsPending"),
+                    "message": f"{want_status['readyPods']}/{dp} pod(s) ready", "lastTransitionTime": utcnow()}
+            old_cond = next((c for c in cur.get("conditions") or [] if c.get("type") == "Ready"), None)
+            if old_cond and old_cond.get("status") == cond["status"]:
+                cond["lastTransitionTime"] = old_cond.get("lastTransitionTime") or cond["lastTransitionTime"]
+            want_status["conditions"] = [cond]
+            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"status": want_status}, subresource="status")
+            self._note("backbonegroups", gobj)
+        return True
+
+    async def _delete_group(self, gobj, gpods, cm, svc) -> None:
+        ns, name = gobj["metadata"]["namespace"], gobj["metadata"]["name"]
+        log.info("group %s/%s has no active members: tearing it down", ns, name)
+        for p in gpods:
+            if not p["deleting"]:
+                await self.client.delete("v1", "pods", ns, p["name"])
+                self._note("pods", None, (ns, p["name"]))
+        if cm is not None:
+            await self.client.delete("v1", "configmaps", ns, cm["metadata"]["name"])
+            self._note("configmaps", None, (ns, cm["metadata"]["name"]))
+        if svc is not None:
+            await self.client.delete("v1", "services", ns, name)
+            self._note("services", None, (ns, name))
+        await self.client.delete(API, "backbonegroups", ns, name)
+        self._note("backbonegroups", None, (ns, name))
+        await self.event(gobj, "Normal", "Deleted", "no active member tasks left; GPUs released")
+
+    # ------------------------------------------------------------------ engine polling
+
+    def endpoint_of(self, pod: dict, node_fake: Mapping[str, bool]) -> str | None:
+        ann = (pod.get("annotations") or {}).get(ANN_ENDPOINT)
+        if ann:
+            return ann.rstrip("/")
+        if not self.config.poll_pod_ip or pod.get("phase") != "Running" or not pod.get("podIP"):
+            return None
+        if node_fake.get(pod.get("nodeName") or "", False):
+            return None  # kwok: the pod IP is fake, nothing listens there
+        ip = pod["podIP"]
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"http://{host}:{self.config.engine_metrics_port}"
+
+    async def poll_once(self) -> bool:
+        """Fetch /v1/status from rank 0 of every group; True when a report changed."""
+        groups = self._view("backbonegroups", IDX_GROUPS)
+        pods = self._view("pods", IDX_PODS)
+        node_fake = {n["name"]: n.get("fake", False) for n in self._index(IDX_NODES).values()}
+        targets = []
+        members: dict[str, set[str]] = {}
+        for (ns, name), g in groups.items():
+            p = pods.get((ns, resources.pod_name(name, 0)))
+            if p is None or p["deleting"] or (p.get("labels") or {}).get(LABEL_COMPONENT) != "engine":
+                continue
+            ep = self.endpoint_of(p, node_fake)
+            if ep:
+                targets.append((name, ep))
+                members[name] = {f"{m['namespace']}/{m['name']}" for m in (g.get("spec") or {}).get("tasks") or []}
+        changed = False
+        timeout = aiohttp.ClientTimeout(total=self.config.poll_timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            async def one(gname, ep):
+                try:
+                    async with s.get(f"{ep}/v1/status") as r:
+                        if r.status != 200:
+                            return gname, None
+                        return gname, await r.json(content_type=None)
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    return gname, None
+            results = await asyncio.gather(*(one(n, e) for n, e in targets))
+        for gname, payload in results:
+            if not isinstance(payload, dict):
+                continue
+            for key, entry in (payload.get("tasks") or {}).items():
+                if key not in members.get(gname, ()) or not isinstance(entry, dict):
+                    continue
+                if entry.get("phase") not in status.ENGINE_PHASES:
+                    continue
+                entry = {**entry, "_group": gname}
+                if self.reports.get(key) != entry:
+                    self.reports[key] = entry
+                    changed = True
+        return changed
+
+
+def subset(want: Any, have: Any) -> bool:
+    """Every field we set has our value (the API server may add defaults around it)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(subset(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(subset(a, b) for a, b in zip(want, have))
+    return want == have

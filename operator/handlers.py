@@ -1,0 +1,184 @@
+"""kopf wiring: indices (in-memory caches fed by watches), event handlers that wake the reconciler,
+login with the operator's credentials, and the startup/cleanup of the Controller.
+
+Run with `muxtune operator` (muxtune.operator.cli.OperatorCommand), or plainly
+``kopf run --standalone -m muxtune.operator.handlers --all-namespaces`` (settings then come from
+MUXTUNE_OPERATOR_* environment variables, see OperatorConfig.from_env).
+
+No handler here persists anything on the watched objects: no finalizers, no kopf annotations,
+no status.kopf. Everything the operator needs is derived from the current objects.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import kopf
+
+from muxtune.api.meta import GROUP, VERSION
+from muxtune.operator import metrics
+from muxtune.operator.config import GPU_RESOURCE, LABEL_MANAGED_BY, MANAGED_BY, OperatorConfig
+from muxtune.operator.controller import Controller
+from muxtune.operator.kube import KubeClient, load_credentials
+from muxtune.operator.world import compact_node, compact_pod, pod_gpus
+
+log = logging.getLogger("muxtune.operator")
+
+CONFIG: OperatorConfig | None = None  # set by OperatorCommand before kopf starts; else from env
+CONTROLLER: Controller | None = None
+_METRICS_SERVED: set[int] = set()
+
+
+def config() -> OperatorConfig:
+    global CONFIG
+    if CONFIG is None:
+        CONFIG = OperatorConfig.from_env()
+    return CONFIG
+
+
+def _plain(body) -> dict:
+    return copy.deepcopy(dict(body))
+
+
+# ---------------------------------------------------------------------- login & lifecycle
+
+@kopf.on.login()
+def login(**_) -> kopf.ConnectionInfo:
+    c = load_credentials(config().kubeconfig)
+    return kopf.ConnectionInfo(
+        server=c.server,
+        ca_path=c.ca_path,
+        insecure=c.insecure,
+        token=c.token,
+        certificate_path=c.cert_path,
+        private_key_path=c.key_path,
+        default_namespace=c.namespace,
+    )
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **kwargs) -> None:
+    global CONTROLLER
+    cfg = config()
+    settings.peering.standalone = True  # one replica; no peering CRD needed in RBAC
+    settings.posting.level = logging.WARNING  # kopf's own k8s Events: only problems
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    if cfg.metrics_port and cfg.metrics_port not in _METRICS_SERVED:
+        metrics.serve(cfg.metrics_port)
+        _METRICS_SERVED.add(cfg.metrics_port)
+    client = KubeClient(load_credentials(cfg.kubeconfig))
+    client.on_request = lambda verb, res: metrics.API_REQUESTS.labels(verb, res).inc()
+    CONTROLLER = Controller(cfg, client)
+    CONTROLLER.attach({k: v for k, v in kwargs.items() if k.startswith("muxtune_")})
+    CONTROLLER.start()
+    log.info("muxtune operator started (sharing=%s, shared namespace=%s, engine image=%s)",
+             cfg.sharing_policy, cfg.shared_namespace, cfg.engine_image)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_) -> None:
+    if CONTROLLER is not None:
+        await CONTROLLER.stop()
+
+
+def _wake(**kwargs) -> None:
+    if CONTROLLER is not None:
+        CONTROLLER.attach({k: v for k, v in kwargs.items() if k.startswith("muxtune_")})
+        CONTROLLER.mark_ready()
+
+
+# ---------------------------------------------------------------------- indices
+
+@kopf.index(GROUP, VERSION, "finetunetasks")
+def muxtune_tasks(body, namespace, name, **_):
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index(GROUP, VERSION, "backbonegroups")
+def muxtune_groups(body, namespace, name, **_):
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index(GROUP, VERSION, "basemodels")
+def muxtune_basemodels(body, name, **_):
+    return {name: _plain(body)}
+
+
+@kopf.index("v1", "nodes")
+def muxtune_nodes(body, name, **_):
+    return {name: compact_node(body)}
+
+
+def _relevant_pod(body, **_) -> bool:
+    labels = body.get("metadata", {}).get("labels") or {}
+    return labels.get(LABEL_MANAGED_BY) == MANAGED_BY or pod_gpus(body) > 0
+
+
+@kopf.index("v1", "pods", when=_relevant_pod)
+def muxtune_pods(body, namespace, name, **_):
+    """Our engine pods and any other pod that holds GPUs (for free-GPU accounting)."""
+    return {(namespace, name): compact_pod(body)}
+
+
+@kopf.index("v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def muxtune_configmaps(body, namespace, name, **_):
+    b = _plain(body)
+    return {(namespace, name): {"metadata": b.get("metadata", {}), "data": b.get("data") or {}}}
+
+
+@kopf.index("v1", "services", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def muxtune_services(body, namespace, name, **_):
+    b = _plain(body)
+    return {(namespace, name): {"metadata": b.get("metadata", {}), "spec": b.get("spec") or {}}}
+
+
+# ---------------------------------------------------------------------- wake-ups
+
+@kopf.on.event(GROUP, VERSION, "finetunetasks")
+def on_task_event(**kwargs):
+    _wake(**kwargs)
+
+
+@kopf.on.event(GROUP, VERSION, "backbonegroups")
+def on_group_event(**kwargs):
+    _wake(**kwargs)
+
+
+@kopf.on.event(GROUP, VERSION, "basemodels")
+def on_basemodel_event(**kwargs):
+    _wake(**kwargs)
+
+
+def _gpu_node(body, **_) -> bool:
+    alloc = (body.get("status") or {}).get("allocatable") or {}
+    return GPU_RESOURCE in alloc
+
+
+_SEEN: dict[tuple[str, str, str], dict] = {}
+
+
+def _changed(kind: str, namespace, name, compact: dict | None) -> bool:
+    """Node heartbeats and similar no-op updates must not wake the reconciler."""
+    key = (kind, namespace or "", name)
+    if compact is None:
+        return _SEEN.pop(key, None) is not None
+    if _SEEN.get(key) == compact:
+        return False
+    _SEEN[key] = compact
+    return True
+
+
+@kopf.on.event("v1", "nodes", when=_gpu_node)
+def on_node_event(body, name, type, **kwargs):
+    c = None if type == "DELETED" else compact_node(body)
+    if _changed("node", None, name, c) or (CONTROLLER is not None and not CONTROLLER.ready):
+        _wake(**kwargs)
+
+
+@kopf.on.event("v1", "pods", when=_relevant_pod)
+def on_pod_event(body, namespace, name, type, **kwargs):
+    c = None if type == "DELETED" else {k: v for k, v in compact_pod(body).items() if k != "metadata"}
+    if _changed("pod", namespace, name, c) or (CONTROLLER is not None and not CONTROLLER.ready):
+        _wake(**kwargs)

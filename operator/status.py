@@ -1,0 +1,185 @@
+"""FineTuneTask.status from what the operator sees: pure (the caller passes the time).
+
+Phases: Pending (not placed: waiting or unschedulable), Placed (member of a group whose engine does
+not yet train it), Running, Succeeded, Failed (terminal: kept as they are), Suspended
+(spec.suspend; for Kueue, which admits by flipping it).
+Conditions: Placed, Running, and Complete / Failed once terminal; lastTransitionTime is kept
+while a condition's status does not change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TERMINAL = ("Succeeded", "Failed")
+ENGINE_PHASES = ("Pending", "Running", "Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """What the operator knows about one task in this pass."""
+
+    generation: int | None
+    max_steps: int | None
+    situation: str  # member | pending | unplaceable | suspended | invalid
+    group: str | None = None
+    reason: str = ""  # unplaceable / pending reason
+    message: str = ""
+    pod_state: str = "none"  # none | pending | scheduled | running | failed
+    pod_message: str = ""
+    report: dict | None = None  # the engine's /v1/status entry for the task
+    kueue: bool = False
+
+
+def _cond(type_: str, status: str, reason: str, message: str = "") -> dict:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def merge_conditions(old: list[dict] | None, new: list[dict], now: str, generation: int | None) -> list[dict]:
+    by_type = {c.get("type"): c for c in (old or [])}
+    out = []
+    for c in new:
+        prev = by_type.get(c["type"])
+        ltt = prev.get("lastTransitionTime") if prev and prev.get("status") == c["status"] else None
+        item = dict(c, lastTransitionTime=ltt or now)
+        if generation is not None:
+            item["observedGeneration"] = generation
+        out.append(item)
+    return out
+
+
+def _progress(step: int | None, total: int | None) -> str | None:
+    if total:
+        return f"{step or 0}/{total}"
+    return None
+
+
+def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
+    """The status the task should have; equal to ``old`` when nothing changed."""
+    old = dict(old or {})
+    old_phase = old.get("phase")
+    if old_phase in TERMINAL:
+        return old  # terminal phases are final; nothing the operator sees changes them
+
+    st: dict = {
+        "step": old.get("step", 0),
+        "totalSteps": old.get("totalSteps") or view.max_steps,
+        "loss": old.get("loss"),
+        "tokensPerSecond": old.get("tokensPerSecond"),
+        "checkpoint": old.get("checkpoint"),
+        "startTime": old.get("startTime"),
+        "completionTime": old.get("completionTime"),
+        "group": None,
+        "message": None,
+    }
+    if view.generation is not None:
+        st["observedGeneration"] = view.generation
+    conds: list[dict]
+
+    if view.situation == "invalid":
+        st["phase"] = "Failed"
+        st["message"] = view.message
+        st["completionTime"] = now
+        conds = [_cond("Placed", "False", "InvalidSpec", view.message), _cond("Running", "False", "InvalidSpec"),
+                 _cond("Failed", "True", "InvalidSpec", view.message)]
+    elif view.situation == "suspended":
+        st["phase"] = "Suspended"
+        reason = "WaitingForAdmission" if view.kueue else "Suspended"
+        st["message"] = ("suspended: waiting for Kueue to admit it (spec.suspend)" if view.kueue
+                         else "spec.suspend is true; the checkpoint is kept")
+        st["tokensPerSecond"] = None
+        conds = [_cond("Placed", "False", reason, st["message"]), _cond("Running", "False", reason)]
+    elif view.situation in ("pending", "unplaceable"):
+        st["phase"] = "Pending"
+        reason = view.reason or "Queued"
+        st["message"] = view.message or "waiting for the planner"
+        st["tokensPerSecond"] = None
+        conds = [_cond("Placed", "False", reason, st["message"]), _cond("Running", "False", "NotPlaced")]
+    else:  # member
+        st["group"] = view.group
+        placed = _cond("Placed", "True", "Packed", f"member of BackboneGroup {view.group}")
+        rep = view.report
+        if rep:
+            st["step"] = int(rep.get("step") or 0)
+            st["totalSteps"] = rep.get("totalSteps") or st["totalSteps"]
+            for k in ("loss", "tokensPerSecond", "checkpoint"):
+                if k in rep:
+                    st[k] = rep.get(k)
+            if rep.get("message"):
+                st["message"] = rep["message"]
+        ephase = (rep or {}).get("phase")
+        if ephase == "Succeeded":
+            st["phase"] = "Succeeded"
+            st["completionTime"] = now
+            st["tokensPerSecond"] = None if rep.get("tokensPerSecond") is None else rep["tokensPerSecond"]
+            st["message"] = st["message"] or "training finished; adapter written"
+            conds = [placed, _cond("Running", "False", "Completed"), _cond("Complete", "True", "Succeeded", st["message"])]
+        elif ephase == "Failed" or view.pod_state == "failed":
+            st["phase"] = "Failed"
+            st["completionTime"] = now
+            reason = "EngineFailed" if ephase == "Failed" else "PodFailed"
+            st["message"] = (rep or {}).get("message") or view.pod_message or "the engine reported a failure"
+            conds = [placed, _cond("Running", "False", reason, st["message"]), _cond("Failed", "True", reason, st["message"])]
+        elif ephase == "Running":
+            st["phase"] = "Running"
+            st["startTime"] = st["startTime"] or now
+            conds = [placed, _cond("Running", "True", "EngineRunning", f"step {st['step']}")]
+        else:
+            st["phase"] = "Placed"
+            if ephase == "Pending":
+                reason, msg = "EngineQueued", "the engine has the task and has not started it yet"
+            elif view.pod_state == "running":
+                reason, msg = "EngineStarting", view.pod_message or "waiting for the engine's /v1/status"
+            elif view.pod_state == "scheduled":
+                reason, msg = "PodStarting", view.pod_message or "the pod is bound to a node and starting"
+            else:
+                reason, msg = "PodPending", view.pod_message or "waiting for the scheduler to bind the group's pod"
+            st["message"] = msg
+            conds = [placed, _cond("Running", "False", reason, msg)]
+
+    st["progress"] = _progress(st.get("step"), st.get("totalSteps"))
+    st["conditions"] = merge_conditions(old.get("conditions"), conds, now, view.generation)
+    return {k: v for k, v in st.items() if v is not None}
+
+
+def differs(old: dict | None, new: dict) -> bool:
+    return _strip(old or {}) != _strip(new)
+
+
+def _strip(st: dict) -> dict:
+    return {k: v for k, v in st.items() if v is not None}
+
+
+def transition_event(old: dict | None, new: dict) -> tuple[str, str, str] | None:
+    """(type, reason, message) of the Kubernetes Event for a phase change, or None."""
+    op, np_ = (old or {}).get("phase"), new.get("phase")
+    if op == np_:
+        if np_ == "Pending":
+            oc = _placed_reason(old)
+            nc = _placed_reason(new)
+            if oc != nc and nc not in ("Queued", None):
+                return ("Warning", nc, new.get("message", ""))
+        return None
+    msg = new.get("message") or ""
+    if np_ == "Placed":
+        return ("Normal", "Placed", f"placed in BackboneGroup {new.get('group')}")
+    if np_ == "Running":
+        return ("Normal", "Running", f"training in BackboneGroup {new.get('group')}")
+    if np_ == "Succeeded":
+        return ("Normal", "Succeeded", msg or "training finished")
+    if np_ == "Failed":
+        return ("Warning", "Failed", msg)
+    if np_ == "Suspended":
+        return ("Normal", "Suspended", msg)
+    if np_ == "Pending":
+        r = _placed_reason(new)
+        if r and r != "Queued":
+            return ("Warning", r, msg)
+        return ("Normal", "Pending", msg) if op else None
+    return None
+
+
+def _placed_reason(st: dict | None) -> str | None:
+    for c in (st or {}).get("conditions") or []:
+        if c.get("type") == "Placed":
+            return c.get("reason")
+    return None

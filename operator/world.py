@@ -1,0 +1,142 @@
+"""Turn raw Kubernetes objects (plain dicts) into planner inputs. Pure."""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from pydantic import ValidationError
+
+from muxtune.api.basemodel import Architecture
+from muxtune.api.finetunetask import FineTuneTask
+from muxtune.api.loader import format_validation_error
+from muxtune.operator.config import (
+    ANN_GPU_MEMORY,
+    ANN_TENANCY,
+    GPU_MEMORY_LABEL,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    KWOK_NODE_ANNOTATION,
+)
+from muxtune.operator.memory import Parallelism
+from muxtune.operator.planner import SHARED, GroupState, NodeInfo, TaskRequest
+
+TERMINAL_POD_PHASES = ("Succeeded", "Failed")
+
+
+def parse_quantity_int(q) -> int:
+    """nvidia.com/gpu quantities are integers; tolerate '8', 8 and '8.0'."""
+    if q is None:
+        return 0
+    try:
+        return int(float(str(q)))
+    except ValueError:
+        return 0
+
+
+def pod_gpus(pod: Mapping) -> int:
+    """GPUs a pod holds: the max of its init containers' and the sum of its containers' requests."""
+    spec = pod.get("spec") or {}
+
+    def req(c):
+        r = c.get("resources") or {}
+        return parse_quantity_int((r.get("requests") or {}).get(GPU_RESOURCE) or (r.get("limits") or {}).get(GPU_RESOURCE))
+
+    main = sum(req(c) for c in spec.get("containers") or [])
+    init = max((req(c) for c in spec.get("initContainers") or []), default=0)
+    return max(main, init)
+
+
+def compact_node(node: Mapping) -> dict:
+    meta = node.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    st = node.get("status") or {}
+    alloc = st.get("allocatable") or st.get("capacity") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or []) \
+        if st.get("conditions") else True
+    return {
+        "name": meta.get("name"),
+        "gpus": parse_quantity_int(alloc.get(GPU_RESOURCE)),
+        "gpuMemoryMiB": parse_quantity_int(labels.get(GPU_MEMORY_LABEL)),
+        "gpuProduct": labels.get(GPU_PRODUCT_LABEL, ""),
+        "schedulable": not (node.get("spec") or {}).get("unschedulable", False) and ready,
+        "fake": (meta.get("annotations") or {}).get(KWOK_NODE_ANNOTATION) == "fake",
+    }
+
+
+def compact_pod(pod: Mapping) -> dict:
+    meta = pod.get("metadata") or {}
+    st = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+    return {
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
+                     "resourceVersion": meta.get("resourceVersion")},
+        "name": meta.get("name"),
+        "namespace": meta.get("namespace"),
+        "uid": meta.get("uid"),
+        "labels": dict(meta.get("labels") or {}),
+        "annotations": dict(meta.get("annotations") or {}),
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "nodeName": (pod.get("spec") or {}).get("nodeName"),
+        "gpus": pod_gpus(pod),
+        "phase": st.get("phase", "Pending"),
+        "ready": ready,
+        "podIP": st.get("podIP"),
+        "message": st.get("message") or st.get("reason") or "",
+    }
+
+
+def node_inventory(nodes: Iterable[Mapping], pods: Iterable[Mapping]) -> list[NodeInfo]:
+    """Compact nodes + compact pods -> free GPUs per schedulable GPU node."""
+    used: dict[str, int] = {}
+    for p in pods:
+        if p.get("nodeName") and p.get("phase") not in TERMINAL_POD_PHASES:
+            used[p["nodeName"]] = used.get(p["nodeName"], 0) + int(p.get("gpus") or 0)
+    out = []
+    for n in nodes:
+        if n["gpus"] <= 0 or n["gpuMemoryMiB"] <= 0 or not n.get("schedulable", True):
+            continue
+        out.append(NodeInfo(n["name"], n["gpus"], n["gpus"] - used.get(n["name"], 0), n["gpuMemoryMiB"], n["gpuProduct"]))
+    return sorted(out, key=lambda x: x.name)
+
+
+def basemodel_architecture(bm: Mapping) -> Architecture | None:
+    for part in ("spec", "status"):
+        a = ((bm.get(part) or {}).get("architecture"))
+        if a:
+            try:
+                return Architecture.model_validate(a)
+            except ValidationError:
+                return None
+    return None
+
+
+def parse_task(obj: Mapping) -> FineTuneTask | str:
+    """The task as the pydantic model, or a message naming the bad field."""
+    doc = {k: obj[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in obj}
+    try:
+        return FineTuneTask.model_validate(doc)
+    except ValidationError as e:
+        name = (obj.get("metadata") or {}).get("name", "?")
+        return format_validation_error(f"FineTuneTask {name}", e)
+
+
+def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, accepting: bool) -> GroupState:
+    meta, spec = group["metadata"], group.get("spec") or {}
+    ann = meta.get("annotations") or {}
+    ten = ann.get(ANN_TENANCY)
+    par = spec.get("parallelism") or {}
+    return GroupState(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        base_model=spec.get("baseModel", ""),
+        tenancy=SHARED if ten == "*" else (ten or meta["namespace"]),
+        parallelism=Parallelism(dp=int(par.get("dp", 1)), tp=int(par.get("tp", 1)), pp=int(par.get("pp", 1))),
+        gpu_memory_mib=parse_quantity_int(ann.get(ANN_GPU_MEMORY)),
+        gpu_product=spec.get("gpuProduct") or "",
+        members=tuple(members),
+        unbound_pods=unbound_pods,
+        accepting=accepting,
+    )
+
+
+def task_request(task: FineTuneTask) -> TaskRequest:
+    return TaskRequest.from_task(task)

@@ -1,0 +1,299 @@
+"""charts/muxtune: lint and render clean, restricted pods, least-privilege RBAC, CRDs and dashboards
+equal to the repository's, monitoring objects only where the API exists; installs into a real cluster."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tomllib
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from muxtune.api import crdgen
+
+pytest_plugins = ["muxtune.devcluster.fixture"]
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "muxtune"
+MONITORING = ["--api-versions", "monitoring.coreos.com/v1"]
+ALL_MONITORING = [
+    *MONITORING,
+    "--set", "monitoring.serviceMonitor.enabled=true",
+    "--set", "monitoring.podMonitor.enabled=true",
+    "--set", "monitoring.prometheusRule.enabled=true",
+    "--set", "monitoring.serviceMonitor.labels.release=kube-prometheus-stack",
+    "--set", "monitoring.podMonitor.labels.release=kube-prometheus-stack",
+    "--set", "monitoring.prometheusRule.labels.release=kube-prometheus-stack",
+]
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    from muxtune.devcluster.build import ensure_binaries
+
+    return ensure_binaries(["helm"])["helm"]
+
+
+def run_helm(helm: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([str(helm), *args], capture_output=True, text=True, timeout=120, env=env)
+    if check:
+        assert p.returncode == 0, f"helm {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def render(helm: Path, *args: str, chart: Path = CHART) -> list[dict]:
+    p = run_helm(helm, "template", "mux", str(chart), "--namespace", "muxtune-system", *args)
+    assert "WARNING" not in p.stderr.upper(), p.stderr
+    return [d for d in yaml.safe_load_all(p.stdout) if d]
+
+
+def by_kind(docs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def app_version() -> str:
+    return yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+
+
+# ------------------------------------------------------------------------------------------ lint
+
+
+@pytest.mark.parametrize("values", [[], ALL_MONITORING], ids=["default", "monitoring"])
+def test_helm_lint_is_clean(helm, values):
+    args = [a for a in values if a not in MONITORING]  # lint has no --api-versions
+    p = run_helm(helm, "lint", "--strict", str(CHART), *args)
+    assert "[WARNING]" not in p.stdout and "[ERROR]" not in p.stdout, p.stdout
+    assert "1 chart(s) linted, 0 chart(s) failed" in p.stdout
+
+
+def test_default_render(helm):
+    kinds = by_kind(render(helm))
+    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    (dep,) = kinds["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == f"ghcr.io/muxtune/operator:{app_version()}"
+    assert c["command"] == ["muxtune", "operator"]
+    assert f"--engine-image=ghcr.io/muxtune/engine:{app_version()}" in c["args"]
+    assert "--metrics-port=8080" in c["args"] and "--engine-metrics-port=9400" in c["args"]
+    assert pod["serviceAccountName"] == kinds["ServiceAccount"][0]["metadata"]["name"]
+    (svc,) = kinds["Service"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_chart_version_matches_the_package():
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert app_version() == version
+
+
+def test_restricted_security_context(helm):
+    (dep,) = by_kind(render(helm))["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["runAsNonRoot"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not sc.get("privileged")
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all("hostPath" not in v for v in pod.get("volumes", []))
+
+
+# The operator's permissions, exactly: a change here must be deliberate.
+EXPECTED_RULES = {
+    ("muxtune.io", "finetunetasks"): {"get", "list", "watch", "patch"},
+    ("muxtune.io", "finetunetasks/status"): {"get", "patch", "update"},
+    ("muxtune.io", "backbonegroups"): {"get", "list", "watch", "create", "update", "patch", "delete"},
+    ("muxtune.io", "backbonegroups/status"): {"get", "patch", "update"},
+    ("muxtune.io", "basemodels"): {"get", "list", "watch"},
+    ("muxtune.io", "basemodels/status"): {"get", "patch"},
+    ("", "pods"): {"create", "get", "list", "watch", "patch", "update", "delete"},
+    ("", "configmaps"): {"create", "get", "list", "watch", "patch", "update", "delete"},
+    ("", "services"): {"create", "get", "list", "watch", "patch", "update", "delete"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "nodes"): {"get", "list", "watch"},
+    ("", "namespaces"): {"list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+
+
+def test_rbac_is_least_privilege(helm):
+    kinds = by_kind(render(helm))
+    (role,) = kinds["ClusterRole"]
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule.get(field, []), f"wildcard {field} in {rule}"
+        assert not rule.get("nonResourceURLs") and not rule.get("resourceNames")
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                granted.setdefault((g, r), set()).update(rule["verbs"])
+    assert granted == EXPECTED_RULES
+    assert not any(r == "secrets" for _, r in granted)
+    (binding,) = kinds["ClusterRoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    (sa,) = kinds["ServiceAccount"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "muxtune-system"}]
+
+
+def test_watch_namespaces_and_flags(helm):
+    kinds = by_kind(render(helm, "--set", "operator.watchNamespaces={team-a,team-b}", "--set", "operator.sharingPolicy=never",
+                           "--set", "engine.image.tag=dev", "--set", "operator.extraArgs={--dry-run}"))
+    (c,) = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"]
+    assert "--namespaces=team-a,team-b" in c["args"] and "--sharing-policy=never" in c["args"]
+    assert "--engine-image=ghcr.io/muxtune/engine:dev" in c["args"] and c["args"][-1] == "--dry-run"
+
+
+# ------------------------------------------------------------------------------------ monitoring
+
+
+def test_monitoring_needs_the_api(helm):
+    without_api = [a for a in ALL_MONITORING if a not in MONITORING]
+    kinds = by_kind(render(helm, *without_api))
+    assert not {"PodMonitor", "ServiceMonitor", "PrometheusRule"} & kinds.keys()
+
+
+def test_monitoring_objects(helm):
+    kinds = by_kind(render(helm, *ALL_MONITORING))
+    (sm,) = kinds["ServiceMonitor"]
+    (svc,) = kinds["Service"]
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"] == "metrics"
+    (pm,) = kinds["PodMonitor"]
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+@pytest.fixture
+def chart_copy(tmp_path: Path) -> Path:
+    dest = tmp_path / "muxtune"
+    shutil.copytree(CHART, dest)
+    return dest
+
+
+def test_prometheus_rule_comes_from_alerts_file(helm, chart_copy):
+    assert "PrometheusRule" not in by_kind(render(helm, *ALL_MONITORING, chart=chart_copy)) or yaml.safe_load(
+        (CHART / "files" / "alerts.yaml").read_text()
+    ).get("groups")
+    rules = {
+        "groups": [{
+            "name": "muxtune-test",
+            "rules": [{
+                "alert": "MuxtuneTaskStalled",
+                "expr": 'rate(muxtune_task_steps_total[10m]) == 0',
+                "for": "15m",
+                "labels": {"severity": "warning"},
+                "annotations": {"summary": "Task {{ $labels.namespace }}/{{ $labels.task }} made no progress"},
+            }],
+        }]
+    }
+    (chart_copy / "files" / "alerts.yaml").write_text(yaml.safe_dump(rules))
+    (pr,) = by_kind(render(helm, *ALL_MONITORING, chart=chart_copy))["PrometheusRule"]
+    assert pr["spec"] == rules  # Prometheus templating passes through untouched
+    assert pr["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_alerts_file_is_a_rule_file():
+    doc = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    assert isinstance(doc, dict) and isinstance(doc.get("groups"), list)
+
+
+# -------------------------------------------------------------------------- CRDs and dashboards
+
+
+def test_chart_crds_equal_generated_crds():
+    stale = crdgen.diff_files(CHART / "crds")
+    assert not stale, f"charts/muxtune/crds is out of date ({stale}): run `muxtune crds`"
+
+
+def test_chart_dashboards_equal_repository_dashboards():
+    """Helm reads only files inside the chart: charts/muxtune/dashboards is a copy of dashboards/."""
+    top = {p.name: p.read_bytes() for p in (REPO / "dashboards").glob("*.json")}
+    chart = {p.name: p.read_bytes() for p in (CHART / "dashboards").glob("*.json")}
+    assert sorted(chart) == sorted(top), "run: cp dashboards/*.json charts/muxtune/dashboards/ (and remove stale copies)"
+    for name in top:
+        assert chart[name] == top[name], f"charts/muxtune/dashboards/{name} differs from dashboards/{name}: copy it again"
+
+
+def test_dashboard_configmaps(helm, chart_copy):
+    for old in (chart_copy / "dashboards").glob("*.json"):
+        old.unlink()
+    dash = {"title": "muxtune / test", "uid": "muxtune-test", "panels": [{"type": "timeseries", "targets": [{"expr": "up{job=\"x\"}"}]}]}
+    (chart_copy / "dashboards" / "cluster_overview.json").write_text(json.dumps(dash, indent=2))
+    (cm,) = by_kind(render(helm, "--set", "dashboards.annotations.grafana_folder=muxtune", chart=chart_copy))["ConfigMap"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "muxtune"}
+    assert cm["metadata"]["name"] == "mux-muxtune-dashboard-cluster-overview"
+    assert json.loads(cm["data"]["cluster_overview.json"]) == dash
+    assert "ConfigMap" not in by_kind(render(helm, "--set", "dashboards.enabled=false", chart=chart_copy))
+
+
+def test_repository_dashboards_render(helm):
+    names = sorted(p.name for p in (CHART / "dashboards").glob("*.json"))
+    cms = by_kind(render(helm)).get("ConfigMap", [])
+    assert sorted(k for cm in cms for k in cm["data"]) == names
+    for cm in cms:
+        for text in cm["data"].values():
+            json.loads(text)
+
+
+# ------------------------------------------------------------------------------- real cluster
+
+
+@pytest.mark.cluster
+def test_install_into_cluster(helm, kube_cluster):
+    """helm install into a restricted namespace of a real API server: the CRDs are accepted, the
+    operator pod passes the restricted Pod Security admission, and its ServiceAccount can do what
+    the operator needs and nothing more."""
+    ns = f"muxtune-chart-{uuid.uuid4().hex[:6]}"
+    k = kube_cluster.kubectl
+    k("create", "namespace", ns)
+    k("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/warn=restricted")
+    env = kube_cluster.env()
+    release = "mux"
+    try:
+        p = run_helm(helm, "install", release, str(CHART), "-n", ns, "--dry-run=server", env=env)
+        assert "Warning" not in p.stderr, p.stderr
+        p = run_helm(helm, "install", release, str(CHART), "-n", ns, "--wait", "--timeout", "120s", env=env)
+        assert "Warning" not in p.stderr, p.stderr
+        for crd in ("finetunetasks", "basemodels", "backbonegroups"):
+            k("get", "crd", f"{crd}.muxtune.io")
+        # the ReplicaSet's pod was admitted under the restricted profile
+        pods = json.loads(k("get", "pods", "-n", ns, "-l", "app.kubernetes.io/instance=mux", "-o", "json").stdout)["items"]
+        assert len(pods) == 1, pods
+        sa = f"system:serviceaccount:{ns}:mux-muxtune"
+
+        def can(verb: str, resource: str, *extra: str) -> bool:
+            resource, _, sub = resource.partition("/")
+            if sub:
+                extra = (*extra, f"--subresource={sub}")
+            r = k("auth", "can-i", verb, resource, "--as", sa, *extra, check=False)
+            return r.stdout.strip() == "yes"
+
+        for verb, res in [("patch", "finetunetasks.muxtune.io"), ("watch", "finetunetasks.muxtune.io"),
+                          ("update", "finetunetasks.muxtune.io/status"), ("create", "backbonegroups.muxtune.io"),
+                          ("delete", "pods"), ("create", "configmaps"), ("create", "services"), ("list", "nodes"),
+                          ("create", "events"), ("patch", "basemodels.muxtune.io/status")]:
+            assert can(verb, res, "-A"), f"operator cannot {verb} {res}"
+        for verb, res in [("delete", "finetunetasks.muxtune.io"), ("create", "finetunetasks.muxtune.io"),
+                          ("get", "secrets"), ("list", "secrets"), ("delete", "basemodels.muxtune.io"),
+                          ("create", "deployments.apps"), ("delete", "nodes"), ("create", "clusterroles.rbac.authorization.k8s.io"),
+                          ("create", "pods/exec")]:
+            assert not can(verb, res, "-A"), f"operator can {verb} {res}"
+    finally:
+        run_helm(helm, "uninstall", release, "-n", ns, "--wait", env=env, check=False)
+        k("delete", "namespace", ns, "--wait=false", check=False)

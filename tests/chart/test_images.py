@@ -1,0 +1,55 @@
+"""The Dockerfiles (no Docker engine here to build them): base image, extras, non-root user,
+entrypoint, and that they copy every folder pyproject.toml maps into the muxtune package."""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+IMAGES = {"operator": "operator", "engine": "engine"}  # image -> pyproject extra
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_dockerfile(image):
+    ins = instructions(REPO / "images" / f"{image}.Dockerfile")
+    args = {rest.split("=", 1)[0]: rest.split("=", 1)[1] for op, rest in ins if op == "ARG" and "=" in rest}
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim"
+    assert all(rest.split()[0] == "${PYTHON_IMAGE}" for op, rest in ins if op == "FROM")
+    runs = " ".join(rest for op, rest in ins if op == "RUN")
+    assert f'".[{IMAGES[image]}]"' in runs and "-c constraints.txt" in runs
+    users = [rest for op, rest in ins if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert users[-1] == "65532:65532"  # the chart's runAsUser/runAsGroup
+    (entry,) = [rest for op, rest in ins if op == "ENTRYPOINT"]
+    assert json.loads(entry) == ["muxtune"]
+    # every source folder the package maps must be in the build context
+    copied = {rest.split()[0].rstrip("/") for op, rest in ins if op == "COPY" and not rest.startswith("--from")}
+    dirs = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert dirs <= copied, f"{image}.Dockerfile does not copy {sorted(dirs - copied)}"
+    ignore = (REPO / "images" / f"{image}.Dockerfile.dockerignore").read_text().split()
+    assert all(f"!{d}/" in ignore for d in dirs)
+
+
+def test_chart_defaults_name_these_images():
+    values = yaml.safe_load((REPO / "charts" / "muxtune" / "values.yaml").read_text())
+    assert values["image"]["repository"] == "ghcr.io/muxtune/operator"
+    assert values["engine"]["image"]["repository"] == "ghcr.io/muxtune/engine"
+    readme = (REPO / "images" / "README.md").read_text()
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert f"docker build -f images/operator.Dockerfile -t ghcr.io/muxtune/operator:{version} ." in readme

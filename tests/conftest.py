@@ -1,0 +1,95 @@
+"""Shared fixtures. Models are built and saved by the tests themselves (no hub exists here)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def muxtune_home(tmp_path_factory) -> Path:
+    """A private model cache per test session: the built-in model is generated, saved and
+    loaded back through from_pretrained, exactly as on a user's first run."""
+    home = Path(os.environ.get("MUXTUNE_TEST_HOME") or tmp_path_factory.mktemp("muxtune-home"))
+    os.environ["MUXTUNE_HOME"] = str(home)
+    return home
+
+
+def write_jsonl(path: Path, n: int, seed: int = 0, kind: str = "reverse") -> Path:
+    """Deterministic prompt/completion data with mixed lengths."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 14)))
+            completion = w[::-1] if kind == "reverse" else w.upper()
+            f.write(json.dumps({"prompt": f"{kind}: {w}\n", "completion": completion}) + "\n")
+    return path
+
+
+def task_doc(name: str, data: Path, *, method: str = "lora", r: int = 4, steps: int = 6, batch: int = 4,
+             lr: float = 5e-3, seed: int = 0, targets=("q_proj", "v_proj"), ff=(), base: str = "builtin:tiny-llama",
+             **training) -> dict:
+    peft = {"method": method, "targetModules": list(targets)}
+    if method == "lora":
+        peft.update(r=r, alpha=2 * r, dropout=0.0)
+    if ff:
+        peft["feedforwardModules"] = list(ff)
+    return {
+        "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": name},
+        "spec": {
+            "baseModel": base,
+            "dataset": {"path": str(data), "maxSeqLen": 48},
+            "peft": peft,
+            "training": {"maxSteps": steps, "batchSize": batch, "learningRate": lr, "seed": seed,
+                         "checkpointInterval": 0, **training},
+        },
+    }
+
+
+@pytest.fixture
+def make_task():
+    from muxtune.api.finetunetask import FineTuneTask
+
+    def make(*args, **kwargs) -> FineTuneTask:
+        return FineTuneTask.model_validate(task_doc(*args, **kwargs))
+
+    return make
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "reverse.jsonl", 64, seed=1, kind="reverse")
+    write_jsonl(d / "upper.jsonl", 64, seed=2, kind="upper")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(muxtune_home) -> Path:
+    from muxtune.engine.models import builtin_path
+
+    return builtin_path("tiny-llama")
+
+
+def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | None = None):
+    """A fresh backbone + trainer on CPU in fp32 (the precision transparency is stated in)."""
+    import torch
+
+    from muxtune.engine.backbone import MultiplexedBackbone
+    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.trainer import MuxTrainer
+
+    path = backbone_dir or builtin_path("tiny-llama")
+    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu"), torch.float32))
+    return MuxTrainer(backbone, output, token_budget=token_budget)
+
+
+@pytest.fixture
+def trainer_factory():
+    return new_trainer

@@ -156,6 +156,29 @@ def test_watch_namespaces_and_flags(helm):
     assert "--engine-image=ghcr.io/muxtune/engine:dev" in c["args"] and c["args"][-1] == "--dry-run"
 
 
+def test_operator_args_parse_as_the_operator_cli(helm):
+    """The rendered flags are the ones `muxtune operator` (muxtune.operator.cli.OperatorCommand) takes."""
+    from pydantic_settings import CliApp, CliSettingsSource
+
+    from muxtune.operator.cli import OperatorCommand
+
+    kinds = by_kind(render(helm, "--set", "operator.watchNamespaces={team-a,team-b}", "--set", "engine.data.pvc=train",
+                           "--set", "engine.output.hostPath=/srv/out"))
+    (c,) = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"]
+    assert c["command"][-1] == "operator"
+    source = CliSettingsSource(OperatorCommand, cli_kebab_case=True, cli_implicit_flags=True)
+    cmd = CliApp.run(OperatorCommand, cli_args=c["args"], cli_settings_source=source, cli_cmd_method_name="to_config")
+    cfg = cmd.to_config()
+    assert cfg.namespaces == ["team-a", "team-b"] and cfg.shared_namespace == "muxtune-system"
+    assert cfg.sharing_policy == "opt-in" and cfg.metrics_port == 8080 and cfg.engine_metrics_port == 9400
+    assert cfg.engine_image == f"ghcr.io/muxtune/engine:{app_version()}"
+    assert (cfg.engine_cpu_request, cfg.engine_memory_request) == ("2", "16Gi")
+    assert (cfg.data_pvc, cfg.output_host_path) == ("train", "/srv/out")
+    assert cmd.liveness_port == 8081
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
+
+
 # ------------------------------------------------------------------------------------ monitoring
 
 

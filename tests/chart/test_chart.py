@@ -179,6 +179,19 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     assert probe["path"] == "/healthz" and {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
 
 
+def test_values_schema_refuses_typos(helm):
+    p = run_helm(helm, "template", "mux", str(CHART), "--set", "operator.sharingPolicy=optin", check=False)
+    assert p.returncode != 0 and "sharingPolicy" in p.stderr
+    p = run_helm(helm, "template", "mux", str(CHART), "--set", "replicaCount=2", check=False)
+    assert p.returncode != 0 and "replicaCount" in p.stderr
+
+
+def test_liveness_probe_can_be_turned_off(helm):
+    (dep,) = by_kind(render(helm, "--set", "operator.livenessPort=null"))["Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert "livenessProbe" not in c and not any(a.startswith("--liveness-port") for a in c["args"])
+
+
 # ------------------------------------------------------------------------------------ monitoring
 
 

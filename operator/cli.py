@@ -188,7 +188,7 @@ class OperatorCommand(BaseModel):
         kopf.run(
             standalone=self.standalone,
             clusterwide=not namespaces,
-            namespaces=namespaces or None,
+            namespaces=namespaces,
             liveness_endpoint=f"http://0.0.0.0:{self.liveness_port}/healthz" if self.liveness_port else None,
         )
 

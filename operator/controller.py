@@ -96,6 +96,10 @@ class Controller:
     def attach(self, indices: Mapping[str, Any]) -> None:
         self.indices = indices
 
+    def forget(self, plural: str, namespace: str | None, name: str) -> None:
+        """The watch saw the object deleted: our remembered write of it is void."""
+        self._overlay.pop((plural, namespace or "", name), None)
+
     def kick(self) -> None:
         self._kick.set()
 
@@ -171,6 +175,9 @@ class Controller:
             cur = objs.get((ns, name))
             if now - t > OVERLAY_TTL:
                 del self._overlay[(pl, ns, name)]
+                continue
+            if cur is None and plural == "finetunetasks":
+                del self._overlay[(pl, ns, name)]  # we only patch tasks: gone from the index means deleted
                 continue
             if obj is None:  # our delete
                 if cur is None:
@@ -380,7 +387,12 @@ class Controller:
     async def _write_status(self, obj: dict, old: dict, new: dict) -> bool:
         m = obj["metadata"]
         patch = {"status": {**{k: None for k in old if k not in new}, **new}}
-        res = await self.client.patch(API, "finetunetasks", m["namespace"], m["name"], patch, subresource="status")
+        try:
+            res = await self.client.patch(API, "finetunetasks", m["namespace"], m["name"], patch, subresource="status")
+        except ApiError as e:
+            if e.status == 404:
+                return True  # deleted meanwhile; the next pass no longer sees it
+            raise
         self._note("finetunetasks", res)
         ev = status.transition_event(old, new)
         if ev:

@@ -85,6 +85,9 @@ async def cleanup(**_) -> None:
 
 def _wake(**kwargs) -> None:
     if CONTROLLER is not None:
+        ev = kwargs.get("event") or {}
+        if ev.get("type") == "DELETED" and kwargs.get("resource") is not None:
+            CONTROLLER.forget(kwargs["resource"].plural, kwargs.get("namespace"), kwargs.get("name") or "")
         CONTROLLER.attach({k: v for k, v in kwargs.items() if k.startswith("muxtune_")})
         CONTROLLER.mark_ready()
 
@@ -174,11 +177,11 @@ def _changed(kind: str, namespace, name, compact: dict | None) -> bool:
 def on_node_event(body, name, type, **kwargs):
     c = None if type == "DELETED" else compact_node(body)
     if _changed("node", None, name, c) or (CONTROLLER is not None and not CONTROLLER.ready):
-        _wake(**kwargs)
+        _wake(name=name, **kwargs)
 
 
 @kopf.on.event("v1", "pods", when=_relevant_pod)
 def on_pod_event(body, namespace, name, type, **kwargs):
     c = None if type == "DELETED" else {k: v for k, v in compact_pod(body).items() if k != "metadata"}
     if _changed("pod", namespace, name, c) or (CONTROLLER is not None and not CONTROLLER.ready):
-        _wake(**kwargs)
+        _wake(namespace=namespace, name=name, **kwargs)

@@ -1,0 +1,190 @@
+"""End to end: FineTuneTasks applied with kubectl, packed by the operator (chart RBAC) into a group pod
+the real scheduler binds to a kwok GPU node; the real engine runs that pod's own command line on this
+host (its ConfigMap materialised in place of /etc/muxtune/tasks, a temp dir in place of /output), the
+operator polls it through the muxtune.io/engine-endpoint annotation, and status flows back until
+tasks are Succeeded with their adapters written."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest_plugins = ["muxtune.devcluster.fixture"]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+TASKS_DIR = "/etc/muxtune/tasks"
+OUTPUT = "/output"
+
+
+def write_data(path: Path, n: int, seed: int) -> str:
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 10)))
+            f.write(json.dumps({"prompt": f"reverse: {w}\n", "completion": w[::-1]}) + "\n")
+    return str(path)
+
+
+class ConfigMapMirror:
+    """Does what the kubelet does for a ConfigMap volume: keeps tasks.yaml equal to the ConfigMap
+    (with /output mapped to a host directory), replacing the file atomically on change."""
+
+    def __init__(self, info, namespace: str, name: str, tasks_dir: Path, output: Path):
+        self.info, self.ns, self.name, self.dir, self.output = info, namespace, name, tasks_dir, output
+        self.stop = threading.Event()
+        self.updates = 0
+        self.sync()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def sync(self) -> None:
+        p = self.info.kubectl("get", "configmap", self.name, "-n", self.ns, "-o", "json", check=False)
+        if p.returncode != 0:
+            return
+        text = json.loads(p.stdout)["data"]["tasks.yaml"]
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        for d in docs:
+            d["spec"]["output"]["path"] = d["spec"]["output"]["path"].replace(OUTPUT, str(self.output), 1)
+        body = yaml.safe_dump_all(docs, sort_keys=True)
+        target = self.dir / "tasks.yaml"
+        if not target.exists() or target.read_text() != body:
+            tmp = self.dir / ".tasks.yaml.tmp"
+            tmp.write_text(body)
+            os.replace(tmp, target)
+            self.updates += 1
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.5):
+            self.sync()
+
+
+def test_engine_trains_a_group_pod_to_succeeded(operator_env, kh, tmp_path):
+    info, ns, op = operator_env["info"], operator_env["b"], operator_env["op"]
+    t_start = time.monotonic()
+    data = tmp_path / "data"
+    data.mkdir()
+    tasks = [
+        kh.task_manifest("e2e-rev", ns, data=write_data(data / "rev.jsonl", 48, 1), steps=4, batch=2, seq=48),
+        kh.task_manifest("e2e-rev2", ns, data=write_data(data / "rev2.jsonl", 48, 2), steps=5, batch=2, seq=48),
+        # a long task that is deleted mid-way: the engine drops it, its neighbours go on
+        kh.task_manifest("e2e-long", ns, data=write_data(data / "long.jsonl", 48, 3), steps=100000, batch=2, seq=48),
+    ]
+    kh.apply(info, *tasks)
+    names = [t["metadata"]["name"] for t in tasks]
+
+    def ftt(name):
+        return kh.kjson(info, "get", "finetunetask", name, "-n", ns)
+
+    def one_group():
+        gs = {(ftt(n).get("status") or {}).get("group") for n in names}
+        return gs.pop() if len(gs) == 1 and None not in gs else None
+
+    group = kh.wait_for(one_group, 60, what="all three tasks in one group")
+
+    def bound_pod():
+        pods = kh.kjson(info, "get", "pods", "-n", ns, "-l", f"muxtune.io/group={group}")["items"]
+        return pods[0] if pods and pods[0]["spec"].get("nodeName") else None
+
+    pod = kh.wait_for(bound_pod, 60, what="group pod bound by the scheduler")
+    assert pod["spec"]["nodeName"] in info.gpu_nodes
+    pod_uid = pod["metadata"]["uid"]
+    container = pod["spec"]["containers"][0]
+    argv = list(container.get("command") or []) + list(container.get("args") or [])
+    assert argv[:2] == ["muxtune", "run"]
+
+    # materialise the ConfigMap volume and map the pod's paths onto this host
+    tasks_dir, out_dir = tmp_path / "tasks", tmp_path / "output"
+    tasks_dir.mkdir()
+    out_dir.mkdir()
+    mirror = ConfigMapMirror(info, ns, f"{group}-tasks", tasks_dir, out_dir)
+    port = kh.free_port()
+    host_argv = [sys.executable, "-m", "muxtune.cli"]
+    it = iter(argv[1:])
+    for a in it:
+        if a.startswith(TASKS_DIR):
+            host_argv.append(str(tasks_dir) + a[len(TASKS_DIR):])
+        elif a == "--output":
+            assert next(it) == OUTPUT
+            host_argv += ["--output", str(out_dir)]
+        elif a == "--metrics-port":
+            next(it)
+            host_argv += ["--metrics-port", str(port)]
+        else:
+            host_argv.append(a)
+    host_argv += ["--metrics-host", "127.0.0.1", "--device", "cpu"]
+    engine_log = open(tmp_path / "engine.log", "w")
+    engine = subprocess.Popen(host_argv, stdout=engine_log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        # the engine is reached through the pod annotation (kwok pod IPs are fake)
+        info.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", ns,
+                     f"muxtune.io/engine-endpoint=http://127.0.0.1:{port}", "--overwrite")
+
+        def running(name):
+            st = ftt(name).get("status") or {}
+            return st.get("phase") in ("Running", "Succeeded")
+
+        kh.wait_for(lambda: running("e2e-long"), 240, interval=1, what="e2e-long Running (engine polled)")
+        st = ftt("e2e-long")["status"]
+        assert st["group"] == group and {c["type"]: c for c in st["conditions"]}["Running"]["status"] == "True"
+
+        # hot remove with the real engine: delete the long task, the pod is not recreated
+        info.kubectl("delete", "ftt", "e2e-long", "-n", ns)
+
+        def finished():
+            phases = {n: (ftt(n).get("status") or {}).get("phase") for n in ("e2e-rev", "e2e-rev2")}
+            return phases if all(p in ("Succeeded", "Failed") for p in phases.values()) else None
+
+        phases = kh.wait_for(finished, 300, interval=1, what="e2e-rev and e2e-rev2 finished")
+        assert phases == {"e2e-rev": "Succeeded", "e2e-rev2": "Succeeded"}, (tmp_path / "engine.log").read_text()[-3000:]
+        for name, steps in (("e2e-rev", 4), ("e2e-rev2", 5)):
+            st = ftt(name)["status"]
+            assert st["step"] == steps and st["totalSteps"] == steps and st["progress"] == f"{steps}/{steps}"
+            assert st["loss"] is not None and st["loss"] > 0
+            assert st.get("completionTime") and st.get("startTime")
+            conds = {c["type"]: c for c in st["conditions"]}
+            assert conds["Complete"]["status"] == "True" and conds["Complete"]["reason"] == "Succeeded"
+            adapter = out_dir / ns / name
+            assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+        table = info.kubectl("get", "ftt", "-n", ns).stdout
+        print(table)
+        assert table.count("Succeeded") >= 2 and "4/4" in table and "5/5" in table
+
+        # the engine dropped the deleted task (it never finished) without a restart of the pod
+        assert not (out_dir / ns / "e2e-long" / "adapter_model.safetensors").exists()
+        assert mirror.updates >= 2
+        events = kh.kjson(info, "get", "events", "-n", ns, "--field-selector", "involvedObject.name=e2e-rev")["items"]
+        assert {"Placed", "Running", "Succeeded"} <= {e["reason"] for e in events}
+
+        # every member finished: the group is torn down and its GPU released
+        def torn_down():
+            gs = kh.kjson(info, "get", "backbonegroups", "-n", ns)["items"]
+            return not [g for g in gs if g["metadata"]["name"] == group]
+
+        kh.wait_for(torn_down, 60, what="group torn down")
+        kh.wait_for(lambda: not [p for p in kh.kjson(info, "get", "pods", "-n", ns, "-l", f"muxtune.io/group={group}")["items"]
+                                 if p["metadata"]["uid"] == pod_uid and not p["metadata"].get("deletionTimestamp")],
+                    60, what="pod deleted with the group")
+        m = op.metrics()
+        assert "muxtune_operator_time_to_running_seconds_count" in m
+        count = [ln for ln in m.splitlines() if ln.startswith("muxtune_operator_time_to_running_seconds_count")][0]
+        assert float(count.split()[-1]) >= 1
+        print(f"e2e wall time {time.monotonic() - t_start:.1f}s")
+    finally:
+        mirror.stop.set()
+        if engine.poll() is None:
+            engine.terminate()
+            try:
+                engine.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                engine.kill()
+        engine_log.close()
+        print("---- engine log (tail) ----\n" + "\n".join((tmp_path / "engine.log").read_text().splitlines()[-30:]))

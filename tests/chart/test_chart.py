@@ -211,7 +211,12 @@ def test_monitoring_objects(helm):
     (pm,) = kinds["PodMonitor"]
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert pm["spec"]["namespaceSelector"] == {"any": True}
-    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["port"] == "metrics"
+    # per-task series keep the task's namespace; the group comes from the engine pod's label
+    assert ep["honorLabels"] is True and sm["spec"]["endpoints"][0]["honorLabels"] is True
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_muxtune_io_group"], "targetLabel": "group"} in ep["relabelings"]
+    assert pm["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/name": "muxtune-engine"}}
 
 
 @pytest.fixture

@@ -338,6 +338,7 @@ class Controller:
         metrics.GPUS_REQUESTED.set(req)
         metrics.GPUS_ALLOCATED.set(alloc)
         metrics.GPUS_LOWER_BOUND.set(plan.lower_bound_gpus)
+        metrics.GPUS_LOWER_BOUND_TENANCY.set(plan.lower_bound_gpus_by_tenancy)
         metrics.PACKING.set(plan.packing_efficiency)
         if any(r is False for r in results):
             self._kick.set()  # something failed: try again after the debounce

@@ -7,6 +7,7 @@
 | muxtune_operator_gpus_requested | gauge | nvidia.com/gpu requested by the groups' pods (bound or not) |
 | muxtune_operator_gpus_allocated | gauge | nvidia.com/gpu of the groups' pods that a node has bound |
 | muxtune_operator_gpus_lower_bound | gauge | the planner's lower bound on GPUs for the placed tasks |
+| muxtune_operator_gpus_lower_bound_by_tenancy | gauge | the same with each (backbone, namespace or shared) class holding its own weights |
 | muxtune_operator_packing_efficiency_ratio | gauge | planned GPU memory in use / GPU memory allocated to groups (0-1) |
 | muxtune_operator_reconcile_duration_seconds | histogram | one reconcile pass (plan + apply + status) |
 | muxtune_operator_reconcile_errors_total | counter | reconcile passes or API writes that failed |
@@ -27,6 +28,9 @@ GROUPS = Gauge("muxtune_operator_groups", "BackboneGroups that exist.", registry
 GPUS_REQUESTED = Gauge("muxtune_operator_gpus_requested", "nvidia.com/gpu requested by BackboneGroup pods.", registry=REGISTRY)
 GPUS_ALLOCATED = Gauge("muxtune_operator_gpus_allocated", "nvidia.com/gpu of BackboneGroup pods bound to a node.", registry=REGISTRY)
 GPUS_LOWER_BOUND = Gauge("muxtune_operator_gpus_lower_bound", "Planner's lower bound on GPUs for the placed tasks.", registry=REGISTRY)
+GPUS_LOWER_BOUND_TENANCY = Gauge("muxtune_operator_gpus_lower_bound_by_tenancy",
+                                 "Lower bound on GPUs when each (backbone, tenancy) class holds its own weights.",
+                                 registry=REGISTRY)
 PACKING = Gauge("muxtune_operator_packing_efficiency_ratio", "Planned GPU memory in use / GPU memory allocated (0-1).", registry=REGISTRY)
 RECONCILE = Histogram(
     "muxtune_operator_reconcile_duration_seconds", "Duration of one reconcile pass.", registry=REGISTRY,

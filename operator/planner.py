@@ -12,9 +12,10 @@ Algorithm
    ``shareAcrossNamespaces`` under the operator's ``opt-in`` policy, or any task under ``always``). First fit over existing
    groups (by name; hot add), then over groups opened earlier in this plan.
 4. Otherwise open a group: for every GPU class (product, memory) enumerate parallelisms
-   (powers of two, tp x pp within one node, dp pods) by (GPUs, dp, pp) ascending and take the
-   first that fits the task and has free GPUs; across classes the fewest GPUs, then the
-   smaller GPU, then the product name win. Its GPUs are reserved on nodes best-fit.
+   (powers of two, tp x pp within one node; dp pods only when no dp = 1 layout fits) that fit
+   the task, and score each by GPUs per task after a look-ahead first-fit of the compatible
+   pending tasks that follow. Lowest score wins (alone, that is the smallest GPU count), then
+   fewer GPUs, the larger GPU, product name. Its GPUs are reserved on nodes best-fit.
 5. Tasks that fit no class even at the largest parallelism, or that wait for free GPUs, or whose
    backbone has no size figures, are returned as unplaceable with a reason.
 
@@ -176,6 +177,10 @@ class Plan:
     lower_bound_gpus: int
     memory_used_bytes: int
     memory_allocated_bytes: int
+    # the same bound with each (backbone, tenancy) class paying its own weights: what the sharing
+    # policy allows at best (exact under "never"/"always"; under "opt-in" a sharing task could
+    # also join its own namespace's groups, so there it is an estimate, not a bound)
+    lower_bound_gpus_by_tenancy: int = 0
 
     @property
     def new_groups(self) -> tuple[GroupPlan, ...]:
@@ -215,6 +220,7 @@ class Plan:
             "gpusAllocated": self.gpus_allocated,
             "gpusNew": self.gpus_new,
             "lowerBoundGpus": self.lower_bound_gpus,
+            "lowerBoundGpusByTenancy": self.lower_bound_gpus_by_tenancy,
             "packingEfficiency": round(self.packing_efficiency, 4),
         }
 
@@ -409,13 +415,19 @@ def plan(
     names_taken = {g.name for g in groups}
 
     # Order: priority, then FFD by memory, then creation, namespace, name.
-    def sort_key(t: TaskRequest):
+    mems: dict[str, TaskMemory] = {}
+    for t in pending:
         a = arch_of(t.base_model)
-        size = task_memory(t.shape, a, mcfg).total_bytes if a else 0
-        return (-t.priority, -size, t.created, t.namespace, t.name)
+        if a is not None and t.key not in mems:
+            mems[t.key] = task_memory(t.shape, a, mcfg)
 
+    def sort_key(t: TaskRequest):
+        m = mems.get(t.key)
+        return (-t.priority, -(m.total_bytes if m else 0), t.created, t.namespace, t.name)
+
+    ordered = sorted(pending, key=sort_key)
     seen: set[str] = set()
-    for t in sorted(pending, key=sort_key):
+    for i, t in enumerate(ordered):
         if t.key in seen:
             continue
         seen.add(t.key)
@@ -423,7 +435,7 @@ def plan(
         if arch is None:
             unplaceable.append(Unplaceable(t.key, "ModelUnknown", arch_errors[t.base_model]))
             continue
-        mem = task_memory(t.shape, arch, mcfg)
+        mem = mems[t.key]
 
         target = next((g for g in open_groups if not g.new and g.accepts(t, mem, config)), None)
         if target is None:
@@ -435,23 +447,49 @@ def plan(
             placements.append(Placement(t.key, target.name, target.new))
             continue
 
-        # Open a new group: smallest GPU count over every GPU class.
-        best = None  # (gpus, memory_mib, product, par, cls, nodes)
+        # Open a new group. Candidates: every GPU class x parallelism that fits the task (dp > 1 only
+        # when no dp = 1 layout fits). Look ahead: fill each candidate with the compatible pending
+        # tasks that follow (first fit, in order) and prefer the fewest GPUs per task it would hold;
+        # with nothing else pending that is simply the smallest GPU count. Ties: fewer GPUs, the
+        # larger GPU (more headroom for later hot adds), product name, layout order.
+        tenancy = tenancy_for(t, config)
+        ahead = []
+        for u in ordered[i + 1:]:
+            if len(ahead) >= 4 * config.max_tasks_per_group:
+                break
+            if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config):
+                ahead.append(mems[u.key])
+        w = weight_bytes(arch)
+        cands = []
         fits_somewhere = False
         for cls in cap.classes():
             product, mib = cls
-            per_node = cap.max_per_node(cls)
-            for par in candidate_parallelisms(arch, per_node, config.max_dp):
-                if group_memory_per_gpu(arch, [mem], par, mib * MiB, mcfg) > mib * MiB:
-                    continue
-                fits_somewhere = True
-                where = cap.find(cls, par.dp, par.gpus_per_pod)
-                if where is None:
-                    continue
-                cand = (par.gpus, mib, product, par, cls, where)
-                if best is None or cand[:3] < best[:3]:
-                    best = cand
-                break  # configs are ordered: the first that fits with capacity is this class's best
+            cap_bytes = mib * MiB
+            reserve = mcfg.reserve(cap_bytes)
+            layouts = candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
+            fitting = [par for par in layouts
+                       if math.ceil(w / (par.tp * par.pp)) + reserve + mem.per_gpu(par) <= cap_bytes]
+            if not fitting:
+                continue
+            fits_somewhere = True
+            single = [par for par in fitting if par.dp == 1] or fitting[:1]
+            for order, par in enumerate(single):
+                used = math.ceil(w / (par.tp * par.pp)) + reserve + mem.per_gpu(par)
+                k = 1
+                for m in ahead:
+                    if k >= config.max_tasks_per_group:
+                        break
+                    x = m.per_gpu(par)
+                    if used + x <= cap_bytes:
+                        used += x
+                        k += 1
+                cands.append((par.gpus / k, par.gpus, -mib, product, order, par, cls))
+        best = None  # (gpus, memory_mib, product, par, cls, nodes)
+        for score, gpus, negmib, product, order, par, cls in sorted(cands, key=lambda c: c[:5]):
+            where = cap.find(cls, par.dp, par.gpus_per_pod)
+            if where is not None:
+                best = (gpus, -negmib, product, par, cls, where)
+                break
         if best is None:
             if not cap.classes():
                 unplaceable.append(Unplaceable(t.key, "NoGpuNodes", "no node advertises nvidia.com/gpu with a gpu.memory label"))
@@ -472,7 +510,6 @@ def plan(
             continue
         _, mib, product, par, cls, where = best
         cap.reserve(where, par.gpus_per_pod)
-        tenancy = tenancy_for(t, config)
         name = group_name(t.base_model, tenancy, t.uid or t.key)
         n = 1
         while name in names_taken:  # a hash collision, or a stale group of the same task
@@ -500,10 +537,12 @@ def plan(
     out_groups: list[GroupPlan] = []
     used = alloc = gpus = gpus_new = 0
     by_model: dict[str, list[TaskMemory]] = {}
+    by_class: dict[tuple[str, str], list[TaskMemory]] = {}
     for g in open_groups:
         if g.base_model in archs:
             per_gpu = group_memory_per_gpu(g.arch, g.mems, g.par, g.memory_mib * MiB, mcfg)
             by_model.setdefault(g.base_model, []).extend(g.mems)
+            by_class.setdefault((g.base_model, g.tenancy or "*"), []).extend(g.mems)
         else:
             per_gpu = 0
         out_groups.append(
@@ -525,7 +564,9 @@ def plan(
         gpus_new += g.par.gpus if g.new else 0
         used += min(per_gpu, g.memory_mib * MiB) * g.par.gpus
         alloc += g.memory_mib * MiB * g.par.gpus
-    lb = lower_bound_gpus(by_model, archs, cap.classes() or [(g.product, g.memory_mib) for g in open_groups], mcfg)
+    classes = cap.classes() or [(g.product, g.memory_mib) for g in open_groups]
+    lb = lower_bound_gpus(by_model, archs, classes, mcfg)
+    lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg) for (m, _), mems_ in sorted(by_class.items()))
     return Plan(
         placements=tuple(placements),
         groups=tuple(out_groups),
@@ -535,4 +576,5 @@ def plan(
         lower_bound_gpus=lb,
         memory_used_bytes=used,
         memory_allocated_bytes=alloc,
+        lower_bound_gpus_by_tenancy=lb_t,
     )

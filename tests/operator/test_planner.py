@@ -248,9 +248,20 @@ def test_free_gpus_and_classes():
     ns = nodes(1, free=0) + nodes(1, mib=40960, product="NVIDIA-A100-40GB", prefix="a")
     p = P.plan([task("x", batch=1)], [], ns, MODELS)
     assert p.groups[0].gpu_product == "NVIDIA-A100-40GB" and p.groups[0].gpu_memory_mib == 40960
-    # equal GPU counts: the smaller GPU is preferred, leaving big GPUs for big jobs
+    # equal GPU counts: the larger GPU is preferred (headroom for later hot adds)
     ns = nodes(1) + nodes(1, mib=40960, product="NVIDIA-A100-40GB", prefix="a")
-    assert P.plan([task("x", batch=1)], [], ns, MODELS).groups[0].gpu_memory_mib == 40960
+    assert P.plan([task("x", batch=1)], [], ns, MODELS).groups[0].gpu_memory_mib == H100
+
+
+def test_look_ahead_picks_a_wider_layout_when_many_tasks_wait():
+    # One 70B task alone: the fewest GPUs that fit it. Eight of them: a wider tp amortises the
+    # weights over more tasks, so fewer GPUs in total than one minimal group per task.
+    (alone,) = P.plan([task("big0", model="model:llama70b", batch=1)], [], nodes(), MODELS).groups
+    many = P.plan([task(f"big{i}", model="model:llama70b", batch=1) for i in range(8)], [], nodes(), MODELS)
+    assert not many.unplaceable
+    assert many.gpus_allocated < 8 * alone.gpus
+    assert max(len(g.members) for g in many.groups) > 1
+    assert many.lower_bound_gpus <= many.gpus_allocated
 
 
 def test_data_parallel_when_one_node_is_not_enough():

@@ -1,0 +1,277 @@
+"""Operator scale benchmark: a few hundred kwok GPU nodes, about a thousand FineTuneTasks.
+
+Reports placement time (apply -> every task Placed or Pending with a reason), scheduling time (every
+group pod bound by kube-scheduler), GPUs used vs the planner's lower bound, packing efficiency,
+planner and reconcile durations, and API requests per task (the operator's own client, counted by
+verb and resource, and the API server's apiserver_request_total delta over the whole run).
+
+    python bench/operator_scale.py                      # private cluster, 300 nodes, 1000 tasks
+    python bench/operator_scale.py --nodes 40 --tasks 150 --json out.json
+    python bench/operator_scale.py --state-dir DIR      # reuse a running dev cluster
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASEMODELS = {
+    # name: (parameters, layers, hidden, heads)
+    "llama-7b": (6_738_000_000, 32, 4096, 32),
+    "llama-13b": (13_016_000_000, 40, 5120, 40),
+    "llama-70b": (68_977_000_000, 80, 8192, 64),
+}
+PRODUCTS = [("NVIDIA-H100-80GB-HBM3", 81920), ("NVIDIA-A100-SXM4-40GB", 40960)]
+
+
+def _load_helpers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("muxtune_operator_test_helpers", REPO / "tests" / "operator" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def make_nodes(n: int, gpus: int, prefix: str) -> list[dict]:
+    from muxtune.devcluster.cluster import node_manifest
+
+    out = []
+    for i in range(n):
+        product, mib = PRODUCTS[0] if i % 4 else PRODUCTS[1]  # 3/4 H100-80GB, 1/4 A100-40GB
+        out.append(node_manifest(f"{prefix}-{i:04d}", gpus=gpus, gpu_product=product, gpu_memory_mib=mib,
+                                 labels={"muxtune.io/bench": prefix}))
+    return out
+
+
+def make_tasks(n: int, namespaces: list[str], seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        ns = namespaces[i % len(namespaces)]
+        roll = rng.random()
+        if roll < 0.45:
+            base, batch, seq = "model:bench-llama-7b", rng.choice([1, 2, 4, 8]), rng.choice([512, 1024])
+        elif roll < 0.75:
+            base, batch, seq = "model:bench-llama-13b", rng.choice([1, 2, 4]), rng.choice([512, 1024])
+        elif roll < 0.85:
+            base, batch, seq = "model:bench-llama-70b", rng.choice([1, 2]), 512
+        else:
+            base, batch, seq = "builtin:tiny-llama", rng.choice([2, 4, 8]), 256
+        docs.append({
+            "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask",
+            "metadata": {"name": f"task-{i:05d}", "namespace": ns},
+            "spec": {
+                "baseModel": base,
+                "dataset": {"path": f"sets/{i}.jsonl", "maxSeqLen": seq},
+                "peft": {"method": "lora", "r": rng.choice([8, 16, 64]), "targetModules": ["q_proj", "v_proj"]},
+                "training": {"maxSteps": 1000, "batchSize": batch, "learningRate": 1e-4},
+                "priority": rng.choice([0, 0, 0, 10]),
+                "shareAcrossNamespaces": rng.random() < 0.3,
+            },
+        })
+    return docs
+
+
+def apiserver_requests(info) -> dict[str, float]:
+    """apiserver_request_total summed by resource (and 'ALL')."""
+    text = info.kubectl("get", "--raw", "/metrics").stdout
+    out: dict[str, float] = {"ALL": 0.0}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        m = re.search(r'resource="([^"]*)"', line)
+        v = float(line.rsplit(" ", 1)[1])
+        out["ALL"] += v
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + v
+    return out
+
+
+def prom_values(text: str, name: str) -> dict[str, float]:
+    vals = {}
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key, v = line.rsplit(" ", 1)
+            vals[key] = float(v)
+    return vals
+
+
+def create_many(info, docs: list[dict], chunk: int = 250) -> None:
+    for i in range(0, len(docs), chunk):
+        body = {"apiVersion": "v1", "kind": "List", "items": docs[i:i + chunk]}
+        p = info.kubectl("create", "-f", "-", input=json.dumps(body), check=False, timeout=600)
+        if p.returncode != 0 and "AlreadyExists" not in p.stderr:
+            raise RuntimeError(p.stderr[-2000:])
+
+
+def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, timeout: float = 900,
+        cleanup: bool = True, log=print) -> dict:
+    kh = _load_helpers()
+    tag = uuid.uuid4().hex[:5]
+    prefix = f"scale-{tag}"
+    system = f"mtscale-{tag}"
+    tenant_ns = [f"scale-{tag}-{i}" for i in range(namespaces)]
+    for ns in [system, *tenant_ns]:
+        info.kubectl("create", "namespace", ns)
+    from muxtune.devcluster import cluster
+
+    for ns in [system, *tenant_ns]:
+        cluster.wait_for_default_service_account(info, ns)
+    kh.ensure_crds(info)
+    bms = [{"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"bench-{name}"},
+            "spec": {"source": {"hostPath": {"path": f"/models/{name}"}},
+                     "architecture": {"parameters": p, "layers": L, "hiddenSize": h, "numAttentionHeads": a,
+                                      "vocabSize": 32000, "dtype": "bfloat16"}}}
+           for name, (p, L, h, a) in BASEMODELS.items()]
+    info.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(bms))
+
+    t = time.monotonic()
+    node_docs = make_nodes(nodes, gpus_per_node, prefix)
+    create_many(info, node_docs, chunk=100)
+    info.kubectl("wait", "--for=condition=Ready", "--timeout=300s", "node", "-l", f"muxtune.io/bench={prefix}", timeout=320)
+    log(f"{nodes} kwok GPU nodes ready in {time.monotonic() - t:.1f}s")
+
+    sa_kubeconfig = kh.install_rbac(info, system)
+    logdir = Path(tempfile.mkdtemp(prefix="muxtune-scale-"))
+    op = kh.OperatorProcess(sa_kubeconfig, tenant_ns, system, logdir / "operator.log",
+                            extra=["--sharing-policy", "opt-in", "--poll-interval", "30"])
+    op.start()
+    kh.wait_for(lambda: "indices populated" in op.log_text(), 60, what="operator ready")
+    time.sleep(1)
+    before_api = apiserver_requests(info)
+    before_op = sum(prom_values(op.metrics(), "muxtune_operator_api_requests_total").values())
+
+    docs = make_tasks(tasks, tenant_ns)
+    t0 = time.monotonic()
+    create_many(info, docs)
+    t_created = time.monotonic() - t0
+    log(f"{tasks} FineTuneTasks created in {t_created:.1f}s")
+
+    def all_decided():
+        items = kh.kjson(info, "get", "finetunetasks", "-A")["items"]
+        mine = [x for x in items if x["metadata"]["namespace"] in tenant_ns]
+        decided = [x for x in mine if (x.get("status") or {}).get("phase") in ("Placed", "Running")
+                   or ((x.get("status") or {}).get("phase") == "Pending"
+                       and any(c.get("reason") not in (None, "Queued") for c in (x["status"].get("conditions") or [])
+                               if c.get("type") == "Placed"))]
+        return mine if len(mine) == tasks and len(decided) == tasks else None
+
+    items = kh.wait_for(all_decided, timeout, interval=1.0, what="every task placed or pending with a reason")
+    t_placed = time.monotonic() - t0
+    log(f"all tasks decided after {t_placed:.1f}s")
+
+    def all_bound():
+        pods = [p for ns in {system, *tenant_ns}
+                for p in kh.kjson(info, "get", "pods", "-n", ns, "-l", "app.kubernetes.io/managed-by=muxtune-operator")["items"]]
+        return pods if pods and all(p["spec"].get("nodeName") for p in pods) else None
+
+    pods = kh.wait_for(all_bound, timeout, interval=1.0, what="every group pod bound")
+    t_bound = time.monotonic() - t0
+    # let the status passes that follow pods becoming Running finish
+    def settled():
+        items = [x for x in kh.kjson(info, "get", "finetunetasks", "-A")["items"] if x["metadata"]["namespace"] in tenant_ns]
+        return all(any(c.get("reason") in ("EngineStarting", "TooLarge", "WaitingForGpus", "ModelUnknown", "NoGpuNodes")
+                       for c in (x.get("status") or {}).get("conditions") or []) for x in items)
+    kh.wait_for(settled, timeout, interval=1.0, what="statuses settled")
+    t_settled = time.monotonic() - t0
+    time.sleep(2)
+
+    after_api = apiserver_requests(info)
+    m = op.metrics()
+    after_op = sum(prom_values(m, "muxtune_operator_api_requests_total").values())
+    op_by = {k.split("{", 1)[1].rstrip("}"): v for k, v in prom_values(m, "muxtune_operator_api_requests_total").items()}
+    groups = [g for ns in {system, *tenant_ns} for g in kh.kjson(info, "get", "backbonegroups", "-n", ns)["items"]]
+    gpus_used = sum(g["spec"]["gpusPerPod"] * g["spec"]["parallelism"]["dp"] for g in groups)
+    lower = prom_values(m, "muxtune_operator_gpus_lower_bound ")
+    eff = prom_values(m, "muxtune_operator_packing_efficiency_ratio")
+    pl = prom_values(m, "muxtune_operator_planner_duration_seconds")
+    rc = prom_values(m, "muxtune_operator_reconcile_duration_seconds")
+    phases: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for x in items:
+        st = x.get("status") or {}
+        phases[st.get("phase", "?")] = phases.get(st.get("phase", "?"), 0) + 1
+        if st.get("phase") == "Pending":
+            r = next((c["reason"] for c in st.get("conditions") or [] if c["type"] == "Placed"), "?")
+            reasons[r] = reasons.get(r, 0) + 1
+    placed = sum(len(g["spec"]["tasks"]) for g in groups)
+    api_delta = {k: after_api.get(k, 0) - before_api.get(k, 0) for k in after_api}
+    result = {
+        "nodes": nodes, "gpusPerNode": gpus_per_node, "tasks": tasks, "namespaces": namespaces,
+        "createSeconds": round(t_created, 2),
+        "placementSeconds": round(t_placed, 2),
+        "podsBoundSeconds": round(t_bound, 2),
+        "statusSettledSeconds": round(t_settled, 2),
+        "tasksPlaced": placed, "phases": phases, "pendingReasons": reasons,
+        "groups": len(groups), "pods": len(pods),
+        "gpusUsed": gpus_used,
+        "gpusLowerBound": next(iter(lower.values()), None),
+        "gpusLowerBoundByTenancy": next(iter(prom_values(m, "muxtune_operator_gpus_lower_bound_by_tenancy").values()), None),
+        "packingEfficiency": round(next(iter(eff.values()), 0.0), 3),
+        "plannerRuns": pl.get("muxtune_operator_planner_duration_seconds_count"),
+        "plannerMeanSeconds": round(pl.get("muxtune_operator_planner_duration_seconds_sum", 0)
+                                    / max(1, pl.get("muxtune_operator_planner_duration_seconds_count", 1)), 4),
+        "reconcilePasses": rc.get("muxtune_operator_reconcile_duration_seconds_count"),
+        "reconcileMeanSeconds": round(rc.get("muxtune_operator_reconcile_duration_seconds_sum", 0)
+                                      / max(1, rc.get("muxtune_operator_reconcile_duration_seconds_count", 1)), 3),
+        "operatorRequests": after_op - before_op,
+        "operatorRequestsPerTask": round((after_op - before_op) / tasks, 2),
+        "operatorRequestsByKind": op_by,
+        "apiserverRequests": api_delta.get("ALL"),
+        "apiserverRequestsPerTask": round(api_delta.get("ALL", 0) / tasks, 2),
+        "apiserverRequestsByResource": {k: v for k, v in sorted(api_delta.items()) if v and k != "ALL"},
+        "reconcileErrors": prom_values(m, "muxtune_operator_reconcile_errors_total"),
+    }
+    op.stop()
+    if cleanup:
+        for ns in [*tenant_ns, system]:
+            info.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        info.kubectl("delete", "node", "-l", f"muxtune.io/bench={prefix}", "--wait=false", check=False, timeout=300)
+        info.kubectl("delete", "basemodel", *[b["metadata"]["name"] for b in bms], check=False)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=300)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--namespaces", type=int, default=10)
+    ap.add_argument("--state-dir", default=None, help="reuse (or start and keep) the dev cluster in this dir")
+    ap.add_argument("--json", default=None, help="write the result here")
+    ap.add_argument("--timeout", type=float, default=900)
+    a = ap.parse_args(argv)
+    from muxtune.devcluster import cluster
+
+    private = a.state_dir is None
+    state = Path(a.state_dir) if a.state_dir else Path(tempfile.mkdtemp(prefix="muxtune-scale-cluster-"))
+    if private:
+        cluster.spawn_reaper(state)
+    info = cluster.up(state, 0)
+    try:
+        res = run(info, nodes=a.nodes, gpus_per_node=a.gpus_per_node, tasks=a.tasks, namespaces=a.namespaces,
+                  timeout=a.timeout, cleanup=not private)
+    finally:
+        if private:
+            cluster.down(state)
+    print(json.dumps(res, indent=2))
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -166,16 +166,20 @@ def run_from_cli(cmd) -> int:
         server = EngineServer(cmd.metrics_host, cmd.metrics_port, metrics.status, metrics.render).start()
         print(f"serving /metrics and /v1/status on {cmd.metrics_host}:{server.port}", file=sys.stderr)
     t0 = time.perf_counter()
-    runtimes = []
+    runtimes, real, computed, rounds = [], 0, 0, 0
     try:
         for group in groups.values():
             if stop():
                 break
-            runtimes += run_group(group, cmd, stop, base_dir, metrics).tasks.values()
+            trainer = run_group(group, cmd, stop, base_dir, metrics)
+            runtimes += trainer.tasks.values()
+            real, computed, rounds = real + trainer.real_tokens, computed + trainer.computed_tokens, rounds + trainer.rounds
     finally:
         if server is not None:
             server.stop()
     print(summary_table(runtimes))
+    if computed:
+        print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
     print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     if stop.signum is not None:
         return 128 + stop.signum

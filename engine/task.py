@@ -52,6 +52,8 @@ class TaskRuntime:
     step_tokens: int = 0
     step_loss_sum: float = 0.0
     step_fused_with: set[str] = field(default_factory=set)
+    step_real: int = 0  # tokens of the forwards this step took part in: real ...
+    step_computed: int = 0  # ... and computed (padding included)
     last_step_time: float = field(default_factory=time.monotonic)
     last_loss: float | None = None
     tokens_per_second: float | None = None
@@ -96,6 +98,7 @@ class TaskRuntime:
         self.step_tokens = sum(len(ex.input_ids) for ex in batch)
         self.step_loss_sum = 0.0
         self.step_fused_with = set()
+        self.step_real = self.step_computed = 0
 
     def write_status(self) -> None:
         from muxtune.engine.checkpoint import spec_hash

@@ -17,6 +17,7 @@ class StepRecord:
     seconds: float  # wall time since the task's previous step
     tokens_per_second: float
     fused_with: list[str] = field(default_factory=list)  # other tasks sharing its forwards
+    effective_token_ratio: float = 1.0  # real / computed tokens of the forwards the step spanned
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}

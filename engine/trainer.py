@@ -54,6 +54,8 @@ class MuxTrainer:
         self.tasks: dict[str, TaskRuntime] = {}
         self._next_slot = 0
         self.rounds = 0
+        self.real_tokens = 0  # over the whole run, for the effective-token ratio
+        self.computed_tokens = 0
         self._solo_rounds = 0
         self.step_hooks: list = []  # callables(trainer, runtime) after each optimizer step
 
@@ -165,9 +167,13 @@ class MuxTrainer:
             rt.step_loss_sum += float(slot_loss[rt.slot])
             rt.served_tokens += sum(len(ex.input_ids) for ex in p.examples)
             rt.step_fused_with.update(k for k in keys if k != rt.key)
+            rt.step_real += batch.real_tokens
+            rt.step_computed += batch.computed_tokens
             if not rt.pending:
                 self._optimizer_step(rt)
         self.rounds += 1
+        self.real_tokens += batch.real_tokens
+        self.computed_tokens += batch.computed_tokens
         self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], batch.real_tokens, batch.computed_tokens, seconds))
         return True
 
@@ -197,6 +203,7 @@ class MuxTrainer:
             step=rt.step, loss=rt.last_loss, tokens=rt.step_tokens, label_tokens=rt.step_label_tokens,
             lr=lr, grad_norm=float(grad_norm), seconds=seconds, tokens_per_second=rt.tokens_per_second or 0.0,
             fused_with=sorted(rt.step_fused_with),
+            effective_token_ratio=rt.step_real / max(1, rt.step_computed),
         )
         rt.out_dir.mkdir(parents=True, exist_ok=True)
         with open(rt.out_dir / "metrics.jsonl", "a") as f:

@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
+from muxtune.api.crdgen import CrdsCommand
+from muxtune.operator.cli import OperatorCommand, PlanCommand
+
 
 class RunCommand(BaseModel):
     """Train FineTuneTasks together over one shared backbone (no cluster needed)."""
@@ -55,8 +58,11 @@ class Muxtune(BaseSettings):
         cli_prog_name="muxtune", cli_kebab_case=True, cli_implicit_flags=True, cli_parse_args=False
     )
 
-    run: CliSubCommand[RunCommand]
-    validate_: CliSubCommand[ValidateCommand] = Field(alias="validate")
+    run: CliSubCommand[RunCommand] = Field(description="train tasks together on one backbone, locally or in a pod")
+    validate_: CliSubCommand[ValidateCommand] = Field(alias="validate", description="check task files without training")
+    plan: CliSubCommand[PlanCommand] = Field(description="dry-run the operator's placement planner")
+    operator: CliSubCommand[OperatorCommand] = Field(description="run the Kubernetes operator")
+    crds: CliSubCommand[CrdsCommand] = Field(description="write the CRDs generated from the API models")
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

@@ -33,5 +33,12 @@ def test_operator_folder_never_shadows_stdlib():
 
 def test_cli_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "muxtune.cli", "--help"], capture_output=True, text=True).stdout
-    for cmd in ("run", "validate"):
+    for cmd in ("run", "validate", "plan", "operator", "crds"):
         assert cmd in out
+
+
+def test_cli_does_not_import_heavy_modules():
+    """`muxtune --help` and the operator path stay light: no torch, no kopf at import."""
+    code = "import sys, muxtune.cli; print(sorted(m for m in ('torch', 'kopf', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -143,6 +143,7 @@ class OperatorCommand(BaseModel):
     poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP (else only muxtune.io/engine-endpoint annotations)")
     max_tasks_per_group: int = Field(32, gt=0, description="Most tasks in one group")
     activation_factor: float = Field(17.0, gt=0, description="Activation bytes per token, layer and hidden unit, in dtype units")
+    api_concurrency: int = Field(16, gt=0, description="Kubernetes API writes in flight at once")
     standalone: bool = Field(True, description="kopf without peering (one replica)")
     kubeconfig: str | None = Field(None, description="Kubeconfig (default: $KUBECONFIG, then in-cluster)")
     liveness_port: int | None = Field(None, description="Serve kopf's /healthz on this port")
@@ -168,6 +169,7 @@ class OperatorCommand(BaseModel):
             poll_pod_ip=self.poll_pod_ip,
             max_tasks_per_group=self.max_tasks_per_group,
             activation_factor=self.activation_factor,
+            api_concurrency=self.api_concurrency,
             kubeconfig=self.kubeconfig,
             log_level=self.log_level,
         )

@@ -56,6 +56,7 @@ class OperatorConfig:
     # only a muxtune.io/engine-endpoint annotation is used there.
     poll_pod_ip: bool = True
     debounce: float = 0.3
+    api_concurrency: int = 16  # API writes in flight at once
     resync_interval: float = 30.0
     max_tasks_per_group: int = 32
     max_dp: int = 8

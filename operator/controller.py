@@ -89,7 +89,7 @@ class Controller:
         self.errors = 0
         self._tasks: list[asyncio.Task] = []
         self._instance = socket.gethostname()
-        self._sem = asyncio.Semaphore(8)
+        self._sem = asyncio.Semaphore(max(1, config.api_concurrency))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -33,7 +33,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -138,8 +137,28 @@ def kubectl(
     return p
 
 
+def helm(
+    *args: str,
+    kubeconfig: str | os.PathLike[str] | None = None,
+    check: bool = True,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess[str]:
+    """Run the helm (v3) built by :mod:`muxtune.devcluster.build`; same contract as :func:`kubectl`."""
+    exe = _build.bin_path("helm")
+    if not exe.exists():
+        _build.ensure_binaries(["helm"])
+    cmd = [str(exe)]
+    if kubeconfig is not None:
+        cmd.append(f"--kubeconfig={kubeconfig}")
+    cmd += list(args)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise KubectlError(p.returncode, cmd, p.stdout, p.stderr)
+    return p
+
+
 class KubectlError(subprocess.CalledProcessError):
-    """A failed kubectl call; ``str()`` includes kubectl's stderr."""
+    """A failed kubectl (or helm) call; ``str()`` includes the tool's stderr."""
 
     def __str__(self) -> str:
         return f"{super().__str__()}\n{(self.stderr or '').strip()}"
@@ -730,6 +749,7 @@ def spawn_reaper(state_dir: str | os.PathLike[str], watch_pid: int | None = None
     (default: this process) is gone, so a killed test run leaves no cluster behind.
     It exits by itself when the state dir disappears (a normal ``down``)."""
     state_dir = Path(state_dir).expanduser().resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)  # the watchdog exits when it disappears
     watch_pid = watch_pid or os.getpid()
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), f"--state-dir={state_dir}", "reap-when-dead", str(watch_pid)],

@@ -192,7 +192,8 @@ class Stack:
     tasks: list[dict]
     output: Path
     engine_labels: dict[str, str]
-    operator_reason: str | None  # None: the operator is scraped
+    operator_reason: str | None  # why the operator is not scraped (skip)
+    operator_error: str | None  # what broke while starting it (failure)
 
 
 class OperatorSide:
@@ -242,16 +243,22 @@ class OperatorSide:
             self.info.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-def start_operator(request, workdir: Path, tag: str) -> tuple[OperatorSide | None, str | None]:
+def start_operator(request, workdir: Path, tag: str) -> tuple[OperatorSide | None, str | None, str | None]:
+    """(operator, why it is not there (a skip), what broke (a failure of the operator test only))."""
     if os.environ.get("MUXTUNE_OBSERVABILITY_NO_OPERATOR") == "1":
-        return None, "MUXTUNE_OBSERVABILITY_NO_OPERATOR=1"
+        return None, "MUXTUNE_OBSERVABILITY_NO_OPERATOR=1", None
     try:
         info = request.getfixturevalue("kube_cluster")
     except pytest.FixtureLookupError:
-        return None, "the local cluster harness (muxtune.devcluster.fixture's kube_cluster) is not installed"
+        return None, "the local cluster harness (muxtune.devcluster.fixture's kube_cluster) is not installed", None
     except pytest.skip.Exception as exc:
-        return None, f"the local cluster harness skipped: {exc}"
-    return OperatorSide(info, tag, workdir), None
+        return None, f"the local cluster harness skipped: {exc}", None
+    except Exception as exc:  # noqa: BLE001 - the engine half of the proof does not depend on it
+        return None, None, f"the local cluster did not start: {exc}"
+    try:
+        return OperatorSide(info, tag, workdir), None, None
+    except Exception as exc:  # noqa: BLE001
+        return None, None, f"the operator did not start: {exc}"
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +266,7 @@ def stack(request, prometheus_bin, tmp_path_factory):
     work = tmp_path_factory.mktemp("observability")
     tag = uuid.uuid4().hex[:6]
     procs: list[subprocess.Popen] = []
-    operator, reason = start_operator(request, work, tag)
+    operator, reason, error = start_operator(request, work, tag)
     dcgm = DcgmStandIn()
     try:
         if operator is not None:
@@ -268,8 +275,13 @@ def stack(request, prometheus_bin, tmp_path_factory):
             ns_a, ns_b = f"obs-a-{tag}", f"obs-b-{tag}"
         docs = task_docs(ns_a, ns_b, work)
         if operator is not None:
-            pod_ns, pod, group = operator.apply(docs)
-        else:
+            try:
+                pod_ns, pod, group = operator.apply(docs)
+            except Exception as exc:  # noqa: BLE001 - fail the operator test, go on with the engine
+                error = f"the operator did not pack the tasks: {exc}"
+                operator.close()
+                operator = None
+        if operator is None:
             pod_ns, pod, group = "muxtune-system", "obs-group-0", "obs-group"
         engine_labels = {"namespace": pod_ns, "pod": pod, "group": group, "container": "engine"}
         dcgm.pod = {"namespace": pod_ns, "pod": pod}
@@ -339,9 +351,12 @@ def stack(request, prometheus_bin, tmp_path_factory):
                 return (prom.value('sum(muxtune_operator_tasks{phase="Succeeded"})') == 3
                         and prom.value('sum(muxtune_operator_tasks{phase="Failed"})') == 1)
 
-            wait_for(operator_caught_up, 120, "the operator to report the tasks' final phases", interval=1)
+            try:
+                wait_for(operator_caught_up, 120, "the operator to report the tasks' final phases", interval=1)
+            except (TimeoutError, AssertionError) as exc:
+                error = str(exc)
         time.sleep(3)  # a few more scrapes and rule evaluations after the end
-        yield Stack(prom, docs, output, engine_labels, reason)
+        yield Stack(prom, docs, output, engine_labels, reason, error)
     finally:
         for p in reversed(procs):
             stop_process(p)
@@ -454,6 +469,8 @@ def test_dashboard_queries_return_series(stack):
 
 
 def test_operator_dashboard_queries_return_series(stack):
+    if stack.operator_error:
+        pytest.fail(f"operator not scraped: {stack.operator_error}", pytrace=False)
     if stack.operator_reason:
         pytest.skip(f"operator not scraped: {stack.operator_reason}")
     failures = []

@@ -309,6 +309,19 @@ class Controller:
             for k in gp.members:
                 final_member[k] = gk
 
+        # BaseModel status: ready when the planner has size figures for it
+        bjobs = []
+        for bname, bm in sorted(bm_by_name.items()):
+            arch = basemodels.get(bname)
+            want = {"ready": arch is not None,
+                    "message": "architecture figures available to the planner" if arch is not None
+                    else "no architecture figures: set spec.architecture (parameters, layers, hiddenSize)"}
+            if arch is not None:
+                want["architecture"] = arch.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if not subset(want, bm.get("status") or {}):
+                bjobs.append(self.client.patch(API, "basemodels", None, bname, {"status": want}, subresource="status"))
+        await self._gather(bjobs)
+
         # 5. task statuses
         sjobs = []
         counts: dict[tuple[str, str], int] = {}

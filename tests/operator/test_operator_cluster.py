@@ -158,6 +158,9 @@ def test_unplaceable_task_is_pending_with_a_reason(operator_env, kh):
 
     kh.wait_for(lambda: reason("too-big") == ("Pending", "TooLarge"), 30, what="TooLarge")
     kh.wait_for(lambda: reason("no-model") == ("Pending", "ModelUnknown"), 30, what="ModelUnknown")
+    bm = kh.wait_for(lambda: (kh.kjson(info, "get", "basemodel", f"huge-{ns}").get("status") or {}).get("ready"), 30,
+                     what="BaseModel status ready")
+    assert bm is True
     events = kh.kjson(info, "get", "events", "-n", ns, "--field-selector", "involvedObject.name=too-big")["items"]
     assert any(e["type"] == "Warning" and e["reason"] == "TooLarge" for e in events)
     info.kubectl("delete", "ftt", "too-big", "no-model", "-n", ns)

@@ -14,6 +14,10 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_GROUP = "muxtune.io/group"
 ENGINE_APP = "muxtune-engine"  # the chart's PodMonitor selects app.kubernetes.io/name=muxtune-engine
+# On an engine pod: where the operator polls /v1/status instead of http://<podIP>:<port>. Needed
+# where pod IPs are not reachable (kwok's fake IPs; an operator run on a laptop):
+#   kubectl port-forward pod/<group>-0 9400:9400 &
+#   kubectl annotate pod <group>-0 muxtune.io/engine-endpoint=http://127.0.0.1:9400
 ANN_ENDPOINT = "muxtune.io/engine-endpoint"
 ANN_GPU_MEMORY = "muxtune.io/gpu-memory-mib"
 ANN_TENANCY = "muxtune.io/tenancy"

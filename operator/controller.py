@@ -228,6 +228,8 @@ class Controller:
         bms = self._index(IDX_MODELS)
 
         by_key = {f"{ns}/{name}": obj for (ns, name), obj in tasks.items()}
+        for k in [k for k in self.reports if k not in by_key]:
+            del self.reports[k]  # deleted tasks
         parsed = {k: self._parsed(o) for k, o in by_key.items()}
 
         def terminal(o: dict) -> bool:

@@ -171,6 +171,7 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
 
     items = kh.wait_for(all_decided, timeout, interval=1.0, what="every task placed or pending with a reason")
     t_placed = time.monotonic() - t0
+    t_after_create = t_placed - t_created
     log(f"all tasks decided after {t_placed:.1f}s")
 
     def all_bound():
@@ -213,6 +214,7 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
         "nodes": nodes, "gpusPerNode": gpus_per_node, "tasks": tasks, "namespaces": namespaces,
         "createSeconds": round(t_created, 2),
         "placementSeconds": round(t_placed, 2),
+        "placementAfterLastCreateSeconds": round(t_after_create, 2),
         "podsBoundSeconds": round(t_bound, 2),
         "statusSettledSeconds": round(t_settled, 2),
         "tasksPlaced": placed, "phases": phases, "pendingReasons": reasons,

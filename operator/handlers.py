@@ -154,6 +154,16 @@ def on_basemodel_event(**kwargs):
     _wake(**kwargs)
 
 
+@kopf.on.event("v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def on_configmap_event(**kwargs):
+    _wake(**kwargs)  # someone edited or deleted a group's ConfigMap: put it back
+
+
+@kopf.on.event("v1", "services", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def on_service_event(**kwargs):
+    _wake(**kwargs)
+
+
 def _gpu_node(body, **_) -> bool:
     alloc = (body.get("status") or {}).get("allocatable") or {}
     return GPU_RESOURCE in alloc

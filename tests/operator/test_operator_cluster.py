@@ -193,3 +193,19 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates(operator_env, kh):
     info.kubectl("delete", "ftt", *names, "-n", ns)
     kh.wait_for(lambda: not [g for g in groups(info, kh, ns) if any(t["name"].startswith("rs-") for t in g["spec"]["tasks"])],
                 30, what="rs- tasks out of every group")
+
+
+def test_children_are_restored_level_triggered(operator_env, kh):
+    """Deleting a group's pod, or editing its ConfigMap, is undone: the world converges back."""
+    info, ns = operator_env["info"], operator_env["b"]
+    kh.apply(info, kh.task_manifest("lv-0", ns), kh.task_manifest("lv-1", ns))
+    kh.wait_for(lambda: all(phase(info, kh, ns, n) == "Placed" for n in ("lv-0", "lv-1")), 60, what="placed")
+    group_name = ftt(info, kh, ns, "lv-0")["status"]["group"]
+    (pod,) = kh.wait_for(lambda: group_pods(info, kh, ns, group_name), 30, what="pod")
+    info.kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--wait=true", "--grace-period=0", "--force")
+    kh.wait_for(lambda: [p for p in group_pods(info, kh, ns, group_name) if p["metadata"]["uid"] != pod["metadata"]["uid"]],
+                60, what="pod recreated")
+    info.kubectl("patch", "configmap", f"{group_name}-tasks", "-n", ns, "--type=merge", "-p", '{"data":{"tasks.yaml":""}}')
+    kh.wait_for(lambda: cm_task_names(info, kh, ns, group_name) == ["lv-0", "lv-1"], 30, what="ConfigMap restored")
+    info.kubectl("delete", "ftt", "lv-0", "lv-1", "-n", ns)
+    kh.wait_for(lambda: not [g for g in groups(info, kh, ns) if g["metadata"]["name"] == group_name], 30, what="group gone")

@@ -291,7 +291,10 @@ class Controller:
             pending.append(task_request(parsed[k]))
         basemodels = {name if isinstance(name, str) else name[1]: basemodel_architecture(bm) for name, bm in bms.items()}
         t0 = time.perf_counter()
-        plan = run_planner(pending, states, inventory, basemodels, cfg.planner_config())
+        # names still in use by terminating groups (ours or as the watch last saw them)
+        reserved = {k[1] for k in self._index(IDX_GROUPS)} | {name for (pl, _, name) in self._overlay if pl == "backbonegroups"}
+        reserved |= {gk[1] for gk, g in group_objs.items() if deleting(g)}
+        plan = run_planner(pending, states, inventory, basemodels, cfg.planner_config(), reserved_names=reserved)
         metrics.PLANNER.observe(time.perf_counter() - t0)
         self.last_plan = plan
         unplaceable = {u.task: u for u in plan.unplaceable}
@@ -456,6 +459,8 @@ class Controller:
         desired = resources.group_manifest(gp, members, budget)
         if gobj is None:
             gobj, created = await self.client.create_or_adopt(API, "backbonegroups", ns, desired)
+            if not created and gobj["metadata"].get("deletionTimestamp"):
+                return False  # a terminating namesake: retry after it is gone (then the name is free)
             self._note("backbonegroups", gobj)
             if created:
                 log.info("group %s/%s created: %s", ns, name, ", ".join(gp.members))

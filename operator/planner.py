@@ -368,8 +368,12 @@ def plan(
     nodes: Sequence[NodeInfo],
     basemodels: Mapping[str, Architecture | None],
     config: PlannerConfig = PlannerConfig(),
+    reserved_names: Iterable[str] = (),
 ) -> Plan:
-    """Place pending tasks. Same inputs, same plan."""
+    """Place pending tasks. Same inputs, same plan.
+
+    ``reserved_names``: names a new group must not take (e.g. groups still terminating).
+    """
     mcfg = config.memory
     cap = _Capacity(sorted(nodes, key=lambda n: n.name))
     archs: dict[str, Architecture] = {}
@@ -412,7 +416,7 @@ def plan(
 
     placements: list[Placement] = []
     unplaceable: list[Unplaceable] = []
-    names_taken = {g.name for g in groups}
+    names_taken = {g.name for g in groups} | set(reserved_names)
 
     # Order: priority, then FFD by memory, then creation, namespace, name.
     mems: dict[str, TaskMemory] = {}

@@ -313,3 +313,9 @@ def test_planner_is_fast():
     dt = time.perf_counter() - t0
     assert not p.unplaceable
     assert dt < 5.0, dt
+
+
+def test_reserved_names_are_not_reused():
+    first = P.plan([task("a")], [], nodes(), MODELS).groups[0].name
+    again = P.plan([task("a")], [], nodes(), MODELS, reserved_names={first}).groups[0].name
+    assert again != first and again == P.plan([task("a")], [], nodes(), MODELS, reserved_names={first}).groups[0].name

@@ -62,6 +62,16 @@ class MultiplexedBackbone:
         self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m is not self.lm_head}
         self.wrapped: dict[str, MultiplexedLinear] = {}
         self.adapters: dict[int, TaskAdapter] = {}
+        self.attn_ratio = self._attention_to_linear_ratio()
+
+    def _attention_to_linear_ratio(self) -> float:
+        """Attention FLOPs per token per context position / linear FLOPs per token, for packing."""
+        cfg = self.model.config
+        linear = sum(m.weight.numel() for m in self.linears.values()) + self.lm_head.weight.numel()
+        layers = getattr(cfg, "num_hidden_layers", 1)
+        heads = getattr(cfg, "num_attention_heads", 1)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return (2 * layers * heads * head_dim) / max(1, linear)  # QK^T and PV, 2 MACs each vs 1 MAC per weight
 
     @property
     def device(self) -> torch.device:

@@ -6,6 +6,7 @@ padding left is only what does not fit at chunk ends.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -82,30 +83,54 @@ class PackedBatch:
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Bins of sequence indices; longest first into the fullest bin that still fits."""
+    """Bins of sequence indices; longest first into the fullest bin that still fits (O(n log n))."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    free: list[int] = []
+    free: list[tuple[int, int]] = []  # sorted (free space, bin index)
     for i in order:
         n = lengths[i]
         if n > capacity:
             raise ValueError(f"sequence of {n} tokens exceeds chunk size {capacity}")
-        best = -1
-        for b, f in enumerate(free):
-            if n <= f and (best < 0 or f < free[best]):
-                best = b
-        if best < 0:
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
             bins.append([i])
-            free.append(capacity - n)
+            bisect.insort(free, (capacity - n, len(bins) - 1))
         else:
-            bins[best].append(i)
-            free[best] -= n
+            space, b = free.pop(k)
+            bins[b].append(i)
+            bisect.insort(free, (space - n, b))
     return bins
 
 
-def pack(sequences: list[PackedSequence], chunk_size: int, device: torch.device, pad_id: int = 0) -> PackedBatch:
+def choose_chunk(lengths: list[int], attn_ratio: float, align: int = 8, max_chunk: int | None = None) -> tuple[int, list[list[int]]]:
+    """The chunk length with the least modelled cost, and its bins.
+
+    Longer chunks pack with less padding but every token attends over more positions:
+    cost = rows * C * (1 + attn_ratio * C), attn_ratio being attention FLOPs per token per
+    context position over linear FLOPs per token (see MultiplexedBackbone.attn_ratio).
+    """
+    longest = -(-max(lengths) // align) * align
+    top = max(longest, min(max_chunk or 4 * longest, 4 * longest))
+    candidates = sorted({longest, *range(longest, top + 1, max(align, (top - longest) // 12 // align * align or align))})
+    best = None
+    for c in candidates:
+        if best is not None and c * (1 + attn_ratio * c) * -(-sum(lengths) // c) >= best[0]:
+            continue  # even a perfect packing at this length costs more than the best so far
+        bins = best_fit_decreasing(lengths, c)
+        cost = len(bins) * c * (1 + attn_ratio * c)
+        if best is None or cost < best[0]:
+            best = (cost, c, bins)
+    return best[1], best[2]
+
+
+def pack(sequences: list[PackedSequence], chunk_size: int | None, device: torch.device, pad_id: int = 0,
+         attn_ratio: float = 0.0) -> PackedBatch:
+    """Pack into chunks of chunk_size, or of the cheapest length by choose_chunk when None."""
     lengths = [len(s.example.input_ids) for s in sequences]
-    bins = best_fit_decreasing(lengths, chunk_size)
+    if chunk_size is None:
+        chunk_size, bins = choose_chunk(lengths, attn_ratio)
+    else:
+        bins = best_fit_decreasing(lengths, chunk_size)
     # within a chunk, order by task so a task's tokens form long runs
     bins = [sorted(b, key=lambda i: (sequences[i].slot, i)) for b in bins]
     rows = len(bins)

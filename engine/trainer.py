@@ -145,9 +145,11 @@ class MuxTrainer:
             self._solo_rounds, budget = self._solo_rounds - 1, 1
         picks, waiting = scheduler.select(active, budget)
         seqs = [PackedSequence(p.task.slot, ex) for p in picks for ex in p.examples]
-        longest = max(len(s.example.input_ids) for s in seqs)
-        chunk = max(self.chunk_size or 0, _round_up(longest, 16))
-        batch = pack(seqs, chunk, self.backbone.device, self.backbone.tokenizer.pad_token_id or 0)
+        chunk = None
+        if self.chunk_size:  # a fixed length, grown when a sequence would not fit
+            chunk = max(self.chunk_size, _round_up(max(len(s.example.input_ids) for s in seqs), 8))
+        batch = pack(seqs, chunk, self.backbone.device, self.backbone.tokenizer.pad_token_id or 0,
+                     attn_ratio=self.backbone.attn_ratio)
         t0 = time.perf_counter()
         result = self.backbone.forward_loss(batch)
         slot_loss = result.task_loss_sum.detach().cpu()
@@ -223,8 +225,7 @@ class MuxTrainer:
         failed = False
         for p in picks:
             seqs = [PackedSequence(p.task.slot, ex) for ex in p.examples]
-            longest = max(len(s.example.input_ids) for s in seqs)
-            alone = pack(seqs, _round_up(longest, 16), self.backbone.device)
+            alone = pack(seqs, None, self.backbone.device, attn_ratio=self.backbone.attn_ratio)
             with torch.no_grad():
                 loss = float(self.backbone.forward_loss(alone).task_loss_sum[p.task.slot])
             if not math.isfinite(loss):

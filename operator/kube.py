@@ -33,6 +33,7 @@ class Credentials:
     cert_path: str | None = None
     key_path: str | None = None
     namespace: str | None = None
+    token_path: str | None = None  # re-read when it changes (projected ServiceAccount tokens rotate)
 
 
 def _materialise(data_b64: str, suffix: str) -> str:
@@ -56,6 +57,7 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
             ca_path=str(SA_DIR / "ca.crt"),
             token=(SA_DIR / "token").read_text().strip(),
             namespace=ns,
+            token_path=str(SA_DIR / "token"),
         )
     path = path or str(Path.home() / ".kube" / "config")
     cfg = yaml.safe_load(Path(path).read_text())
@@ -76,8 +78,10 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
         return None
 
     token = user.get("token")
+    token_path = None
     if not token and user.get("tokenFile"):
-        token = Path(user["tokenFile"]).read_text().strip()
+        token_path = user["tokenFile"]
+        token = Path(token_path).read_text().strip()
     return Credentials(
         server=cluster["server"].rstrip("/"),
         ca_path=file_or_data("certificate-authority", ".crt", cluster),
@@ -86,6 +90,7 @@ def load_credentials(kubeconfig: str | None = None) -> Credentials:
         cert_path=file_or_data("client-certificate", ".crt", user),
         key_path=file_or_data("client-key", ".key", user),
         namespace=ctx.get("namespace"),
+        token_path=token_path,
     )
 
 
@@ -143,8 +148,6 @@ class KubeClient:
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             headers = {"User-Agent": self._ua, "Accept": "application/json"}
-            if self.creds.token:
-                headers["Authorization"] = f"Bearer {self.creds.token}"
             self._session = aiohttp.ClientSession(
                 base_url=None,
                 headers=headers,
@@ -156,6 +159,18 @@ class KubeClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+    def _token(self) -> str | None:
+        c = self.creds
+        if c.token_path:
+            try:
+                mtime = os.stat(c.token_path).st_mtime
+                if mtime != getattr(self, "_token_mtime", None):
+                    c.token = Path(c.token_path).read_text().strip()
+                    self._token_mtime = mtime
+            except OSError:
+                pass
+        return c.token
 
     @property
     def total_calls(self) -> int:
@@ -170,6 +185,9 @@ class KubeClient:
             self.on_request(method, res)
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if body is not None else {}
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         async with s.request(method, self.creds.server + path, data=data, params=params, headers=headers) as r:
             text = await r.text()
             try:

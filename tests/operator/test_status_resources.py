@@ -107,3 +107,26 @@ def test_node_inventory_subtracts_bound_pods():
     assert cn["fake"] and cn["gpus"] == 8
     (inv,) = world.node_inventory([cn], [world.compact_pod(pod), world.compact_pod(done)])
     assert (inv.gpus_allocatable, inv.gpus_free, inv.gpu_memory_mib, inv.gpu_product) == (8, 5, 81920, "H100")
+
+
+def test_kubeconfig_credentials(tmp_path):
+    import base64
+
+    import yaml as _yaml
+
+    from muxtune.operator.kube import _resource_of, load_credentials
+
+    tok = tmp_path / "token"
+    tok.write_text("t0\n")
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
+           "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443/",
+                                                  "certificate-authority-data": base64.b64encode(b"CA").decode()}}],
+           "users": [{"name": "u", "user": {"tokenFile": str(tok)}}],
+           "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "ns"}}]}
+    path = tmp_path / "kubeconfig"
+    path.write_text(_yaml.safe_dump(cfg))
+    c = load_credentials(str(path))
+    assert (c.server, c.token, c.namespace, c.token_path) == ("https://127.0.0.1:6443", "t0", "ns", str(tok))
+    assert open(c.ca_path, "rb").read() == b"CA"
+    assert _resource_of("/apis/muxtune.io/v1alpha1/namespaces/a/finetunetasks/t/status") == "finetunetasks/status"
+    assert _resource_of("/api/v1/nodes") == "nodes" and _resource_of("/api/v1/namespaces/a/pods") == "pods"

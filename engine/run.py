@@ -14,7 +14,7 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, load_task_files
-from muxtune.engine import logs
+from muxtune import logs
 from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.models import load_backbone, resolve_base_model
 from muxtune.engine.progress import ProgressBar, summary_table

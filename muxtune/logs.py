@@ -1,4 +1,4 @@
-"""Structured (one JSON object per line) and quiet-by-default logging to stderr."""
+"""Structured (one JSON object per line) and quiet-by-default logging to stderr, for every muxtune process."""
 from __future__ import annotations
 
 import json

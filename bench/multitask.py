@@ -1,0 +1,404 @@
+"""N LoRA fine-tuning tasks three ways: separate processes, one after another, and muxtune.
+
+    python -m bench.multitask --quick               # ~1-2 minutes on a 2-core CPU, tiny model
+    python -m bench.multitask                       # full: small-llama on CPU, a ~1B model on GPU
+    python -m bench.multitask --quick --json out.json
+
+The workload: for each N in --n, tasks 0..N-1, each a LoRA on q_proj/v_proj with its own rank
+(cycling through --ranks, e.g. 4, 8, 16, 32), its own data (prompt/completion pairs whose lengths
+follow a lognormal with a long tail, capped at --max-seq-len), --batch-size sequences per step and
+--steps timed optimizer steps after --warmup-steps untimed ones. The data files are generated
+deterministically, so every system trains exactly the same sequences of every task (the table's
+real-token counts and first-step losses are the same across systems; a check fails loudly if not).
+
+The systems, each in its own fresh process(es), so peak memory is its own:
+  separate    N concurrent processes, each a plain Hugging Face + PEFT loop (get_peft_model, AdamW,
+              dynamic padding to the batch's longest sequence, labels -100, sdpa attention, same
+              dtype), the way tasks run today. On CPU each process gets max(1, cores // N) torch
+              threads, so the N processes share the cores without oversubscription. They start
+              their timed region together (a barrier after warm-up).
+  sequential  the same loop, the N jobs one after another in one process (all cores).
+  muxtune     the N tasks multiplexed in one engine (MuxTrainer over one shared frozen backbone:
+              packed chunks, per-task LoRA deltas, token-budget rounds), all cores.
+Setup (loading the model, tokenising, creating adapters and optimizers) and warm-up steps are
+outside the timed region in every system; saving each trained adapter is inside.
+
+How to read the table (one block per N):
+  tokens/s   aggregate real (non-padding) training tokens per second over all N tasks: total real
+             tokens / wall time from the common start until the last task finishes. Higher is better.
+  x sep      this row's tokens/s divided by separate's (same N); x seq likewise for sequential.
+             muxtune's x sep is the headline: how much faster the same jobs finish together.
+  peak mem   peak memory summed over the system's processes: peak RSS on CPU (each process's
+             getrusage maximum; note every process also carries the Python/torch runtime, the
+             'runtime' figure in the JSON), torch.cuda.max_memory_allocated on GPU. mem/sep is
+             its ratio to separate's: below 1 is saved memory.
+  eff.tok    effective-token ratio: real tokens / computed tokens. For the HF loop computed = batch
+             x padded length; for muxtune, packed chunk rows x chunk size. 1.0 means no padding work.
+  done (s)   per-task completion times from the common start: first-last task. Sequential finishes
+             tasks one by one; separate and muxtune finish them near the end.
+  MFU        (GPU only) useful model FLOPs per second / device peak (--peak-tflops, or a table of
+             H100/H200/A100 dense bf16 peaks): 4 x backbone parameters per real token (frozen:
+             forward + input gradients), 6 x adapter parameters, and causal attention within each
+             sequence; padding is not counted.
+Timings are medians over --repeats; the JSON (--json) has every repeat, per-task figures and the setup.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEMS = ("separate", "sequential", "muxtune")
+
+# Defaults per mode; any option given on the command line wins.
+PROFILES = {
+    "quick": dict(model="builtin:tiny-llama", steps=4, warmup_steps=1, batch_size=8, max_seq_len=256,
+                  median_len=64, sigma=0.9, repeats=1, token_budget=4096),
+    "full-cpu": dict(model="builtin:small-llama", steps=6, warmup_steps=1, batch_size=8, max_seq_len=512,
+                     median_len=96, sigma=0.9, repeats=2, token_budget=4096),
+    "full-cuda": dict(model="config:llama-1b", steps=20, warmup_steps=3, batch_size=8, max_seq_len=2048,
+                      median_len=256, sigma=1.0, repeats=3, token_budget=16384),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.multitask", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the short CPU mode: tiny model, few steps (about a minute or two)")
+    p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N", help="task counts (default 1 2 4 8)")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="which systems to run")
+    p.add_argument("--model", help="builtin:tiny-llama | builtin:small-llama | config:llama-1b | config:qwen2-0.5b | a model directory")
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="LoRA ranks, cycled over tasks")
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step per task")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per task")
+    p.add_argument("--warmup-steps", type=int, help="untimed steps first (per process, throwaway adapter)")
+    p.add_argument("--max-seq-len", type=int, help="cap on sequence length (tokens)")
+    p.add_argument("--median-len", type=float, help="median sequence length of the lognormal")
+    p.add_argument("--sigma", type=float, help="lognormal sigma (the tail's weight)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (all tasks)")
+    p.add_argument("--repeats", type=int, help="timed repeats per system (median reported)")
+    p.add_argument("--token-budget", type=int, help="muxtune: real tokens per fused round")
+    p.add_argument("--chunk-size", type=int, default=None, help="muxtune: packed chunk size (default: the engine's choice)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: by GPU name, dense bf16)")
+    p.add_argument("--json", type=Path, help="write the rows here (a JSON list, one row per system and N)")
+    p.add_argument("--workdir", type=Path, help="keep data, logs and adapters here (default: a temp dir, removed)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one system at one N")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for n in args.n:
+        if n < 1:
+            p.error("--n: task counts must be >= 1")
+    return args
+
+
+def resolve_setup(args) -> dict:
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    profile = PROFILES["quick" if args.quick else f"full-{device}"]
+    for key, value in profile.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    if args.max_seq_len < 8:
+        raise SystemExit("--max-seq-len must be at least 8")
+    cores = len(os.sched_getaffinity(0))
+    device_name, peak = "cpu", None
+    if device == "cuda":
+        from bench.workload import peak_tflops
+
+        device_name = torch.cuda.get_device_name(0)
+        peak = args.peak_tflops or peak_tflops(device_name)
+    return dict(device=device, dtype=dtype, cores=cores, device_name=device_name, peak_tflops=peak)
+
+
+# ----- running workers ---------------------------------------------------------------------------
+class WorkerError(RuntimeError):
+    pass
+
+
+def _busy_cpu_s() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def launch(specs: list[dict], run_dir: Path, repeats: int, synchronised: bool, timeout: float) -> tuple[list[dict], float]:
+    """Start one process per spec; release synchronised ones together for each repeat; collect results.
+    Also returns how many cores other processes kept busy meanwhile (machine-wide busy CPU time
+    minus this process's and its workers'), the sign of a shared machine whose timings mislead."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    busy0, own0, t0 = _busy_cpu_s(), _own_cpu_s(), time.monotonic()
+    procs, logs = [], []
+    for spec in specs:
+        path = run_dir / f"spec-{spec['worker']}.json"
+        path.write_text(json.dumps(spec, indent=1))
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+                   TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        log = open(run_dir / f"worker-{spec['worker']}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.multitask", "--worker", str(path)],
+                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    deadline = time.monotonic() + timeout
+    try:
+        def check() -> None:
+            for spec, proc in zip(specs, procs):
+                if proc.poll() not in (None, 0):
+                    raise WorkerError(_failure(spec, proc.returncode, run_dir))
+            if time.monotonic() > deadline:
+                raise WorkerError(f"timed out after {timeout:.0f}s (logs in {run_dir})")
+
+        if synchronised:
+            sync = Path(specs[0]["sync_dir"])
+            for rep in range(repeats):
+                while not all((sync / f"ready-{rep}-{s['worker']}").exists() for s in specs):
+                    check()
+                    time.sleep(0.005)
+                tmp = sync / f".go-{rep}"
+                tmp.write_text(repr(time.time()))
+                os.replace(tmp, sync / f"go-{rep}")
+        while any(p.poll() is None for p in procs):
+            check()
+            time.sleep(0.05)
+        check()
+    except BaseException:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
+    finally:
+        for log in logs:
+            log.close()
+    background = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / max(1e-9, time.monotonic() - t0)
+    return [json.loads(Path(s["result"]).read_text()) for s in specs], background
+
+
+def _failure(spec: dict, rc: int, run_dir: Path) -> str:
+    log = run_dir / f"worker-{spec['worker']}.log"
+    tail = log.read_text()[-3000:] if log.exists() else ""
+    return f"{spec['role']} worker {spec['worker']} exited with {rc}; log {log}:\n{tail}"
+
+
+# ----- one system at one N -------------------------------------------------------------------------
+def run_system(system: str, jobs, args, setup: dict, model_path: Path, work: Path) -> dict:
+    n = len(jobs)
+    run_dir = work / "runs" / f"{system}-n{n}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    common = dict(role=system, model=str(model_path), device=setup["device"], dtype=setup["dtype"],
+                  repeats=args.repeats, token_budget=args.token_budget, chunk_size=args.chunk_size)
+    if system == "separate":
+        threads = max(1, setup["cores"] // n) if setup["device"] == "cpu" else setup["cores"]
+        sync_dir = run_dir / "sync"
+        sync_dir.mkdir(parents=True)
+        specs = [dict(common, jobs=[j.to_dict()], worker=i, threads=threads, sync_dir=str(sync_dir),
+                      out_dir=str(run_dir / "out"), result=str(run_dir / f"result-{i}.json")) for i, j in enumerate(jobs)]
+    else:
+        threads = setup["cores"]
+        specs = [dict(common, jobs=[j.to_dict() for j in jobs], worker=0, threads=threads, sync_dir=None,
+                      out_dir=str(run_dir / "out"), result=str(run_dir / "result-0.json"))]
+    results, background = launch(specs, run_dir, args.repeats, system == "separate", args.timeout)
+    row = summarise(system, jobs, results, args, setup, threads)
+    row["background_cores"] = background
+    return row
+
+
+def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads: int) -> dict:
+    from bench.workload import train_flops
+
+    names = [j.name for j in jobs]
+    per_rep = []
+    for rep in range(args.repeats):
+        tasks = {}
+        for res in results:
+            tasks.update(res["reps"][rep]["tasks"])
+        if system == "separate":
+            go = min(res["reps"][rep]["go_time"] for res in results)
+            wall = max(res["reps"][rep]["end_time"] for res in results) - go
+        else:
+            wall = results[0]["reps"][rep]["wall_s"]
+        real = sum(tasks[n]["real_tokens"] for n in names)
+        if system == "muxtune":
+            computed = results[0]["reps"][rep]["computed_tokens"]
+            if results[0]["reps"][rep]["real_tokens"] != real:
+                raise WorkerError("muxtune: round and task token counts disagree")
+        else:
+            computed = sum(tasks[n]["computed_tokens"] for n in names)
+        cpu = sum(res["reps"][rep]["cpu_s"] for res in results)
+        per_rep.append(dict(wall=wall, real=real, computed=computed, tasks=tasks, cpu=cpu))
+    if len({r["real"] for r in per_rep}) != 1:
+        raise WorkerError(f"{system}: real tokens differ between repeats")
+    info, dims = {}, results[0]["dims"]
+    for res in results:
+        info.update(res["tasks"])
+    tps = [r["real"] / r["wall"] for r in per_rep]
+    mid = sorted(range(len(per_rep)), key=lambda i: tps[i])[len(per_rep) // 2]  # the median repeat
+    rep = per_rep[mid]
+    flops = sum(train_flops(info[n]["lengths"], dims, info[n]["trainable"]) for n in names)
+    cuda = setup["device"] == "cuda"
+    peak_mem = sum((r["cuda_peak_bytes"] if cuda else r["peak_rss_bytes"]) for r in results)
+    mfu = flops / rep["wall"] / (setup["peak_tflops"] * 1e12) if cuda and setup["peak_tflops"] else None
+    return {
+        "system": system, "n_tasks": len(jobs), "tokens_per_s": tps[mid],
+        "tokens_per_s_repeats": tps, "seconds": rep["wall"], "seconds_repeats": [r["wall"] for r in per_rep],
+        "real_tokens": rep["real"], "computed_tokens": rep["computed"],
+        "cpu_s": rep["cpu"], "tokens_per_cpu_s": rep["real"] / rep["cpu"] if rep["cpu"] > 0 else None,
+        "effective_token_ratio": rep["real"] / max(1, rep["computed"]),
+        "peak_memory_bytes": peak_mem,
+        "memory_kind": "cuda_max_memory_allocated" if cuda else "peak_rss",
+        "peak_rss_bytes": sum(r["peak_rss_bytes"] for r in results),
+        "runtime_rss_bytes": sum(r["runtime_rss_bytes"] for r in results),
+        "processes": len(results), "threads_per_process": threads,
+        "task_names": names, "task_ranks": [j.rank for j in jobs],
+        "task_real_tokens": [rep["tasks"][n]["real_tokens"] for n in names],
+        "task_completion_s": [statistics.median(r["tasks"][n]["completion_s"] for r in per_rep) for n in names],
+        "task_first_loss": [rep["tasks"][n]["first_loss"] for n in names],
+        "task_last_loss": [rep["tasks"][n]["last_loss"] for n in names],
+        "model_flops": flops, "model_tflops_per_s": flops / rep["wall"] / 1e12, "mfu": mfu,
+        "muxtune_rounds": results[0]["reps"][mid].get("rounds") if system == "muxtune" else None,
+        "device": setup["device"], "device_name": results[0]["device_name"], "model": args.model,
+        "dtype": setup["dtype"], "repeats": args.repeats,
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by = {(r["system"], r["n_tasks"]): r for r in rows}
+    for r in rows:
+        for ref in ("separate", "sequential"):
+            other = by.get((ref, r["n_tasks"]))
+            r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / other["tokens_per_s"] if other else None
+            r[f"memory_vs_{ref}"] = r["peak_memory_bytes"] / other["peak_memory_bytes"] if other else None
+
+
+def check_consistency(rows: list[dict]) -> list[str]:
+    """The same workload in every system: same real tokens per task, same first-step loss
+    (LoRA B starts at zero, so step 1 is the frozen model's loss on the same batch)."""
+    problems = []
+    for n in sorted({r["n_tasks"] for r in rows}):
+        group = [r for r in rows if r["n_tasks"] == n]
+        tokens = {r["system"]: r["task_real_tokens"] for r in group}
+        if len({tuple(v) for v in tokens.values()}) > 1:
+            problems.append(f"N={n}: real tokens per task differ between systems: {tokens}")
+        ref = group[0]
+        for r in group[1:]:
+            for a, b in zip(ref["task_first_loss"], r["task_first_loss"]):
+                if a is not None and b is not None and abs(a - b) > 2e-2 * max(1.0, abs(a)):
+                    problems.append(f"N={n}: first-step loss {r['system']} {b:.4f} != {ref['system']} {a:.4f}")
+                    break
+    return problems
+
+
+# ----- output ------------------------------------------------------------------------------------
+def _mib(b) -> str:
+    return f"{b / 2**20:,.0f} MiB" if b < 10 * 2**30 else f"{b / 2**30:,.1f} GiB"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def render(rows: list[dict], args, setup: dict) -> str:
+    cpu = setup["device"] == "cpu"
+    cores = f", {setup['cores']} cores" if cpu else ""
+    chunk = "" if args.chunk_size is None else f", chunk {args.chunk_size}"
+    head = (f"model {args.model}, {setup['dtype']}, {setup['device_name']}{cores}; per task: {args.steps} timed steps"
+            f" x batch {args.batch_size} (+{args.warmup_steps} warm-up), lengths lognormal(median {args.median_len:g},"
+            f" sigma {args.sigma:g}) <= {args.max_seq_len}, ranks {','.join(map(str, args.ranks))};"
+            f" muxtune token budget {args.token_budget}{chunk}; median of {args.repeats} repeat(s)")
+    lines = [head]
+    if cpu:
+        lines.append(f"separate: N processes x max(1, {setup['cores']} // N) torch threads; sequential, muxtune: one process x {setup['cores']} threads")
+    cols = f"{'N':>3}  {'system':<10} {'tokens/s':>10} {'x sep':>6} {'x seq':>6} {'peak mem':>11} {'mem/sep':>7} {'eff.tok':>7}  {'done (s) first-last':>20}"
+    if not cpu:
+        cols += f" {'MFU':>6}"
+    lines += ["", cols, "-" * len(cols)]
+    for n in sorted({r["n_tasks"] for r in rows}):
+        for system in SYSTEMS:
+            r = next((r for r in rows if r["n_tasks"] == n and r["system"] == system), None)
+            if r is None:
+                continue
+            done = r["task_completion_s"]
+            line = (f"{n:>3}  {system:<10} {r['tokens_per_s']:>10,.0f} {_x(r['speedup_vs_separate']):>6} {_x(r['speedup_vs_sequential']):>6}"
+                    f" {_mib(r['peak_memory_bytes']):>11} {_x(r['memory_vs_separate']):>7} {r['effective_token_ratio']:>7.3f}"
+                    f"  {f'{min(done):.2f}-{max(done):.2f}':>20}")
+            if not cpu:
+                mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+                line += f" {mfu:>6}"
+            lines.append(line)
+        lines.append("")
+    busy = max((r.get("background_cores") or 0.0) for r in rows) if rows else 0.0
+    if cpu and busy > 0.25:
+        lines.append(f"WARNING: other processes kept up to {busy:.1f} of {setup['cores']} cores busy during these runs: the"
+                     " timings are unreliable, and a busy machine favours 'separate' (N processes get N shares of the CPU).")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        from bench.workers import main as worker_main
+
+        worker_main(args.worker)
+        return 0
+    from bench.workload import make_jobs, resolve_model
+
+    setup = resolve_setup(args)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="muxtune-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    rows = []
+    try:
+        model_path = resolve_model(args.model)
+        for n in args.n:
+            jobs = make_jobs(work / "data" / f"n{n}", n, ranks=args.ranks, batch_size=args.batch_size, steps=args.steps,
+                             warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, median_len=args.median_len,
+                             sigma=args.sigma, lr=args.lr)
+            for system in args.systems:
+                print(f"[bench] N={n} {system} ...", file=sys.stderr, flush=True)
+                row = run_system(system, jobs, args, setup, model_path, work)
+                rows.append(row)
+                print(f"[bench] N={n} {system}: {row['tokens_per_s']:,.0f} tokens/s, peak {_mib(row['peak_memory_bytes'])}, "
+                      f"eff.tok {row['effective_token_ratio']:.3f}", file=sys.stderr, flush=True)
+    except WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    add_ratios(rows)
+    problems = check_consistency(rows)
+    print(render(rows, args, setup))
+    print(f"total wall time {time.monotonic() - t_start:.0f}s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    if problems:
+        print("error: the systems did not train the same workload:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -189,7 +189,8 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates(operator_env, kh):
         assert cm_task_names(info, kh, ns, g["metadata"]["name"]) == sorted(t["name"] for t in g["spec"]["tasks"])
     for n in names:
         assert ftt(info, kh, ns, n)["status"]["group"] in {g["metadata"]["name"] for g in gs}
-    assert "403" not in op.log_text() and "Forbidden" not in op.log_text()
+    log = op.log_text()
+    assert "Forbidden" not in log and " 403 " not in log and "status=403" not in log, "RBAC refused a request"
     info.kubectl("delete", "ftt", *names, "-n", ns)
     kh.wait_for(lambda: not [g for g in groups(info, kh, ns) if any(t["name"].startswith("rs-") for t in g["spec"]["tasks"])],
                 30, what="rs- tasks out of every group")

@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - triton ships with CUDA torch builds
     triton = None
     tl = None
 
-__all__ = ["KernelConfig", "fused_additive", "kernel_available", "interpreting"]
+__all__ = ["KernelConfig", "compile_check", "fused_additive", "install", "interpreting", "kernel_available"]
 
 
 @dataclass(frozen=True)
@@ -441,6 +441,7 @@ class _Launch:
     w_dtype: object
     precision: str
     emulate_bf16: bool
+    deterministic: bool  # no atomics: no split-K, one reduction chunk per segment
 
 
 def _block_r(cfg: KernelConfig, r_max: int) -> int:
@@ -453,7 +454,7 @@ def _shrink(launch: _Launch, src: torch.Tensor, perm: torch.Tensor, w_col: int, 
     cfg, plan, segs = launch.cfg, launch.plan, launch.segs
     total, k = src.shape
     r_blocks = launch.r_pad // launch.block_r
-    split = _split_k(cfg, plan.n_shrink * r_blocks, k, src.device)
+    split = 1 if launch.deterministic else _split_k(cfg, plan.n_shrink * r_blocks, k, src.device)
     h = (torch.zeros if split > 1 else torch.empty)(total, launch.r_pad, dtype=torch.float32, device=src.device)
     if plan.n_shrink:
         _shrink_kernel[(plan.n_shrink, r_blocks, split)](
@@ -583,7 +584,10 @@ def fused_additive(xf: torch.Tensor, layout: TokenLayout, work, out_features: in
         xf = xf.contiguous()
     deltas = [d for _, _, d in fused]
     segs = _seg_table(deltas, xf.shape[1], out_features, xf.device)
-    plan = _token_plan(bounds, total, xf.device, cfg.block_m, max(cfg.chunk_m, cfg.block_m))
+    # torch.use_deterministic_algorithms(True): no fp32 atomics (their order varies run to run)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    chunk = max(total, cfg.block_m) if deterministic else max(cfg.chunk_m, cfg.block_m)
+    plan = _token_plan(bounds, total, xf.device, cfg.block_m, chunk)
     block_r = _block_r(cfg, segs.r_max)
     io = _TL_DTYPES[xf.dtype]
     emulate = _INTERPRET and xf.dtype == torch.bfloat16  # see _as_operand
@@ -591,7 +595,7 @@ def fused_additive(xf: torch.Tensor, layout: TokenLayout, work, out_features: in
     precision = "tf32" if (xf.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32) else "ieee"
     r_pad = triton.cdiv(segs.r_max, block_r) * block_r
     launch = _Launch(plan, segs, cfg, block_r, r_pad, bool(layout.identity), io, dot, _TL_DTYPES[w_dtype],
-                     precision, emulate)
+                     precision, emulate, deterministic)
     perm = layout.perm
     if perm.device != xf.device:
         perm = perm.to(xf.device)
@@ -604,6 +608,18 @@ def fused_additive(xf: torch.Tensor, layout: TokenLayout, work, out_features: in
     if other:
         add = add + segmented_additive(xf, layout, other, out_features)
     return add
+
+
+def install(ctx, device: torch.device, config: KernelConfig | None = None) -> bool:
+    """Make `ctx` (a MuxContext) run additive deltas through fused_additive when the kernels can
+    run on `device`; MUXTUNE_LORA_KERNEL=0 keeps the reference loop. Returns whether installed."""
+    import functools
+    import os
+
+    if os.environ.get("MUXTUNE_LORA_KERNEL", "1") == "0" or not kernel_available(torch.device(device)):
+        return False
+    ctx.additive_kernel = fused_additive if config is None else functools.partial(fused_additive, config=config)
+    return True
 
 
 def compile_check(arch: int = 90, dtype: torch.dtype = torch.bfloat16, config: KernelConfig | None = None,

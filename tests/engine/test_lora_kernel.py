@@ -200,6 +200,27 @@ def identity_layout():
 
 
 @case
+def deterministic_mode():
+    """torch.use_deterministic_algorithms(True): no split-K and one reduction chunk per segment
+    (plain stores, no atomics), same results."""
+    from muxtune.engine import lora_kernel as lk
+
+    launches = []
+    real = lk._FusedLora.apply
+    lk._FusedLora.apply = lambda *a: launches.append(a[2]) or real(*a)
+    torch.use_deterministic_algorithms(True)
+    try:
+        rows = _compare(*_mixed(torch.float32, k=100), cfg={**SMALL, "split_k": 3})[0]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        lk._FusedLora.apply = real
+    (launch,) = launches
+    rows.append(("deterministic launch without atomics",
+                 float(not launch.deterministic or launch.plan.multi_chunk), 0.0))
+    return rows
+
+
+@case
 def empty_segments():
     """Hand-made work with empty segments (grads are zeros) and gaps at both ends."""
     from muxtune.engine.packing import TokenLayout
@@ -476,6 +497,17 @@ def test_cpu_without_interpreter_is_the_reference():
     assert not lk.kernel_available(torch.device("cpu"))
     x, layout, work, n = _mixed(torch.float32)
     assert torch.equal(lk.fused_additive(x, layout, work, n), segmented_additive(x, layout, work, n))
+
+
+def test_install_only_where_the_kernels_run(monkeypatch):
+    from muxtune.engine import lora_kernel as lk
+    from muxtune.engine.peft.mux_linear import MuxContext
+
+    ctx = MuxContext()
+    if not lk.interpreting():
+        assert not lk.install(ctx, torch.device("cpu")) and ctx.additive_kernel is None
+    monkeypatch.setenv("MUXTUNE_LORA_KERNEL", "0")
+    assert not lk.install(ctx, torch.device("cuda")) and ctx.additive_kernel is None
 
 
 def test_config_rejects_tiles_tl_dot_cannot_use():

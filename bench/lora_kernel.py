@@ -80,7 +80,7 @@ def _median_ms(fn, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def bench_one(n_tasks: int, hidden: int, tokens: int, args) -> dict:
+def bench_one(n_tasks: int, hidden: int, tokens: int, args, device: str = "cuda") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -90,7 +90,7 @@ def bench_one(n_tasks: int, hidden: int, tokens: int, args) -> dict:
     from muxtune.engine.peft.lora import LoraDelta
     from muxtune.engine.peft.mux_linear import segmented_additive
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     dtype = getattr(torch, args.dtype)
     rng = random.Random(args.seed * 1000 + n_tasks * 7 + hidden + tokens)
     gen = torch.Generator(device=dev).manual_seed(args.seed)

@@ -31,6 +31,12 @@ Fallbacks (per item of `work`, to `segmented_additive`, which is exact by defini
 - weights not contiguous, of a dtype other than the first fused task's, or on another device.
 The whole call falls back when Triton cannot run (CPU tensors without TRITON_INTERPRET=1,
 no Triton, a dtype other than fp32/bf16/fp16, empty input, overlapping segments).
+
+Split-K (few tiles) and segments longer than `chunk_m` accumulate with fp32 atomics, so bits
+can vary run to run; under `torch.use_deterministic_algorithms(True)` neither is used.
+Install with `install(backbone.ctx, device)` (CUDA only; MUXTUNE_LORA_KERNEL=0 opts out).
+Correctness is tested on CPU through Triton's interpreter (tests/engine/test_lora_kernel.py)
+and the kernels are compiled for sm_90 there; GPU speed: bench/lora_kernel.py.
 """
 from __future__ import annotations
 

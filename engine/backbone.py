@@ -75,7 +75,8 @@ class MultiplexedBackbone:
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where a batch enters: the input embeddings' device (layers may span several GPUs)."""
+        return self.model.get_input_embeddings().weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,7 +100,7 @@ class MultiplexedBackbone:
                 f"peft.targetModules: none of {spec.target_modules} names a Linear of this backbone "
                 f"(e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.linears})[:8])})"
             )
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # CPU: same init on any device
         deltas = {}
         for name in names:  # model order, as PEFT initialises
             delta = method.make_delta(self.linears[name], name, spec, generator)
@@ -137,10 +138,11 @@ class MultiplexedBackbone:
         """Token losses summed per task; the LM head runs only where there is a target."""
         h = self.hidden_states(batch)
         h = h.reshape(-1, h.shape[-1])
-        sel = (batch.targets != IGNORE).nonzero().squeeze(1)
+        targets = batch.targets.to(h.device)  # the last layers may sit on another GPU
+        sel = (targets != IGNORE).nonzero().squeeze(1)
         logits = self.lm_head(h.index_select(0, sel)).float()
-        tok_loss = F.cross_entropy(logits, batch.targets.index_select(0, sel), reduction="none")
-        slots = batch.layout.token_slot.index_select(0, sel)
+        tok_loss = F.cross_entropy(logits, targets.index_select(0, sel), reduction="none")
+        slots = batch.layout.on(h.device).token_slot.index_select(0, sel)
         n = batch.layout.max_slot + 1
         loss_sum = torch.zeros(n, device=h.device).index_add(0, slots, tok_loss)
         tokens = torch.zeros(n, device=h.device).index_add(0, slots, torch.ones_like(tok_loss))

@@ -112,8 +112,14 @@ def load_backbone(path: Path, device: torch.device, dtype: torch.dtype) -> Loade
     """Load a frozen backbone through the ordinary Hugging Face path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    model.to(device).eval()
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        # the pod was given several GPUs (tp*pp by the planner's memory model): spread the layers
+        # over all of them, pipeline-style, so the backbone fits; one batch flows through in turn
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", device_map="auto")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model.to(device)
+    model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedBackbone(model=model, tokenizer=tokenizer, path=Path(path))

@@ -35,6 +35,16 @@ class TokenLayout:
     identity: bool
     max_slot: int
 
+    def on(self, device: torch.device) -> TokenLayout:
+        """This layout on another device (layers split over several GPUs), copied once per batch."""
+        if self.perm.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            copies[device] = TokenLayout(self.token_slot.to(device), self.perm.to(device),
+                                         self.inv_perm.to(device), self.segments, self.identity, self.max_slot)
+        return copies[device]
+
     @classmethod
     def from_slots(cls, token_slot: torch.Tensor) -> TokenLayout:
         # stable sort keeps order within a task; padding (-1) sorts first and belongs to no segment

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -144,6 +145,11 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
 
 def run_from_cli(cmd) -> int:
     logs.configure(cmd.log_level)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        print(f"error: WORLD_SIZE={world}: data parallelism across pods is not implemented by this engine; "
+              "run the operator with max_dp 1 (the default)", file=sys.stderr)
+        return 2
     try:
         tasks = load_task_files(cmd.tasks)
     except SpecError as exc:

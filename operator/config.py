@@ -63,7 +63,8 @@ class OperatorConfig:
     api_concurrency: int = 16  # API writes in flight at once
     resync_interval: float = 30.0
     max_tasks_per_group: int = 32
-    max_dp: int = 8
+    # 1 until the engine averages gradients across pods; the engine refuses WORLD_SIZE > 1
+    max_dp: int = 1
     activation_factor: float = 17.0
     log_level: str = "info"
     kubeconfig: str | None = None

@@ -122,7 +122,8 @@ class PlannerConfig:
     sharing_policy: Literal["never", "opt-in", "always"] = "opt-in"
     shared_namespace: str = "muxtune-system"
     max_tasks_per_group: int = 32
-    max_dp: int = 8
+    # 1 until the engine averages gradients across pods; the engine refuses WORLD_SIZE > 1
+    max_dp: int = 1
     memory: MemoryConfig = MemoryConfig()
 
 

@@ -16,17 +16,22 @@ class LoraDelta(TaskDelta):
     def __init__(self, base: nn.Linear, spec: PeftSpec, generator: torch.Generator):
         super().__init__()
         dev = base.weight.device
-        # fp32 master weights whatever the backbone dtype; initialised as PEFT does
-        self.lora_A = nn.Parameter(torch.empty(spec.r, base.in_features, device=dev))
+        # fp32 master weights whatever the backbone dtype, initialised as PEFT does, drawn from
+        # the task's CPU generator so the start is the same on any device or GPU split
+        a = torch.empty(spec.r, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, spec.r, device=dev))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.scaling = spec.alpha / spec.r
         self.dropout = spec.dropout
-        self.generator = generator
+        self._dropout_seed = int(torch.randint(2**62, (1,), generator=generator))
+        self._dropout_gen: torch.Generator | None = None
 
     def additive(self, x: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
-            keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.dropout
+            if self._dropout_gen is None:  # on the layer's device, seeded by the task
+                self._dropout_gen = torch.Generator(device=x.device).manual_seed(self._dropout_seed)
+            keep = torch.rand(x.shape, generator=self._dropout_gen, device=x.device) >= self.dropout
             x = x * keep / (1 - self.dropout)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return (x @ a.t()) @ b.t() * self.scaling

@@ -37,6 +37,7 @@ class MultiplexedLinear(nn.Module):
         layout = self.ctx.layout
         if layout is None or not self.deltas:
             return self.base(x)
+        layout = layout.on(x.device)
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         present = [(slot, s, e, self.deltas[str(slot)]) for slot, s, e in layout.segments if str(slot) in self.deltas]

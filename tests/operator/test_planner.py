@@ -268,7 +268,9 @@ def test_data_parallel_when_one_node_is_not_enough():
     # Nodes with 1 GPU each: a 70B model cannot use tp, so it cannot fit; 7B with huge batch uses dp.
     ns = nodes(4, gpus=1)
     assert P.plan([task("big", model="model:llama70b")], [], ns, MODELS).unplaceable[0].reason == "TooLarge"
-    p = P.plan([task("wide", batch=40)], [], ns, MODELS)
+    # data parallelism across pods is opt-in (max_dp) until the engine averages gradients across pods
+    assert P.plan([task("wide", batch=40)], [], ns, MODELS).unplaceable[0].reason == "TooLarge"
+    p = P.plan([task("wide", batch=40)], [], ns, MODELS, P.PlannerConfig(max_dp=8))
     (g,) = p.groups
     assert g.parallelism.dp >= 2 and g.gpus_per_pod == 1 and g.pods == g.parallelism.dp
 

@@ -21,13 +21,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure(level: str = "warning") -> None:
+def configure(level: str = "warning", extra: dict[str, str] | None = None) -> None:
+    """JSON lines on stderr for muxtune's loggers at `level`, and for `extra` loggers
+    (name -> level) such as kopf's, so one process writes one format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("muxtune")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    for name, lvl in {"muxtune": level, **(extra or {})}.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(lvl.upper())
+        logger.propagate = False
     try:  # transformers' own bars and notices are noise in a training log
         from transformers.utils import logging as hf_logging
 

@@ -147,7 +147,7 @@ class OperatorCommand(BaseModel):
     standalone: bool = Field(True, description="kopf without peering (one replica)")
     kubeconfig: str | None = Field(None, description="Kubeconfig (default: $KUBECONFIG, then in-cluster)")
     liveness_port: int | None = Field(None, description="Serve kopf's /healthz on this port")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log verbosity")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Log verbosity (JSON lines on stderr)")
 
     def to_config(self):
         from muxtune.operator.config import OperatorConfig
@@ -175,17 +175,16 @@ class OperatorCommand(BaseModel):
         )
 
     def cli_cmd(self) -> None:
-        import logging
-
         import kopf
 
         from muxtune.operator import handlers
 
         cfg = self.to_config()
         handlers.CONFIG = cfg
-        logging.basicConfig(level=getattr(logging, self.log_level.upper()),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("kopf").setLevel(logging.WARNING if self.log_level != "debug" else logging.DEBUG)
+        from muxtune import logs
+
+        logs.configure(self.log_level, extra={"kopf": "debug" if self.log_level == "debug" else "warning",
+                                              "aiohttp": "warning"})
         namespaces = sorted(set(cfg.namespaces) | {cfg.shared_namespace}) if cfg.namespaces else []
         kopf.run(
             standalone=self.standalone,

@@ -97,8 +97,11 @@ def bench_one(n_tasks: int, hidden: int, tokens: int, args, device: str = "cuda"
     base = torch.nn.Linear(hidden, hidden, bias=False, device=dev, dtype=dtype).requires_grad_(False)
     ranks = [args.ranks[i % len(args.ranks)] for i in range(n_tasks)]
     deltas = []
+    cpu_base = torch.nn.Linear(hidden, hidden, bias=False, device="meta")  # shapes only
+    cpu_base.weight = torch.nn.Parameter(torch.empty(0))  # a CPU device for LoraDelta's init
+    init_gen = torch.Generator().manual_seed(args.seed)
     for r in ranks:
-        d = LoraDelta(base, PeftSpec(r=r, alpha=2 * r), gen)
+        d = LoraDelta(cpu_base, PeftSpec(r=r, alpha=2 * r), init_gen).to(dev)
         with torch.no_grad():
             d.lora_B.normal_(std=0.02, generator=gen)
         deltas.append(d)

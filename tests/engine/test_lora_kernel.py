@@ -74,6 +74,30 @@ def _deltas(ranks: dict[int, int], k: int, n: int, seed: int = 0, dropout: float
     return out
 
 
+def _rng_snapshot(deltas):
+    """A function that puts the deltas' random state (dropout) back to what it is now.
+
+    Generic over how a delta keeps it: every torch.Generator attribute gets its state back, and
+    attributes that are None now (a generator created lazily on first use) become None again."""
+    saved = []
+    for d in deltas:
+        for name, value in vars(d).items():
+            if isinstance(value, torch.Generator):
+                saved.append((d, name, value, value.get_state()))
+            elif value is None:
+                saved.append((d, name, None, None))
+
+    def restore():
+        for d, name, gen, state in saved:
+            if gen is None:
+                setattr(d, name, None)
+            else:
+                setattr(d, name, gen)
+                restore_rng()
+
+    return restore
+
+
 def _shuffled_slots(counts: list[tuple[int, int]], seed: int) -> torch.Tensor:
     slots = torch.cat([torch.full((c,), s) for s, c in counts])
     return slots[torch.randperm(len(slots), generator=torch.Generator().manual_seed(seed))]
@@ -254,7 +278,7 @@ class ShiftDelta(TaskDelta):
 @case
 def fallbacks_mixed_in():
     """A non-LoRA delta and a LoRA with dropout in training mode run on the reference path,
-    drawing the dropout mask from the task's generator exactly as the reference does."""
+    drawing the dropout mask from the task's own random state exactly as the reference does."""
     from muxtune.engine import lora_kernel as lk
     from muxtune.engine.peft.mux_linear import segmented_additive
 
@@ -263,9 +287,9 @@ def fallbacks_mixed_in():
     shift = ShiftDelta(n)
     work = [(s, e, shift if i == 1 else drop if i == 2 else d) for i, (s, e, d) in enumerate(work)]
     deltas = [d for _, _, d in work]
-    state = drop.generator.get_state()
+    restore_rng = _rng_snapshot([drop])
     ref = _run(segmented_additive, x, layout, work, n, deltas)
-    drop.generator.set_state(state)
+    restore_rng()
     calls = []
     real = lk._FusedLora.apply
     lk._FusedLora.apply = lambda *a: calls.append(len(a) - 4) or real(*a)
@@ -360,12 +384,11 @@ def _backbone_rows(dtype):
     batch = pack(seqs, chunk_size=64, device=torch.device("cpu"))
     assert not batch.layout.identity
     bb.model.train()
-    gen = next(iter(bb.adapters[4].deltas.values())).generator
-    state = gen.get_state()
+    restore_rng = _rng_snapshot([d for a in bb.adapters.values() for d in a.deltas.values()])
 
     def step(kernel):
         bb.ctx.additive_kernel = kernel
-        gen.set_state(state)
+        restore_rng()
         for p in params:
             p.grad = None
         res = bb.forward_loss(batch)

@@ -409,7 +409,7 @@ def _backbone_rows(dtype):
     geomean = math.exp(sum(math.log(max(x, 1e-30)) for x in ratios) / len(ratios))
     return [(f"{n}: fused-vs-fp32 / ref-vs-fp32", x, TRUTH_SLACK) for n, x in zip(names, ratios)] + [
         ("geometric mean of those ratios", geomean, 1.05)] + [
-        (f"{n} vs ref", _rel(g, r), 0.1) for n, g, r in zip(names, got, ref)]
+        (f"{n} vs ref", _rel(g, r), TOL[dtype]) for n, g, r in zip(names, got, ref)]
 
 
 @case

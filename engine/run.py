@@ -112,6 +112,9 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     dtype = pick_dtype(cmd.dtype, device)
     path = resolve_base_model(tasks[0].spec.base_model, base_dir)
     backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
+    from muxtune.engine import lora_kernel
+
+    lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
         resume=cmd.resume, base_dir=base_dir,

@@ -340,15 +340,27 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _pid_alive(pid: int, state_dir: Path) -> bool:
-    """True if ``pid`` runs and is one of ours (its command line mentions the state dir)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":  # zombie
-        return False
-    return str(state_dir).encode() in cmdline
+    """True if ``pid`` runs and is one of ours.
+
+    Children of this process are asked directly (``Popen.poll``); other pids
+    (read back from pid files) must be alive, not zombies, and have the state
+    dir in their command line, so a recycled pid is never mistaken for ours.
+    """
+    for p in _CHILDREN:
+        if p.pid == pid:
+            return p.poll() is None
+    for attempt in range(10):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):  # zombie / dead
+            return False
+        if cmdline:
+            return str(state_dir).encode() in cmdline
+        time.sleep(0.02 * (attempt + 1))  # empty while the process is exec()ing
+    return False
 
 
 def _spawn(name: str, args: list[str], state_dir: Path) -> int:

@@ -38,7 +38,7 @@ from muxtune.devcluster.cluster import ClusterInfo
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "kube: needs the local dev Kubernetes cluster (kube_cluster fixture)")
+    config.addinivalue_line("markers", "cluster: needs the local control plane (built from the Go module proxy)")
 
 
 def _sigterm_to_keyboardinterrupt(signum, frame):  # noqa: ARG001

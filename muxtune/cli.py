@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from muxtune.api.crdgen import CrdsCommand
+from muxtune.devcluster.cli import DevClusterCommand
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 
 
@@ -63,6 +64,7 @@ class Muxtune(BaseSettings):
     plan: CliSubCommand[PlanCommand] = Field(description="dry-run the operator's placement planner")
     operator: CliSubCommand[OperatorCommand] = Field(description="run the Kubernetes operator")
     crds: CliSubCommand[CrdsCommand] = Field(description="write the CRDs generated from the API models")
+    dev_cluster: CliSubCommand[DevClusterCommand] = Field(description="local control plane: up, down, status, build")
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

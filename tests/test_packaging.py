@@ -33,7 +33,7 @@ def test_operator_folder_never_shadows_stdlib():
 
 def test_cli_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "muxtune.cli", "--help"], capture_output=True, text=True).stdout
-    for cmd in ("run", "validate", "plan", "operator", "crds"):
+    for cmd in ("run", "validate", "plan", "operator", "crds", "dev-cluster"):
         assert cmd in out
 
 

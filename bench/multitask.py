@@ -49,21 +49,20 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.launch import WorkerError, Zygote, launch, wait_idle
 SYSTEMS = ("separate", "sequential", "muxtune")
 
 # Defaults per mode; any option given on the command line wins.
 PROFILES = {
     "quick": dict(model="builtin:tiny-llama", steps=4, warmup_steps=1, batch_size=8, max_seq_len=256,
-                  median_len=64, sigma=0.9, repeats=1, token_budget=4096),
-    "full-cpu": dict(model="builtin:small-llama", steps=6, warmup_steps=1, batch_size=8, max_seq_len=512,
-                     median_len=96, sigma=0.9, repeats=2, token_budget=4096),
+                  median_len=64, sigma=0.9, repeats=3, token_budget=4096),
+    "full-cpu": dict(model="builtin:small-llama", steps=4, warmup_steps=1, batch_size=8, max_seq_len=512,
+                     median_len=96, sigma=0.9, repeats=3, token_budget=4096),
     "full-cuda": dict(model="config:llama-1b", steps=20, warmup_steps=3, batch_size=8, max_seq_len=2048,
                       median_len=256, sigma=1.0, repeats=3, token_budget=16384),
 }
@@ -93,7 +92,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the rows here (a JSON list, one row per system and N)")
     p.add_argument("--workdir", type=Path, help="keep data, logs and adapters here (default: a temp dir, removed)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed for one system at one N")
+    p.add_argument("--threads", type=int, help="torch threads of the one-process systems, sequential and muxtune"
+                   " (default: all cores; separate always gets max(1, cores // N) per process)")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="before each system, wait up to this long for other processes to leave the CPU idle (shared machines)")
+    p.add_argument("--launcher", choices=["auto", "fork", "exec"], default="auto",
+                   help="how workers start: fork from a process that imported torch once (auto on CPU), or a fresh"
+                        " interpreter each (auto on GPU); the timed region and memory accounting are the same")
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for n in args.n:
         if n < 1:
@@ -117,111 +124,34 @@ def resolve_setup(args) -> dict:
     if args.max_seq_len < 8:
         raise SystemExit("--max-seq-len must be at least 8")
     cores = len(os.sched_getaffinity(0))
-    device_name, peak = "cpu", None
-    if device == "cuda":
-        from bench.workload import peak_tflops
-
-        device_name = torch.cuda.get_device_name(0)
-        peak = args.peak_tflops or peak_tflops(device_name)
-    return dict(device=device, dtype=dtype, cores=cores, device_name=device_name, peak_tflops=peak)
-
-
-# ----- running workers ---------------------------------------------------------------------------
-class WorkerError(RuntimeError):
-    pass
-
-
-def _busy_cpu_s() -> float:
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
-
-
-def _own_cpu_s() -> float:
-    import resource
-
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def launch(specs: list[dict], run_dir: Path, repeats: int, synchronised: bool, timeout: float) -> tuple[list[dict], float]:
-    """Start one process per spec; release synchronised ones together for each repeat; collect results.
-    Also returns how many cores other processes kept busy meanwhile (machine-wide busy CPU time
-    minus this process's and its workers'), the sign of a shared machine whose timings mislead."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    busy0, own0, t0 = _busy_cpu_s(), _own_cpu_s(), time.monotonic()
-    procs, logs = [], []
-    for spec in specs:
-        path = run_dir / f"spec-{spec['worker']}.json"
-        path.write_text(json.dumps(spec, indent=1))
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-                   TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        log = open(run_dir / f"worker-{spec['worker']}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, "-m", "bench.multitask", "--worker", str(path)],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-    deadline = time.monotonic() + timeout
-    try:
-        def check() -> None:
-            for spec, proc in zip(specs, procs):
-                if proc.poll() not in (None, 0):
-                    raise WorkerError(_failure(spec, proc.returncode, run_dir))
-            if time.monotonic() > deadline:
-                raise WorkerError(f"timed out after {timeout:.0f}s (logs in {run_dir})")
-
-        if synchronised:
-            sync = Path(specs[0]["sync_dir"])
-            for rep in range(repeats):
-                while not all((sync / f"ready-{rep}-{s['worker']}").exists() for s in specs):
-                    check()
-                    time.sleep(0.005)
-                tmp = sync / f".go-{rep}"
-                tmp.write_text(repr(time.time()))
-                os.replace(tmp, sync / f"go-{rep}")
-        while any(p.poll() is None for p in procs):
-            check()
-            time.sleep(0.05)
-        check()
-    except BaseException:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        raise
-    finally:
-        for log in logs:
-            log.close()
-    background = max(0.0, (_busy_cpu_s() - busy0) - (_own_cpu_s() - own0)) / max(1e-9, time.monotonic() - t0)
-    return [json.loads(Path(s["result"]).read_text()) for s in specs], background
-
-
-def _failure(spec: dict, rc: int, run_dir: Path) -> str:
-    log = run_dir / f"worker-{spec['worker']}.log"
-    tail = log.read_text()[-3000:] if log.exists() else ""
-    return f"{spec['role']} worker {spec['worker']} exited with {rc}; log {log}:\n{tail}"
+    # the parent never creates a CUDA context (it would hold GPU memory through every run): the
+    # device name, and so the peak for MFU, come from the first worker's report
+    return dict(device=device, dtype=dtype, cores=cores, device_name="cpu" if device == "cpu" else "cuda",
+                peak_tflops=args.peak_tflops)
 
 
 # ----- one system at one N -------------------------------------------------------------------------
-def run_system(system: str, jobs, args, setup: dict, model_path: Path, work: Path) -> dict:
+def run_system(system: str, jobs, args, setup: dict, model_path: Path, work: Path, zygote=None) -> dict:
     n = len(jobs)
     run_dir = work / "runs" / f"{system}-n{n}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    common = dict(role=system, model=str(model_path), device=setup["device"], dtype=setup["dtype"],
+    common = dict(role=system, model=str(model_path), device="cuda:0" if setup["device"] == "cuda" else "cpu", dtype=setup["dtype"],
                   repeats=args.repeats, token_budget=args.token_budget, chunk_size=args.chunk_size)
     if system == "separate":
-        threads = max(1, setup["cores"] // n) if setup["device"] == "cpu" else setup["cores"]
+        threads = max(1, setup["cores"] // n)  # the N processes share the cores (on GPU too: CPU-side work)
         sync_dir = run_dir / "sync"
         sync_dir.mkdir(parents=True)
         specs = [dict(common, jobs=[j.to_dict()], worker=i, threads=threads, sync_dir=str(sync_dir),
                       out_dir=str(run_dir / "out"), result=str(run_dir / f"result-{i}.json")) for i, j in enumerate(jobs)]
     else:
-        threads = setup["cores"]
+        threads = args.threads or setup["cores"]
         specs = [dict(common, jobs=[j.to_dict() for j in jobs], worker=0, threads=threads, sync_dir=None,
                       out_dir=str(run_dir / "out"), result=str(run_dir / "result-0.json"))]
-    results, background = launch(specs, run_dir, args.repeats, system == "separate", args.timeout)
+    start = zygote.launch if zygote is not None else launch
+    results, background = start(specs, run_dir, args.repeats, system == "separate", args.timeout)
     row = summarise(system, jobs, results, args, setup, threads)
     row["background_cores"] = background
+    row["launcher"] = "exec" if zygote is None else "fork"
     return row
 
 
@@ -254,11 +184,16 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
     for res in results:
         info.update(res["tasks"])
     tps = [r["real"] / r["wall"] for r in per_rep]
-    mid = sorted(range(len(per_rep)), key=lambda i: tps[i])[len(per_rep) // 2]  # the median repeat
+    mid = sorted(range(len(per_rep)), key=lambda i: tps[i])[(len(per_rep) - 1) // 2]  # the (low) median repeat
     rep = per_rep[mid]
     flops = sum(train_flops(info[n]["lengths"], dims, info[n]["trainable"]) for n in names)
     cuda = setup["device"] == "cuda"
     peak_mem = sum((r["cuda_peak_bytes"] if cuda else r["peak_rss_bytes"]) for r in results)
+    if cuda:
+        from bench.workload import peak_tflops
+
+        setup["device_name"] = results[0]["device_name"]
+        setup["peak_tflops"] = setup["peak_tflops"] or peak_tflops(setup["device_name"])
     mfu = flops / rep["wall"] / (setup["peak_tflops"] * 1e12) if cuda and setup["peak_tflops"] else None
     return {
         "system": system, "n_tasks": len(jobs), "tokens_per_s": tps[mid],
@@ -277,6 +212,7 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
         "task_first_loss": [rep["tasks"][n]["first_loss"] for n in names],
         "task_last_loss": [rep["tasks"][n]["last_loss"] for n in names],
         "model_flops": flops, "model_tflops_per_s": flops / rep["wall"] / 1e12, "mfu": mfu,
+        "peak_tflops": setup["peak_tflops"],
         "muxtune_rounds": results[0]["reps"][mid].get("rounds") if system == "muxtune" else None,
         "device": setup["device"], "device_name": results[0]["device_name"], "model": args.model,
         "dtype": setup["dtype"], "repeats": args.repeats,
@@ -329,7 +265,7 @@ def render(rows: list[dict], args, setup: dict) -> str:
             f" muxtune token budget {args.token_budget}{chunk}; median of {args.repeats} repeat(s)")
     lines = [head]
     if cpu:
-        lines.append(f"separate: N processes x max(1, {setup['cores']} // N) torch threads; sequential, muxtune: one process x {setup['cores']} threads")
+        lines.append(f"separate: N processes x max(1, {setup['cores']} // N) torch threads; sequential, muxtune: one process x {args.threads or setup['cores']} threads")
     cols = f"{'N':>3}  {'system':<10} {'tokens/s':>10} {'x sep':>6} {'x seq':>6} {'peak mem':>11} {'mem/sep':>7} {'eff.tok':>7}  {'done (s) first-last':>20}"
     if not cpu:
         cols += f" {'MFU':>6}"
@@ -351,7 +287,8 @@ def render(rows: list[dict], args, setup: dict) -> str:
     busy = max((r.get("background_cores") or 0.0) for r in rows) if rows else 0.0
     if cpu and busy > 0.25:
         lines.append(f"WARNING: other processes kept up to {busy:.1f} of {setup['cores']} cores busy during these runs: the"
-                     " timings are unreliable, and a busy machine favours 'separate' (N processes get N shares of the CPU).")
+                     " timings are unreliable, and a busy machine favours 'separate' (N processes get N shares of the CPU,"
+                     " and a multi-threaded process stalls when one of its threads is descheduled). Try --wait-idle 600.")
     return "\n".join(lines)
 
 
@@ -362,22 +299,36 @@ def main(argv=None) -> int:
 
         worker_main(args.worker)
         return 0
+    if args.zygote:
+        from bench.launch import zygote_main
+
+        zygote_main()
+        return 0
     from bench.workload import make_jobs, resolve_model
 
     setup = resolve_setup(args)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="muxtune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    rows = []
+    rows, zygote = [], None
+    fork = args.launcher == "fork" or (args.launcher == "auto" and setup["device"] == "cpu")
+    if fork and setup["device"] == "cuda":
+        raise SystemExit("--launcher fork: not with CUDA (a CUDA context does not survive fork); use exec")
     try:
         model_path = resolve_model(args.model)
+        zygote = Zygote() if fork else None
         for n in args.n:
             jobs = make_jobs(work / "data" / f"n{n}", n, ranks=args.ranks, batch_size=args.batch_size, steps=args.steps,
                              warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, median_len=args.median_len,
                              sigma=args.sigma, lr=args.lr)
             for system in args.systems:
+                if args.wait_idle > 0:
+                    other = wait_idle(args.wait_idle)
+                    if other >= 0.25:
+                        print(f"[bench] machine still busy ({other:.1f} cores used by others) after {args.wait_idle:.0f}s; going on",
+                              file=sys.stderr, flush=True)
                 print(f"[bench] N={n} {system} ...", file=sys.stderr, flush=True)
-                row = run_system(system, jobs, args, setup, model_path, work)
+                row = run_system(system, jobs, args, setup, model_path, work, zygote)
                 rows.append(row)
                 print(f"[bench] N={n} {system}: {row['tokens_per_s']:,.0f} tokens/s, peak {_mib(row['peak_memory_bytes'])}, "
                       f"eff.tok {row['effective_token_ratio']:.3f}", file=sys.stderr, flush=True)
@@ -385,6 +336,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
+        if zygote is not None:
+            zygote.close()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     add_ratios(rows)

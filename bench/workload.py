@@ -151,11 +151,10 @@ def _config_model_path(name: str) -> Path:
         config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
         config = config_cls(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, **cfg)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # on CPU, so the benchmark's parent process never holds a CUDA context
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            with torch.device(device):
-                model = model_cls(config).to(torch.bfloat16)
+            model = model_cls(config).to(torch.bfloat16)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".bench-{name}-"))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -69,3 +69,19 @@ def test_every_system_trains_the_same_tokens(rows):
         ref = group["separate"]["task_first_loss"]
         for r in group.values():
             assert r["task_first_loss"] == pytest.approx(ref, rel=1e-3)
+
+
+@pytest.mark.slow
+def test_exec_launcher(tmp_path, muxtune_home):
+    """The launcher the GPU mode uses: every worker a fresh interpreter."""
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "bench.multitask", "--quick", "--device", "cpu", "--launcher", "exec", "--n", "2",
+           "--systems", "separate", "muxtune", "--steps", "1", "--warmup-steps", "0", "--repeats", "1",
+           "--batch-size", "2", "--max-seq-len", "32", "--median-len", "12", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, MUXTUNE_HOME=str(muxtune_home)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["system"], r["launcher"], r["processes"]) for r in rows] == [("separate", "exec", 2), ("muxtune", "exec", 1)]
+    assert rows[0]["task_real_tokens"] == rows[1]["task_real_tokens"]
+    assert rows[1]["speedup_vs_sequential"] is None  # sequential not run: no ratio, no crash

@@ -74,7 +74,11 @@ def test_helm_lint_is_clean(helm, values):
 
 def test_default_render(helm):
     kinds = by_kind(render(helm))
-    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Service", "ServiceAccount"]
+    # the only ConfigMaps are the Grafana dashboards, one per file in dashboards/
+    dashboards = sorted((CHART / "dashboards").glob("*.json"))
+    assert len(kinds["ConfigMap"]) == len(dashboards) > 0
+    assert all(cm["metadata"]["labels"].get("grafana_dashboard") == "1" for cm in kinds["ConfigMap"])
     (dep,) = kinds["Deployment"]
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]

@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "dashboards"
 ALERTS = REPO / "charts" / "muxtune" / "files" / "alerts.yaml"
 EXAMPLES = REPO / "examples" / "quickstart"
-STEPS = 8
+STEPS = 30  # long enough that 1 s scrapes see the run in progress
 # Grafana's built-in interval variables, as a dashboard over the last few minutes would set them
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "10m", "__range_s": "600", "__interval_ms": "15000"}
 VAR = re.compile(r"\$(?:\{([A-Za-z_]\w*)(?::\w+)?\}|([A-Za-z_]\w*))")
@@ -216,7 +216,7 @@ class OperatorSide:
             [sys.executable, "-m", "muxtune.operator.cli", "operator", "--kubeconfig", str(info.kubeconfig),
              f"--namespaces={self.ns_a},{self.ns_b}", "--shared-namespace", self.system, "--sharing-policy", "always",
              "--metrics-port", str(self.port), "--no-poll-pod-ip", "--poll-interval", "1",
-             "--engine-image", "registry.invalid/muxtune/engine:test"],
+             "--engine-image", "registry.invalid/muxtune/engine:test", "--log-level", "info"],
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def apply(self, docs: list[dict]) -> tuple[str, str, str]:
@@ -288,7 +288,9 @@ def stack(request, prometheus_bin, tmp_path_factory):
 
         # the engine: the group pod's command line, on this host
         tasks_file = work / "tasks.yaml"
-        tasks_file.write_text(yaml.safe_dump_all(docs))
+        # start with only the broken task; the others join (hot add via --watch) once Prometheus
+        # scrapes, so the scrapes see training in progress however fast this machine is
+        tasks_file.write_text(yaml.safe_dump_all([d for d in docs if d["metadata"]["name"] == "broken"]))
         output = work / "output"
         engine_log = work / "engine.log"
         exe = Path(sys.executable).with_name("muxtune")
@@ -337,6 +339,12 @@ def stack(request, prometheus_bin, tmp_path_factory):
                 return r.status == 200
 
         wait_for(ready, 60, "prometheus to be ready")
+
+        def scraped_engine():
+            return prom.value('count(muxtune_task_phase{phase="Failed"} == 1)') == 1
+
+        wait_for(scraped_engine, 60, "the first scrape of the engine", interval=0.5)
+        tasks_file.write_text(yaml.safe_dump_all(docs))
 
         # training done, as Prometheus saw it: three Succeeded, one Failed
         def finished():

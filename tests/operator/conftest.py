@@ -96,6 +96,7 @@ class OperatorProcess:
             "--no-poll-pod-ip",  # kwok pod IPs are fake; engines are reached through the annotation only
             "--poll-interval", "1",
             "--engine-image", "registry.invalid/muxtune/engine:test",
+            "--log-level", "info",  # readiness is read from the log ("indices populated")
             *self.extra,
         ]
         env = dict(os.environ)

@@ -1,27 +1,33 @@
 """N LoRA fine-tuning tasks three ways: separate processes, one after another, and muxtune.
 
-    python -m bench.multitask --quick               # ~1-2 minutes on a 2-core CPU, tiny model
-    python -m bench.multitask                       # full: small-llama on CPU, a ~1B model on GPU
-    python -m bench.multitask --quick --json out.json
+    python -m bench.multitask --quick               # about a minute on an idle 2-core CPU, tiny model
+    python -m bench.multitask                       # full: small-llama on CPU (~20 min), a ~1B model on GPU
+    python -m bench.multitask --quick --json out.json --wait-idle 300
 
 The workload: for each N in --n, tasks 0..N-1, each a LoRA on q_proj/v_proj with its own rank
 (cycling through --ranks, e.g. 4, 8, 16, 32), its own data (prompt/completion pairs whose lengths
 follow a lognormal with a long tail, capped at --max-seq-len), --batch-size sequences per step and
 --steps timed optimizer steps after --warmup-steps untimed ones. The data files are generated
-deterministically, so every system trains exactly the same sequences of every task (the table's
-real-token counts and first-step losses are the same across systems; a check fails loudly if not).
+deterministically, so every system trains exactly the same sequences of every task (the real-token
+counts and first-step losses agree across systems; the run fails loudly if they do not).
 
-The systems, each in its own fresh process(es), so peak memory is its own:
+The systems, each in its own process(es), so peak memory is its own:
   separate    N concurrent processes, each a plain Hugging Face + PEFT loop (get_peft_model, AdamW,
               dynamic padding to the batch's longest sequence, labels -100, sdpa attention, same
-              dtype), the way tasks run today. On CPU each process gets max(1, cores // N) torch
-              threads, so the N processes share the cores without oversubscription. They start
-              their timed region together (a barrier after warm-up).
-  sequential  the same loop, the N jobs one after another in one process (all cores).
+              dtype), the way tasks run today. Each process gets max(1, cores // N) torch threads,
+              so the N processes share the cores without oversubscription. They start their timed
+              region together (a barrier after warm-up).
+  sequential  the same loop, the N jobs one after another in one process (all cores, or --threads).
   muxtune     the N tasks multiplexed in one engine (MuxTrainer over one shared frozen backbone:
-              packed chunks, per-task LoRA deltas, token-budget rounds), all cores.
+              packed chunks, per-task LoRA deltas, token-budget rounds), all cores (or --threads).
 Setup (loading the model, tokenising, creating adapters and optimizers) and warm-up steps are
 outside the timed region in every system; saving each trained adapter is inside.
+Workers start (--launcher) by fork from a process that has imported torch, transformers and peft
+but run nothing (the default on CPU: saves ~5 s of imports per process), or as fresh interpreters
+(the default on GPU, where a CUDA context cannot survive fork). Timed regions are the same either
+way; RSS is not quite: an exec'd interpreter's RSS counts every page its imports touched (~730 MiB
+here), a forked worker's only the inherited pages it touches itself (~430 MiB), so the fork default
+gives separate the smaller per-process overhead and muxtune the less flattering memory ratio.
 
 How to read the table (one block per N):
   tokens/s   aggregate real (non-padding) training tokens per second over all N tasks: total real
@@ -29,18 +35,24 @@ How to read the table (one block per N):
   x sep      this row's tokens/s divided by separate's (same N); x seq likewise for sequential.
              muxtune's x sep is the headline: how much faster the same jobs finish together.
   peak mem   peak memory summed over the system's processes: peak RSS on CPU (each process's
-             getrusage maximum; note every process also carries the Python/torch runtime, the
-             'runtime' figure in the JSON), torch.cuda.max_memory_allocated on GPU. mem/sep is
-             its ratio to separate's: below 1 is saved memory.
+             getrusage maximum; every process carries the Python/torch runtime, 'runtime_rss_bytes'
+             in the JSON, which on CPU with a small model is most of it), torch.cuda.max_memory_allocated
+             on GPU (each process's CUDA context, ~0.5 GiB, is not included). mem/sep is its ratio
+             to separate's: below 1 is memory saved.
   eff.tok    effective-token ratio: real tokens / computed tokens. For the HF loop computed = batch
              x padded length; for muxtune, packed chunk rows x chunk size. 1.0 means no padding work.
-  done (s)   per-task completion times from the common start: first-last task. Sequential finishes
-             tasks one by one; separate and muxtune finish them near the end.
+  done (s)   per-task completion times from the common start, first-last task. Sequential finishes
+             tasks one by one; separate and muxtune finish them all near the end.
   MFU        (GPU only) useful model FLOPs per second / device peak (--peak-tflops, or a table of
              H100/H200/A100 dense bf16 peaks): 4 x backbone parameters per real token (frozen:
              forward + input gradients), 6 x adapter parameters, and causal attention within each
              sequence; padding is not counted.
-Timings are medians over --repeats; the JSON (--json) has every repeat, per-task figures and the setup.
+Timings are (low) medians over --repeats; the JSON (--json) has every repeat, per-task figures
+(ranks, real tokens, completion times, first/last losses), CPU seconds and tokens per CPU-second.
+On a shared machine, timings mislead: other processes take N shares of the CPU from N separate
+processes but stall a multi-threaded one whenever one of its threads is descheduled. The run measures
+how many cores other processes kept busy ('background_cores') and warns above 0.25; --wait-idle
+waits for a quiet CPU before each system.
 """
 from __future__ import annotations
 
@@ -61,10 +73,13 @@ SYSTEMS = ("separate", "sequential", "muxtune")
 PROFILES = {
     "quick": dict(model="builtin:tiny-llama", steps=4, warmup_steps=1, batch_size=8, max_seq_len=256,
                   median_len=64, sigma=0.9, repeats=3, token_budget=4096),
-    "full-cpu": dict(model="builtin:small-llama", steps=4, warmup_steps=1, batch_size=8, max_seq_len=512,
+    # batch 4 and cap 384 keep 8 separate HF processes (~1.2 GB RSS each) inside a 24 GB machine
+    "full-cpu": dict(model="builtin:small-llama", steps=6, warmup_steps=1, batch_size=4, max_seq_len=384,
                      median_len=96, sigma=0.9, repeats=3, token_budget=4096),
-    "full-cuda": dict(model="config:llama-1b", steps=20, warmup_steps=3, batch_size=8, max_seq_len=2048,
-                      median_len=256, sigma=1.0, repeats=3, token_budget=16384),
+    # cap 1024 keeps 8 separate HF processes (each: weights + padded activations + fp32 logits over a
+    # 32k vocabulary) inside an 80 GB H100; --max-seq-len 2048 on an H200
+    "full-cuda": dict(model="config:llama-1b", steps=20, warmup_steps=3, batch_size=8, max_seq_len=1024,
+                      median_len=192, sigma=1.0, repeats=3, token_budget=16384),
 }
 
 
@@ -96,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    " (default: all cores; separate always gets max(1, cores // N) per process)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                    help="before each system, wait up to this long for other processes to leave the CPU idle (shared machines)")
+    p.add_argument("--no-memory-guard", dest="memory_guard", action="store_false",
+                   help="run a system even when its predicted RAM (from smaller N) exceeds 80%% of what is available")
     p.add_argument("--launcher", choices=["auto", "fork", "exec"], default="auto",
                    help="how workers start: fork from a process that imported torch once (auto on CPU), or a fresh"
                         " interpreter each (auto on GPU); the timed region and memory accounting are the same")
@@ -219,6 +236,16 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
     }
 
 
+def _predicted_rss(rows: list[dict], system: str, n: int) -> int | None:
+    """RAM the system's processes will need at N, from the largest per-process peak seen so far
+    (separate grows with N; the one-process systems barely do). None: nothing to go by yet."""
+    seen = [r for r in rows if r["system"] == system]
+    if not seen:
+        return None
+    per_process = max(r["peak_rss_bytes"] / r["processes"] for r in seen)
+    return int(per_process * (n if system == "separate" else 1))
+
+
 def add_ratios(rows: list[dict]) -> None:
     by = {(r["system"], r["n_tasks"]): r for r in rows}
     for r in rows:
@@ -310,7 +337,7 @@ def main(argv=None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="muxtune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    rows, zygote = [], None
+    rows, zygote, skipped = [], None, []
     fork = args.launcher == "fork" or (args.launcher == "auto" and setup["device"] == "cpu")
     if fork and setup["device"] == "cuda":
         raise SystemExit("--launcher fork: not with CUDA (a CUDA context does not survive fork); use exec")
@@ -322,6 +349,17 @@ def main(argv=None) -> int:
                              warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, median_len=args.median_len,
                              sigma=args.sigma, lr=args.lr)
             for system in args.systems:
+                need = _predicted_rss(rows, system, n) if setup["device"] == "cpu" and args.memory_guard else None
+                if need is not None:
+                    import psutil
+
+                    available = psutil.virtual_memory().available
+                    if need > 0.8 * available:
+                        note = (f"{system} N={n} skipped: its processes would need ~{_mib(need)} of RAM (N x the peak"
+                                f" per process measured at smaller N), {_mib(available)} is available; --no-memory-guard runs it")
+                        skipped.append(note)
+                        print(f"[bench] {note}", file=sys.stderr, flush=True)
+                        continue
                 if args.wait_idle > 0:
                     other = wait_idle(args.wait_idle)
                     if other >= 0.25:
@@ -343,6 +381,8 @@ def main(argv=None) -> int:
     add_ratios(rows)
     problems = check_consistency(rows)
     print(render(rows, args, setup))
+    for note in skipped:
+        print(f"note: {note}")
     print(f"total wall time {time.monotonic() - t_start:.0f}s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """N LoRA fine-tuning tasks three ways: separate processes, one after another, and muxtune.
 
     python -m bench.multitask --quick               # about a minute on an idle 2-core CPU, tiny model
-    python -m bench.multitask                       # full: small-llama on CPU (~20 min), a ~1B model on GPU
+    python -m bench.multitask                       # full: small-llama on CPU (~10 min), a ~1B model on GPU
     python -m bench.multitask --quick --json out.json --wait-idle 300
 
 The workload: for each N in --n, tasks 0..N-1, each a LoRA on q_proj/v_proj with its own rank

@@ -110,6 +110,8 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
         if ephase == "Succeeded":
             st["phase"] = "Succeeded"
             st["completionTime"] = now
+            # a short task can finish between two polls, never seen Running: it ran by now at the latest
+            st["startTime"] = st["startTime"] or now
             st["tokensPerSecond"] = None if rep.get("tokensPerSecond") is None else rep["tokensPerSecond"]
             st["message"] = st["message"] or "training finished; adapter written"
             conds = [placed, _cond("Running", "False", "Completed"), _cond("Complete", "True", "Succeeded", st["message"])]

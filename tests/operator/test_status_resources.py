@@ -34,6 +34,15 @@ def test_pending_then_placed_then_running_then_succeeded():
     assert not status.differs(s3, status.compute_status(s3, view("member", group="g2"), LATER))
 
 
+def test_task_finished_between_polls_still_gets_a_start_time():
+    """A short task can go Placed -> Succeeded without the operator ever seeing it Running."""
+    placed = status.compute_status(None, view("member", group="g1", pod_state="running"), NOW)
+    assert placed["phase"] == "Placed" and not placed.get("startTime")
+    done = {"phase": "Succeeded", "step": 10, "totalSteps": 10, "loss": 1.0}
+    s = status.compute_status(placed, view("member", group="g1", pod_state="running", report=done), LATER)
+    assert s["phase"] == "Succeeded" and s["startTime"] and s["completionTime"] == LATER
+
+
 def test_suspend_and_kueue_and_invalid():
     s = status.compute_status({"phase": "Running", "step": 4, "loss": 2.0, "group": "g"}, view("suspended"), NOW)
     assert s["phase"] == "Suspended" and "group" not in s and s["step"] == 4 and s["loss"] == 2.0

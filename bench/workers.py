@@ -223,6 +223,9 @@ def run_muxtune(spec: dict, device, dtype, sync: Sync) -> dict:
 
     jobs = [Job.from_dict(j) for j in spec["jobs"]]
     backbone = MultiplexedBackbone(load_backbone(Path(spec["model"]), device, dtype))
+    from muxtune.engine import lora_kernel
+
+    lora_kernel.install(backbone.ctx, device)  # as `muxtune run` does: fused on CUDA, the loop on CPU
     dims = model_dims(backbone.model)  # before any task attaches
     out_dir = Path(spec["out_dir"])
 

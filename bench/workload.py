@@ -5,13 +5,9 @@ train exactly the same sequences.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,24 +122,13 @@ def resolve_model(spec: str) -> Path:
 def _config_model_path(name: str) -> Path:
     if name not in BENCH_CONFIGS:
         raise SystemExit(f"--model config:{name}: unknown; known: {', '.join(sorted(BENCH_CONFIGS))}")
-    import fcntl
-
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from muxtune.engine.models import builtin_path, cache_home
+    from muxtune.engine.models import builtin_path, generated_model
 
-    cfg = dict(BENCH_CONFIGS[name])
-    fingerprint = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-    root = cache_home() / "models"
-    target = root / f"bench-{name}-{fingerprint}"
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".bench-{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
-            return target
+    def build(directory: Path) -> None:
+        cfg = dict(BENCH_CONFIGS[name])
         # the byte-level tokenizer of the built-in models (no hub here); the embedding keeps the
         # config's full vocabulary so parameter count and LM-head cost are those of the real shape
         tokenizer = AutoTokenizer.from_pretrained(builtin_path("tiny-llama"))
@@ -155,12 +140,10 @@ def _config_model_path(name: str) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = model_cls(config).to(torch.bfloat16)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".bench-{name}-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del model
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    return target
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return generated_model(f"bench-{name}", BENCH_CONFIGS[name], build)
 
 
 def model_dims(model) -> dict:

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -59,36 +60,45 @@ def _byte_tokenizer():
     )
 
 
-def builtin_path(name: str) -> Path:
-    """Directory of a built-in model, generating and saving it on first use (process-safe)."""
-    if name not in BUILTIN_CONFIGS:
-        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN_CONFIGS))}")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def generated_model(name: str, spec: dict, build: Callable[[Path], None]) -> Path:
+    """`<cache>/models/<name>-<hash(spec)>`, made once by build(directory): process-safe (a file
+    lock) and atomic (built in a temporary directory, then renamed), so concurrent first runs
+    share one copy and a changed spec never reuses a stale one."""
     root = cache_home() / "models"
-    fingerprint = hashlib.sha256(json.dumps(BUILTIN_CONFIGS[name], sort_keys=True).encode()).hexdigest()[:8]
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     target = root / f"{name}-{fingerprint}"
     if (target / "config.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
-            return target
+        if not (target / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+            build(tmp)
+            os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    return target
+
+
+def builtin_path(name: str) -> Path:
+    """Directory of a built-in model, generated with a fixed seed and saved on first use."""
+    if name not in BUILTIN_CONFIGS:
+        raise ValueError(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN_CONFIGS))}")
+
+    def build(directory: Path) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
         tokenizer = _byte_tokenizer()
         config = LlamaConfig(
             vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=1, eos_token_id=2,
             tie_word_embeddings=False, **BUILTIN_CONFIGS[name],
         )
-        fork = torch.random.fork_rng(devices=[])
-        with fork:
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    return target
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return generated_model(name, BUILTIN_CONFIGS[name], build)
 
 
 def resolve_base_model(base_model: str, search_dir: Path | None = None) -> Path:

@@ -193,7 +193,7 @@ class MuxTrainer:
         rt.optimizer.step()
         rt.scheduler.step()
         rt.optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in params):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
             return self._fail(rt, f"adapter weights became non-finite at step {rt.step + 1}")
         rt.step += 1
         rt.tokens_total += rt.step_tokens

@@ -253,8 +253,9 @@ class MuxTrainer:
         self._set_phase(rt, SUCCEEDED, f"trained {rt.step} steps")
 
     def _fail(self, rt: TaskRuntime, reason: str) -> TaskRuntime:
+        if rt.optimizer is not None:
+            rt.optimizer.zero_grad(set_to_none=True)
         if rt.adapter is not None:
-            rt.optimizer.zero_grad(set_to_none=True) if rt.optimizer else None
             self.backbone.detach(rt.slot)
         rt.pending = []
         log.error("task failed", extra={"task": rt.key, "reason": reason})

@@ -18,7 +18,6 @@ import re
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 

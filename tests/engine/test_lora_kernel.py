@@ -92,8 +92,8 @@ def _rng_snapshot(deltas):
             if gen is None:
                 setattr(d, name, None)
             else:
+                gen.set_state(state)
                 setattr(d, name, gen)
-                restore_rng()
 
     return restore
 

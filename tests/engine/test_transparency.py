@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 def _train(new_trainer, tasks, output, token_budget=4096):

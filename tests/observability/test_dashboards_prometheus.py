@@ -527,7 +527,7 @@ def test_scraped_values_are_true(stack):
     assert 0 < ratio <= 1
     # the budget made tasks take turns, and the fused-each-step series saw it
     assert prom.value("sum(muxtune_task_waiting_rounds_total)") > 0
-    assert prom.value(f"max_over_time(sum(muxtune_engine_tasks_resident)[15m:1s])") == 3
+    assert prom.value("max_over_time(sum(muxtune_engine_tasks_resident)[15m:1s])") == 3
     # per-pod series have the pod's namespace, not a task's
     (info,) = prom.query("muxtune_engine_info")
     assert info["metric"]["namespace"] == stack.engine_labels["namespace"]

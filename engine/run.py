@@ -64,8 +64,10 @@ class StopFlag:
 class TaskFileWatcher:
     """Re-reads the task files (a mounted ConfigMap in a pod) and reports what changed."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], interval: float = 1.0):
         self.paths = paths
+        self.interval = interval  # a ConfigMap changes in seconds; don't read it every step
+        self._next_check = time.monotonic() + interval
         self.digest = self._digest()
 
     def _digest(self) -> str:
@@ -78,6 +80,10 @@ class TaskFileWatcher:
         return h.hexdigest()
 
     def changed(self) -> list[FineTuneTask] | None:
+        now = time.monotonic()
+        if now < self._next_check:
+            return None
+        self._next_check = now + self.interval
         digest = self._digest()
         if digest == self.digest:
             return None

@@ -112,6 +112,24 @@ class ClusterInfo:
 # --------------------------------------------------------------------------- helpers
 
 
+def _run_tool(name: str, args, kubeconfig, input: str | None, check: bool, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a binary built by :mod:`muxtune.devcluster.build` (text mode, output captured);
+    raises KubectlError, whose message carries stderr, when ``check`` and it fails."""
+    exe = _build.bin_path(name)
+    if not exe.exists():
+        _build.ensure_binaries([name])
+    cmd = [str(exe)]
+    if kubeconfig is not None:
+        cmd.append(f"--kubeconfig={kubeconfig}")
+    cmd += list(args)
+    # no input: stdin is /dev/null, so a tool never waits on the caller's terminal
+    p = subprocess.run(cmd, input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise KubectlError(p.returncode, cmd, p.stdout, p.stderr)
+    return p
+
+
 def kubectl(
     *args: str,
     kubeconfig: str | os.PathLike[str] | None = None,
@@ -119,22 +137,8 @@ def kubectl(
     check: bool = True,
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the kubectl built by :mod:`muxtune.devcluster.build` (text mode, output captured).
-
-    Raises ``subprocess.CalledProcessError`` (with stderr in the message) when
-    ``check`` and the command fails.
-    """
-    exe = _build.bin_path("kubectl")
-    if not exe.exists():
-        _build.ensure_binaries(["kubectl"])
-    cmd = [str(exe)]
-    if kubeconfig is not None:
-        cmd.append(f"--kubeconfig={kubeconfig}")
-    cmd += list(args)
-    p = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise KubectlError(p.returncode, cmd, p.stdout, p.stderr)
-    return p
+    """Run the kubectl built by :mod:`muxtune.devcluster.build`."""
+    return _run_tool("kubectl", args, kubeconfig, input, check, timeout)
 
 
 def helm(
@@ -144,17 +148,7 @@ def helm(
     timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run the helm (v3) built by :mod:`muxtune.devcluster.build`; same contract as :func:`kubectl`."""
-    exe = _build.bin_path("helm")
-    if not exe.exists():
-        _build.ensure_binaries(["helm"])
-    cmd = [str(exe)]
-    if kubeconfig is not None:
-        cmd.append(f"--kubeconfig={kubeconfig}")
-    cmd += list(args)
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and p.returncode != 0:
-        raise KubectlError(p.returncode, cmd, p.stdout, p.stderr)
-    return p
+    return _run_tool("helm", args, kubeconfig, None, check, timeout)
 
 
 class KubectlError(subprocess.CalledProcessError):

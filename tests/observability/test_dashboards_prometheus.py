@@ -52,7 +52,8 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = REPO / "dashboards"
 ALERTS = REPO / "charts" / "muxtune" / "files" / "alerts.yaml"
 EXAMPLES = REPO / "examples" / "quickstart"
-STEPS = 30  # long enough that 1 s scrapes see the run in progress
+STEPS = 300  # ~12 s of training on a 2-core machine: several 1 s scrapes see every task Running
+MIN_RUNNING_SCRAPES = 3
 # Grafana's built-in interval variables, as a dashboard over the last few minutes would set them
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "10m", "__range_s": "600", "__interval_ms": "15000"}
 VAR = re.compile(r"\$(?:\{([A-Za-z_]\w*)(?::\w+)?\}|([A-Za-z_]\w*))")
@@ -129,7 +130,7 @@ def task_docs(ns_a: str, ns_b: str, data_dir: Path) -> list[dict]:
                 "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(data), "maxSeqLen": max_len},
                          "peft": peft, "shareAcrossNamespaces": True,
                          "training": {"maxSteps": STEPS, "batchSize": batch, "learningRate": 1e-2, "seed": seed,
-                                      "checkpointInterval": 4}}}
+                                      "checkpointInterval": 25}}}
 
     lora = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
     ia3 = {"method": "ia3", "targetModules": ["k_proj", "v_proj", "down_proj"], "feedforwardModules": ["down_proj"]}
@@ -353,6 +354,15 @@ def stack(request, prometheus_bin, tmp_path_factory):
                     and prom.value('count(muxtune_task_phase{phase="Failed"} == 1)') == 1)
 
         wait_for(finished, 600, "the engine's tasks to finish, as scraped", interval=1)
+        # the panels on running tasks need scrapes that caught each one Running after a step; a
+        # machine so fast that they did not would make those queries' emptiness meaningless
+        for d in docs:
+            name = d["metadata"]["name"]
+            if name == "broken":
+                continue
+            seen = prom.value(f'sum_over_time((muxtune_task_phase{{task="{name}",phase="Running"}} == 1)[15m:1s])')
+            assert (seen or 0) >= MIN_RUNNING_SCRAPES, (
+                f"{name} was scraped Running {seen or 0} times; raise STEPS so the run outlasts a few scrapes")
         if operator is not None:
             def operator_caught_up():
                 assert operator.proc.poll() is None, "operator exited:\n" + tail(operator.log)
@@ -450,7 +460,7 @@ def check_dashboard(prom: Prometheus, name: str, dashboard: dict, want) -> list[
             if target.get("instant"):
                 body = prom.api("query", query=expr)
             else:  # what a time-series panel asks for: a range, over the run
-                body = prom.api("query_range", query=expr, start=str(prom.started), end=str(time.time()), step="2")
+                body = prom.api("query_range", query=expr, start=str(prom.started), end=str(time.time()), step="1")
             where = f"{name} / {panel['title']} / {target['refId']} [{mode}: {values}]"
             if body.get("status") != "success":
                 failures.append(f"{where}: error {body.get('errorType')}: {body.get('error')}\n    {expr}")

@@ -118,19 +118,27 @@ def choose_chunk(lengths: list[int], attn_ratio: float, align: int = 8, max_chun
     Longer chunks pack with less padding but every token attends over more positions:
     cost = rows * C * (1 + attn_ratio * C), attn_ratio being attention FLOPs per token per
     context position over linear FLOPs per token (see MultiplexedBackbone.attn_ratio).
+    Every aligned length from the longest sequence to 4x it is a candidate (a coarse grid left
+    2-3% padding on long-tailed batches), each trimmed to its fullest bin; a candidate whose
+    perfect packing already costs more than the best found is skipped, so few are packed.
     """
-    longest = -(-max(lengths) // align) * align
+    longest = _round_up(max(lengths), align)
     top = max(longest, min(max_chunk or 4 * longest, 4 * longest))
-    candidates = sorted({longest, *range(longest, top + 1, max(align, (top - longest) // 12 // align * align or align))})
+    total = sum(lengths)
     best = None
-    for c in candidates:
-        if best is not None and c * (1 + attn_ratio * c) * -(-sum(lengths) // c) >= best[0]:
+    for c in range(longest, top + 1, align):
+        if best is not None and c * (1 + attn_ratio * c) * -(-total // c) >= best[0]:
             continue  # even a perfect packing at this length costs more than the best so far
         bins = best_fit_decreasing(lengths, c)
-        cost = len(bins) * c * (1 + attn_ratio * c)
+        used = _round_up(max(sum(lengths[i] for i in b) for b in bins), align)  # no row fills the rest
+        cost = len(bins) * used * (1 + attn_ratio * used)
         if best is None or cost < best[0]:
-            best = (cost, c, bins)
+            best = (cost, used, bins)
     return best[1], best[2]
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
 
 
 def pack(sequences: list[PackedSequence], chunk_size: int | None, device: torch.device, pad_id: int = 0,

@@ -10,7 +10,7 @@ from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.data import IGNORE, Example, encode
 from muxtune.engine.models import load_backbone
-from muxtune.engine.packing import PackedSequence, TokenLayout, best_fit_decreasing, pack
+from muxtune.engine.packing import PackedSequence, TokenLayout, best_fit_decreasing, choose_chunk, pack
 
 
 def _save_tiny(kind: str, path):
@@ -95,6 +95,25 @@ def test_best_fit_decreasing_places_everything_within_capacity():
         assert all(sum(lengths[i] for i in b) <= cap for b in bins)
         # never more than twice the lower bound (any-fit guarantee), usually near it
         assert len(bins) <= 2 * -(-sum(lengths) // cap)
+
+
+def test_choose_chunk_finds_the_cheapest_aligned_length():
+    """Against brute force: every aligned length packed, trimmed to its fullest row, costed."""
+    rng = random.Random(1)
+    for _ in range(60):
+        lengths = [max(2, min(256, round(rng.lognormvariate(4.0, 0.9)))) for _ in range(rng.randint(1, 40))]
+        ratio = rng.choice([0.0, 3.5e-4, 1.3e-3, 1e-2])
+        chunk, bins = choose_chunk(lengths, ratio)
+        assert chunk % 8 == 0 and chunk >= max(lengths)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert max(sum(lengths[i] for i in b) for b in bins) > chunk - 8  # trimmed: no all-padding tail
+        longest = -(-max(lengths) // 8) * 8
+        costs = []
+        for c in range(longest, 4 * longest + 1, 8):
+            b = best_fit_decreasing(lengths, c)
+            used = -(-max(sum(lengths[i] for i in x) for x in b) // 8) * 8
+            costs.append(len(b) * used * (1 + ratio * used))
+        assert len(bins) * chunk * (1 + ratio * chunk) == pytest.approx(min(costs))
 
 
 def test_oversized_sequence_is_an_error():

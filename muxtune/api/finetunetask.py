@@ -28,6 +28,19 @@ ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 MAX_MODULES = 64
 
 
+def immutable(field: str) -> dict:
+    """A CEL transition rule: the API server refuses an update that changes the field.
+
+    A task's backbone, data, method and schedule define what its checkpoints mean; changing them
+    under a running task would silently train something else (the way a Job's template is fixed).
+    """
+    return {"x-kubernetes-validations": [{
+        "rule": "self == oldSelf",
+        "message": f"{field} is immutable; delete the task and create it again to change it",
+        "reason": "FieldValueInvalid",
+    }]}
+
+
 class DatasetSpec(ApiModel):
     """Where the training examples are and how to read them."""
 
@@ -146,21 +159,27 @@ class FineTuneTaskSpec(ApiModel):
 
     base_model: str = Field(
         pattern=BASE_MODEL_PATTERN,
+        json_schema_extra=immutable("baseModel"),
         description=(
             "The frozen backbone: builtin:NAME, model:NAME (a BaseModel resource), "
             "pvc://CLAIM/PATH, or a local Hugging Face model directory."
         ),
     )
-    dataset: DatasetSpec = Field(description="Training data.")
-    peft: PeftSpec = Field(default_factory=PeftSpec, description="PEFT method and hyperparameters.")
-    training: TrainingSpec = Field(description="Optimisation settings.")
-    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results are written.")
+    dataset: DatasetSpec = Field(description="Training data.", json_schema_extra=immutable("dataset"))
+    peft: PeftSpec = Field(
+        default_factory=PeftSpec, description="PEFT method and hyperparameters.", json_schema_extra=immutable("peft")
+    )
+    training: TrainingSpec = Field(description="Optimisation settings.", json_schema_extra=immutable("training"))
+    output: OutputSpec = Field(
+        default_factory=OutputSpec, description="Where results are written.", json_schema_extra=immutable("output")
+    )
     priority: int = Field(
         default=0, ge=-1000, le=1000, description="Higher runs first when GPUs are short."
     )
     suspend: bool = Field(default=False, description="Hold the task (or pause it) without deleting it.")
     share_across_namespaces: bool = Field(
         default=False,
+        json_schema_extra=immutable("shareAcrossNamespaces"),
         description="Allow packing with tasks of other namespaces that also allow it.",
     )
 

@@ -354,6 +354,40 @@ def test_created_task_has_defaults_and_columns(api):
     api.kubectl("delete", "ftt", "columns", "-n", NAMESPACE)
 
 
+# spec edits after creation: (field the error must name, merge patch of spec)
+IMMUTABLE_EDITS = [
+    ("spec.baseModel", {"baseModel": "builtin:small-llama"}),
+    ("spec.dataset", {"dataset": {"path": "other.jsonl"}}),
+    ("spec.peft", {"peft": {"r": 16}}),
+    ("spec.training", {"training": {"maxSteps": 99}}),
+    ("spec.output", {"output": {"path": "/elsewhere"}}),
+    ("spec.shareAcrossNamespaces", {"shareAcrossNamespaces": True}),
+]
+
+
+@pytest.mark.cluster
+def test_api_server_refuses_spec_changes_but_not_scheduling_ones(api):
+    """What a task trains is fixed once it exists; priority and suspend (Kueue's switch) are not."""
+    doc = _doc("FineTuneTask", "immutable")
+    assert _apply(api, doc).returncode == 0
+    try:
+        for path, patch in IMMUTABLE_EDITS:
+            p = api.kubectl("patch", "ftt", "immutable", "-n", NAMESPACE, "--type=merge",
+                            "-p", json.dumps({"spec": patch}), check=False)
+            assert p.returncode != 0, f"the API server let {path} change: {p.stdout}"
+            assert path in p.stderr and "immutable" in p.stderr, p.stderr
+        for patch in ({"priority": 500}, {"suspend": True}, {"suspend": False}):
+            p = api.kubectl("patch", "ftt", "immutable", "-n", NAMESPACE, "--type=merge",
+                            "-p", json.dumps({"spec": patch}), check=False)
+            assert p.returncode == 0, p.stderr
+        stored = json.loads(api.kubectl("get", "ftt", "immutable", "-n", NAMESPACE, "-o", "json").stdout)["spec"]
+        assert (stored["priority"], stored["suspend"], stored["baseModel"]) == (500, False, "builtin:tiny-llama")
+        # re-applying the same manifest (what GitOps tools do every sync) is not a change
+        assert _apply(api, doc).returncode == 0
+    finally:
+        api.kubectl("delete", "ftt", "immutable", "-n", NAMESPACE, "--wait=false", check=False)
+
+
 @pytest.mark.cluster
 def test_backbonegroup_and_basemodel_columns(api):
     doc = _doc("BackboneGroup", "grp-cols")

@@ -101,12 +101,21 @@ class TaskFileWatcher:
 
 
 def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
-    """Make the trainer's task set equal the file's: add, remove, restart on spec change."""
+    """Make the trainer's task set equal the file's: add, remove, restart on spec change.
+
+    A new priority only changes the task's share of the backbone, so it applies in place.
+    """
     by_key = {t.key: t for t in wanted}
     for key in list(trainer.tasks):
         if key not in by_key:
             trainer.remove_task(key, reason="removed from the group")
-        elif trainer.tasks[key].task.spec != by_key[key].spec:
+            continue
+        rt, new = trainer.tasks[key], by_key[key]
+        if rt.task.spec == new.spec:
+            continue
+        if rt.task.spec.model_copy(update={"priority": new.spec.priority}) == new.spec:
+            rt.task = new
+        else:
             trainer.remove_task(key, reason="spec changed")
     for key, task in by_key.items():
         if key not in trainer.tasks:

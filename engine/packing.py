@@ -122,7 +122,7 @@ def choose_chunk(lengths: list[int], attn_ratio: float, align: int = 8, max_chun
     2-3% padding on long-tailed batches), each trimmed to its fullest bin; a candidate whose
     perfect packing already costs more than the best found is skipped, so few are packed.
     """
-    longest = _round_up(max(lengths), align)
+    longest = round_up(max(lengths), align)
     top = max(longest, min(max_chunk or 4 * longest, 4 * longest))
     total = sum(lengths)
     best = None
@@ -130,14 +130,14 @@ def choose_chunk(lengths: list[int], attn_ratio: float, align: int = 8, max_chun
         if best is not None and c * (1 + attn_ratio * c) * -(-total // c) >= best[0]:
             continue  # even a perfect packing at this length costs more than the best so far
         bins = best_fit_decreasing(lengths, c)
-        used = _round_up(max(sum(lengths[i] for i in b) for b in bins), align)  # no row fills the rest
+        used = round_up(max(sum(lengths[i] for i in b) for b in bins), align)  # no row fills the rest
         cost = len(bins) * used * (1 + attn_ratio * used)
         if best is None or cost < best[0]:
             best = (cost, used, bins)
     return best[1], best[2]
 
 
-def _round_up(n: int, align: int) -> int:
+def round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
 

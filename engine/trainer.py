@@ -20,16 +20,12 @@ from muxtune.engine import checkpoint as ckpt
 from muxtune.engine import scheduler
 from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.data import DataStream, load_examples
-from muxtune.engine.packing import PackedSequence, pack
+from muxtune.engine.packing import PackedSequence, pack, round_up
 from muxtune.engine.peft.export import save_adapter
 from muxtune.engine.task import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED, TaskRuntime
 from muxtune.engine.telemetry import RoundRecord, StepRecord, Telemetry
 
 log = logging.getLogger("muxtune.engine")
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 class MuxTrainer:
@@ -147,7 +143,7 @@ class MuxTrainer:
         seqs = [PackedSequence(p.task.slot, ex) for p in picks for ex in p.examples]
         chunk = None
         if self.chunk_size:  # a fixed length, grown when a sequence would not fit
-            chunk = max(self.chunk_size, _round_up(max(len(s.example.input_ids) for s in seqs), 8))
+            chunk = max(self.chunk_size, round_up(max(len(s.example.input_ids) for s in seqs), 8))
         batch = pack(seqs, chunk, self.backbone.device, self.backbone.tokenizer.pad_token_id or 0,
                      attn_ratio=self.backbone.attn_ratio)
         t0 = time.perf_counter()

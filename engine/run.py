@@ -101,7 +101,8 @@ class TaskFileWatcher:
 
 
 def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
-    """Make the trainer's task set equal the file's: add, remove, restart on spec change.
+    """Make the trainer's task set equal the file's: add, remove, and take out and re-add a task
+    whose spec changed (re-adding refuses checkpoints written under the old spec).
 
     A new priority only changes the task's share of the backbone, so it applies in place.
     """

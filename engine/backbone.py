@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
+from muxtune.engine import attention
 from muxtune.engine.data import IGNORE
 from muxtune.engine.models import LoadedBackbone
 from muxtune.engine.packing import PackedBatch
@@ -54,6 +55,7 @@ class ForwardResult:
 class MultiplexedBackbone:
     def __init__(self, loaded: LoadedBackbone):
         self.model = loaded.model
+        attention.install(self.model)  # per-sequence attention from the batch's boundaries, no dense mask
         self.tokenizer = loaded.tokenizer
         self.path = loaded.path
         self.ctx = MuxContext()
@@ -65,7 +67,7 @@ class MultiplexedBackbone:
         self.attn_ratio = self._attention_to_linear_ratio()
 
     def _attention_to_linear_ratio(self) -> float:
-        """Attention FLOPs per token per context position / linear FLOPs per token, for packing."""
+        """Attention FLOPs per (query, key) pair / linear FLOPs per token, for packing."""
         cfg = self.model.config
         linear = sum(m.weight.numel() for m in self.linears.values()) + self.lm_head.weight.numel()
         layers = getattr(cfg, "num_hidden_layers", 1)
@@ -122,10 +124,8 @@ class MultiplexedBackbone:
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         self.ctx.layout = batch.layout
         try:
-            out = self.decoder(
-                input_ids=batch.input_ids, position_ids=batch.position_ids,
-                attention_mask=batch.attention_mask(self.dtype), use_cache=False,
-            )
+            out = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                               **attention.attention_inputs(batch))
         finally:
             self.ctx.layout = None
         return out.last_hidden_state

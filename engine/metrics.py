@@ -25,6 +25,7 @@ the PodMonitor scrapes with ``honorLabels: true``.
 | muxtune_engine_info{backbone,device,version} | gauge | always 1; what this engine runs |
 | muxtune_engine_step_duration_seconds | histogram | wall time of one fused forward/backward over the backbone |
 | muxtune_engine_effective_token_ratio | gauge | real tokens / computed tokens of the latest fused forward (0-1) |
+| muxtune_engine_attention_work_ratio | gauge | attention (query, key) pairs needed / computed of the latest fused forward (0-1) |
 | muxtune_engine_real_tokens_total | counter | real tokens through the backbone (all tasks) |
 | muxtune_engine_computed_tokens_total | counter | tokens computed including padding (rate ratio = effective ratio) |
 | muxtune_engine_tasks_resident | gauge | tasks whose adapters are attached (phase Running) |
@@ -211,6 +212,7 @@ class EngineMetrics(Telemetry):
         self._tasks: dict[str, _TaskSeries] = {}
         self._info: dict[str, str] | None = None
         self._effective: float | None = None
+        self._attention_work: float | None = None
         self._real_tokens = 0
         self._computed_tokens = 0
         self._checkpoint_failures = 0
@@ -279,6 +281,7 @@ class EngineMetrics(Telemetry):
         fused, waiting = set(record.fused), set(record.waiting)
         with self._lock:
             self._effective = record.effective_token_ratio
+            self._attention_work = record.attention_work_ratio
             self._real_tokens += record.real_tokens
             self._computed_tokens += record.computed_tokens
             for key, s in self._tasks.items():
@@ -322,7 +325,7 @@ class _Collector:
         with m._lock:
             m._drop_departed()
             tasks = [_TaskSeries(**vars(s)) for s in m._tasks.values()]
-            info, effective = m._info, m._effective
+            info, effective, attention_work = m._info, m._effective, m._attention_work
             real, computed, failures = m._real_tokens, m._computed_tokens, m._checkpoint_failures
         labels = ["namespace", "task"]
 
@@ -371,6 +374,10 @@ class _Collector:
         if effective is not None:
             yield GaugeMetricFamily("muxtune_engine_effective_token_ratio",
                                     "Real tokens / computed tokens of the latest fused forward (0-1).", value=effective)
+        if attention_work is not None:
+            yield GaugeMetricFamily("muxtune_engine_attention_work_ratio",
+                                    "Attention (query, key) pairs needed / computed of the latest fused forward (0-1).",
+                                    value=attention_work)
         yield CounterMetricFamily("muxtune_engine_real_tokens", "Real tokens through the backbone, all tasks.", value=real)
         yield CounterMetricFamily("muxtune_engine_computed_tokens",
                                   "Tokens computed through the backbone, padding included.", value=computed)

@@ -1,8 +1,9 @@
 """Chunk-based data alignment: whole sequences of many tasks packed into fixed-size chunks.
 
-Each chunk row attends block-diagonally (a token sees only earlier tokens of its own sequence)
-and positions restart per sequence, so a packed forward equals separate forwards while the
-padding left is only what does not fit at chunk ends.
+Each token attends only to earlier tokens of its own sequence (engine/attention.py computes
+exactly those pairs, per sequence, from the boundaries kept here) and positions restart per
+sequence, so a packed forward equals separate forwards while the padding left is only what does
+not fit at chunk ends. What a sequence costs (its length) is counted here and nowhere else.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from muxtune.engine.data import IGNORE, Example
 class PackedSequence:
     slot: int  # which task
     example: Example
+
+    @property
+    def length(self) -> int:
+        """Tokens this sequence occupies in a chunk."""
+        return len(self.example.input_ids)
 
 
 @dataclass
@@ -47,18 +53,19 @@ class TokenLayout:
 
     @classmethod
     def from_slots(cls, token_slot: torch.Tensor) -> TokenLayout:
-        # stable sort keeps order within a task; padding (-1) sorts first and belongs to no segment
-        perm = torch.sort(token_slot, stable=True).indices
-        sorted_slots = token_slot[perm].tolist()
+        # stable sort keeps order within a task; padding (-1) sorts last and belongs to no segment,
+        # so a batch laid out task after task, padding at the end, has the identity permutation
+        key = torch.where(token_slot < 0, torch.iinfo(token_slot.dtype).max, token_slot)
+        sorted_key, perm = torch.sort(key, stable=True)
+        values, counts = torch.unique_consecutive(sorted_key, return_counts=True)
         segments, start = [], 0
-        for i in range(1, len(sorted_slots) + 1):
-            if i == len(sorted_slots) or sorted_slots[i] != sorted_slots[start]:
-                if sorted_slots[start] >= 0:
-                    segments.append((sorted_slots[start], start, i))
-                start = i
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(len(perm), device=perm.device)
-        identity = bool(torch.equal(perm, torch.arange(len(perm), device=perm.device)))
+        for slot, n in zip(values.tolist(), counts.tolist()):
+            if slot != torch.iinfo(token_slot.dtype).max:
+                segments.append((slot, start, start + n))
+            start += n
+        arange = torch.arange(len(perm), device=perm.device)
+        identity = bool(torch.equal(perm, arange))
+        inv = perm if identity else torch.empty_like(perm).index_copy_(0, perm, arange)
         max_slot = max((seg[0] for seg in segments), default=-1)
         return cls(token_slot, perm, inv, segments, identity, max_slot)
 
@@ -74,13 +81,32 @@ class PackedBatch:
     spans: list[tuple[int, int, int]]  # per sequence: (row, start, length)
     real_tokens: int
     computed_tokens: int
+    # attention segments over the flattened rows*chunk tokens, cumulative: each sequence, and each
+    # row's padding tail as a segment of its own (what engine/attention.py computes)
+    cu_seq_lens: list[int]
 
     @property
     def effective_token_ratio(self) -> float:
         return self.real_tokens / max(1, self.computed_tokens)
 
+    @property
+    def attention_pairs_needed(self) -> int:
+        """(query, key) pairs causal attention within each sequence needs."""
+        return sum(triangle(n) for _row, _start, n in self.spans)
+
+    @property
+    def attention_pairs_computed(self) -> int:
+        """Pairs the per-segment attention computes: the sequences' and the padding tails'."""
+        return sum(triangle(e - s) for s, e in zip(self.cu_seq_lens, self.cu_seq_lens[1:]))
+
+    @property
+    def attention_work_ratio(self) -> float:
+        """Attention work needed / computed (1.0: none wasted; a dense chunk mask gave ~0.27)."""
+        return self.attention_pairs_needed / max(1, self.attention_pairs_computed)
+
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """[rows, 1, chunk, chunk] additive mask: causal within a sequence, nothing across."""
+        """[rows, 1, chunk, chunk] additive mask: causal within a sequence, nothing across.
+        The dense reference the tests hold engine/attention.py to; training never builds it."""
         seq = self.seq_ids.clone()
         pad = seq < 0
         # padding tokens see only themselves (a row with no visible key would give NaN)
@@ -112,26 +138,37 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def triangle(n: int) -> int:
+    """(query, key) pairs of causal attention over n tokens."""
+    return n * (n + 1) // 2
+
+
 def choose_chunk(lengths: list[int], attn_ratio: float, align: int = 8, max_chunk: int | None = None) -> tuple[int, list[list[int]]]:
     """The chunk length with the least modelled cost, and its bins.
 
-    Longer chunks pack with less padding but every token attends over more positions:
-    cost = rows * C * (1 + attn_ratio * C), attn_ratio being attention FLOPs per token per
-    context position over linear FLOPs per token (see MultiplexedBackbone.attn_ratio).
-    Every aligned length from the longest sequence to 4x it is a candidate (a coarse grid left
-    2-3% padding on long-tailed batches), each trimmed to its fullest bin; a candidate whose
-    perfect packing already costs more than the best found is skipped, so few are packed.
+    Attention runs per sequence (engine/attention.py), so it costs the per-sequence triangles plus
+    a triangle per row's padding tail, whatever the chunk:
+        cost = rows * C + attn_ratio * (sum of triangle(n) over sequences + over padding tails)
+    attn_ratio being attention FLOPs per (query, key) pair over linear FLOPs per token (see
+    MultiplexedBackbone.attn_ratio). rows * C is a multiple of align and at least the real
+    tokens, so one row holding everything, round_up(total, align) long, has the least linear
+    cost of all, and its padding tail (< align tokens) is within attn_ratio * align**2 / 2 of any
+    other: with no max_chunk that row is the choice. With max_chunk (micro-batches of bounded
+    length), every aligned length from the longest sequence to max_chunk is packed, each trimmed
+    to its fullest bin, and the cheapest wins.
     """
-    longest = round_up(max(lengths), align)
-    top = max(longest, min(max_chunk or 4 * longest, 4 * longest))
     total = sum(lengths)
+    longest = round_up(max(lengths), align)
+    whole = round_up(total, align)
+    top = whole if max_chunk is None else max(longest, min(max_chunk // align * align, whole))
+    if top == whole:
+        return whole, [list(range(len(lengths)))]
     best = None
     for c in range(longest, top + 1, align):
-        if best is not None and c * (1 + attn_ratio * c) * -(-total // c) >= best[0]:
-            continue  # even a perfect packing at this length costs more than the best so far
         bins = best_fit_decreasing(lengths, c)
-        used = round_up(max(sum(lengths[i] for i in b) for b in bins), align)  # no row fills the rest
-        cost = len(bins) * used * (1 + attn_ratio * used)
+        fills = [sum(lengths[i] for i in b) for b in bins]
+        used = round_up(max(fills), align)  # no row fills the rest
+        cost = len(bins) * used + attn_ratio * sum(triangle(used - f) for f in fills)  # + sequences' (constant)
         if best is None or cost < best[0]:
             best = (cost, used, bins)
     return best[1], best[2]
@@ -142,36 +179,47 @@ def round_up(n: int, align: int) -> int:
 
 
 def pack(sequences: list[PackedSequence], chunk_size: int | None, device: torch.device, pad_id: int = 0,
-         attn_ratio: float = 0.0) -> PackedBatch:
-    """Pack into chunks of chunk_size, or of the cheapest length by choose_chunk when None."""
-    lengths = [len(s.example.input_ids) for s in sequences]
+         attn_ratio: float = 0.0, max_chunk: int | None = None) -> PackedBatch:
+    """Pack into chunks of chunk_size, or of the cheapest length by choose_chunk when None
+    (one row unless max_chunk bounds it)."""
+    lengths = [s.length for s in sequences]
     if chunk_size is None:
-        chunk_size, bins = choose_chunk(lengths, attn_ratio)
+        chunk_size, bins = choose_chunk(lengths, attn_ratio, max_chunk=max_chunk)
     else:
         bins = best_fit_decreasing(lengths, chunk_size)
-    # within a chunk, order by task so a task's tokens form long runs
+    # within a chunk, order by task so a task's tokens form long runs (one row: the identity layout)
     bins = [sorted(b, key=lambda i: (sequences[i].slot, i)) for b in bins]
-    rows = len(bins)
-    ids = torch.full((rows, chunk_size), pad_id, dtype=torch.long)
-    pos = torch.zeros((rows, chunk_size), dtype=torch.long)
-    seq_ids = torch.full((rows, chunk_size), -1, dtype=torch.long)
-    targets = torch.full((rows, chunk_size), IGNORE, dtype=torch.long)
-    slots = torch.full((rows, chunk_size), -1, dtype=torch.long)
+    ids: list[int] = []
+    pos: list[int] = []
+    targets: list[int] = []
+    slots: list[int] = []
     spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(sequences)
+    cu = [0]
     for r, b in enumerate(bins):
-        o = 0
         for i in b:
             ex, n = sequences[i].example, lengths[i]
-            ids[r, o:o + n] = torch.tensor(ex.input_ids)
-            targets[r, o:o + n] = torch.tensor(ex.targets)
-            pos[r, o:o + n] = torch.arange(n)
-            seq_ids[r, o:o + n] = i
-            slots[r, o:o + n] = sequences[i].slot
-            spans[i] = (r, o, n)
-            o += n
-    layout = TokenLayout.from_slots(slots.view(-1).to(device))
+            spans[i] = (r, len(ids) - r * chunk_size, n)
+            ids += ex.input_ids
+            targets += ex.targets
+            pos += range(n)
+            slots += [sequences[i].slot] * n
+            cu.append(len(ids))
+        pad = (r + 1) * chunk_size - len(ids)
+        if pad:
+            ids += [pad_id] * pad
+            targets += [IGNORE] * pad
+            pos += [0] * pad
+            slots += [-1] * pad
+            cu.append(len(ids))
+    rows = len(bins)
+    seq_ids = torch.full((rows * chunk_size,), -1, dtype=torch.long)
+    for i, (r, start, n) in enumerate(spans):
+        seq_ids[r * chunk_size + start: r * chunk_size + start + n] = i
+    layout = TokenLayout.from_slots(torch.tensor(slots).to(device))
     return PackedBatch(
-        input_ids=ids.to(device), position_ids=pos.to(device), seq_ids=seq_ids.to(device),
-        targets=targets.view(-1).to(device), layout=layout, sequences=sequences, spans=spans,
-        real_tokens=sum(lengths), computed_tokens=rows * chunk_size,
+        input_ids=torch.tensor(ids).view(rows, chunk_size).to(device),
+        position_ids=torch.tensor(pos).view(rows, chunk_size).to(device),
+        seq_ids=seq_ids.view(rows, chunk_size).to(device),
+        targets=torch.tensor(targets).to(device), layout=layout, sequences=sequences, spans=spans,
+        real_tokens=sum(lengths), computed_tokens=rows * chunk_size, cu_seq_lens=cu,
     )

@@ -32,10 +32,16 @@ class RoundRecord:
     real_tokens: int
     computed_tokens: int
     seconds: float
+    attention_pairs_needed: int = 0  # (query, key) pairs causal attention within each sequence needs
+    attention_pairs_computed: int = 0  # pairs the attention computed (padding tails included)
 
     @property
     def effective_token_ratio(self) -> float:
         return self.real_tokens / max(1, self.computed_tokens)
+
+    @property
+    def attention_work_ratio(self) -> float | None:
+        return self.attention_pairs_needed / self.attention_pairs_computed if self.attention_pairs_computed else None
 
 
 class Telemetry:

@@ -172,7 +172,8 @@ class MuxTrainer:
         self.rounds += 1
         self.real_tokens += batch.real_tokens
         self.computed_tokens += batch.computed_tokens
-        self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], batch.real_tokens, batch.computed_tokens, seconds))
+        self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], batch.real_tokens, batch.computed_tokens, seconds,
+                                              batch.attention_pairs_needed, batch.attention_pairs_computed))
         return True
 
     def run(self, should_stop=lambda: False) -> None:

@@ -10,7 +10,7 @@ from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.data import IGNORE, Example, encode
 from muxtune.engine.models import load_backbone
-from muxtune.engine.packing import PackedSequence, TokenLayout, best_fit_decreasing, choose_chunk, pack
+from muxtune.engine.packing import PackedSequence, TokenLayout, best_fit_decreasing, choose_chunk, pack, triangle
 
 
 def _save_tiny(kind: str, path):
@@ -97,23 +97,64 @@ def test_best_fit_decreasing_places_everything_within_capacity():
         assert len(bins) <= 2 * -(-sum(lengths) // cap)
 
 
+def _modelled_cost(lengths, bins, chunk, ratio):
+    """rows x chunk tokens + ratio x the attention pairs computed: per sequence and per padding tail."""
+    tri = lambda n: n * (n + 1) // 2  # noqa: E731
+    fills = [sum(lengths[i] for i in b) for b in bins]
+    return len(bins) * chunk + ratio * (sum(tri(n) for n in lengths) + sum(tri(chunk - f) for f in fills))
+
+
+def _brute_force(lengths, ratio, top):
+    """Every aligned length packed, trimmed to its fullest row, costed: the least cost."""
+    longest = -(-max(lengths) // 8) * 8
+    costs = []
+    for c in range(longest, top + 1, 8):
+        b = best_fit_decreasing(lengths, c)
+        used = -(-max(sum(lengths[i] for i in x) for x in b) // 8) * 8
+        costs.append(_modelled_cost(lengths, b, used, ratio))
+    return min(costs)
+
+
+def _check_bins(lengths, chunk, bins):
+    assert chunk % 8 == 0 and chunk >= max(lengths)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert max(sum(lengths[i] for i in b) for b in bins) > chunk - 8  # trimmed: no all-padding tail
+
+
 def test_choose_chunk_finds_the_cheapest_aligned_length():
-    """Against brute force: every aligned length packed, trimmed to its fullest row, costed."""
+    """Against brute force over every aligned length, attention counted per sequence as computed."""
     rng = random.Random(1)
-    for _ in range(60):
+    for _ in range(40):
         lengths = [max(2, min(256, round(rng.lognormvariate(4.0, 0.9)))) for _ in range(rng.randint(1, 40))]
         ratio = rng.choice([0.0, 3.5e-4, 1.3e-3, 1e-2])
+        # unbounded: one row, within ratio * align^2 / 2 of the best packing of any length
         chunk, bins = choose_chunk(lengths, ratio)
-        assert chunk % 8 == 0 and chunk >= max(lengths)
-        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
-        assert max(sum(lengths[i] for i in b) for b in bins) > chunk - 8  # trimmed: no all-padding tail
+        _check_bins(lengths, chunk, bins)
+        assert len(bins) == 1 and chunk - sum(lengths) < 8
+        whole = -(-sum(lengths) // 8) * 8
+        assert _modelled_cost(lengths, bins, chunk, ratio) <= _brute_force(lengths, ratio, whole) + ratio * 8 * 8 / 2
+        # bounded (micro-batches): exactly the cheapest aligned length up to the bound
+        bound = 2 * max(lengths)
+        chunk, bins = choose_chunk(lengths, ratio, max_chunk=bound)
+        _check_bins(lengths, chunk, bins)
         longest = -(-max(lengths) // 8) * 8
-        costs = []
-        for c in range(longest, 4 * longest + 1, 8):
-            b = best_fit_decreasing(lengths, c)
-            used = -(-max(sum(lengths[i] for i in x) for x in b) // 8) * 8
-            costs.append(len(b) * used * (1 + ratio * used))
-        assert len(bins) * chunk * (1 + ratio * chunk) == pytest.approx(min(costs))
+        assert chunk <= max(longest, bound)
+        assert _modelled_cost(lengths, bins, chunk, ratio) == pytest.approx(
+            _brute_force(lengths, ratio, max(longest, min(bound // 8 * 8, whole))))
+
+
+def test_chunk_choice_follows_attention_as_computed():
+    """Per-sequence attention costs the same in any chunk, so the choice minimises padding alone:
+    the dense model (rows x chunk^2) chose short chunks and left padding at every row's end."""
+    rng = random.Random(4)
+    lengths = [max(8, min(256, round(rng.lognormvariate(4.2, 0.9)))) for _ in range(64)]
+    seqs = [PackedSequence(i % 4, Example(tuple(range(1, n + 1)), tuple([IGNORE] * n))) for i, n in enumerate(lengths)]
+    batch = pack(seqs, None, torch.device("cpu"), attn_ratio=1.3e-3)
+    assert batch.input_ids.shape[0] == 1 and batch.computed_tokens - batch.real_tokens < 8
+    assert batch.layout.identity  # task after task, padding last: no gather in the adapted layers
+    assert batch.attention_work_ratio > 0.999
+    bounded = pack(seqs, None, torch.device("cpu"), attn_ratio=1.3e-3, max_chunk=512)
+    assert bounded.input_ids.shape[1] <= 512 and bounded.input_ids.shape[0] > 1
 
 
 def test_oversized_sequence_is_an_error():
@@ -127,6 +168,12 @@ def test_effective_token_ratio_and_targets():
     assert batch.real_tokens == 102
     assert batch.computed_tokens == batch.input_ids.shape[0] * 64 == 128
     assert batch.effective_token_ratio == pytest.approx(102 / 128)
+    # attention segments: every sequence, and each row's padding tail on its own, covering all tokens
+    sizes = [e - s for s, e in zip(batch.cu_seq_lens, batch.cu_seq_lens[1:])]
+    # best fit: row 0 = 40 + 20 (task 1, in order), 4 padding; row 1 = 30 + 12 (task 0), 22 padding
+    assert batch.cu_seq_lens[0] == 0 and sizes == [20, 40, 4, 30, 12, 22]
+    assert batch.attention_pairs_needed == sum(triangle(n) for n in (30, 20, 12, 40))
+    assert batch.attention_pairs_computed == sum(triangle(n) for n in sizes)
     # a target never crosses a sequence boundary inside a chunk
     for i, e in enumerate(ex):
         row, start, n = batch.spans[i]

@@ -75,6 +75,7 @@ def test_real_run_counts_match_the_trainer(trainer_factory, make_task, data_dir,
     assert val(m, "muxtune_engine_real_tokens_total") == real == trainer.real_tokens
     assert val(m, "muxtune_engine_computed_tokens_total") == trainer.computed_tokens >= real
     assert 0 < val(m, "muxtune_engine_effective_token_ratio") <= 1
+    assert 0 < val(m, "muxtune_engine_attention_work_ratio") <= 1
     assert val(m, "muxtune_engine_step_duration_seconds_count") == trainer.rounds
     waited = sum(val(m, "muxtune_task_waiting_rounds_total", namespace="default", task=t.metadata.name) for t in tasks)
     assert waited > 0, "a 96-token budget must have left a task out of some forward"

@@ -52,7 +52,7 @@ def populated_engine(n_tasks: int = 3) -> EngineMetrics:
         m.task_phase(rt)
         m.step_done(rt, StepRecord(step=1, loss=1.5, tokens=100, label_tokens=40, lr=1e-3, grad_norm=0.7,
                                    seconds=0.5, tokens_per_second=200.0))
-    m.round_done(RoundRecord([rts[0].key], [r.key for r in rts[1:]], 100, 128, 0.2))
+    m.round_done(RoundRecord([rts[0].key], [r.key for r in rts[1:]], 100, 128, 0.2, 900, 1000))
     m.checkpoint_done(rts[0], 0.4, True)
     m.checkpoint_done(rts[0], 0.4, False)
     rts[-1].phase, rts[-1].message = "Failed", "loss became non-finite at step 2"
@@ -114,6 +114,7 @@ def test_engine_names_and_labels():
     for wanted in ("muxtune_task_tokens", "muxtune_task_steps", "muxtune_task_loss", "muxtune_task_learning_rate",
                    "muxtune_task_tokens_per_second", "muxtune_task_phase", "muxtune_task_fused",
                    "muxtune_engine_step_duration_seconds", "muxtune_engine_effective_token_ratio",
+                   "muxtune_engine_attention_work_ratio",
                    "muxtune_engine_real_tokens", "muxtune_engine_computed_tokens", "muxtune_engine_tasks_resident",
                    "muxtune_engine_tasks_fused", "muxtune_engine_tasks_waiting", "muxtune_engine_memory_bytes",
                    "muxtune_engine_memory_peak_bytes", "muxtune_engine_gpu_utilization_ratio",

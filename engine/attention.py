@@ -1,0 +1,146 @@
+"""Per-sequence (variable-length) causal attention for packed batches, without a dense mask.
+
+A packed batch is a stream of whole sequences laid end to end ([rows, chunk] flattened); each
+token attends to the earlier tokens of its own sequence only. A dense [rows, 1, chunk, chunk]
+mask says so too, but then attention computes every pair of the chunk square and masks most of
+them away, and the mask keeps flash kernels off. Instead the boundaries travel as transformers'
+flash-attention kwargs (what `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` makes):
+
+    cu_seq_lens_q = cu_seq_lens_k   int32 [segments + 1], cumulative segment lengths over the
+                                    flattened rows*chunk tokens (a row's padding tail is a segment
+                                    of its own, so every token is covered and stays finite)
+    max_length_q = max_length_k     the longest segment (Python int)
+
+and the function registered here under NAME (transformers' AttentionInterface) computes:
+- CUDA, fp16/bf16: one call of torch's variable-length flash attention
+  (`torch.nn.attention.varlen.varlen_attn`: flash or cuDNN, causal, GQA without repeating K/V),
+  or flash-attn's `flash_attn_varlen_func` where torch has no varlen_attn;
+- elsewhere (CPU, fp32): causal SDPA per segment on [1, heads, n, d] views (split, not sliced,
+  so the backward concatenates gradients once instead of a full-size zero tensor per segment);
+  measured fastest on CPU (see README's bench section).
+Called without those kwargs (a plain causal forward, KV caches, a 2D padding mask) it behaves as
+`sdpa` does, so the shared model still serves ordinary callers. Packed `position_ids` without
+boundaries are turned into boundaries, as transformers' flash path does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "muxtune_varlen"
+
+try:  # torch >= 2.9
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+except ImportError:  # pragma: no cover - older torch
+    _torch_varlen = None
+try:
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen
+except ImportError:
+    _flash_attn_varlen = None
+
+
+def attention_inputs(batch) -> dict:
+    """The attention kwargs of a PackedBatch, for the HF decoder (or each decoder layer): computed
+    once per batch and cached on it, on the batch's device."""
+    cached = batch.__dict__.get("_attention_inputs")
+    if cached is None:
+        cu = torch.tensor(batch.cu_seq_lens, dtype=torch.int32).to(batch.input_ids.device)
+        longest = max(b - a for a, b in zip(batch.cu_seq_lens, batch.cu_seq_lens[1:]))
+        cached = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        batch.__dict__["_attention_inputs"] = cached
+    return cached
+
+
+def install(model) -> None:
+    """Register the packed attention with transformers and make it the model's implementation."""
+    register()
+    model.set_attn_implementation(NAME)
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(NAME, packed_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, _mask)
+
+
+def _mask(*args, attention_mask=None, **kwargs):
+    """No mask for packed batches (boundaries come as kwargs); an explicit padding mask becomes
+    sdpa's mask, for ordinary callers of the shared model."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                     position_ids=None, sliding_window=None, softcap=None, **kwargs):
+    """transformers attention-function contract: query [b, Hq, S, d], key/value [b, Hkv, S, d]
+    in, ([b, S, Hq, d], None) out."""
+    b, _, s, _ = query.shape
+    if cu_seq_lens_q is None and attention_mask is None and position_ids is not None and key.shape[2] == s:
+        cu_seq_lens_q, max_length_q = _bounds_from_positions(position_ids.expand(b, -1))
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
+    if cu_seq_lens_q is None or key.shape[2] != s or attention_mask is not None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, sliding_window=sliding_window, softcap=softcap, **kwargs)
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+        raise ValueError("packed attention: cu_seq_lens_k must equal cu_seq_lens_q (causal self-attention)")
+    if softcap is not None:
+        raise ValueError("packed attention: attention logit softcapping is not supported")
+    max_len = int(max_length_q) if max_length_q is not None else None
+    if sliding_window is not None and (max_len is None or max_len > sliding_window):
+        raise ValueError(f"packed attention: sequences longer than the sliding window ({sliding_window}) are not supported")
+    # [b, H, S, d] -> [b*S, H, d]: a view when b == 1 (the projections lay tokens out first)
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (query, key, value))
+    cu = cu_seq_lens_q.to(q.device)
+    if _varlen_available(q) and dropout == 0.0:
+        out = varlen_call(q, k, v, cu, max_len if max_len is not None else int(cu.diff().max()), scaling)
+    else:
+        bounds = cu.tolist()
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != b * s:
+            raise ValueError(f"packed attention: cu_seq_lens must run from 0 to the batch's {b * s} tokens, got {bounds[0]}..{bounds[-1]}")
+        out = segment_attention(q, k, v, bounds, scaling, dropout)
+    return out.view(b, s, out.shape[1], out.shape[2]), None
+
+
+def _varlen_available(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (_torch_varlen or _flash_attn_varlen) is not None
+
+
+def varlen_call(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+    """One variable-length causal flash-attention call over [T, H, d] tokens. The same cu tensor
+    object goes in for queries and keys: cuDNN's varlen causal path requires exactly that."""
+    cu = cu.to(torch.int32)
+    gqa = q.shape[1] != k.shape[1]
+    if _torch_varlen is not None:
+        return _torch_varlen(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=gqa)
+    return _flash_attn_varlen(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+
+
+def segment_attention(q, k, v, bounds: list[int], scale: float | None, dropout: float = 0.0) -> torch.Tensor:
+    """Causal SDPA per segment ([T, H, d] in and out); bounds are cumulative segment lengths."""
+    sizes = [e - s for s, e in zip(bounds, bounds[1:])]
+    gqa = q.shape[1] != k.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                                       dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+        for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))
+    ]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _bounds_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Segment boundaries where positions restart (every row starts one), as transformers'
+    flash path derives them for DataCollatorWithFlattening batches without flash kwargs."""
+    flat = position_ids.reshape(-1)
+    starts = (flat == flat.min()).nonzero().view(-1)
+    rows = torch.arange(0, flat.numel(), position_ids.shape[1], device=flat.device)
+    starts = torch.unique(torch.cat([starts, rows]))
+    cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    return cu, int(cu.diff().max())

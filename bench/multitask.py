@@ -1,8 +1,9 @@
-"""N LoRA fine-tuning tasks three ways: separate processes, one after another, and muxtune.
+"""N LoRA fine-tuning tasks five ways: four ways users run them today, and muxtune.
 
-    python -m bench.multitask --quick               # about a minute on an idle 2-core CPU, tiny model
-    python -m bench.multitask                       # full: small-llama on CPU (~10 min), a ~1B model on GPU
-    python -m bench.multitask --quick --json out.json --wait-idle 300
+    python -m bench.multitask --quick               # a few minutes on an idle 2-core CPU, tiny model
+    python -m bench.multitask --quick --long        # long sequences: median 512 tokens, cap 2048
+    python -m bench.multitask                       # full: small-llama on CPU, a ~1B model on GPU
+    python -m bench.multitask --quick --json out.json --wait-idle 300 --rounds 2
 
 The workload: for each N in --n, tasks 0..N-1, each a LoRA on q_proj/v_proj with its own rank
 (cycling through --ranks, e.g. 4, 8, 16, 32), its own data (prompt/completion pairs whose lengths
@@ -18,8 +19,15 @@ The systems, each in its own process(es), so peak memory is its own:
               so the N processes share the cores without oversubscription. They start their timed
               region together (a barrier after warm-up).
   sequential  the same loop, the N jobs one after another in one process (all cores, or --threads).
+  separate-packed, sequential-packed
+              the same two, as a knowledgeable user runs them: padding-free batches (transformers'
+              DataCollatorWithFlattening: one row per step, positions restarting per sequence)
+              with per-sequence (varlen) attention: the engine's own attention function,
+              registered with transformers as a user registers flash-attn, so the baseline attends
+              exactly as muxtune does (bench/workers.py).
   muxtune     the N tasks multiplexed in one engine (MuxTrainer over one shared frozen backbone:
-              packed chunks, per-task LoRA deltas, token-budget rounds), all cores (or --threads).
+              packed rows, per-sequence attention, per-task LoRA deltas, token-budget rounds), all
+              cores (or --threads).
 Setup (loading the model, tokenising, creating adapters and optimizers) and warm-up steps are
 outside the timed region in every system; saving each trained adapter is inside.
 Workers start (--launcher) by fork from a process that has imported torch, transformers and peft
@@ -32,22 +40,28 @@ gives separate the smaller per-process overhead and muxtune the less flattering 
 How to read the table (one block per N):
   tokens/s   aggregate real (non-padding) training tokens per second over all N tasks: total real
              tokens / wall time from the common start until the last task finishes. Higher is better.
-  x sep      this row's tokens/s divided by separate's (same N); x seq likewise for sequential.
-             muxtune's x sep is the headline: how much faster the same jobs finish together.
+  x sep      this row's tokens/s divided by separate's (same N); x seq, x sep-p, x seq-p likewise
+             for sequential, separate-packed, sequential-packed. muxtune's x sep-p is the headline:
+             how much faster the same jobs finish together than the best separate setup.
   peak mem   peak memory summed over the system's processes: peak RSS on CPU (each process's
              getrusage maximum; every process carries the Python/torch runtime, 'runtime_rss_bytes'
              in the JSON, which on CPU with a small model is most of it), torch.cuda.max_memory_allocated
-             on GPU (each process's CUDA context, ~0.5 GiB, is not included). mem/sep is its ratio
-             to separate's: below 1 is memory saved.
-  eff.tok    effective-token ratio: real tokens / computed tokens. For the HF loop computed = batch
-             x padded length; for muxtune, packed chunk rows x chunk size. 1.0 means no padding work.
+             on GPU (each process's CUDA context, ~0.5 GiB, is not included). m/sep, m/sep-p: its
+             ratio to separate's, separate-packed's: below 1 is memory saved.
+  eff.tok    effective-token ratio: real tokens / computed tokens. For the padded HF loop computed =
+             batch x padded length; packed baselines compute no padding; muxtune: rows x chunk size.
+  attn       attention work needed / computed: causal (query, key) pairs within each sequence over
+             the pairs the attention computed (the padded loop's sdpa computes batch x length^2
+             under its mask; per-sequence attention computes the needed pairs and padding tails).
   done (s)   per-task completion times from the common start, first-last task. Sequential finishes
              tasks one by one; separate and muxtune finish them all near the end.
   MFU        (GPU only) useful model FLOPs per second / device peak (--peak-tflops, or a table of
              H100/H200/A100 dense bf16 peaks): 4 x backbone parameters per real token (frozen:
              forward + input gradients), 6 x adapter parameters, and causal attention within each
              sequence; padding is not counted.
-Timings are (low) medians over --repeats; the JSON (--json) has every repeat, per-task figures
+Timings are (low) medians over --repeats (and over --rounds: the whole list of systems run again,
+alternating, so slow drifts in a shared machine's load hit every system alike); the JSON (--json)
+has every repeat, per-task figures
 (ranks, real tokens, completion times, first/last losses), CPU seconds and tokens per CPU-second.
 On a shared machine, timings mislead: other processes take N shares of the CPU from N separate
 processes but stall a multi-threaded one whenever one of its threads is descheduled. The run measures
@@ -67,7 +81,7 @@ import time
 from pathlib import Path
 
 from bench.launch import WorkerError, Zygote, launch, wait_idle
-SYSTEMS = ("separate", "sequential", "muxtune")
+from bench.report import SYSTEMS, add_ratios, check_consistency, mib, render
 
 # Defaults per mode; any option given on the command line wins.
 PROFILES = {
@@ -81,12 +95,19 @@ PROFILES = {
     "full-cuda": dict(model="config:llama-1b", steps=20, warmup_steps=3, batch_size=8, max_seq_len=1024,
                       median_len=192, sigma=1.0, repeats=3, token_budget=16384),
 }
+# --long: sequences of median 512 tokens, capped at 2048; a budget that still fuses several tasks
+LONG = {
+    "quick": dict(steps=2, batch_size=4, max_seq_len=2048, median_len=512, sigma=0.8, repeats=2, token_budget=16384),
+    "full-cpu": dict(steps=3, batch_size=4, max_seq_len=2048, median_len=512, sigma=0.8, repeats=2, token_budget=16384),
+    "full-cuda": dict(steps=10, batch_size=8, max_seq_len=2048, median_len=512, sigma=0.8, repeats=3, token_budget=32768),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.multitask", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the short CPU mode: tiny model, few steps (about a minute or two)")
+    p.add_argument("--quick", action="store_true", help="the short CPU mode: tiny model, few steps (a few minutes)")
+    p.add_argument("--long", action="store_true", help="long sequences: lognormal median 512 tokens, capped at 2048")
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N", help="task counts (default 1 2 4 8)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="which systems to run")
     p.add_argument("--model", help="builtin:tiny-llama | builtin:small-llama | config:llama-1b | config:qwen2-0.5b | a model directory")
@@ -99,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, help="lognormal sigma (the tail's weight)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (all tasks)")
     p.add_argument("--repeats", type=int, help="timed repeats per system (median reported)")
+    p.add_argument("--rounds", type=int, default=1, help="run the whole list of systems this many times, alternating"
+                   " (median reported): on a shared machine, load drifts hit every system alike")
     p.add_argument("--token-budget", type=int, help="muxtune: real tokens per fused round")
     p.add_argument("--chunk-size", type=int, default=None, help="muxtune: packed chunk size (default: the engine's choice)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -122,6 +145,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for n in args.n:
         if n < 1:
             p.error("--n: task counts must be >= 1")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     return args
 
 
@@ -133,7 +158,8 @@ def resolve_setup(args) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
-    profile = PROFILES["quick" if args.quick else f"full-{device}"]
+    mode = "quick" if args.quick else f"full-{device}"
+    profile = dict(PROFILES[mode], **(LONG[mode] if args.long else {}))
     for key, value in profile.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -154,7 +180,7 @@ def run_system(system: str, jobs, args, setup: dict, model_path: Path, work: Pat
     shutil.rmtree(run_dir, ignore_errors=True)
     common = dict(role=system, model=str(model_path), device="cuda:0" if setup["device"] == "cuda" else "cpu", dtype=setup["dtype"],
                   repeats=args.repeats, token_budget=args.token_budget, chunk_size=args.chunk_size)
-    if system == "separate":
+    if system.startswith("separate"):
         threads = max(1, setup["cores"] // n)  # the N processes share the cores (on GPU too: CPU-side work)
         sync_dir = run_dir / "sync"
         sync_dir.mkdir(parents=True)
@@ -165,7 +191,7 @@ def run_system(system: str, jobs, args, setup: dict, model_path: Path, work: Pat
         specs = [dict(common, jobs=[j.to_dict() for j in jobs], worker=0, threads=threads, sync_dir=None,
                       out_dir=str(run_dir / "out"), result=str(run_dir / "result-0.json"))]
     start = zygote.launch if zygote is not None else launch
-    results, background = start(specs, run_dir, args.repeats, system == "separate", args.timeout)
+    results, background = start(specs, run_dir, args.repeats, system.startswith("separate"), args.timeout)
     row = summarise(system, jobs, results, args, setup, threads)
     row["background_cores"] = background
     row["launcher"] = "exec" if zygote is None else "fork"
@@ -181,7 +207,7 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
         tasks = {}
         for res in results:
             tasks.update(res["reps"][rep]["tasks"])
-        if system == "separate":
+        if system.startswith("separate"):
             go = min(res["reps"][rep]["go_time"] for res in results)
             wall = max(res["reps"][rep]["end_time"] for res in results) - go
         else:
@@ -193,8 +219,12 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
                 raise WorkerError("muxtune: round and task token counts disagree")
         else:
             computed = sum(tasks[n]["computed_tokens"] for n in names)
+        if system == "muxtune":
+            attn = (results[0]["reps"][rep]["attn_needed"], results[0]["reps"][rep]["attn_computed"])
+        else:
+            attn = (sum(tasks[n]["attn_needed"] for n in names), sum(tasks[n]["attn_computed"] for n in names))
         cpu = sum(res["reps"][rep]["cpu_s"] for res in results)
-        per_rep.append(dict(wall=wall, real=real, computed=computed, tasks=tasks, cpu=cpu))
+        per_rep.append(dict(wall=wall, real=real, computed=computed, tasks=tasks, cpu=cpu, attn=attn))
     if len({r["real"] for r in per_rep}) != 1:
         raise WorkerError(f"{system}: real tokens differ between repeats")
     info, dims = {}, results[0]["dims"]
@@ -218,6 +248,8 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
         "real_tokens": rep["real"], "computed_tokens": rep["computed"],
         "cpu_s": rep["cpu"], "tokens_per_cpu_s": rep["real"] / rep["cpu"] if rep["cpu"] > 0 else None,
         "effective_token_ratio": rep["real"] / max(1, rep["computed"]),
+        "attention_pairs_needed": rep["attn"][0], "attention_pairs_computed": rep["attn"][1],
+        "attention_work_ratio": rep["attn"][0] / rep["attn"][1] if rep["attn"][1] else None,
         "peak_memory_bytes": peak_mem,
         "memory_kind": "cuda_max_memory_allocated" if cuda else "peak_rss",
         "peak_rss_bytes": sum(r["peak_rss_bytes"] for r in results),
@@ -238,85 +270,27 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
 
 def _predicted_rss(rows: list[dict], system: str, n: int) -> int | None:
     """RAM the system's processes will need at N, from the largest per-process peak seen so far
-    (separate grows with N; the one-process systems barely do). None: nothing to go by yet."""
+    (separate* grows with N; the one-process systems barely do). None: nothing to go by yet."""
     seen = [r for r in rows if r["system"] == system]
     if not seen:
         return None
     per_process = max(r["peak_rss_bytes"] / r["processes"] for r in seen)
-    return int(per_process * (n if system == "separate" else 1))
+    return int(per_process * (n if system.startswith("separate") else 1))
 
 
-def add_ratios(rows: list[dict]) -> None:
-    by = {(r["system"], r["n_tasks"]): r for r in rows}
-    for r in rows:
-        for ref in ("separate", "sequential"):
-            other = by.get((ref, r["n_tasks"]))
-            r[f"speedup_vs_{ref}"] = r["tokens_per_s"] / other["tokens_per_s"] if other else None
-            r[f"memory_vs_{ref}"] = r["peak_memory_bytes"] / other["peak_memory_bytes"] if other else None
-
-
-def check_consistency(rows: list[dict]) -> list[str]:
-    """The same workload in every system: same real tokens per task, same first-step loss
-    (LoRA B starts at zero, so step 1 is the frozen model's loss on the same batch)."""
-    problems = []
-    for n in sorted({r["n_tasks"] for r in rows}):
-        group = [r for r in rows if r["n_tasks"] == n]
-        tokens = {r["system"]: r["task_real_tokens"] for r in group}
-        if len({tuple(v) for v in tokens.values()}) > 1:
-            problems.append(f"N={n}: real tokens per task differ between systems: {tokens}")
-        ref = group[0]
-        for r in group[1:]:
-            for a, b in zip(ref["task_first_loss"], r["task_first_loss"]):
-                if a is not None and b is not None and abs(a - b) > 2e-2 * max(1.0, abs(a)):
-                    problems.append(f"N={n}: first-step loss {r['system']} {b:.4f} != {ref['system']} {a:.4f}")
-                    break
-    return problems
-
-
-# ----- output ------------------------------------------------------------------------------------
-def _mib(b) -> str:
-    return f"{b / 2**20:,.0f} MiB" if b < 10 * 2**30 else f"{b / 2**30:,.1f} GiB"
-
-
-def _x(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def render(rows: list[dict], args, setup: dict) -> str:
-    cpu = setup["device"] == "cpu"
-    cores = f", {setup['cores']} cores" if cpu else ""
-    chunk = "" if args.chunk_size is None else f", chunk {args.chunk_size}"
-    head = (f"model {args.model}, {setup['dtype']}, {setup['device_name']}{cores}; per task: {args.steps} timed steps"
-            f" x batch {args.batch_size} (+{args.warmup_steps} warm-up), lengths lognormal(median {args.median_len:g},"
-            f" sigma {args.sigma:g}) <= {args.max_seq_len}, ranks {','.join(map(str, args.ranks))};"
-            f" muxtune token budget {args.token_budget}{chunk}; median of {args.repeats} repeat(s)")
-    lines = [head]
-    if cpu:
-        lines.append(f"separate: N processes x max(1, {setup['cores']} // N) torch threads; sequential, muxtune: one process x {args.threads or setup['cores']} threads")
-    cols = f"{'N':>3}  {'system':<10} {'tokens/s':>10} {'x sep':>6} {'x seq':>6} {'peak mem':>11} {'mem/sep':>7} {'eff.tok':>7}  {'done (s) first-last':>20}"
-    if not cpu:
-        cols += f" {'MFU':>6}"
-    lines += ["", cols, "-" * len(cols)]
-    for n in sorted({r["n_tasks"] for r in rows}):
-        for system in SYSTEMS:
-            r = next((r for r in rows if r["n_tasks"] == n and r["system"] == system), None)
-            if r is None:
-                continue
-            done = r["task_completion_s"]
-            line = (f"{n:>3}  {system:<10} {r['tokens_per_s']:>10,.0f} {_x(r['speedup_vs_separate']):>6} {_x(r['speedup_vs_sequential']):>6}"
-                    f" {_mib(r['peak_memory_bytes']):>11} {_x(r['memory_vs_separate']):>7} {r['effective_token_ratio']:>7.3f}"
-                    f"  {f'{min(done):.2f}-{max(done):.2f}':>20}")
-            if not cpu:
-                mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-                line += f" {mfu:>6}"
-            lines.append(line)
-        lines.append("")
-    busy = max((r.get("background_cores") or 0.0) for r in rows) if rows else 0.0
-    if cpu and busy > 0.25:
-        lines.append(f"WARNING: other processes kept up to {busy:.1f} of {setup['cores']} cores busy during these runs: the"
-                     " timings are unreliable, and a busy machine favours 'separate' (N processes get N shares of the CPU,"
-                     " and a multi-threaded process stalls when one of its threads is descheduled). Try --wait-idle 600.")
-    return "\n".join(lines)
+def merge_rounds(runs: list[dict]) -> list[dict]:
+    """One row per system and N: the round with the (low) median tokens/s, every round's figure kept."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["system"], r["n_tasks"]), []).append(r)
+    rows = []
+    for group in groups.values():
+        ranked = sorted(group, key=lambda r: r["tokens_per_s"])
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in group]
+        row["rounds"] = len(group)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -337,7 +311,7 @@ def main(argv=None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="muxtune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    rows, zygote, skipped = [], None, []
+    runs, zygote, skipped = [], None, []  # runs: one row per system, N and round
     fork = args.launcher == "fork" or (args.launcher == "auto" and setup["device"] == "cpu")
     if fork and setup["device"] == "cuda":
         raise SystemExit("--launcher fork: not with CUDA (a CUDA context does not survive fork); use exec")
@@ -348,28 +322,32 @@ def main(argv=None) -> int:
             jobs = make_jobs(work / "data" / f"n{n}", n, ranks=args.ranks, batch_size=args.batch_size, steps=args.steps,
                              warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, median_len=args.median_len,
                              sigma=args.sigma, lr=args.lr)
-            for system in args.systems:
-                need = _predicted_rss(rows, system, n) if setup["device"] == "cpu" and args.memory_guard else None
-                if need is not None:
-                    import psutil
+            for _round in range(args.rounds):
+                for system in args.systems:
+                    need = _predicted_rss(runs, system, n) if setup["device"] == "cpu" and args.memory_guard else None
+                    if need is not None:
+                        import psutil
 
-                    available = psutil.virtual_memory().available
-                    if need > 0.8 * available:
-                        note = (f"{system} N={n} skipped: its processes would need ~{_mib(need)} of RAM (N x the peak"
-                                f" per process measured at smaller N), {_mib(available)} is available; --no-memory-guard runs it")
-                        skipped.append(note)
-                        print(f"[bench] {note}", file=sys.stderr, flush=True)
-                        continue
-                if args.wait_idle > 0:
-                    other = wait_idle(args.wait_idle)
-                    if other >= 0.25:
-                        print(f"[bench] machine still busy ({other:.1f} cores used by others) after {args.wait_idle:.0f}s; going on",
-                              file=sys.stderr, flush=True)
-                print(f"[bench] N={n} {system} ...", file=sys.stderr, flush=True)
-                row = run_system(system, jobs, args, setup, model_path, work, zygote)
-                rows.append(row)
-                print(f"[bench] N={n} {system}: {row['tokens_per_s']:,.0f} tokens/s, peak {_mib(row['peak_memory_bytes'])}, "
-                      f"eff.tok {row['effective_token_ratio']:.3f}", file=sys.stderr, flush=True)
+                        available = psutil.virtual_memory().available
+                        if need > 0.8 * available:
+                            note = (f"{system} N={n} skipped: its processes would need ~{mib(need)} of RAM (N x the peak"
+                                    f" per process measured at smaller N), {mib(available)} is available; --no-memory-guard runs it")
+                            if note not in skipped:
+                                skipped.append(note)
+                            print(f"[bench] {note}", file=sys.stderr, flush=True)
+                            continue
+                    if args.wait_idle > 0:
+                        other = wait_idle(args.wait_idle)
+                        if other >= 0.25:
+                            print(f"[bench] machine still busy ({other:.1f} cores used by others) after {args.wait_idle:.0f}s; going on",
+                                  file=sys.stderr, flush=True)
+                    print(f"[bench] N={n} {system} ...", file=sys.stderr, flush=True)
+                    row = run_system(system, jobs, args, setup, model_path, work, zygote)
+                    runs.append(row)
+                    attn = row["attention_work_ratio"]
+                    print(f"[bench] N={n} {system}: {row['tokens_per_s']:,.0f} tokens/s, peak {mib(row['peak_memory_bytes'])}, "
+                          f"eff.tok {row['effective_token_ratio']:.3f}, attn {attn if attn is None else round(attn, 3)}",
+                          file=sys.stderr, flush=True)
     except WorkerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -378,8 +356,9 @@ def main(argv=None) -> int:
             zygote.close()
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+    rows = merge_rounds(runs)
     add_ratios(rows)
-    problems = check_consistency(rows)
+    problems = check_consistency(runs)
     print(render(rows, args, setup))
     for note in skipped:
         print(f"note: {note}")

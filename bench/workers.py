@@ -1,8 +1,14 @@
-"""The three systems, each run in its own process by bench.multitask (`--worker SPEC.json`).
+"""The systems, each run in its own process by bench.multitask (`--worker SPEC.json`).
 
 - separate / sequential: a plain Hugging Face + PEFT loop, as a user writes it: the model from
   from_pretrained (sdpa attention), one LoRA adapter from peft.get_peft_model, torch AdamW,
   dynamic padding to the longest sequence of each batch, labels with -100, loss from the model.
+- separate-packed / sequential-packed: the same loop as a knowledgeable user runs it: padding-free
+  batches from transformers' DataCollatorWithFlattening (one row per step, positions restarting
+  per sequence, flash-attention boundary kwargs) and per-sequence attention. Which kernel: the
+  engine's own varlen function, registered with transformers' AttentionInterface exactly as a user
+  registers flash-attn (torch's varlen flash attention on CUDA, per-sequence SDPA on CPU), so the
+  baseline attends exactly as muxtune does and only the multiplexing differs.
 - muxtune: the engine's MuxTrainer over one MultiplexedBackbone, all tasks at once.
 
 A worker writes one JSON result: per repeat, per task, the real and computed tokens and the
@@ -89,11 +95,20 @@ def collate(batch, pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device), real, len(batch) * width
 
 
+def collate_flat(batch, device) -> tuple[dict, int, int]:
+    """Padding-free: transformers' DataCollatorWithFlattening, with the flash-attention kwargs."""
+    from transformers import DataCollatorWithFlattening
+
+    flat = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": x, "labels": y} for x, y in batch])
+    real = sum(len(x) for x, _ in batch)
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in flat.items()}, real, real
+
+
 class HFJob:
     """One task trained the standard way on a shared base model object (adapter injected, then unloaded)."""
 
-    def __init__(self, job: Job, tokenizer, device):
-        self.job, self.device = job, device
+    def __init__(self, job: Job, tokenizer, device, packed: bool = False):
+        self.job, self.device, self.packed = job, device, packed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.examples = hf_examples(tokenizer, job)
 
@@ -113,11 +128,19 @@ class HFJob:
         import torch
 
         b, n = self.job.batch_size, len(self.examples)
-        losses, real, computed = [], 0, 0
+        losses, real, computed, attn_needed, attn_computed = [], 0, 0, 0, 0
         for s in range(steps):
             batch = [self.examples[k % n] for k in range(s * b, (s + 1) * b)]
-            ids, mask, labels, r, c = collate(batch, self.pad_id, self.device)
-            out = self.model(input_ids=ids, attention_mask=mask, labels=labels)
+            needed = sum(len(x) * (len(x) + 1) // 2 for x, _ in batch)  # causal pairs within each sequence
+            if self.packed:
+                inputs, r, c = collate_flat(batch, self.device)
+                pairs = needed
+            else:
+                ids, mask, labels, r, c = collate(batch, self.pad_id, self.device)
+                inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+                pairs = ids.shape[0] * ids.shape[1] ** 2  # sdpa under a padding mask computes the whole square
+            attn_needed, attn_computed = attn_needed + needed, attn_computed + pairs
+            out = self.model(**inputs)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
@@ -128,7 +151,7 @@ class HFJob:
             self.model.save_pretrained(save_to)
         _sync_device(self.device)
         return {"real_tokens": real, "computed_tokens": computed, "first_loss": losses[0] if losses else None,
-                "last_loss": losses[-1] if losses else None}
+                "last_loss": losses[-1] if losses else None, "attn_needed": attn_needed, "attn_computed": attn_computed}
 
     def teardown(self):
         base = self.model.unload()  # the base model, LoRA layers removed
@@ -136,20 +159,28 @@ class HFJob:
         return base
 
 
-def _hf_base(spec: dict, device, dtype):
+def _hf_base(spec: dict, device, dtype, packed: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation="sdpa").to(device)
+    attn = "sdpa"
+    if packed:
+        from muxtune.engine import attention
+
+        attention.register()  # as a user registers a varlen kernel with AttentionInterface
+        attn = attention.NAME
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation=attn).to(device)
     model.requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(spec["model"])
 
 
 def run_baseline(spec: dict, device, dtype, sync: Sync) -> dict:
-    """separate (one job, synchronised start with its siblings) or sequential (all jobs, in order)."""
+    """separate[-packed] (one job, synchronised start with its siblings) or sequential[-packed]
+    (all jobs, in order)."""
     jobs = [Job.from_dict(j) for j in spec["jobs"]]
-    base, tokenizer = _hf_base(spec, device, dtype)
+    packed = spec["role"].endswith("-packed")
+    base, tokenizer = _hf_base(spec, device, dtype, packed)
     dims = model_dims(base)
-    runners = [HFJob(j, tokenizer, device) for j in jobs]
+    runners = [HFJob(j, tokenizer, device, packed) for j in jobs]
     out_dir = Path(spec["out_dir"])
     # warm-up on a throwaway adapter (allocator, kernels, thread pools), once per process
     if jobs[0].warmup_steps:
@@ -159,7 +190,7 @@ def run_baseline(spec: dict, device, dtype, sync: Sync) -> dict:
     reps = []
     for rep in range(spec["repeats"]):
         tasks, clock = {}, 0.0
-        if spec["role"] == "separate":
+        if spec["role"].startswith("separate"):
             runner = runners[0]
             runner.setup(base)
             go = sync.wait(rep)
@@ -212,12 +243,14 @@ def run_muxtune(spec: dict, device, dtype, sync: Sync) -> dict:
 
     class Rounds(Telemetry):
         def __init__(self):
-            self.real = self.computed = self.count = 0
+            self.real = self.computed = self.count = self.attn_needed = self.attn_computed = 0
             self.tasks_per_round: list[int] = []
 
         def round_done(self, record):
             self.real += record.real_tokens
             self.computed += record.computed_tokens
+            self.attn_needed += record.attention_pairs_needed
+            self.attn_computed += record.attention_pairs_computed
             self.count += 1
             self.tasks_per_round.append(len(record.fused))
 
@@ -267,6 +300,7 @@ def run_muxtune(spec: dict, device, dtype, sync: Sync) -> dict:
         tasks = {rt.name: {"real_tokens": rt.tokens_total, "completion_s": done[rt.name], "first_loss": first.get(rt.name),
                            "last_loss": rt.last_loss} for rt in tr.tasks.values()}
         reps.append({"wall_s": wall, "cpu_s": cpu, "tasks": tasks, "real_tokens": rounds.real, "computed_tokens": rounds.computed,
+                     "attn_needed": rounds.attn_needed, "attn_computed": rounds.attn_computed,
                      "rounds": rounds.count, "mean_tasks_per_round": sum(rounds.tasks_per_round) / max(1, rounds.count)})
         info = {}
         for job in jobs:

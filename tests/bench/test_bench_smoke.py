@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+SYSTEMS = ("separate", "sequential", "separate-packed", "sequential-packed", "muxtune")
 REQUIRED = {
     "system", "n_tasks", "tokens_per_s", "peak_memory_bytes", "speedup_vs_separate", "speedup_vs_sequential",
-    "memory_vs_separate", "memory_vs_sequential", "effective_token_ratio", "task_completion_s", "mfu",
+    "speedup_vs_separate_packed", "speedup_vs_sequential_packed", "memory_vs_separate", "memory_vs_separate_packed",
+    "effective_token_ratio", "attention_work_ratio", "task_completion_s", "mfu",
     "real_tokens", "computed_tokens", "task_real_tokens", "task_first_loss",
 }
 
@@ -37,8 +39,7 @@ def rows(tmp_path_factory, muxtune_home) -> list[dict]:
 
 @pytest.mark.slow
 def test_one_row_per_system_and_n(rows):
-    assert sorted((r["system"], r["n_tasks"]) for r in rows) == sorted(
-        (s, n) for s in ("separate", "sequential", "muxtune") for n in (1, 2))
+    assert sorted((r["system"], r["n_tasks"]) for r in rows) == sorted((s, n) for s in SYSTEMS for n in (1, 2))
     for r in rows:
         assert REQUIRED <= r.keys(), REQUIRED - r.keys()
 
@@ -52,11 +53,18 @@ def test_values_are_sane(rows):
         assert r["real_tokens"] <= r["computed_tokens"]
         assert len(r["task_completion_s"]) == r["n_tasks"] and all(t > 0 for t in r["task_completion_s"])
         assert r["mfu"] is None  # CPU: no MFU
-        assert r["processes"] == (r["n_tasks"] if r["system"] == "separate" else 1)
+        assert r["processes"] == (r["n_tasks"] if r["system"].startswith("separate") else 1)
         assert r["speedup_vs_separate"] == pytest.approx(
             r["tokens_per_s"] / next(o["tokens_per_s"] for o in rows if o["system"] == "separate" and o["n_tasks"] == r["n_tasks"]))
-    # the HF loop pads to the longest sequence of each batch; lengths vary, so it computes padding
-    assert any(r["effective_token_ratio"] < 1 for r in rows if r["system"] != "muxtune")
+    # the padded HF loop pads to the longest sequence of each batch; lengths vary, so it computes padding,
+    # and its attention computes the whole square; the packed ones compute neither
+    padded = [r for r in rows if r["system"] in ("separate", "sequential")]
+    assert any(r["effective_token_ratio"] < 1 for r in padded) and all(r["attention_work_ratio"] < 0.6 for r in padded)
+    for r in rows:
+        if r["system"].endswith("-packed"):
+            assert r["effective_token_ratio"] == 1.0 and r["attention_work_ratio"] == 1.0
+        if r["system"] == "muxtune":
+            assert r["attention_work_ratio"] > 0.95
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # bench/ is a top-level folder run from the repo root, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import multitask  # noqa: E402
+from bench import multitask, report  # noqa: E402
 from bench.workload import lognormal_lengths, make_jobs, peak_tflops, timed_examples, train_flops  # noqa: E402
 
 KW = dict(ranks=[4, 8, 16, 32], batch_size=4, steps=3, warmup_steps=1, max_seq_len=128, median_len=32, sigma=0.9, lr=1e-3)
@@ -75,15 +75,18 @@ def _row(system, n, tps, mem, tokens=(10, 20), loss=(5.0, 6.0), bg=0.0):
 
 
 def test_ratios_and_consistency():
-    rows = [_row("separate", 2, 100.0, 800), _row("sequential", 2, 50.0, 400), _row("muxtune", 2, 200.0, 200)]
-    multitask.add_ratios(rows)
-    mux = rows[2]
+    rows = [_row("separate", 2, 100.0, 800), _row("sequential", 2, 50.0, 400), _row("separate-packed", 2, 160.0, 640),
+            _row("muxtune", 2, 200.0, 200)]
+    report.add_ratios(rows)
+    mux = rows[3]
     assert mux["speedup_vs_separate"] == 2.0 and mux["speedup_vs_sequential"] == 4.0
+    assert mux["speedup_vs_separate_packed"] == 1.25 and mux["memory_vs_separate_packed"] == 0.3125
+    assert mux["speedup_vs_sequential_packed"] is None  # not run: no ratio
     assert mux["memory_vs_separate"] == 0.25
-    assert multitask.check_consistency(rows) == []
-    rows[2]["task_real_tokens"] = [10, 21]
+    assert report.check_consistency(rows) == []
+    rows[3]["task_real_tokens"] = [10, 21]
     rows[1]["task_first_loss"] = [5.0, 7.0]
-    problems = multitask.check_consistency(rows)
+    problems = report.check_consistency(rows)
     assert any("real tokens" in p for p in problems) and any("first-step loss" in p for p in problems)
 
 
@@ -92,17 +95,37 @@ def test_table_warns_on_a_busy_machine():
                            sigma=0.9, max_seq_len=256, ranks=[4, 8], token_budget=4096, chunk_size=None,
                            repeats=3, threads=None)
     setup = {"device": "cpu", "dtype": "float32", "cores": 2, "device_name": "cpu", "peak_tflops": None}
-    rows = [_row("separate", 2, 100.0, 2**30), _row("muxtune", 2, 190.0, 2**28, bg=1.2)]
-    multitask.add_ratios(rows)
-    text = multitask.render(rows, args, setup)
-    assert "1.90" in text and "WARNING" in text and "MFU" not in text
-    rows[1]["background_cores"] = 0.0
-    assert "WARNING" not in multitask.render(rows, args, setup)
+    rows = [_row("separate", 2, 100.0, 2**30), _row("separate-packed", 2, 150.0, 2**30),
+            _row("muxtune", 2, 190.0, 2**28, bg=1.2)]
+    report.add_ratios(rows)
+    text = report.render(rows, args, setup)
+    assert "1.90" in text and "1.27" in text and "WARNING" in text and "MFU" not in text
+    assert "x sep-p" in text and "x seq-p" not in text  # columns for the baselines that ran
+    rows[2]["background_cores"] = 0.0
+    assert "WARNING" not in report.render(rows, args, setup)
+
+
+def test_rounds_keep_the_median_and_every_figure():
+    runs = [_row("muxtune", 2, v, 100) for v in (300.0, 100.0, 200.0)] + [_row("separate", 2, 50.0, 100)]
+    rows = {r["system"]: r for r in multitask.merge_rounds(runs)}
+    assert rows["muxtune"]["tokens_per_s"] == 200.0 and rows["muxtune"]["tokens_per_s_rounds"] == [300.0, 100.0, 200.0]
+    assert rows["separate"]["rounds"] == 1
+
+
+def test_long_mode_profile():
+    args = multitask.parse_args(["--quick", "--long", "--device", "cpu"])
+    multitask.resolve_setup(args)
+    assert (args.median_len, args.max_seq_len) == (512, 2048)
+    args = multitask.parse_args(["--quick", "--long", "--device", "cpu", "--max-seq-len", "1024"])
+    multitask.resolve_setup(args)
+    assert args.max_seq_len == 1024  # the command line wins
 
 
 def test_memory_guard_predicts_from_smaller_n():
     rows = [{"system": "separate", "n_tasks": 2, "peak_rss_bytes": 4 * 2**30, "processes": 2},
+            {"system": "separate-packed", "n_tasks": 2, "peak_rss_bytes": 2 * 2**30, "processes": 2},
             {"system": "muxtune", "n_tasks": 2, "peak_rss_bytes": 1 * 2**30, "processes": 1}]
     assert multitask._predicted_rss(rows, "separate", 8) == 16 * 2**30
+    assert multitask._predicted_rss(rows, "separate-packed", 8) == 8 * 2**30
     assert multitask._predicted_rss(rows, "muxtune", 8) == 1 * 2**30
     assert multitask._predicted_rss(rows, "sequential", 8) is None

@@ -78,15 +78,22 @@ class MultiplexedLinear(nn.Module):
 
 
 def segmented_additive(xf: torch.Tensor, layout: TokenLayout, work, out_features: int) -> torch.Tensor:
-    """Reference path: gather each task's tokens, apply its delta, scatter back (a loop over tasks)."""
+    """Reference path: gather each task's tokens, apply its delta, scatter back (a loop over tasks).
+    Tokens are split, not sliced: one backward concatenates the pieces' gradients, where a slice
+    per task would each build a gradient as large as the whole batch."""
     xp = xf if layout.identity else xf.index_select(0, layout.perm)
-    parts, cursor, total = [], 0, xf.shape[0]
+    sizes, run, cursor = [], [], 0
     for s, e, delta in work:
         if s > cursor:
-            parts.append(xf.new_zeros(s - cursor, out_features))
-        parts.append(delta.additive(xp[s:e]))
+            sizes.append(s - cursor)
+            run.append(None)
+        sizes.append(e - s)
+        run.append(delta)
         cursor = e
-    if cursor < total:
-        parts.append(xf.new_zeros(total - cursor, out_features))
-    dp = torch.cat(parts)
+    if cursor < xf.shape[0]:
+        sizes.append(xf.shape[0] - cursor)
+        run.append(None)
+    parts = [xs.new_zeros(xs.shape[0], out_features) if d is None else d.additive(xs)
+             for xs, d in zip(xp.split(sizes), run)]
+    dp = parts[0] if len(parts) == 1 else torch.cat(parts)
     return dp if layout.identity else dp.index_select(0, layout.inv_perm)

@@ -51,6 +51,17 @@ class TokenLayout:
                                          self.inv_perm.to(device), self.segments, self.identity, self.max_slot)
         return copies[device]
 
+    def scale_rows(self, slots: tuple[int, ...]) -> torch.Tensor:
+        """[T] per token, the row of a table whose row 0 is ones and row i + 1 is slots[i]'s
+        (tokens of other tasks and padding get row 0). Built once per batch and set of slots,
+        not once per layer."""
+        cache = self.__dict__.setdefault("_scale_rows", {})
+        if slots not in cache:
+            lut = torch.zeros(max(self.max_slot, *slots) + 2, dtype=torch.long, device=self.token_slot.device)
+            lut[torch.tensor(slots, device=lut.device) + 1] = torch.arange(1, len(slots) + 1, device=lut.device)
+            cache[slots] = lut[self.token_slot + 1]
+        return cache[slots]
+
     @classmethod
     def from_slots(cls, token_slot: torch.Tensor) -> TokenLayout:
         # stable sort keeps order within a task; padding (-1) sorts last and belongs to no segment,

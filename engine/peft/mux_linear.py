@@ -54,19 +54,16 @@ class MultiplexedLinear(nn.Module):
     @staticmethod
     def _token_scale(layout: TokenLayout, present, kind: str, like: torch.Tensor) -> torch.Tensor | None:
         """Per-token multipliers gathered from a small table: one row per scaling task, a row of ones."""
-        rows, slot_row = [], {}
+        slots, rows = [], []
         for slot, _s, _e, delta in present:
             v = getattr(delta, kind)()
             if v is not None:
-                slot_row[slot] = len(rows) + 1
+                slots.append(slot)
                 rows.append(v.to(like.dtype))
         if not rows:
             return None
         table = torch.stack([torch.ones_like(rows[0])] + rows)
-        lut = torch.zeros(layout.max_slot + 2, dtype=torch.long, device=like.device)
-        for slot, row in slot_row.items():
-            lut[slot + 1] = row
-        return table[lut[layout.token_slot + 1]]
+        return table.index_select(0, layout.scale_rows(tuple(slots)))
 
     def _additive(self, xf: torch.Tensor, layout: TokenLayout, present) -> torch.Tensor | None:
         work = [(s, e, d) for _slot, s, e, d in present if type(d).additive is not TaskDelta.additive]

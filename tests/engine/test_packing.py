@@ -189,3 +189,11 @@ def test_token_layout_groups_tokens_by_task():
         assert set(slots[layout.perm[s:e]].tolist()) == {slot}
     assert torch.equal(layout.perm[layout.inv_perm], torch.arange(len(slots)))
     assert layout.max_slot == 2 and not layout.identity
+
+
+def test_scale_rows_map_tokens_to_their_tasks_table_row():
+    layout = TokenLayout.from_slots(torch.tensor([1, 1, -1, 0, 2, 0, -1, 1]))
+    rows = layout.scale_rows((2, 1))  # table: ones, task 2's scale, task 1's scale
+    assert rows.tolist() == [2, 2, 0, 0, 1, 0, 0, 2]
+    assert layout.scale_rows((2, 1)) is rows  # once per batch, not once per layer
+    assert layout.on(torch.device("cpu")).scale_rows((0,)).tolist() == [0, 0, 0, 1, 0, 1, 0, 0]

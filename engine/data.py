@@ -67,6 +67,8 @@ def read_jsonl(path: Path, spec: DatasetSpec, limits: DataLimits, shown: str) ->
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{shown}:{n}: not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise DatasetError(f"{shown}:{n}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{shown}:{n}: expected a JSON object")
         missing = [f for f in (spec.prompt_field, spec.completion_field) if not isinstance(row.get(f), str)]

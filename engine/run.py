@@ -15,6 +15,7 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, load_task_files
+from muxtune.api.strictyaml import MAX_FILE_BYTES as MAX_TASK_FILE_BYTES
 from muxtune import logs
 from muxtune.engine import preflight
 from muxtune.engine.backbone import MultiplexedBackbone
@@ -76,7 +77,8 @@ class TaskFileWatcher:
         h = hashlib.sha256()
         for p in self.paths:
             try:
-                h.update(Path(p).read_bytes())
+                with open(p, "rb") as f:  # bounded: the loader refuses anything larger anyway
+                    h.update(f.read(MAX_TASK_FILE_BYTES + 1))
             except OSError:
                 h.update(b"<missing>")
         return h.hexdigest()

@@ -164,3 +164,11 @@ def test_tokenizer_without_eos_warns_once_per_backbone(tiny_backbone_dir, tmp_pa
     assert loaded.tokenizer.eos_token_id is None
     assert [r.getMessage() for r in caplog.records].count(
         "the tokenizer has no EOS token: examples end without one, so the adapters never learn to stop") == 1
+
+
+def test_deeply_nested_json_line_fails_its_task_with_a_reason(make_task, data_dir, tmp_path, trainer_factory):
+    path = data_dir / "deep.jsonl"
+    path.write_text('{"prompt": "p", "completion": "c"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    trainer = trainer_factory(tmp_path / "out")
+    b = _run_with_neighbour(trainer, make_task("deep", path), make_task("good", data_dir / "upper.jsonl", steps=2))
+    assert b.phase == "Failed" and "deep.jsonl:2: JSON nested too deeply" in b.message, b.message

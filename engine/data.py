@@ -91,11 +91,8 @@ class LoadedDataset:
 def dataset_file(spec: DatasetSpec, base_dir: Path | None = None) -> Path:
     """The file a task's dataset.path names: a relative path is resolved under the data root
     (base_dir, default the current directory) and must stay inside it, symlinks included."""
-    path = Path(spec.path)
-    if path.is_absolute():  # refused by the API; kept for Python callers
-        return path
     try:
-        return confined(base_dir or Path.cwd(), path, "dataset.path", "data root")
+        return confined(base_dir or Path.cwd(), spec.path, "dataset.path", "data root")
     except PathEscapeError as exc:
         raise DatasetError(str(exc)) from None
 

@@ -147,7 +147,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     device = pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
     try:
-        path = resolve_base_model(tasks[0].spec.base_model, base_dir)
+        path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
         backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
     except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
         raise ModelLoadError(f"baseModel {tasks[0].spec.base_model}: {exc}") from None
@@ -198,7 +198,10 @@ def run_from_cli(cmd) -> int:
     except SpecError as exc:
         print(f"error: invalid task spec\n{exc}", file=sys.stderr)
         return 2
-    base_dir = Path.cwd()
+    base_dir = Path(cmd.data_root).resolve()
+    if not base_dir.is_dir():
+        print(f"error: --data-root {cmd.data_root}: not a directory", file=sys.stderr)
+        return 2
     groups: dict[str, list[FineTuneTask]] = defaultdict(list)
     for t in tasks:
         groups[t.spec.base_model].append(t)

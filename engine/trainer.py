@@ -60,6 +60,7 @@ class MuxTrainer:
 
     # ----- membership -------------------------------------------------------------------
     def task_dir(self, task: FineTuneTask) -> Path:
+        """<output>/<namespace>/<output.path or name>, confined to the output: tenants' outputs never share a directory."""
         return outputs.task_dir(self.output, task)
 
     def add_task(self, task: FineTuneTask) -> TaskRuntime:

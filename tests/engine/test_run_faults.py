@@ -179,3 +179,17 @@ def test_status_endpoint_reports_paths_relative_to_the_output(make_task, data_di
     status = metrics.status()["tasks"]["default/rel"]
     assert status["checkpoint"] == "default/rel/checkpoints/step-00000002", status
     assert str(tmp_path) not in json.dumps(metrics.status())
+
+
+def test_output_paths_cannot_escape_even_past_the_api(make_task, data_dir, tmp_path):
+    """The API refuses absolute and '..' output paths; the engine refuses them again (defence in depth)."""
+    from muxtune.api.finetunetask import OutputSpec
+    from muxtune.engine import outputs
+
+    task = make_task("t", data_dir / "reverse.jsonl")
+    for escape in ("../../elsewhere", "/tmp/elsewhere", "x/../../../elsewhere"):
+        task.spec.__dict__["output"] = OutputSpec.model_construct(path=escape)  # past validation, on purpose
+        with pytest.raises(outputs.OutputLayoutError, match="leads outside the run output"):
+            outputs.task_dir(tmp_path / "out", task)
+    task.spec.__dict__["output"] = OutputSpec(path="fine/deeper")
+    assert outputs.task_dir(tmp_path / "out", task) == (tmp_path / "out" / "default" / "fine" / "deeper").resolve()

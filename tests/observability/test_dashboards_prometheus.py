@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -134,10 +135,12 @@ def task_docs(ns_a: str, ns_b: str, data_dir: Path) -> list[dict]:
 
     lora = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
     ia3 = {"method": "ia3", "targetModules": ["k_proj", "v_proj", "down_proj"], "feedforwardModules": ["down_proj"]}
+    for name in ("reverse", "copy", "arithmetic"):  # dataset paths live under the engine's --data-root
+        shutil.copyfile(EXAMPLES / f"{name}.jsonl", data_dir / f"{name}.jsonl")
     return [
-        doc("reverse", ns_a, EXAMPLES / "reverse.jsonl", lora, 4, 0),
-        doc("copy", ns_a, EXAMPLES / "copy.jsonl", {**lora, "r": 8, "alpha": 16}, 4, 1),
-        doc("arithmetic", ns_b, EXAMPLES / "arithmetic.jsonl", ia3, 8, 2, max_len=32),
+        doc("reverse", ns_a, data_dir / "reverse.jsonl", lora, 4, 0),
+        doc("copy", ns_a, data_dir / "copy.jsonl", {**lora, "r": 8, "alpha": 16}, 4, 1),
+        doc("arithmetic", ns_b, data_dir / "arithmetic.jsonl", ia3, 8, 2, max_len=32),
         doc("broken", ns_a, data_dir / "missing.jsonl", lora, 4, 3),  # fails at setup: dataset not found
     ]
 

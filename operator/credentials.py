@@ -72,14 +72,18 @@ class KubeCredentials:
         return not self.config.verify_ssl
 
     def _absorb(self) -> None:
-        """Read the TLS files the loader wrote into memory and delete the ones in our directory."""
+        """Read the TLS files the loader wrote into memory, then delete the ones in our directory."""
+        ours = set()
         for attr, field in (("ssl_ca_cert", "ca_data"), ("cert_file", "cert_data"), ("key_file", "key_data")):
             p = getattr(self.config, attr, None)
             if p and os.path.isfile(p):
                 setattr(self, field, Path(p).read_bytes())
                 if os.path.dirname(os.path.abspath(p)) == os.path.abspath(self._dir):
-                    os.unlink(p)
-                    kube_config._temp_files.pop(next((k for k, v in kube_config._temp_files.items() if v == p), None), None)
+                    ours.add(p)
+        for p in ours:
+            os.unlink(p)
+            for k in [k for k, v in kube_config._temp_files.items() if v == p]:
+                del kube_config._temp_files[k]  # else the loader would hand out the deleted path again
 
     def token(self) -> str | None:
         """The bearer token, refreshed first when the loader says it expires (exec plugins,

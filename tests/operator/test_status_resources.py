@@ -76,6 +76,8 @@ def test_engine_document_rewrites_paths():
     FineTuneTask.model_validate(doc)  # still the engine's schema
     builtin = resources.engine_task_document(_ftt(), {"spec": {"source": {"builtin": "tiny-llama"}}})
     assert builtin["spec"]["baseModel"] == "builtin:tiny-llama"  # a builtin BaseModel needs no volume
+    named = resources.engine_task_document(_ftt(baseModel="builtin:tiny-llama", output={"path": "runs/a"}))
+    assert named["spec"]["output"]["path"] == "runs/a"  # honoured by the engine under /output/<ns>/
 
 
 def _group(dp=2):

@@ -63,7 +63,7 @@ class GroupsMixin:
         name = self.config.engine_service_account
         if (ns, name) in self._sa_ready:
             return
-        await self.client.create_or_adopt("v1", "serviceaccounts", ns, resources.engine_service_account_manifest(ns, name))
+        await self._create_once("v1", "serviceaccounts", ns, resources.engine_service_account_manifest(ns, name))
         self._sa_ready.add((ns, name))
 
     async def _create_once(self, api_version: str, plural: str, ns: str, body: dict) -> None:

@@ -102,6 +102,12 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     sig = trust.verify_tasks(operator_env["op"].group_key(g), group_name, cm["data"]["tasks.yaml"].encode(),
                              cm["data"]["tasks.yaml.sig"])
     assert sig > 0, "the ConfigMap is signed by the operator for this group"
+    pdb = kh.kjson(info, "get", "poddisruptionbudget", group_name, "-n", ns)
+    assert pdb["spec"]["maxUnavailable"] == 0 and pdb["metadata"]["ownerReferences"] == [owner]
+    sa = kh.kjson(info, "get", "serviceaccount", "muxtune-engine", "-n", ns)
+    assert sa["automountServiceAccountToken"] is False
+    rbs = kh.kjson(info, "get", "rolebindings", "-n", ns)["items"]
+    assert not [b for b in rbs if any(s.get("name") == "muxtune-engine" for s in b.get("subjects") or [])]
     svc = kh.kjson(info, "get", "service", group_name, "-n", ns)
     assert svc["metadata"]["ownerReferences"] == [owner]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["port"] == 9400

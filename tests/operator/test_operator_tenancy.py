@@ -168,6 +168,16 @@ def test_paths_and_mounts_stay_in_the_tenants_area(operator_env, kh):
     HOSTILE["cross_tenant_reads"] += sum(1 for m in mounts if b in m["mountPath"] or m.get("subPath") == b)
     info.kubectl("delete", "ftt", "peek", "-n", a)
 
+    # the API server refuses paths that leave the task's area, whatever exists there
+    for field, value in (("dataset", {"path": f"../data/{b}/private.jsonl"}), ("output", {"path": f"/output/{b}/x"}),
+                         ("output", {"path": f"/output/{b}/does-not-exist"}), ("dataset", {"path": f"/data/{b}/private.jsonl"})):
+        doc = kh.task_manifest("escape", a)
+        doc["spec"][field] = {**doc["spec"].get(field, {}), **value}
+        p = info.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc), check=False)
+        HOSTILE["inputs"] += 1
+        assert p.returncode != 0 and f"spec.{field}.path" in p.stderr, p.stderr
+        assert b not in p.stderr.replace(value["path"], ""), "the refusal must not depend on the other tenant's files"
+
     # shared across namespaces (opt-in): the group mounts exactly its members' namespaces
     kh.apply(info, kh.task_manifest("sh-a", a, share=True), kh.task_manifest("sh-b", b, share=True))
     ga = kh.wait_for(lambda: status_of(info, kh, a, "sh-a").get("group"), 60, what="sh-a placed")

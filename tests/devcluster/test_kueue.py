@@ -100,7 +100,7 @@ class Env:
         return [items[n] for n in names]
 
     def workloads(self) -> list[dict]:
-        return _json(self.info, "get", "workloads.kueue.x-k8s.io", "-n", self.ns)["items"]
+        return _json(self.info, "get", ko.WORKLOAD_RESOURCE, "-n", self.ns)["items"]
 
     def workload(self, name: str) -> dict | None:
         return next((w for w in self.workloads() if w["metadata"]["name"] == name), None)
@@ -120,7 +120,7 @@ def env(kueue_cluster: ClusterInfo) -> Iterator[Env]:
     yield e
     # a pod group's pods keep Kueue's finalizer until their Workload goes, and namespace deletion
     # removes pods before anything else: delete the Workloads first or the namespace never goes
-    kueue_cluster.kubectl("delete", "workloads.kueue.x-k8s.io", "--all", "-n", ns, "--wait=false", check=False)
+    kueue_cluster.kubectl("delete", ko.WORKLOAD_RESOURCE, "--all", "-n", ns, "--wait=false", check=False)
     kueue_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     for ref in e.cluster_scoped:
         kueue_cluster.kubectl("delete", ref, "--wait=false", "--ignore-not-found", check=False)
@@ -142,6 +142,16 @@ def test_default_build_leaves_kueue_out() -> None:
     # the plain cluster (make test's `muxtune dev-cluster build`, kube_cluster) never pays for Kueue
     assert "kueue" in build.BINARIES and "kueue" not in build.DEFAULT_BINARIES
     assert "kueue" not in build.missing_binaries()
+
+
+def test_pod_group_metadata_is_added_to_a_copy() -> None:
+    pod = _pod("p", "ns")
+    member = ko.in_pod_group(pod, "lq", "grp", 3)
+    assert member["metadata"]["labels"] == {"app": "backbone", ko.QUEUE_NAME_LABEL: "lq", ko.POD_GROUP_NAME_LABEL: "grp"}
+    assert member["metadata"]["annotations"] == {ko.POD_GROUP_TOTAL_COUNT_ANNOTATION: "3"}
+    assert pod["metadata"]["labels"] == {"app": "backbone"} and "annotations" not in pod["metadata"]
+    with pytest.raises(ValueError):
+        ko.pod_group_metadata("lq", "grp", 0)
 
 
 def test_kueue_is_the_pinned_release_with_its_webhooks_registered(kueue_cluster: ClusterInfo) -> None:

@@ -32,11 +32,11 @@ def check_layout(output: Path, tasks) -> None:
         raise CliProblem("output directories: " + "; ".join(str(exc).splitlines())) from None
 
 
-def start_server(host: str, port: int, metrics):
+def start_server(host: str, port: int, status, render):
     from muxtune.engine.server import EngineServer
 
     try:
-        server = EngineServer(host, port, metrics.status, metrics.render)
+        server = EngineServer(host, port, status, render)
     except OSError as exc:  # EADDRINUSE, EACCES below 1024, an unknown host ...
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise CliProblem(f"--metrics-port {port}: cannot listen on {host}:{port}: {why}") from None

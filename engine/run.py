@@ -25,6 +25,7 @@ from muxtune.engine.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.telemetry import Fanout
 from muxtune.engine.trainer import MuxTrainer
+from muxtune.engine import trust
 
 log = logging.getLogger("muxtune.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +76,8 @@ class TaskFileWatcher:
 
     def _digest(self) -> str:
         h = hashlib.sha256()
-        for p in self.paths:
+        guard = trust.active()
+        for p in [*self.paths, *([trust.signature_path(x) for x in self.paths] if guard else [])]:
             try:
                 with open(p, "rb") as f:  # bounded: the loader refuses anything larger anyway
                     h.update(f.read(MAX_TASK_FILE_BYTES + 1))
@@ -92,7 +94,13 @@ class TaskFileWatcher:
         if digest == self.digest:
             return None
         try:
+            if trust.active():
+                trust.active().check(self.paths)  # signed by the operator for this group, not older
             tasks = load_task_files(self.paths)
+        except trust.TrustError as exc:
+            log.error("task files not applied: %s", exc, extra={"error": str(exc)})
+            self.digest = digest
+            return None
         except SpecError as exc:
             if "no FineTuneTask found" in str(exc):
                 tasks = []
@@ -194,7 +202,12 @@ def run_from_cli(cmd) -> int:
               "run the operator with max_dp 1 (the default)", file=sys.stderr)
         return 2
     try:
+        if trust.active():
+            trust.active().check(cmd.tasks)
         tasks = load_task_files(cmd.tasks)
+    except trust.TrustError as exc:
+        print(f"error: task files not trusted: {exc}", file=sys.stderr)
+        return 2
     except SpecError as exc:
         print(f"error: invalid task spec\n{exc}", file=sys.stderr)
         return 2
@@ -216,7 +229,8 @@ def run_from_cli(cmd) -> int:
             from muxtune.engine.metrics import EngineMetrics
 
             metrics = EngineMetrics()
-            server = preflight.start_server(cmd.metrics_host, cmd.metrics_port, metrics)
+            status = trust.active().signed(metrics.status) if trust.active() else metrics.status
+            server = preflight.start_server(cmd.metrics_host, cmd.metrics_port, status, metrics.render)
         lock = preflight.lock_output(cmd.output)
     except preflight.CliProblem as exc:
         if server is not None:

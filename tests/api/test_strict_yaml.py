@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import pytest
+import yaml
 
 from muxtune.api import strictyaml
 from muxtune.api.loader import SpecError, load_task_files
@@ -135,9 +136,27 @@ def test_operator_still_parses_api_json_with_timestamps():
     assert st.start_time.year == 2024 and st.conditions[0].last_transition_time.second == 2
 
 
+def _json_keeping_duplicates(text: str) -> str:
+    """The YAML as JSON with every key kept, duplicates included (kubectl's own conversion drops
+    them, keeping the last, so the API server never sees them through kubectl apply)."""
+    loader = yaml.SafeLoader("")
+
+    def walk(node) -> str:
+        if isinstance(node, yaml.MappingNode):
+            return "{" + ",".join(f"{json.dumps(k.value)}:{walk(v)}" for k, v in node.value) + "}"
+        if isinstance(node, yaml.SequenceNode):
+            return "[" + ",".join(walk(v) for v in node.value) + "]"
+        return json.dumps(loader.construct_object(node, deep=True), default=str)
+
+    return walk(yaml.compose(text))
+
+
 @pytest.mark.cluster
-def test_kubectl_and_api_server_agree(kube_cluster):
-    """Each case's verdict from `kubectl apply --dry-run=server` of the very same text."""
+def test_kubectl_and_api_server_agree(kube_cluster, tmp_path):
+    """Each case's verdict from the API server for the very same text: through `kubectl apply
+    --dry-run=server` (kubectl's YAML->JSON), or, for duplicate keys, which kubectl v1.34 drops
+    silently on the client, the document posted as JSON with its duplicates (the server's strict
+    field validation, kubectl's default, refuses them: "duplicate field")."""
     from pathlib import Path
 
     from muxtune.devcluster import cluster
@@ -149,7 +168,16 @@ def test_kubectl_and_api_server_agree(kube_cluster):
     for cid, mutate, ok, _ in CASES:
         name = "2024-01-01" if cid == "date-like-name" else f"y-{uuid.uuid4().hex[:8]}"
         text = _text(mutate, name, NAMESPACE).replace("name: 2024-01-01", f"name: {name}")
-        p = kube_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=text, check=False)
+        if cid.startswith("duplicate"):
+            body = tmp_path / f"{cid}.json"
+            body.write_text(_json_keeping_duplicates(text))
+            p = kube_cluster.kubectl(
+                "create", "--raw", f"/apis/muxtune.io/v1alpha1/namespaces/{NAMESPACE}/finetunetasks"
+                "?dryRun=All&fieldValidation=Strict", "-f", str(body), check=False)
+            if not ok and "duplicate field" not in p.stderr:
+                disagree.append(f"{cid}: refused for another reason: {p.stderr.strip()[:300]}")
+        else:
+            p = kube_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=text, check=False)
         if (p.returncode == 0) != ok:
-            disagree.append(f"{cid}: kubectl rc={p.returncode} {p.stderr.strip()[:300]}")
+            disagree.append(f"{cid}: API server rc={p.returncode} {p.stderr.strip()[:300]}")
     assert not disagree, "\n".join(disagree)

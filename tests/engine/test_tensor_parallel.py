@@ -12,7 +12,7 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-STEPS, SNAPSHOT_AT, TP = 6, 3, 2
+STEPS, SNAPSHOT_AT, TP = 4, 2, 2
 
 
 def _worker():

@@ -285,7 +285,8 @@ class EngineMetrics(Telemetry):
         fused, waiting = set(record.fused), set(record.waiting)
         with self._lock:
             self._effective = record.effective_token_ratio
-            self._attention_work = record.attention_work_ratio
+            if record.attention_work_ratio is not None:  # a round that reports none keeps the last figure
+                self._attention_work = record.attention_work_ratio
             self._real_tokens += record.real_tokens
             self._computed_tokens += record.computed_tokens
             for key, s in self._tasks.items():

@@ -33,7 +33,8 @@ BUCKETS = {
     "forward attention kernels (SDPA)": (("scaled_dot_product_attention",), False),
     "LoRA deltas, forward (cumulative)": (("lora.py:additive",), True),
     "optimizer steps (cumulative)": (("adam.py:step",), True),
-    "adapter and checkpoint saves (cumulative)": (("serialization.py:save", "torch.py:save_file"), True),
+    "adapter and checkpoint saves (cumulative)": (("peft_model.py:save_pretrained", "export.py:save_adapter",
+                                                   "checkpoint.py:save"), True),
     "packing (cumulative)": (("packing.py:pack",), True),
 }
 
@@ -48,11 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS[:2]))
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time comparable)")
     p.add_argument("--top", type=int, default=15, help="functions listed by self time")
+    p.add_argument("--token-budget", type=int, help="muxtune: real tokens per fused round (default: the mode's)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     mode = "quick" if args.quick else "full-cpu"
     for key, value in dict(multitask.PROFILES[mode], **(multitask.LONG[mode] if args.long else {})).items():
-        setattr(args, key, value)
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     return args
 
 

@@ -53,6 +53,8 @@ How to read the table (one block per N):
   attn       attention work needed / computed: causal (query, key) pairs within each sequence over
              the pairs the attention computed (the padded loop's sdpa computes batch x length^2
              under its mask; per-sequence attention computes the needed pairs and padding tails).
+  tok/cpu-s  real tokens per CPU-second of the system's processes: less moved than tokens/s by other
+             processes on a shared machine (though spinning threads of a descheduled team still count).
   done (s)   per-task completion times from the common start, first-last task. Sequential finishes
              tasks one by one; separate and muxtune finish them all near the end.
   MFU        (GPU only) useful model FLOPs per second / device peak (--peak-tflops, or a table of
@@ -263,7 +265,7 @@ def summarise(system: str, jobs, results: list[dict], args, setup: dict, threads
         "model_flops": flops, "model_tflops_per_s": flops / rep["wall"] / 1e12, "mfu": mfu,
         "peak_tflops": setup["peak_tflops"],
         "muxtune_rounds": results[0]["reps"][mid].get("rounds") if system == "muxtune" else None,
-        "device": setup["device"], "device_name": results[0]["device_name"], "model": args.model,
+        "device": setup["device"], "device_name": results[0]["device_name"], "model": args.model, "cores": setup["cores"],
         "dtype": setup["dtype"], "repeats": args.repeats,
     }
 

@@ -49,21 +49,24 @@ def _x(v) -> str:
 def render(rows: list[dict], args, setup: dict) -> str:
     cpu = setup["device"] == "cpu"
     cores = f", {setup['cores']} cores" if cpu else ""
-    chunk = "" if args.chunk_size is None else f", chunk {args.chunk_size}"
-    rounds = getattr(args, "rounds", 1)
-    head = (f"model {args.model}, {setup['dtype']}, {setup['device_name']}{cores}; per task: {args.steps} timed steps"
-            f" x batch {args.batch_size} (+{args.warmup_steps} warm-up), lengths lognormal(median {args.median_len:g},"
-            f" sigma {args.sigma:g}) <= {args.max_seq_len}, ranks {','.join(map(str, args.ranks))};"
-            f" muxtune token budget {args.token_budget}{chunk}; median of {args.repeats} repeat(s)"
-            + (f" x {rounds} alternating rounds" if rounds > 1 else ""))
-    lines = [head]
-    if cpu:
+    if args is None:  # re-rendered from a JSON file
+        lines = [f"model {rows[0]['model']}, {setup['dtype']}, {setup['device_name']}{cores}"]
+    else:
+        chunk = "" if args.chunk_size is None else f", chunk {args.chunk_size}"
+        rounds = getattr(args, "rounds", 1)
+        lines = [(f"model {args.model}, {setup['dtype']}, {setup['device_name']}{cores}; per task: {args.steps} timed steps"
+                  f" x batch {args.batch_size} (+{args.warmup_steps} warm-up), lengths lognormal(median {args.median_len:g},"
+                  f" sigma {args.sigma:g}) <= {args.max_seq_len}, ranks {','.join(map(str, args.ranks))};"
+                  f" muxtune token budget {args.token_budget}{chunk}; median of {args.repeats} repeat(s)"
+                  + (f" x {rounds} alternating rounds" if rounds > 1 else ""))]
+    if cpu and args is not None:
         lines.append(f"separate*: N processes x max(1, {setup['cores']} // N) torch threads; sequential*, muxtune: one process"
                      f" x {args.threads or setup['cores']} threads; *-packed: padding-free rows, per-sequence attention")
+
     present = [b for b in BASELINES if any(r["system"] == b for r in rows)]
     cols = f"{'N':>3}  {'system':<17} {'tokens/s':>10}" + "".join(f" {'x ' + SHORT[b]:>7}" for b in present)
     cols += f" {'peak mem':>11}" + "".join(f" {'m/' + SHORT[b]:>7}" for b in present if b.startswith("separate"))
-    cols += f" {'eff.tok':>7} {'attn':>5}  {'done (s) first-last':>20}"
+    cols += f" {'eff.tok':>7} {'attn':>5} {'tok/cpu-s':>9}  {'done (s) first-last':>20}"
     if not cpu:
         cols += f" {'MFU':>6}"
     lines += ["", cols, "-" * len(cols)]
@@ -78,7 +81,9 @@ def render(rows: list[dict], args, setup: dict) -> str:
             line += "".join(f" {_x(r.get(ratio_key('speedup', b))):>7}" for b in present)
             line += f" {mib(r['peak_memory_bytes']):>11}"
             line += "".join(f" {_x(r.get(ratio_key('memory', b))):>7}" for b in present if b.startswith("separate"))
+            per_cpu = r.get("tokens_per_cpu_s")
             line += f" {r['effective_token_ratio']:>7.3f} {'-' if attn is None else f'{attn:.2f}':>5}"
+            line += f" {'-' if per_cpu is None else f'{per_cpu:,.0f}':>9}"
             line += f"  {f'{min(done):.2f}-{max(done):.2f}':>20}"
             if not cpu:
                 mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -91,3 +96,25 @@ def render(rows: list[dict], args, setup: dict) -> str:
                      " timings are unreliable, and a busy machine favours 'separate' (N processes get N shares of the CPU,"
                      " and a multi-threaded process stalls when one of its threads is descheduled). Try --wait-idle 600.")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m bench.report ROWS.json: the table again, from a --json file."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.report ROWS.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        rows = json.load(f)
+    r0 = rows[0]
+    setup = {"device": r0["device"], "dtype": r0["dtype"], "device_name": r0["device_name"], "cores": r0.get("cores", "?")}
+    add_ratios(rows)
+    print(render(rows, None, setup))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -129,3 +129,15 @@ def test_memory_guard_predicts_from_smaller_n():
     assert multitask._predicted_rss(rows, "separate-packed", 8) == 8 * 2**30
     assert multitask._predicted_rss(rows, "muxtune", 8) == 1 * 2**30
     assert multitask._predicted_rss(rows, "sequential", 8) is None
+
+
+def test_table_from_a_json_file(tmp_path, capsys):
+    rows = [dict(_row("separate-packed", 8, 100.0, 2**30), model="builtin:tiny-llama", device="cpu", dtype="float32",
+                 device_name="cpu", cores=2, tokens_per_cpu_s=60.0),
+            dict(_row("muxtune", 8, 120.0, 2**28), model="builtin:tiny-llama", device="cpu", dtype="float32",
+                 device_name="cpu", cores=2, tokens_per_cpu_s=70.0, attention_work_ratio=0.99)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1.20" in out and "0.99" in out and "tok/cpu-s" in out

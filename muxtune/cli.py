@@ -26,6 +26,7 @@ class RunCommand(BaseModel):
     metrics_host: str = Field("0.0.0.0", description="Address the metrics/status server binds")
     watch: bool = Field(False, description="Keep running and follow changes to the task files (used in pods)")
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
+    allow_data_change: bool = Field(False, description="Resume a task even when its dataset changed since its checkpoint (refused by default)")
     progress: bool = Field(True, description="Show a progress bar")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
 

@@ -35,6 +35,14 @@ class TaskDelta(nn.Module):
         """Tensors under the names PEFT saves for this module (without the module prefix)."""
         raise NotImplementedError
 
+    def rng_state(self) -> torch.Tensor | None:
+        """The state of any random generator the delta draws from while training (checkpoints
+        keep it, so a resumed run draws what the uninterrupted one would have)."""
+        return None
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        pass
+
     def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for name, value in self.peft_state().items():

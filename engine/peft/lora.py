@@ -36,6 +36,13 @@ class LoraDelta(TaskDelta):
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return (x @ a.t()) @ b.t() * self.scaling
 
+    def rng_state(self) -> torch.Tensor | None:
+        return None if self._dropout_gen is None else self._dropout_gen.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._dropout_gen = torch.Generator(device=self.lora_A.device)
+        self._dropout_gen.set_state(state)
+
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
 

@@ -15,6 +15,9 @@ restarted group replays the interrupted run exactly.
   co-schedule, and so the last bits of the floats, may differ).
 
 Entry points for the trainer: claim_output, read_status, resume_task, start_over, save_task, align.
+Tensors pass through `TaskRuntime.state_dict()` / `load_state_dict()` only (full, unsharded, by
+stable name; see checkpoint.py): a sharded layout gathers inside state_dict() on the rank that
+writes (save_task), and scatters inside load_state_dict() (called by resume_task and align).
 """
 from __future__ import annotations
 

@@ -134,15 +134,20 @@ class MuxTrainer:
         self.rounds, self._solo_rounds = int(state["rounds"]), int(state["solo_rounds"])
         self.real_tokens, self.computed_tokens = int(state["real_tokens"]), int(state["computed_tokens"])
 
+    def _align_once(self) -> None:
+        """Before the first round (or exit checkpoint): restarted tasks move to their newest
+        common cut, so the run replays the interrupted one (recovery.align)."""
+        if not self._aligned:
+            self._aligned = True
+            recovery.align(self)
+
     # ----- the loop ---------------------------------------------------------------------
     def active(self) -> list[TaskRuntime]:
         return [t for t in self.tasks.values() if t.phase == RUNNING]
 
     def run_round(self) -> bool:
         """One fused forward/backward. False when no task has work."""
-        if not self._aligned:
-            self._aligned = True
-            recovery.align(self)
+        self._align_once()
         active = self.active()
         if not active:
             return False
@@ -229,8 +234,9 @@ class MuxTrainer:
         interval = rt.task.spec.training.checkpoint_interval
         if rt.step >= rt.max_steps:
             self._finish(rt)
-        elif interval and rt.step % interval == 0:
-            self._cut_due = True  # at the end of this round, with every running task
+        elif interval and rt.step - (rt.saved_step or 0) >= interval:
+            self._cut_due = True  # at the end of this round, with every running task (which all
+            # count their interval from then: a cut per interval, not one per task and interval)
         for hook in self.step_hooks:
             hook(self, rt)
 
@@ -255,11 +261,12 @@ class MuxTrainer:
         """Checkpoint every running task at this round boundary, as one cut that a restarted
         run with the same members replays exactly (recovery.align). Not while a round is half
         done: after an exception mid-round the last complete cut stands."""
-        running = sorted(self.active(), key=lambda r: r.slot)
-        mark = (self._ticks, tuple(rt.key for rt in running))
         if self._in_round:
             log.warning("a round was interrupted midway; keeping the last complete checkpoints")
             return
+        self._align_once()
+        running = sorted(self.active(), key=lambda r: r.slot)
+        mark = (self._ticks, tuple(rt.key for rt in running))
         self._cut_due = False
         if not running or mark == self._last_cut:
             return
@@ -290,7 +297,8 @@ class MuxTrainer:
             return
         self.backbone.detach(rt.slot)
         self._set_phase(rt, SUCCEEDED, f"trained {rt.step} steps")
-        self._cut_due = True  # the remaining tasks' cut no longer includes this one
+        # a new cut without it, so a restart replays exactly (not for tasks that only save at the end)
+        self._cut_due = self._cut_due or any(t.task.spec.training.checkpoint_interval for t in self.active())
 
     def _fail(self, rt: TaskRuntime, reason: str) -> TaskRuntime:
         if rt.optimizer is not None:

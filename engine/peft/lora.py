@@ -40,8 +40,12 @@ class LoraDelta(TaskDelta):
         return None if self._dropout_gen is None else self._dropout_gen.get_state()
 
     def set_rng_state(self, state: torch.Tensor) -> None:
-        self._dropout_gen = torch.Generator(device=self.lora_A.device)
-        self._dropout_gen.set_state(state)
+        gen = torch.Generator(device=self.lora_A.device)
+        try:
+            gen.set_state(state)
+        except RuntimeError:  # saved on another device type, whose stream cannot continue here
+            gen.manual_seed(self._dropout_seed)
+        self._dropout_gen = gen
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}

@@ -1,6 +1,6 @@
 """Checkpoints taken as one cut across a group: a restarted group rolls back to the newest cut all
-its tasks hold and replays bitwise; one task's checkpoint, half-trained step included, also
-resumes on its own in another group."""
+its tasks hold and replays bitwise (dropout's generator included); one task's checkpoint,
+half-trained step included, also resumes on its own in another group."""
 from __future__ import annotations
 
 import json
@@ -16,12 +16,16 @@ class Crash(Exception):
     pass
 
 
+def _with_dropout(task, p):
+    return task.model_copy(update={"spec": task.spec.model_copy(update={"peft": task.spec.peft.model_copy(update={"dropout": p})})})
+
+
 @pytest.fixture
 def group(make_task, data_dir):
     return [
         make_task("a", data_dir / "reverse.jsonl", r=4, batch=4, steps=8, lr=1e-2, seed=1, checkpointInterval=2),
-        make_task("b", data_dir / "upper.jsonl", r=8, batch=6, steps=8, lr=1e-2, seed=2, checkpointInterval=3,
-                  targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+        _with_dropout(make_task("b", data_dir / "upper.jsonl", r=8, batch=6, steps=8, lr=1e-2, seed=2,
+                                checkpointInterval=3, targets=("q_proj", "k_proj", "v_proj", "o_proj")), 0.1),
         make_task("c", data_dir / "reverse.jsonl", method="ia3", batch=8, steps=8, lr=3e-2, seed=3,
                   targets=("k_proj", "v_proj", "down_proj"), ff=("down_proj",)),
     ]

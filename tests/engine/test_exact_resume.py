@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from tests.conftest import task_doc, write_jsonl
 
 pytestmark = pytest.mark.slow
-STEPS = 16
+STEPS = 12
 NAMES = ("a", "b", "c")
 
 
@@ -92,7 +92,7 @@ def test_sigterm_then_rerun_replays_exactly(workload, tmp_path):
     """SIGTERM lands while tasks hold half-trained steps; the exit checkpoint must keep them."""
     spec, reference = workload
     out = tmp_path / "out"
-    proc = _interrupt(spec, out, signal.SIGTERM, at_step=5)
+    proc = _interrupt(spec, out, signal.SIGTERM, at_step=4)
     assert proc.returncode == 128 + signal.SIGTERM
     rerun = subprocess.run(_cmd(spec, out), capture_output=True, text=True, timeout=600, env=_env())
     assert rerun.returncode == 0, rerun.stderr
@@ -103,7 +103,7 @@ def test_sigkill_then_rerun_replays_exactly(workload, tmp_path):
     """SIGKILL leaves only the periodic checkpoints; the rerun replays from the newest common cut."""
     spec, reference = workload
     out = tmp_path / "out"
-    proc = _interrupt(spec, out, signal.SIGKILL, at_step=9)
+    proc = _interrupt(spec, out, signal.SIGKILL, at_step=7)
     assert proc.returncode == -signal.SIGKILL
     rerun = subprocess.run(_cmd(spec, out), capture_output=True, text=True, timeout=600, env=_env())
     assert rerun.returncode == 0, rerun.stderr

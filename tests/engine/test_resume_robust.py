@@ -148,3 +148,37 @@ def test_without_uid_output_resumes_as_before(make_task, data_dir, tmp_path, tra
     _interrupted(trainer_factory, tmp_path / "out", _with_uid(task, "uid-1"), crash_step=3)
     rt = trainer_factory(tmp_path / "out").add_task(task)  # a local run names no uid
     assert rt.phase == "Running" and rt.step == 2
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_allow_data_change_flag_reaches_the_engine(flag, make_task, data_dir, tmp_path, trainer_factory):
+    """`muxtune run --allow-data-change`, parsed as the CLI parses it, through run_group."""
+    from pydantic_settings import CliApp
+
+    from muxtune.cli import RunCommand
+    from muxtune.engine.run import run_group
+    from tests.conftest import write_jsonl
+
+    data = write_jsonl(data_dir / "mine.jsonl", 40, seed=5)
+    task = make_task("flag", data, steps=4, checkpointInterval=2)
+    _interrupted(trainer_factory, tmp_path / "out", task, crash_step=3)
+    write_jsonl(data, 40, seed=6)
+    args = ["x.yaml", "--output", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
+    cmd = CliApp.run(RunCommand, cli_args=args + (["--allow-data-change"] if flag else []), cli_cmd_method_name="model_copy")
+    assert cmd.allow_data_change is flag
+    trainer = run_group([task], cmd, lambda: False, tmp_path)
+    rt = trainer.tasks[task.key]
+    assert rt.phase == ("Succeeded" if flag else "Failed"), rt.message
+
+
+def test_no_resume_starts_over_and_keeps_old_checkpoints_aside(make_task, data_dir, tmp_path, trainer_factory):
+    task = make_task("nr", data_dir / "reverse.jsonl", steps=4, checkpointInterval=2)
+    task_dir = _interrupted(trainer_factory, tmp_path / "out", task, crash_step=3)
+    fresh = trainer_factory(tmp_path / "out")
+    fresh.resume = False
+    rt = fresh.add_task(task)
+    assert rt.step == 0 and not (task_dir / "metrics.jsonl").exists()
+    assert list((task_dir / ".checkpoints-not-resumed").glob("step-*")), "the old checkpoints are kept"
+    fresh.run()
+    assert sorted(p.name for p in (task_dir / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert _steps(task_dir) == [1, 2, 3, 4]

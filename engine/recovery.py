@@ -112,7 +112,7 @@ def _load(rt, path: Path, meta: dict, allow_data_change: bool) -> None:
     if meta.get("data_fingerprint") != rt.data_fingerprint:
         if not allow_data_change:
             raise ValueError(
-                f"{path}: dataset changed since this checkpoint ({dataset}: fingerprint "
+                f"{path}: dataset changed since this checkpoint (dataset.path {dataset}: fingerprint "
                 f"{meta.get('data_fingerprint')}, now {rt.data_fingerprint}); rerun with --allow-data-change "
                 "to resume on the new data anyway, or use another output directory")
         log.warning("resuming on changed data (--allow-data-change); the step in progress restarts",

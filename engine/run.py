@@ -126,7 +126,7 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
 def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None) -> MuxTrainer:
     device = pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
-    path = resolve_base_model(tasks[0].spec.base_model, base_dir)
+    path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
     backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
     from muxtune.engine import lora_kernel
 
@@ -173,7 +173,10 @@ def run_from_cli(cmd) -> int:
     except SpecError as exc:
         print(f"error: invalid task spec\n{exc}", file=sys.stderr)
         return 2
-    base_dir = Path.cwd()
+    base_dir = Path(cmd.data_root).resolve()
+    if not base_dir.is_dir():
+        print(f"error: --data-root {cmd.data_root}: not a directory", file=sys.stderr)
+        return 2
     groups: dict[str, list[FineTuneTask]] = defaultdict(list)
     for t in tasks:
         groups[t.spec.base_model].append(t)

@@ -2,12 +2,13 @@
 
 Children (all in the group's namespace, all with an ownerReference to the group):
 * ConfigMap ``<group>-tasks``: ``tasks.yaml``, the member FineTuneTasks as multi-document YAML,
-  exactly the schema the engine reads; each task's output goes to ``/output/<ns>/<name>``,
-  ``model:NAME`` backbones resolve to ``/models/NAME``, relative dataset paths to ``/data/<path>``.
+  exactly the schema the engine reads; ``model:NAME`` backbones resolve to ``/models/NAME``;
+  dataset and output paths stay relative (the engine reads ``/data/<path>`` and writes
+  ``/output/<ns>/<output.path or name>``).
 * Service ``<group>``: headless, port ``metrics`` (engine /metrics and /v1/status); also the
   DNS domain of the pods (rank 0 is the rendezvous for dp > 1).
 * Pods ``<group>-<rank>``, one per data-parallel replica, each requesting tp*pp GPUs, running
-  ``muxtune run /etc/muxtune/tasks/tasks.yaml --output /output --watch --metrics-port 9400
+  ``muxtune run /etc/muxtune/tasks/tasks.yaml --output /output --data-root /data --watch --metrics-port 9400
   --no-progress`` under the restricted Pod Security Standard.
 """
 from __future__ import annotations
@@ -127,9 +128,8 @@ def engine_task_document(task: FineTuneTask) -> dict:
     ns = task.metadata.namespace or "default"
     spec = task.spec.model_copy(deep=True)
     spec.base_model = resolve_base_model(spec.base_model)
-    if not spec.dataset.path.startswith("/"):
-        spec.dataset.path = posixpath.join(DATA_MOUNT, spec.dataset.path)
-    spec.output.path = f"{OUTPUT_MOUNT}/{ns}/{task.metadata.name}"
+    # dataset.path and output.path stay relative: the engine resolves them under --data-root and
+    # --output/<namespace>/ (the API refuses absolute paths and "..")
     meta = {"name": task.metadata.name, "namespace": ns}
     if task.metadata.uid:
         meta["uid"] = task.metadata.uid
@@ -183,7 +183,7 @@ def service_manifest(group: dict, config: OperatorConfig) -> dict:
 
 def engine_args(config: OperatorConfig) -> list[str]:
     return [
-        "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--watch",
+        "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-port", str(config.engine_metrics_port), "--no-progress",
     ]
 

@@ -34,7 +34,7 @@ MODELS: dict[str, type[ApiModel]] = {
 BASE_SPECS: dict[str, dict] = {
     "FineTuneTask": {
         "baseModel": "builtin:tiny-llama",
-        "dataset": {"path": "/data/train.jsonl"},
+        "dataset": {"path": "train.jsonl"},
         "training": {"maxSteps": 10, "learningRate": 1e-4},
     },
     "BaseModel": {"source": {"builtin": "tiny-llama"}},
@@ -87,6 +87,13 @@ BAD: list[Case] = [
     Case("missing-dataset", {"spec.dataset": MISSING}, "spec.dataset"),
     Case("dataset-without-path", {"spec.dataset": {"format": "jsonl"}}, "spec.dataset.path"),
     Case("dataset-empty-path", {"spec.dataset.path": ""}, "spec.dataset.path"),
+    # paths resolve inside the namespace's own areas: nothing absolute, nothing that climbs out
+    Case("dataset-absolute-path", {"spec.dataset.path": "/data/team-b/private.jsonl"}, "spec.dataset.path"),
+    Case("dataset-dotdot-path", {"spec.dataset.path": "../data/team-b/private.jsonl"}, "spec.dataset.path"),
+    Case("dataset-inner-dotdot-path", {"spec.dataset.path": "sets/../../team-b/x.jsonl"}, "spec.dataset.path"),
+    Case("dataset-bare-dotdot", {"spec.dataset.path": ".."}, "spec.dataset.path"),
+    Case("output-absolute-path", {"spec.output.path": "/output/team-b/x"}, "spec.output.path"),
+    Case("output-dotdot-path", {"spec.output.path": "runs/../../team-b"}, "spec.output.path"),
     Case("dataset-unknown-format", {"spec.dataset.format": "csv"}, "spec.dataset.format"),
     Case("max-seq-len-zero", {"spec.dataset.maxSeqLen": 0}, "spec.dataset.maxSeqLen"),
     Case("max-steps-zero", {"spec.training.maxSteps": 0}, "spec.training.maxSteps"),
@@ -183,7 +190,7 @@ GOOD: list[Case] = [
                     "maxSteps": 100, "batchSize": 4, "learningRate": 2e-4, "schedule": "cosine", "warmupSteps": 10,
                     "weightDecay": 0.01, "maxGradNorm": 0.5, "seed": 7, "checkpointInterval": 0,
                 },
-                "output": {"path": "/out/x"},
+                "output": {"path": "runs/x"},
                 "priority": 10,
                 "suspend": True,
                 "shareAcrossNamespaces": True,
@@ -191,6 +198,7 @@ GOOD: list[Case] = [
         },
         "",
     ),
+    Case("dotted-names-are-not-dotdot", {"spec.dataset.path": "a..b/..x/.hidden.jsonl", "spec.output.path": "v1..2"}, ""),
     Case("base-model-resource", {"spec.baseModel": "model:llama-3.1-8b"}, ""),
     Case("base-model-local-dir", {"spec.baseModel": "./models/tiny"}, ""),
     Case("model-builtin", {}, "", kind="BaseModel"),
@@ -360,7 +368,7 @@ IMMUTABLE_EDITS = [
     ("spec.dataset", {"dataset": {"path": "other.jsonl"}}),
     ("spec.peft", {"peft": {"r": 16}}),
     ("spec.training", {"training": {"maxSteps": 99}}),
-    ("spec.output", {"output": {"path": "/elsewhere"}}),
+    ("spec.output", {"output": {"path": "elsewhere"}}),
     ("spec.shareAcrossNamespaces", {"shareAcrossNamespaces": True}),
 ]
 

@@ -60,7 +60,7 @@ def test_restart_rolls_back_to_newest_common_cut_and_replays_bitwise(group, tmp_
 
     with pytest.raises(Crash):
         _run(trainer_factory, tmp_path / "out", group, hooks=[crash])
-    a_dir = tmp_path / "out" / "a" / "checkpoints"
+    a_dir = tmp_path / "out" / "default" / "a" / "checkpoints"
     newest = sorted(a_dir.glob("step-*"))[-1]
     (newest / "state.safetensors").write_bytes(b"\0" * 64)  # a's newest save of the last cut is bad
 

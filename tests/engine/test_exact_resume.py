@@ -53,17 +53,19 @@ def _env():
 
 
 def _cmd(spec: Path, out: Path) -> list[str]:
+    from tests import conftest
+
     return [sys.executable, "-m", "muxtune.cli", "run", str(spec), "--output", str(out), "--no-progress",
-            "--token-budget", "96"]
+            "--token-budget", "96", "--data-root", str(conftest.DATA_ROOT)]
 
 
 def _metrics(out: Path, name: str) -> list[dict]:
-    return [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(ln) for ln in (out / "default" / name / "metrics.jsonl").read_text().splitlines()]
 
 
 def _interrupt(spec: Path, out: Path, sig: int, at_step: int) -> subprocess.Popen:
     proc = subprocess.Popen(_cmd(spec, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    metrics = out / "b" / "metrics.jsonl"
+    metrics = out / "default" / "b" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= at_step:
@@ -82,7 +84,8 @@ def _assert_replays_reference(out: Path, reference: Path):
         for r, g in zip(ref, got):  # step by step: the same sequences, the same loss bits
             assert (g["step"], g["batch"], g["tokens"]) == (r["step"], r["batch"], r["tokens"]), name
             assert g["loss"] == r["loss"] and g["grad_norm"] == r["grad_norm"], (name, g["step"])
-        a, b = load_file(reference / name / "adapter_model.safetensors"), load_file(out / name / "adapter_model.safetensors")
+        a = load_file(reference / "default" / name / "adapter_model.safetensors")
+        b = load_file(out / "default" / name / "adapter_model.safetensors")
         assert a.keys() == b.keys()
         for k in a:
             assert (a[k] == b[k]).all(), f"{name} {k}: max abs diff {(a[k] - b[k]).abs().max().item()}"

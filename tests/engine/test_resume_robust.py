@@ -112,7 +112,7 @@ def test_changed_dataset_is_refused_for_that_task_alone_unless_allowed(make_task
     rt = second.add_task(task)
     neighbour = second.add_task(other)
     assert rt.phase == "Failed", "a changed dataset must not resume silently"
-    assert "dataset changed" in rt.message and str(data) in rt.message and "--allow-data-change" in rt.message
+    assert "dataset changed" in rt.message and task.spec.dataset.path in rt.message and "--allow-data-change" in rt.message
     second.run()
     assert neighbour.phase == "Succeeded"
 
@@ -166,7 +166,9 @@ def test_allow_data_change_flag_reaches_the_engine(flag, make_task, data_dir, tm
     args = ["x.yaml", "--output", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
     cmd = CliApp.run(RunCommand, cli_args=args + (["--allow-data-change"] if flag else []), cli_cmd_method_name="model_copy")
     assert cmd.allow_data_change is flag
-    trainer = run_group([task], cmd, lambda: False, tmp_path)
+    from tests import conftest
+
+    trainer = run_group([task], cmd, lambda: False, conftest.DATA_ROOT)
     rt = trainer.tasks[task.key]
     assert rt.phase == ("Succeeded" if flag else "Failed"), rt.message
 

@@ -103,6 +103,7 @@ def test_output_directory_turning_read_only_fails_that_task_alone(make_task, dat
 
 def test_cli_full_disk_run_ends_with_summary(data_dir, tmp_path):
     """The real command, its write boundary failing for one task's checkpoints: exit 1, a summary."""
+    from tests import conftest
     from tests.conftest import task_doc
 
     spec = tmp_path / "tasks.yaml"
@@ -124,11 +125,12 @@ def test_cli_full_disk_run_ends_with_summary(data_dir, tmp_path):
         "from muxtune.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script, "run", str(spec), "--output", str(out), "--no-progress"],
+    proc = subprocess.run([sys.executable, "-c", script, "run", str(spec), "--output", str(out), "--no-progress",
+                           "--data-root", str(conftest.DATA_ROOT)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stdout.splitlines()
     assert any("victim" in ln and "Failed" in ln and "file write failed" in ln for ln in lines), proc.stdout
     assert any("good" in ln and "Succeeded" in ln for ln in lines), proc.stdout
-    assert not _leftovers(out / "victim")
+    assert (out / "default" / "victim").is_dir() and not _leftovers(out / "default" / "victim")

@@ -127,7 +127,7 @@ class Prometheus:
 def task_docs(ns_a: str, ns_b: str, data_dir: Path) -> list[dict]:
     def doc(name, ns, data, peft, batch, seed, max_len=48):
         return {"apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": name, "namespace": ns},
-                "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(data), "maxSeqLen": max_len},
+                "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(Path(data).relative_to(data_dir)), "maxSeqLen": max_len},
                          "peft": peft, "shareAcrossNamespaces": True,
                          "training": {"maxSteps": STEPS, "batchSize": batch, "learningRate": 1e-2, "seed": seed,
                                       "checkpointInterval": 25}}}
@@ -296,7 +296,7 @@ def stack(request, prometheus_bin, tmp_path_factory):
         engine_log = work / "engine.log"
         exe = Path(sys.executable).with_name("muxtune")
         engine = subprocess.Popen(
-            [str(exe), "run", str(tasks_file), "--output", str(output), "--watch", "--no-progress", "--no-resume",
+            [str(exe), "run", str(tasks_file), "--output", str(output), "--data-root", str(work), "--watch", "--no-progress", "--no-resume",
              "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--token-budget", "160", "--device", "cpu"],
             stdout=open(engine_log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=work)
         procs.append(engine)

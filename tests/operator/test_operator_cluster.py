@@ -65,7 +65,7 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     assert pod["metadata"]["ownerReferences"] == [owner]
     c = pod["spec"]["containers"][0]
     assert c["command"] + c["args"] == ["muxtune", "run", "/etc/muxtune/tasks/tasks.yaml", "--output", "/output",
-                                        "--watch", "--metrics-port", "9400", "--no-progress"]
+                                        "--data-root", "/data", "--watch", "--metrics-port", "9400", "--no-progress"]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     sc, psc = c["securityContext"], pod["spec"]["securityContext"]
     assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]
@@ -89,8 +89,8 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
 
     for d in docs:
         t = FineTuneTask.model_validate(d)  # exactly the schema the engine reads
-        assert t.spec.output.path == f"/output/{ns}/{t.metadata.name}"
-        assert t.spec.dataset.path == f"/data/sets/{t.metadata.name}.jsonl"
+        assert t.spec.output.path is None  # the engine writes /output/<namespace>/<name>
+        assert t.spec.dataset.path == f"sets/{t.metadata.name}.jsonl"  # read under --data-root /data
     svc = kh.kjson(info, "get", "service", group_name, "-n", ns)
     assert svc["metadata"]["ownerReferences"] == [owner]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["port"] == 9400

@@ -22,17 +22,21 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 TASKS_DIR = "/etc/muxtune/tasks"
 OUTPUT = "/output"
+DATA = "/data"
 
 
-def write_data(path: Path, n: int, seed: int) -> str:
+def write_data(root: Path, name: str, n: int, seed: int) -> str:
+    """Writes root/name; returns the dataset.path (relative to the engine's --data-root)."""
     import random
+
+    path = root / name
 
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
             w = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 10)))
             f.write(json.dumps({"prompt": f"reverse: {w}\n", "completion": w[::-1]}) + "\n")
-    return str(path)
+    return name
 
 
 class ConfigMapMirror:
@@ -53,8 +57,6 @@ class ConfigMapMirror:
             return
         text = json.loads(p.stdout)["data"]["tasks.yaml"]
         docs = [d for d in yaml.safe_load_all(text) if d]
-        for d in docs:
-            d["spec"]["output"]["path"] = d["spec"]["output"]["path"].replace(OUTPUT, str(self.output), 1)
         body = yaml.safe_dump_all(docs, sort_keys=True)
         target = self.dir / "tasks.yaml"
         if not target.exists() or target.read_text() != body:
@@ -74,12 +76,12 @@ def test_engine_trains_a_group_pod_to_succeeded(operator_env, kh, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     tasks = [
-        kh.task_manifest("e2e-rev", ns, data=write_data(data / "rev.jsonl", 48, 1), steps=4, batch=2, seq=48),
-        kh.task_manifest("e2e-rev2", ns, data=write_data(data / "rev2.jsonl", 48, 2), steps=5, batch=2, seq=48),
+        kh.task_manifest("e2e-rev", ns, data=write_data(data, "rev.jsonl", 48, 1), steps=4, batch=2, seq=48),
+        kh.task_manifest("e2e-rev2", ns, data=write_data(data, "rev2.jsonl", 48, 2), steps=5, batch=2, seq=48),
         # a long task that is deleted mid-way: the engine drops it, its neighbours go on
-        kh.task_manifest("e2e-long", ns, data=write_data(data / "long.jsonl", 48, 3), steps=100000, batch=2, seq=48),
+        kh.task_manifest("e2e-long", ns, data=write_data(data, "long.jsonl", 48, 3), steps=100000, batch=2, seq=48),
         # keeps the group alive while e2e-long is removed (else an empty group is torn down instead)
-        kh.task_manifest("e2e-keep", ns, data=write_data(data / "keep.jsonl", 48, 4), steps=100000, batch=2, seq=48),
+        kh.task_manifest("e2e-keep", ns, data=write_data(data, "keep.jsonl", 48, 4), steps=100000, batch=2, seq=48),
     ]
     kh.apply(info, *tasks)
     names = [t["metadata"]["name"] for t in tasks]
@@ -118,6 +120,9 @@ def test_engine_trains_a_group_pod_to_succeeded(operator_env, kh, tmp_path):
         elif a == "--output":
             assert next(it) == OUTPUT
             host_argv += ["--output", str(out_dir)]
+        elif a == "--data-root":
+            assert next(it) == DATA
+            host_argv += ["--data-root", str(data)]
         elif a == "--metrics-port":
             next(it)
             host_argv += ["--metrics-port", str(port)]

@@ -69,11 +69,12 @@ def _ftt(**spec):
 def test_engine_document_rewrites_paths():
     doc = resources.engine_task_document(_ftt())
     assert doc["spec"]["baseModel"] == "/models/llama"
-    assert doc["spec"]["dataset"]["path"] == "/data/sets/a.jsonl"
-    assert doc["spec"]["output"]["path"] == "/output/ns/a"
+    # paths stay relative: the engine resolves them under --data-root /data and --output /output/<ns>/
+    assert doc["spec"]["dataset"]["path"] == "sets/a.jsonl"
+    assert "path" not in doc["spec"].get("output", {})
     FineTuneTask.model_validate(doc)  # still the engine's schema
-    abs_doc = resources.engine_task_document(_ftt(baseModel="builtin:tiny-llama", dataset={"path": "/abs/x.jsonl"}))
-    assert abs_doc["spec"]["baseModel"] == "builtin:tiny-llama" and abs_doc["spec"]["dataset"]["path"] == "/abs/x.jsonl"
+    named = resources.engine_task_document(_ftt(baseModel="builtin:tiny-llama", output={"path": "runs/a"}))
+    assert named["spec"]["baseModel"] == "builtin:tiny-llama" and named["spec"]["output"]["path"] == "runs/a"
     assert resources.resolve_base_model("pvc://weights/llama/7b") == "/models/pvc-weights/llama/7b"
 
 

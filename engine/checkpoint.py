@@ -135,7 +135,7 @@ def load(path: Path) -> TaskState:
         except (OSError, SafetensorError) as exc:
             raise CorruptError(f"{path / fname}: {exc}") from None
     adapter = {k[len(PEFT_PREFIX):]: v for k, v in tensors[ADAPTER].items() if k.startswith(PEFT_PREFIX)}
-    state = TaskState(adapter=adapter, optimizer={}, meta=meta)
+    state = TaskState(adapter=adapter, optimizer={}, meta={k: v for k, v in meta.items() if k != "format"})
     for key, value in tensors[STATE_TENSORS].items():
         kind, _, rest = key.partition("/")
         if kind == "optim":

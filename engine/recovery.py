@@ -15,9 +15,14 @@ restarted group replays the interrupted run exactly.
   co-schedule, and so the last bits of the floats, may differ).
 
 Entry points for the trainer: claim_output, read_status, resume_task, start_over, save_task, align.
-Tensors pass through `TaskRuntime.state_dict()` / `load_state_dict()` only (full, unsharded, by
-stable name; see checkpoint.py): a sharded layout gathers inside state_dict() on the rank that
-writes (save_task), and scatters inside load_state_dict() (called by resume_task and align).
+
+For a parallel engine, tensors pass only through `TaskRuntime.state_dict()` and
+`load_state_dict()` (stable names, see checkpoint.py): under pipeline parallelism each stage's
+state_dict() holds its own modules, and the union of the stages' dicts is the full state; under
+tensor parallelism the gather to full tensors belongs around state_dict(). The writer calls
+save_task(rt, ..., state=full); the other ranks call save_task(rt, ..., write=False) so that their
+counters agree. resume_task is read_checkpoint + settle_output (files: the writer) and
+apply_checkpoint (memory: every rank, strict=False to keep only the local modules).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from pathlib import Path
 
 from muxtune.engine import checkpoint as ckpt
 from muxtune.engine import storage
+from muxtune.engine.checkpoint import TaskState
 from muxtune.engine.storage import CorruptError
 
 log = logging.getLogger("muxtune.engine")
@@ -65,14 +71,18 @@ def claim_output(rt) -> None:
                 extra={"task": rt.key, "uid": uid, "old_uid": old, "moved_to": str(moved)})
 
 
-def save_task(rt, base_model_path: Path, cut: dict | None = None) -> Path:
+def save_task(rt, base_model_path: Path, cut: dict | None = None, *, state: TaskState | None = None,
+              write: bool = True) -> Path:
     """Checkpoint one task (StorageError names the file). A second save at the same step, or one
-    with a step half-trained, gets a -pNNNNNN name so it never overwrites an earlier cut."""
-    state = rt.state_dict()
-    part = None if state.meta["in_progress"] is None and rt.saved_step != rt.step else rt.saves + 1
-    state.meta["saves"] = rt.saves + 1
-    state.meta["cut"] = cut
-    path = ckpt.save(rt.out_dir, state, rt.task.spec.peft, base_model_path, ckpt.dir_name(rt.step, part))
+    with a step half-trained, gets a -pNNNNNN name so it never overwrites an earlier cut.
+    `state` defaults to rt.state_dict(); write=False only advances the task's save counters."""
+    half_trained = bool(rt.pending) and len(rt.pending) < rt.task.spec.training.batch_size
+    part = None if not half_trained and rt.saved_step != rt.step else rt.saves + 1
+    path = ckpt.checkpoints_dir(rt.out_dir) / ckpt.dir_name(rt.step, part)
+    if write:
+        state = state or rt.state_dict()
+        state.meta["saves"], state.meta["cut"] = rt.saves + 1, cut
+        ckpt.save(rt.out_dir, state, rt.task.spec.peft, base_model_path, path.name)
     rt.saves, rt.saved_step = rt.saves + 1, rt.step
     return path
 
@@ -103,7 +113,9 @@ def _discard_newer(rt, path: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _load(rt, path: Path, meta: dict, allow_data_change: bool) -> None:
+def read_checkpoint(rt, path: Path, meta: dict, allow_data_change: bool) -> TaskState:
+    """The state in `path` once it is allowed for this task (file side: run it where the files
+    are). ValueError, naming the checkpoint, for another spec or, unless allowed, other data."""
     dataset = rt.task.spec.dataset.path
     if meta.get("spec_hash") != ckpt.spec_hash(rt.task.spec):
         raise ValueError(f"{path}: written for a different spec of {rt.key}; use another output "
@@ -118,13 +130,27 @@ def _load(rt, path: Path, meta: dict, allow_data_change: bool) -> None:
         log.warning("resuming on changed data (--allow-data-change); the step in progress restarts",
                     extra={"task": rt.key, "checkpoint": str(path), "dataset": str(dataset)})
         state.meta["in_progress"], state.grads = None, {}
+    return state
+
+
+def apply_checkpoint(rt, path: Path, state: TaskState, strict: bool = True) -> None:
+    """Load a read_checkpoint() result into the task (memory only: every rank of a group)."""
     try:
-        rt.load_state_dict(state)
+        rt.load_state_dict(state, strict=strict)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"{path}: does not fit the task: {exc}") from None
+    rt.checkpoint, rt.resumed_from = str(path), path
+
+
+def settle_output(rt, path: Path) -> None:
+    """After apply_checkpoint(path): metrics.jsonl and the checkpoints follow it (file side)."""
     _heal_metrics(rt, rt.step)
     _discard_newer(rt, path)
-    rt.checkpoint, rt.resumed_from = str(path), path
+
+
+def _load(rt, path: Path, meta: dict, allow_data_change: bool) -> None:
+    apply_checkpoint(rt, path, read_checkpoint(rt, path, meta, allow_data_change))
+    settle_output(rt, path)
 
 
 def resume_task(rt, allow_data_change: bool = False) -> Path | None:

@@ -167,14 +167,15 @@ class TaskRuntime:
         return TaskState(adapter={n: p.detach().to("cpu", copy=True) for n, p in named.items()},
                          optimizer=optimizer, grads=grads, rng=rng, meta=meta)
 
-    def load_state_dict(self, state: TaskState) -> None:
+    def load_state_dict(self, state: TaskState, strict: bool = True) -> None:
         """Apply a state_dict() (any device, slot or layout it was saved from); the stream must
-        already hold the task's examples. Raises ValueError when the tensors do not fit."""
+        already hold the task's examples. Raises ValueError when the tensors do not fit.
+        strict=False ignores tensors of modules this process does not hold (another stage's)."""
         named = named_tensors(self.adapter)
+        missing = sorted(set(named) - set(state.adapter))
         for what, names in (("adapter", state.adapter), ("optimizer", state.optimizer), ("gradient", state.grads)):
-            unknown = sorted(set(names) - set(named))
-            if unknown or (what == "adapter" and len(names) != len(named)):
-                missing = sorted(set(named) - set(names)) if what == "adapter" else []
+            unknown = sorted(set(names) - set(named)) if strict else []
+            if unknown or (what == "adapter" and missing):
                 raise ValueError(f"{what} tensors do not match the task's adapter: unknown {unknown[:3]}, missing {missing[:3]}")
         meta = state.meta
         with torch.no_grad():
@@ -183,13 +184,14 @@ class TaskRuntime:
                 p.grad = None
         index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
         torch_state = self.optimizer.state_dict()
-        torch_state["state"] = {index[id(named[n])]: dict(m) for n, m in state.optimizer.items()}
+        torch_state["state"] = {index[id(named[n])]: dict(m) for n, m in state.optimizer.items() if n in named}
         for group, lr in zip(torch_state["param_groups"], meta["lr"]):
             group["lr"] = lr
         self.optimizer.load_state_dict(torch_state)
         self.scheduler.load_state_dict(dict(meta["lr_schedule"]))
         for module, rng in state.rng.items():
-            self.adapter.deltas[module].set_rng_state(rng)
+            if module in self.adapter.deltas or strict:
+                self.adapter.deltas[module].set_rng_state(rng)
         self.stream.restore(meta["data"])
         self.step, self.tokens_total = int(meta["step"]), int(meta["tokens_total"])
         self.served_tokens, self.last_loss = int(meta["served_tokens"]), meta.get("last_loss")
@@ -202,7 +204,8 @@ class TaskRuntime:
             self.step_loss_sum, self.step_fused_with = float(ip["loss_sum"]), set(ip["fused_with"])
             self.step_real, self.step_computed = int(ip["real"]), int(ip["computed"])
             for n, g in state.grads.items():
-                named[n].grad = g.to(named[n].device, named[n].dtype)
+                if n in named:
+                    named[n].grad = g.to(named[n].device, named[n].dtype)
 
     def write_status(self) -> None:
         """status.json, replaced atomically; StorageError (naming the file) when the disk refuses."""

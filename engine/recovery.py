@@ -164,13 +164,13 @@ def resume_task(rt, allow_data_change: bool = False) -> Path | None:
             log.warning("moved aside", extra={"task": rt.key, "path": str(bad_dir), "moved_to": str(moved)})
         except OSError:
             pass
-    rt.resume_candidates = good
-    for path, meta in good:
+    for i, (path, meta) in enumerate(good):
         try:
             _load(rt, path, meta, allow_data_change)
         except CorruptError as exc:  # hashes held, yet it does not parse: try the one before
             log.warning("skipping a checkpoint that is not intact", extra={"task": rt.key, "error": str(exc)})
             continue
+        rt.resume_candidates = good[i:]  # what align() may still roll back to
         log.info("resumed", extra={"task": rt.key, "step": rt.step, "checkpoint": str(path)})
         return path
     if bad:

@@ -10,7 +10,6 @@ import torch
 
 from muxtune.engine import checkpoint as ckpt
 from muxtune.engine.backbone import TaskAdapter
-from muxtune.engine.task import TaskRuntime
 
 
 def _equal(a: ckpt.TaskState, b: ckpt.TaskState) -> None:

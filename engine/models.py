@@ -75,6 +75,12 @@ def generated_model(name: str, spec: dict, build: Callable[[Path], None]) -> Pat
         if not (target / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
             build(tmp)
+            if not (tmp / "config.json").exists():
+                # transformers' save_pretrained writes nothing on a non-zero torch.distributed rank:
+                # never cache a model directory without its model
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"building {name} wrote no config.json (built on a non-zero distributed "
+                                   "rank? resolve built-in models before torch.distributed starts)")
             os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     return target
 

@@ -58,6 +58,16 @@ def named_tensors(adapter: TaskAdapter) -> dict[str, torch.nn.Parameter]:
     return named
 
 
+def _local_blocks(adapter: TaskAdapter) -> dict:
+    """name -> whole tensor -> the block this process holds (itself unless tensor-parallel)."""
+    out = {}
+    for module, delta in adapter.deltas.items():
+        attr = {id(p): n for n, p in delta.named_parameters(recurse=False)}
+        for name, t in delta.peft_state().items():
+            out[f"{module}.{name}"] = lambda whole, d=delta, a=attr.get(id(t), name): d.local_block(a, whole)
+    return out
+
+
 @dataclass
 class TaskRuntime:
     task: FineTuneTask
@@ -136,7 +146,9 @@ class TaskRuntime:
 
     # ----- state ----------------------------------------------------------------------
     def state_dict(self) -> TaskState:
-        """Everything that decides how the task trains on, as full CPU tensors by stable name.
+        """Everything that decides how the task trains on, as CPU tensors by stable name: whole
+        in one process; under tensor parallelism each rank's blocks, which the parallel engine
+        gathers whole (engine/parallel/tensor.py gather_full_state) before saving.
 
         The step in progress is included: the data position where its batch begins, how many
         of its sequences already ran, their summed loss and accumulated gradients."""
@@ -170,8 +182,13 @@ class TaskRuntime:
     def load_state_dict(self, state: TaskState, strict: bool = True) -> None:
         """Apply a state_dict() (any device, slot or layout it was saved from); the stream must
         already hold the task's examples. Raises ValueError when the tensors do not fit.
-        strict=False ignores tensors of modules this process does not hold (another stage's)."""
-        named = named_tensors(self.adapter)
+        strict=False ignores tensors of modules this process does not hold (another stage's).
+        Tensors are whole; a tensor-parallel delta keeps its block of each (no communication)."""
+        named, block = named_tensors(self.adapter), _local_blocks(self.adapter)
+
+        def local(n: str, t: torch.Tensor) -> torch.Tensor:  # moments and grads shaped like the whole tensor
+            return block[n](t) if t.shape == state.adapter[n].shape else t
+
         missing = sorted(set(named) - set(state.adapter))
         for what, names in (("adapter", state.adapter), ("optimizer", state.optimizer), ("gradient", state.grads)):
             unknown = sorted(set(names) - set(named)) if strict else []
@@ -180,11 +197,12 @@ class TaskRuntime:
         meta = state.meta
         with torch.no_grad():
             for n, p in named.items():
-                p.copy_(state.adapter[n])
+                p.copy_(block[n](state.adapter[n]))
                 p.grad = None
         index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
         torch_state = self.optimizer.state_dict()
-        torch_state["state"] = {index[id(named[n])]: dict(m) for n, m in state.optimizer.items() if n in named}
+        torch_state["state"] = {index[id(named[n])]: {k: local(n, v) for k, v in m.items()}
+                                for n, m in state.optimizer.items() if n in named}
         for group, lr in zip(torch_state["param_groups"], meta["lr"]):
             group["lr"] = lr
         self.optimizer.load_state_dict(torch_state)
@@ -205,7 +223,7 @@ class TaskRuntime:
             self.step_real, self.step_computed = int(ip["real"]), int(ip["computed"])
             for n, g in state.grads.items():
                 if n in named:
-                    named[n].grad = g.to(named[n].device, named[n].dtype)
+                    named[n].grad = local(n, g).to(named[n].device, named[n].dtype)
 
     def write_status(self) -> None:
         """status.json, replaced atomically; StorageError (naming the file) when the disk refuses."""

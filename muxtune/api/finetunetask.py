@@ -12,11 +12,11 @@ from pydantic import ConfigDict, Field, StringConstraints, field_validator, mode
 
 from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta
 
-# builtin:NAME, model:NAME (a BaseModel resource), pvc://CLAIM/PATH, or a local directory.
+# builtin:NAME, model:NAME (a BaseModel resource), or a local directory (local runs only: the
+# operator places builtin: and model: backbones; weights on a PVC are a BaseModel with source.pvc).
 BASE_MODEL_PATTERN = (
     r"^(builtin:[a-z0-9][a-z0-9-]*"
     r"|model:[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
-    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*"
     r"|/.+|\./.+|\.\./.+)$"
 )
 
@@ -203,8 +203,9 @@ class FineTuneTaskSpec(ApiModel):
         pattern=BASE_MODEL_PATTERN,
         json_schema_extra=immutable("baseModel"),
         description=(
-            "The frozen backbone: builtin:NAME, model:NAME (a BaseModel resource), "
-            "pvc://CLAIM/PATH, or a local Hugging Face model directory."
+            "The frozen backbone: builtin:NAME, model:NAME (a BaseModel resource; weights on a "
+            "PVC or host path), or a local Hugging Face model directory (muxtune run only: the "
+            "operator refuses it)."
         ),
     )
     dataset: DatasetSpec = Field(description="Training data.", json_schema_extra=immutable("dataset"))

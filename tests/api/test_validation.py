@@ -105,6 +105,8 @@ BAD: list[Case] = [
     Case("base-model-bare-name", {"spec.baseModel": "llama"}, "spec.baseModel"),
     Case("base-model-uppercase-builtin", {"spec.baseModel": "builtin:Tiny"}, "spec.baseModel"),
     Case("base-model-missing", {"spec.baseModel": MISSING}, "spec.baseModel"),
+    # pvc:// was never placed by the operator: weights on a claim are a BaseModel with source.pvc
+    Case("base-model-pvc-scheme", {"spec.baseModel": "pvc://weights/llama"}, "spec.baseModel"),
     Case("warmup-exceeds-max-steps", {"spec.training.warmupSteps": 11}, "spec.training.warmupSteps"),
     Case("dropout-one", {"spec.peft.dropout": 1.0}, "spec.peft.dropout"),
     Case("dropout-negative", {"spec.peft.dropout": -0.1}, "spec.peft.dropout"),
@@ -134,6 +136,9 @@ BAD: list[Case] = [
     ),
     Case("model-host-path-relative", {"spec.source": {"hostPath": {"path": "models/x"}}}, "spec.source.hostPath.path", kind="BaseModel"),
     Case("model-pvc-without-claim", {"spec.source": {"pvc": {"path": "x"}}}, "spec.source.pvc.claimName", kind="BaseModel"),
+    Case("model-allowed-namespace-bad", {"spec.allowedNamespaces": ["Team_A"]}, "spec.allowedNamespaces", kind="BaseModel"),
+    Case("model-selector-bad-operator", {"spec.namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Is"}]}},
+         "spec.namespaceSelector.matchExpressions", kind="BaseModel"),
     Case(
         "model-zero-layers",
         {"spec.architecture": {"parameters": 1000, "layers": 0, "hiddenSize": 64}},
@@ -180,7 +185,7 @@ GOOD: list[Case] = [
         "every-field",
         {
             "spec": {
-                "baseModel": "pvc://weights/llama-3-8b",
+                "baseModel": "model:llama-3-8b",
                 "dataset": {
                     "path": "data/x.jsonl", "format": "jsonl", "promptField": "q", "completionField": "a",
                     "maxSeqLen": 1024, "trainOnPrompt": True, "shuffle": False,
@@ -209,6 +214,13 @@ GOOD: list[Case] = [
         kind="BaseModel",
     ),
     Case("model-host-path", {"spec.source": {"hostPath": {"path": "/models/llama"}}}, "", kind="BaseModel"),
+    Case(
+        "model-allowed-namespaces",
+        {"spec.allowedNamespaces": ["team-a", "*"],
+         "spec.namespaceSelector": {"matchLabels": {"team": "ml"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["gpu"]}]}},
+        "",
+        kind="BaseModel",
+    ),
     Case("group-minimal", {}, "", kind="BackboneGroup"),
 ]
 

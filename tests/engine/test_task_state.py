@@ -73,3 +73,33 @@ def test_stage_dicts_union_is_the_whole_task_and_strict_false_keeps_the_local_pa
     with pytest.raises(ValueError, match="unknown"):
         stages[0].load_state_dict(full)
     stages[0].load_state_dict(full, strict=False)
+
+
+def test_tensor_parallel_delta_keeps_its_block_of_whole_state(half_trained, tmp_path, trainer_factory):
+    """Whole tensors (any layout's checkpoint) into a task whose deltas are split as tp rank 1 of 2
+    would hold them (engine/parallel/tensor.py sets backbone.shards; no process group is needed to load)."""
+    from muxtune.engine.peft.base import ShardSpec
+
+    trainer, rt = half_trained
+    full = rt.state_dict()
+    other = trainer_factory(tmp_path / "tp", token_budget=100)
+    for name, lin in other.backbone.linears.items():
+        if name.endswith(("q_proj", "v_proj")):  # column-parallel: LoRA B's rows split
+            other.backbone.shards[name] = ShardSpec("out", 1, 2, lin.in_features, lin.out_features)
+        elif name.endswith("down_proj"):  # row-parallel: LoRA A's columns split
+            other.backbone.shards[name] = ShardSpec("in", 1, 2, lin.in_features, lin.out_features)
+    part = other.add_task(rt.task)
+    part.load_state_dict(full)
+    got = part.state_dict()
+    for n, whole in full.adapter.items():
+        module, split = n.rsplit(".", 2)[0], None
+        if n.endswith("lora_B.weight") and not module.endswith("down_proj"):
+            split = 0
+        elif n.endswith("lora_A.weight") and module.endswith("down_proj"):
+            split = 1
+        want = whole if split is None else whole.narrow(split, whole.shape[split] // 2, whole.shape[split] // 2)
+        assert torch.equal(got.adapter[n], want), n
+        assert torch.equal(got.optimizer[n]["exp_avg"], full.optimizer[n]["exp_avg"] if split is None else
+                           full.optimizer[n]["exp_avg"].narrow(split, whole.shape[split] // 2, whole.shape[split] // 2)), n
+        assert torch.equal(got.grads[n], full.grads[n] if split is None else
+                           full.grads[n].narrow(split, whole.shape[split] // 2, whole.shape[split] // 2)), n

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from array import array
@@ -21,6 +22,7 @@ from muxtune.engine.checkpoint import TaskState, spec_hash
 from muxtune.engine.data import DataStream, Example
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+log = logging.getLogger("muxtune.engine")
 
 
 def lr_lambda(training: TrainingSpec):
@@ -72,7 +74,7 @@ def _local_blocks(adapter: TaskAdapter) -> dict:
 class TaskRuntime:
     task: FineTuneTask
     slot: int
-    out_dir: Path
+    out_dir: Path | None  # None: refused (outside the output, or another task's); nothing is written
     phase: str = PENDING
     message: str | None = None
     step: int = 0
@@ -100,6 +102,8 @@ class TaskRuntime:
     last_loss: float | None = None
     tokens_per_second: float | None = None
     checkpoint: str | None = None
+    examples_dropped: int = 0  # records with no label token within maxSeqLen: never trained on
+    examples_read: int = 0
 
     @property
     def key(self) -> str:
@@ -124,6 +128,14 @@ class TaskRuntime:
     @property
     def done(self) -> bool:
         return self.phase in (SUCCEEDED, FAILED, SUSPENDED)
+
+    def note_dropped(self, dropped: int, read: int) -> None:
+        """Examples too long for maxSeqLen lose their completion; say so instead of training on less."""
+        self.examples_dropped, self.examples_read = dropped, read
+        if dropped:
+            log.warning("examples dropped: no completion token within maxSeqLen", extra={
+                "task": self.key, "dropped": dropped, "read": read,
+                "maxSeqLen": self.task.spec.dataset.max_seq_len})
 
     def build_optimizer(self) -> None:
         t = self.task.spec.training
@@ -227,10 +239,12 @@ class TaskRuntime:
 
     def write_status(self) -> None:
         """status.json, replaced atomically; StorageError (naming the file) when the disk refuses."""
+        if self.out_dir is None:
+            return
         storage.write_json_atomic(self.out_dir / "status.json", {
             "task": self.key, "uid": self.task.metadata.uid, "phase": self.phase, "step": self.step,
             "totalSteps": self.max_steps, "loss": self.last_loss, "message": self.message,
-            "specHash": spec_hash(self.task.spec),
+            "specHash": spec_hash(self.task.spec), "examplesDropped": self.examples_dropped,
         })
 
     def status(self) -> dict:
@@ -239,4 +253,5 @@ class TaskRuntime:
             "phase": self.phase, "step": self.step, "totalSteps": self.max_steps,
             "loss": self.last_loss, "tokensPerSecond": self.tokens_per_second,
             "checkpoint": self.checkpoint, "message": self.message,
+            "examplesDropped": self.examples_dropped,
         }

@@ -22,9 +22,10 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import recovery, scheduler, storage
+from muxtune.engine import outputs, recovery, scheduler, storage
 from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import DataStream, load_examples
+from muxtune.engine.data import DataStream, load_dataset
+from muxtune.engine.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack, round_up
 from muxtune.engine.peft.export import save_adapter
 from muxtune.engine.task import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED, TaskRuntime
@@ -45,6 +46,7 @@ class MuxTrainer:
         telemetry: Telemetry | None = None,
         base_dir: Path | None = None,
         allow_data_change: bool = False,
+        data_limits: DataLimits | None = None,
     ):
         self.backbone = backbone
         self.output = Path(output)
@@ -54,6 +56,7 @@ class MuxTrainer:
         self.telemetry = telemetry or Telemetry()
         self.base_dir = base_dir
         self.allow_data_change = allow_data_change  # resume a checkpoint whose data fingerprint differs
+        self.data_limits = data_limits or DataLimits()
         self.tasks: dict[str, TaskRuntime] = {}
         self._next_slot = 0
         self.rounds = 0
@@ -69,25 +72,33 @@ class MuxTrainer:
 
     # ----- membership -------------------------------------------------------------------
     def task_dir(self, task: FineTuneTask) -> Path:
-        """<output>/<namespace>/<output.path or name>: tenants' outputs never share a directory."""
-        return self.output / (task.metadata.namespace or "default") / (task.spec.output.path or task.metadata.name)
+        """<output>/<namespace>/<output.path or name>, confined to the output: tenants' outputs never share a directory."""
+        return outputs.task_dir(self.output, task)
 
     def add_task(self, task: FineTuneTask) -> TaskRuntime:
         """Attach a task; any problem fails this task alone, with the reason."""
         if task.key in self.tasks and not self.tasks[task.key].done:
             raise ValueError(f"task {task.key} is already running")
-        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=self.task_dir(task))
+        try:  # a directory outside the output, or another task's: fail without writing there
+            out_dir = self.task_dir(task)
+            problems = outputs.overlaps(task.key, out_dir, {k: t.out_dir for k, t in self.tasks.items()}, self.output)
+        except outputs.OutputLayoutError as exc:
+            out_dir, problems = None, [str(exc)]
+        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=None if problems else out_dir)
         self._next_slot += 1
         self.tasks[task.key] = rt
+        if problems:
+            return self._fail(rt, "; ".join(problems))
         if task.spec.suspend:
             return self._set_phase(rt, SUSPENDED, "spec.suspend is true")
         try:
             recovery.claim_output(rt)
             if self._already_succeeded(rt):
                 return rt
-            examples = load_examples(task.spec.dataset, self.backbone.tokenizer, self.base_dir)
-            rt.data_fingerprint = ckpt.data_fingerprint(examples)
-            rt.stream = DataStream(examples, task.spec.training.seed, task.spec.dataset.shuffle)
+            data = load_dataset(task.spec.dataset, self.backbone.tokenizer, self.base_dir, self.data_limits)
+            rt.note_dropped(data.dropped, data.records)
+            rt.data_fingerprint = ckpt.data_fingerprint(data.examples)
+            rt.stream = DataStream(data.examples, task.spec.training.seed, task.spec.dataset.shuffle)
             rt.adapter = self.backbone.attach(rt.slot, task.spec.peft, task.spec.training.seed)
             rt.build_optimizer()
             if self.resume:
@@ -96,7 +107,7 @@ class MuxTrainer:
                 recovery.start_over(rt)
         except Exception as exc:  # noqa: BLE001 - any setup error is this task's failure
             self.backbone.detach(rt.slot)
-            return self._fail(rt, str(exc))
+            return self._fail(rt, str(exc) or type(exc).__name__)  # MemoryError has no text
         if rt.step >= rt.max_steps:
             self._finish(rt)
         else:
@@ -119,6 +130,7 @@ class MuxTrainer:
         data = recovery.read_status(rt) if self.resume else None
         if data and data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
             rt.step, rt.last_loss = int(data["step"]), data.get("loss")
+            rt.examples_dropped = int(data.get("examplesDropped") or 0)
             self._set_phase(rt, SUCCEEDED, "already trained (output found)")
             return True
         return False

@@ -5,12 +5,11 @@ generated CRD) what the API server admits.
 """
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta
+from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta, Timestamp
 
 # builtin:NAME, model:NAME (a BaseModel resource), or a local directory (local runs only: the
 # operator places builtin: and model: backbones; weights on a PVC are a BaseModel with source.pvc).
@@ -240,8 +239,8 @@ class FineTuneTaskStatus(ApiModel):
     tokens_per_second: float | None = Field(default=None, description="Trained tokens per second.")
     checkpoint: str | None = Field(default=None, description="Latest checkpoint path.")
     message: str | None = Field(default=None, description="Why the task is in its phase.")
-    start_time: datetime | None = Field(default=None, description="When the task started training.")
-    completion_time: datetime | None = Field(default=None, description="When the task succeeded or failed.")
+    start_time: Timestamp | None = Field(default=None, description="When the task started training.")
+    completion_time: Timestamp | None = Field(default=None, description="When the task succeeded or failed.")
     observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
 
 

@@ -69,6 +69,7 @@ class MuxTrainer:
         self._cut_due = False
         self._ticks = 0  # rounds run, whatever their outcome
         self._last_cut: tuple | None = None
+        self._finishing: list[TaskRuntime] = []  # reached maxSteps this round; finish after its cut
 
     # ----- membership -------------------------------------------------------------------
     def task_dir(self, task: FineTuneTask) -> Path:
@@ -204,8 +205,7 @@ class MuxTrainer:
         self.computed_tokens += batch.computed_tokens
         self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], batch.real_tokens, batch.computed_tokens, seconds))
         self._in_round = False
-        if self._cut_due:
-            self.save_cut()
+        self._end_round()
         return True
 
     def run(self, should_stop=lambda: False) -> None:
@@ -243,7 +243,7 @@ class MuxTrainer:
         self.telemetry.step_done(rt, record)
         interval = rt.task.spec.training.checkpoint_interval
         if rt.step >= rt.max_steps:
-            self._finish(rt)
+            self._finishing.append(rt)  # at the end of this round, after the cut (see _end_round)
         elif interval and rt.step - (rt.saved_step or 0) >= interval:
             self._cut_due = True  # at the end of this round, with every running task (which all
             # count their interval from then: a cut per interval, not one per task and interval)
@@ -267,7 +267,20 @@ class MuxTrainer:
 
 
     # ----- outcomes ---------------------------------------------------------------------
-    def save_cut(self) -> None:
+    def _end_round(self) -> None:
+        """Checkpoint first, then finish: a crash in between leaves a finished task unfinished on
+        disk, so a restart replays it with its neighbours from their last common cut."""
+        finishing, self._finishing = self._finishing, []
+        done = {id(t) for t in finishing}
+        if finishing and any(t.task.spec.training.checkpoint_interval for t in self.active() if id(t) not in done):
+            self._cut_due = True  # a cut without them (not for tasks that only save at the end)
+        if self._cut_due:
+            self.save_cut(excluding=finishing)
+        for rt in finishing:
+            if rt.phase == RUNNING:
+                self._finish(rt)
+
+    def save_cut(self, excluding=()) -> None:
         """Checkpoint every running task at this round boundary, as one cut that a restarted
         run with the same members replays exactly (recovery.align). Not while a round is half
         done: after an exception mid-round the last complete cut stands."""
@@ -275,7 +288,8 @@ class MuxTrainer:
             log.warning("a round was interrupted midway; keeping the last complete checkpoints")
             return
         self._align_once()
-        running = sorted(self.active(), key=lambda r: r.slot)
+        skip = {id(t) for t in excluding}
+        running = sorted((t for t in self.active() if id(t) not in skip), key=lambda r: r.slot)
         mark = (self._ticks, tuple(rt.key for rt in running))
         self._cut_due = False
         if not running or mark == self._last_cut:
@@ -307,8 +321,6 @@ class MuxTrainer:
             return
         self.backbone.detach(rt.slot)
         self._set_phase(rt, SUCCEEDED, f"trained {rt.step} steps")
-        # a new cut without it, so a restart replays exactly (not for tasks that only save at the end)
-        self._cut_due = self._cut_due or any(t.task.spec.training.checkpoint_interval for t in self.active())
 
     def _fail(self, rt: TaskRuntime, reason: str) -> TaskRuntime:
         if rt.optimizer is not None:

@@ -103,3 +103,31 @@ def test_one_tasks_checkpoint_with_half_trained_step_resumes_alone(group, tmp_pa
     assert [(m["step"], m["batch"]) for m in _metrics(got)] == [(m["step"], m["batch"]) for m in _metrics(ref)]
     x, y = load_file(ref.out_dir / "adapter_model.safetensors"), load_file(got.out_dir / "adapter_model.safetensors")
     assert max((x[k] - y[k]).abs().max().item() for k in x) < 1e-5
+
+
+def test_crash_between_a_cut_and_a_task_finishing_still_replays_bitwise(group, tmp_path, trainer_factory, monkeypatch):
+    """The round where a task reaches maxSteps saves its neighbours' cut first, then finishes it:
+    killed in between, the finished task is not finished on disk, and all replay together."""
+    group = [group[0].model_copy(update={"spec": group[0].spec.model_copy(
+        update={"training": group[0].spec.training.model_copy(update={"max_steps": 5})})})] + group[1:]
+    straight = _run(trainer_factory, tmp_path / "straight", group)
+
+    from muxtune.engine.trainer import MuxTrainer
+
+    real = MuxTrainer._finish
+
+    def killed(self, rt):
+        if rt.key == group[0].key:
+            raise Crash("killed after the cut, before the task finished")
+        return real(self, rt)
+
+    monkeypatch.setattr(MuxTrainer, "_finish", killed)
+    with pytest.raises(Crash):
+        _run(trainer_factory, tmp_path / "out", group)
+    monkeypatch.setattr(MuxTrainer, "_finish", real)
+    resumed = _run(trainer_factory, tmp_path / "out", group)
+    for t in group:
+        ref, got = straight.tasks[t.key], resumed.tasks[t.key]
+        assert got.phase == "Succeeded" and _same_steps(_metrics(ref), _metrics(got)), t.key
+        a, b = load_file(ref.out_dir / "adapter_model.safetensors"), load_file(got.out_dir / "adapter_model.safetensors")
+        assert all((a[k] == b[k]).all() for k in a), t.key

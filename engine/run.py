@@ -164,7 +164,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
-        resume=cmd.resume, base_dir=base_dir,
+        resume=cmd.resume, base_dir=base_dir, allow_data_change=cmd.allow_data_change,
         data_limits=DataLimits(cmd.max_dataset_bytes, cmd.max_line_bytes),
     )
     sinks = []
@@ -188,8 +188,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         else:
             trainer.run(stop)
     finally:
-        for rt in trainer.active():  # interrupted: leave a checkpoint to resume from
-            trainer._checkpoint(rt)
+        trainer.save_cut()  # interrupted: leave checkpoints the rerun replays exactly
         trainer.telemetry.close()
     return trainer
 

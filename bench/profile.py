@@ -20,6 +20,7 @@ import cProfile
 import json
 import os
 import pstats
+import shutil
 import sys
 import tempfile
 import time
@@ -151,7 +152,10 @@ def main(argv=None) -> int:
                      warmup_steps=args.warmup_steps, max_seq_len=args.max_seq_len, median_len=args.median_len,
                      sigma=args.sigma, lr=1e-3)
     model_path = resolve_model(args.model)
-    results = [profile_system(s, jobs, model_path, args, work) for s in args.systems]
+    try:
+        results = [profile_system(s, jobs, model_path, args, work) for s in args.systems]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(render(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

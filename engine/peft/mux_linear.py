@@ -63,6 +63,8 @@ class MultiplexedLinear(nn.Module):
         if not rows:
             return None
         table = torch.stack([torch.ones_like(rows[0])] + rows)
+        # index_select, not table[idx]: advanced indexing's backward on CPU accumulates with parallel
+        # atomic float adds (a different sum order each run); index_select's index_add is serial
         return table.index_select(0, layout.scale_rows(tuple(slots)))
 
     def _additive(self, xf: torch.Tensor, layout: TokenLayout, present) -> torch.Tensor | None:

@@ -26,11 +26,16 @@ def adapter_files(tensors: dict[str, torch.Tensor], spec: PeftSpec, base_model_p
     }
 
 
-def save_adapter(adapter: TaskAdapter, directory: Path, base_model_path: Path) -> None:
+def save_adapter(adapter: TaskAdapter, directory: Path, base_model_path: Path,
+                 chat_template: str | None = None) -> None:
     """Each file written atomically (storage.write_atomic): a crash never leaves half an adapter.
-    StorageError names the file when the disk keeps refusing."""
+    StorageError names the file when the disk keeps refusing. A chat task's template goes with
+    it (chat_template.jinja, as transformers saves a tokenizer's), so inference renders alike."""
     tensors = {k[len(PEFT_PREFIX):]: v for k, v in adapter.peft_state_dict().items()}
-    for name, data in adapter_files(tensors, adapter.spec, base_model_path).items():
+    files = adapter_files(tensors, adapter.spec, base_model_path)
+    if chat_template is not None:
+        files["chat_template.jinja"] = chat_template.encode()
+    for name, data in files.items():
         storage.write_atomic(Path(directory) / name, data)
 
 

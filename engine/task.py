@@ -20,6 +20,7 @@ from muxtune.engine.backbone import TaskAdapter
 from muxtune.engine import storage
 from muxtune.engine.checkpoint import TaskState, spec_hash
 from muxtune.engine.data import DataStream, Example, LoadedDataset
+from muxtune.engine.peft.prompt_tuning import prepend_virtual
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 log = logging.getLogger("muxtune.engine")
@@ -61,7 +62,7 @@ def batch_digest(batch: list[Example]) -> str:
 
 def named_tensors(adapter: TaskAdapter) -> dict[str, torch.nn.Parameter]:
     """A task's trainable tensors by stable name: '<module path>.<PEFT tensor name>'."""
-    named = {f"{module}.{name}": t for module, delta in sorted(adapter.deltas.items())
+    named = {adapter.stable_name(module, name): t for module, delta in sorted(adapter.deltas.items())
              for name, t in delta.peft_state().items()}
     if {id(t) for t in named.values()} != {id(p) for p in adapter.parameters()}:
         raise TypeError("every trainable tensor of a delta must be in its peft_state()")
@@ -74,7 +75,7 @@ def _local_blocks(adapter: TaskAdapter) -> dict:
     for module, delta in adapter.deltas.items():
         attr = {id(p): n for n, p in delta.named_parameters(recurse=False)}
         for name, t in delta.peft_state().items():
-            out[f"{module}.{name}"] = lambda whole, d=delta, a=attr.get(id(t), name): d.local_block(a, whole)
+            out[adapter.stable_name(module, name)] = lambda whole, d=delta, a=attr.get(id(t), name): d.local_block(a, whole)
     return out
 
 
@@ -155,8 +156,9 @@ class TaskRuntime:
         spec = self.task.spec
         self.note_dropped(data.dropped, data.records)
         self.data_fingerprint = fingerprint
-        self.stream = DataStream(data.examples, spec.training.seed, spec.dataset.shuffle)
-        self.validation, self.chat_template = data.validation, data.chat_template
+        n = spec.peft.virtual_tokens  # prompt tuning: its virtual positions are part of every sequence
+        self.stream = DataStream(prepend_virtual(data.examples, n), spec.training.seed, spec.dataset.shuffle)
+        self.validation, self.chat_template = prepend_virtual(data.validation, n), data.chat_template
         self.steps_total = total_steps(spec.training, len(data.examples))
 
     def build_optimizer(self) -> None:

@@ -17,7 +17,9 @@ from muxtune.engine.data import IGNORE
 from muxtune.engine.models import LoadedBackbone
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft.base import ShardSpec, TaskDelta
+from muxtune.engine.peft import prompt_tuning
 from muxtune.engine.peft.mux_linear import MultiplexedLinear, MuxContext
+from muxtune.engine.peft.prompt_tuning import PromptDelta
 from muxtune.engine.peft.registry import get_method, matches_target
 
 
@@ -32,18 +34,23 @@ class TaskAdapter:
     def parameters(self) -> list[nn.Parameter]:
         return [p for d in self.deltas.values() for p in d.parameters()]
 
+    def stable_name(self, module: str, name: str) -> str:
+        """A tensor's name in checkpoints and task state (PeftMethod.stable_name)."""
+        return get_method(self.spec.method).stable_name(module, name)
+
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
         """Keys exactly as PEFT's save_pretrained writes them."""
+        key = get_method(self.spec.method).peft_key
         out = {}
         for module, delta in sorted(self.deltas.items()):
             for name, tensor in delta.peft_state().items():
-                out[f"base_model.model.{module}.{name}"] = tensor.detach()
+                out[key(self.stable_name(module, name))] = tensor.detach()
         return out
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        key = get_method(self.spec.method).peft_key
         for module, delta in self.deltas.items():
-            prefix = f"base_model.model.{module}."
-            delta.load_peft_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            delta.load_peft_state({name: state[key(self.stable_name(module, name))] for name in delta.peft_state()})
 
 
 @dataclass
@@ -65,6 +72,7 @@ class MultiplexedBackbone:
         self.wrapped: dict[str, MultiplexedLinear] = {}
         self.shards: dict[str, ShardSpec] = {}  # tensor parallel: each sharded Linear's part (engine/parallel/tensor.py)
         self.adapters: dict[int, TaskAdapter] = {}
+        self.prompts: dict[int, PromptDelta] = {}  # slot -> its virtual tokens (prompt tuning)
         self.attn_ratio = self._attention_to_linear_ratio()
 
     def _attention_to_linear_ratio(self) -> float:
@@ -97,6 +105,8 @@ class MultiplexedBackbone:
     def attach(self, slot: int, spec: PeftSpec, seed: int) -> TaskAdapter:
         """Create the task's deltas (seeded by the task alone, so neighbours cannot change them)."""
         method = get_method(spec.method)
+        if method.attaches == "input":
+            return self._attach_input(slot, spec, method, torch.Generator().manual_seed(seed))
         names = [n for n in self.linears if matches_target(n, spec.target_modules)]
         if not names:
             raise ValueError(
@@ -115,11 +125,23 @@ class MultiplexedBackbone:
         self.adapters[slot] = adapter
         return adapter
 
+    def _attach_input(self, slot: int, spec: PeftSpec, method, generator) -> TaskAdapter:
+        """A delta at the input embeddings (prompt tuning): no Linear is wrapped."""
+        emb = self.model.get_input_embeddings()
+        name = next(n for n, m in self.model.named_modules() if m is emb)
+        delta = method.make_delta(emb, name, spec, generator, tokenizer=self.tokenizer)
+        self.prompts[slot] = delta
+        adapter = self.adapters[slot] = TaskAdapter(slot, spec, {name: delta})
+        return adapter
+
     def detach(self, slot: int) -> None:
+        self.prompts.pop(slot, None)
         adapter = self.adapters.pop(slot, None)
         if adapter is None:
             return
         for name in adapter.deltas:
+            if name not in self.wrapped:
+                continue
             deltas = self.wrapped[name].deltas
             if str(slot) in deltas:
                 del deltas[str(slot)]
@@ -127,7 +149,11 @@ class MultiplexedBackbone:
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         self.ctx.layout = batch.layout
         try:
-            out = self.decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+            tokens = {"input_ids": batch.input_ids}
+            if self.prompts:  # virtual tokens take their own task's prompt rows
+                tokens = {"inputs_embeds": prompt_tuning.embed(self.model.get_input_embeddings(), batch.input_ids,
+                                                               batch.layout.token_slot, self.prompts)}
+            out = self.decoder(**tokens, position_ids=batch.position_ids, use_cache=False,
                                **attention.attention_inputs(batch))
         finally:
             self.ctx.layout = None

@@ -134,7 +134,8 @@ def load(path: Path) -> TaskState:
             tensors[fname] = st_load((path / fname).read_bytes())
         except (OSError, SafetensorError) as exc:
             raise CorruptError(f"{path / fname}: {exc}") from None
-    adapter = {k[len(PEFT_PREFIX):]: v for k, v in tensors[ADAPTER].items() if k.startswith(PEFT_PREFIX)}
+    # PEFT's keys back to stable names (a prompt-tuning prompt is saved top-level, already stable)
+    adapter = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors[ADAPTER].items()}
     state = TaskState(adapter=adapter, optimizer={}, meta={k: v for k, v in meta.items() if k != "format"})
     for key, value in tensors[STATE_TENSORS].items():
         kind, _, rest = key.partition("/")

@@ -11,24 +11,16 @@ import torch
 
 from muxtune.api.finetunetask import DatasetSpec
 from muxtune.engine.datafile import DataFileError, DataLimits, read_lines
+from muxtune.engine.examples import IGNORE, Example, RowError  # noqa: F401 - re-exported
+from muxtune.engine.formats import table
+from muxtune.engine.formats.chat import ChatEncoder, ChatTemplateError, chat_template, check_messages
+from muxtune.engine.formats.text import encode_text
 from muxtune.engine.paths import PathEscapeError, confined
 from muxtune.engine.truncation import token_prefix
-
-IGNORE = -100
 
 
 class DatasetError(ValueError):
     """The task's data cannot be used; the message says which file and line."""
-
-
-@dataclass(frozen=True)
-class Example:
-    input_ids: tuple[int, ...]
-    targets: tuple[int, ...]  # next-token targets aligned with input_ids; IGNORE where no loss
-
-    @property
-    def label_tokens(self) -> int:
-        return sum(t != IGNORE for t in self.targets)
 
 
 def encode(tokenizer, prompt: str, completion: str, max_len: int, train_on_prompt: bool) -> Example:
@@ -51,15 +43,8 @@ def encode(tokenizer, prompt: str, completion: str, max_len: int, train_on_promp
     return Example(tuple(ids), tuple(targets))
 
 
-# ----- reading: records from a file, one reader per dataset.format --------------------------
-@dataclass(frozen=True)
-class Record:
-    where: str  # "path:line", for errors
-    prompt: str
-    completion: str
-
-
-def read_jsonl(path: Path, spec: DatasetSpec, limits: DataLimits, shown: str) -> Iterator[Record]:
+# ----- reading: (where, record) pairs from a file, one reader per container --------------
+def jsonl_rows(path: Path, limits: DataLimits, shown: str) -> Iterator[tuple[str, dict]]:
     for n, line in read_lines(path, limits, shown):
         if not line.strip():
             continue
@@ -71,50 +56,107 @@ def read_jsonl(path: Path, spec: DatasetSpec, limits: DataLimits, shown: str) ->
             raise DatasetError(f"{shown}:{n}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise DatasetError(f"{shown}:{n}: expected a JSON object")
+        yield f"{shown}:{n}", row
+
+
+# dataset.format -> reader(path, limits, shown); every JSON-lines format shares one reader
+READERS: dict[str, Callable[..., Iterator[tuple[str, dict]]]] = {
+    "jsonl": jsonl_rows, "chat": jsonl_rows, "text": jsonl_rows,
+    "parquet": table.parquet_rows, "hf_disk": table.disk_rows,
+}
+
+
+def row_encoder(spec: DatasetSpec, tokenizer, template: str | None) -> Callable[[dict], list[Example]]:
+    """record -> its examples, by what a record holds (spec.row_format); RowError when unusable."""
+    kind = spec.row_format
+    if kind == "chat":
+        enc = ChatEncoder(tokenizer, template, spec.max_seq_len, spec.train_on_prompt)
+        return lambda row: enc(check_messages(row, spec.messages_field))
+    if kind == "text":
+        return lambda row: encode_text(tokenizer, row.get(spec.text_field), spec.max_seq_len)
+
+    def prompt_completion(row: dict) -> list[Example]:
         missing = [f for f in (spec.prompt_field, spec.completion_field) if not isinstance(row.get(f), str)]
         if missing:
-            raise DatasetError(f"{shown}:{n}: missing string field(s) {', '.join(missing)}")
-        yield Record(f"{shown}:{n}", row[spec.prompt_field], row[spec.completion_field])
+            raise RowError(f"missing string field(s) {', '.join(missing)}")
+        return [encode(tokenizer, row[spec.prompt_field], row[spec.completion_field], spec.max_seq_len,
+                       spec.train_on_prompt)]
 
-
-# dataset.format -> reader(path, spec, limits, shown): other formats plug in here
-READERS: dict[str, Callable[..., Iterator[Record]]] = {"jsonl": read_jsonl}
+    return prompt_completion
 
 
 @dataclass
 class LoadedDataset:
     examples: list[Example]
-    records: int  # records read
+    records: int  # records read (training and held out)
     dropped: int  # records with no label token left within maxSeqLen (not trained on)
+    validation: list[Example] | None = None  # held-out examples (validationPath or validationSplit)
+    chat_template: str | None = None  # the template chat rows were rendered with
 
 
-def dataset_file(spec: DatasetSpec, base_dir: Path | None = None) -> Path:
-    """The file a task's dataset.path names: a relative path is resolved under the data root
-    (base_dir, default the current directory) and must stay inside it, symlinks included."""
+def dataset_file(spec: DatasetSpec, base_dir: Path | None = None, path: str | None = None,
+                 field: str = "dataset.path") -> Path:
+    """The file (or directory) a task's dataset.path names: a relative path is resolved under the
+    data root (base_dir, default the current directory) and must stay inside it, symlinks included."""
     try:
-        return confined(base_dir or Path.cwd(), spec.path, "dataset.path", "data root")
+        return confined(base_dir or Path.cwd(), path or spec.path, field, "data root")
     except PathEscapeError as exc:
         raise DatasetError(str(exc)) from None
 
 
-def load_dataset(spec: DatasetSpec, tokenizer, base_dir: Path | None = None,
-                 limits: DataLimits | None = None) -> LoadedDataset:
-    """Read, encode and count: every record becomes an example unless it has no label token."""
-    path, shown = dataset_file(spec, base_dir), spec.path  # errors name the path as the task wrote it
-    reader = READERS[spec.format]
-    examples, records = [], 0
+def _read(spec: DatasetSpec, rel: str, field: str, encoder, base_dir, limits) -> list[list[Example]]:
+    """Each record's examples (a text record may become several), errors naming field, file and line/row."""
+    path = dataset_file(spec, base_dir, rel, field)
+    out = []
     try:
-        for rec in reader(path, spec, limits or DataLimits(), shown):
-            records += 1
-            ex = encode(tokenizer, rec.prompt, rec.completion, spec.max_seq_len, spec.train_on_prompt)
-            if ex.label_tokens:
-                examples.append(ex)
-    except (DataFileError, DatasetError) as exc:
-        raise DatasetError(f"dataset.path: {exc}") from None
+        for where, row in READERS[spec.format](path, limits, rel):
+            try:
+                out.append([ex for ex in encoder(row) if ex.label_tokens])
+            except RowError as exc:
+                raise DatasetError(f"{where}: {exc}") from None
+    except (DataFileError, DatasetError, ChatTemplateError) as exc:
+        raise DatasetError(f"{field}: {exc}") from None
+    return out
+
+
+def _held_out(records: int, fraction: float, seed: int) -> set[int]:
+    """The records validationSplit holds out: the same ones for a seed, never all of them."""
+    k = min(records - 1, max(1, round(records * fraction)))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    return set(torch.randperm(records, generator=g)[:k].tolist()) if k > 0 else set()
+
+
+def load_dataset(spec: DatasetSpec, tokenizer, base_dir: Path | None = None,
+                 limits: DataLimits | None = None, seed: int = 0) -> LoadedDataset:
+    """Read, encode and count: every record becomes examples unless it has no label token; the
+    validation examples come from validationPath or are held out of path (validationSplit)."""
+    limits = limits or DataLimits()
+    template = None
+    if spec.row_format == "chat":
+        try:
+            template = chat_template(tokenizer, spec.chat_template)
+        except ChatTemplateError as exc:
+            raise DatasetError(str(exc)) from None
+    encoder = row_encoder(spec, tokenizer, template)
+    per_record = _read(spec, spec.path, "dataset.path", encoder, base_dir, limits)
+    validation = None
+    if spec.validation_split is not None:
+        held = _held_out(len(per_record), spec.validation_split, seed)
+        validation = [ex for i in sorted(held) for ex in per_record[i]]
+        per_record = [r for i, r in enumerate(per_record) if i not in held]
+    elif spec.validation_path is not None:
+        validation = [ex for r in _read(spec, spec.validation_path, "dataset.validationPath", encoder, base_dir, limits)
+                      for ex in r]
+    if validation is not None and not validation:
+        raise DatasetError("dataset: the validation data has no usable examples")
+    examples = [ex for r in per_record for ex in r]
+    records = len(per_record) + (len(held) if spec.validation_split is not None else 0)
     if not examples:
-        why = f" ({records} read; none has a completion token within maxSeqLen {spec.max_seq_len})" if records else ""
-        raise DatasetError(f"dataset.path: {shown} has no usable examples{why}")
-    return LoadedDataset(examples, records, records - len(examples))
+        what = "a completion" if spec.row_format == "prompt_completion" else "a label"
+        why = f" ({records} read; none has {what} token within maxSeqLen {spec.max_seq_len})" if records else ""
+        raise DatasetError(f"dataset.path: {spec.path} has no usable examples{why}")
+    dropped = sum(1 for r in per_record if not r)
+    return LoadedDataset(examples, records, dropped, validation, template)
 
 
 def load_examples(spec: DatasetSpec, tokenizer, base_dir: Path | None = None,

@@ -12,7 +12,8 @@ the PodMonitor scrapes with ``honorLabels: true``.
 | muxtune_task_tokens_total | counter | real (non-padding) tokens of the task's completed optimizer steps |
 | muxtune_task_steps_total | counter | optimizer steps this process completed for the task |
 | muxtune_task_step | gauge | the task's current optimizer step, counting steps restored from a checkpoint |
-| muxtune_task_max_steps | gauge | the task's spec.training.maxSteps |
+| muxtune_task_max_steps | gauge | the task's optimizer steps in all (spec.training.maxSteps, or derived from epochs) |
+| muxtune_task_eval_loss | gauge | mean token loss on the task's validation data, at its latest evaluation |
 | muxtune_task_loss | gauge | mean token loss of the latest step (NaN after a non-finite loss failed the task) |
 | muxtune_task_learning_rate | gauge | learning rate the latest step used |
 | muxtune_task_grad_norm | gauge | global L2 norm of the latest step's gradient, before clipping |
@@ -190,6 +191,7 @@ class _TaskSeries:
     tokens_per_second: float | None = None
     last_progress: float | None = None
     examples_dropped: int = 0
+    eval_loss: float | None = None
 
 
 def _version() -> str:
@@ -259,6 +261,8 @@ class EngineMetrics(Telemetry):
             s.step = task.step
             s.max_steps = task.max_steps
             s.examples_dropped = getattr(task, "examples_dropped", 0)
+            if getattr(task, "eval_loss", None) is not None and s.eval_loss is None:
+                s.eval_loss = task.eval_loss  # resumed: the latest evaluation it saved
             if task.last_loss is not None and s.loss is None:
                 s.loss = task.last_loss  # resumed or already trained: the loss it ended at
             if entering_running:
@@ -278,6 +282,8 @@ class EngineMetrics(Telemetry):
             s.lr = record.lr
             s.grad_norm = record.grad_norm
             s.tokens_per_second = record.tokens_per_second
+            if record.eval_loss is not None:
+                s.eval_loss = record.eval_loss
             s.last_progress = self.clock()
 
     def round_done(self, record: RoundRecord) -> None:
@@ -359,7 +365,8 @@ class _Collector:
         tokens = fam("counter", "muxtune_task_tokens", "Real (non-padding) tokens of the task's completed optimizer steps.")
         steps = fam("counter", "muxtune_task_steps", "Optimizer steps this process completed for the task.")
         step = fam("gauge", "muxtune_task_step", "Current optimizer step, counting steps restored from a checkpoint.")
-        max_steps = fam("gauge", "muxtune_task_max_steps", "The task's spec.training.maxSteps.")
+        max_steps = fam("gauge", "muxtune_task_max_steps", "The task's optimizer steps in all (maxSteps, or from epochs).")
+        eval_loss = fam("gauge", "muxtune_task_eval_loss", "Mean token loss on the task's validation data, latest evaluation.")
         loss = fam("gauge", "muxtune_task_loss", "Mean token loss of the latest step (NaN: a non-finite loss failed the task).")
         lr = fam("gauge", "muxtune_task_learning_rate", "Learning rate the latest step used.")
         grad = fam("gauge", "muxtune_task_grad_norm", "Global L2 gradient norm of the latest step, before clipping.")
@@ -385,11 +392,11 @@ class _Collector:
             fused_rounds.add_metric(lv, s.fused_rounds)
             waiting_rounds.add_metric(lv, s.waiting_rounds)
             dropped.add_metric(lv, s.examples_dropped)
-            for f, v in ((loss, s.loss), (lr, s.lr), (grad, s.grad_norm), (tps, s.tokens_per_second),
+            for f, v in ((loss, s.loss), (eval_loss, s.eval_loss), (lr, s.lr), (grad, s.grad_norm), (tps, s.tokens_per_second),
                          (progress, s.last_progress)):
                 if v is not None:
                     f.add_metric(lv, v)
-        yield from (tokens, steps, step, max_steps, loss, lr, grad, tps, phase, fused, fused_rounds,
+        yield from (tokens, steps, step, max_steps, loss, eval_loss, lr, grad, tps, phase, fused, fused_rounds,
                     waiting_rounds, dropped, progress)
 
         if info is not None:

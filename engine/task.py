@@ -19,21 +19,30 @@ from muxtune.api.finetunetask import FineTuneTask, TrainingSpec
 from muxtune.engine.backbone import TaskAdapter
 from muxtune.engine import storage
 from muxtune.engine.checkpoint import TaskState, spec_hash
-from muxtune.engine.data import DataStream, Example
+from muxtune.engine.data import DataStream, Example, LoadedDataset
+from muxtune.engine.peft.prompt_tuning import prepend_virtual
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 log = logging.getLogger("muxtune.engine")
 
 
-def lr_lambda(training: TrainingSpec):
-    """Linear warmup, then constant, linear or cosine decay to zero at maxSteps."""
+def total_steps(training: TrainingSpec, examples: int) -> int:
+    """maxSteps, or the steps training.epochs passes over the examples take (the last one may wrap)."""
+    if training.max_steps is not None:
+        return training.max_steps
+    return max(1, math.ceil(training.epochs * examples / training.batch_size))
+
+
+def lr_lambda(training: TrainingSpec, steps: int | None = None):
+    """Linear warmup, then constant, linear or cosine decay to zero at the last step."""
+    steps = steps if steps is not None else training.max_steps
 
     def f(step: int) -> float:
         if training.warmup_steps and step < training.warmup_steps:
             return (step + 1) / training.warmup_steps
         if training.schedule == "constant":
             return 1.0
-        span = max(1, training.max_steps - training.warmup_steps)
+        span = max(1, steps - training.warmup_steps)
         progress = min(1.0, (step - training.warmup_steps) / span)
         if training.schedule == "linear":
             return 1.0 - progress
@@ -53,7 +62,7 @@ def batch_digest(batch: list[Example]) -> str:
 
 def named_tensors(adapter: TaskAdapter) -> dict[str, torch.nn.Parameter]:
     """A task's trainable tensors by stable name: '<module path>.<PEFT tensor name>'."""
-    named = {f"{module}.{name}": t for module, delta in sorted(adapter.deltas.items())
+    named = {adapter.stable_name(module, name): t for module, delta in sorted(adapter.deltas.items())
              for name, t in delta.peft_state().items()}
     if {id(t) for t in named.values()} != {id(p) for p in adapter.parameters()}:
         raise TypeError("every trainable tensor of a delta must be in its peft_state()")
@@ -66,7 +75,7 @@ def _local_blocks(adapter: TaskAdapter) -> dict:
     for module, delta in adapter.deltas.items():
         attr = {id(p): n for n, p in delta.named_parameters(recurse=False)}
         for name, t in delta.peft_state().items():
-            out[f"{module}.{name}"] = lambda whole, d=delta, a=attr.get(id(t), name): d.local_block(a, whole)
+            out[adapter.stable_name(module, name)] = lambda whole, d=delta, a=attr.get(id(t), name): d.local_block(a, whole)
     return out
 
 
@@ -104,6 +113,11 @@ class TaskRuntime:
     checkpoint: str | None = None
     examples_dropped: int = 0  # records with no label token within maxSeqLen: never trained on
     examples_read: int = 0
+    steps_total: int | None = None  # maxSteps, or derived from epochs when the data is loaded
+    validation: list[Example] | None = None  # held-out examples (dataset.validationPath / validationSplit)
+    eval_loss: float | None = None
+    eval_step: int | None = None  # the step eval_loss was measured at
+    chat_template: str | None = None  # saved with the adapter
 
     @property
     def key(self) -> str:
@@ -119,7 +133,7 @@ class TaskRuntime:
 
     @property
     def max_steps(self) -> int:
-        return self.task.spec.training.max_steps
+        return self.steps_total or self.task.spec.training.max_steps or 0
 
     @property
     def adapter_device(self) -> torch.device:
@@ -137,12 +151,22 @@ class TaskRuntime:
                 "task": self.key, "dropped": dropped, "read": read,
                 "maxSeqLen": self.task.spec.dataset.max_seq_len})
 
+    def use_data(self, data: LoadedDataset, fingerprint: str) -> None:
+        """The loaded examples: the stream, the held-out set, the steps epochs come to."""
+        spec = self.task.spec
+        self.note_dropped(data.dropped, data.records)
+        self.data_fingerprint = fingerprint
+        n = spec.peft.virtual_tokens  # prompt tuning: its virtual positions are part of every sequence
+        self.stream = DataStream(prepend_virtual(data.examples, n), spec.training.seed, spec.dataset.shuffle)
+        self.validation, self.chat_template = prepend_virtual(data.validation, n), data.chat_template
+        self.steps_total = total_steps(spec.training, len(data.examples))
+
     def build_optimizer(self) -> None:
         t = self.task.spec.training
         self.optimizer = torch.optim.AdamW(
             self.adapter.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t, self.max_steps))
 
     def begin_step(self) -> None:
         """Draw the next step's batch; its loss is normalised by its label tokens, whatever forwards it spans."""
@@ -180,6 +204,7 @@ class TaskRuntime:
             "task": self.key, "uid": self.task.metadata.uid, "spec_hash": spec_hash(self.task.spec),
             "data_fingerprint": self.data_fingerprint, "step": self.step, "tokens_total": self.tokens_total,
             "served_tokens": self.served_tokens, "last_loss": self.last_loss, "saves": self.saves,
+            "eval_loss": self.eval_loss, "eval_step": self.eval_step,
             "data": self.step_start if self.pending else self.stream.state(),
             "in_progress": {
                 "consumed": consumed, "loss_sum": self.step_loss_sum, "fused_with": sorted(self.step_fused_with),
@@ -226,6 +251,7 @@ class TaskRuntime:
         self.step, self.tokens_total = int(meta["step"]), int(meta["tokens_total"])
         self.served_tokens, self.last_loss = int(meta["served_tokens"]), meta.get("last_loss")
         self.saves, self.saved_step = int(meta.get("saves", 0)), self.step
+        self.eval_loss, self.eval_step = meta.get("eval_loss"), meta.get("eval_step")
         self.pending = []
         ip = meta.get("in_progress")
         if ip:  # the step that was half-trained: the same batch, minus what already ran
@@ -245,6 +271,7 @@ class TaskRuntime:
             "task": self.key, "uid": self.task.metadata.uid, "phase": self.phase, "step": self.step,
             "totalSteps": self.max_steps, "loss": self.last_loss, "message": self.message,
             "specHash": spec_hash(self.task.spec), "examplesDropped": self.examples_dropped,
+            "evalLoss": self.eval_loss,
         })
 
     def status(self) -> dict:
@@ -253,5 +280,5 @@ class TaskRuntime:
             "phase": self.phase, "step": self.step, "totalSteps": self.max_steps,
             "loss": self.last_loss, "tokensPerSecond": self.tokens_per_second,
             "checkpoint": self.checkpoint, "message": self.message,
-            "examplesDropped": self.examples_dropped,
+            "examplesDropped": self.examples_dropped, "evalLoss": self.eval_loss,
         }

@@ -19,9 +19,10 @@ class StepRecord:
     fused_with: list[str] = field(default_factory=list)  # other tasks sharing its forwards
     effective_token_ratio: float = 1.0  # real / computed tokens of the forwards the step spanned
     batch: str = ""  # hash of the step's sequences: equal in two runs iff they trained the same data
+    eval_loss: float | None = None  # validation loss after this step, on the steps evaluation ran
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return {k: v for k, v in self.__dict__.items() if k != "eval_loss" or v is not None}
 
 
 @dataclass

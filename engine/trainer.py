@@ -22,9 +22,9 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import outputs, recovery, scheduler, storage
+from muxtune.engine import evaluation, outputs, recovery, scheduler, storage
 from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import DataStream, load_dataset
+from muxtune.engine.data import load_dataset
 from muxtune.engine.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack, round_up
 from muxtune.engine.peft.export import save_adapter
@@ -96,10 +96,9 @@ class MuxTrainer:
             recovery.claim_output(rt)
             if self._already_succeeded(rt):
                 return rt
-            data = load_dataset(task.spec.dataset, self.backbone.tokenizer, self.base_dir, self.data_limits)
-            rt.note_dropped(data.dropped, data.records)
-            rt.data_fingerprint = ckpt.data_fingerprint(data.examples)
-            rt.stream = DataStream(data.examples, task.spec.training.seed, task.spec.dataset.shuffle)
+            data = load_dataset(task.spec.dataset, self.backbone.tokenizer, self.base_dir, self.data_limits,
+                                seed=task.spec.training.seed)
+            rt.use_data(data, ckpt.data_fingerprint(data.examples))
             rt.adapter = self.backbone.attach(rt.slot, task.spec.peft, task.spec.training.seed)
             rt.build_optimizer()
             if self.resume:
@@ -131,6 +130,7 @@ class MuxTrainer:
         data = recovery.read_status(rt) if self.resume else None
         if data and data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
             rt.step, rt.last_loss = int(data["step"]), data.get("loss")
+            rt.steps_total, rt.eval_loss = data.get("totalSteps"), data.get("evalLoss")
             rt.examples_dropped = int(data.get("examplesDropped") or 0)
             self._set_phase(rt, SUCCEEDED, "already trained (output found)")
             return True
@@ -231,11 +231,17 @@ class MuxTrainer:
         seconds, rt.last_step_time = now - rt.last_step_time, now
         rt.last_loss = rt.step_loss_sum / rt.step_label_tokens
         rt.tokens_per_second = rt.step_tokens / seconds if seconds > 0 else None
+        if evaluation.due(rt):  # no gradients: nothing of this round's training changes
+            try:
+                rt.eval_loss, rt.eval_step = evaluation.evaluate(self.backbone, rt, self.token_budget), rt.step
+            except Exception as exc:  # noqa: BLE001 - the forward on held-out data: this task's failure
+                return self._fail(rt, f"evaluation failed at step {rt.step}: {exc}")
         record = StepRecord(
             step=rt.step, loss=rt.last_loss, tokens=rt.step_tokens, label_tokens=rt.step_label_tokens,
             lr=lr, grad_norm=float(grad_norm), seconds=seconds, tokens_per_second=rt.tokens_per_second or 0.0,
             fused_with=sorted(rt.step_fused_with),
             effective_token_ratio=rt.step_real / max(1, rt.step_computed), batch=rt.step_digest,
+            eval_loss=rt.eval_loss if rt.eval_step == rt.step else None,
         )
         try:
             storage.append_line(rt.out_dir / "metrics.jsonl", json.dumps(record.as_dict()))
@@ -313,7 +319,7 @@ class MuxTrainer:
 
     def _finish(self, rt: TaskRuntime) -> None:
         try:
-            save_adapter(rt.adapter, rt.out_dir, self.backbone.path)
+            save_adapter(rt.adapter, rt.out_dir, self.backbone.path, chat_template=rt.chat_template)
         except Exception as exc:  # noqa: BLE001
             self._fail(rt, f"cannot save the adapter: {exc}")
             return

@@ -54,7 +54,9 @@ class ValidateCommand(BaseModel):
             print(exc, file=sys.stderr)
             sys.exit(2)
         for t in tasks:
-            print(f"ok {t.key} ({t.spec.peft.method}, {t.spec.training.max_steps} steps)")
+            t_ = t.spec.training
+            length = f"{t_.max_steps} steps" if t_.max_steps else f"{t_.epochs} epochs"
+            print(f"ok {t.key} ({t.spec.peft.method}, {length})")
 
 
 class Muxtune(BaseSettings):

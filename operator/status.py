@@ -70,6 +70,7 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
         "step": old.get("step", 0),
         "totalSteps": old.get("totalSteps") or view.max_steps,
         "loss": old.get("loss"),
+        "evalLoss": old.get("evalLoss"),
         "tokensPerSecond": old.get("tokensPerSecond"),
         "checkpoint": old.get("checkpoint"),
         "startTime": old.get("startTime"),
@@ -113,7 +114,7 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
         if rep:
             st["step"] = int(rep.get("step") or 0)
             st["totalSteps"] = rep.get("totalSteps") or st["totalSteps"]
-            for k in ("loss", "tokensPerSecond", "checkpoint"):
+            for k in ("loss", "evalLoss", "tokensPerSecond", "checkpoint"):
                 if k in rep:
                     st[k] = rep.get(k)
             if rep.get("message"):

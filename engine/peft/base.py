@@ -95,9 +95,24 @@ class TaskDelta(nn.Module):
 
 
 class PeftMethod:
-    """How a method builds its deltas and describes itself to PEFT."""
+    """How a method builds its deltas and describes itself to PEFT.
+
+    attaches: "linear" (a delta at each targeted Linear, combined by the multiplexed layer) or
+    "input" (one delta at the input embeddings that supplies the task's virtual tokens: prompt
+    tuning; the backbone embeds them per task)."""
 
     name: ClassVar[str]
+    attaches: ClassVar[str] = "linear"
+
+    @staticmethod
+    def stable_name(module: str, name: str) -> str:
+        """A tensor's name in checkpoints and task state: '<module path>.<PEFT tensor name>'."""
+        return f"{module}.{name}"
+
+    @staticmethod
+    def peft_key(stable: str) -> str:
+        """The key PEFT saves a tensor under, from its stable name."""
+        return "base_model.model." + stable
 
     @staticmethod
     def make_delta(base: nn.Linear, module_name: str, spec: PeftSpec, generator: torch.Generator) -> TaskDelta:

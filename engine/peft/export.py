@@ -17,20 +17,27 @@ PEFT_PREFIX = "base_model.model."
 
 
 def adapter_files(tensors: dict[str, torch.Tensor], spec: PeftSpec, base_model_path: Path) -> dict[str, bytes]:
-    """PEFT's two files as bytes, from full tensors named '<module path>.<PEFT tensor name>'."""
-    config = get_method(spec.method).peft_config(spec, str(base_model_path))
-    weights = {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(tensors.items())}
+    """PEFT's two files as bytes, from full tensors by stable name (PeftMethod.stable_name)."""
+    method = get_method(spec.method)
+    config = method.peft_config(spec, str(base_model_path))
+    weights = {method.peft_key(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(tensors.items())}
     return {
         "adapter_model.safetensors": st_save(weights, metadata={"format": "pt"}),
         "adapter_config.json": json.dumps(_jsonable(config.to_dict()), indent=2, sort_keys=True).encode(),
     }
 
 
-def save_adapter(adapter: TaskAdapter, directory: Path, base_model_path: Path) -> None:
+def save_adapter(adapter: TaskAdapter, directory: Path, base_model_path: Path,
+                 chat_template: str | None = None) -> None:
     """Each file written atomically (storage.write_atomic): a crash never leaves half an adapter.
-    StorageError names the file when the disk keeps refusing."""
-    tensors = {k[len(PEFT_PREFIX):]: v for k, v in adapter.peft_state_dict().items()}
-    for name, data in adapter_files(tensors, adapter.spec, base_model_path).items():
+    StorageError names the file when the disk keeps refusing. A chat task's template goes with
+    it (chat_template.jinja, as transformers saves a tokenizer's), so inference renders alike."""
+    tensors = {adapter.stable_name(module, name): t for module, d in adapter.deltas.items()
+               for name, t in d.peft_state().items()}
+    files = adapter_files(tensors, adapter.spec, base_model_path)
+    if chat_template is not None:
+        files["chat_template.jinja"] = chat_template.encode()
+    for name, data in files.items():
         storage.write_atomic(Path(directory) / name, data)
 
 

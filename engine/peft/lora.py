@@ -28,6 +28,12 @@ class LoraDelta(TaskDelta):
         self._dropout_gen: torch.Generator | None = None
 
     def additive(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._dropped(x)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return (x @ a.t()) @ b.t() * self.scaling
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's input: dropout while training, drawn from the task's own generator."""
         if self.dropout and self.training:
             if self._dropout_gen is None:  # on the layer's device, seeded by the task
                 self._dropout_gen = torch.Generator(device=x.device).manual_seed(self._dropout_seed)
@@ -35,8 +41,7 @@ class LoraDelta(TaskDelta):
             if keep.shape != x.shape:  # row-parallel: this rank's inputs of the mask one process draws
                 keep = keep.narrow(1, *self.shard.part())
             x = x * keep / (1 - self.dropout)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return (x @ a.t()) @ b.t() * self.scaling
+        return x
 
     def rng_state(self) -> torch.Tensor | None:
         return None if self._dropout_gen is None else self._dropout_gen.get_state()
@@ -66,6 +71,10 @@ class Lora(PeftMethod):
 
     @staticmethod
     def make_delta(base, module_name, spec, generator):
+        if spec.use_dora:
+            from muxtune.engine.peft.dora import DoraDelta
+
+            return DoraDelta(base, spec, generator)
         return LoraDelta(base, spec, generator)
 
     @staticmethod
@@ -75,5 +84,5 @@ class Lora(PeftMethod):
         return LoraConfig(
             r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
             target_modules=sorted(spec.target_modules), task_type="CAUSAL_LM",
-            base_model_name_or_path=base_model_path, bias="none",
+            base_model_name_or_path=base_model_path, bias="none", use_dora=spec.use_dora,
         )

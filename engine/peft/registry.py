@@ -4,8 +4,9 @@ from __future__ import annotations
 from muxtune.engine.peft.base import PeftMethod
 from muxtune.engine.peft.ia3 import Ia3
 from muxtune.engine.peft.lora import Lora
+from muxtune.engine.peft.prompt_tuning import PromptTuning
 
-METHODS: dict[str, type[PeftMethod]] = {m.name: m for m in (Lora, Ia3)}
+METHODS: dict[str, type[PeftMethod]] = {m.name: m for m in (Lora, Ia3, PromptTuning)}
 
 
 def get_method(name: str) -> type[PeftMethod]:

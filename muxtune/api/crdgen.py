@@ -112,6 +112,7 @@ RESOURCES: tuple[Resource, ...] = (
             PrinterColumn("Loss", ".status.loss", "number", description="Latest training loss."),
             PrinterColumn("Tokens/s", ".status.tokensPerSecond", "number", description="Trained tokens per second."),
             AGE,
+            PrinterColumn("Eval Loss", ".status.evalLoss", "number", description="Latest validation loss.", priority=1),
             PrinterColumn("Base", ".spec.baseModel", description="The frozen backbone.", priority=1),
             PrinterColumn("Method", ".spec.peft.method", description="PEFT method.", priority=1),
             PrinterColumn("Message", ".status.message", description="Why the task is in its phase.", priority=1),

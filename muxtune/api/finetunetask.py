@@ -19,12 +19,14 @@ BASE_MODEL_PATTERN = (
     r"|/.+|\./.+|\.\./.+)$"
 )
 
-PeftMethod = Literal["lora", "ia3"]
+PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
 Phase = Literal["Pending", "Placed", "Running", "Succeeded", "Failed", "Suspended"]
 # A module name (suffix-matched against the backbone's module paths). Bounded so the API server's
 # CEL cost estimate for the feedforwardModules rule stays within budget.
 ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 MAX_MODULES = 64
+MAX_VIRTUAL_TOKENS = 4096
+MAX_INIT_TEXT = 65536
 
 
 # Where a task reads and writes is always inside an area the engine is given (the run's data root
@@ -61,21 +63,76 @@ def immutable(field: str) -> dict:
     }]}
 
 
+DatasetFormat = Literal["jsonl", "chat", "text", "parquet", "hf_disk"]
+RowFormat = Literal["prompt_completion", "chat", "text"]
+TABLE_FORMATS = ("parquet", "hf_disk")
+MAX_CHAT_TEMPLATE = 65536
+
+
 class DatasetSpec(ApiModel):
     """Where the training examples are and how to read them."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.rows) || (has(self.format) && self.format in ['parquet', 'hf_disk'])",
+                    "message": "rows is for the table formats (parquet, hf_disk); jsonl, chat and text say their rows themselves",
+                    "fieldPath": ".rows",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "!has(self.validationPath) || !has(self.validationSplit)",
+                    "message": "set validationPath or validationSplit, not both",
+                    "fieldPath": ".validationSplit",
+                    "reason": "FieldValueInvalid",
+                },
+            ]
+        }
+    )
 
     path: str = Field(
         min_length=1,
         max_length=MAX_PATH,
         json_schema_extra=relative_path_rules("data root"),
         description=(
-            "JSON-lines file of examples, relative to the data root: `muxtune run --data-root` "
-            "(default: the current directory), or the namespace's data area in a cluster."
+            "The examples, relative to the data root: `muxtune run --data-root` (default: the current "
+            "directory), or the namespace's data area in a cluster. A file, or for hf_disk the directory "
+            "`datasets`' save_to_disk wrote."
         ),
     )
-    format: Literal["jsonl"] = Field(default="jsonl", description="File format; jsonl is one JSON object per line.")
+    format: DatasetFormat = Field(
+        default="jsonl",
+        description=(
+            "jsonl: JSON lines with promptField and completionField (loss on the completion); "
+            "chat: JSON lines in the OpenAI fine-tuning format {\"messages\": [{\"role\": "
+            "system|user|assistant, \"content\": ...}]}, rendered with the chat template, loss on "
+            "assistant turns only; text: JSON lines with textField, loss on every token, documents "
+            "longer than maxSeqLen split into consecutive maxSeqLen-token sequences; parquet: a "
+            "Parquet file, hf_disk: a Hugging Face save_to_disk directory (both read with the "
+            "`datasets` library, each row laid out as `rows` says)."
+        ),
+    )
+    rows: RowFormat | None = Field(
+        default=None,
+        description=(
+            "parquet and hf_disk only: what each row holds: prompt_completion (the default; promptField "
+            "and completionField), chat (messagesField) or text (textField)."
+        ),
+    )
     prompt_field: str = Field(default="prompt", min_length=1, description="Key of the input text.")
     completion_field: str = Field(default="completion", min_length=1, description="Key of the target text.")
+    messages_field: str = Field(default="messages", min_length=1, description="chat rows: key of the message list.")
+    text_field: str = Field(default="text", min_length=1, description="text rows: key of the document.")
+    chat_template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CHAT_TEMPLATE,
+        description=(
+            "chat rows: a Jinja chat template used instead of the tokenizer's own (as transformers' "
+            "apply_chat_template takes it); saved with the adapter as chat_template.jinja."
+        ),
+    )
     max_seq_len: int = Field(
         default=512, gt=0, le=131072, description="Longer examples are truncated to this many tokens."
     )
@@ -83,11 +140,49 @@ class DatasetSpec(ApiModel):
         default=False, description="Also compute the loss on prompt tokens (default: completion only)."
     )
     shuffle: bool = Field(default=True, description="Reshuffle examples every epoch (seeded by training.seed).")
+    validation_path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_PATH,
+        json_schema_extra=relative_path_rules("data root"),
+        description=(
+            "Held-out examples in the same format as path, relative to the data root: their mean token "
+            "loss (no gradients) is reported every training.evalInterval steps and at the end."
+        ),
+    )
+    validation_split: float | None = Field(
+        default=None,
+        gt=0,
+        le=0.5,
+        description=(
+            "Instead of validationPath: this fraction of the records of path is held out for evaluation "
+            "(chosen by training.seed, the same records on every run) and not trained on."
+        ),
+    )
 
-    @field_validator("path")
+    @field_validator("path", "validation_path")
     @classmethod
-    def _relative(cls, v: str) -> str:
+    def _relative(cls, v: str | None) -> str | None:
         return check_relative_path(v, "data root")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        if self.rows is not None and self.format not in TABLE_FORMATS:
+            raise ValueError("rows is for the table formats (parquet, hf_disk); jsonl, chat and text say their rows themselves")
+        if self.validation_path is not None and self.validation_split is not None:
+            raise ValueError("set validationPath or validationSplit, not both")
+        return self
+
+    @property
+    def row_format(self) -> str:
+        """How each record reads, whatever the container: prompt_completion, chat or text."""
+        if self.format in TABLE_FORMATS:
+            return self.rows or "prompt_completion"
+        return {"jsonl": "prompt_completion"}.get(self.format, self.format)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_path is not None or self.validation_split is not None
 
 
 class PeftSpec(ApiModel):
@@ -102,12 +197,35 @@ class PeftSpec(ApiModel):
                     "message": "feedforwardModules must also be in targetModules",
                     "fieldPath": ".feedforwardModules",
                     "reason": "FieldValueInvalid",
-                }
+                },
+                {
+                    "rule": "!has(self.useDora) || !self.useDora || !has(self.method) || self.method == 'lora'",
+                    "message": "useDora applies to method lora",
+                    "fieldPath": ".useDora",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "has(self.method) && self.method == 'prompt_tuning' ? has(self.numVirtualTokens) "
+                    ": !has(self.numVirtualTokens) && !has(self.promptTuningInit) && !has(self.promptTuningInitText)",
+                    "message": "method prompt_tuning needs numVirtualTokens; numVirtualTokens, promptTuningInit and "
+                    "promptTuningInitText are for prompt_tuning only",
+                    "fieldPath": ".numVirtualTokens",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "(has(self.promptTuningInit) && self.promptTuningInit == 'TEXT') == has(self.promptTuningInitText)",
+                    "message": "promptTuningInit TEXT needs promptTuningInitText, and promptTuningInitText needs promptTuningInit TEXT",
+                    "fieldPath": ".promptTuningInitText",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     )
 
-    method: PeftMethod = Field(default="lora", description="lora or ia3.")
+    method: PeftMethod = Field(
+        default="lora",
+        description="lora (with useDora: DoRA), ia3 or prompt_tuning (targetModules, r, alpha and dropout are then unused).",
+    )
     r: int = Field(default=8, gt=0, le=4096, description="LoRA rank.")
     alpha: float = Field(default=16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the adapter input.")
@@ -122,13 +240,51 @@ class PeftSpec(ApiModel):
         max_length=MAX_MODULES,
         description="IA3 only: target modules whose input (not output) is rescaled.",
     )
+    use_dora: bool = Field(
+        default=False,
+        description=(
+            "LoRA only: weight-decomposed LoRA (DoRA, as PEFT's use_dora): a trained magnitude per output "
+            "feature times the LoRA-updated weight's direction. Not under tensor parallelism."
+        ),
+    )
+    num_virtual_tokens: int | None = Field(
+        default=None, gt=0, le=MAX_VIRTUAL_TOKENS,
+        description="prompt_tuning (required): trained virtual tokens prepended to each of the task's sequences.",
+    )
+    prompt_tuning_init: Literal["RANDOM", "TEXT", "SAMPLE_VOCAB"] | None = Field(
+        default=None,
+        description=(
+            "prompt_tuning: how the virtual tokens start, as PEFT's prompt_tuning_init: RANDOM (the default), "
+            "TEXT (the embeddings of promptTuningInitText's tokens, repeated to numVirtualTokens) or "
+            "SAMPLE_VOCAB (embeddings of tokens drawn from the vocabulary, seeded by training.seed)."
+        ),
+    )
+    prompt_tuning_init_text: str | None = Field(
+        default=None, min_length=1, max_length=MAX_INIT_TEXT,
+        description="prompt_tuning with promptTuningInit TEXT: the text whose token embeddings start the prompt.",
+    )
 
     @model_validator(mode="after")
     def _ff_within_targets(self) -> PeftSpec:
         extra = set(self.feedforward_modules) - set(self.target_modules)
         if extra:
             raise ValueError(f"feedforwardModules {sorted(extra)} must also be in targetModules")
+        if self.use_dora and self.method != "lora":
+            raise ValueError("useDora applies to method lora")
+        pt = self.method == "prompt_tuning"
+        if pt and self.num_virtual_tokens is None:
+            raise ValueError("method prompt_tuning needs numVirtualTokens")
+        if not pt and (self.num_virtual_tokens, self.prompt_tuning_init, self.prompt_tuning_init_text) != (None,) * 3:
+            raise ValueError("numVirtualTokens, promptTuningInit and promptTuningInitText are for prompt_tuning only")
+        if (self.prompt_tuning_init == "TEXT") != (self.prompt_tuning_init_text is not None):
+            raise ValueError("promptTuningInit TEXT needs promptTuningInitText, and promptTuningInitText needs "
+                             "promptTuningInit TEXT")
         return self
+
+    @property
+    def virtual_tokens(self) -> int:
+        """Positions prepended to each of the task's sequences (prompt tuning), else 0."""
+        return (self.num_virtual_tokens or 0) if self.method == "prompt_tuning" else 0
 
 
 class TrainingSpec(ApiModel):
@@ -142,12 +298,28 @@ class TrainingSpec(ApiModel):
                     "message": "warmupSteps must not exceed maxSteps",
                     "fieldPath": ".warmupSteps",
                     "reason": "FieldValueInvalid",
-                }
+                },
+                {
+                    "rule": "has(self.maxSteps) != has(self.epochs)",
+                    "message": "set exactly one of maxSteps and epochs",
+                    "fieldPath": ".maxSteps",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     )
 
-    max_steps: int = Field(gt=0, le=10_000_000, description="Optimizer steps to train for.")
+    max_steps: int | None = Field(
+        default=None, gt=0, le=10_000_000,
+        description="Optimizer steps to train for (or epochs: exactly one of the two).",
+    )
+    epochs: int | None = Field(
+        default=None, gt=0, le=100_000,
+        description=(
+            "Instead of maxSteps: passes over the training examples; the engine derives the steps when it "
+            "loads the data, ceil(epochs * examples / batchSize), and reports them as totalSteps."
+        ),
+    )
     batch_size: int = Field(default=8, gt=0, le=65536, description="Sequences per optimizer step.")
     learning_rate: float = Field(gt=0, le=10, description="Peak learning rate (AdamW).")
     schedule: Literal["constant", "linear", "cosine"] = Field(
@@ -171,10 +343,19 @@ class TrainingSpec(ApiModel):
             "every task of its backbone is saved at the same round, so a restart replays the run exactly."
         ),
     )
+    eval_interval: int = Field(
+        default=0, ge=0, le=10_000_000,
+        description=(
+            "With dataset.validationPath or validationSplit: the validation loss is computed every N steps "
+            "(0: only at the end; it is always computed after the last step)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSpec:
-        if self.warmup_steps > self.max_steps:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of maxSteps and epochs")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError("warmupSteps must not exceed maxSteps")
         return self
 
@@ -240,6 +421,9 @@ class FineTuneTaskStatus(ApiModel):
     total_steps: int | None = Field(default=None, description="Optimizer steps to do.")
     progress: str | None = Field(default=None, description="step/total as text, for kubectl get.")
     loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(
+        default=None, description="Latest validation loss (with dataset.validationPath or validationSplit)."
+    )
     tokens_per_second: float | None = Field(default=None, description="Trained tokens per second.")
     checkpoint: str | None = Field(default=None, description="Latest checkpoint path.")
     message: str | None = Field(default=None, description="Why the task is in its phase.")

@@ -127,6 +127,30 @@ BAD: list[Case] = [
     Case("max-grad-norm-negative", {"spec.training.maxGradNorm": -1.0}, "spec.training.maxGradNorm"),
     Case("priority-out-of-range", {"spec.priority": 5000}, "spec.priority"),
     Case("misspelt-field", {"spec.peft.rank": 8}, "spec.peft.rank"),
+    # data users bring, evaluation, epochs
+    Case("dataset-rows-on-jsonl", {"spec.dataset.rows": "chat"}, "spec.dataset.rows"),
+    Case("dataset-unknown-rows", {"spec.dataset.format": "parquet", "spec.dataset.rows": "alpaca"}, "spec.dataset.rows"),
+    Case("chat-template-empty", {"spec.dataset.format": "chat", "spec.dataset.chatTemplate": ""}, "spec.dataset.chatTemplate"),
+    Case("validation-path-and-split", {"spec.dataset.validationPath": "v.jsonl", "spec.dataset.validationSplit": 0.1},
+         "spec.dataset.validationSplit"),
+    Case("validation-split-zero", {"spec.dataset.validationSplit": 0}, "spec.dataset.validationSplit"),
+    Case("validation-split-too-big", {"spec.dataset.validationSplit": 0.9}, "spec.dataset.validationSplit"),
+    Case("validation-path-absolute", {"spec.dataset.validationPath": "/data/team-b/v.jsonl"}, "spec.dataset.validationPath"),
+    Case("validation-path-dotdot", {"spec.dataset.validationPath": "../team-b/v.jsonl"}, "spec.dataset.validationPath"),
+    Case("eval-interval-negative", {"spec.training.evalInterval": -1}, "spec.training.evalInterval"),
+    Case("epochs-and-max-steps", {"spec.training.epochs": 2}, "spec.training.maxSteps"),
+    Case("epochs-zero", {"spec.training.maxSteps": MISSING, "spec.training.epochs": 0}, "spec.training.epochs"),
+    # PEFT methods
+    Case("dora-on-ia3", {"spec.peft.method": "ia3", "spec.peft.useDora": True}, "spec.peft.useDora"),
+    Case("dora-string", {"spec.peft.useDora": "true"}, "spec.peft.useDora"),
+    Case("prompt-tuning-without-tokens", {"spec.peft.method": "prompt_tuning"}, "spec.peft.numVirtualTokens"),
+    Case("virtual-tokens-on-lora", {"spec.peft.numVirtualTokens": 8}, "spec.peft.numVirtualTokens"),
+    Case("virtual-tokens-zero", {"spec.peft.method": "prompt_tuning", "spec.peft.numVirtualTokens": 0},
+         "spec.peft.numVirtualTokens"),
+    Case("prompt-init-unknown", {"spec.peft.method": "prompt_tuning", "spec.peft.numVirtualTokens": 8,
+                                 "spec.peft.promptTuningInit": "ZEROS"}, "spec.peft.promptTuningInit"),
+    Case("prompt-init-text-without-text", {"spec.peft.method": "prompt_tuning", "spec.peft.numVirtualTokens": 8,
+                                           "spec.peft.promptTuningInit": "TEXT"}, "spec.peft.promptTuningInitText"),
     Case("bad-name-underscore", {"metadata.name": "Bad_Name"}, "metadata.name"),
     Case("bad-name-dot", {"metadata.name": "a.b"}, "metadata.name"),
     Case("bad-name-too-long", {"metadata.name": "a" * 64}, "metadata.name"),
@@ -208,6 +232,20 @@ GOOD: list[Case] = [
         },
         "",
     ),
+    Case("epochs-instead-of-max-steps", {"spec.training.maxSteps": MISSING, "spec.training.epochs": 3,
+                                         "spec.training.warmupSteps": 50}, ""),
+    Case(
+        "chat-with-validation",
+        {"spec.dataset": {"path": "chat.jsonl", "format": "chat", "chatTemplate": "{{ messages }}", "validationSplit": 0.1},
+         "spec.training.evalInterval": 5},
+        "",
+    ),
+    Case("parquet-text-rows", {"spec.dataset": {"path": "docs.parquet", "format": "parquet", "rows": "text",
+                                                "validationPath": "val.parquet"}}, ""),
+    Case("hf-disk", {"spec.dataset": {"path": "saved", "format": "hf_disk"}}, ""),
+    Case("dora", {"spec.peft": {"method": "lora", "useDora": True}}, ""),
+    Case("prompt-tuning", {"spec.peft": {"method": "prompt_tuning", "numVirtualTokens": 16,
+                                         "promptTuningInit": "TEXT", "promptTuningInitText": "Answer briefly:"}}, ""),
     Case("dotted-names-are-not-dotdot", {"spec.dataset.path": "a..b/..x/.hidden.jsonl", "spec.output.path": "v1..2"}, ""),
     Case("base-model-resource", {"spec.baseModel": "model:llama-3.1-8b"}, ""),
     Case("base-model-local-dir", {"spec.baseModel": "./models/tiny"}, ""),
@@ -356,7 +394,8 @@ def test_created_task_has_defaults_and_columns(api):
     p = _apply(api, doc)
     assert p.returncode == 0, p.stderr
     stored = json.loads(api.kubectl("get", "ftt", "columns", "-n", NAMESPACE, "-o", "json").stdout)
-    assert stored["spec"]["peft"] == {"method": "lora", "r": 8, "alpha": 16, "dropout": 0, "targetModules": ["q_proj", "v_proj"], "feedforwardModules": []}
+    assert stored["spec"]["peft"] == {"method": "lora", "r": 8, "alpha": 16, "dropout": 0, "targetModules": ["q_proj", "v_proj"],
+                                      "feedforwardModules": [], "useDora": False}
     assert stored["spec"]["training"]["maxGradNorm"] == 1 and stored["spec"]["output"] == {}
 
     status = {"phase": "Running", "group": "grp-1", "step": 5, "totalSteps": 10, "progress": "5/10",
@@ -451,8 +490,9 @@ def test_kubectl_explain_shows_descriptions(api):
     deadline = time.monotonic() + 60
     peft = _explain(api, "finetunetask.spec.peft", deadline)
     assert "PEFT method and hyperparameters." in peft
-    for line in ("LoRA rank.", "lora or ia3.", "Dropout on the adapter input."):
-        assert line in peft, peft
+    flat = " ".join(peft.split())  # explain wraps long descriptions
+    for line in ("LoRA rank.", "ia3 or prompt_tuning", "Dropout on the adapter input.", "weight-decomposed LoRA"):
+        assert line in flat, peft
     assert "no clipping" in _explain(api, "ftt.spec.training.maxGradNorm", deadline)
     assert "exactly one of builtin, pvc, hostPath" in _explain(api, "basemodel.spec.source", deadline).replace("\n", " ")
     assert "Member tasks." in _explain(api, "backbonegroup.spec", deadline)

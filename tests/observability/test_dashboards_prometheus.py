@@ -126,9 +126,10 @@ class Prometheus:
 
 # ------------------------------------------------------------------------------------ the stack
 def task_docs(ns_a: str, ns_b: str, data_dir: Path) -> list[dict]:
-    def doc(name, ns, data, peft, batch, seed, max_len=48):
+    def doc(name, ns, data, peft, batch, seed, max_len=48, **dataset):
         return {"apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": name, "namespace": ns},
-                "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(Path(data).relative_to(data_dir)), "maxSeqLen": max_len},
+                "spec": {"baseModel": "builtin:tiny-llama",
+                         "dataset": {"path": str(Path(data).relative_to(data_dir)), "maxSeqLen": max_len, **dataset},
                          "peft": peft, "shareAcrossNamespaces": True,
                          "training": {"maxSteps": STEPS, "batchSize": batch, "learningRate": 1e-2, "seed": seed,
                                       "checkpointInterval": 25}}}
@@ -138,7 +139,7 @@ def task_docs(ns_a: str, ns_b: str, data_dir: Path) -> list[dict]:
     for name in ("reverse", "copy", "arithmetic"):  # dataset paths live under the engine's --data-root
         shutil.copyfile(EXAMPLES / f"{name}.jsonl", data_dir / f"{name}.jsonl")
     return [
-        doc("reverse", ns_a, data_dir / "reverse.jsonl", lora, 4, 0),
+        doc("reverse", ns_a, data_dir / "reverse.jsonl", lora, 4, 0, validationSplit=0.1),  # eval-loss panel
         doc("copy", ns_a, data_dir / "copy.jsonl", {**lora, "r": 8, "alpha": 16}, 4, 1),
         doc("arithmetic", ns_b, data_dir / "arithmetic.jsonl", ia3, 8, 2, max_len=32),
         doc("broken", ns_a, data_dir / "missing.jsonl", lora, 4, 3),  # fails at setup: dataset not found

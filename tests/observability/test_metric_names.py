@@ -51,7 +51,7 @@ def populated_engine(n_tasks: int = 3) -> EngineMetrics:
     for rt in rts:
         m.task_phase(rt)
         m.step_done(rt, StepRecord(step=1, loss=1.5, tokens=100, label_tokens=40, lr=1e-3, grad_norm=0.7,
-                                   seconds=0.5, tokens_per_second=200.0))
+                                   seconds=0.5, tokens_per_second=200.0, eval_loss=1.7))
     m.round_done(RoundRecord([rts[0].key], [r.key for r in rts[1:]], 100, 128, 0.2, 900, 1000))
     m.checkpoint_done(rts[0], 0.4, True)
     m.checkpoint_done(rts[0], 0.4, False)

@@ -62,6 +62,7 @@ class MultiplexedBackbone:
         self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m is not self.lm_head}
         self.wrapped: dict[str, MultiplexedLinear] = {}
         self.adapters: dict[int, TaskAdapter] = {}
+        self._next_slot, self._free_slots = 0, []  # slot ids: the trainer's tasks and the server's adapter versions
         self.attn_ratio = self._attention_to_linear_ratio()
 
     def _attention_to_linear_ratio(self) -> float:
@@ -81,6 +82,16 @@ class MultiplexedBackbone:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def new_slot(self) -> int:
+        """A slot id no one else holds (released ones are reused, so ids stay small)."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def release_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
 
     def _wrap(self, name: str) -> MultiplexedLinear:
         if name not in self.wrapped:

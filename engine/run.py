@@ -144,6 +144,17 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         trainer.add_task(task)
     if cmd.progress:  # created after the tasks are known, so its total is right
         trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
+    serving = None
+    if getattr(cmd, "serve_port", None) is not None:  # co-serving: engine/serve/
+        from muxtune.engine.serve.launch import Serving
+
+        serving = Serving(backbone, tasks[0].spec.base_model, cmd, host=cmd.serve_host, port=cmd.serve_port,
+                          trainer=trainer, registry=metrics.registry if metrics is not None else None,
+                          token_budget=cmd.token_budget)
+        serving.adapters.sync_tasks()
+        serving.start()
+    step = serving.loop.iteration if serving else trainer.run_round
+    idle = serving.loop.wait if serving else stop.event.wait
     try:
         if cmd.watch:
             watcher = TaskFileWatcher(cmd.tasks)
@@ -151,14 +162,21 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
                 wanted = watcher.changed()
                 if wanted is not None:
                     reconcile(trainer, [t for t in wanted if t.spec.base_model == tasks[0].spec.base_model])
-                if not trainer.run_round():
-                    stop.event.wait(1.0)
+                if not step():
+                    idle(1.0)
+        elif serving is not None:  # train while serving, then keep serving until stopped
+            serving.loop.run(stop, until_trained=True)
+            if not stop():
+                print("training finished; the adapters are still served (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                serving.loop.run(stop)
         else:
             trainer.run(stop)
     finally:
         for rt in trainer.active():  # interrupted: leave a checkpoint to resume from
             trainer._checkpoint(rt)
         trainer.telemetry.close()
+        if serving is not None:
+            serving.close()
     return trainer
 
 
@@ -180,6 +198,9 @@ def run_from_cli(cmd) -> int:
         groups[t.spec.base_model].append(t)
     if cmd.watch and len(groups) > 1:
         print("error: --watch serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
+        return 2
+    if getattr(cmd, "serve_port", None) is not None and len(groups) > 1:
+        print("error: --serve-port serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
         return 2
     stop = StopFlag()
     metrics = server = None
@@ -206,7 +227,8 @@ def run_from_cli(cmd) -> int:
     if computed:
         print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
     print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    if stop.signum is not None:
+    serving_after_training = getattr(cmd, "serve_port", None) is not None and all(r.done for r in runtimes)
+    if stop.signum is not None and not serving_after_training:
         return 128 + stop.signum
     if any(r.phase == FAILED for r in runtimes):
         return 1

@@ -48,7 +48,6 @@ class MuxTrainer:
         self.telemetry = telemetry or Telemetry()
         self.base_dir = base_dir
         self.tasks: dict[str, TaskRuntime] = {}
-        self._next_slot = 0
         self.rounds = 0
         self.real_tokens = 0  # over the whole run, for the effective-token ratio
         self.computed_tokens = 0
@@ -66,8 +65,7 @@ class MuxTrainer:
         """Attach a task; any problem fails this task alone, with the reason."""
         if task.key in self.tasks and not self.tasks[task.key].done:
             raise ValueError(f"task {task.key} is already running")
-        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=self.task_dir(task))
-        self._next_slot += 1
+        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(), out_dir=self.task_dir(task))
         self.tasks[task.key] = rt
         if task.spec.suspend:
             return self._set_phase(rt, SUSPENDED, "spec.suspend is true")
@@ -128,15 +126,16 @@ class MuxTrainer:
     def active(self) -> list[TaskRuntime]:
         return [t for t in self.tasks.values() if t.phase == RUNNING]
 
-    def run_round(self) -> bool:
-        """One fused forward/backward. False when no task has work."""
+    def run_round(self, token_budget: int | None = None) -> bool:
+        """One fused forward/backward. False when no task has work. token_budget (capped by the
+        trainer's own) bounds this round: co-serving passes what the latency SLOs leave."""
         active = self.active()
         if not active:
             return False
         for rt in active:
             if not rt.pending:
                 rt.begin_step()
-        budget = self.token_budget
+        budget = self.token_budget if token_budget is None else max(1, min(token_budget, self.token_budget))
         if self._solo_rounds:
             self._solo_rounds, budget = self._solo_rounds - 1, 1
         picks, waiting = scheduler.select(active, budget)

@@ -82,7 +82,6 @@ class SloController:
         self.train = LinearCost()
         self.infer = LinearCost(b0=2e-5)
         self.margin = 0.8
-        self.prompt_tokens = 64.0  # running mean prompt length, for the prefill an arrival would need
         self.last_budget = token_budget
         self.late_tokens = 0  # tokens emitted after their deadline (diagnostics)
 
@@ -124,7 +123,7 @@ class SloController:
             next_inference = self.infer.seconds(decode + min(prefill, 512))
             spare = (due - now) * self.margin - next_inference
         else:
-            spare = self.slo.ttft_s * self.margin - self.infer.seconds(self.prompt_tokens)
+            spare = self.slo.ttft_s * self.margin - self.infer.seconds(engine.prompt_tokens_mean)
         self.last_budget = min(self.token_budget, self.train.tokens(spare)) if spare > 0 else 0
         return self.last_budget
 
@@ -136,9 +135,6 @@ class SloController:
     def observe_training(self, tokens: int, seconds: float) -> None:
         if tokens:
             self.train.observe(tokens, seconds)
-
-    def observe_arrival(self, prompt_tokens: int) -> None:
-        self.prompt_tokens = 0.9 * self.prompt_tokens + 0.1 * prompt_tokens
 
     def observe_tokens(self, late: int, trained: bool) -> None:
         """After an iteration's tokens went out: late ones (past their deadline) shrink the margin."""

@@ -66,7 +66,11 @@ class CoServer:
         trained_tokens, train_seconds, by_task = 0, 0.0, {}
         if self.training_active():
             budget = ctl.train_budget(eng, time.monotonic())
-            if budget > 0 and (budget >= self._next_sequence_tokens() or not eng.has_work()):
+            idle = not eng.has_work()
+            if idle or (budget > 0 and budget >= self._next_sequence_tokens()):
+                # with no request in flight training always advances, by one sequence at least, even
+                # when the TTFT SLO is tighter than the smallest round (else it could never run)
+                budget = max(budget, 1)
                 before = {key: rt.served_tokens for key, rt in self.trainer.tasks.items()}
                 real = self.trainer.real_tokens
                 t0 = time.perf_counter()

@@ -74,6 +74,7 @@ class ServeEngine:
         self.wakeup = threading.Event()
         self._lock = threading.Lock()
         self._closed: str | None = None
+        self.prompt_tokens_mean = 64.0  # running mean prompt length: the prefill an arrival is likely to need
         self._seed = torch.Generator().manual_seed(int(time.time_ns() % 2**62))  # seeds for unseeded requests
 
     # ----- the HTTP thread -------------------------------------------------------------------
@@ -171,6 +172,9 @@ class ServeEngine:
                 continue
             r.row = self.pool.allocate()
             r.admitted_at = time.monotonic()
+            r.adapter_step = r.version.step
+            r.fingerprint = r.version.model if r.version.step is None else f"{r.version.model}@step-{r.version.step}"
+            self.prompt_tokens_mean += 0.1 * (len(r.prompt_ids) - self.prompt_tokens_mean)
             r.generator = new_generator(r.params, self.backbone.lm_head.weight.device,
                                         int(torch.randint(2**62, (1,), generator=self._seed)))
             r.text = IncrementalText(self.tokenizer, r.params.stop)
@@ -220,7 +224,7 @@ class ServeEngine:
                 r.sink(Delta(text, len(r.output_ids)))
             self._finish(r, "length")
             return 1
-        if text:
+        if text or len(r.output_ids) == 1:  # the first token always goes out: clients time TTFT on it
             r.sink(Delta(text, len(r.output_ids)))
         return 0
 

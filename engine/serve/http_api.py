@@ -58,9 +58,9 @@ class OpenAIApi:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
-        app.router.add_post("/v1/completions", lambda r: self.generate(r, chat=False))
-        app.router.add_post("/v1/chat/completions", lambda r: self.generate(r, chat=True))
-        app.router.add_get("/health", lambda r: web.Response(text="ok\n"))
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/health", self.health)
         if self.metrics is not None:
             app.router.add_get("/metrics", self.render_metrics)
         return app
@@ -82,6 +82,15 @@ class OpenAIApi:
         except Exception:  # noqa: BLE001 - one bad request must not take the server down
             log.exception("request handler failed", extra={"path": request.path})
             return HttpError(500, "internal error", "server_error").response()
+
+    async def health(self, request):
+        return web.Response(text="ok\n")
+
+    async def completions(self, request):
+        return await self.generate(request, chat=False)
+
+    async def chat_completions(self, request):
+        return await self.generate(request, chat=True)
 
     # ----- models ----------------------------------------------------------------------------
     def _card(self, entry, parent: str | None) -> dict:
@@ -184,14 +193,14 @@ class OpenAIApi:
         ids = protocol.ResponseIds(chat, entry.name)
         try:
             if req.stream:
-                return await self._stream(request, events, ids, req.include_usage)
-            return await self._collect(events, ids)
+                return await self._stream(request, events, ids, req.include_usage, gen)
+            return await self._collect(events, ids, gen)
         finally:
             if not gen.finished:  # the client left (or the handler failed): free its slot
                 gen.cancel()
                 self.engine.wakeup.set()
 
-    async def _collect(self, events: asyncio.Queue, ids: protocol.ResponseIds):
+    async def _collect(self, events: asyncio.Queue, ids: protocol.ResponseIds, gen: GenerationRequest):
         parts = []
         while True:
             ev = await events.get()
@@ -199,15 +208,18 @@ class OpenAIApi:
                 parts.append(ev.text)
             elif isinstance(ev, Done):
                 parts.append(ev.text)
+                ids.fingerprint = gen.fingerprint
                 return web.json_response(ids.full("".join(parts), ev.finish_reason, ev.prompt_tokens,
                                                   ev.completion_tokens))
             elif isinstance(ev, Failed):
                 raise _failed(ev)
 
-    async def _stream(self, request, events: asyncio.Queue, ids: protocol.ResponseIds, include_usage: bool):
+    async def _stream(self, request, events: asyncio.Queue, ids: protocol.ResponseIds, include_usage: bool,
+                      gen: GenerationRequest):
         first = await events.get()
         if isinstance(first, Failed):  # nothing sent yet: a proper HTTP error
             raise _failed(first)
+        ids.fingerprint = gen.fingerprint
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 

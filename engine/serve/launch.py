@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from muxtune.engine.serve.adapters import AdapterError, AdapterRegistry, spec_from_peft_config
 from muxtune.engine.serve.controller import Slo, SloController
@@ -63,6 +64,16 @@ def base_model_id(path: Path) -> str:
     return str(path)
 
 
+def adapter_dirs(paths: list[Path]) -> list[Path]:
+    """Adapter directories as given, and the adapter directories inside any other directory given
+    (a run's output, or its namespace folder), so `muxtune serve runs/quickstart/*` works either way."""
+    out = []
+    for p in paths:
+        inner = sorted(c for c in p.iterdir() if (c / "adapter_config.json").exists()) if p.is_dir() else []
+        out += inner if inner and not (p / "adapter_config.json").exists() else [p]
+    return out
+
+
 def serve_from_cli(cmd) -> int:
     """`muxtune serve DIRS...`: finished adapters over one backbone, until SIGTERM/SIGINT."""
     import json
@@ -73,7 +84,7 @@ def serve_from_cli(cmd) -> int:
     from muxtune.engine.run import StopFlag, pick_device, pick_dtype
 
     logs.configure(cmd.log_level)
-    dirs = [Path(d) for d in cmd.adapters]
+    dirs = adapter_dirs([Path(d) for d in cmd.adapters])
     names, bases = {}, set()
     for d in dirs:
         try:
@@ -105,9 +116,13 @@ def serve_from_cli(cmd) -> int:
     from muxtune.engine import lora_kernel
 
     lora_kernel.install(backbone.ctx, device)
+    from muxtune.engine.metrics import EngineMetrics
+
     stop = StopFlag()
+    engine_metrics = EngineMetrics()  # /metrics on the API port: the serving series plus memory in use and peak
+    engine_metrics.attach(SimpleNamespace(backbone=backbone, tasks={}))
     try:
-        serving = Serving(backbone, base_id, cmd, host=cmd.host, port=cmd.port)
+        serving = Serving(backbone, base_id, cmd, host=cmd.host, port=cmd.port, registry=engine_metrics.registry)
         for name, d in names.items():
             serving.adapters.add_directory(name, d)
         serving.start()

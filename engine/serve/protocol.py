@@ -158,11 +158,14 @@ def usage(prompt: int, completion: int) -> dict:
 class ResponseIds:
     def __init__(self, chat: bool, model: str):
         self.chat, self.model = chat, model
+        self.fingerprint: str | None = None  # set once the engine admitted the request
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        # system_fingerprint names the weights that answered: the adapter, and its step while it trains
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}
 
     def full(self, text: str, finish_reason: str, prompt: int, completion: int) -> dict:
         if self.chat:

@@ -95,6 +95,8 @@ class GenerationRequest:
     finish_reason: str | None = None
     generator: object = None
     text: IncrementalText | None = None
+    adapter_step: int | None = None  # the optimizer step of the version it uses (training tasks)
+    fingerprint: str | None = None  # which weights answered: model, or model@step-N
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:

@@ -154,8 +154,12 @@ class _Collector:
         fam = CounterMetricFamily("muxtune_serve_train_tokens",
                                   "Training tokens run with requests in flight (serving) or none (idle).",
                                   labels=["model", "load"])
-        for (name, load), n in sorted(train.items()):
-            fam.add_metric([name, load], n)
+        from muxtune.engine.serve.adapters import served_name
+
+        tasks = {served_name(rt.task) for rt in list(m.trainer.tasks.values())} if m.trainer is not None else set()
+        for name in sorted(tasks | {k[0] for k in train}):
+            for load in ("serving", "idle"):
+                fam.add_metric([name, load], train.get((name, load), 0))
         yield fam
         seconds = sum(w[1] for w in window)
         yield GaugeMetricFamily("muxtune_serve_train_tokens_per_second",

@@ -57,6 +57,7 @@ def quickstart_tasks(tmp_path, steps):
         d = yaml.safe_load(f.read_text())
         d["spec"]["training"]["maxSteps"] = steps
         d["spec"]["training"]["checkpointInterval"] = 0
+        d["spec"]["training"].pop("warmupSteps", None)
         d["spec"]["dataset"]["path"] = str(Path(d["spec"]["dataset"]["path"]).name)
         (tmp_path / Path(d["spec"]["dataset"]["path"]).name).write_text((QUICKSTART / Path(d["spec"]["dataset"]["path"]).name).read_text())
         docs.append(d)
@@ -130,7 +131,7 @@ def test_bad_input_is_refused_before_serving(tmp_path, data_dir):
     assert r.returncode == 2 and "not an adapter directory" in r.stderr
     docs = [{"apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": n},
              "spec": {"baseModel": base, "dataset": {"path": str(data_dir / "reverse.jsonl")},
-                      "training": {"maxSteps": 1}}}
+                      "training": {"maxSteps": 1, "learningRate": 1e-3}}}
             for n, base in (("a", "builtin:tiny-llama"), ("b", "builtin:small-llama"))]
     (tmp_path / "two.yaml").write_text(yaml.safe_dump_all(docs))
     r = subprocess.run([sys.executable, "-m", "muxtune.cli", "run", str(tmp_path / "two.yaml"), "--serve-port", "0"],

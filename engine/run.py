@@ -124,6 +124,8 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
 
 
 def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None) -> MuxTrainer:
+    # read the files' state now: an edit made while the backbone loads is then seen as a change
+    watcher = TaskFileWatcher(cmd.tasks) if cmd.watch else None
     device = pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
     path = resolve_base_model(tasks[0].spec.base_model, base_dir)
@@ -156,8 +158,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     step = serving.loop.iteration if serving else trainer.run_round
     idle = serving.loop.wait if serving else stop.event.wait
     try:
-        if cmd.watch:
-            watcher = TaskFileWatcher(cmd.tasks)
+        if watcher is not None:
             while not stop():
                 wanted = watcher.changed()
                 if wanted is not None:

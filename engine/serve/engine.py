@@ -54,6 +54,20 @@ def layer_devices(backbone) -> list[torch.device]:
     return [next(layer.parameters()).device for layer in layers]
 
 
+def check_kv_memory(need: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a KV cache that would not fit next to training (never OOM later)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        room, where = int(free * 0.5), "half the free GPU memory"
+    else:
+        import psutil
+
+        room, where = int(psutil.virtual_memory().available * 0.5), "half the available host memory"
+    if need > room:
+        raise ValueError(f"the KV cache needs {need / 2**30:.2f} GiB (max-num-seqs x max-model-len), more than {where} "
+                         f"({room / 2**30:.2f} GiB); lower --max-num-seqs or --max-model-len")
+
+
 class ServeEngine:
     def __init__(self, backbone, registry: AdapterRegistry, limits: ServeLimits, metrics=None):
         config = backbone.model.config
@@ -65,7 +79,10 @@ class ServeEngine:
         self.backbone = backbone
         self.registry = registry
         self.metrics = metrics
-        self.pool = KVPool(config, layer_devices(backbone), backbone.dtype, limits.max_num_seqs, max_len)
+        devices = layer_devices(backbone)
+        check_kv_memory(KVPool.bytes_needed(config, len(devices), backbone.dtype, limits.max_num_seqs, max_len),
+                        devices[0])
+        self.pool = KVPool(config, devices, backbone.dtype, limits.max_num_seqs, max_len)
         self.forward = InferenceForward(backbone, self.pool)
         self.tokenizer = backbone.tokenizer  # engine thread only
         self.eos = backbone.tokenizer.eos_token_id

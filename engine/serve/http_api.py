@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -53,6 +54,8 @@ class OpenAIApi:
     def __init__(self, engine: ServeEngine, tokenizer, chat_template: str | None = None, metrics=None):
         self.engine, self.tokenizer, self.chat_template, self.metrics = engine, tokenizer, chat_template, metrics
         self.vocab = len(tokenizer)
+        # tokenising a long prompt must not block the event loop; one worker keeps the tokenizer single-threaded
+        self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="muxtune-tokenize")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
@@ -172,7 +175,7 @@ class OpenAIApi:
             raise HttpError(400, "the request body is not valid JSON") from None
         req = self._parse(body, chat)
         entry = self._lookup(req.model)
-        prompt_ids = self._prompt_ids(req, chat)
+        prompt_ids = await asyncio.get_running_loop().run_in_executor(self._tokenize, self._prompt_ids, req, chat)
         params = self._params(req, len(prompt_ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

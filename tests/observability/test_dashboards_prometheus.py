@@ -388,7 +388,8 @@ def stack(request, prometheus_bin, tmp_path_factory):
 
         wait_for(scraped_engine, 60, "the first scrape of the engine", interval=0.5)
         tasks_file.write_text(yaml.safe_dump_all(docs))
-        serve_port = int(re.search(r"serving the OpenAI API on http://127\.0\.0\.1:(\d+)", engine_log.read_text()).group(1))
+        serve_port = int(wait_for(lambda: re.search(r"serving the OpenAI API on http://127\.0\.0\.1:(\d+)",
+                                                    engine_log.read_text()), 120, "the engine's API server").group(1))
         client = ServingClient(serve_port, [f"{ns_a}/reverse", f"{ns_a}/copy", f"{ns_b}/arithmetic", "builtin:tiny-llama"])
 
         # training done, as Prometheus saw it: three Succeeded, one Failed

@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attainment", type=float, default=0.9, help="a system meets the SLO at a rate when at least this"
                    " share of its requests had both latencies within their SLO")
     p.add_argument("--warmup-s", type=float, help="seconds of training before the first rate")
+    p.add_argument("--alone-s", type=float, help="seconds training alone is measured (default: max(10, requests / lowest rate))")
     p.add_argument("--max-seq-len", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--token-budget", type=int, default=4096, help="trainer's token budget (all systems)")
@@ -195,7 +196,7 @@ def start_system(system: str, args, root: Path) -> tuple[list[Proc], int, int, l
         return [p], serve, metrics, [metrics]
     half = max(1, args.threads // 2)
     trainer = Proc("separate-train", train, root, half)
-    server = Proc("separate-serve", ["serve", *[f"prep/{n}" for n in args.names], "--port", "0",
+    server = Proc("separate-serve", ["serve", *[f"prep/default/{n}" for n in args.names], "--port", "0",
                                      *serve_flags(args)], root, half)
     serve, metrics = server.port("serve", args.timeout), trainer.port("metrics", args.timeout)
     return [trainer, server], serve, metrics, [metrics, serve]
@@ -209,7 +210,7 @@ def measure_alone(args, root: Path) -> tuple[float, dict]:
         port = p.port("metrics", args.timeout)
         time.sleep(args.warmup_s)
         t0, n0 = time.perf_counter(), train_tokens(port)
-        time.sleep(max(10.0, args.requests / min(args.rates)))
+        time.sleep(args.alone_s or max(10.0, args.requests / min(args.rates)))
         rate = (train_tokens(port) - n0) / (time.perf_counter() - t0)
         return rate, peak_memory([port])
     finally:

@@ -43,9 +43,8 @@ def encode(tokenizer, prompt: str, completion: str, max_len: int, train_on_promp
 
 
 def load_examples(spec: DatasetSpec, tokenizer, base_dir: Path | None = None) -> list[Example]:
-    path = Path(spec.path)
-    if not path.is_absolute() and base_dir is not None and not path.exists():
-        path = base_dir / path
+    """The task's examples; spec.path is read relative to base_dir (the run's data root)."""
+    path = Path(base_dir or ".") / spec.path  # spec.path is relative (the API refuses "/" and "..")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

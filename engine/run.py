@@ -22,6 +22,7 @@ from muxtune.engine.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED
 from muxtune.engine.telemetry import Fanout
 from muxtune.engine.trainer import MuxTrainer
+from muxtune.engine import trust
 
 log = logging.getLogger("muxtune.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,7 +73,8 @@ class TaskFileWatcher:
 
     def _digest(self) -> str:
         h = hashlib.sha256()
-        for p in self.paths:
+        guard = trust.active()
+        for p in [*self.paths, *([trust.signature_path(x) for x in self.paths] if guard else [])]:
             try:
                 h.update(Path(p).read_bytes())
             except OSError:
@@ -88,7 +90,13 @@ class TaskFileWatcher:
         if digest == self.digest:
             return None
         try:
+            if trust.active():
+                trust.active().check(self.paths)  # signed by the operator for this group, not older
             tasks = load_task_files(self.paths)
+        except trust.TrustError as exc:
+            log.error("task files not applied: %s", exc, extra={"error": str(exc)})
+            self.digest = digest
+            return None
         except SpecError as exc:
             if "no FineTuneTask found" in str(exc):
                 tasks = []
@@ -128,7 +136,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     watcher = TaskFileWatcher(cmd.tasks) if cmd.watch else None
     device = pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
-    path = resolve_base_model(tasks[0].spec.base_model, base_dir)
+    path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
     backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
     from muxtune.engine import lora_kernel
 
@@ -189,11 +197,19 @@ def run_from_cli(cmd) -> int:
               "run the operator with max_dp 1 (the default)", file=sys.stderr)
         return 2
     try:
+        if trust.active():
+            trust.active().check(cmd.tasks)
         tasks = load_task_files(cmd.tasks)
+    except trust.TrustError as exc:
+        print(f"error: task files not trusted: {exc}", file=sys.stderr)
+        return 2
     except SpecError as exc:
         print(f"error: invalid task spec\n{exc}", file=sys.stderr)
         return 2
-    base_dir = Path.cwd()
+    base_dir = Path(cmd.data_root).resolve()
+    if not base_dir.is_dir():
+        print(f"error: --data-root {cmd.data_root}: not a directory", file=sys.stderr)
+        return 2
     groups: dict[str, list[FineTuneTask]] = defaultdict(list)
     for t in tasks:
         groups[t.spec.base_model].append(t)
@@ -210,7 +226,8 @@ def run_from_cli(cmd) -> int:
         from muxtune.engine.server import EngineServer
 
         metrics = EngineMetrics()
-        server = EngineServer(cmd.metrics_host, cmd.metrics_port, metrics.status, metrics.render).start()
+        status = trust.active().signed(metrics.status) if trust.active() else metrics.status
+        server = EngineServer(cmd.metrics_host, cmd.metrics_port, status, metrics.render).start()
         print(f"serving /metrics and /v1/status on {cmd.metrics_host}:{server.port}", file=sys.stderr)
     t0 = time.perf_counter()
     runtimes, real, computed, rounds = [], 0, 0, 0

@@ -56,10 +56,8 @@ class MuxTrainer:
 
     # ----- membership -------------------------------------------------------------------
     def task_dir(self, task: FineTuneTask) -> Path:
-        if task.spec.output.path:
-            p = Path(task.spec.output.path)
-            return p if p.is_absolute() else self.output / p
-        return self.output / task.metadata.name
+        """<output>/<namespace>/<output.path or name>: tenants' outputs never share a directory."""
+        return self.output / (task.metadata.namespace or "default") / (task.spec.output.path or task.metadata.name)
 
     def add_task(self, task: FineTuneTask) -> TaskRuntime:
         """Attach a task; any problem fails this task alone, with the reason."""

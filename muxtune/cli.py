@@ -30,7 +30,8 @@ class RunCommand(ServeFlags):
     """Train FineTuneTasks together over one shared backbone (no cluster needed)."""
 
     tasks: CliPositionalArg[list[Path]] = Field(description="FineTuneTask YAML files (several documents per file are fine)")
-    output: Path = Field(Path("runs/default"), description="Run directory: one sub-directory per task")
+    output: Path = Field(Path("runs/default"), description="Run directory: each task writes to OUTPUT/NAMESPACE/NAME")
+    data_root: Path = Field(Path("."), description="Directory that the tasks' dataset.path values are relative to")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     token_budget: int = Field(4096, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")

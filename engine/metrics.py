@@ -205,6 +205,7 @@ class EngineMetrics(Telemetry):
         disable_created_metrics()  # no *_created series: noise for every counter and histogram
         self.registry = registry or CollectorRegistry()
         self.trainers = []
+        self.status_extras = []  # callables -> {task key: extra /v1/status fields}
         self.probe = probe or ProcessProbe()
         self.clock = clock
         self._lock = threading.Lock()
@@ -305,7 +306,12 @@ class EngineMetrics(Telemetry):
             del self._tasks[key]
 
     def status(self) -> dict:
-        return {"tasks": {k: t.status() for tr in self.trainers for k, t in list(tr.tasks.items())}}
+        tasks = {k: t.status() for tr in self.trainers for k, t in list(tr.tasks.items())}
+        for extra in self.status_extras:  # e.g. serving: {task key: {"servedModel": name}}
+            for key, fields in extra().items():
+                if key in tasks:
+                    tasks[key].update(fields)
+        return {"tasks": tasks}
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

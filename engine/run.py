@@ -112,7 +112,7 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
     """Make the trainer's task set equal the file's: add, remove, and take out and re-add a task
     whose spec changed (re-adding refuses checkpoints written under the old spec).
 
-    A new priority only changes the task's share of the backbone, so it applies in place.
+    A new priority (its share of the backbone) or serving setting applies in place.
     """
     by_key = {t.key: t for t in wanted}
     for key in list(trainer.tasks):
@@ -122,8 +122,8 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
         rt, new = trainer.tasks[key], by_key[key]
         if rt.task.spec == new.spec:
             continue
-        if rt.task.spec.model_copy(update={"priority": new.spec.priority}) == new.spec:
-            rt.task = new
+        if rt.task.spec.model_copy(update={"priority": new.spec.priority, "serving": new.spec.serving}) == new.spec:
+            rt.task = new  # priority and serving change how the task is shared or served, not what it trains
         else:
             trainer.remove_task(key, reason="spec changed")
     for key, task in by_key.items():
@@ -162,6 +162,8 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
                           trainer=trainer, registry=metrics.registry if metrics is not None else None,
                           token_budget=cmd.token_budget)
         serving.adapters.sync_tasks()
+        if metrics is not None:  # /v1/status tells the operator which tasks answer requests
+            metrics.status_extras.append(serving.adapters.served_tasks)
         serving.start()
     step = serving.loop.iteration if serving else trainer.run_round
     idle = serving.loop.wait if serving else stop.event.wait

@@ -44,6 +44,8 @@ class RunCommand(ServeFlags):
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
     serve_port: int | None = Field(None, ge=0, le=65535, description="Also serve the tasks' adapters (OpenAI API) on this port while they train (0: any free port)")
     serve_host: str = Field("127.0.0.1", description="Address the serving port binds")
+    serve_tasks: Literal["all", "enabled"] = Field(
+        "all", description="Which tasks' adapters are served: all, or only those with spec.serving.enabled (pods)")
     serve_policy: Literal["coserve", "temporal"] = Field(
         "coserve", description="coserve: token-level mixing under the SLOs; temporal: train only while no request is in flight (a baseline)")
 

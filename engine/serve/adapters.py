@@ -97,10 +97,11 @@ def served_name(task) -> str:
 class AdapterRegistry:
     """Names and versions. The engine thread changes it; the HTTP thread only reads `models()` and `lookup()`."""
 
-    def __init__(self, backbone: MultiplexedBackbone, base_id: str, trainer=None):
+    def __init__(self, backbone: MultiplexedBackbone, base_id: str, trainer=None, only_enabled: bool = False):
         self.backbone = backbone
         self.base_id = base_id
         self.trainer = trainer
+        self.only_enabled = only_enabled  # serve only tasks with spec.serving.enabled (as in a cluster)
         self._lock = threading.Lock()
         self._models: dict[str, ServedModel] = {}
         self._aliases: dict[str, str] = {}  # task key (namespace/name) -> served name
@@ -126,6 +127,11 @@ class AdapterRegistry:
             for key, rt in list(self.trainer.tasks.items()):
                 name = served_name(rt.task)
                 entry = self._models.get(name)
+                if self.only_enabled and not rt.task.spec.serving.enabled:
+                    if entry is not None and entry.task_key == key:  # serving turned off: no new requests
+                        del self._models[name]
+                        self._aliases.pop(key, None)
+                    continue
                 if entry is None or entry.task_key != key:
                     if entry is not None and entry.task_key is None:
                         continue  # an adapter directory already has that name
@@ -133,6 +139,12 @@ class AdapterRegistry:
                                                              path=rt.out_dir)
                     self._aliases[key] = name
                 entry.phase, entry.step = rt.phase, rt.step
+
+    def served_tasks(self) -> dict[str, dict]:
+        """For the engine's /v1/status: {task key: {"servedModel": name}} of the tasks answering now."""
+        with self._lock:
+            return {m.task_key: {"servedModel": m.name} for m in self._models.values()
+                    if m.task_key is not None and m.phase in SERVABLE}
 
     def models(self) -> list[ServedModel]:
         with self._lock:

@@ -30,7 +30,8 @@ class Serving:
 
         slo = Slo(tpot_s=cmd.slo_tpot_ms / 1000, ttft_s=cmd.slo_ttft_ms / 1000)
         self.metrics = ServeMetrics(registry, slo=slo)
-        self.adapters = AdapterRegistry(backbone, base_id, trainer)
+        self.adapters = AdapterRegistry(backbone, base_id, trainer,
+                                        only_enabled=getattr(cmd, "serve_tasks", "all") == "enabled")
         self.engine = ServeEngine(backbone, self.adapters, limits_from(cmd), self.metrics)
         self.controller = SloController(slo, token_budget, policy=getattr(cmd, "serve_policy", "coserve"))
         self.loop = CoServer(self.engine, self.controller, trainer, self.metrics)

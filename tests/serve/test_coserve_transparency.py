@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 
@@ -16,6 +17,7 @@ def _final(trainer, key):
     return load_file(trainer.tasks[key].out_dir / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_training_with_serving_ends_where_it_ends_without(make_task, data_dir, tmp_path, trainer_factory,
                                                           stack_factory, submitter, peft_reference):
     def tasks():

@@ -67,8 +67,8 @@ def engine_args(config: OperatorConfig, serving: dict | None = None) -> list[str
     ]
     if serving:
         args += ["--serve-port", str(serving.get("port", SERVING_PORT)), "--serve-host", "0.0.0.0",
-                 "--serve-tasks", "enabled", "--slo-ttft-ms", str(serving["sloTtftMs"]),
-                 "--slo-tpot-ms", str(serving["sloTpotMs"])]
+                 "--serve-tasks", "enabled", "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
+                 "--slo-tpot-ms", format(float(serving["sloTpotMs"]), "g")]  # 80 and 80.0 alike (JSON round trips)
     return args
 
 

@@ -38,7 +38,7 @@ def test_serving_task_opens_its_groups_api(operator_env, kh):
     c = kh.wait_for(pod, 60, what="the group's pod")["spec"]["containers"][0]
     args = c["args"]
     assert args[args.index("--serve-port") + 1] == "8000" and args[args.index("--serve-tasks") + 1] == "enabled"
-    assert args[args.index("--slo-tpot-ms") + 1] == "80.0" and args[args.index("--slo-ttft-ms") + 1] == "700.0"
+    assert args[args.index("--slo-tpot-ms") + 1] == "80" and args[args.index("--slo-ttft-ms") + 1] == "700"
     assert {"name": "serving", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
     svc = kh.kjson(info, "get", "service", name, "-n", ns)
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"metrics": 9400, "serving": 8000}

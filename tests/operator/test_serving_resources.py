@@ -43,7 +43,7 @@ def test_serving_pod_opens_the_api_for_enabled_tasks_only():
     args = c["args"]
     assert args[args.index("--serve-port") + 1] == "8000" and args[args.index("--serve-host") + 1] == "0.0.0.0"
     assert args[args.index("--serve-tasks") + 1] == "enabled"
-    assert (args[args.index("--slo-ttft-ms") + 1], args[args.index("--slo-tpot-ms") + 1]) == ("500.0", "50.0")
+    assert (args[args.index("--slo-ttft-ms") + 1], args[args.index("--slo-tpot-ms") + 1]) == ("500", "50")
     assert {"name": "serving", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
     plain = resources.pod_manifest(group([member("d")]), 0, OperatorConfig())["spec"]["containers"][0]
     assert "--serve-port" not in plain["args"] and [p["name"] for p in plain["ports"]] == ["metrics"]

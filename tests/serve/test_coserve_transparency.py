@@ -8,7 +8,6 @@ import json
 import random
 
 import pytest
-import torch
 
 
 def _final(trainer, key):

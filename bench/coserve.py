@@ -129,6 +129,10 @@ def request_bodies(args, models: list[str], prompts: list[str], rate_index: int)
 class Proc:
     def __init__(self, name: str, argv: list[str], root: Path, threads: int):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        # idle OpenMP threads sleep instead of spinning: with several processes (or a busy machine)
+        # spinning workers starve each other (a tiny-llama forward: ~600 ms spinning vs ~9 ms passive,
+        # measured on a loaded 2-core machine)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.name, self.log = name, root / f"{name}.log"
         exe = str(Path(sys.executable).with_name("muxtune"))
         self.proc = subprocess.Popen([exe, *argv], cwd=root, env=env, stdout=open(self.log, "w"),
@@ -166,6 +170,15 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 def train_tokens(port: int) -> float:
     return scrape(port).get(("muxtune_engine_real_tokens_total", ()), 0.0)
+
+
+def wait_training(port: int, timeout: float) -> None:
+    """The metrics port opens before the backbone loads: wait for the first training round."""
+    deadline = time.monotonic() + timeout
+    while train_tokens(port) <= 0:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no training round after {timeout:.0f}s (metrics port {port})")
+        time.sleep(0.5)
 
 
 def peak_memory(ports: list[int]) -> dict:
@@ -208,6 +221,7 @@ def measure_alone(args, root: Path) -> tuple[float, dict]:
                        "--metrics-host", "127.0.0.1"], root, args.threads)
     try:
         port = p.port("metrics", args.timeout)
+        wait_training(port, args.timeout)
         time.sleep(args.warmup_s)
         t0, n0 = time.perf_counter(), train_tokens(port)
         time.sleep(args.alone_s or max(10.0, args.requests / min(args.rates)))
@@ -222,6 +236,7 @@ def run_system(system: str, args, root: Path, models: list[str], prompts: list[s
     url = f"http://127.0.0.1:{serve}"
     rows = []
     try:
+        wait_training(metrics, args.timeout)
         asyncio.run(run_open_loop(url, request_bodies(args, models, prompts, -1)[:2], [0.0, 0.1]))  # warm up
         time.sleep(args.warmup_s)
         for i, rate in enumerate(args.rates):

@@ -13,7 +13,7 @@ earliest deadline of any request, converted to tokens by a cost model fitted onl
 * tokens = (time for training - a) / b, where `round seconds = a + b * tokens` is a least-squares
   fit of the measured training rounds, exponentially weighted so it follows changes in load
   (the same model, fitted on inference forwards, predicts the next inference forward);
-* feedback: `margin` (0.2-0.95) shrinks by 0.7x whenever a token is emitted after its deadline
+* feedback: `margin` (0.2-0.85) shrinks by 0.7x whenever a token is emitted after its deadline
   while training shared the iteration, and grows back by 0.02 per iteration that kept every
   deadline (AIMD, as TCP does with its window): model errors and load the model cannot see are
   corrected by what the requests actually experienced.
@@ -73,7 +73,7 @@ class Slo:
 
 
 class SloController:
-    MARGIN_MIN, MARGIN_MAX = 0.2, 0.95
+    MARGIN_MIN, MARGIN_MAX = 0.2, 0.85  # below 1: room for the cost model's error and the machine's noise
 
     def __init__(self, slo: Slo, token_budget: int, policy: str = "coserve", min_prefill: int = 16):
         if policy not in ("coserve", "temporal"):
@@ -81,7 +81,7 @@ class SloController:
         self.slo, self.token_budget, self.policy, self.min_prefill = slo, token_budget, policy, min_prefill
         self.train = LinearCost()
         self.infer = LinearCost(b0=2e-5)
-        self.margin = 0.8
+        self.margin = 0.7
         self.last_budget = token_budget
         self.late_tokens = 0  # tokens emitted after their deadline (diagnostics)
 

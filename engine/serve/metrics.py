@@ -18,7 +18,7 @@ free text).
 | muxtune_serve_train_tokens_total{model,load} | counter | training tokens run while requests were in flight (load="serving") or not ("idle") |
 | muxtune_serve_train_tokens_per_second | gauge | training tokens/s over the last 10 s of iterations with requests in flight |
 | muxtune_serve_train_token_budget | gauge | training tokens the SLO controller allowed in the latest iteration |
-| muxtune_serve_slo_margin_ratio | gauge | the controller's safety margin on deadlines (0.2-0.95) |
+| muxtune_serve_slo_margin_ratio | gauge | the controller's safety margin on deadlines (0.2-0.85) |
 | muxtune_serve_adapter_versions | gauge | frozen adapter versions alive (held by requests or newest) |
 | muxtune_serve_adapter_step{model} | gauge | optimizer step of the newest version served for a training task |
 """

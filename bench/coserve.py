@@ -37,7 +37,7 @@ from bench.workload import lognormal_lengths, write_dataset
 
 SYSTEMS = ("muxtune", "temporal", "separate")
 PROFILES = {
-    "quick": dict(model="builtin:tiny-llama", tasks=3, rates=[1.0, 2.0, 4.0], requests=16, max_tokens=16,
+    "quick": dict(model="builtin:tiny-llama", tasks=3, rates=[1.0, 2.0, 4.0], requests=16, max_tokens=48,
                   slo_tpot_ms=100.0, slo_ttft_ms=1000.0, warmup_s=5.0, max_seq_len=96, batch_size=4),
     "full-cpu": dict(model="builtin:small-llama", tasks=4, rates=[0.5, 1.0, 2.0, 4.0], requests=40, max_tokens=32,
                      slo_tpot_ms=200.0, slo_ttft_ms=2000.0, warmup_s=15.0, max_seq_len=256, batch_size=8),

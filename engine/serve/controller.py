@@ -3,20 +3,19 @@
 Each iteration the inference work runs first; training then gets the time left before the
 earliest deadline of any request, converted to tokens by a cost model fitted online:
 
-* deadlines: a request that has its first token must get its next one by
-  first_token + n * TPOT_SLO (n tokens so far), which keeps its mean time per output token within
-  the SLO; a request still waiting or prefilling must get its first token by
-  arrival + TTFT_SLO; with no request at all, one could arrive at any moment, so training may run
-  no longer than TTFT_SLO minus a typical prefill;
-* time for training = (earliest deadline - now) * margin - predicted time of the next inference
-  forward;
+* deadlines, on a schedule tighter than the SLOs by a margin m (0.2-0.85): a request that has
+  its first token must get its next one by first_token + n * m * TPOT_SLO (n tokens so far), which
+  keeps its mean time per output token within m * TPOT_SLO; a request still waiting or prefilling
+  must get its first token by arrival + m * TTFT_SLO minus its remaining prefill; with no request at
+  all, one could arrive at any moment, so a round may last at most m * TTFT_SLO minus a typical prefill;
+* time for training = earliest deadline - now - predicted time of the next inference forward;
 * tokens = (time for training - a) / b, where `round seconds = a + b * tokens` is a least-squares
   fit of the measured training rounds, exponentially weighted so it follows changes in load
   (the same model, fitted on inference forwards, predicts the next inference forward);
-* feedback: `margin` (0.2-0.85) shrinks by 0.7x whenever a token is emitted after its deadline
+* feedback: m shrinks by 0.7x whenever a token comes out after its deadline under the real SLO
   while training shared the iteration, and grows back by 0.02 per iteration that kept every
-  deadline (AIMD, as TCP does with its window): model errors and load the model cannot see are
-  corrected by what the requests actually experienced.
+  deadline (AIMD, as TCP does with its window): the cost model's errors and load it cannot see are
+  corrected by what the requests actually experienced, and the headroom 1 - m absorbs noise.
 
 The trainer's granularity is one sequence, so a budget below the next sequence's length runs no
 training that iteration. With no request in flight and a loose TTFT SLO, training gets its full
@@ -87,16 +86,16 @@ class SloController:
 
     # ----- deadlines -----------------------------------------------------------------------
     def earliest_deadline(self, engine, now: float) -> float:
-        """When the next token (or a first token) is due, over every request; inf without any."""
+        """When the next token (or a first token) is due on the margin's schedule, over every request."""
         due = math.inf
         s = self.slo
         for r in engine.running:
             if r.first_token_at is not None:
-                due = min(due, r.first_token_at + s.tpot_s * len(r.output_ids))
+                due = min(due, r.first_token_at + self.margin * s.tpot_s * len(r.output_ids))
             else:
-                due = min(due, r.arrival + s.ttft_s - self.infer.seconds(len(r.prompt_ids) - r.prefilled))
+                due = min(due, r.arrival + self.margin * s.ttft_s - self.infer.seconds(len(r.prompt_ids) - r.prefilled))
         for r in list(engine.waiting):
-            due = min(due, r.arrival + s.ttft_s - self.infer.seconds(len(r.prompt_ids)))
+            due = min(due, r.arrival + self.margin * s.ttft_s - self.infer.seconds(len(r.prompt_ids)))
         return due
 
     def prefill_budget(self, engine, now: float, max_prefill: int) -> int:
@@ -104,8 +103,8 @@ class SloController:
         decoding = [r for r in engine.running if r.first_token_at is not None]
         if not decoding:
             return max_prefill
-        due = min(r.first_token_at + self.slo.tpot_s * len(r.output_ids) for r in decoding)
-        spare = (due - now) * self.margin - self.infer.seconds(len(decoding))
+        due = min(r.first_token_at + self.margin * self.slo.tpot_s * len(r.output_ids) for r in decoding)
+        spare = due - now - self.infer.seconds(len(decoding))
         per_token = self.infer.coefficients()[1]
         return max(self.min_prefill, min(max_prefill, int(spare / per_token) if spare > 0 else 0))
 
@@ -121,7 +120,7 @@ class SloController:
             decode = sum(1 for r in engine.running if r.first_token_at is not None)
             prefill = sum(len(r.prompt_ids) - r.prefilled for r in engine.running if r.first_token_at is None)
             next_inference = self.infer.seconds(decode + min(prefill, 512))
-            spare = (due - now) * self.margin - next_inference
+            spare = due - now - next_inference
         else:
             spare = self.slo.ttft_s * self.margin - self.infer.seconds(engine.prompt_tokens_mean)
         self.last_budget = min(self.token_budget, self.train.tokens(spare)) if spare > 0 else 0

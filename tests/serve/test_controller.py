@@ -61,11 +61,12 @@ def test_idle_budget_leaves_room_for_an_arrival_within_ttft():
 def test_busy_budget_follows_the_earliest_deadline():
     now = 100.0
     ctl = fitted(SloController(Slo(tpot_s=0.1, ttft_s=1.0), token_budget=100_000))
-    # 10 tokens in 0.5 s at a 0.1 s TPOT SLO: the next token is due 0.5 s from now
+    # 10 tokens in 0.5 s at a 0.1 s TPOT SLO: well ahead of schedule
     relaxed = engine_state([request(now, arrival_ago=1, first_ago=0.5, tokens=10)])
     b_relaxed = ctl.train_budget(relaxed, now)
-    assert b_relaxed == ctl.train.tokens(0.5 * ctl.margin - ctl.infer.seconds(1))
-    # a second request whose next token is due in 5 ms leaves nothing for training
+    # 10 tokens, 0.5 s after the first: on the margin's schedule the next is due at -0.5 + m * 0.1 * 10
+    assert b_relaxed == ctl.train.tokens(-0.5 + ctl.margin * 1.0 - ctl.infer.seconds(1)) > 0
+    # a second request whose next token is already due leaves nothing for training
     tight = engine_state([*relaxed.running, request(now, arrival_ago=1, first_ago=0.095, tokens=1)])
     assert ctl.train_budget(tight, now) == 0
     # a request waiting for its first token: its TTFT deadline counts

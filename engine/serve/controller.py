@@ -8,7 +8,9 @@ earliest deadline of any request, converted to tokens by a cost model fitted onl
   keeps its mean time per output token within m * TPOT_SLO; a request still waiting or prefilling
   must get its first token by arrival + m * TTFT_SLO minus its remaining prefill; with no request at
   all, one could arrive at any moment, so a round may last at most m * TTFT_SLO minus a typical prefill;
-* time for training = earliest deadline - now - predicted time of the next inference forward;
+* time for training = earliest deadline - now - predicted time of the next inference forward,
+  at most 3 TPOT SLOs (slack banked by fast decode iterations pays for larger rounds, but a stream
+  never stalls longer than that);
 * tokens = (time for training - a) / b, where `round seconds = a + b * tokens` is a least-squares
   fit of the measured training rounds, exponentially weighted so it follows changes in load
   (the same model, fitted on inference forwards, predicts the next inference forward);
@@ -17,8 +19,9 @@ earliest deadline of any request, converted to tokens by a cost model fitted onl
   deadline (AIMD, as TCP does with its window): the cost model's errors and load it cannot see are
   corrected by what the requests actually experienced, and the headroom 1 - m absorbs noise.
 
-The trainer's granularity is one sequence, so a budget below the next sequence's length runs no
-training that iteration. With no request in flight and a loose TTFT SLO, training gets its full
+The trainer's granularity is one sequence, and a round has a fixed cost, so while requests are in
+flight a budget below the next sequence or below the fixed cost's worth of tokens runs no training
+that iteration (`worth_running`): the slack carries over to a larger round. With no request in flight and a loose TTFT SLO, training gets its full
 token budget. The `temporal` policy is the baseline the benchmark compares against: training
 runs a whole round only while no request is in flight or waiting.
 """
@@ -73,6 +76,7 @@ class Slo:
 
 class SloController:
     MARGIN_MIN, MARGIN_MAX = 0.2, 0.85  # below 1: room for the cost model's error and the machine's noise
+    MAX_STALL = 3.0  # a training round between two tokens of a stream lasts at most this many TPOT SLOs
 
     def __init__(self, slo: Slo, token_budget: int, policy: str = "coserve", min_prefill: int = 16):
         if policy not in ("coserve", "temporal"):
@@ -120,11 +124,20 @@ class SloController:
             decode = sum(1 for r in engine.running if r.first_token_at is not None)
             prefill = sum(len(r.prompt_ids) - r.prefilled for r in engine.running if r.first_token_at is None)
             next_inference = self.infer.seconds(decode + min(prefill, 512))
-            spare = due - now - next_inference
+            # banked slack may pay for a longer round, but no stream stalls more than MAX_STALL TPOTs
+            spare = min(due - now - next_inference, self.MAX_STALL * self.slo.tpot_s)
         else:
             spare = self.slo.ttft_s * self.margin - self.infer.seconds(engine.prompt_tokens_mean)
         self.last_budget = min(self.token_budget, self.train.tokens(spare)) if spare > 0 else 0
         return self.last_budget
+
+    def worth_running(self, budget: int, next_sequence: int) -> bool:
+        """Whether a round of `budget` tokens is worth running while requests are in flight: it must
+        hold the next sequence, and spend at least as long on tokens as on the round's fixed cost
+        (a / b tokens). Smaller rounds are skipped: decode iterations then run back to back, ahead of
+        their schedule, and the slack they bank pays for a larger round soon after."""
+        a, b = self.train.coefficients()
+        return budget > 0 and budget >= max(next_sequence, int(a / b) if b > 0 else 0)
 
     # ----- feedback ---------------------------------------------------------------------------
     def observe_inference(self, tokens: int, seconds: float) -> None:

@@ -67,7 +67,7 @@ class CoServer:
         if self.training_active():
             budget = ctl.train_budget(eng, time.monotonic())
             idle = not eng.has_work()
-            if idle or (budget > 0 and budget >= self._next_sequence_tokens()):
+            if idle or ctl.worth_running(budget, self._next_sequence_tokens()):
                 # with no request in flight training always advances, by one sequence at least, even
                 # when the TTFT SLO is tighter than the smallest round (else it could never run)
                 budget = max(budget, 1)

@@ -98,8 +98,9 @@ def serve_attention(module, query, key, value, attention_mask, scaling=None, dro
     out = query.new_empty(query.shape[2], heads, d)  # [T, H, d]
     if plan.decode_idx is not None:
         q = query[0].index_select(1, plan.decode_idx).transpose(0, 1).unsqueeze(2)  # [D, H, 1, d]
-        k = K.index_select(0, plan.decode_rows)[:, :, : plan.decode_max]
-        v = V.index_select(0, plan.decode_rows)[:, :, : plan.decode_max]
+        # slice to the longest context first: gather only the positions in use, not whole rows
+        k = K[:, :, : plan.decode_max].index_select(0, plan.decode_rows)
+        v = V[:, :, : plan.decode_max].index_select(0, plan.decode_rows)
         keep = torch.arange(plan.decode_max, device=q.device)[None, :] < plan.decode_len[:, None]
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep[:, None, None, :],
                                            scale=scaling, enable_gqa=True)

@@ -109,3 +109,16 @@ def test_temporal_policy_trains_only_when_no_request_is_in_flight():
     assert ctl.train_budget(engine_state([request(now, first_ago=5, tokens=100)]), now) == 0
     with pytest.raises(ValueError):
         SloController(Slo(0.1, 1.0), 10, policy="sometimes")
+
+
+def test_rounds_too_small_to_pay_their_fixed_cost_wait_and_stalls_are_capped():
+    now = 5.0
+    ctl = fitted(SloController(Slo(tpot_s=0.1, ttft_s=10.0), token_budget=100_000), a=0.05, b=1e-4)
+    a, b = ctl.train.coefficients()
+    assert not ctl.worth_running(int(a / b) - 1, next_sequence=10)  # more fixed cost than work: wait
+    assert ctl.worth_running(int(a / b), next_sequence=10)
+    assert not ctl.worth_running(int(a / b), next_sequence=int(a / b) + 1)  # the next sequence would not fit
+    assert not ctl.worth_running(0, next_sequence=0)
+    # a request far ahead of its schedule banks slack, but one round lasts at most MAX_STALL TPOT SLOs
+    ahead = engine_state([request(now, arrival_ago=30, first_ago=20, tokens=1000)])
+    assert ctl.train_budget(ahead, now) == ctl.train.tokens(ctl.MAX_STALL * 0.1)

@@ -65,7 +65,10 @@ def test_training_with_serving_ends_where_it_ends_without(make_task, data_dir, t
     for t in tasks():
         a, b = _final(plain, t.key), _final(served, t.key)
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
+        print(f"{t.key}: max |served - plain| = {diff:.2e}")
         assert diff < 1e-4, (t.key, diff)
+    print(f"{len(budgets)} rounds, budgets {min(b for b in budgets if b)}-{max(b for b in budgets if b)} tokens; "
+          f"{len(reqs)} requests")
     assert any(b is not None and b < 4096 for b in budgets), "serving must have shrunk some training rounds"
     assert len(budgets) > len(plain.tasks) * 8, "steps spanned more rounds than without serving"
 

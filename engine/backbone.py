@@ -15,7 +15,7 @@ from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.data import IGNORE
 from muxtune.engine.models import LoadedBackbone
 from muxtune.engine.packing import PackedBatch
-from muxtune.engine.peft.base import TaskDelta
+from muxtune.engine.peft.base import ShardSpec, TaskDelta
 from muxtune.engine.peft.mux_linear import MultiplexedLinear, MuxContext
 from muxtune.engine.peft.registry import get_method, matches_target
 
@@ -61,6 +61,7 @@ class MultiplexedBackbone:
         self.lm_head = self.model.get_output_embeddings()
         self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m is not self.lm_head}
         self.wrapped: dict[str, MultiplexedLinear] = {}
+        self.shards: dict[str, ShardSpec] = {}  # tensor parallel: each sharded Linear's part (engine/parallel/tensor.py)
         self.adapters: dict[int, TaskAdapter] = {}
         self._next_slot, self._free_slots = 0, []  # slot ids: the trainer's tasks and the server's adapter versions
         self.attn_ratio = self._attention_to_linear_ratio()
@@ -115,6 +116,8 @@ class MultiplexedBackbone:
         deltas = {}
         for name in names:  # model order, as PEFT initialises
             delta = method.make_delta(self.linears[name], name, spec, generator)
+            if name in self.shards:  # made whole from the generator, then this rank's part kept
+                delta.shard_(self.shards[name])
             self._wrap(name).deltas[str(slot)] = delta
             deltas[name] = delta
         adapter = TaskAdapter(slot, spec, deltas)

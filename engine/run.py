@@ -15,11 +15,14 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, load_task_files
+from muxtune.api.strictyaml import MAX_FILE_BYTES as MAX_TASK_FILE_BYTES
 from muxtune import logs
+from muxtune.engine import preflight
 from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.models import load_backbone, resolve_base_model
+from muxtune.engine.datafile import DataLimits
+from muxtune.engine.models import ModelLoadError, load_backbone, resolve_base_model
 from muxtune.engine.progress import ProgressBar, summary_table
-from muxtune.engine.task import FAILED, SUCCEEDED
+from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.telemetry import Fanout
 from muxtune.engine.trainer import MuxTrainer
 from muxtune.engine import trust
@@ -76,7 +79,8 @@ class TaskFileWatcher:
         guard = trust.active()
         for p in [*self.paths, *([trust.signature_path(x) for x in self.paths] if guard else [])]:
             try:
-                h.update(Path(p).read_bytes())
+                with open(p, "rb") as f:  # bounded: the loader refuses anything larger anyway
+                    h.update(f.read(MAX_TASK_FILE_BYTES + 1))
             except OSError:
                 h.update(b"<missing>")
         return h.hexdigest()
@@ -131,19 +135,39 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
             trainer.add_task(task)
 
 
+def failed_group(tasks: list[FineTuneTask], reason: str, output: Path) -> list[TaskRuntime]:
+    """The tasks of a backbone that cannot be loaded: each fails with the reason; others go on."""
+    from muxtune.engine import outputs
+
+    runtimes = []
+    for task in tasks:
+        rt = TaskRuntime(task=task, slot=-1, out_dir=outputs.task_dir(output, task), phase=FAILED, message=reason)
+        log.error("task failed", extra={"task": rt.key, "reason": reason})
+        try:
+            rt.write_status()
+        except OSError as exc:
+            log.error("cannot write status", extra={"task": rt.key, "error": str(exc)})
+        runtimes.append(rt)
+    return runtimes
+
+
 def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None) -> MuxTrainer:
     # read the files' state now: an edit made while the backbone loads is then seen as a change
     watcher = TaskFileWatcher(cmd.tasks) if cmd.watch else None
     device = pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
-    path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
-    backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
+    try:
+        path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
+        backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
+    except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
+        raise ModelLoadError(f"baseModel {tasks[0].spec.base_model}: {exc}") from None
     from muxtune.engine import lora_kernel
 
     lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
-        resume=cmd.resume, base_dir=base_dir,
+        resume=cmd.resume, base_dir=base_dir, allow_data_change=cmd.allow_data_change,
+        data_limits=DataLimits(cmd.max_dataset_bytes, cmd.max_line_bytes),
     )
     sinks = []
     if metrics is not None:
@@ -166,7 +190,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
             metrics.status_extras.append(serving.adapters.served_tasks)
         serving.start()
     step = serving.loop.iteration if serving else trainer.run_round
-    idle = serving.loop.wait if serving else stop.event.wait
+    idle = serving.loop.wait if serving else getattr(getattr(stop, "event", None), "wait", time.sleep)
     try:
         if watcher is not None:
             while not stop():
@@ -183,8 +207,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         else:
             trainer.run(stop)
     finally:
-        for rt in trainer.active():  # interrupted: leave a checkpoint to resume from
-            trainer._checkpoint(rt)
+        trainer.save_cut()  # interrupted: leave checkpoints the rerun replays exactly
         trainer.telemetry.close()
         if serving is not None:
             serving.close()
@@ -221,28 +244,42 @@ def run_from_cli(cmd) -> int:
     if getattr(cmd, "serve_port", None) is not None and len(groups) > 1:
         print("error: --serve-port serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
         return 2
-    stop = StopFlag()
-    metrics = server = None
-    if cmd.metrics_port is not None:
-        from muxtune.engine.metrics import EngineMetrics
-        from muxtune.engine.server import EngineServer
+    metrics = server = lock = None
+    try:  # nothing is trained or written until these pass (the lock creates the output last)
+        preflight.check_output(cmd.output)
+        preflight.check_layout(cmd.output, tasks)
+        if cmd.metrics_port is not None:
+            from muxtune.engine.metrics import EngineMetrics
 
-        metrics = EngineMetrics()
-        status = trust.active().signed(metrics.status) if trust.active() else metrics.status
-        server = EngineServer(cmd.metrics_host, cmd.metrics_port, status, metrics.render).start()
+            metrics = EngineMetrics()
+            status = trust.active().signed(metrics.status) if trust.active() else metrics.status
+            server = preflight.start_server(cmd.metrics_host, cmd.metrics_port, status, metrics.render)
+        lock = preflight.lock_output(cmd.output)
+    except preflight.CliProblem as exc:
+        if server is not None:
+            server.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if server is not None:
         print(f"serving /metrics and /v1/status on {cmd.metrics_host}:{server.port}", file=sys.stderr)
+    stop = StopFlag()
     t0 = time.perf_counter()
     runtimes, real, computed, rounds = [], 0, 0, 0
     try:
         for group in groups.values():
             if stop():
                 break
-            trainer = run_group(group, cmd, stop, base_dir, metrics)
+            try:
+                trainer = run_group(group, cmd, stop, base_dir, metrics)
+            except ModelLoadError as exc:
+                runtimes += failed_group(group, str(exc), cmd.output)
+                continue
             runtimes += trainer.tasks.values()
             real, computed, rounds = real + trainer.real_tokens, computed + trainer.computed_tokens, rounds + trainer.rounds
     finally:
         if server is not None:
             server.stop()
+        lock.release()
     print(summary_table(runtimes))
     if computed:
         print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")

@@ -3,7 +3,11 @@ forward/backward over the shared backbone, then steps every task whose batch is 
 
 Transparency: the backpropagated loss is Σ_task (task token-loss sum / task step label tokens);
 a task's gradient depends only on its own tokens (block-diagonal attention, per-task deltas), so
-it trains as it would alone. A failing task (bad data, NaN) leaves; the others go on.
+it trains as it would alone. A failing task (bad data, NaN, a file the disk refuses) leaves;
+the others go on.
+
+Checkpoints are taken at round boundaries, all running tasks together (a cut), so a restarted run
+replays the interrupted one exactly (recovery.py); how one task is saved is checkpoint.py's.
 """
 from __future__ import annotations
 
@@ -11,15 +15,17 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import scheduler
+from muxtune.engine import outputs, recovery, scheduler, storage
 from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import DataStream, load_examples
+from muxtune.engine.data import DataStream, load_dataset
+from muxtune.engine.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack, round_up
 from muxtune.engine.peft.export import save_adapter
 from muxtune.engine.task import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED, TaskRuntime
@@ -39,6 +45,8 @@ class MuxTrainer:
         resume: bool = True,
         telemetry: Telemetry | None = None,
         base_dir: Path | None = None,
+        allow_data_change: bool = False,
+        data_limits: DataLimits | None = None,
     ):
         self.backbone = backbone
         self.output = Path(output)
@@ -47,37 +55,58 @@ class MuxTrainer:
         self.resume = resume
         self.telemetry = telemetry or Telemetry()
         self.base_dir = base_dir
+        self.allow_data_change = allow_data_change  # resume a checkpoint whose data fingerprint differs
+        self.data_limits = data_limits or DataLimits()
         self.tasks: dict[str, TaskRuntime] = {}
         self.rounds = 0
         self.real_tokens = 0  # over the whole run, for the effective-token ratio
         self.computed_tokens = 0
         self._solo_rounds = 0
         self.step_hooks: list = []  # callables(trainer, runtime) after each optimizer step
+        self._aligned = False  # restarted tasks moved to their common cut (before the first round)
+        self._in_round = False  # True while a round is half done: no checkpoint may see that state
+        self._cut_due = False
+        self._ticks = 0  # rounds run, whatever their outcome
+        self._last_cut: tuple | None = None
+        self._finishing: list[TaskRuntime] = []  # reached maxSteps this round; finish after its cut
 
     # ----- membership -------------------------------------------------------------------
     def task_dir(self, task: FineTuneTask) -> Path:
-        """<output>/<namespace>/<output.path or name>: tenants' outputs never share a directory."""
-        return self.output / (task.metadata.namespace or "default") / (task.spec.output.path or task.metadata.name)
+        """<output>/<namespace>/<output.path or name>, confined to the output: tenants' outputs never share a directory."""
+        return outputs.task_dir(self.output, task)
 
     def add_task(self, task: FineTuneTask) -> TaskRuntime:
         """Attach a task; any problem fails this task alone, with the reason."""
         if task.key in self.tasks and not self.tasks[task.key].done:
             raise ValueError(f"task {task.key} is already running")
-        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(), out_dir=self.task_dir(task))
+        try:  # a directory outside the output, or another task's: fail without writing there
+            out_dir = self.task_dir(task)
+            problems = outputs.overlaps(task.key, out_dir, {k: t.out_dir for k, t in self.tasks.items()}, self.output)
+        except outputs.OutputLayoutError as exc:
+            out_dir, problems = None, [str(exc)]
+        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(), out_dir=None if problems else out_dir)
         self.tasks[task.key] = rt
+        if problems:
+            return self._fail(rt, "; ".join(problems))
         if task.spec.suspend:
             return self._set_phase(rt, SUSPENDED, "spec.suspend is true")
         try:
+            recovery.claim_output(rt)
             if self._already_succeeded(rt):
                 return rt
-            examples = load_examples(task.spec.dataset, self.backbone.tokenizer, self.base_dir)
-            rt.stream = DataStream(examples, task.spec.training.seed, task.spec.dataset.shuffle)
+            data = load_dataset(task.spec.dataset, self.backbone.tokenizer, self.base_dir, self.data_limits)
+            rt.note_dropped(data.dropped, data.records)
+            rt.data_fingerprint = ckpt.data_fingerprint(data.examples)
+            rt.stream = DataStream(data.examples, task.spec.training.seed, task.spec.dataset.shuffle)
             rt.adapter = self.backbone.attach(rt.slot, task.spec.peft, task.spec.training.seed)
             rt.build_optimizer()
-            self._maybe_resume(rt)
+            if self.resume:
+                recovery.resume_task(rt, self.allow_data_change)
+            else:
+                recovery.start_over(rt)
         except Exception as exc:  # noqa: BLE001 - any setup error is this task's failure
             self.backbone.detach(rt.slot)
-            return self._fail(rt, str(exc))
+            return self._fail(rt, str(exc) or type(exc).__name__)  # MemoryError has no text
         if rt.step >= rt.max_steps:
             self._finish(rt)
         else:
@@ -89,36 +118,37 @@ class MuxTrainer:
         rt = self.tasks.get(key)
         if rt is None:
             return
-        if rt.phase == RUNNING:
+        if rt.phase == RUNNING and not self._in_round:
             self._checkpoint(rt)
+        if rt.phase == RUNNING:
             self.backbone.detach(rt.slot)
             self._set_phase(rt, phase, reason)
         del self.tasks[key]
 
     def _already_succeeded(self, rt: TaskRuntime) -> bool:
-        status = rt.out_dir / "status.json"
-        if not (self.resume and status.exists()):
-            return False
-        data = json.loads(status.read_text())
-        if data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
+        data = recovery.read_status(rt) if self.resume else None
+        if data and data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
             rt.step, rt.last_loss = int(data["step"]), data.get("loss")
+            rt.examples_dropped = int(data.get("examplesDropped") or 0)
             self._set_phase(rt, SUCCEEDED, "already trained (output found)")
             return True
         return False
 
-    def _maybe_resume(self, rt: TaskRuntime) -> None:
-        path = ckpt.latest(rt.out_dir) if self.resume else None
-        metrics = rt.out_dir / "metrics.jsonl"
-        if path is None:
-            if metrics.exists():
-                metrics.unlink()
-            return
-        ckpt.restore(rt, path)
-        rt.checkpoint = str(path)
-        # drop metric lines past the checkpoint: those steps will be trained again
-        lines = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["step"] <= rt.step] if metrics.exists() else []
-        metrics.write_text("".join(ln + "\n" for ln in lines))
-        log.info("resumed", extra={"task": rt.key, "step": rt.step, "checkpoint": str(path)})
+    def scheduler_state(self) -> dict:
+        """What, besides the tasks' own state, decides the next rounds (saved with every cut)."""
+        return {"rounds": self.rounds, "solo_rounds": self._solo_rounds,
+                "real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens}
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.rounds, self._solo_rounds = int(state["rounds"]), int(state["solo_rounds"])
+        self.real_tokens, self.computed_tokens = int(state["real_tokens"]), int(state["computed_tokens"])
+
+    def _align_once(self) -> None:
+        """Before the first round (or exit checkpoint): restarted tasks move to their newest
+        common cut, so the run replays the interrupted one (recovery.align)."""
+        if not self._aligned:
+            self._aligned = True
+            recovery.align(self)
 
     # ----- the loop ---------------------------------------------------------------------
     def active(self) -> list[TaskRuntime]:
@@ -127,9 +157,11 @@ class MuxTrainer:
     def run_round(self, token_budget: int | None = None) -> bool:
         """One fused forward/backward. False when no task has work. token_budget (capped by the
         trainer's own) bounds this round: co-serving passes what the latency SLOs leave."""
+        self._align_once()
         active = self.active()
         if not active:
             return False
+        self._in_round, self._ticks = True, self._ticks + 1
         for rt in active:
             if not rt.pending:
                 rt.begin_step()
@@ -149,6 +181,7 @@ class MuxTrainer:
         bad = [p for p in picks if not math.isfinite(float(slot_loss[p.task.slot]))]
         if bad:
             self._isolate_non_finite(picks)
+            self._in_round = False
             return True
         norm = torch.zeros_like(result.task_loss_sum)
         for p in picks:
@@ -170,6 +203,8 @@ class MuxTrainer:
         self.real_tokens += batch.real_tokens
         self.computed_tokens += batch.computed_tokens
         self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], batch.real_tokens, batch.computed_tokens, seconds))
+        self._in_round = False
+        self._end_round()
         return True
 
     def run(self, should_stop=lambda: False) -> None:
@@ -198,17 +233,19 @@ class MuxTrainer:
             step=rt.step, loss=rt.last_loss, tokens=rt.step_tokens, label_tokens=rt.step_label_tokens,
             lr=lr, grad_norm=float(grad_norm), seconds=seconds, tokens_per_second=rt.tokens_per_second or 0.0,
             fused_with=sorted(rt.step_fused_with),
-            effective_token_ratio=rt.step_real / max(1, rt.step_computed),
+            effective_token_ratio=rt.step_real / max(1, rt.step_computed), batch=rt.step_digest,
         )
-        rt.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(rt.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record.as_dict()) + "\n")
+        try:
+            storage.append_line(rt.out_dir / "metrics.jsonl", json.dumps(record.as_dict()))
+        except storage.StorageError as exc:
+            return self._fail(rt, str(exc))
         self.telemetry.step_done(rt, record)
         interval = rt.task.spec.training.checkpoint_interval
         if rt.step >= rt.max_steps:
-            self._finish(rt)
-        elif interval and rt.step % interval == 0:
-            self._checkpoint(rt)
+            self._finishing.append(rt)  # at the end of this round, after the cut (see _end_round)
+        elif interval and rt.step - (rt.saved_step or 0) >= interval:
+            self._cut_due = True  # at the end of this round, with every running task (which all
+            # count their interval from then: a cut per interval, not one per task and interval)
         for hook in self.step_hooks:
             hook(self, rt)
 
@@ -229,19 +266,58 @@ class MuxTrainer:
 
 
     # ----- outcomes ---------------------------------------------------------------------
-    def _checkpoint(self, rt: TaskRuntime) -> None:
+    def _end_round(self) -> None:
+        """Checkpoint first, then finish: a crash in between leaves a finished task unfinished on
+        disk, so a restart replays it with its neighbours from their last common cut."""
+        finishing, self._finishing = self._finishing, []
+        done = {id(t) for t in finishing}
+        if finishing and any(t.task.spec.training.checkpoint_interval for t in self.active() if id(t) not in done):
+            self._cut_due = True  # a cut without them (not for tasks that only save at the end)
+        if self._cut_due:
+            self.save_cut(excluding=finishing)
+        for rt in finishing:
+            if rt.phase == RUNNING:
+                self._finish(rt)
+
+    def save_cut(self, excluding=()) -> None:
+        """Checkpoint every running task at this round boundary, as one cut that a restarted
+        run with the same members replays exactly (recovery.align). Not while a round is half
+        done: after an exception mid-round the last complete cut stands."""
+        if self._in_round:
+            log.warning("a round was interrupted midway; keeping the last complete checkpoints")
+            return
+        self._align_once()
+        skip = {id(t) for t in excluding}
+        running = sorted((t for t in self.active() if id(t) not in skip), key=lambda r: r.slot)
+        mark = (self._ticks, tuple(rt.key for rt in running))
+        self._cut_due = False
+        if not running or mark == self._last_cut:
+            return
+        cut = {"id": uuid.uuid4().hex[:12], "members": list(mark[1]), "trainer": self.scheduler_state()}
+        for rt in running:
+            self._checkpoint(rt, cut)
+        self._last_cut = mark
+
+    def _checkpoint(self, rt: TaskRuntime, cut: dict | None = None) -> None:
+        """Save one task; a save the disk keeps refusing fails this task alone."""
         t0 = time.perf_counter()
         try:
-            rt.checkpoint = str(ckpt.save(rt, self.backbone.path))
-            ok = True
-        except OSError as exc:
-            log.error("checkpoint failed", extra={"task": rt.key, "error": str(exc)})
-            ok = False
-        self.telemetry.checkpoint_done(rt, time.perf_counter() - t0, ok)
+            rt.checkpoint = str(recovery.save_task(rt, self.backbone.path, cut))
+        except Exception as exc:  # noqa: BLE001 - torch and the OS raise many kinds; all are this task's
+            self.telemetry.checkpoint_done(rt, time.perf_counter() - t0, False)
+            self._fail(rt, f"checkpoint failed: {exc}")
+            return
+        self.telemetry.checkpoint_done(rt, time.perf_counter() - t0, True)
 
     def _finish(self, rt: TaskRuntime) -> None:
-        save_adapter(rt.adapter, rt.out_dir, self.backbone.path)
+        try:
+            save_adapter(rt.adapter, rt.out_dir, self.backbone.path)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(rt, f"cannot save the adapter: {exc}")
+            return
         self._checkpoint(rt)
+        if rt.phase != RUNNING:
+            return
         self.backbone.detach(rt.slot)
         self._set_phase(rt, SUCCEEDED, f"trained {rt.step} steps")
 
@@ -259,7 +335,9 @@ class MuxTrainer:
         if phase != PENDING:
             try:
                 rt.write_status()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - a status that cannot be recorded fails the task
                 log.error("cannot write status", extra={"task": rt.key, "error": str(exc)})
+                if phase != FAILED:
+                    return self._fail(rt, str(exc))
         self.telemetry.task_phase(rt)
         return rt

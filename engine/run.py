@@ -151,7 +151,7 @@ def failed_group(tasks: list[FineTuneTask], reason: str, output: Path) -> list[T
     return runtimes
 
 
-def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None) -> MuxTrainer:
+def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None, serve_sock=None) -> MuxTrainer:
     # read the files' state now: an edit made while the backbone loads is then seen as a change
     watcher = TaskFileWatcher(cmd.tasks) if cmd.watch else None
     device = pick_device(cmd.device)
@@ -179,16 +179,10 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     if cmd.progress:  # created after the tasks are known, so its total is right
         trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
     serving = None
-    if getattr(cmd, "serve_port", None) is not None:  # co-serving: engine/serve/
+    if serve_sock is not None:  # co-serving: engine/serve/
         from muxtune.engine.serve.launch import Serving
 
-        serving = Serving(backbone, tasks[0].spec.base_model, cmd, host=cmd.serve_host, port=cmd.serve_port,
-                          trainer=trainer, registry=metrics.registry if metrics is not None else None,
-                          token_budget=cmd.token_budget)
-        serving.adapters.sync_tasks()
-        if metrics is not None:  # /v1/status tells the operator which tasks answer requests
-            metrics.status_extras.append(serving.adapters.served_tasks)
-        serving.start()
+        serving = Serving.coserving(backbone, tasks[0].spec.base_model, trainer, cmd, serve_sock, metrics)
     step = serving.loop.iteration if serving else trainer.run_round
     idle = serving.loop.wait if serving else getattr(getattr(stop, "event", None), "wait", time.sleep)
     try:
@@ -244,7 +238,7 @@ def run_from_cli(cmd) -> int:
     if getattr(cmd, "serve_port", None) is not None and len(groups) > 1:
         print("error: --serve-port serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
         return 2
-    metrics = server = lock = None
+    metrics = server = lock = serve_sock = None
     try:  # nothing is trained or written until these pass (the lock creates the output last)
         preflight.check_output(cmd.output)
         preflight.check_layout(cmd.output, tasks)
@@ -254,10 +248,14 @@ def run_from_cli(cmd) -> int:
             metrics = EngineMetrics()
             status = trust.active().signed(metrics.status) if trust.active() else metrics.status
             server = preflight.start_server(cmd.metrics_host, cmd.metrics_port, status, metrics.render)
+        if getattr(cmd, "serve_port", None) is not None:
+            serve_sock = preflight.listen("--serve-port", cmd.serve_host, cmd.serve_port)
         lock = preflight.lock_output(cmd.output)
     except preflight.CliProblem as exc:
         if server is not None:
             server.stop()
+        if serve_sock is not None:
+            serve_sock.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if server is not None:
@@ -270,7 +268,7 @@ def run_from_cli(cmd) -> int:
             if stop():
                 break
             try:
-                trainer = run_group(group, cmd, stop, base_dir, metrics)
+                trainer = run_group(group, cmd, stop, base_dir, metrics, serve_sock)
             except ModelLoadError as exc:
                 runtimes += failed_group(group, str(exc), cmd.output)
                 continue
@@ -279,6 +277,8 @@ def run_from_cli(cmd) -> int:
     finally:
         if server is not None:
             server.stop()
+        if serve_sock is not None:
+            serve_sock.close()  # already closed by the serving stack, unless its backbone failed to load
         lock.release()
     print(summary_table(runtimes))
     if computed:

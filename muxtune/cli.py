@@ -24,6 +24,8 @@ class ServeFlags(BaseModel):
     max_queue: int = Field(64, ge=0, description="Requests waiting for a free row; more get 429")
     max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for")
     max_prefill_tokens: int = Field(512, gt=0, description="Prompt tokens per iteration at most (longer prompts are chunked)")
+    max_connections: int = Field(256, gt=0, le=65536, description="Open connections at most (the longest-idle one is closed for a new one; 503 when all are busy)")
+    idle_timeout_s: float = Field(15.0, gt=0, description="Seconds a connection may take to send a request's headers, or sit idle between requests")
     chat_template: Path | None = Field(None, description="Jinja chat template (default: the tokenizer's, else muxtune's plain one)")
 
 

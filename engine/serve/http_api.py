@@ -5,6 +5,10 @@ server-sent events natively, and cancels a handler when its client disconnects
 (`handler_cancellation=True`), which is how a client that goes away frees its KV cache row: the
 handler's `finally` cancels the request and the engine drops it at its next iteration.
 
+Bounds (with engine/serve/listener.py's on connections): a body of at most MAX_BODY_BYTES that
+arrives within BODY_TIMEOUT_S, and a streamed chunk a client does not take within WRITE_TIMEOUT_S
+ends the response (and frees the request's KV cache row).
+
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
 GET /health, GET /metrics. Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
@@ -13,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -28,6 +31,8 @@ from muxtune.engine.serve.sampling import SamplingParams
 
 log = logging.getLogger("muxtune.serve")
 MAX_BODY_BYTES = 4 << 20
+BODY_TIMEOUT_S = 30.0
+WRITE_TIMEOUT_S = 30.0
 
 
 class HttpError(Exception):
@@ -57,8 +62,8 @@ class OpenAIApi:
         # tokenising a long prompt must not block the event loop; one worker keeps the tokenizer single-threaded
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="muxtune-tokenize")
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+    def app(self, *outer_middlewares) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[*outer_middlewares, self._errors])
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/completions", self.completions)
@@ -170,7 +175,11 @@ class OpenAIApi:
 
     async def generate(self, request: web.Request, chat: bool):
         try:
-            body = await request.json()
+            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g}s") from None
+        try:
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise HttpError(400, "the request body is not valid JSON") from None
         req = self._parse(body, chat)
@@ -225,11 +234,19 @@ class OpenAIApi:
         ids.fingerprint = gen.fingerprint
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        try:
+            await self._send_events(resp, first, events, ids, include_usage)
+        except asyncio.TimeoutError:  # the client stopped reading: drop it (the caller frees its row)
+            log.info("stream dropped: the client stopped reading", extra={"model": ids.model})
+            request.protocol.force_close()
+        return resp
 
+    @staticmethod
+    async def _send_events(resp, ev, events: asyncio.Queue, ids: protocol.ResponseIds, include_usage: bool):
         async def send(obj) -> None:
-            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+            await asyncio.wait_for(resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n"), WRITE_TIMEOUT_S)
 
-        ev, opened = first, False
+        opened = False
         while True:
             if isinstance(ev, Delta):
                 await send(ids.chunk(ev.text, first=not opened))
@@ -245,47 +262,6 @@ class OpenAIApi:
                 await send(protocol.error_body(ev.message, "server_error"))
                 break
             ev = await events.get()
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        await asyncio.wait_for(resp.write(b"data: [DONE]\n\n"), WRITE_TIMEOUT_S)
+        await asyncio.wait_for(resp.write_eof(), WRITE_TIMEOUT_S)
 
-
-class HttpThread:
-    """Runs an aiohttp application on its own event loop in a daemon thread."""
-
-    def __init__(self, app: web.Application, host: str, port: int):
-        self.app, self.host, self.requested_port = app, host, port
-        self.port: int | None = None
-        self.loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, name="muxtune-serve-http", daemon=True)
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
-        try:
-            self.loop.run_until_complete(self.runner.setup())
-            site = web.TCPSite(self.runner, self.host, self.requested_port)
-            self.loop.run_until_complete(site.start())
-            self.port = self.runner.addresses[0][1]
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self.runner.cleanup())
-        self.loop.close()
-
-    def start(self) -> HttpThread:
-        self.thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise OSError(f"cannot serve on {self.host}:{self.requested_port}: {self._error}")
-        return self
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)

@@ -10,7 +10,8 @@ from muxtune.engine.serve.adapters import AdapterError, AdapterRegistry, spec_fr
 from muxtune.engine.serve.controller import Slo, SloController
 from muxtune.engine.serve.coserve import CoServer
 from muxtune.engine.serve.engine import ServeEngine, ServeLimits
-from muxtune.engine.serve.http_api import HttpThread, OpenAIApi
+from muxtune.engine.serve.http_api import OpenAIApi
+from muxtune.engine.serve.listener import ConnectionGuard, HttpThread, listen
 from muxtune.engine.serve.metrics import ServeMetrics
 
 log = logging.getLogger("muxtune.serve")
@@ -22,10 +23,19 @@ def limits_from(cmd) -> ServeLimits:
 
 
 class Serving:
-    """Engine, controller, hybrid loop and HTTP server of one backbone, started and stopped together."""
+    """Engine, controller, hybrid loop and HTTP server of one backbone, started and stopped together.
+    `sock` is the serving port bound beforehand (preflight); else host:port binds here (OSError if busy)."""
 
-    def __init__(self, backbone, base_id: str, cmd, *, host: str, port: int, trainer=None, registry=None,
-                 token_budget: int = 4096):
+    def __init__(self, backbone, base_id: str, cmd, *, host: str = "127.0.0.1", port: int = 0, sock=None,
+                 trainer=None, registry=None, token_budget: int = 4096):
+        sock = sock if sock is not None else listen(host, port)
+        try:
+            self._build(backbone, base_id, cmd, sock, trainer, registry, token_budget)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _build(self, backbone, base_id, cmd, sock, trainer, registry, token_budget) -> None:
         from transformers import AutoTokenizer
 
         slo = Slo(tpot_s=cmd.slo_tpot_ms / 1000, ttft_s=cmd.slo_ttft_ms / 1000)
@@ -39,7 +49,18 @@ class Serving:
         template = Path(cmd.chat_template).read_text() if cmd.chat_template else None
         tokenizer = AutoTokenizer.from_pretrained(backbone.path)  # the HTTP thread's own copy
         self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics)
-        self.http = HttpThread(self.api.app(), host, port)
+        guard = ConnectionGuard(cmd.max_connections)
+        self.http = HttpThread(self.api.app(guard.middleware), sock, guard, idle_timeout=cmd.idle_timeout_s)
+
+    @classmethod
+    def coserving(cls, backbone, base_id: str, trainer, cmd, sock, engine_metrics=None) -> Serving:
+        """`muxtune run --serve-port`: serve the trainer's tasks (started), metrics on the engine's registry."""
+        serving = cls(backbone, base_id, cmd, sock=sock, trainer=trainer, token_budget=cmd.token_budget,
+                      registry=engine_metrics.registry if engine_metrics is not None else None)
+        serving.adapters.sync_tasks()
+        if engine_metrics is not None:  # /v1/status tells the operator which tasks answer requests
+            engine_metrics.status_extras.append(serving.adapters.served_tasks)
+        return serving.start()
 
     def start(self) -> Serving:
         self.http.start()
@@ -66,12 +87,19 @@ def base_model_id(path: Path) -> str:
 
 
 def adapter_dirs(paths: list[Path]) -> list[Path]:
-    """Adapter directories as given, and the adapter directories inside any other directory given
-    (a run's output, or its namespace folder), so `muxtune serve runs/quickstart/*` works either way."""
+    """Adapter directories as given, and the adapter directories inside any other directory given:
+    a namespace folder (`runs/quickstart/*`) or a run's output (`runs/quickstart`, whose tasks lie
+    in <namespace>/<name>); hidden entries (the run lock, moved-aside outputs) are skipped."""
+    def found(d: Path, depth: int) -> list[Path]:
+        if (d / "adapter_config.json").exists():
+            return [d]
+        if depth == 0 or not d.is_dir():
+            return []
+        return [a for c in sorted(d.iterdir()) if not c.name.startswith(".") for a in found(c, depth - 1)]
+
     out = []
     for p in paths:
-        inner = sorted(c for c in p.iterdir() if (c / "adapter_config.json").exists()) if p.is_dir() else []
-        out += inner if inner and not (p / "adapter_config.json").exists() else [p]
+        out += found(p, 2) or [p]  # nothing found: the path as given, for a clear error
     return out
 
 
@@ -112,6 +140,13 @@ def serve_from_cli(cmd) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from muxtune.engine import preflight
+
+    try:  # bind before the backbone loads: a busy port is one line, at once
+        sock = preflight.listen("--port", cmd.host, cmd.port)
+    except preflight.CliProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     device = pick_device(cmd.device)
     backbone = MultiplexedBackbone(load_backbone(path, device, pick_dtype(cmd.dtype, device)))
     from muxtune.engine import lora_kernel
@@ -123,7 +158,7 @@ def serve_from_cli(cmd) -> int:
     engine_metrics = EngineMetrics()  # /metrics on the API port: the serving series plus memory in use and peak
     engine_metrics.attach(SimpleNamespace(backbone=backbone, tasks={}))
     try:
-        serving = Serving(backbone, base_id, cmd, host=cmd.host, port=cmd.port, registry=engine_metrics.registry)
+        serving = Serving(backbone, base_id, cmd, sock=sock, registry=engine_metrics.registry)
         for name, d in names.items():
             serving.adapters.add_directory(name, d)
         serving.start()

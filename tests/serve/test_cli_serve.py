@@ -137,3 +137,17 @@ def test_bad_input_is_refused_before_serving(tmp_path):
     r = subprocess.run([sys.executable, "-m", "muxtune.cli", "run", str(tmp_path / "two.yaml"), "--serve-port", "0"],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "--serve-port serves one backbone" in r.stderr
+
+
+def test_adapter_dirs_finds_adapters_in_a_run_output_or_a_namespace_folder(tmp_path):
+    from muxtune.engine.serve.launch import adapter_dirs
+
+    for d in ("runs/default/a", "runs/default/b", "runs/team/c", "runs/.replaced-a-1/x"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "adapter_config.json").write_text("{}")
+    (tmp_path / "runs/.muxtune.lock").write_text("")
+    runs = tmp_path / "runs"
+    names = lambda ds: [str(d.relative_to(runs)) for d in ds]  # noqa: E731
+    assert names(adapter_dirs([runs])) == ["default/a", "default/b", "team/c"]
+    assert names(adapter_dirs([runs / "default"])) == ["default/a", "default/b"]
+    assert names(adapter_dirs([runs / "team/c", runs / "nope"])) == ["team/c", "nope"]

@@ -84,9 +84,11 @@ class MultiplexedBackbone:
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def new_slot(self) -> int:
-        """A slot id no one else holds (released ones are reused, so ids stay small)."""
-        if self._free_slots:
+    def new_slot(self, reuse: bool = True) -> int:
+        """A slot id no one else holds (released ones are reused, so ids stay small). The trainer's
+        tasks take fresh ones (reuse=False): their order by slot is the order they joined, with or
+        without serving, which the scheduler's tie-break and the checkpoint cuts rely on."""
+        if reuse and self._free_slots:
             return self._free_slots.pop()
         self._next_slot += 1
         return self._next_slot - 1

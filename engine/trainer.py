@@ -84,7 +84,7 @@ class MuxTrainer:
             problems = outputs.overlaps(task.key, out_dir, {k: t.out_dir for k, t in self.tasks.items()}, self.output)
         except outputs.OutputLayoutError as exc:
             out_dir, problems = None, [str(exc)]
-        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(), out_dir=None if problems else out_dir)
+        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(reuse=False), out_dir=None if problems else out_dir)
         self.tasks[task.key] = rt
         if problems:
             return self._fail(rt, "; ".join(problems))

@@ -73,6 +73,7 @@ class MultiplexedBackbone:
         self.shards: dict[str, ShardSpec] = {}  # tensor parallel: each sharded Linear's part (engine/parallel/tensor.py)
         self.adapters: dict[int, TaskAdapter] = {}
         self.prompts: dict[int, PromptDelta] = {}  # slot -> its virtual tokens (prompt tuning)
+        self._next_slot, self._free_slots = 0, []  # slot ids: the trainer's tasks and the server's adapter versions
         self.attn_ratio = self._attention_to_linear_ratio()
 
     def _attention_to_linear_ratio(self) -> float:
@@ -92,6 +93,18 @@ class MultiplexedBackbone:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def new_slot(self, reuse: bool = True) -> int:
+        """A slot id no one else holds (released ones are reused, so ids stay small). The trainer's
+        tasks take fresh ones (reuse=False): their order by slot is the order they joined, with or
+        without serving, which the scheduler's tie-break and the checkpoint cuts rely on."""
+        if reuse and self._free_slots:
+            return self._free_slots.pop()
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def release_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
 
     def _wrap(self, name: str) -> MultiplexedLinear:
         if name not in self.wrapped:

@@ -211,6 +211,7 @@ class EngineMetrics(Telemetry):
         disable_created_metrics()  # no *_created series: noise for every counter and histogram
         self.registry = registry or CollectorRegistry()
         self.trainers = []
+        self.status_extras = []  # callables -> {task key: extra /v1/status fields}
         self.probe = probe or ProcessProbe()
         self.clock = clock
         self._lock = threading.Lock()
@@ -329,6 +330,10 @@ class EngineMetrics(Telemetry):
                     if isinstance(st.get(field), str):
                         st[field] = _relative(st[field], roots)
                 tasks[k] = st
+        for extra in self.status_extras:  # e.g. serving: {task key: {"servedModel": name}}
+            for key, fields in extra().items():
+                if key in tasks:
+                    tasks[key].update(fields)
         return {"tasks": tasks}
 
     def render(self) -> tuple[bytes, str]:

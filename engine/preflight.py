@@ -43,6 +43,17 @@ def start_server(host: str, port: int, status, render):
     return server.start()
 
 
+def listen(flag: str, host: str, port: int):
+    """Bind a port now (the serving API's), so a busy one stops the command before it starts."""
+    from muxtune.engine.serve.listener import listen as bind
+
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CliProblem(f"{flag} {port}: cannot listen on {host}:{port}: {why}") from None
+
+
 def lock_output(output: Path) -> RunLock:
     try:
         return RunLock(output).acquire()

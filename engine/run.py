@@ -116,7 +116,7 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
     """Make the trainer's task set equal the file's: add, remove, and take out and re-add a task
     whose spec changed (re-adding refuses checkpoints written under the old spec).
 
-    A new priority only changes the task's share of the backbone, so it applies in place.
+    A new priority (its share of the backbone) or serving setting applies in place.
     """
     by_key = {t.key: t for t in wanted}
     for key in list(trainer.tasks):
@@ -126,8 +126,8 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
         rt, new = trainer.tasks[key], by_key[key]
         if rt.task.spec == new.spec:
             continue
-        if rt.task.spec.model_copy(update={"priority": new.spec.priority}) == new.spec:
-            rt.task = new
+        if rt.task.spec.model_copy(update={"priority": new.spec.priority, "serving": new.spec.serving}) == new.spec:
+            rt.task = new  # priority and serving change how the task is shared or served, not what it trains
         else:
             trainer.remove_task(key, reason="spec changed")
     for key, task in by_key.items():
@@ -151,7 +151,9 @@ def failed_group(tasks: list[FineTuneTask], reason: str, output: Path) -> list[T
     return runtimes
 
 
-def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None) -> MuxTrainer:
+def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None, serve_sock=None) -> MuxTrainer:
+    # read the files' state now: an edit made while the backbone loads is then seen as a change
+    watcher = TaskFileWatcher(cmd.tasks) if cmd.watch else None
     device = pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
     try:
@@ -176,20 +178,33 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         trainer.add_task(task)
     if cmd.progress:  # created after the tasks are known, so its total is right
         trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
+    serving = None
+    if serve_sock is not None:  # co-serving: engine/serve/
+        from muxtune.engine.serve.launch import Serving
+
+        serving = Serving.coserving(backbone, tasks[0].spec.base_model, trainer, cmd, serve_sock, metrics)
+    step = serving.loop.iteration if serving else trainer.run_round
+    idle = serving.loop.wait if serving else getattr(getattr(stop, "event", None), "wait", time.sleep)
     try:
-        if cmd.watch:
-            watcher = TaskFileWatcher(cmd.tasks)
+        if watcher is not None:
             while not stop():
                 wanted = watcher.changed()
                 if wanted is not None:
                     reconcile(trainer, [t for t in wanted if t.spec.base_model == tasks[0].spec.base_model])
-                if not trainer.run_round():
-                    stop.event.wait(1.0)
+                if not step():
+                    idle(1.0)
+        elif serving is not None:  # train while serving, then keep serving until stopped
+            serving.loop.run(stop, until_trained=True)
+            if not stop():
+                print("training finished; the adapters are still served (Ctrl-C to stop)", file=sys.stderr, flush=True)
+                serving.loop.run(stop)
         else:
             trainer.run(stop)
     finally:
         trainer.save_cut()  # interrupted: leave checkpoints the rerun replays exactly
         trainer.telemetry.close()
+        if serving is not None:
+            serving.close()
     return trainer
 
 
@@ -220,7 +235,10 @@ def run_from_cli(cmd) -> int:
     if cmd.watch and len(groups) > 1:
         print("error: --watch serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
         return 2
-    metrics = server = lock = None
+    if getattr(cmd, "serve_port", None) is not None and len(groups) > 1:
+        print("error: --serve-port serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
+        return 2
+    metrics = server = lock = serve_sock = None
     try:  # nothing is trained or written until these pass (the lock creates the output last)
         preflight.check_output(cmd.output)
         preflight.check_layout(cmd.output, tasks)
@@ -230,10 +248,14 @@ def run_from_cli(cmd) -> int:
             metrics = EngineMetrics()
             status = trust.active().signed(metrics.status) if trust.active() else metrics.status
             server = preflight.start_server(cmd.metrics_host, cmd.metrics_port, status, metrics.render)
+        if getattr(cmd, "serve_port", None) is not None:
+            serve_sock = preflight.listen("--serve-port", cmd.serve_host, cmd.serve_port)
         lock = preflight.lock_output(cmd.output)
     except preflight.CliProblem as exc:
         if server is not None:
             server.stop()
+        if serve_sock is not None:
+            serve_sock.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if server is not None:
@@ -246,7 +268,7 @@ def run_from_cli(cmd) -> int:
             if stop():
                 break
             try:
-                trainer = run_group(group, cmd, stop, base_dir, metrics)
+                trainer = run_group(group, cmd, stop, base_dir, metrics, serve_sock)
             except ModelLoadError as exc:
                 runtimes += failed_group(group, str(exc), cmd.output)
                 continue
@@ -255,12 +277,15 @@ def run_from_cli(cmd) -> int:
     finally:
         if server is not None:
             server.stop()
+        if serve_sock is not None:
+            serve_sock.close()  # already closed by the serving stack, unless its backbone failed to load
         lock.release()
     print(summary_table(runtimes))
     if computed:
         print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
     print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    if stop.signum is not None:
+    serving_after_training = getattr(cmd, "serve_port", None) is not None and all(r.done for r in runtimes)
+    if stop.signum is not None and not serving_after_training:
         return 128 + stop.signum
     if any(r.phase == FAILED for r in runtimes):
         return 1

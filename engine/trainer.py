@@ -58,7 +58,6 @@ class MuxTrainer:
         self.allow_data_change = allow_data_change  # resume a checkpoint whose data fingerprint differs
         self.data_limits = data_limits or DataLimits()
         self.tasks: dict[str, TaskRuntime] = {}
-        self._next_slot = 0
         self.rounds = 0
         self.real_tokens = 0  # over the whole run, for the effective-token ratio
         self.computed_tokens = 0
@@ -85,8 +84,7 @@ class MuxTrainer:
             problems = outputs.overlaps(task.key, out_dir, {k: t.out_dir for k, t in self.tasks.items()}, self.output)
         except outputs.OutputLayoutError as exc:
             out_dir, problems = None, [str(exc)]
-        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=None if problems else out_dir)
-        self._next_slot += 1
+        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(reuse=False), out_dir=None if problems else out_dir)
         self.tasks[task.key] = rt
         if problems:
             return self._fail(rt, "; ".join(problems))
@@ -156,8 +154,9 @@ class MuxTrainer:
     def active(self) -> list[TaskRuntime]:
         return [t for t in self.tasks.values() if t.phase == RUNNING]
 
-    def run_round(self) -> bool:
-        """One fused forward/backward. False when no task has work."""
+    def run_round(self, token_budget: int | None = None) -> bool:
+        """One fused forward/backward. False when no task has work. token_budget (capped by the
+        trainer's own) bounds this round: co-serving passes what the latency SLOs leave."""
         self._align_once()
         active = self.active()
         if not active:
@@ -166,7 +165,7 @@ class MuxTrainer:
         for rt in active:
             if not rt.pending:
                 rt.begin_step()
-        budget = self.token_budget
+        budget = self.token_budget if token_budget is None else max(1, min(token_budget, self.token_budget))
         if self._solo_rounds:
             self._solo_rounds, budget = self._solo_rounds - 1, 1
         picks, waiting = scheduler.select(active, budget)

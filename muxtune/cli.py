@@ -14,7 +14,22 @@ from muxtune.devcluster.cli import DevClusterCommand
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 
 
-class RunCommand(BaseModel):
+class ServeFlags(BaseModel):
+    """What serving adapters over the OpenAI API takes (shared by `run --serve-port` and `serve`)."""
+
+    slo_tpot_ms: float = Field(100.0, gt=0, description="Serving SLO: mean time per output token after the first (ms)")
+    slo_ttft_ms: float = Field(1000.0, gt=0, description="Serving SLO: time to the first token (ms)")
+    max_num_seqs: int = Field(16, gt=0, le=4096, description="Requests generating at once (KV cache rows)")
+    max_model_len: int = Field(2048, gt=1, description="Prompt + generated tokens of one request (KV cache row length)")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a free row; more get 429")
+    max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for")
+    max_prefill_tokens: int = Field(512, gt=0, description="Prompt tokens per iteration at most (longer prompts are chunked)")
+    max_connections: int = Field(256, gt=0, le=65536, description="Open connections at most (the longest-idle one is closed for a new one; 503 when all are busy)")
+    idle_timeout_s: float = Field(15.0, gt=0, description="Seconds a connection may take to send a request's headers, or sit idle between requests")
+    chat_template: Path | None = Field(None, description="Jinja chat template (default: the tokenizer's, else muxtune's plain one)")
+
+
+class RunCommand(ServeFlags):
     """Train FineTuneTasks together over one shared backbone (no cluster needed)."""
 
     tasks: CliPositionalArg[list[Path]] = Field(description="FineTuneTask YAML files (several documents per file are fine)")
@@ -33,11 +48,34 @@ class RunCommand(BaseModel):
     allow_data_change: bool = Field(False, description="Resume a task even when its dataset changed since its checkpoint (refused by default)")
     progress: bool = Field(True, description="Show a progress bar")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
+    serve_port: int | None = Field(None, ge=0, le=65535, description="Also serve the tasks' adapters (OpenAI API) on this port while they train (0: any free port)")
+    serve_host: str = Field("127.0.0.1", description="Address the serving port binds")
+    serve_tasks: Literal["all", "enabled"] = Field(
+        "all", description="Which tasks' adapters are served: all, or only those with spec.serving.enabled (pods)")
+    serve_policy: Literal["coserve", "temporal"] = Field(
+        "coserve", description="coserve: token-level mixing under the SLOs; temporal: train only while no request is in flight (a baseline)")
 
     def cli_cmd(self) -> None:
         from muxtune.engine.run import run_from_cli
 
         sys.exit(run_from_cli(self))
+
+
+class ServeCommand(ServeFlags):
+    """Serve finished adapters over one shared backbone with an OpenAI-compatible API."""
+
+    adapters: CliPositionalArg[list[Path]] = Field(description="Adapter directories (adapter_config.json + adapter_model.safetensors); each is served under its directory name")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the OpenAI API (0: any free port)")
+    host: str = Field("127.0.0.1", description="Address the API binds")
+    base_model: str | None = Field(None, description="Backbone (builtin:NAME or a model directory; default: the adapters' base_model_name_or_path)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
+
+    def cli_cmd(self) -> None:
+        from muxtune.engine.serve.launch import serve_from_cli
+
+        sys.exit(serve_from_cli(self))
 
 
 class ValidateCommand(BaseModel):
@@ -67,6 +105,7 @@ class Muxtune(BaseSettings):
     )
 
     run: CliSubCommand[RunCommand] = Field(description="train tasks together on one backbone, locally or in a pod")
+    serve: CliSubCommand[ServeCommand] = Field(description="serve finished adapters over one backbone (OpenAI API)")
     validate_: CliSubCommand[ValidateCommand] = Field(alias="validate", description="check task files without training")
     plan: CliSubCommand[PlanCommand] = Field(description="dry-run the operator's placement planner")
     operator: CliSubCommand[OperatorCommand] = Field(description="run the Kubernetes operator")

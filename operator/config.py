@@ -27,6 +27,7 @@ ANN_PRIORITY = "muxtune.io/priority"
 ANN_GPU_MEMORY = "muxtune.io/gpu-memory-mib"
 ANN_TENANCY = "muxtune.io/tenancy"
 ANN_POD_TEMPLATE = "muxtune.io/pod-template-hash"
+SERVING_PORT = 8000  # the engine's OpenAI-compatible API in a pod of a group that serves
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -35,6 +35,7 @@ from muxtune.operator.config import (
     LABEL_GROUP,
     LABEL_MANAGED_BY,
     MANAGED_BY,
+    SERVING_PORT,
     OperatorConfig,
 )
 from muxtune.operator.groups import GroupsMixin, PodBackoff, subset
@@ -439,7 +440,8 @@ class Controller(GroupsMixin):
         reach = self.poller.unreachable(gk)
         return status.TaskView(gen, max_steps, "member", group=gk[1], pod_state=pod_state, pod_message=pod_msg,
                                report=report, kueue=kueue, unreachable_since=reach.since if reach else None,
-                               unreachable_message=reach.error if reach else "")
+                               unreachable_message=reach.error if reach else "",
+                               endpoint=f"http://{gk[1]}.{gk[0]}.svc:{SERVING_PORT}/v1")
 
     async def _write_status(self, obj: dict, old: dict, new: dict) -> bool:
         m = obj["metadata"]

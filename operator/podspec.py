@@ -27,6 +27,7 @@ from muxtune.operator.config import (
     LABEL_GROUP,
     MODELS_MOUNT,
     OUTPUT_MOUNT,
+    SERVING_PORT,
     TASKS_FILE,
     TASKS_MOUNT,
     OperatorConfig,
@@ -57,11 +58,18 @@ def group_namespaces(group: dict) -> list[str]:
     return [meta["namespace"]]
 
 
-def engine_args(config: OperatorConfig) -> list[str]:
-    return [
+def engine_args(config: OperatorConfig, serving: dict | None = None) -> list[str]:
+    """The engine's command line; with the group's spec.serving it also serves the adapters of the
+    members that enabled serving (and only those) on the serving port, within the group's SLOs."""
+    args = [
         "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
     ]
+    if serving:
+        args += ["--serve-port", str(serving.get("port", SERVING_PORT)), "--serve-host", "0.0.0.0",
+                 "--serve-tasks", "enabled", "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
+                 "--slo-tpot-ms", format(float(serving["sloTpotMs"]), "g")]  # 80 and 80.0 alike (JSON round trips)
+    return args
 
 
 def _shared_volume(name: str, pvc: str | None, host_path: str | None, read_only: bool) -> dict:
@@ -148,6 +156,7 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
     gpus = int(spec.get("gpusPerPod", 1))
     gpu_mem = (meta.get("annotations") or {}).get(ANN_GPU_MEMORY)
     product = spec.get("gpuProduct")
+    serving = spec.get("serving")  # fixed when the pod is created (pods are not restarted for it)
 
     volumes = [
         {"name": "tasks", "configMap": {"name": configmap_name(name)}},
@@ -208,9 +217,10 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
         "image": config.engine_image,
         "imagePullPolicy": config.engine_image_pull_policy,
         "command": ["muxtune"],
-        "args": engine_args(config),
+        "args": engine_args(config, serving),
         "env": env,
-        "ports": [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}],
+        "ports": [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}]
+        + ([{"name": "serving", "containerPort": serving.get("port", SERVING_PORT), "protocol": "TCP"}] if serving else []),
         "resources": resources,
         "volumeMounts": mounts,
         "securityContext": {

@@ -8,8 +8,9 @@ Children (all in the group's namespace, all with an ownerReference to the group)
   ``/output/<ns>/<name>`` (or ``/output/<ns>/<output.path>``); ``model:NAME`` backbones resolve
   to ``/models/NAME`` (``builtin:X`` for a BaseModel whose source is builtin).
 * Secret ``<group>-key-<uid>``: the group's HMAC key, mounted into its pods.
-* Service ``<group>``: headless, port ``metrics`` (engine /metrics and /v1/status); also the
-  DNS domain of the pods (rank 0 is the rendezvous for dp > 1).
+* Service ``<group>``: headless, port ``metrics`` (engine /metrics and /v1/status) and port
+  ``serving`` (8000, the engine's OpenAI API when the group serves); also the DNS domain of the
+  pods (rank 0 is the rendezvous for dp > 1).
 * PodDisruptionBudget ``<group>``: no voluntary eviction of a training pod.
 * Pods ``<group>-<rank>``: operator/podspec.py.
 """
@@ -35,6 +36,7 @@ from muxtune.operator.config import (
     LABEL_NAME,
     MANAGED_BY,
     MODELS_MOUNT,
+    SERVING_PORT,
     TASKS_FILE,
     OperatorConfig,
 )
@@ -80,7 +82,19 @@ def group_spec(plan: GroupPlan, members: list[dict], token_budget: int | None) -
     }
     if token_budget:
         spec["tokenBudget"] = token_budget
+    spec["serving"] = group_serving(plan, members)
     return {k: v for k, v in spec.items() if v is not None}
+
+
+def group_serving(plan: GroupPlan, members: list[dict]) -> dict | None:
+    """The group's serving settings when a member asks for serving: the strictest SLOs of those that do.
+    Co-serving runs in one engine process, so a group split over several (dp, tp or pp > 1) does not serve."""
+    wanted = [((t.get("spec") or {}).get("serving") or {}) for t in members]
+    wanted = [w for w in wanted if w.get("enabled")]
+    if not wanted or plan.parallelism.gpus > 1:
+        return None
+    return {"port": SERVING_PORT, "sloTtftMs": min(float(w.get("sloTtftMs", 1000.0)) for w in wanted),
+            "sloTpotMs": min(float(w.get("sloTpotMs", 100.0)) for w in wanted)}
 
 
 def group_manifest(plan: GroupPlan, members: list[dict], token_budget: int | None) -> dict:
@@ -238,7 +252,9 @@ def service_manifest(group: dict, config: OperatorConfig) -> dict:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {LABEL_GROUP: name, LABEL_COMPONENT: "engine"},
-            "ports": [{"name": "metrics", "port": config.engine_metrics_port, "targetPort": "metrics", "protocol": "TCP"}],
+            "ports": [{"name": "metrics", "port": config.engine_metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+                      # the engine's OpenAI API, where the group serves (spec.serving): <group>.<ns>.svc:8000
+                      {"name": "serving", "port": SERVING_PORT, "targetPort": SERVING_PORT, "protocol": "TCP"}],
         },
     }
 

@@ -34,6 +34,7 @@ class TaskView:
     unreachable_since: str | None = None  # the engine has not answered polls since then
     unreachable_message: str = ""
     final: bool = False  # unplaceable for good (the spec names something the operator never places)
+    endpoint: str | None = None  # the group's OpenAI API base URL (members of a group that serves)
 
 
 def _cond(type_: str, status: str, reason: str, message: str = "") -> dict:
@@ -119,6 +120,8 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
                     st[k] = rep.get(k)
             if rep.get("message"):
                 st["message"] = rep["message"]
+        if rep and rep.get("servedModel") and view.endpoint:  # the engine answers for this adapter
+            st["endpoint"] = view.endpoint
         ephase = (rep or {}).get("phase")
         if ephase == "Succeeded":
             st["phase"] = "Succeeded"

@@ -28,6 +28,14 @@ class MemberTask(ApiModel):
     uid: str | None = Field(default=None, description="FineTuneTask UID (guards against a re-created namesake).")
 
 
+class GroupServing(ApiModel):
+    """The group's engine serves its members' adapters (those with spec.serving.enabled)."""
+
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the engine's OpenAI-compatible API.")
+    slo_ttft_ms: float = Field(gt=0, description="Strictest time-to-first-token SLO of the serving members (ms).")
+    slo_tpot_ms: float = Field(gt=0, description="Strictest time-per-output-token SLO of the serving members (ms).")
+
+
 class BackboneGroupSpec(ApiModel):
     """Which tasks share the backbone and the GPUs they run on."""
 
@@ -37,6 +45,9 @@ class BackboneGroupSpec(ApiModel):
     parallelism: Parallelism = Field(default_factory=Parallelism, description="Data, tensor and pipeline parallelism.")
     gpu_product: str | None = Field(default=None, description="Node GPU product the plan was sized for.")
     token_budget: int | None = Field(default=None, gt=0, description="Tokens fused per step before tasks take turns.")
+    serving: GroupServing | None = Field(
+        default=None, description="Set when a member has spec.serving.enabled: the engine's pods start with the API open."
+    )
 
 
 class BackboneGroupStatus(ApiModel):

@@ -380,6 +380,24 @@ class OutputSpec(ApiModel):
         return check_relative_path(v, "namespace's output area")
 
 
+class ServingSpec(ApiModel):
+    """Serve the task's adapter through its group's OpenAI-compatible API, while it trains and after."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Answer inference requests with this task's adapter (model name: namespace/name) from the "
+                    "engine that trains it; status.endpoint says where.",
+    )
+    slo_ttft_ms: float = Field(
+        default=1000.0, gt=0, le=600000,
+        description="Time-to-first-token SLO in ms; the group's engine keeps training within the strictest of its tasks'.",
+    )
+    slo_tpot_ms: float = Field(
+        default=100.0, gt=0, le=60000,
+        description="Time-per-output-token SLO in ms; the group's engine keeps training within the strictest of its tasks'.",
+    )
+
+
 class FineTuneTaskSpec(ApiModel):
     """What to train: backbone, data, PEFT method and optimisation settings."""
 
@@ -409,6 +427,9 @@ class FineTuneTaskSpec(ApiModel):
         json_schema_extra=immutable("shareAcrossNamespaces"),
         description="Allow packing with tasks of other namespaces that also allow it.",
     )
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="Inference on the task's adapter while it trains (co-serving)."
+    )
 
 
 class FineTuneTaskStatus(ApiModel):
@@ -430,6 +451,11 @@ class FineTuneTaskStatus(ApiModel):
     start_time: Timestamp | None = Field(default=None, description="When the task started training.")
     completion_time: Timestamp | None = Field(default=None, description="When the task succeeded or failed.")
     observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
+    endpoint: str | None = Field(
+        default=None,
+        description="OpenAI-compatible API base URL serving this task's adapter (model: namespace/name), "
+                    "set while spec.serving.enabled and its group's engine serves it.",
+    )
 
 
 class FineTuneTask(ApiModel):

@@ -3,9 +3,11 @@
 Debian's `prometheus` runs on loopback (1 s scrapes, temporary storage, the chart's alert rules
 loaded) and scrapes:
 
-* a real `muxtune run --watch --metrics-port` over builtin:tiny-llama: three tasks in two
-  namespaces that train to Succeeded under a token budget small enough that they take turns, and
-  one whose dataset is missing, so failure panels have a real failure to show. Its target carries
+* a real `muxtune run --watch --metrics-port --serve-port` over builtin:tiny-llama: three tasks in
+  two namespaces that train to Succeeded under a token budget small enough that they take turns, and
+  one whose dataset is missing, so failure panels have a real failure to show; while they train, a
+  client sends completion requests (plain and streamed) for their adapters and the base model, so the
+  serving row has real requests to show. Its target carries
   the labels a Kubernetes scrape gives an engine pod (namespace, pod, group), with honor_labels as
   the chart's PodMonitor sets it;
 * the operator, when the local cluster harness is there (muxtune.devcluster's `kube_cluster`): it
@@ -199,6 +201,45 @@ class Stack:
     engine_labels: dict[str, str]
     operator_reason: str | None  # why the operator is not scraped (skip)
     operator_error: str | None  # what broke while starting it (failure)
+    served: list[dict] = field(default_factory=list)  # the client's answered requests: model, completion tokens
+
+
+class ServingClient:
+    """Completion requests to the engine's OpenAI API while its tasks train: one every half second,
+    for each served model in turn (a task's adapter answers once the task is Running), streamed
+    every other time; answered ones are kept, with the tokens the server counted."""
+
+    def __init__(self, port: int, models: list[str]):
+        self.port, self.models, self.served = port, models, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        i = 0
+        while not self.stop.wait(0.5):
+            model = self.models[i % len(self.models)]
+            body = {"model": model, "prompt": "reverse: abc\n", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "stream": i % 2 == 1, "stream_options": {"include_usage": True}}
+            i += 1
+            req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/completions", json.dumps(body).encode())
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    text = r.read().decode()
+            except urllib.error.HTTPError as exc:  # 404 until the task joined: not served yet
+                assert exc.code == 404, exc.read()
+                continue
+            except OSError:
+                continue  # the engine is going away
+            if body["stream"]:
+                usage = json.loads([ln for ln in text.splitlines() if ln.startswith("data: {")][-1][6:])["usage"]
+            else:
+                usage = json.loads(text)["usage"]
+            self.served.append({"model": model, "tokens": usage["completion_tokens"]})
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(timeout=120)
 
 
 class OperatorSide:
@@ -331,7 +372,8 @@ def stack(request, prometheus_bin, tmp_path_factory):
         exe = Path(sys.executable).with_name("muxtune")
         engine = subprocess.Popen(
             [str(exe), "run", str(tasks_file), "--output", str(output), "--data-root", str(work), "--watch", "--no-progress", "--no-resume",
-             "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--token-budget", "160", "--device", "cpu"],
+             "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--token-budget", "160", "--device", "cpu",
+             "--serve-port", "0"],
             stdout=open(engine_log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=work, env=engine_env)
         procs.append(engine)
 
@@ -380,6 +422,9 @@ def stack(request, prometheus_bin, tmp_path_factory):
 
         wait_for(scraped_engine, 60, "the first scrape of the engine", interval=0.5)
         write_tasks(docs, 2)
+        serve_port = int(wait_for(lambda: re.search(r"serving the OpenAI API on http://127\.0\.0\.1:(\d+)",
+                                                    engine_log.read_text()), 120, "the engine's API server").group(1))
+        client = ServingClient(serve_port, [f"{ns_a}/reverse", f"{ns_a}/copy", f"{ns_b}/arithmetic", "builtin:tiny-llama"])
 
         # training done, as Prometheus saw it: three Succeeded, one Failed
         def finished():
@@ -408,8 +453,10 @@ def stack(request, prometheus_bin, tmp_path_factory):
                 wait_for(operator_caught_up, 120, "the operator to report the tasks' final phases", interval=1)
             except (TimeoutError, AssertionError) as exc:
                 error = str(exc)
+        client.close()
+        assert len(client.served) >= 8 and {r["model"] for r in client.served} >= set(client.models), client.served
         time.sleep(3)  # a few more scrapes and rule evaluations after the end
-        yield Stack(prom, docs, output, engine_labels, reason, error)
+        yield Stack(prom, docs, output, engine_labels, reason, error, client.served)
     finally:
         for p in reversed(procs):
             stop_process(p)
@@ -573,6 +620,14 @@ def test_scraped_values_are_true(stack):
     # the budget made tasks take turns, and the fused-each-step series saw it
     assert prom.value("sum(muxtune_task_waiting_rounds_total)") > 0
     assert prom.value("max_over_time(sum(muxtune_engine_tasks_resident)[15m:1s])") == 3
+    # serving: the requests the client got answers to, and the tokens the server said it generated
+    served = stack.served
+    assert prom.value('sum(muxtune_serve_requests_total{outcome=~"stop|length"})') == len(served)
+    assert prom.value("sum(muxtune_serve_generation_tokens_total)") == sum(r["tokens"] for r in served)
+    for model in {r["model"] for r in served}:
+        n = sum(1 for r in served if r["model"] == model)
+        assert prom.value(f'sum(muxtune_serve_requests_total{{model="{model}"}})') == n, model
+    assert prom.value('sum(muxtune_serve_slo_requests_total)') == len(served)
     # per-pod series have the pod's namespace, not a task's
     (info,) = prom.query("muxtune_engine_info")
     assert info["metric"]["namespace"] == stack.engine_labels["namespace"]

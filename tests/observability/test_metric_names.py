@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 ENGINE_TASK_LABELS = {"namespace", "task", "phase"}
 ENGINE_POD_LABELS = {"kind", "gpu", "uuid", "backbone", "device", "version", "le"}
 OPERATOR_LABELS = {"namespace", "phase", "verb", "resource", "le"}
+SERVE_LABELS = {"model", "outcome", "slo", "status", "load", "le"}  # model: a served adapter's name (bounded)
 NON_BASE_UNITS = re.compile(r"_(milli|micro|nano)?(ms|us|ns|millis|milliseconds|microseconds|minutes|hours|days|"
                             r"percent|pct|kb|mb|gb|kib|mib|gib|kilobytes|megabytes|gigabytes)(_|$)")
 # NVIDIA dcgm-exporter's names the dashboards and alerts join with (its default counters file)
@@ -57,6 +58,27 @@ def populated_engine(n_tasks: int = 3) -> EngineMetrics:
     m.checkpoint_done(rts[0], 0.4, False)
     rts[-1].phase, rts[-1].message = "Failed", "loss became non-finite at step 2"
     m.task_phase(rts[-1])
+    return m
+
+
+def populated_serve():
+    """Every serving family with samples: one adapter and the base model, a finished, a refused and a
+    running request, an iteration that trained under serving."""
+    from muxtune.engine.serve.controller import Slo, SloController
+    from muxtune.engine.serve.metrics import ServeMetrics
+
+    slo = Slo(tpot_s=0.1, ttft_s=1.0)
+    m = ServeMetrics(slo=slo)
+    entry = SimpleNamespace(name="team-a/rev", current=SimpleNamespace(step=3))
+    req = SimpleNamespace(model=entry, prompt_ids=[1] * 5, output_ids=[2] * 4, ttft=0.2, tpot=0.05)
+    registry = SimpleNamespace(models=lambda: [entry], base_id="builtin:tiny-llama", live_versions=1)
+    engine = SimpleNamespace(registry=registry, running=[req], waiting=[], pool=SimpleNamespace(used=1, rows=4))
+    m.attach(engine, SloController(slo, 4096))
+    m.admitted(req)
+    m.first_token(req)
+    m.finished(req, "length")
+    m.rejected(429)
+    m.iteration(SimpleNamespace(seconds=0.01), {"team-a/rev": 100}, 0.05, True)
     return m
 
 
@@ -140,6 +162,20 @@ def test_engine_series_grow_with_tasks_only():
     assert count(m7) - count(m5) == 2 * per_task
 
 
+def test_serve_names_and_labels():
+    fams = families(populated_serve().registry)
+    errors = [e for f in fams for e in check_family(f, SERVE_LABELS, "muxtune_serve_")]
+    assert not errors, "\n".join(errors)
+    names = {f.name for f in fams}
+    for wanted in ("muxtune_serve_requests", "muxtune_serve_prompt_tokens", "muxtune_serve_generation_tokens",
+                   "muxtune_serve_time_to_first_token_seconds", "muxtune_serve_time_per_output_token_seconds",
+                   "muxtune_serve_slo_requests", "muxtune_serve_requests_waiting", "muxtune_serve_train_tokens",
+                   "muxtune_serve_train_tokens_per_second"):
+        assert wanted in names, wanted
+    models = {s.labels["model"] for f in fams for s in f.samples if "model" in s.labels}
+    assert models == {"team-a/rev", "builtin:tiny-llama"}, "one series set per served model, nothing per request"
+
+
 def test_operator_names_and_labels():
     with operator_registry() as reg:
         fams = families(reg)
@@ -148,7 +184,7 @@ def test_operator_names_and_labels():
 
 
 def test_promtool_check_metrics(promtool):
-    for body in (populated_engine().render()[0], _operator_exposition()):
+    for body in (populated_engine().render()[0], _operator_exposition(), populated_serve().render()[0]):
         p = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
         assert p.returncode == 0 and not p.stdout.strip() and not p.stderr.strip(), (p.stdout + p.stderr).decode()
 
@@ -163,7 +199,7 @@ def _operator_exposition() -> bytes:
 def _known_sample_names() -> set[str]:
     names = set(DCGM_NAMES)
     with operator_registry() as op:
-        for reg in (populated_engine().registry, op):
+        for reg in (populated_engine().registry, op, populated_serve().registry):
             for f in reg.collect():
                 names.update(s.name for s in f.samples)
     return names

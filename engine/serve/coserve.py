@@ -1,0 +1,101 @@
+"""The hybrid scheduler: each iteration runs the inference work first (decode tokens of the
+requests in flight, then prefill chunks of new ones) and fills the rest of the iteration with
+training tokens, as many as the SLO controller allows (`controller.py`).
+
+Inference runs under torch.inference_mode in its own forward; the training round that follows is
+the trainer's own fused forward/backward with a token budget, so training never holds inference
+activations and trains exactly as it would alone (its steps only span more rounds). Without a
+trainer (`muxtune serve`) the loop only serves.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from muxtune.engine.serve.adapters import served_name
+from muxtune.engine.serve.controller import SloController
+from muxtune.engine.serve.engine import ServeEngine
+
+log = logging.getLogger("muxtune.serve")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # timings feed the controller: wait for the kernels they launched
+        torch.cuda.synchronize(device)
+
+
+class CoServer:
+    def __init__(self, engine: ServeEngine, controller: SloController, trainer=None, metrics=None):
+        self.engine, self.controller, self.trainer, self.metrics = engine, controller, trainer, metrics
+        self.device = engine.backbone.device
+        self._trained_last = False
+        self.iterations = 0
+        self._min_seq: dict[str, float] = {}
+
+    def _next_sequence_tokens(self) -> int:
+        """Tokens of the smallest sequence the trainer could run next: the least a round costs."""
+        best = math.inf
+        for rt in self.trainer.active():
+            if rt.pending:
+                best = min(best, len(rt.pending[0].input_ids))
+            elif rt.stream is not None:
+                if rt.key not in self._min_seq:
+                    ex = rt.stream.examples
+                    self._min_seq[rt.key] = sum(len(e.input_ids) for e in ex) / max(1, len(ex))
+                best = min(best, self._min_seq[rt.key])
+        return 0 if best is math.inf else int(best)
+
+    def training_active(self) -> bool:
+        return self.trainer is not None and bool(self.trainer.active())
+
+    def iteration(self) -> bool:
+        """One hybrid iteration; False when there was nothing to do."""
+        eng, ctl = self.engine, self.controller
+        now = time.monotonic()
+        due = {r: (r.first_token_at + ctl.slo.tpot_s * len(r.output_ids) if r.first_token_at is not None
+                   else r.arrival + ctl.slo.ttft_s) for r in eng.running}
+        stats = eng.step(ctl.prefill_budget(eng, now, eng.limits.max_prefill_tokens))
+        if stats is not None:
+            ctl.observe_inference(stats.decode_tokens + stats.prefill_tokens, stats.seconds)
+            t = time.monotonic()
+            late = sum(1 for r, d in due.items() if r.last_token_at is not None and r.last_token_at >= now and t > d)
+            ctl.observe_tokens(late, self._trained_last)
+        trained_tokens, train_seconds, by_task = 0, 0.0, {}
+        if self.training_active():
+            budget = ctl.train_budget(eng, time.monotonic())
+            idle = not eng.has_work()
+            if idle or ctl.worth_running(budget, self._next_sequence_tokens()):
+                # with no request in flight training always advances, by one sequence at least, even
+                # when the TTFT SLO is tighter than the smallest round (else it could never run)
+                budget = max(budget, 1)
+                before = {key: rt.served_tokens for key, rt in self.trainer.tasks.items()}
+                real = self.trainer.real_tokens
+                t0 = time.perf_counter()
+                self.trainer.run_round(budget)
+                _sync(self.device)
+                train_seconds = time.perf_counter() - t0
+                trained_tokens = self.trainer.real_tokens - real
+                ctl.observe_training(trained_tokens, train_seconds)
+                by_task = {served_name(rt.task): rt.served_tokens - before[key]
+                           for key, rt in self.trainer.tasks.items() if rt.served_tokens != before.get(key, 0)}
+        self._trained_last = trained_tokens > 0
+        if self.metrics is not None:
+            self.metrics.iteration(stats, by_task, train_seconds, eng.has_work())
+        self.iterations += 1
+        return stats is not None or trained_tokens > 0
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a request arrives (or timeout): nothing to run."""
+        self.engine.wakeup.wait(timeout)
+        self.engine.wakeup.clear()
+
+    def run(self, should_stop, until_trained: bool = False) -> None:
+        """Iterate until should_stop(); with until_trained, also stop once no task trains."""
+        while not should_stop():
+            if until_trained and not self.training_active():
+                return
+            if not self.iteration():
+                self.wait(0.5)

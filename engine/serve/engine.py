@@ -1,0 +1,271 @@
+"""The inference side of one backbone: a bounded queue, admission into KV cache rows, and one
+iteration of batched multi-adapter generation (decode tokens first, then prefill chunks).
+
+Threads: `submit` is called by the HTTP thread; everything else runs on the engine thread,
+between training rounds, which is what makes adapter snapshots consistent.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from muxtune.engine.serve.adapters import AdapterRegistry, Unavailable
+from muxtune.engine.serve.forward import InferenceForward, WorkItem
+from muxtune.engine.serve.kv_cache import KVPool
+from muxtune.engine.serve.request import Delta, Done, Failed, GenerationRequest, IncrementalText
+from muxtune.engine.serve.sampling import new_generator, sample
+
+log = logging.getLogger("muxtune.serve")
+
+
+class Overloaded(Exception):
+    """Refused at the door: 429 (queue full) or 503 (not serving), with a Retry-After in seconds."""
+
+    def __init__(self, status: int, message: str, retry_after: int):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+
+
+@dataclass
+class ServeLimits:
+    max_num_seqs: int = 16  # requests generating at once (KV cache rows)
+    max_model_len: int = 2048  # prompt + generated tokens of one request (KV cache row length)
+    max_queue: int = 64  # requests waiting for a row; more get 429
+    max_tokens: int = 1024  # cap on a request's max_tokens
+    max_prefill_tokens: int = 512  # prompt tokens per iteration at most (longer prompts are chunked)
+    queue_timeout_s: float = 60.0  # a request waiting longer gets 503
+
+
+@dataclass
+class InferenceStats:
+    decode_tokens: int
+    prefill_tokens: int
+    seconds: float
+    finished: int
+
+
+def layer_devices(backbone) -> list[torch.device]:
+    layers = backbone.decoder.layers
+    return [next(layer.parameters()).device for layer in layers]
+
+
+def check_kv_memory(need: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a KV cache that would not fit next to training (never OOM later)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        room, where = int(free * 0.5), "half the free GPU memory"
+    else:
+        import psutil
+
+        room, where = int(psutil.virtual_memory().available * 0.5), "half the available host memory"
+    if need > room:
+        raise ValueError(f"the KV cache needs {need / 2**30:.2f} GiB (max-num-seqs x max-model-len), more than {where} "
+                         f"({room / 2**30:.2f} GiB); lower --max-num-seqs or --max-model-len")
+
+
+class ServeEngine:
+    def __init__(self, backbone, registry: AdapterRegistry, limits: ServeLimits, metrics=None):
+        config = backbone.model.config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        max_len = min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len),
+                      window or limits.max_model_len)
+        self.limits = limits
+        self.max_model_len = max_len
+        self.backbone = backbone
+        self.registry = registry
+        self.metrics = metrics
+        devices = layer_devices(backbone)
+        check_kv_memory(KVPool.bytes_needed(config, len(devices), backbone.dtype, limits.max_num_seqs, max_len),
+                        devices[0])
+        self.pool = KVPool(config, devices, backbone.dtype, limits.max_num_seqs, max_len)
+        self.forward = InferenceForward(backbone, self.pool)
+        self.tokenizer = backbone.tokenizer  # engine thread only
+        self.eos = backbone.tokenizer.eos_token_id
+        self.waiting: deque[GenerationRequest] = deque()
+        self.running: list[GenerationRequest] = []
+        self.wakeup = threading.Event()
+        self._lock = threading.Lock()
+        self._closed: str | None = None
+        self.prompt_tokens_mean = 64.0  # running mean prompt length: the prefill an arrival is likely to need
+        self._seed = torch.Generator().manual_seed(int(time.time_ns() % 2**62))  # seeds for unseeded requests
+
+    # ----- the HTTP thread -------------------------------------------------------------------
+    def submit(self, req: GenerationRequest) -> None:
+        with self._lock:
+            if self._closed:
+                raise Overloaded(503, f"the server is not accepting requests: {self._closed}", 5)
+            if len(self.waiting) >= self.limits.max_queue:
+                raise Overloaded(429, f"too many requests waiting ({self.limits.max_queue}); retry later", 1)
+            self.waiting.append(req)
+        self.wakeup.set()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ----- the engine thread -----------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def close(self, reason: str) -> None:
+        """Refuse new requests and fail the ones not finished (shutdown)."""
+        with self._lock:
+            self._closed = reason
+            waiting, self.waiting = list(self.waiting), deque()
+        for req in waiting + list(self.running):
+            self._fail(req, Failed(503, f"the server stopped: {reason}"))
+
+    def step(self, prefill_budget: int | None = None) -> InferenceStats | None:
+        """One inference iteration; None when there was nothing to run."""
+        self.registry.sync_tasks()
+        self._reap()
+        self._admit()
+        items, reqs, decode = self._plan(prefill_budget or self.limits.max_prefill_tokens)
+        if not items:
+            return None
+        t0 = time.perf_counter()
+        try:
+            logits = self.forward(items)
+            picked = [r for it, r in zip(items, reqs) if it.sample]
+            tokens = sample(logits, [r.params for r in picked], [r.generator for r in picked])
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
+            log.exception("inference forward failed", extra={"requests": len(reqs)})
+            for r in set(reqs):
+                self._fail(r, Failed(500, f"inference failed: {type(exc).__name__}: {exc}"))
+            return InferenceStats(0, 0, time.perf_counter() - t0, 0)
+        now = time.monotonic()
+        for it, r in zip(items, reqs):
+            if not it.sample:
+                r.prefilled += len(it.tokens)
+        finished = 0
+        for r, tok in zip(picked, tokens):
+            if r.in_prefill:
+                r.prefilled = len(r.prompt_ids)
+            try:
+                finished += self._accept(r, tok, now)
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error fails this request only
+                log.exception("request failed", extra={"request": r.id})
+                self._fail(r, Failed(500, f"{type(exc).__name__}: {exc}"))
+        return InferenceStats(decode, sum(len(it.tokens) for it in items) - decode, time.perf_counter() - t0, finished)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for r in [r for r in self.running if r.cancelled]:
+            self._finish(r, "abort", notify=False)
+        with self._lock:
+            keep = deque()
+            drop = []
+            for r in self.waiting:
+                if r.cancelled:
+                    drop.append((r, None))
+                elif now - r.arrival > self.limits.queue_timeout_s:
+                    drop.append((r, Failed(503, f"waited {self.limits.queue_timeout_s:.0f}s for a free slot")))
+                else:
+                    keep.append(r)
+            self.waiting = keep
+        for r, failure in drop:
+            if failure is None:
+                r.finish_reason = "abort"
+                if self.metrics:
+                    self.metrics.finished(r, "abort")
+            else:
+                self._fail(r, failure)
+
+    def _admit(self) -> None:
+        while self.pool.free:
+            with self._lock:
+                if not self.waiting:
+                    return
+                r = self.waiting.popleft()
+            try:
+                r.version = self.registry.acquire(r.model)
+            except Unavailable as exc:
+                self._fail(r, Failed(404, str(exc), "invalid_request_error"))
+                continue
+            r.row = self.pool.allocate()
+            r.admitted_at = time.monotonic()
+            r.adapter_step = r.version.step
+            r.fingerprint = r.version.model if r.version.step is None else f"{r.version.model}@step-{r.version.step}"
+            self.prompt_tokens_mean += 0.1 * (len(r.prompt_ids) - self.prompt_tokens_mean)
+            r.generator = new_generator(r.params, self.backbone.lm_head.weight.device,
+                                        int(torch.randint(2**62, (1,), generator=self._seed)))
+            r.text = IncrementalText(self.tokenizer, r.params.stop)
+            self.running.append(r)
+            if self.metrics:
+                self.metrics.admitted(r)
+
+    def _plan(self, prefill_budget: int) -> tuple[list[WorkItem], list[GenerationRequest], int]:
+        """Work items (decode first), their requests, and how many are decode tokens."""
+        items, reqs = [], []
+        for r in self.running:  # decode first: one token for every request past its prompt
+            if not r.in_prefill:
+                pos = len(r.prompt_ids) + len(r.output_ids) - 1
+                items.append(WorkItem([r.output_ids[-1]], r.row, pos, r.version.slot, True))
+                reqs.append(r)
+        decode = len(items)
+        left = max(1, prefill_budget)
+        for r in sorted((r for r in self.running if r.in_prefill), key=lambda r: r.seq):  # then prompts, FIFO
+            if left <= 0:
+                break
+            n = min(len(r.prompt_ids) - r.prefilled, left)
+            chunk = r.prompt_ids[r.prefilled:r.prefilled + n]
+            items.append(WorkItem(chunk, r.row, r.prefilled, r.version.slot, r.prefilled + n == len(r.prompt_ids)))
+            reqs.append(r)
+            left -= n
+        return items, reqs, decode
+
+    def _accept(self, r: GenerationRequest, token: int, now: float) -> int:
+        """Take one sampled token; returns 1 if the request finished."""
+        r.output_ids.append(token)
+        if r.first_token_at is None:
+            r.first_token_at = now
+            if self.metrics:
+                self.metrics.first_token(r)
+        r.last_token_at = now
+        if token == self.eos and not r.params.ignore_eos:
+            self._finish(r, "stop")
+            return 1
+        text, stopped = r.text.push(token)
+        if stopped:
+            if text:
+                r.sink(Delta(text, len(r.output_ids)))
+            self._finish(r, "stop")
+            return 1
+        if len(r.output_ids) >= r.params.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.max_model_len:
+            if text:
+                r.sink(Delta(text, len(r.output_ids)))
+            self._finish(r, "length")
+            return 1
+        if text or len(r.output_ids) == 1:  # the first token always goes out: clients time TTFT on it
+            r.sink(Delta(text, len(r.output_ids)))
+        return 0
+
+    def _release(self, r: GenerationRequest) -> None:
+        if r in self.running:
+            self.running.remove(r)
+        if r.row is not None:
+            self.pool.release(r.row)
+            r.row = None
+        if r.version is not None:
+            self.registry.release(r.version)
+            r.version = None
+
+    def _finish(self, r: GenerationRequest, reason: str, notify: bool = True) -> None:
+        self._release(r)
+        r.finish_reason = reason
+        if notify:
+            r.sink(Done(reason, r.text.rest() if r.text else "", len(r.prompt_ids), len(r.output_ids)))
+        if self.metrics:
+            self.metrics.finished(r, reason)
+
+    def _fail(self, r: GenerationRequest, failure: Failed) -> None:
+        self._release(r)
+        r.finish_reason = "error"
+        r.sink(failure)
+        if self.metrics:
+            self.metrics.finished(r, "error")

@@ -1,0 +1,91 @@
+"""One inference forward over the shared backbone: decode tokens and prefill chunks of many
+requests, for many adapters, flattened into one row.
+
+Each request's tokens go through its own adapter version's delta in every multiplexed layer
+(the version is a frozen slot of the MultiplexedLinears, routed by the same TokenLayout the trainer
+uses), read and extend the request's KV cache row (`kv_cache.serve_attention`), and only the last
+token of each request that samples this iteration reaches the LM head. It runs under
+torch.inference_mode, so nothing it computes can join the training graph.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from muxtune.engine.packing import TokenLayout
+from muxtune.engine.serve.kv_cache import ATTENTION_NAME, AttentionPlan, KVPool, register
+
+BASE_SLOT = -1  # a request for the base model: no delta (the layout's "no task" value)
+
+
+@dataclass
+class WorkItem:
+    """One request's share of an inference forward."""
+
+    tokens: list[int]  # new tokens: a prefill chunk, or the last sampled token
+    row: int  # KV cache row
+    offset: int  # position of tokens[0] in the request
+    slot: int  # adapter version slot in the multiplexed layers, BASE_SLOT for the base model
+    sample: bool  # whether the logits of the last token are wanted
+
+
+@contextmanager
+def _attention(config, name: str):
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+class InferenceForward:
+    def __init__(self, backbone, pool: KVPool):
+        register()
+        self.backbone = backbone
+        self.pool = pool
+
+    def __call__(self, items: list[WorkItem]) -> torch.Tensor:
+        """Logits [n, vocab] (float32) of the items with sample=True, in the order given."""
+        bb = self.backbone
+        device = bb.device
+        order = sorted(range(len(items)), key=lambda i: items[i].slot)  # one run per adapter: identity layout
+        ids, rows, pos, slots, sample_at, prefill, dec_idx, dec_rows, dec_len = [], [], [], [], {}, [], [], [], []
+        for i in order:
+            it = items[i]
+            start, n = len(ids), len(it.tokens)
+            ids += it.tokens
+            rows += [it.row] * n
+            pos += range(it.offset, it.offset + n)
+            slots += [it.slot] * n
+            if n == 1:
+                dec_idx.append(start)
+                dec_rows.append(it.row)
+                dec_len.append(it.offset + 1)
+            else:
+                prefill.append((start, start + n, it.row, it.offset))
+            if it.sample:
+                sample_at[i] = start + n - 1
+        if max(pos) >= self.pool.max_len:
+            raise ValueError(f"position {max(pos)} is past the KV cache rows ({self.pool.max_len} tokens)")
+
+        def t(values):
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        plan = AttentionPlan(
+            self.pool, t(rows), t(pos),
+            t(dec_idx) if dec_idx else None, t(dec_rows) if dec_rows else None, t(dec_len) if dec_len else None,
+            max(dec_len, default=0), prefill,
+        )
+        wanted = [sample_at[i] for i in range(len(items)) if i in sample_at]
+        with torch.inference_mode(), _attention(bb.model.config, ATTENTION_NAME):
+            bb.ctx.layout = TokenLayout.from_slots(t(slots))
+            try:
+                out = bb.decoder(input_ids=t(ids)[None], position_ids=t(pos)[None], use_cache=False, serve_plan=plan)
+            finally:
+                bb.ctx.layout = None
+            h = out.last_hidden_state[0]
+            h = h.index_select(0, torch.tensor(wanted, dtype=torch.long, device=h.device))
+            return bb.lm_head(h).float()

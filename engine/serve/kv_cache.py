@@ -1,0 +1,125 @@
+"""The KV cache of requests in flight, and the attention that reads it.
+
+A static pool: per layer, K and V buffers of [rows, kv_heads, max_model_len, head_dim], one row
+per request in flight, allocated once when serving starts. Memory is therefore fixed and known up
+front: a request is admitted only when a row is free and its prompt plus max_tokens fit in a row,
+so load can make requests wait (or be refused with 429), never run the process out of memory.
+
+`serve_attention` is registered with transformers' AttentionInterface. During an inference forward
+(`forward.py`) the backbone's attention layers call it with the new tokens' (post-RoPE) keys and
+values of every request, flattened into one row; it writes them into each request's cache row and
+attends each request's queries to its own cache only: one batched call for the decode tokens (one
+query each), one call per prefill chunk (causal from the chunk's offset). Nothing here depends on
+the training batch's mask or attention implementation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "muxtune_serve"
+
+
+@dataclass
+class AttentionPlan:
+    """Where each token of one inference forward goes: built once per iteration, read by every layer."""
+
+    pool: KVPool
+    tok_row: torch.Tensor  # [T] cache row of each token
+    tok_pos: torch.Tensor  # [T] position of each token in its request
+    decode_idx: torch.Tensor | None  # [D] token indices of requests with one new token
+    decode_rows: torch.Tensor | None  # [D] their cache rows
+    decode_len: torch.Tensor | None  # [D] their context lengths including the new token
+    decode_max: int  # longest of decode_len
+    prefill: list[tuple[int, int, int, int]]  # (start, end, row, offset) per prefill chunk
+
+    def on(self, device: torch.device) -> AttentionPlan:
+        """The index tensors on a layer's device (a backbone spread over several GPUs), copied once."""
+        if self.tok_row.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            move = (lambda t: None if t is None else t.to(device))
+            copies[device] = AttentionPlan(self.pool, move(self.tok_row), move(self.tok_pos), move(self.decode_idx),
+                                           move(self.decode_rows), move(self.decode_len), self.decode_max, self.prefill)
+        return copies[device]
+
+
+class KVPool:
+    """Per-layer K/V buffers with one row per request in flight."""
+
+    def __init__(self, config, layer_devices: list[torch.device], dtype: torch.dtype, rows: int, max_len: int):
+        heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.rows, self.max_len = rows, max_len
+        shape = (rows, self.kv_heads, max_len, self.head_dim)
+        with torch.inference_mode():
+            self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+            self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.free = list(range(rows - 1, -1, -1))
+
+    @staticmethod
+    def bytes_needed(config, layers: int, dtype: torch.dtype, rows: int, max_len: int) -> int:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return 2 * layers * rows * kv_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def allocate(self) -> int | None:
+        return self.free.pop() if self.free else None
+
+    def release(self, row: int) -> None:
+        self.free.append(row)
+
+    @property
+    def used(self) -> int:
+        return self.rows - len(self.free)
+
+
+def serve_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, serve_plan=None, **_):
+    """query [1, H, T, d]; key/value [1, kv_heads, T, d] of this forward's tokens. Returns [1, T, H, d]."""
+    plan: AttentionPlan = serve_plan
+    if plan is None:
+        raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside a serving forward")
+    layer = module.layer_idx
+    K, V = plan.pool.k[layer], plan.pool.v[layer]
+    plan = plan.on(K.device)
+    # write the new keys/values into their requests' rows: K[row, :, pos] = k[token]
+    K[plan.tok_row, :, plan.tok_pos] = key[0].transpose(0, 1).to(K.dtype)
+    V[plan.tok_row, :, plan.tok_pos] = value[0].transpose(0, 1).to(V.dtype)
+    heads, d = query.shape[1], query.shape[3]
+    out = query.new_empty(query.shape[2], heads, d)  # [T, H, d]
+    if plan.decode_idx is not None:
+        q = query[0].index_select(1, plan.decode_idx).transpose(0, 1).unsqueeze(2)  # [D, H, 1, d]
+        # slice to the longest context first: gather only the positions in use, not whole rows
+        k = K[:, :, : plan.decode_max].index_select(0, plan.decode_rows)
+        v = V[:, :, : plan.decode_max].index_select(0, plan.decode_rows)
+        keep = torch.arange(plan.decode_max, device=q.device)[None, :] < plan.decode_len[:, None]
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep[:, None, None, :],
+                                           scale=scaling, enable_gqa=True)
+        out[plan.decode_idx] = o[:, :, 0]
+    for start, end, row, offset in plan.prefill:
+        n = end - start
+        q = query[:, :, start:end]
+        k = K[row:row + 1, :, : offset + n].to(q.dtype)
+        v = V[row:row + 1, :, : offset + n].to(q.dtype)
+        if offset == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:  # query i sits at position offset + i and sees keys up to there
+            keep = torch.arange(offset + n, device=q.device)[None, :] <= offset + torch.arange(n, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scaling, enable_gqa=True)
+        out[start:end] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, serve_attention)

@@ -55,6 +55,11 @@ class ServedModel:
     phase: str | None = None  # the task's phase (training tasks only)
     step: int | None = None
     current: AdapterVersion | None = None
+    refused: str | None = None  # why this task's adapter cannot be served (its method), if it cannot
+
+
+# Methods whose delta lives outside the multiplexed Linears: serving would answer without it.
+UNSERVED_METHODS = {"prompt_tuning": "prompt tuning (virtual tokens are not prepended to served requests)"}
 
 
 def spec_from_peft_config(directory: Path) -> PeftSpec:
@@ -139,6 +144,7 @@ class AdapterRegistry:
                                                              path=rt.out_dir)
                     self._aliases[key] = name
                 entry.phase, entry.step = rt.phase, rt.step
+                entry.refused = UNSERVED_METHODS.get(rt.task.spec.peft.method)
 
     def served_tasks(self) -> dict[str, dict]:
         """For the engine's /v1/status: {task key: {"servedModel": name}} of the tasks answering now."""
@@ -148,7 +154,7 @@ class AdapterRegistry:
 
     def models(self) -> list[ServedModel]:
         with self._lock:
-            return [m for m in self._models.values() if m.task_key is None or m.phase in SERVABLE]
+            return [m for m in self._models.values() if m.task_key is None or (m.phase in SERVABLE and not m.refused)]
 
     def lookup(self, name: str) -> ServedModel | None:
         """The entry a request names (None: unknown). A task that cannot serve raises Unavailable."""
@@ -158,6 +164,8 @@ class AdapterRegistry:
             entry = self._models.get(name) or self._models.get(self._aliases.get(name, ""))
             if entry is None:
                 return None
+            if entry.refused:
+                raise Unavailable(f"adapter {name!r} is not served: it uses {entry.refused}")
             if entry.task_key is not None and entry.phase not in SERVABLE:
                 raise Unavailable(f"adapter {name!r} is not served: its task is {entry.phase}")
             return entry

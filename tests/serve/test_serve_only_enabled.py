@@ -39,3 +39,28 @@ def test_only_enabled_tasks_are_served_and_reported(make_task, data_dir, tmp_pat
     everyone = AdapterRegistry(trainer.backbone, "base", trainer)
     everyone.sync_tasks()
     assert sorted(m.name for m in everyone.models()) == ["team-a/off", "team-a/on"]
+
+
+def test_a_prompt_tuning_task_is_refused_by_name_not_served_without_its_prompt(make_task, data_dir, tmp_path,
+                                                                               trainer_factory):
+    """Prompt tuning's delta sits at the input embeddings, which the serving forward does not run:
+    answering would silently drop the task's virtual tokens, so the request is refused saying why."""
+    import pytest
+
+    from muxtune.api.finetunetask import FineTuneTask
+    from muxtune.engine.serve.adapters import AdapterRegistry, Unavailable
+
+    lora = make_task("lora", data_dir / "reverse.jsonl", steps=3)
+    doc = make_task("prompt", data_dir / "upper.jsonl", steps=3).model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["peft"] = {"method": "prompt_tuning", "numVirtualTokens": 4}
+    prompt = FineTuneTask.model_validate(doc)
+    trainer = trainer_factory(tmp_path / "out")
+    for t in (lora, prompt):
+        trainer.add_task(t)
+    trainer.run_round()  # both Running
+    reg = AdapterRegistry(trainer.backbone, "base", trainer)
+    reg.sync_tasks()
+    assert [m.name for m in reg.models()] == ["lora"]
+    assert reg.lookup("lora").task_key is not None
+    with pytest.raises(Unavailable, match="prompt tuning"):
+        reg.lookup("prompt")

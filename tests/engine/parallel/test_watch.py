@@ -43,17 +43,17 @@ def test_watch_with_a_pipeline(tmp_path):
     join = task_doc("join", Path("data/upper.jsonl"), steps=4, batch=2)
     spec = root / "tasks.yaml"
     spec.write_text(yaml.safe_dump(stay))
-    proc = subprocess.Popen([*MUXTUNE, "tasks.yaml", "--output", "out", "--watch", "--pp", "2", "--metrics-port", "0",
-                             "--metrics-host", "127.0.0.1", "--no-progress"],
-                            cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = root / "stderr.log"
+    with open(log, "w") as err:  # a file, not a pipe: nothing blocks when no one reads
+        proc = subprocess.Popen([*MUXTUNE, "tasks.yaml", "--output", "out", "--watch", "--pp", "2", "--metrics-port",
+                                 "0", "--metrics-host", "127.0.0.1", "--no-progress"],
+                                cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=err)
     try:
-        port = None
-        for line in proc.stderr:
-            m = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                port = int(m.group(1))
-                break
-        assert port, "rank 0 did not announce its port"
+        port, deadline = None, time.time() + 300
+        while port is None and time.time() < deadline and proc.poll() is None:
+            m = re.search(r"serving .* on 127\.0\.0\.1:(\d+)", log.read_text())
+            port = int(m.group(1)) if m else time.sleep(0.3)
+        assert port, "rank 0 did not announce its port: " + log.read_text()
         status = _wait(lambda s: s["tasks"].get("default/stay", {}).get("step", 0) >= 2, port)
         par = status["parallel"]
         assert (par["dp"], par["pp"], par["world"]) == (1, 2, 2)
@@ -73,4 +73,4 @@ def test_watch_with_a_pipeline(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signal.SIGTERM, log.read_text()

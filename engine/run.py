@@ -188,6 +188,7 @@ def run_from_cli(cmd) -> int:
     except SpecError as exc:
         print(f"error: invalid task spec\n{exc}", file=sys.stderr)
         return 2
+    _prepare_models(tasks)
     if launch.must_launch(cmd.dp, cmd.tp, cmd.pp):  # start this node's ranks; each runs run_from_cli
         return launch.launch(cmd, launch.rank_main)
     try:
@@ -199,6 +200,18 @@ def run_from_cli(cmd) -> int:
         return _train(cmd, tasks, group, device)
     finally:
         group.close()
+
+
+def _prepare_models(tasks: list[FineTuneTask]) -> None:
+    """Generate built-in models before any process group exists: transformers' save_pretrained
+    writes no weights on a rank other than 0 once torch.distributed is initialised, so a rank 1
+    that won the build lock would leave a model directory without weights. Errors surface later,
+    per group, where they always did."""
+    for base in {t.spec.base_model for t in tasks}:
+        try:
+            resolve_base_model(base, Path.cwd())
+        except Exception:  # noqa: BLE001 - reported by run_group for the tasks that use it
+            pass
 
 
 def _train(cmd, tasks: list[FineTuneTask], group, device: torch.device) -> int:

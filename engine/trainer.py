@@ -279,7 +279,7 @@ class MuxTrainer:
             batch = pack([PackedSequence(p.task.slot, ex) for ex in exs], None, self.backbone.device,
                          attn_ratio=self.backbone.attn_ratio) if exs else None
             batches.append((p.task.slot, batch))
-        losses = self.executor.isolate(batches, max(p.task.slot for p in picks) + 1)
+        losses = self.executor.isolate(batches)
         failed = False
         for p, loss in zip(picks, losses.tolist()):
             if not math.isfinite(loss):

@@ -107,29 +107,33 @@ def save_final_adapter(rt, group, base_model_path: Path) -> None:
         save_adapter(_View(rt, full).adapter, rt.out_dir, base_model_path)
 
 
+class _Sink:
+    """Takes what checkpoint.restore would load into an adapter, optimizer, schedule or data stream."""
+
+    def __init__(self):
+        self.value: dict = {}
+
+    def load_peft_state_dict(self, state: dict) -> None:
+        self.value = state
+
+    load_state_dict = restore = load_peft_state_dict
+
+
 class _Capture:
-    """What checkpoint.restore hands a task, caught instead of applied (rank 0 reads for all)."""
+    """A task as checkpoint.restore sees it, keeping what it reads instead of applying it
+    (rank 0 reads for the whole group)."""
 
     def __init__(self, rt):
         self.task, self.out_dir = rt.task, rt.out_dir
-        self.adapter_state: dict = {}
-        self.optimizer_state: dict = {}
-        self.scheduler_state: dict = {}
-        self.stream_state: dict = {}
-        cap = self
-        self.adapter = type("A", (), {"load_peft_state_dict": lambda _s, st: cap.adapter_state.update(st)})()
-        self.optimizer = type("O", (), {"load_state_dict": lambda _s, st: cap.optimizer_state.update(st)})()
-        self.scheduler = type("S", (), {"load_state_dict": lambda _s, st: cap.scheduler_state.update(st)})()
-        self.stream = type("D", (), {"restore": lambda _s, st: cap.stream_state.update(st)})()
+        self.adapter, self.optimizer, self.scheduler, self.stream = _Sink(), _Sink(), _Sink(), _Sink()
         self.adapter_device = torch.device("cpu")
         self.step = self.tokens_total = self.served_tokens = 0
 
     def payload(self, names: list[str]) -> dict:
-        opt = self.optimizer_state
-        by_name = {names[int(i)]: s for i, s in opt["state"].items()}
-        return {"adapter": self.adapter_state, "optimizer": by_name,
+        opt = self.optimizer.value
+        return {"adapter": self.adapter.value, "optimizer": {names[int(i)]: s for i, s in opt["state"].items()},
                 "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-                "scheduler": self.scheduler_state, "stream": self.stream_state,
+                "scheduler": self.scheduler.value, "stream": self.stream.value,
                 "step": self.step, "tokens_total": self.tokens_total, "served_tokens": self.served_tokens}
 
 

@@ -28,9 +28,10 @@ def _trainer(out: Path, dp: int, pp: int, muxtune_home: str):
     from muxtune.engine.trainer import MuxTrainer
 
     os.environ["MUXTUNE_HOME"] = muxtune_home
+    path = builtin_path("tiny-llama")  # before the process group: see engine/run.py _prepare_models
     device = init_distributed(torch.device("cpu"))
     group = DistGroup(ParallelDims(dp, 1, pp, int(os.environ["WORLD_SIZE"])), device)
-    backbone = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), device, torch.float32))
+    backbone = MultiplexedBackbone(load_backbone(path, device, torch.float32))
     parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
     return MuxTrainer(backbone, out, group=group)
 

@@ -131,7 +131,7 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
         cluster.wait_for_default_service_account(info, ns)
     kh.ensure_crds(info)
     bms = [{"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"bench-{name}"},
-            "spec": {"source": {"hostPath": {"path": f"/models/{name}"}},
+            "spec": {"source": {"hostPath": {"path": f"/models/{name}"}}, "allowedNamespaces": ["*"],
                      "architecture": {"parameters": p, "layers": L, "hiddenSize": h, "numAttentionHeads": a,
                                       "vocabSize": 32000, "dtype": "bfloat16"}}}
            for name, (p, L, h, a) in BASEMODELS.items()]

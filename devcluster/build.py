@@ -42,8 +42,24 @@ KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.19.5"
+# the newest Kueue release whose k8s.io modules are v0.34 (v0.16+ move to v0.35); built only on request
+KUEUE_VERSION = "v0.15.2"
 
 GO_DIR = Path(__file__).resolve().parent / "go"
+
+KUEUE_METRICS_CERT_DIR_GO = """// Added by muxtune's devcluster build (go build -overlay); not part of Kueue.
+package main
+
+import "os"
+
+// muxtuneMetricsCertDir returns $KUEUE_METRICS_CERT_DIR, else def (the upstream path).
+func muxtuneMetricsCertDir(def string) string {
+	if d := os.Getenv("KUEUE_METRICS_CERT_DIR"); d != "" {
+		return d
+	}
+	return def
+}
+"""
 
 
 def cache_dir() -> Path:
@@ -61,6 +77,21 @@ def bin_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class PatchedMain:
+    """Build a module's main package from its own sources with exact one-line replacements.
+
+    Go refuses ``-overlay`` entries under GOMODCACHE, so the package's files (read from the module
+    cache at build time) are overlaid, patched, into the wrapper module as ``<wrapper>/<package>``
+    and built from there; nothing is written into the module cache or the git tree.  The package
+    must import no ``internal/`` package of its module.  A replacement whose text is not found
+    exactly once fails the build, so a version bump must revisit it."""
+
+    package: str  # directory of the main package inside the module, e.g. cmd/kueue
+    replacements: tuple[tuple[str, str, str], ...]  # (file name, old, new)
+    added: tuple[tuple[str, str], ...] = ()  # (file name, Go source) added to the package
+
+
+@dataclass(frozen=True)
 class Group:
     """One wrapper module, built with one ``go build`` invocation."""
 
@@ -69,6 +100,9 @@ class Group:
     version: str
     binaries: dict[str, str]  # binary name -> main package
     ldflags: tuple[str, ...] = field(default_factory=tuple)
+    patched_main: PatchedMain | None = None  # only with one binary
+    share: tuple[str, ...] = ()  # module dirs copied to share_dir() after the build (manifests the cluster applies)
+    optional: bool = False  # built only when named (not by a plain ensure_binaries())
 
     @property
     def moddir(self) -> Path:
@@ -119,10 +153,30 @@ GROUPS: dict[str, Group] = {
             {"helm": "helm.sh/helm/v3/cmd/helm"},
             (f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}", "-X helm.sh/helm/v3/internal/version.gitTreeState=clean"),
         ),
+        Group(
+            "kueue",
+            "sigs.k8s.io/kueue",
+            KUEUE_VERSION,
+            {"kueue": "sigs.k8s.io/kueue/cmd/kueue"},
+            (f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}", "-X sigs.k8s.io/kueue/pkg/version.BuildDate=1970-01-01T00:00:00Z"),
+            # With internal cert management off, cmd/kueue reads its metrics serving cert from a path
+            # fixed in the source (the upstream pod mounts a Secret there). A process on this machine
+            # cannot have /etc/kueue without root, so the path becomes $KUEUE_METRICS_CERT_DIR when set.
+            patched_main=PatchedMain(
+                "cmd/kueue",
+                (("main.go", 'metricsCertPath := "/etc/kueue/metrics/certs"',
+                  'metricsCertPath := muxtuneMetricsCertDir("/etc/kueue/metrics/certs")'),),
+                (("zz_muxtune_metrics_cert_dir.go", KUEUE_METRICS_CERT_DIR_GO),),
+            ),
+            share=("config/components/crd", "config/components/webhook"),
+            optional=True,
+        ),
     )
 }
 
 BINARIES: dict[str, Group] = {b: g for g in GROUPS.values() for b in g.binaries}
+# what a plain build (`muxtune dev-cluster build`, the kube_cluster fixture) makes
+DEFAULT_BINARIES: tuple[str, ...] = tuple(b for b, g in BINARIES.items() if not g.optional)
 
 # Stage configs (node/pod lifecycle) shipped in the kwok module, concatenated
 # into one file passed to ``kwok --config``.  Same set kwokctl uses by default.
@@ -162,6 +216,9 @@ def _stamp_key(group: Group) -> str:
     for f in ("go.mod", "go.sum"):
         h.update((group.moddir / f).read_bytes())
     h.update("\0".join(group.ldflags).encode())
+    if group.patched_main:
+        h.update(repr(group.patched_main).encode())
+    h.update("\0".join(group.share).encode())
     return f"{group.module}@{group.version} wrapper={h.hexdigest()[:16]}"
 
 
@@ -180,18 +237,26 @@ def kwok_stages_path() -> Path:
     return cache_dir() / "share" / f"kwok-{KWOK_VERSION}" / "stages.yaml"
 
 
+def share_dir(group: str) -> Path:
+    """Where a group's ``share`` directories are copied from its module (``share/<name>-<version>``)."""
+    g = GROUPS[group]
+    return cache_dir() / "share" / f"{g.name}-{g.version}"
+
+
 def _is_fresh(binary: str) -> bool:
     p, s = bin_path(binary), _stamp_path(binary)
     if not (p.is_file() and os.access(p, os.X_OK) and s.is_file()):
         return False
     if binary == "kwok" and not kwok_stages_path().is_file():
         return False
+    if any(not (share_dir(BINARIES[binary].name) / rel).is_dir() for rel in BINARIES[binary].share):
+        return False
     return s.read_text().strip() == _stamp_key(BINARIES[binary])
 
 
 def missing_binaries(names: list[str] | None = None) -> list[str]:
-    """Binaries (of ``names``, default all) that are absent or built from other versions."""
-    return [b for b in (names or list(BINARIES)) if not _is_fresh(b)]
+    """Binaries (of ``names``, default :data:`DEFAULT_BINARIES`) that are absent or built from other versions."""
+    return [b for b in (names or list(DEFAULT_BINARIES)) if not _is_fresh(b)]
 
 
 @contextlib.contextmanager
@@ -236,6 +301,45 @@ def _write_kwok_stages(group: Group, env: dict[str, str]) -> None:
     tmp.replace(dest)
 
 
+def _copy_share(group: Group, env: dict[str, str]) -> None:
+    src = _module_dir(group, env)
+    dest = share_dir(group.name)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel in group.share:
+        shutil.copytree(src / rel, tmp / rel)
+        for f in (tmp / rel).rglob("*"):  # the module cache is read-only; keep the copy removable
+            f.chmod(0o755 if f.is_dir() else 0o644)
+    (tmp / "SOURCE").write_text(f"{group.module}@{group.version}\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+
+
+def _write_overlay(group: Group, env: dict[str, str], tmp: Path) -> tuple[Path, str]:
+    """The ``go build -overlay`` file for ``group.patched_main`` and the import path to build."""
+    pm = group.patched_main
+    assert pm is not None
+    src = _module_dir(group, env) / pm.package
+    wrapper = subprocess.run(["go", "list", "-m"], cwd=group.moddir, env=env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+    dest = group.moddir / pm.package  # exists only in the overlay
+    tmp.mkdir(parents=True, exist_ok=True)
+    files = {f.name: f.read_text() for f in src.glob("*.go") if not f.name.endswith("_test.go")}
+    for name, old, new in pm.replacements:
+        if files.get(name, "").count(old) != 1:
+            raise RuntimeError(f"{group.module}@{group.version}: {pm.package}/{name} no longer has exactly one {old!r}; "
+                               "revisit the PatchedMain in build.py")
+        files[name] = files[name].replace(old, new)
+    files.update(dict(pm.added))
+    replace = {}
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+        replace[str(dest / name)] = str(tmp / name)
+    overlay = tmp / "overlay.json"
+    overlay.write_text(json.dumps({"Replace": replace}, indent=2))
+    return overlay, f"{wrapper}/{pm.package}"
+
+
 def _build_group(group: Group, binaries: list[str], jobs_per_build: int | None) -> float:
     env = go_env()
     logs = cache_dir() / "logs"
@@ -252,13 +356,20 @@ def _build_group(group: Group, binaries: list[str], jobs_per_build: int | None) 
         cmd = ["go", "build", "-trimpath"]
         if jobs_per_build:
             cmd += [f"-p={jobs_per_build}"]
+        targets = [group.binaries[b] for b in binaries]
+        if group.patched_main:
+            overlay, target = _write_overlay(group, env, Path(tmp) / "overlay")
+            cmd += [f"-overlay={overlay}"]
+            targets = [target]
         # one binary: name it explicitly (go would call go.etcd.io/etcd/server/v3 "server")
         out = os.path.join(tmp, binaries[0]) if len(binaries) == 1 else tmp + "/"
         cmd += ["-ldflags", " ".join(("-s", "-w", *group.ldflags)), "-o", out]
-        cmd += [group.binaries[b] for b in binaries]
+        cmd += targets
         _run_logged(cmd, group.moddir, env, log)
         if group.name == "kwok":
             _write_kwok_stages(group, env)
+        if group.share:
+            _copy_share(group, env)
         key = _stamp_key(group)
         for b in binaries:
             built = Path(tmp) / b
@@ -277,19 +388,22 @@ def ensure_binaries(
     force: bool = False,
     jobs: int | None = None,
 ) -> dict[str, Path]:
-    """Build the requested binaries (default: all) if missing; return ``{name: path}``.
+    """Build the requested binaries (default: :data:`DEFAULT_BINARIES`, i.e. all but Kueue)
+    if missing; return ``{name: path}``.
 
     Idempotent and safe to call concurrently (a file lock serialises builders).
     ``jobs`` is the number of ``go build`` invocations run side by side
     (default: 2 when more than one group needs building, since linking is
     single-threaded and overlaps well with the other build's compilation).
     """
-    names = list(names or BINARIES)
+    names = list(names or DEFAULT_BINARIES)
     for n in names:
         bin_path(n)  # validates names
+    # Fresh stamps need no lock: a builder of other binaries (Kueue, say) must not hold up a
+    # test whose binaries are already built.
+    if not force and not missing_binaries(names):
+        return {n: bin_path(n) for n in names}
     if shutil.which("go") is None:
-        if not force and not missing_binaries(names):
-            return {n: bin_path(n) for n in names}
         raise RuntimeError("the 'go' command is needed to build the dev-cluster binaries (Go >= 1.24)")
     with _lock():
         todo = names if force else missing_binaries(names)
@@ -328,7 +442,7 @@ def versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m muxtune.devcluster.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("binaries", nargs="*", help=f"subset to build (default all): {' '.join(BINARIES)}")
+    ap.add_argument("binaries", nargs="*", help=f"subset to build (default {' '.join(DEFAULT_BINARIES)}; also: kueue)")
     ap.add_argument("--force", action="store_true", help="rebuild even if stamps are fresh")
     ap.add_argument("--jobs", type=int, default=None, help="parallel go builds (default 2)")
     ap.add_argument("--print-bin-dir", action="store_true", help="only print the bin dir")

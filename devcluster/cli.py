@@ -20,12 +20,13 @@ class UpCommand(_StateDir):
     gpus_per_node: int = Field(8, gt=0, description="nvidia.com/gpu per node")
     cpu_nodes: int = Field(0, ge=0, description="kwok nodes without GPUs")
     timeout: float = Field(120, gt=0, description="Seconds to wait for readiness")
+    kueue: bool = Field(False, description="Also start Kueue (pod integration, namespaces labelled kueue-managed=true); built on first use")
 
     def cli_cmd(self) -> None:
         from muxtune.devcluster.cluster import up
 
         info = up(self.state_dir, self.gpu_nodes, gpus_per_node=self.gpus_per_node,
-                  cpu_nodes=self.cpu_nodes, timeout=self.timeout)
+                  cpu_nodes=self.cpu_nodes, timeout=self.timeout, kueue=self.kueue)
         print(f"server: {info.server}\nversion: {info.version}\nnodes: {' '.join(info.nodes)}")
         print(info.kubeconfig)
 
@@ -54,11 +55,13 @@ class BuildCommand(BaseModel):
     """Build (once, cached under ~/.cache/muxtune) kube-apiserver, scheduler, controller-manager, kubectl, etcd, kwok, helm."""
 
     force: bool = Field(False, description="Rebuild even when cached")
+    kueue: bool = Field(False, description="Also build Kueue (not needed by the default cluster)")
 
     def cli_cmd(self) -> None:
-        from muxtune.devcluster.build import ensure_binaries
+        from muxtune.devcluster.build import DEFAULT_BINARIES, ensure_binaries
 
-        for name, path in sorted(ensure_binaries(force=self.force).items()):
+        names = list(DEFAULT_BINARIES) + (["kueue"] if self.kueue else [])
+        for name, path in sorted(ensure_binaries(names, force=self.force).items()):
             print(f"{name}\t{path}")
 
 

@@ -193,11 +193,18 @@ def apply_crds(
         ref = line.split()[0] if line.strip() else ""
         if ref.startswith("customresourcedefinition.apiextensions.k8s.io/"):
             names.append(ref.split("/", 1)[1])
-    if names:
-        kubectl(
+    deadline = time.monotonic() + timeout
+    while names:
+        p = kubectl(
             "wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
-            *[f"crd/{n}" for n in names], kubeconfig=kubeconfig, timeout=timeout + 10,
+            *[f"crd/{n}" for n in names], kubeconfig=kubeconfig, timeout=timeout + 10, check=False,
         )
+        if p.returncode == 0:
+            break
+        # a CRD the apiserver has not given a status yet makes `kubectl wait` fail at once
+        if "accessor error" not in p.stderr or time.monotonic() > deadline:
+            raise KubectlError(p.returncode, p.args, p.stdout, p.stderr)
+        time.sleep(0.3)
     return names
 
 
@@ -274,6 +281,27 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed: {p.stderr}")
 
 
+def issue_cert(pki: Path, name: str, subject: str, eku: str, san: str | None = None, *, days: str = "3650") -> tuple[Path, Path]:
+    """Sign ``<name>.crt`` / ``<name>.key`` in ``pki`` with the cluster CA (``ca.crt``/``ca.key`` there).
+
+    ``eku`` is ``serverAuth`` or ``clientAuth``; ``san`` an openssl subjectAltName value
+    (``IP:127.0.0.1,DNS:localhost``); an ``O=system:masters`` subject makes a cluster admin.
+    """
+    _openssl("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki)
+    ext = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment", f"extendedKeyUsage={eku}"]
+    if san:
+        ext.append(f"subjectAltName={san}")
+    (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-sha256", "-days", days, "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=pki,
+    )
+    (pki / f"{name}.csr").unlink()
+    (pki / f"{name}.ext").unlink()
+    (pki / f"{name}.key").chmod(0o600)
+    return pki / f"{name}.crt", pki / f"{name}.key"
+
+
 def _make_pki(pki: Path) -> None:
     """CA, apiserver serving cert, client certs, service-account key pair."""
     if shutil.which("openssl") is None:
@@ -300,17 +328,7 @@ def _make_pki(pki: Path) -> None:
         "kwok": ("/O=system:masters/CN=kwok", "clientAuth", None),
     }
     for name, (subj, eku, alt) in leaves.items():
-        _openssl("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subj, cwd=pki)
-        ext = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment", f"extendedKeyUsage={eku}"]
-        if alt:
-            ext.append(f"subjectAltName={alt}")
-        (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-sha256", "-days", days, "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=pki,
-        )
-        (pki / f"{name}.csr").unlink()
-        (pki / f"{name}.ext").unlink()
+        issue_cert(pki, name, subj, eku, alt, days=days)
     _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=pki)
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
     for f in pki.glob("*.key"):
@@ -357,7 +375,7 @@ def _pid_alive(pid: int, state_dir: Path) -> bool:
     return False
 
 
-def _spawn(name: str, args: list[str], state_dir: Path) -> int:
+def _spawn(name: str, args: list[str], state_dir: Path, env: dict[str, str] | None = None) -> int:
     logs = state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     exe = str(_build.bin_path(name))
@@ -367,7 +385,7 @@ def _spawn(name: str, args: list[str], state_dir: Path) -> int:
         proc = subprocess.Popen(
             [exe, *args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            cwd=state_dir, start_new_session=True, close_fds=True,
+            cwd=state_dir, start_new_session=True, close_fds=True, env=env,
         )
     (state_dir / "pids").mkdir(exist_ok=True)
     (state_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
@@ -388,8 +406,10 @@ def _log_tail(state_dir: Path, name: str, lines: int = 30) -> str:
 
 
 def _read_pids(state_dir: Path) -> dict[str, int]:
+    """Every component's pid file: the control plane's and add-ons' (Kueue)."""
     pids = {}
-    for name in COMPONENTS:
+    names = list(COMPONENTS) + sorted(f.stem for f in (state_dir / "pids").glob("*.pid") if f.stem not in COMPONENTS)
+    for name in names:
         f = state_dir / "pids" / f"{name}.pid"
         with contextlib.suppress(OSError, ValueError):
             pids[name] = int(f.read_text().strip())
@@ -471,7 +491,7 @@ def _wait(what: str, cond, timeout: float, state_dir: Path, component: str, pid:
 
 def _healthy(info: ClusterInfo) -> bool:
     pids = _read_pids(info.state_dir)
-    if set(pids) != set(COMPONENTS) or not all(_pid_alive(p, info.state_dir) for p in pids.values()):
+    if not set(COMPONENTS) <= set(pids) or not all(_pid_alive(pids[n], info.state_dir) for n in COMPONENTS):
         return False
     code, _ = _get(f"{info.server}/readyz", _ssl_ctx(info.state_dir))
     return code == 200
@@ -556,6 +576,7 @@ def up(
     node_memory: str = "1024Gi",
     build: bool = True,
     timeout: float = 120,
+    kueue: bool = False,
 ) -> ClusterInfo:
     """Start the dev cluster in ``state_dir`` (or reuse the healthy one already running there).
 
@@ -563,6 +584,7 @@ def up(
     ``nvidia.com/gpu`` each and ``cpu_nodes`` GPU-less nodes ``kwok-cpu-<i>``,
     and waits until they are Ready and the ``default`` ServiceAccount exists.
     ``build`` builds missing binaries first (see :mod:`muxtune.devcluster.build`).
+    ``kueue`` also starts Kueue there (:func:`muxtune.devcluster.kueue.ensure`; built on first use).
     """
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else default_state_dir()
     t0 = time.monotonic()
@@ -597,6 +619,10 @@ def up(
         info.gpu_nodes = sorted(set(info.gpu_nodes) | set(want_gpu))
         info.cpu_nodes = sorted(set(info.cpu_nodes) | set(want_cpu))
         (state_dir / "cluster.json").write_text(info.to_json())
+    if kueue:
+        from muxtune.devcluster import kueue as _kueue
+
+        _kueue.ensure(info, build=build, timeout=max(timeout, 180))
     _log(f"cluster ready in {time.monotonic() - t0:.1f}s: {info.server} {info.version}, nodes {info.nodes}")
     return info
 
@@ -784,7 +810,8 @@ def status(state_dir: str | os.PathLike[str] | None = None) -> dict:
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else default_state_dir()
     info = _load(state_dir)
     pids = _read_pids(state_dir)
-    comps = {n: {"pid": pids.get(n), "alive": bool(pids.get(n)) and _pid_alive(pids[n], state_dir)} for n in COMPONENTS}
+    names = list(COMPONENTS) + [n for n in pids if n not in COMPONENTS]  # add-ons (kueue) when started
+    comps = {n: {"pid": pids.get(n), "alive": bool(pids.get(n)) and _pid_alive(pids[n], state_dir)} for n in names}
     ready = False
     if info is not None and comps["kube-apiserver"]["alive"]:
         ready = _get(f"{info.server}/readyz", _ssl_ctx(state_dir))[0] == 200
@@ -809,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--gpus-per-node", type=int, default=8)
     u.add_argument("--cpu-nodes", type=int, default=0)
     u.add_argument("--timeout", type=float, default=120)
+    u.add_argument("--kueue", action="store_true", help="also start Kueue (built on first use)")
     sub.add_parser("down", help="stop the cluster and delete its state dir")
     sub.add_parser("status", help="print component status as JSON; exit 1 unless running and ready")
     sub.add_parser("kubeconfig", help="print the admin kubeconfig path")
@@ -816,7 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("pid", type=int)
     a = ap.parse_args(argv)
     if a.cmd == "up":
-        info = up(a.state_dir, a.gpu_nodes, gpus_per_node=a.gpus_per_node, cpu_nodes=a.cpu_nodes, timeout=a.timeout)
+        info = up(a.state_dir, a.gpu_nodes, gpus_per_node=a.gpus_per_node, cpu_nodes=a.cpu_nodes, timeout=a.timeout,
+                  kueue=a.kueue)
         print(f"server: {info.server}\nversion: {info.version}\nnodes: {' '.join(info.nodes)}")
         print(info.kubeconfig)
         return 0

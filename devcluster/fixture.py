@@ -5,7 +5,10 @@ Enable it from a conftest::
     pytest_plugins = ["muxtune.devcluster.fixture"]
 
 and request ``kube_cluster`` (a :class:`muxtune.devcluster.cluster.ClusterInfo`)
-or ``kubeconfig`` (its admin kubeconfig path as ``str``).  The first request
+or ``kubeconfig`` (its admin kubeconfig path as ``str``), or ``kueue_cluster``: the same cluster
+with Kueue running on it (:mod:`muxtune.devcluster.kueue`; built on first use, a few more minutes
+cold), managing pods only in namespaces labelled ``kueue-managed=true``, so the session's other
+tests are untouched.  The plain ``kube_cluster`` never builds nor starts Kueue.  The first request
 builds missing binaries (cold: many minutes, then cached under
 ``~/.cache/muxtune``) and starts etcd, kube-apiserver, kube-controller-manager,
 kube-scheduler and kwok in a temporary directory; everything is stopped and
@@ -22,6 +25,8 @@ Environment:
     kwok GPU nodes to create (default 2 x 8 ``nvidia.com/gpu``).
 ``MUXTUNE_SKIP_KUBE_TESTS=1``
     skip tests that need the cluster instead of building/starting it.
+``MUXTUNE_SKIP_KUEUE_TESTS=1``
+    skip only the tests that need Kueue.
 """
 
 from __future__ import annotations
@@ -76,3 +81,15 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterIn
 @pytest.fixture(scope="session")
 def kubeconfig(kube_cluster: ClusterInfo) -> str:
     return str(kube_cluster.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def kueue_cluster(kube_cluster: ClusterInfo) -> Iterator[ClusterInfo]:
+    if os.environ.get("MUXTUNE_SKIP_KUEUE_TESTS") == "1":
+        pytest.skip("MUXTUNE_SKIP_KUEUE_TESTS=1")
+    from muxtune.devcluster import kueue as _kueue
+
+    info = _kueue.ensure(kube_cluster)
+    yield info
+    if not os.environ.get("MUXTUNE_TEST_CLUSTER_DIR"):  # a shared cluster keeps its Kueue
+        _kueue.stop(info, quiet=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from muxtune.engine.backbone import TaskAdapter
 from muxtune.engine.data import DataStream, Example
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
+log = logging.getLogger("muxtune.engine")
 
 
 def lr_lambda(training: TrainingSpec):
@@ -37,7 +39,7 @@ def lr_lambda(training: TrainingSpec):
 class TaskRuntime:
     task: FineTuneTask
     slot: int
-    out_dir: Path
+    out_dir: Path | None  # None: refused (outside the output, or another task's); nothing is written
     phase: str = PENDING
     message: str | None = None
     step: int = 0
@@ -58,6 +60,8 @@ class TaskRuntime:
     last_loss: float | None = None
     tokens_per_second: float | None = None
     checkpoint: str | None = None
+    examples_dropped: int = 0  # records with no label token within maxSeqLen: never trained on
+    examples_read: int = 0
 
     @property
     def key(self) -> str:
@@ -83,6 +87,14 @@ class TaskRuntime:
     def done(self) -> bool:
         return self.phase in (SUCCEEDED, FAILED, SUSPENDED)
 
+    def note_dropped(self, dropped: int, read: int) -> None:
+        """Examples too long for maxSeqLen lose their completion; say so instead of training on less."""
+        self.examples_dropped, self.examples_read = dropped, read
+        if dropped:
+            log.warning("examples dropped: no completion token within maxSeqLen", extra={
+                "task": self.key, "dropped": dropped, "read": read,
+                "maxSeqLen": self.task.spec.dataset.max_seq_len})
+
     def build_optimizer(self) -> None:
         t = self.task.spec.training
         self.optimizer = torch.optim.AdamW(
@@ -103,10 +115,13 @@ class TaskRuntime:
     def write_status(self) -> None:
         from muxtune.engine.checkpoint import spec_hash
 
+        if self.out_dir is None:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "status.json").write_text(json.dumps({
             "task": self.key, "phase": self.phase, "step": self.step, "totalSteps": self.max_steps,
             "loss": self.last_loss, "message": self.message, "specHash": spec_hash(self.task.spec),
+            "examplesDropped": self.examples_dropped,
         }, indent=2))
 
     def status(self) -> dict:
@@ -115,4 +130,5 @@ class TaskRuntime:
             "phase": self.phase, "step": self.step, "totalSteps": self.max_steps,
             "loss": self.last_loss, "tokensPerSecond": self.tokens_per_second,
             "checkpoint": self.checkpoint, "message": self.message,
+            "examplesDropped": self.examples_dropped,
         }

@@ -22,9 +22,10 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import scheduler, steps
+from muxtune.engine import outputs, scheduler, steps
 from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import DataStream, load_examples
+from muxtune.engine.data import DataStream, load_dataset
+from muxtune.engine.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.parallel import state as dstate
 from muxtune.engine.parallel.group import LocalGroup
@@ -48,6 +49,7 @@ class MuxTrainer:
         resume: bool = True,
         telemetry: Telemetry | None = None,
         base_dir: Path | None = None,
+        data_limits: DataLimits | None = None,
         group=None,
         micro_batches: int | None = None,
         interleave: bool = True,
@@ -65,6 +67,7 @@ class MuxTrainer:
         self.resume = resume
         self.telemetry = telemetry or Telemetry()
         self.base_dir = base_dir
+        self.data_limits = data_limits or DataLimits()
         self.tasks: dict[str, TaskRuntime] = {}
         self._next_slot = 0
         self.rounds = 0
@@ -75,35 +78,41 @@ class MuxTrainer:
 
     # ----- membership -------------------------------------------------------------------
     def task_dir(self, task: FineTuneTask) -> Path:
-        if task.spec.output.path:
-            p = Path(task.spec.output.path)
-            return p if p.is_absolute() else self.output / p
-        return self.output / task.metadata.name
+        """<output>/<namespace>/<output.path or name>, confined to the output: tenants' outputs never share a directory."""
+        return outputs.task_dir(self.output, task)
 
     def add_task(self, task: FineTuneTask) -> TaskRuntime:
         """Attach a task; any problem fails this task alone, with the reason."""
         if task.key in self.tasks and not self.tasks[task.key].done:
             raise ValueError(f"task {task.key} is already running")
-        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=self.task_dir(task))
+        try:  # a directory outside the output, or another task's: fail without writing there
+            out_dir = self.task_dir(task)
+            problems = outputs.overlaps(task.key, out_dir, {k: t.out_dir for k, t in self.tasks.items()}, self.output)
+        except outputs.OutputLayoutError as exc:
+            out_dir, problems = None, [str(exc)]
+        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=None if problems else out_dir)
         self._next_slot += 1
         self.tasks[task.key] = rt
+        if problems:
+            return self._fail(rt, "; ".join(problems))
         if task.spec.suspend:
             return self._set_phase(rt, SUSPENDED, "spec.suspend is true")
         error = None
         try:
             if self._already_succeeded(rt):
                 return rt
-            examples = load_examples(task.spec.dataset, self.backbone.tokenizer, self.base_dir)
-            rt.stream = DataStream(examples, task.spec.training.seed, task.spec.dataset.shuffle)
+            data = load_dataset(task.spec.dataset, self.backbone.tokenizer, self.base_dir, self.data_limits)
+            rt.note_dropped(data.dropped, data.records)
+            rt.stream = DataStream(data.examples, task.spec.training.seed, task.spec.dataset.shuffle)
             rt.adapter = self.backbone.attach(rt.slot, task.spec.peft, task.spec.training.seed)
             rt.build_optimizer()
         except Exception as exc:  # noqa: BLE001 - any setup error is this task's failure
-            error = str(exc)
+            error = str(exc) or type(exc).__name__  # MemoryError has no text
         if (error := self.group.first_error(error)) is None:  # one rank's bad read fails it everywhere
             try:
                 self._maybe_resume(rt)
             except Exception as exc:  # noqa: BLE001
-                error = str(exc)
+                error = str(exc) or type(exc).__name__
             error = self.group.first_error(error)
         if error is not None:
             self.backbone.detach(rt.slot)
@@ -132,13 +141,13 @@ class MuxTrainer:
                 return None
             data = json.loads(status.read_text())
             if data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
-                return int(data["step"]), data.get("loss")
+                return int(data["step"]), data.get("loss"), int(data.get("examplesDropped") or 0)
             return None
 
         done = self.group.decide(read)
         if done is None:
             return False
-        rt.step, rt.last_loss = done
+        rt.step, rt.last_loss, rt.examples_dropped = done
         self._set_phase(rt, SUCCEEDED, "already trained (output found)")
         return True
 
@@ -164,7 +173,7 @@ class MuxTrainer:
         if found is None:
             return
         path, payload = found
-        dstate.apply_checkpoint(rt, payload)
+        dstate.apply_checkpoint(rt, payload, self.group)
         rt.checkpoint = path
         log.info("resumed", extra={"task": rt.key, "step": rt.step, "checkpoint": path})
 

@@ -135,12 +135,35 @@ class OperatorCommand(BaseModel):
     engine_metrics_port: int = Field(9400, gt=0, le=65535, description="Engine /metrics and /v1/status port")
     engine_cpu_request: str = Field("2", description="CPU request of an engine pod")
     engine_memory_request: str = Field("16Gi", description="Memory request of an engine pod")
-    data_pvc: str | None = Field(None, description="PVC mounted read-only at /data (relative dataset paths live there)")
-    data_host_path: str | None = Field(None, description="Host directory mounted at /data instead of a PVC")
-    output_pvc: str | None = Field(None, description="PVC mounted at /output (adapters, checkpoints)")
-    output_host_path: str | None = Field(None, description="Host directory mounted at /output instead of a PVC")
+    engine_limits: dict[str, str] = Field(default_factory=dict, description="Resource limits of an engine pod (JSON), e.g. {\"memory\":\"32Gi\"}")
+    engine_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Engine image pull policy")
+    engine_image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets (in each group's namespace) to pull the engine image")
+    engine_service_account: str = Field("muxtune-engine", description="ServiceAccount of engine pods (created without bindings or token where missing)")
+    engine_tolerations: list[dict] = Field(default_factory=list, description="Extra tolerations of engine pods (JSON list)")
+    engine_node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of engine pods (JSON)")
+    engine_affinity: dict = Field(default_factory=dict, description="Affinity of engine pods (JSON); the plan's GPU terms are added")
+    engine_priority_classes: list[dict] = Field(
+        default_factory=list,
+        description="spec.priority bands to PriorityClasses (JSON list of {minPriority, className}); a group's pods "
+                    "get the class of the highest band its members reach")
+    engine_pdb: bool = Field(True, description="A PodDisruptionBudget per group (maxUnavailable 0)")
+    data_pvc: str | None = Field(None, description="Shared PVC of training data; a pod mounts subPath <ns> of each member namespace at /data/<ns>, read-only")
+    data_host_path: str | None = Field(None, description="Host directory used like --data-pvc")
+    data_pvc_per_namespace: str | None = Field(None, description="Claim name of each namespace's own data volume (shared groups: <name>-<ns> in the shared namespace)")
+    output_pvc: str | None = Field(None, description="Shared PVC of outputs; a pod mounts subPath <ns> of each member namespace at /output/<ns>")
+    output_host_path: str | None = Field(None, description="Host directory used like --output-pvc")
+    output_pvc_per_namespace: str | None = Field(None, description="Claim name of each namespace's own output volume (shared groups: <name>-<ns> in the shared namespace)")
     poll_interval: float = Field(10.0, gt=0, description="Seconds between /v1/status polls of each group")
-    poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP (else only muxtune.io/engine-endpoint annotations)")
+    poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP")
+    dev_endpoint_annotation: bool = Field(False, description="DEVELOPMENT ONLY: poll at a pod's muxtune.io/engine-endpoint annotation, "
+                                                             "which anyone who may edit pods can set")
+    unreachable_after: int = Field(3, gt=0, description="Failed polls in a row before a task shows EngineReachable=False")
+    signing_key_file: str | None = Field(None, description="Master key of the per-group HMAC keys (default: random per process)")
+    pod_backoff_base: float = Field(2.0, gt=0, description="Seconds before retrying a refused pod creation; doubles per attempt")
+    pod_backoff_cap: float = Field(300.0, gt=0, description="Longest wait between refused pod creations")
+    leader_elect: bool = Field(True, description="Elect a leader over a Lease in the shared namespace (several replicas)")
+    lease_duration: float = Field(15.0, gt=0, description="Seconds a leader's Lease lasts without renewal")
+    lease_renew_interval: float = Field(2.0, gt=0, description="Seconds between Lease renewals and acquisition attempts")
     max_tasks_per_group: int = Field(32, gt=0, description="Most tasks in one group")
     activation_factor: float = Field(17.0, gt=0, description="Activation bytes per token, layer and hidden unit, in dtype units")
     api_concurrency: int = Field(16, gt=0, description="Kubernetes API writes in flight at once")
@@ -161,12 +184,31 @@ class OperatorCommand(BaseModel):
             engine_metrics_port=self.engine_metrics_port,
             engine_cpu_request=self.engine_cpu_request,
             engine_memory_request=self.engine_memory_request,
+            engine_limits=self.engine_limits,
+            engine_image_pull_policy=self.engine_image_pull_policy,
+            engine_image_pull_secrets=self.engine_image_pull_secrets,
+            engine_service_account=self.engine_service_account,
+            engine_tolerations=self.engine_tolerations,
+            engine_node_selector=self.engine_node_selector,
+            engine_affinity=self.engine_affinity,
+            engine_priority_classes=self.engine_priority_classes,
+            engine_pdb=self.engine_pdb,
             data_pvc=self.data_pvc,
             data_host_path=self.data_host_path,
+            data_pvc_per_namespace=self.data_pvc_per_namespace,
             output_pvc=self.output_pvc,
             output_host_path=self.output_host_path,
+            output_pvc_per_namespace=self.output_pvc_per_namespace,
             poll_interval=self.poll_interval,
             poll_pod_ip=self.poll_pod_ip,
+            dev_endpoint_annotation=self.dev_endpoint_annotation,
+            unreachable_after=self.unreachable_after,
+            signing_key_file=self.signing_key_file,
+            pod_backoff_base=self.pod_backoff_base,
+            pod_backoff_cap=self.pod_backoff_cap,
+            leader_elect=self.leader_elect,
+            lease_duration=self.lease_duration,
+            lease_renew_interval=self.lease_renew_interval,
             max_tasks_per_group=self.max_tasks_per_group,
             activation_factor=self.activation_factor,
             api_concurrency=self.api_concurrency,

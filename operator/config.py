@@ -14,11 +14,16 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_GROUP = "muxtune.io/group"
 ENGINE_APP = "muxtune-engine"  # the chart's PodMonitor selects app.kubernetes.io/name=muxtune-engine
-# On an engine pod: where the operator polls /v1/status instead of http://<podIP>:<port>. Needed
-# where pod IPs are not reachable (kwok's fake IPs; an operator run on a laptop):
+# On an engine pod: where the operator polls /v1/status instead of http://<podIP>:<port>, honoured
+# ONLY when the operator runs with --dev-endpoint-annotation (tests, kwok, a laptop): anyone who
+# may annotate pods could otherwise point the operator at any URL. Needed where pod IPs are not
+# reachable (kwok's fake IPs; an operator run on a laptop):
 #   kubectl port-forward pod/<group>-0 9400:9400 &
 #   kubectl annotate pod <group>-0 muxtune.io/engine-endpoint=http://127.0.0.1:9400
 ANN_ENDPOINT = "muxtune.io/engine-endpoint"
+# On a shared BackboneGroup: the member namespaces whose data and output areas its pods mount
+ANN_NAMESPACES = "muxtune.io/namespaces"
+ANN_PRIORITY = "muxtune.io/priority"
 ANN_GPU_MEMORY = "muxtune.io/gpu-memory-mib"
 ANN_TENANCY = "muxtune.io/tenancy"
 ANN_POD_TEMPLATE = "muxtune.io/pod-template-hash"
@@ -30,6 +35,8 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 TASKS_MOUNT = "/etc/muxtune/tasks"
 TASKS_FILE = "tasks.yaml"
+KEY_MOUNT = "/etc/muxtune/key"
+KEY_FILE = "key"
 OUTPUT_MOUNT = "/output"
 DATA_MOUNT = "/data"
 MODELS_MOUNT = "/models"
@@ -50,15 +57,41 @@ class OperatorConfig:
     engine_metrics_port: int = 9400
     engine_cpu_request: str = "2"
     engine_memory_request: str = "16Gi"
+    engine_limits: dict[str, str] = field(default_factory=dict)  # e.g. {"memory": "32Gi"}
+    engine_service_account: str = "muxtune-engine"  # created (no bindings, no token) where missing
+    engine_image_pull_secrets: list[str] = field(default_factory=list)
+    engine_tolerations: list[dict] = field(default_factory=list)
+    engine_node_selector: dict[str, str] = field(default_factory=dict)
+    engine_affinity: dict = field(default_factory=dict)
+    # [{"minPriority": 500, "className": "muxtune-high"}, ...]: a group's pods get the class of the
+    # highest band its members' spec.priority reaches when the pods are created
+    engine_priority_classes: list[dict] = field(default_factory=list)
+    engine_pdb: bool = True  # a PodDisruptionBudget per group (voluntary evictions wait)
+    # Storage: one shared volume with a subPath per namespace (data_pvc / data_host_path), or a claim
+    # per namespace (data_pvc_per_namespace: the claim of that name in the group's namespace; for a
+    # shared group, "<name>-<namespace>" in the shared namespace). Pods mount only the areas of
+    # their members' namespaces.
     data_pvc: str | None = None
     data_host_path: str | None = None
+    data_pvc_per_namespace: str | None = None
     output_pvc: str | None = None
     output_host_path: str | None = None
+    output_pvc_per_namespace: str | None = None
     poll_interval: float = 10.0
     poll_timeout: float = 3.0
-    # Poll engines at their pod IP. Pods on kwok nodes (fake IPs) are never polled at the IP;
-    # only a muxtune.io/engine-endpoint annotation is used there.
+    # Poll engines at their pod IP. Pods on kwok nodes (fake IPs) are never polled at the IP.
     poll_pod_ip: bool = True
+    # Development only: poll at a pod's muxtune.io/engine-endpoint annotation (see ANN_ENDPOINT).
+    dev_endpoint_annotation: bool = False
+    unreachable_after: int = 3  # failed polls in a row before EngineReachable=False
+    # master key of the per-group HMAC keys (engine/trust.py); None: a random key per process
+    signing_key_file: str | None = None
+    pod_backoff_base: float = 2.0  # seconds; doubled per refused pod creation, per group
+    pod_backoff_cap: float = 300.0
+    leader_elect: bool = True
+    lease_name: str = "muxtune-operator"
+    lease_duration: float = 15.0
+    lease_renew_interval: float = 2.0
     debounce: float = 0.3
     api_concurrency: int = 16  # API writes in flight at once
     resync_interval: float = 30.0
@@ -88,7 +121,8 @@ class OperatorConfig:
         c.sharing_policy = _env("SHARING_POLICY", c.sharing_policy)  # type: ignore[assignment]
         c.shared_namespace = _env("SHARED_NAMESPACE") or os.environ.get("POD_NAMESPACE") or c.shared_namespace
         c.engine_image = _env("ENGINE_IMAGE", c.engine_image) or c.engine_image
-        for name in ("data_pvc", "data_host_path", "output_pvc", "output_host_path", "kubeconfig"):
+        for name in ("data_pvc", "data_host_path", "output_pvc", "output_host_path", "kubeconfig",
+                     "data_pvc_per_namespace", "output_pvc_per_namespace", "signing_key_file"):
             v = _env(name.upper())
             if v:
                 setattr(c, name, v)
@@ -99,4 +133,13 @@ class OperatorConfig:
                 setattr(c, name, conv(v))
         if _env("POLL_POD_IP") in ("0", "false", "no"):
             c.poll_pod_ip = False
+        if _env("DEV_ENDPOINT_ANNOTATION") in ("1", "true", "yes"):
+            c.dev_endpoint_annotation = True
+        if _env("LEADER_ELECT") in ("0", "false", "no"):
+            c.leader_elect = False
         return c
+
+    @property
+    def watched(self) -> set[str] | None:
+        """Namespaces the operator may act in (None: every namespace)."""
+        return (set(self.namespaces) | {self.shared_namespace}) if self.namespaces else None

@@ -13,9 +13,11 @@ derives every desired object from it, and writes only differences:
 4. status: every task's status is recomputed (status.compute_status) and patched when it differs;
    an Event is posted per transition.
 
-A second loop polls each running group's engine (/v1/status) and feeds the reports into pass 4.
-Our own writes are kept in an overlay until the watch shows them, so a pass that runs before the
-watch caught up neither repeats nor contradicts the previous one.
+A second loop polls each running group's engine (/v1/status, operator/poller.py) and feeds the
+reports into pass 4. Group writes are in operator/groups.py. Our own writes are kept in an overlay
+until the watch shows them, so a pass that runs before the watch caught up neither repeats nor
+contradicts the previous one. With leader election (operator/leader.py) only the Lease holder
+runs either loop; the others keep their caches warm.
 """
 from __future__ import annotations
 
@@ -26,24 +28,22 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-import aiohttp
-
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator import metrics, resources, status
+from muxtune.operator import metrics, policy, resources, status
 from muxtune.operator.config import (
-    ANN_ENDPOINT,
     KUEUE_QUEUE_LABEL,
-    LABEL_COMPONENT,
     LABEL_GROUP,
     LABEL_MANAGED_BY,
     MANAGED_BY,
     OperatorConfig,
 )
+from muxtune.operator.groups import GroupsMixin, PodBackoff, subset
+from muxtune.operator.keys import GroupKeys
 from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.planner import Plan, plan as run_planner
+from muxtune.operator.poller import EnginePoller
 from muxtune.operator.world import (
     basemodel_architecture,
-    compact_pod,
     group_state,
     node_inventory,
     parse_task,
@@ -55,6 +55,7 @@ API = f"{GROUP}/{VERSION}"
 OVERLAY_TTL = 120.0
 IDX_TASKS, IDX_GROUPS, IDX_MODELS = "muxtune_tasks", "muxtune_groups", "muxtune_basemodels"
 IDX_NODES, IDX_PODS, IDX_CMS, IDX_SVCS = "muxtune_nodes", "muxtune_pods", "muxtune_configmaps", "muxtune_services"
+IDX_NAMESPACES = "muxtune_namespaces"
 
 
 def utcnow() -> str:
@@ -73,16 +74,21 @@ def _key(obj: Mapping) -> tuple[str, str]:
     return (m.get("namespace") or "", m["name"])
 
 
-class Controller:
-    def __init__(self, config: OperatorConfig, client: KubeClient):
+class Controller(GroupsMixin):
+    def __init__(self, config: OperatorConfig, client: KubeClient, keys: GroupKeys | None = None, elector=None):
         self.config = config
         self.client = client
+        client.writable_namespaces = config.watched
+        self.keys = keys or GroupKeys.from_file(config.signing_key_file)
+        self.poller = EnginePoller(config, self.keys.key)
+        self.backoff = PodBackoff(config.pod_backoff_base, config.pod_backoff_cap)
+        self.elector = elector
+        self._sa_ready: set[tuple[str, str]] = set()
         self.indices: Mapping[str, Any] | None = None
         self.ready = False
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
         self._overlay: dict[tuple[str, str, str], tuple[int, dict | None, float]] = {}
-        self.reports: dict[str, dict] = {}  # task key -> engine entry
         self._parse_cache: dict[tuple[str, str], Any] = {}
         self.last_plan: Plan | None = None
         self.passes = 0
@@ -90,6 +96,14 @@ class Controller:
         self._tasks: list[asyncio.Task] = []
         self._instance = socket.gethostname()
         self._sem = asyncio.Semaphore(max(1, config.api_concurrency))
+
+    @property
+    def reports(self) -> dict[str, dict]:
+        """task key -> the engine's latest verified entry"""
+        return self.poller.reports
+
+    def leading(self) -> bool:
+        return self.elector is None or self.elector.is_leader
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,6 +127,8 @@ class Controller:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._reconcile_loop(), name="muxtune-reconcile"),
                        asyncio.create_task(self._poll_loop(), name="muxtune-poll")]
+        if self.elector is not None:
+            self._tasks.append(asyncio.create_task(self.elector.run(), name="muxtune-lease"))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -122,6 +138,8 @@ class Controller:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
+        if self.elector is not None:
+            await self.elector.release()
         await self.client.close()
 
     async def _reconcile_loop(self) -> None:
@@ -130,7 +148,7 @@ class Controller:
                 await asyncio.wait_for(self._kick.wait(), timeout=self.config.resync_interval)
             except asyncio.TimeoutError:
                 pass
-            if not self.ready or self.indices is None:
+            if not self.ready or self.indices is None or not self.leading():
                 continue
             await asyncio.sleep(self.config.debounce)  # coalesce bursts of watch events
             self._kick.clear()
@@ -139,7 +157,7 @@ class Controller:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_interval)
-            if not self.ready or self.indices is None:
+            if not self.ready or self.indices is None or not self.leading():
                 continue
             try:
                 if await self.poll_once():
@@ -226,11 +244,20 @@ class Controller:
         svcs = self._view("services", IDX_SVCS)
         nodes = self._index(IDX_NODES)
         bms = self._index(IDX_MODELS)
+        ns_labels = {(k if isinstance(k, str) else k[1]): v for k, v in self._index(IDX_NAMESPACES).items()}
+        watched = cfg.watched
 
-        by_key = {f"{ns}/{name}": obj for (ns, name), obj in tasks.items()}
-        for k in [k for k in self.reports if k not in by_key]:
-            del self.reports[k]  # deleted tasks
+        by_key = {f"{ns}/{name}": obj for (ns, name), obj in tasks.items() if watched is None or ns in watched}
+        self.poller.forget(set(by_key), set(groups))
         parsed = {k: self._parsed(o) for k, o in by_key.items()}
+        bm_by_name = {(n if isinstance(n, str) else n[1]): bm for n, bm in bms.items()}
+        pcfg = cfg.planner_config()
+        refused: dict[str, policy.Refusal] = {}
+        for k, p in parsed.items():
+            if not isinstance(p, str):
+                r = policy.refusal(task_request(p), bm_by_name, ns_labels, pcfg)
+                if r is not None:
+                    refused[k] = r
 
         def terminal(o: dict) -> bool:
             return ((o.get("status") or {}).get("phase")) in status.TERMINAL
@@ -255,7 +282,7 @@ class Controller:
                 o = by_key.get(k)
                 if o is None or (m.get("uid") and o["metadata"].get("uid") != m["uid"]) or deleting(o):
                     continue
-                if isinstance(parsed[k], str) or suspended(k) or terminal(o) or k in member_of:
+                if isinstance(parsed[k], str) or suspended(k) or terminal(o) or k in member_of or k in refused:
                     continue
                 member_of[k] = gk
                 keep.append(k)
@@ -281,12 +308,12 @@ class Controller:
             live = [p for p in pods_of.get(gk, []) if not p["deleting"] and p["phase"] not in ("Succeeded", "Failed")]
             unbound = sum(1 for p in live if not p.get("nodeName")) + max(0, dp - len(live))
             reqs = [task_request(parsed[k]) for k in active[gk]]
-            states.append(group_state(g, reqs, unbound, accepting=not group_failed(gk)))
+            states.append(group_state(g, reqs, unbound, accepting=not group_failed(gk) and not self.backoff.refused(gk)))
 
         # 3. plan
         pending = []
         for k, o in sorted(by_key.items()):
-            if k in member_of or deleting(o) or terminal(o) or isinstance(parsed[k], str) or suspended(k):
+            if k in member_of or deleting(o) or terminal(o) or isinstance(parsed[k], str) or suspended(k) or k in refused:
                 continue
             pending.append(task_request(parsed[k]))
         basemodels = {name if isinstance(name, str) else name[1]: basemodel_architecture(bm) for name, bm in bms.items()}
@@ -294,14 +321,13 @@ class Controller:
         # names still in use by terminating groups (ours or as the watch last saw them)
         reserved = {k[1] for k in self._index(IDX_GROUPS)} | {name for (pl, _, name) in self._overlay if pl == "backbonegroups"}
         reserved |= {gk[1] for gk, g in group_objs.items() if deleting(g)}
-        plan = run_planner(pending, states, inventory, basemodels, cfg.planner_config(), reserved_names=reserved)
+        plan = run_planner(pending, states, inventory, basemodels, pcfg, reserved_names=reserved)
         metrics.PLANNER.observe(time.perf_counter() - t0)
         self.last_plan = plan
         unplaceable = {u.task: u for u in plan.unplaceable}
         gplans = {(gp.namespace, gp.name): gp for gp in plan.groups}
 
         # 4. apply groups
-        bm_by_name = {(n if isinstance(n, str) else n[1]): bm for n, bm in bms.items()}
         jobs = []
         for gk, gp in gplans.items():
             members = [by_key[k] for k in gp.members]
@@ -333,7 +359,7 @@ class Controller:
         for k, o in sorted(by_key.items()):
             if deleting(o):
                 continue
-            view = self._task_view(k, o, parsed[k], final_member.get(k), unplaceable.get(k), pods_of, node_fake)
+            view = self._task_view(k, o, parsed[k], final_member.get(k), refused.get(k) or unplaceable.get(k), pods_of)
             old = o.get("status") or {}
             new = status.compute_status(old, view, now)
             ns = o["metadata"]["namespace"]
@@ -373,35 +399,47 @@ class Controller:
                     return False
         return await asyncio.gather(*(run(c) for c in coros))
 
-    def _task_view(self, key, obj, parsed, gk, unpl, pods_of, node_fake) -> status.TaskView:
+    def _task_view(self, key, obj, parsed, gk, unpl, pods_of) -> status.TaskView:
         meta = obj["metadata"]
         gen = meta.get("generation")
-        max_steps = None if isinstance(parsed, str) else parsed.spec.training.max_steps
         if isinstance(parsed, str):
             return status.TaskView(gen, None, "invalid", message=parsed)
+        max_steps = parsed.spec.training.max_steps
         kueue = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
         if parsed.spec.suspend:
             return status.TaskView(gen, max_steps, "suspended", kueue=kueue)
         if gk is None:
             if unpl:
-                return status.TaskView(gen, max_steps, "unplaceable", reason=unpl.reason, message=unpl.message)
+                return status.TaskView(gen, max_steps, "unplaceable", reason=unpl.reason, message=unpl.message,
+                                       final=getattr(unpl, "final", False))
             return status.TaskView(gen, max_steps, "pending")
         gpods = sorted(pods_of.get(gk, []), key=lambda p: p["name"])
         pod_state, pod_msg = "none", ""
+        refusal = self.backoff.refused(gk)
         if any(p["phase"] == "Failed" for p in gpods):
             pod_state = "failed"
             pod_msg = next(p["message"] for p in gpods if p["phase"] == "Failed") or "engine pod failed"
+        elif refusal is not None:
+            pod_state, pod_msg = "refused", f"the API server refused the group's pod: {refusal.message}"
         elif gpods and all(p["phase"] == "Running" for p in gpods):
             pod_state = "running"
+        elif any(p.get("waiting") for p in gpods):
+            p = next(p for p in gpods if p.get("waiting"))
+            pod_state, pod_msg = "waiting", f"pod {p['name']}: {p['waiting']}"
         elif gpods and all(p.get("nodeName") for p in gpods):
             pod_state, pod_msg = "scheduled", f"pod {gpods[0]['name']} bound to {gpods[0]['nodeName']}"
+        elif any(p.get("unschedulable") for p in gpods):
+            p = next(p for p in gpods if p.get("unschedulable"))
+            pod_state, pod_msg = "unschedulable", f"pod {p['name']} cannot be scheduled: {p['unschedulable']}"
         elif gpods:
             pod_state = "pending"
         report = self.reports.get(key)
         if report is not None and report.get("_group") != gk[1]:
             report = None
+        reach = self.poller.unreachable(gk)
         return status.TaskView(gen, max_steps, "member", group=gk[1], pod_state=pod_state, pod_message=pod_msg,
-                               report=report, kueue=kueue)
+                               report=report, kueue=kueue, unreachable_since=reach.since if reach else None,
+                               unreachable_message=reach.error if reach else "")
 
     async def _write_status(self, obj: dict, old: dict, new: dict) -> bool:
         m = obj["metadata"]
@@ -414,8 +452,8 @@ class Controller:
             raise
         self._note("finetunetasks", res)
         ev = status.transition_event(old, new)
-        if ev:
-            await self.event(obj, *ev)
+        for e in ([ev] if ev else []) + status.condition_events(old, new):
+            await self.event(obj, *e)
         if new.get("phase") == "Running" and old.get("phase") != "Running" and m.get("creationTimestamp"):
             try:
                 created = datetime.strptime(m["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -448,157 +486,9 @@ class Controller:
         except Exception as e:  # noqa: BLE001 - events are best effort
             log.warning("posting event %s for %s failed: %s", reason, m["name"], e)
 
-    async def _apply_group(self, gk, gp, gobj, members, parsed_members, gpods, cm, svc, bms) -> bool:
-        ns, name = gk
-        cfg = self.config
-        if not gp.members:
-            if gobj is not None and not gobj["metadata"].get("deletionTimestamp"):
-                await self._delete_group(gobj, gpods, cm, svc)
-            return True
-        budget = sum(p.spec.training.batch_size * p.spec.dataset.max_seq_len for p in parsed_members)
-        desired = resources.group_manifest(gp, members, budget)
-        if gobj is None:
-            gobj, created = await self.client.create_or_adopt(API, "backbonegroups", ns, desired)
-            if not created and gobj["metadata"].get("deletionTimestamp"):
-                return False  # a terminating namesake: retry after it is gone (then the name is free)
-            self._note("backbonegroups", gobj)
-            if created:
-                log.info("group %s/%s created: %s", ns, name, ", ".join(gp.members))
-                await self.event(gobj, "Normal", "Created",
-                                 f"{len(gp.members)} task(s), {gp.gpus} GPU(s) dp={gp.parallelism.dp} "
-                                 f"tp={gp.parallelism.tp} pp={gp.parallelism.pp}")
-        if not subset(desired["spec"], gobj.get("spec") or {}):
-            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"spec": desired["spec"]})
-            self._note("backbonegroups", gobj)
-        # children
-        want_cm = resources.configmap_manifest(gobj, parsed_members)
-        if cm is None:
-            cm, created = await self.client.create_or_adopt("v1", "configmaps", ns, want_cm)
-            self._note("configmaps", cm)
-        if (cm.get("data") or {}) != want_cm["data"]:
-            cm = await self.client.patch("v1", "configmaps", ns, want_cm["metadata"]["name"], {"data": want_cm["data"]})
-            self._note("configmaps", cm)
-        if svc is None:
-            svc, _ = await self.client.create_or_adopt("v1", "services", ns, resources.service_manifest(gobj, cfg))
-            self._note("services", svc)
-        dp = gp.parallelism.dp
-        have = {p["name"]: p for p in gpods}
-        bm = None
-        if gp.base_model.startswith("model:"):
-            bm = bms.get(gp.base_model.split(":", 1)[1])
-        new_pods = []
-        for rank in range(dp):
-            pname = resources.pod_name(name, rank)
-            if pname not in have:
-                pod, created = await self.client.create_or_adopt("v1", "pods", ns, resources.pod_manifest(gobj, rank, cfg, bm))
-                self._note("pods", compact_pod(pod))
-                new_pods.append(pod)
-        # group status
-        pod_list = sorted([p for p in gpods if not p["deleting"]], key=lambda p: p["name"])
-        phase = "Pending"
-        if any(p["phase"] == "Failed" for p in pod_list):
-            phase = "Failed"
-        elif len(pod_list) >= dp and all(p["phase"] == "Running" for p in pod_list):
-            phase = "Running"
-        want_status = {
-            "phase": phase,
-            "pods": [resources.pod_name(name, r) for r in range(dp)],
-            "readyPods": sum(1 for p in pod_list if p.get("ready")),
-            "taskCount": len(gp.members),
-            "gpus": gp.gpus,
-            "memoryPlannedBytes": gp.memory_per_gpu_bytes * gp.gpus,
-            "observedGeneration": gobj["metadata"].get("generation"),
-        }
-        cur = gobj.get("status") or {}
-        if any(cur.get(k) != v for k, v in want_status.items()):
-            cond = {"type": "Ready", "status": "True" if phase == "Running" else "False",
-                    "reason": {"Running": "PodsRunning", "Failed": "PodFailed"}.get(phase, "PodsPending"),
-                    "message": f"{want_status['readyPods']}/{dp} pod(s) ready", "lastTransitionTime": utcnow()}
-            old_cond = next((c for c in cur.get("conditions") or [] if c.get("type") == "Ready"), None)
-            if old_cond and old_cond.get("status") == cond["status"]:
-                cond["lastTransitionTime"] = old_cond.get("lastTransitionTime") or cond["lastTransitionTime"]
-            want_status["conditions"] = [cond]
-            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"status": want_status}, subresource="status")
-            self._note("backbonegroups", gobj)
-        return True
-
-    async def _delete_group(self, gobj, gpods, cm, svc) -> None:
-        ns, name = gobj["metadata"]["namespace"], gobj["metadata"]["name"]
-        log.info("group %s/%s has no active members: tearing it down", ns, name)
-        for p in gpods:
-            if not p["deleting"]:
-                await self.client.delete("v1", "pods", ns, p["name"])
-                self._note("pods", None, (ns, p["name"]))
-        if cm is not None:
-            await self.client.delete("v1", "configmaps", ns, cm["metadata"]["name"])
-            self._note("configmaps", None, (ns, cm["metadata"]["name"]))
-        if svc is not None:
-            await self.client.delete("v1", "services", ns, name)
-            self._note("services", None, (ns, name))
-        await self.client.delete(API, "backbonegroups", ns, name)
-        self._note("backbonegroups", None, (ns, name))
-        await self.event(gobj, "Normal", "Deleted", "no active member tasks left; GPUs released")
-
     # ------------------------------------------------------------------ engine polling
 
-    def endpoint_of(self, pod: dict, node_fake: Mapping[str, bool]) -> str | None:
-        ann = (pod.get("annotations") or {}).get(ANN_ENDPOINT)
-        if ann:
-            return ann.rstrip("/")
-        if not self.config.poll_pod_ip or pod.get("phase") != "Running" or not pod.get("podIP"):
-            return None
-        if node_fake.get(pod.get("nodeName") or "", False):
-            return None  # kwok: the pod IP is fake, nothing listens there
-        ip = pod["podIP"]
-        host = f"[{ip}]" if ":" in ip else ip
-        return f"http://{host}:{self.config.engine_metrics_port}"
-
     async def poll_once(self) -> bool:
-        """Fetch /v1/status from rank 0 of every group; True when a report changed."""
-        groups = self._view("backbonegroups", IDX_GROUPS)
-        pods = self._view("pods", IDX_PODS)
+        """Fetch /v1/status from rank 0 of every group; True when a task's status should change."""
         node_fake = {n["name"]: n.get("fake", False) for n in self._index(IDX_NODES).values()}
-        targets = []
-        members: dict[str, set[str]] = {}
-        for (ns, name), g in groups.items():
-            p = pods.get((ns, resources.pod_name(name, 0)))
-            if p is None or p["deleting"] or (p.get("labels") or {}).get(LABEL_COMPONENT) != "engine":
-                continue
-            ep = self.endpoint_of(p, node_fake)
-            if ep:
-                targets.append((name, ep))
-                members[name] = {f"{m['namespace']}/{m['name']}" for m in (g.get("spec") or {}).get("tasks") or []}
-        changed = False
-        timeout = aiohttp.ClientTimeout(total=self.config.poll_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as s:
-            async def one(gname, ep):
-                try:
-                    async with s.get(f"{ep}/v1/status") as r:
-                        if r.status != 200:
-                            return gname, None
-                        return gname, await r.json(content_type=None)
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                    return gname, None
-            results = await asyncio.gather(*(one(n, e) for n, e in targets))
-        for gname, payload in results:
-            if not isinstance(payload, dict):
-                continue
-            for key, entry in (payload.get("tasks") or {}).items():
-                if key not in members.get(gname, ()) or not isinstance(entry, dict):
-                    continue
-                if entry.get("phase") not in status.ENGINE_PHASES:
-                    continue
-                entry = {**entry, "_group": gname}
-                if self.reports.get(key) != entry:
-                    self.reports[key] = entry
-                    changed = True
-        return changed
-
-
-def subset(want: Any, have: Any) -> bool:
-    """Every field we set has our value (the API server may add defaults around it)."""
-    if isinstance(want, dict):
-        return isinstance(have, dict) and all(subset(v, have.get(k)) for k, v in want.items())
-    if isinstance(want, list):
-        return isinstance(have, list) and len(want) == len(have) and all(subset(a, b) for a, b in zip(want, have))
-    return want == have
+        return await self.poller.poll(self._view("backbonegroups", IDX_GROUPS), self._view("pods", IDX_PODS), node_fake)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import socket
+import uuid
 
 import kopf
 
@@ -19,7 +22,9 @@ from muxtune.api.meta import GROUP, VERSION
 from muxtune.operator import metrics
 from muxtune.operator.config import GPU_RESOURCE, LABEL_MANAGED_BY, MANAGED_BY, OperatorConfig
 from muxtune.operator.controller import Controller
-from muxtune.operator.kube import KubeClient, load_credentials
+from muxtune.operator.credentials import KubeCredentials
+from muxtune.operator.kube import KubeClient
+from muxtune.operator.leader import LeaderElector
 from muxtune.operator.world import compact_node, compact_pod, pod_gpus
 
 log = logging.getLogger("muxtune.operator")
@@ -27,6 +32,7 @@ log = logging.getLogger("muxtune.operator")
 CONFIG: OperatorConfig | None = None  # set by OperatorCommand before kopf starts; else from env
 CONTROLLER: Controller | None = None
 _METRICS_SERVED: set[int] = set()
+_CREDS: list[KubeCredentials] = []
 
 
 def config() -> OperatorConfig:
@@ -42,16 +48,26 @@ def _plain(body) -> dict:
 
 # ---------------------------------------------------------------------- login & lifecycle
 
+def credentials() -> KubeCredentials:
+    """One identity for kopf and the operator's client (loaded once; tokens refresh themselves)."""
+    if not _CREDS:
+        _CREDS.append(KubeCredentials(config().kubeconfig))
+    return _CREDS[0]
+
+
 @kopf.on.login()
 def login(**_) -> kopf.ConnectionInfo:
-    c = load_credentials(config().kubeconfig)
+    """kopf calls this at start and again after a 401: the token is refreshed each time."""
+    c = credentials()
+    token = c.token()
     return kopf.ConnectionInfo(
         server=c.server,
-        ca_path=c.ca_path,
-        insecure=c.insecure,
-        token=c.token,
-        certificate_path=c.cert_path,
-        private_key_path=c.key_path,
+        ca_data=c.ca_data,
+        insecure=c.insecure or None,
+        scheme="Bearer" if token else None,
+        token=token,
+        certificate_data=c.cert_data,
+        private_key_data=c.key_data,
         default_namespace=c.namespace,
     )
 
@@ -68,19 +84,33 @@ async def startup(settings: kopf.OperatorSettings, **kwargs) -> None:
     if cfg.metrics_port and cfg.metrics_port not in _METRICS_SERVED:
         metrics.serve(cfg.metrics_port)
         _METRICS_SERVED.add(cfg.metrics_port)
-    client = KubeClient(load_credentials(cfg.kubeconfig))
+    client = KubeClient(credentials())
     client.on_request = lambda verb, res: metrics.API_REQUESTS.labels(verb, res).inc()
-    CONTROLLER = Controller(cfg, client)
+    elector = None
+    if cfg.leader_elect:
+        identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        elector = LeaderElector(client, cfg.shared_namespace, cfg.lease_name, identity, cfg.lease_duration,
+                                cfg.lease_renew_interval, on_change=_leadership_changed)
+    CONTROLLER = Controller(cfg, client, elector=elector)
+    metrics.LEADER.set(0 if elector else 1)
     CONTROLLER.attach({k: v for k, v in kwargs.items() if k.startswith("muxtune_")})
     CONTROLLER.start()
     log.info("muxtune operator started (sharing=%s, shared namespace=%s, engine image=%s)",
              cfg.sharing_policy, cfg.shared_namespace, cfg.engine_image)
 
 
+def _leadership_changed(leading: bool) -> None:
+    metrics.LEADER.set(1 if leading else 0)
+    if leading and CONTROLLER is not None:
+        CONTROLLER.kick()
+
+
 @kopf.on.cleanup()
 async def cleanup(**_) -> None:
     if CONTROLLER is not None:
         await CONTROLLER.stop()
+    for c in _CREDS:
+        c.close()
 
 
 def _wake(**kwargs) -> None:
@@ -112,6 +142,12 @@ def muxtune_basemodels(body, name, **_):
 @kopf.index("v1", "nodes")
 def muxtune_nodes(body, name, **_):
     return {name: compact_node(body)}
+
+
+@kopf.index("v1", "namespaces")
+def muxtune_namespaces(body, name, **_):
+    """Namespace labels, for BaseModel spec.namespaceSelector."""
+    return {name: dict((body.get("metadata") or {}).get("labels") or {})}
 
 
 def _relevant_pod(body, **_) -> bool:
@@ -152,6 +188,13 @@ def on_group_event(**kwargs):
 @kopf.on.event(GROUP, VERSION, "basemodels")
 def on_basemodel_event(**kwargs):
     _wake(**kwargs)
+
+
+@kopf.on.event("v1", "namespaces")
+def on_namespace_event(body, name, type, **kwargs):
+    labels = None if type == "DELETED" else dict((body.get("metadata") or {}).get("labels") or {})
+    if _changed("namespace", None, name, labels) or (CONTROLLER is not None and not CONTROLLER.ready):
+        _wake(name=name, **kwargs)
 
 
 @kopf.on.event("v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY})

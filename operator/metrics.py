@@ -14,6 +14,7 @@
 | muxtune_operator_planner_duration_seconds | histogram | one planner run (pure computation) |
 | muxtune_operator_time_to_running_seconds | histogram | task creation to its first Running status |
 | muxtune_operator_api_requests_total{verb,resource} | counter | requests the operator's own client sent |
+| muxtune_operator_leader | gauge | 1 while this replica is the leader (only the leader reconciles and writes) |
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ TIME_TO_RUNNING = Histogram(
     "muxtune_operator_time_to_running_seconds", "FineTuneTask creation to Running.", registry=REGISTRY,
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200),
 )
+LEADER = Gauge("muxtune_operator_leader", "1 while this replica holds the leader Lease (or runs without election).",
+               registry=REGISTRY)
 API_REQUESTS = Counter("muxtune_operator_api_requests", "Kubernetes API requests sent by the operator's client.",
                        ["verb", "resource"], registry=REGISTRY)
 

@@ -113,6 +113,9 @@ class GroupState:
     members: tuple[TaskRequest, ...] = ()
     unbound_pods: int = 0  # pods created but not yet bound to a node (their GPUs are not in gpus_free)
     accepting: bool = True  # False: failed or being torn down; never a hot-add target
+    # a shared group's pods mount only these namespaces' data and output areas (fixed at creation):
+    # a task of another namespace never joins it. None: no restriction (a namespace's own group).
+    namespaces: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -326,6 +329,7 @@ class _OpenGroup:
     new: bool = False
     changed: bool = False
     accepting: bool = True
+    namespaces: frozenset[str] | None = None
 
     def memory_with(self, extra: list[TaskMemory], config: MemoryConfig) -> int:
         return group_memory_per_gpu(self.arch, self.mems + extra, self.par, self.memory_mib * MiB, config)
@@ -335,6 +339,7 @@ class _OpenGroup:
             self.accepting
             and self.base_model == t.base_model
             and compatible(t, self.tenancy, config)
+            and (self.new or self.namespaces is None or t.namespace in self.namespaces)
             and len(self.members) < config.max_tasks_per_group
             and self.memory_with([mem], config.memory) <= self.memory_mib * MiB
         )
@@ -405,6 +410,7 @@ def plan(
             members=[m.key for m in sorted(g.members, key=lambda m: m.key)],
             mems=[task_memory(m.shape, arch, mcfg) for m in g.members] if arch else [],
             accepting=g.accepting and arch is not None,
+            namespaces=g.namespaces,
         )
         open_groups.append(og)
         if g.unbound_pods > 0:

@@ -3,8 +3,11 @@
 Phases: Pending (not placed: waiting or unschedulable), Placed (member of a group whose engine does
 not yet train it), Running, Succeeded, Failed (terminal: kept as they are), Suspended
 (spec.suspend; for Kueue, which admits by flipping it).
-Conditions: Placed, Running, and Complete / Failed once terminal; lastTransitionTime is kept
-while a condition's status does not change.
+Conditions: Placed, Running, EngineReachable (once the engine was polled), and Complete / Failed
+once terminal; lastTransitionTime is kept while a condition's status does not change. What keeps a
+placed task from running reaches its Running condition and message: a refused pod creation (quota,
+Pod Security: the API server's message), an unschedulable pod (the scheduler's message: taints, a
+missing PVC, ...), a container waiting (image pull, config errors).
 """
 from __future__ import annotations
 
@@ -24,10 +27,13 @@ class TaskView:
     group: str | None = None
     reason: str = ""  # unplaceable / pending reason
     message: str = ""
-    pod_state: str = "none"  # none | pending | scheduled | running | failed
+    pod_state: str = "none"  # none | refused | pending | unschedulable | scheduled | waiting | running | failed
     pod_message: str = ""
     report: dict | None = None  # the engine's /v1/status entry for the task
     kueue: bool = False
+    unreachable_since: str | None = None  # the engine has not answered polls since then
+    unreachable_message: str = ""
+    final: bool = False  # unplaceable for good (the spec names something the operator never places)
 
 
 def _cond(type_: str, status: str, reason: str, message: str = "") -> dict:
@@ -40,7 +46,7 @@ def merge_conditions(old: list[dict] | None, new: list[dict], now: str, generati
     for c in new:
         prev = by_type.get(c["type"])
         ltt = prev.get("lastTransitionTime") if prev and prev.get("status") == c["status"] else None
-        item = dict(c, lastTransitionTime=ltt or now)
+        item = dict(c, lastTransitionTime=ltt or c.get("lastTransitionTime") or now)
         if generation is not None:
             item["observedGeneration"] = generation
         out.append(item)
@@ -88,6 +94,12 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
                          else "spec.suspend is true; the checkpoint is kept")
         st["tokensPerSecond"] = None
         conds = [_cond("Placed", "False", reason, st["message"]), _cond("Running", "False", reason)]
+    elif view.situation == "unplaceable" and view.final:
+        st["phase"] = "Failed"
+        st["message"] = view.message
+        st["completionTime"] = now
+        conds = [_cond("Placed", "False", view.reason, view.message), _cond("Running", "False", view.reason),
+                 _cond("Failed", "True", view.reason, view.message)]
     elif view.situation in ("pending", "unplaceable"):
         st["phase"] = "Pending"
         reason = view.reason or "Queued"
@@ -129,6 +141,12 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
             st["phase"] = "Placed"
             if ephase == "Pending":
                 reason, msg = "EngineQueued", "the engine has the task and has not started it yet"
+            elif view.pod_state == "refused":
+                reason, msg = "PodCreationRefused", view.pod_message
+            elif view.pod_state == "unschedulable":
+                reason, msg = "PodUnschedulable", view.pod_message
+            elif view.pod_state == "waiting":
+                reason, msg = "ContainerWaiting", view.pod_message
             elif view.pod_state == "running":
                 reason, msg = "EngineStarting", view.pod_message or "waiting for the engine's /v1/status"
             elif view.pod_state == "scheduled":
@@ -137,6 +155,13 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
                 reason, msg = "PodPending", view.pod_message or "waiting for the scheduler to bind the group's pod"
             st["message"] = msg
             conds = [placed, _cond("Running", "False", reason, msg)]
+        if st["phase"] in ("Running", "Placed") and view.unreachable_since:
+            msg = f"the engine has not answered since {view.unreachable_since}: {view.unreachable_message}"
+            st["message"] = msg
+            conds.append(dict(_cond("EngineReachable", "False", "EngineUnreachable", msg),
+                              lastTransitionTime=view.unreachable_since))
+        elif st["phase"] in ("Running", "Placed") and rep:
+            conds.append(_cond("EngineReachable", "True", "EngineReporting", "the engine answers status polls"))
 
     st["progress"] = _progress(st.get("step"), st.get("totalSteps"))
     st["conditions"] = merge_conditions(old.get("conditions"), conds, now, view.generation)
@@ -178,6 +203,26 @@ def transition_event(old: dict | None, new: dict) -> tuple[str, str, str] | None
             return ("Warning", r, msg)
         return ("Normal", "Pending", msg) if op else None
     return None
+
+
+def condition_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
+    """Events for condition changes that leave the phase as it is (an engine lost or back,
+    a pod refused or unschedulable)."""
+    def by_type(st):
+        return {c.get("type"): c for c in (st or {}).get("conditions") or []}
+    o, n = by_type(old), by_type(new)
+    out = []
+    er_o, er_n = o.get("EngineReachable", {}), n.get("EngineReachable")
+    if er_n and er_n.get("status") != er_o.get("status"):
+        if er_n["status"] == "False":
+            out.append(("Warning", "EngineUnreachable", er_n.get("message", "")))
+        elif er_o:
+            out.append(("Normal", "EngineReachable", "the engine answers status polls again"))
+    run_o, run_n = o.get("Running", {}), n.get("Running", {})
+    if (old or {}).get("phase") == new.get("phase") == "Placed" and run_n.get("reason") != run_o.get("reason") \
+            and run_n.get("reason") in ("PodUnschedulable", "ContainerWaiting"):
+        out.append(("Warning", run_n["reason"], run_n.get("message", "")))
+    return out
 
 
 def _placed_reason(st: dict | None) -> str | None:

@@ -10,6 +10,7 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import format_validation_error
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
+    ANN_NAMESPACES,
     ANN_TENANCY,
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
@@ -66,6 +67,9 @@ def compact_pod(pod: Mapping) -> dict:
     meta = pod.get("metadata") or {}
     st = pod.get("status") or {}
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+    sched = next((c for c in st.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+    waiting = next(((cs.get("state") or {}).get("waiting") for cs in st.get("containerStatuses") or []
+                    if (cs.get("state") or {}).get("waiting", {}).get("reason") not in (None, "ContainerCreating")), None)
     return {
         "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace"),
                      "resourceVersion": meta.get("resourceVersion")},
@@ -81,6 +85,10 @@ def compact_pod(pod: Mapping) -> dict:
         "ready": ready,
         "podIP": st.get("podIP"),
         "message": st.get("message") or st.get("reason") or "",
+        # why it is not running: the scheduler's verdict, a container's waiting reason
+        "unschedulable": (sched.get("message") or sched.get("reason") or "unschedulable")
+        if sched.get("status") == "False" else "",
+        "waiting": f"{waiting.get('reason')}: {waiting.get('message') or ''}".rstrip(": ") if waiting else "",
     }
 
 
@@ -99,6 +107,11 @@ def node_inventory(nodes: Iterable[Mapping], pods: Iterable[Mapping]) -> list[No
 
 
 def basemodel_architecture(bm: Mapping) -> Architecture | None:
+    builtin = (((bm.get("spec") or {}).get("source") or {}).get("builtin"))
+    if builtin and not (bm.get("spec") or {}).get("architecture"):
+        from muxtune.operator.memory import BUILTIN_ARCHITECTURES
+
+        return BUILTIN_ARCHITECTURES.get(builtin)
     for part in ("spec", "status"):
         a = ((bm.get(part) or {}).get("architecture"))
         if a:
@@ -135,6 +148,7 @@ def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, a
         members=tuple(members),
         unbound_pods=unbound_pods,
         accepting=accepting,
+        namespaces=frozenset(n for n in ann.get(ANN_NAMESPACES, "").split(",") if n) if ten == "*" else None,
     )
 
 

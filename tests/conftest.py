@@ -11,6 +11,28 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Dataset paths are relative to a data root (the API refuses absolute paths): tests keep their data
+# under pytest's base temporary directory and use it as the data root of every trainer they make.
+DATA_ROOT: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_root(tmp_path_factory) -> Path:
+    global DATA_ROOT
+    DATA_ROOT = tmp_path_factory.getbasetemp()
+    return DATA_ROOT
+
+
+def data_path(path: Path | str) -> str:
+    """A dataset.path for a file under the tests' data root (absolute paths are made relative)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(p)
+    rel = os.path.relpath(p, DATA_ROOT)
+    assert not rel.startswith(".."), f"test data {p} must live under the data root {DATA_ROOT}"
+    return rel
+
+
 @pytest.fixture(scope="session", autouse=True)
 def muxtune_home(tmp_path_factory) -> Path:
     """A private model cache per test session: the built-in model is generated, saved and
@@ -43,7 +65,7 @@ def task_doc(name: str, data: Path, *, method: str = "lora", r: int = 4, steps: 
         "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": name},
         "spec": {
             "baseModel": base,
-            "dataset": {"path": str(data), "maxSeqLen": 48},
+            "dataset": {"path": data_path(data), "maxSeqLen": 48},
             "peft": peft,
             "training": {"maxSteps": steps, "batchSize": batch, "learningRate": lr, "seed": seed,
                          "checkpointInterval": 0, **training},
@@ -77,8 +99,10 @@ def tiny_backbone_dir(muxtune_home) -> Path:
     return builtin_path("tiny-llama")
 
 
-def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | None = None):
-    """A fresh backbone + trainer on CPU in fp32 (the precision transparency is stated in)."""
+def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | None = None,
+                base_dir: Path | None = None):
+    """A fresh backbone + trainer on CPU in fp32 (the precision transparency is stated in),
+    reading datasets under the tests' data root."""
     import torch
 
     from muxtune.engine.backbone import MultiplexedBackbone
@@ -87,7 +111,7 @@ def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | 
 
     path = backbone_dir or builtin_path("tiny-llama")
     backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu"), torch.float32))
-    return MuxTrainer(backbone, output, token_budget=token_budget)
+    return MuxTrainer(backbone, output, token_budget=token_budget, base_dir=base_dir or DATA_ROOT)
 
 
 @pytest.fixture

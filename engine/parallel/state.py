@@ -1,10 +1,11 @@
 """A task's full (unsharded) state across the group, around engine/checkpoint.py and the PEFT export.
 
-Under pipeline parallelism each stage holds the deltas (and their AdamW state) of its own layers.
+Under pipeline parallelism each stage holds the deltas (and their AdamW state) of its own layers;
+under tensor parallelism each rank a block of them (engine/parallel/tensor.py makes them whole).
 Saving gathers every stage's part on rank 0, which writes exactly what a single process writes:
 the PEFT adapter, and an optimizer state indexed in single-process order. Restoring, rank 0 reads
-the files and broadcasts them; each rank keeps the part for its layers. The files therefore do
-not depend on the layout, and a run resumes under another dp/pp than it was saved with.
+the files and broadcasts them; each rank keeps the part for its layers (and its block). The files
+therefore do not depend on the layout, and a run resumes under another dp/tp/pp.
 
 Data-parallel replicas hold identical copies: only replica 0 of each stage contributes.
 """
@@ -15,27 +16,32 @@ from pathlib import Path
 import torch
 
 from muxtune.engine import checkpoint as ckpt
+from muxtune.engine.parallel import tensor
 from muxtune.engine.peft.export import save_adapter
 
 
 def param_names(rt) -> list[str]:
-    """Names of the task's local parameters, in adapter.parameters() (= optimizer) order."""
-    return [f"{module}.{name}" for module, delta in rt.adapter.deltas.items() for name, _ in delta.named_parameters()]
+    """PEFT names of the task's local parameters, in adapter.parameters() (= optimizer) order."""
+    by_id = {id(p): n for n, p in tensor.named_parameters(rt.adapter).items()}
+    return [by_id[id(p)] for p in rt.adapter.parameters()]
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").clone()
+def _cpu(t):
+    return t.detach().to("cpu").clone() if torch.is_tensor(t) else t
 
 
 def _local_part(rt, group) -> dict | None:
+    """Collective over tp: this stage's part of the task, whole across tp, from one rank per stage."""
+    tp = group.tp_mesh
+    whole = tensor.gather_full_state(rt.adapter, tp)
+    moments = tensor.gather_optimizer_state(rt.adapter, rt.optimizer, tp)
     if group.dp_rank != 0 or group.tp_rank != 0:
         return None
-    names = param_names(rt)
-    opt = rt.optimizer.state_dict()
-    modules = [(m, {k: _cpu(v) for k, v in d.peft_state().items()}) for m, d in rt.adapter.deltas.items()]
-    state = {names[i]: {k: _cpu(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in opt["state"].items()}
-    return {"stage": group.pp_rank, "names": names, "modules": modules, "state": state,
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
+    modules = [(m, {k: _cpu(whole[f"base_model.model.{m}.{k}"]) for k in d.peft_state()})
+               for m, d in rt.adapter.deltas.items()]
+    return {"stage": group.pp_rank, "names": param_names(rt), "modules": modules,
+            "state": {n: {k: _cpu(v) for k, v in s.items()} for n, s in moments.items()},
+            "groups": [{k: v for k, v in g.items() if k != "params"} for g in rt.optimizer.param_groups]}
 
 
 class FullState:
@@ -152,15 +158,15 @@ def full_names(rt, group) -> list[str] | None:
     return [n for _, names in sorted(p for p in parts if p is not None) for n in names]
 
 
-def apply_checkpoint(rt, payload: dict) -> None:
-    """Every rank: keep the part of the full state that belongs to its layers."""
-    rt.adapter.load_peft_state_dict(payload["adapter"])
+def apply_checkpoint(rt, payload: dict, group) -> None:
+    """Every rank: keep the part of the full state that belongs to its layers (and tp block)."""
     names = param_names(rt)
-    device = rt.adapter_device if names else torch.device("cpu")
-    state = {i: {k: v.to(device) if torch.is_tensor(v) and v.dim() else v for k, v in payload["optimizer"][n].items()}
-             for i, n in enumerate(names) if n in payload["optimizer"]}
+    local = set(names)
+    tensor.load_full_state(rt.adapter, {k: v for k, v in payload["adapter"].items() if k in local}, group.tp_mesh)
     groups = [dict(g, params=list(range(len(names)))) for g in payload["groups"]]
-    rt.optimizer.load_state_dict({"state": state, "param_groups": groups})
+    rt.optimizer.load_state_dict({"state": {}, "param_groups": groups})
+    tensor.load_optimizer_state(rt.adapter, rt.optimizer, {n: payload["optimizer"][n] for n in names
+                                                           if n in payload["optimizer"]})
     rt.scheduler.load_state_dict(payload["scheduler"])
     rt.stream.restore(payload["stream"])
     rt.step, rt.tokens_total, rt.served_tokens = payload["step"], payload["tokens_total"], payload["served_tokens"]

@@ -1,11 +1,14 @@
 """BaseModel: a cluster-scoped backbone the planner can size and pods can mount."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from muxtune.api.meta import API_VERSION, ApiModel, ObjectMeta
+
+
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
 class PvcSource(ApiModel):
@@ -13,7 +16,17 @@ class PvcSource(ApiModel):
 
     claim_name: str = Field(min_length=1, description="PersistentVolumeClaim holding the weights.")
     path: str = Field(default="", description="Directory inside the claim.")
-    namespace: str | None = Field(default=None, description="Namespace of the claim (default: the task's).")
+    namespace: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=NAMESPACE_PATTERN,
+        description=(
+            "Namespace of the claim. A pod mounts only claims of its own namespace, so when set only "
+            "groups in that namespace can use the model (the shared namespace for tasks shared across "
+            "namespaces); other tasks are refused with a condition. Default: a claim of this name in "
+            "the namespace of each group."
+        ),
+    )
 
 
 class HostPathSource(ApiModel):
@@ -37,7 +50,11 @@ class ModelSource(ApiModel):
         }
     )
 
-    builtin: str | None = Field(default=None, description="A built-in test model, e.g. tiny-llama.")
+    builtin: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="A built-in test model the engine generates itself, e.g. tiny-llama (no volume).",
+    )
     pvc: PvcSource | None = Field(default=None, description="Weights in a PersistentVolumeClaim.")
     host_path: HostPathSource | None = Field(default=None, description="Weights in a directory on every GPU node.")
 
@@ -59,10 +76,42 @@ class Architecture(ApiModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="bfloat16", description="Weight dtype at runtime.")
 
 
+class LabelSelectorRequirement(ApiModel):
+    """One namespace label requirement, as in a Kubernetes LabelSelector."""
+
+    key: str = Field(min_length=1, max_length=317, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[str] = Field(default_factory=list, max_length=64, description="Values for In and NotIn.")
+
+
+class NamespaceSelector(ApiModel):
+    """Namespaces by label (a Kubernetes LabelSelector); every given requirement must hold."""
+
+    match_labels: dict[str, Annotated[str, Field(description="Label value.")]] = Field(
+        default_factory=dict, description="Labels the namespace must carry."
+    )
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, max_length=32, description="Label requirements the namespace must meet."
+    )
+
+
 class BaseModelSpec(ApiModel):
-    """Where a backbone's weights are and how big it is."""
+    """Where a backbone's weights are, how big it is, and which namespaces may train on it."""
 
     source: ModelSource = Field(description="Where the weights live: exactly one of builtin, pvc, hostPath.")
+    allowed_namespaces: list[Annotated[str, StringConstraints(max_length=63, pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$")]] = Field(
+        default_factory=list,
+        max_length=1024,
+        description=(
+            "Namespaces whose FineTuneTasks may use this model; \"*\" admits every namespace. A task "
+            "from a namespace matched neither here nor by namespaceSelector is refused (condition "
+            "ModelNotAllowed). Empty with no namespaceSelector: no namespace may use the model, since "
+            "the weights may be private."
+        ),
+    )
+    namespace_selector: NamespaceSelector | None = Field(
+        default=None, description="Namespaces (by label) whose FineTuneTasks may also use this model."
+    )
     architecture: Architecture | None = Field(
         default=None, description="Size figures; filled from config.json by the operator when absent."
     )

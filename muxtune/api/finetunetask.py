@@ -5,18 +5,17 @@ generated CRD) what the API server admits.
 """
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta
+from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta, Timestamp
 
-# builtin:NAME, model:NAME (a BaseModel resource), pvc://CLAIM/PATH, or a local directory.
+# builtin:NAME, model:NAME (a BaseModel resource), or a local directory (local runs only: the
+# operator places builtin: and model: backbones; weights on a PVC are a BaseModel with source.pvc).
 BASE_MODEL_PATTERN = (
     r"^(builtin:[a-z0-9][a-z0-9-]*"
     r"|model:[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
-    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*"
     r"|/.+|\./.+|\.\./.+)$"
 )
 
@@ -26,6 +25,27 @@ Phase = Literal["Pending", "Placed", "Running", "Succeeded", "Failed", "Suspende
 # CEL cost estimate for the feedforwardModules rule stays within budget.
 ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 MAX_MODULES = 64
+
+
+# Where a task reads and writes is always inside an area the engine is given (the run's data root
+# and output directory; in a cluster, the namespace's own areas): never absolute, never `..`.
+MAX_PATH = 1024
+RELATIVE_PATH_MESSAGE = "must be a relative path without '..' segments (it is resolved inside the {area})"
+
+
+def relative_path_rules(area: str) -> dict:
+    """CEL rules equal to check_relative_path, so the API server refuses what pydantic refuses."""
+    msg = RELATIVE_PATH_MESSAGE.format(area=area)
+    return {"x-kubernetes-validations": [
+        {"rule": "!self.startsWith('/')", "message": msg, "reason": "FieldValueInvalid"},
+        {"rule": "!self.matches('(^|/)[.][.](/|$)')", "message": msg, "reason": "FieldValueInvalid"},
+    ]}
+
+
+def check_relative_path(value: str | None, area: str) -> str | None:
+    if value is not None and (value.startswith("/") or ".." in value.split("/")):
+        raise ValueError(RELATIVE_PATH_MESSAGE.format(area=area))
+    return value
 
 
 def immutable(field: str) -> dict:
@@ -46,7 +66,12 @@ class DatasetSpec(ApiModel):
 
     path: str = Field(
         min_length=1,
-        description="JSON-lines file of examples (a local path, or a path on the data volume in a cluster).",
+        max_length=MAX_PATH,
+        json_schema_extra=relative_path_rules("data root"),
+        description=(
+            "JSON-lines file of examples, relative to the data root: `muxtune run --data-root` "
+            "(default: the current directory), or the namespace's data area in a cluster."
+        ),
     )
     format: Literal["jsonl"] = Field(default="jsonl", description="File format; jsonl is one JSON object per line.")
     prompt_field: str = Field(default="prompt", min_length=1, description="Key of the input text.")
@@ -58,6 +83,11 @@ class DatasetSpec(ApiModel):
         default=False, description="Also compute the loss on prompt tokens (default: completion only)."
     )
     shuffle: bool = Field(default=True, description="Reshuffle examples every epoch (seeded by training.seed).")
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        return check_relative_path(v, "data root")
 
 
 class PeftSpec(ApiModel):
@@ -150,8 +180,19 @@ class OutputSpec(ApiModel):
 
     path: str | None = Field(
         default=None,
-        description="Directory for this task's output (default: <run output>/<namespace>/<name>).",
+        min_length=1,
+        max_length=MAX_PATH,
+        json_schema_extra=relative_path_rules("namespace's output area"),
+        description=(
+            "Directory for this task's output, relative to the namespace's output area "
+            "<run output>/<namespace>/ (default: the task's name)."
+        ),
     )
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        return check_relative_path(v, "namespace's output area")
 
 
 class FineTuneTaskSpec(ApiModel):
@@ -161,8 +202,9 @@ class FineTuneTaskSpec(ApiModel):
         pattern=BASE_MODEL_PATTERN,
         json_schema_extra=immutable("baseModel"),
         description=(
-            "The frozen backbone: builtin:NAME, model:NAME (a BaseModel resource), "
-            "pvc://CLAIM/PATH, or a local Hugging Face model directory."
+            "The frozen backbone: builtin:NAME, model:NAME (a BaseModel resource; weights on a "
+            "PVC or host path), or a local Hugging Face model directory (muxtune run only: the "
+            "operator refuses it)."
         ),
     )
     dataset: DatasetSpec = Field(description="Training data.", json_schema_extra=immutable("dataset"))
@@ -197,8 +239,8 @@ class FineTuneTaskStatus(ApiModel):
     tokens_per_second: float | None = Field(default=None, description="Trained tokens per second.")
     checkpoint: str | None = Field(default=None, description="Latest checkpoint path.")
     message: str | None = Field(default=None, description="Why the task is in its phase.")
-    start_time: datetime | None = Field(default=None, description="When the task started training.")
-    completion_time: datetime | None = Field(default=None, description="When the task succeeded or failed.")
+    start_time: Timestamp | None = Field(default=None, description="When the task started training.")
+    completion_time: Timestamp | None = Field(default=None, description="When the task succeeded or failed.")
     observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
 
 

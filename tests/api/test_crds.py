@@ -172,7 +172,7 @@ MINIMAL = {
         FineTuneTask,
         {
             "baseModel": "builtin:tiny-llama",
-            "dataset": {"path": "/data/train.jsonl"},
+            "dataset": {"path": "train.jsonl"},
             "training": {"maxSteps": 10, "learningRate": 1e-4},
         },
     ),

@@ -34,7 +34,7 @@ MODELS: dict[str, type[ApiModel]] = {
 BASE_SPECS: dict[str, dict] = {
     "FineTuneTask": {
         "baseModel": "builtin:tiny-llama",
-        "dataset": {"path": "/data/train.jsonl"},
+        "dataset": {"path": "train.jsonl"},
         "training": {"maxSteps": 10, "learningRate": 1e-4},
     },
     "BaseModel": {"source": {"builtin": "tiny-llama"}},
@@ -83,10 +83,22 @@ BAD: list[Case] = [
     Case("rank-negative", {"spec.peft.r": -8}, "spec.peft.r"),
     Case("rank-too-big", {"spec.peft.r": 8192}, "spec.peft.r"),
     Case("rank-not-integer", {"spec.peft.r": "eight"}, "spec.peft.r"),
+    # strict types, as the CRD's schema: no coercion of numeric or boolean strings
+    Case("rank-numeric-string", {"spec.peft.r": "4"}, "spec.peft.r"),
+    Case("learning-rate-numeric-string", {"spec.training.learningRate": "0.001"}, "spec.training.learningRate"),
+    Case("shuffle-string", {"spec.dataset.shuffle": "true"}, "spec.dataset.shuffle"),
+    Case("suspend-integer", {"spec.suspend": 1}, "spec.suspend"),
     Case("unknown-peft-method", {"spec.peft.method": "qlora"}, "spec.peft.method"),
     Case("missing-dataset", {"spec.dataset": MISSING}, "spec.dataset"),
     Case("dataset-without-path", {"spec.dataset": {"format": "jsonl"}}, "spec.dataset.path"),
     Case("dataset-empty-path", {"spec.dataset.path": ""}, "spec.dataset.path"),
+    # paths resolve inside the namespace's own areas: nothing absolute, nothing that climbs out
+    Case("dataset-absolute-path", {"spec.dataset.path": "/data/team-b/private.jsonl"}, "spec.dataset.path"),
+    Case("dataset-dotdot-path", {"spec.dataset.path": "../data/team-b/private.jsonl"}, "spec.dataset.path"),
+    Case("dataset-inner-dotdot-path", {"spec.dataset.path": "sets/../../team-b/x.jsonl"}, "spec.dataset.path"),
+    Case("dataset-bare-dotdot", {"spec.dataset.path": ".."}, "spec.dataset.path"),
+    Case("output-absolute-path", {"spec.output.path": "/output/team-b/x"}, "spec.output.path"),
+    Case("output-dotdot-path", {"spec.output.path": "runs/../../team-b"}, "spec.output.path"),
     Case("dataset-unknown-format", {"spec.dataset.format": "csv"}, "spec.dataset.format"),
     Case("max-seq-len-zero", {"spec.dataset.maxSeqLen": 0}, "spec.dataset.maxSeqLen"),
     Case("max-steps-zero", {"spec.training.maxSteps": 0}, "spec.training.maxSteps"),
@@ -98,6 +110,8 @@ BAD: list[Case] = [
     Case("base-model-bare-name", {"spec.baseModel": "llama"}, "spec.baseModel"),
     Case("base-model-uppercase-builtin", {"spec.baseModel": "builtin:Tiny"}, "spec.baseModel"),
     Case("base-model-missing", {"spec.baseModel": MISSING}, "spec.baseModel"),
+    # pvc:// was never placed by the operator: weights on a claim are a BaseModel with source.pvc
+    Case("base-model-pvc-scheme", {"spec.baseModel": "pvc://weights/llama"}, "spec.baseModel"),
     Case("warmup-exceeds-max-steps", {"spec.training.warmupSteps": 11}, "spec.training.warmupSteps"),
     Case("dropout-one", {"spec.peft.dropout": 1.0}, "spec.peft.dropout"),
     Case("dropout-negative", {"spec.peft.dropout": -0.1}, "spec.peft.dropout"),
@@ -127,6 +141,9 @@ BAD: list[Case] = [
     ),
     Case("model-host-path-relative", {"spec.source": {"hostPath": {"path": "models/x"}}}, "spec.source.hostPath.path", kind="BaseModel"),
     Case("model-pvc-without-claim", {"spec.source": {"pvc": {"path": "x"}}}, "spec.source.pvc.claimName", kind="BaseModel"),
+    Case("model-allowed-namespace-bad", {"spec.allowedNamespaces": ["Team_A"]}, "spec.allowedNamespaces", kind="BaseModel"),
+    Case("model-selector-bad-operator", {"spec.namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Is"}]}},
+         "spec.namespaceSelector.matchExpressions", kind="BaseModel"),
     Case(
         "model-zero-layers",
         {"spec.architecture": {"parameters": 1000, "layers": 0, "hiddenSize": 64}},
@@ -173,7 +190,7 @@ GOOD: list[Case] = [
         "every-field",
         {
             "spec": {
-                "baseModel": "pvc://weights/llama-3-8b",
+                "baseModel": "model:llama-3-8b",
                 "dataset": {
                     "path": "data/x.jsonl", "format": "jsonl", "promptField": "q", "completionField": "a",
                     "maxSeqLen": 1024, "trainOnPrompt": True, "shuffle": False,
@@ -183,7 +200,7 @@ GOOD: list[Case] = [
                     "maxSteps": 100, "batchSize": 4, "learningRate": 2e-4, "schedule": "cosine", "warmupSteps": 10,
                     "weightDecay": 0.01, "maxGradNorm": 0.5, "seed": 7, "checkpointInterval": 0,
                 },
-                "output": {"path": "/out/x"},
+                "output": {"path": "runs/x"},
                 "priority": 10,
                 "suspend": True,
                 "shareAcrossNamespaces": True,
@@ -191,6 +208,7 @@ GOOD: list[Case] = [
         },
         "",
     ),
+    Case("dotted-names-are-not-dotdot", {"spec.dataset.path": "a..b/..x/.hidden.jsonl", "spec.output.path": "v1..2"}, ""),
     Case("base-model-resource", {"spec.baseModel": "model:llama-3.1-8b"}, ""),
     Case("base-model-local-dir", {"spec.baseModel": "./models/tiny"}, ""),
     Case("model-builtin", {}, "", kind="BaseModel"),
@@ -201,6 +219,13 @@ GOOD: list[Case] = [
         kind="BaseModel",
     ),
     Case("model-host-path", {"spec.source": {"hostPath": {"path": "/models/llama"}}}, "", kind="BaseModel"),
+    Case(
+        "model-allowed-namespaces",
+        {"spec.allowedNamespaces": ["team-a", "*"],
+         "spec.namespaceSelector": {"matchLabels": {"team": "ml"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["gpu"]}]}},
+        "",
+        kind="BaseModel",
+    ),
     Case("group-minimal", {}, "", kind="BackboneGroup"),
 ]
 
@@ -360,7 +385,7 @@ IMMUTABLE_EDITS = [
     ("spec.dataset", {"dataset": {"path": "other.jsonl"}}),
     ("spec.peft", {"peft": {"r": 16}}),
     ("spec.training", {"training": {"maxSteps": 99}}),
-    ("spec.output", {"output": {"path": "/elsewhere"}}),
+    ("spec.output", {"output": {"path": "elsewhere"}}),
     ("spec.shareAcrossNamespaces", {"shareAcrossNamespaces": True}),
 ]
 

@@ -74,7 +74,8 @@ def test_helm_lint_is_clean(helm, values):
 
 def test_default_render(helm):
     kinds = by_kind(render(helm))
-    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Service", "ServiceAccount"]
+    assert sorted(kinds) == ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Role", "RoleBinding",
+                             "Secret", "Service", "ServiceAccount"]
     # the only ConfigMaps are the Grafana dashboards, one per file in dashboards/
     dashboards = sorted((CHART / "dashboards").glob("*.json"))
     assert len(kinds["ConfigMap"]) == len(dashboards) > 0
@@ -125,6 +126,9 @@ EXPECTED_RULES = {
     ("", "pods"): {"create", "get", "list", "watch", "patch", "update", "delete"},
     ("", "configmaps"): {"create", "get", "list", "watch", "patch", "update", "delete"},
     ("", "services"): {"create", "get", "list", "watch", "patch", "update", "delete"},
+    ("", "secrets"): {"create"},  # a group's HMAC key: created, never read back
+    ("", "serviceaccounts"): {"create"},  # the engines' binding-less ServiceAccount
+    ("policy", "poddisruptionbudgets"): {"create"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "nodes"): {"get", "list", "watch"},
@@ -133,9 +137,7 @@ EXPECTED_RULES = {
 }
 
 
-def test_rbac_is_least_privilege(helm):
-    kinds = by_kind(render(helm))
-    (role,) = kinds["ClusterRole"]
+def _granted(role: dict) -> dict[tuple[str, str], set[str]]:
     granted: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
         for field in ("apiGroups", "resources", "verbs"):
@@ -144,12 +146,53 @@ def test_rbac_is_least_privilege(helm):
         for g in rule["apiGroups"]:
             for r in rule["resources"]:
                 granted.setdefault((g, r), set()).update(rule["verbs"])
-    assert granted == EXPECTED_RULES
-    assert not any(r == "secrets" for _, r in granted)
+    return granted
+
+
+CLUSTER_READS = {k for k in EXPECTED_RULES if k[1] in ("basemodels", "basemodels/status", "nodes", "namespaces",
+                                                        "customresourcedefinitions")}
+LEASES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+
+
+def test_rbac_is_least_privilege(helm):
+    kinds = by_kind(render(helm))
+    roles = {r["metadata"]["name"]: r for r in kinds["ClusterRole"]}
+    role = roles["mux-muxtune-operator"]
+    assert _granted(role) == EXPECTED_RULES
+    assert _granted(role)[("", "secrets")] == {"create"}, "the operator never reads Secrets"
     (binding,) = kinds["ClusterRoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     (sa,) = kinds["ServiceAccount"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "muxtune-system"}]
+    (leader,) = kinds["Role"]
+    assert leader["metadata"]["namespace"] == "muxtune-system" and _granted(leader) == LEASES
+
+
+def test_rbac_with_watch_namespaces_is_namespaced(helm):
+    """With watchNamespaces the operator may write only there (and in the shared namespace): its
+    ClusterRole keeps the cluster-scoped reads, everything else is a Role per namespace."""
+    kinds = by_kind(render(helm, "--set", "operator.watchNamespaces={team-a,team-b}"))
+    roles = {r["metadata"]["name"]: r for r in kinds["ClusterRole"]}
+    cluster = _granted(roles["mux-muxtune-operator"])
+    assert set(cluster) == CLUSTER_READS and not any(r in ("pods", "secrets", "configmaps") for _, r in cluster)
+    by_ns = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in kinds["Role"]}
+    for ns in ("team-a", "team-b", "muxtune-system"):
+        assert _granted(by_ns[(ns, "mux-muxtune-operator")]) == {k: v for k, v in EXPECTED_RULES.items() if k not in CLUSTER_READS}
+    assert {ns for ns, _ in by_ns} == {"team-a", "team-b", "muxtune-system"}
+    bindings = {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in kinds["RoleBinding"]}
+    assert ("team-a", "mux-muxtune-operator") in bindings and ("kube-system", "mux-muxtune-operator") not in bindings
+
+
+def test_tenant_roles_are_aggregated(helm):
+    roles = {r["metadata"]["name"]: r for r in by_kind(render(helm))["ClusterRole"]}
+    edit, view = roles["mux-muxtune-edit"], roles["mux-muxtune-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    e = _granted(edit)
+    assert "create" in e[("muxtune.io", "finetunetasks")] and e[("muxtune.io", "backbonegroups")] == {"get", "list", "watch"}
+    assert e[("muxtune.io", "finetunetasks/status")] == {"get", "list", "watch"}, "status is the operator's"
+    assert all(v == {"get", "list", "watch"} for v in _granted(view).values())
 
 
 def test_watch_namespaces_and_flags(helm):
@@ -167,7 +210,15 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     from muxtune.operator.cli import OperatorCommand
 
     kinds = by_kind(render(helm, "--set", "operator.watchNamespaces={team-a,team-b}", "--set", "engine.data.pvc=train",
-                           "--set", "engine.output.hostPath=/srv/out"))
+                           "--set", "engine.output.hostPath=/srv/out", "--set", "engine.output.pvcPerNamespace=out",
+                           "--set", "engine.tolerations[0].key=gpu", "--set", "engine.tolerations[0].operator=Exists",
+                           "--set", "engine.nodeSelector.pool=a100", "--set", "engine.imagePullSecrets={regcred}",
+                           "--set", "engine.priorityClasses[0].minPriority=500",
+                           "--set", "engine.priorityClasses[0].className=muxtune-high",
+                           "--set", "engine.resources.limits.memory=32Gi", "--set", "engine.podDisruptionBudget=false",
+                           "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
+                           "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].key=zone",
+                           "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].operator=Exists"))
     (c,) = kinds["Deployment"][0]["spec"]["template"]["spec"]["containers"]
     assert c["command"][-1] == "operator"
     source = CliSettingsSource(OperatorCommand, cli_kebab_case=True, cli_implicit_flags=True)
@@ -177,17 +228,38 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     assert cfg.sharing_policy == "opt-in" and cfg.metrics_port == 8080 and cfg.engine_metrics_port == 9400
     assert cfg.engine_image == f"ghcr.io/muxtune/engine:{app_version()}"
     assert (cfg.engine_cpu_request, cfg.engine_memory_request) == ("2", "16Gi")
-    assert (cfg.data_pvc, cfg.output_host_path) == ("train", "/srv/out")
+    assert (cfg.data_pvc, cfg.output_host_path, cfg.output_pvc_per_namespace) == ("train", "/srv/out", "out")
+    assert cfg.engine_tolerations == [{"key": "gpu", "operator": "Exists"}] and cfg.engine_node_selector == {"pool": "a100"}
+    assert cfg.engine_image_pull_secrets == ["regcred"] and cfg.engine_limits == {"memory": "32Gi"}
+    assert cfg.engine_priority_classes == [{"minPriority": 500, "className": "muxtune-high"}] and cfg.engine_pdb is False
+    assert cfg.engine_affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 1
+    assert cfg.leader_elect and cfg.signing_key_file == "/etc/muxtune/signing/key" and not cfg.dev_endpoint_annotation
     assert cmd.liveness_port == 8081
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz" and {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
 
 
-def test_values_schema_refuses_typos(helm):
-    p = run_helm(helm, "template", "mux", str(CHART), "--set", "operator.sharingPolicy=optin", check=False)
-    assert p.returncode != 0 and "sharingPolicy" in p.stderr
-    p = run_helm(helm, "template", "mux", str(CHART), "--set", "replicaCount=2", check=False)
-    assert p.returncode != 0 and "replicaCount" in p.stderr
+@pytest.mark.parametrize("bad,word", [
+    ("operator.sharingPolicy=optin", "sharingPolicy"),
+    ("replicaCount=3", "replicaCount"),
+    ("engine.tolerration[0].key=x", "tolerration"),
+    ("operatorr.metricsPort=1", "operatorr"),
+    ("engine.data.pvcPerNamespce=x", "pvcPerNamespce"),
+    ("monitoring.podMonitor.enabeld=true", "enabeld"),
+    ("engine.priorityClasses[0].className=x", "minPriority"),
+    ("rbac.aggregate=true", "aggregate"),
+])
+def test_values_schema_refuses_typos_and_unknown_keys(helm, bad, word):
+    p = run_helm(helm, "template", "mux", str(CHART), "--set", bad, check=False)
+    assert p.returncode != 0 and word in p.stderr, p.stderr
+    p = run_helm(helm, "lint", "--strict", str(CHART), "--set", bad, check=False)
+    assert p.returncode != 0
+
+
+def test_two_replicas_with_leader_election(helm):
+    (dep,) = by_kind(render(helm, "--set", "replicaCount=2"))["Deployment"]
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "--leader-elect" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_liveness_probe_can_be_turned_off(helm):
@@ -332,6 +404,7 @@ def test_install_into_cluster(helm, kube_cluster):
         for verb, res in [("patch", "finetunetasks.muxtune.io"), ("watch", "finetunetasks.muxtune.io"),
                           ("update", "finetunetasks.muxtune.io/status"), ("create", "backbonegroups.muxtune.io"),
                           ("delete", "pods"), ("create", "configmaps"), ("create", "services"), ("list", "nodes"),
+                          ("create", "secrets"), ("create", "poddisruptionbudgets.policy"),
                           ("create", "events"), ("patch", "basemodels.muxtune.io/status")]:
             assert can(verb, res, "-A"), f"operator cannot {verb} {res}"
         for verb, res in [("delete", "finetunetasks.muxtune.io"), ("create", "finetunetasks.muxtune.io"),

@@ -48,7 +48,7 @@ def test_cli_refuses_before_training_and_writes_nothing(data_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "muxtune.cli", "run", str(tmp_path / "good.yaml"), str(tmp_path / "bad.yaml"),
-         "--output", str(out), "--no-progress"], capture_output=True, text=True, timeout=300,
+         "--output", str(out), "--data-root", str(data_dir), "--no-progress"], capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2
     assert "bad.yaml: spec.peft.r: Input should be greater than 0" in proc.stderr
@@ -58,7 +58,7 @@ def test_cli_refuses_before_training_and_writes_nothing(data_dir, tmp_path):
 def _good(data_dir):
     return {
         "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": "ok"},
-        "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(data_dir / "reverse.jsonl")},
+        "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": "reverse.jsonl"},
                  "peft": {"method": "lora", "r": 4}, "training": {"maxSteps": 2, "learningRate": 1e-3}},
     }
 

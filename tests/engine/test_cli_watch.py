@@ -17,7 +17,7 @@ def _doc(name, data, steps, lr=1e-3):
     return {
         "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask",
         "metadata": {"name": name, "namespace": "team-a"},
-        "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(data)}, "peft": {"r": 4},
+        "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": data.name}, "peft": {"r": 4},
                  "training": {"maxSteps": steps, "batchSize": 2, "learningRate": lr, "checkpointInterval": 0}},
     }
 
@@ -42,7 +42,7 @@ def test_watch_hot_add_and_remove(data_dir, tmp_path):
     spec.write_text(yaml.safe_dump(_doc("stay", data_dir / "reverse.jsonl", 100000)))
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "muxtune.cli", "run", str(spec), "--output", str(out), "--watch",
+        [sys.executable, "-m", "muxtune.cli", "run", str(spec), "--output", str(out), "--data-root", str(data_dir), "--watch",
          "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -61,13 +61,13 @@ def test_watch_hot_add_and_remove(data_dir, tmp_path):
                                             _doc("join", data_dir / "upper.jsonl", 5)]))
         tasks = _wait(lambda t: t.get("team-a/join", {}).get("phase") == "Succeeded", port)
         assert tasks["team-a/join"]["step"] == 5 and tasks["team-a/join"]["loss"] is not None
-        assert (out / "join" / "adapter_model.safetensors").exists()
+        assert (out / "team-a" / "join" / "adapter_model.safetensors").exists()
         step_before = tasks["team-a/stay"]["step"]
 
         # hot remove: "stay" leaves with a checkpoint; the engine keeps serving
         spec.write_text(yaml.safe_dump(_doc("join", data_dir / "upper.jsonl", 5)))
         _wait(lambda t: "team-a/stay" not in t, port)
-        ckpts = list((out / "stay" / "checkpoints").glob("step-*"))
+        ckpts = list((out / "team-a" / "stay" / "checkpoints").glob("step-*"))
         assert ckpts and json.loads((ckpts[-1] / "state.json").read_text())["step"] >= step_before
         assert proc.poll() is None, "the engine must keep running for future tasks"
     finally:

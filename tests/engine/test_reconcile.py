@@ -28,7 +28,7 @@ def test_priority_change_applies_in_place_other_changes_restart(trainer_factory,
         update={"training": b.spec.training.model_copy(update={"learning_rate": 1e-4})})})
     reconcile(trainer, [a2, b2])
     assert trainer.tasks[b.key] is not rt_b and rt_b.phase == "Suspended"
-    assert list((tmp_path / "out" / "b" / "checkpoints").glob("step-*"))
+    assert list((tmp_path / "out" / "default" / "b" / "checkpoints").glob("step-*"))
     # its checkpoints belong to the old spec: resuming them would train something else
     new_b = trainer.tasks[b.key]
     assert new_b.phase == "Failed" and "different spec" in new_b.message

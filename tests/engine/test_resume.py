@@ -78,23 +78,23 @@ def test_finished_task_is_not_retrained_and_changed_spec_is_refused(make_task, d
 def test_sigterm_checkpoints_and_rerun_completes(data_dir, tmp_path):
     doc = {
         "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": "long"},
-        "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(data_dir / "reverse.jsonl")},
+        "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": "reverse.jsonl"},
                  "peft": {"r": 4}, "training": {"maxSteps": 400, "batchSize": 4, "learningRate": 1e-3,
                                                 "checkpointInterval": 1000}},
     }
     spec = tmp_path / "long.yaml"
     spec.write_text(yaml.safe_dump(doc))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "muxtune.cli", "run", str(spec), "--output", str(out), "--no-progress"]
+    cmd = [sys.executable, "-m", "muxtune.cli", "run", str(spec), "--output", str(out), "--data-root", str(data_dir), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    metrics = out / "long" / "metrics.jsonl"
+    metrics = out / "default" / "long" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    ckpts = sorted((out / "long" / "checkpoints").glob("step-*"))
+    ckpts = sorted((out / "default" / "long" / "checkpoints").glob("step-*"))
     assert ckpts, "SIGTERM must leave a checkpoint even between intervals"
     stopped_at = json.loads((ckpts[-1] / "state.json").read_text())["step"]
     assert 5 <= stopped_at < 400

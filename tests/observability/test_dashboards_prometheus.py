@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -127,17 +128,19 @@ class Prometheus:
 def task_docs(ns_a: str, ns_b: str, data_dir: Path) -> list[dict]:
     def doc(name, ns, data, peft, batch, seed, max_len=48):
         return {"apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": name, "namespace": ns},
-                "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(data), "maxSeqLen": max_len},
+                "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": str(Path(data).relative_to(data_dir)), "maxSeqLen": max_len},
                          "peft": peft, "shareAcrossNamespaces": True,
                          "training": {"maxSteps": STEPS, "batchSize": batch, "learningRate": 1e-2, "seed": seed,
                                       "checkpointInterval": 25}}}
 
     lora = {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
     ia3 = {"method": "ia3", "targetModules": ["k_proj", "v_proj", "down_proj"], "feedforwardModules": ["down_proj"]}
+    for name in ("reverse", "copy", "arithmetic"):  # dataset paths live under the engine's --data-root
+        shutil.copyfile(EXAMPLES / f"{name}.jsonl", data_dir / f"{name}.jsonl")
     return [
-        doc("reverse", ns_a, EXAMPLES / "reverse.jsonl", lora, 4, 0),
-        doc("copy", ns_a, EXAMPLES / "copy.jsonl", {**lora, "r": 8, "alpha": 16}, 4, 1),
-        doc("arithmetic", ns_b, EXAMPLES / "arithmetic.jsonl", ia3, 8, 2, max_len=32),
+        doc("reverse", ns_a, data_dir / "reverse.jsonl", lora, 4, 0),
+        doc("copy", ns_a, data_dir / "copy.jsonl", {**lora, "r": 8, "alpha": 16}, 4, 1),
+        doc("arithmetic", ns_b, data_dir / "arithmetic.jsonl", ia3, 8, 2, max_len=32),
         doc("broken", ns_a, data_dir / "missing.jsonl", lora, 4, 3),  # fails at setup: dataset not found
     ]
 
@@ -217,6 +220,7 @@ class OperatorSide:
             [sys.executable, "-m", "muxtune.operator.cli", "operator", "--kubeconfig", str(info.kubeconfig),
              f"--namespaces={self.ns_a},{self.ns_b}", "--shared-namespace", self.system, "--sharing-policy", "always",
              "--metrics-port", str(self.port), "--no-poll-pod-ip", "--poll-interval", "1",
+             "--dev-endpoint-annotation", "--signing-key-file", str(self.signing_key(workdir)), "--no-leader-elect",
              "--engine-image", "registry.invalid/muxtune/engine:test", "--log-level", "info"],
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -233,6 +237,20 @@ class OperatorSide:
         pod = wait_for(group_pod, 120, "the operator to create one engine pod for the four tasks")
         meta = pod["metadata"]
         return meta["namespace"], meta["name"], meta["labels"]["muxtune.io/group"]
+
+    @staticmethod
+    def signing_key(workdir: Path) -> Path:
+        path = workdir / "signing.key"
+        if not path.exists():
+            path.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+        return path
+
+    def group_key(self, namespace: str, group: str, workdir: Path) -> bytes:
+        """The group's HMAC key, as the operator derives it (the engine signs its reports with it)."""
+        from muxtune.operator.keys import GroupKeys
+
+        g = json.loads(self.info.kubectl("get", "backbonegroup", group, "-n", namespace, "-o", "json").stdout)
+        return GroupKeys(self.signing_key(workdir).read_bytes().strip()).key(g)
 
     def point_at_engine(self, namespace: str, pod: str, endpoint: str) -> None:
         self.info.kubectl("annotate", "pod", pod, "-n", namespace, f"muxtune.io/engine-endpoint={endpoint}", "--overwrite")
@@ -291,14 +309,29 @@ def stack(request, prometheus_bin, tmp_path_factory):
         tasks_file = work / "tasks.yaml"
         # start with only the broken task; the others join (hot add via --watch) once Prometheus
         # scrapes, so the scrapes see training in progress however fast this machine is
-        tasks_file.write_text(yaml.safe_dump_all([d for d in docs if d["metadata"]["name"] == "broken"]))
+        engine_env = dict(os.environ)
+        group_key = None
+        if operator is not None:  # the engine signs its reports and checks its task file, as in a pod
+            from muxtune.engine import trust
+
+            group_key = operator.group_key(pod_ns, group, work)
+            (work / "group.key").write_bytes(group_key)
+            engine_env.update({"MUXTUNE_GROUP": group, "MUXTUNE_GROUP_KEY_FILE": str(work / "group.key")})
+
+        def write_tasks(ds: list[dict], revision: int) -> None:
+            text = yaml.safe_dump_all(ds)
+            if group_key is not None:
+                trust.signature_path(tasks_file).write_text(trust.sign_tasks(group_key, group, revision, text))
+            tasks_file.write_text(text)
+
+        write_tasks([d for d in docs if d["metadata"]["name"] == "broken"], 1)
         output = work / "output"
         engine_log = work / "engine.log"
         exe = Path(sys.executable).with_name("muxtune")
         engine = subprocess.Popen(
-            [str(exe), "run", str(tasks_file), "--output", str(output), "--watch", "--no-progress", "--no-resume",
+            [str(exe), "run", str(tasks_file), "--output", str(output), "--data-root", str(work), "--watch", "--no-progress", "--no-resume",
              "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--token-budget", "160", "--device", "cpu"],
-            stdout=open(engine_log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=work)
+            stdout=open(engine_log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=work, env=engine_env)
         procs.append(engine)
 
         def engine_port():
@@ -345,7 +378,7 @@ def stack(request, prometheus_bin, tmp_path_factory):
             return prom.value('count(muxtune_task_phase{phase="Failed"} == 1)') == 1
 
         wait_for(scraped_engine, 60, "the first scrape of the engine", interval=0.5)
-        tasks_file.write_text(yaml.safe_dump_all(docs))
+        write_tasks(docs, 2)
 
         # training done, as Prometheus saw it: three Succeeded, one Failed
         def finished():

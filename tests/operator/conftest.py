@@ -57,16 +57,18 @@ def ensure_crds(info) -> None:
     cluster.apply_crds(crd_dir, kubeconfig=info.kubeconfig)
 
 
-def install_rbac(info, namespace: str) -> Path:
-    """Render the chart's ServiceAccount + ClusterRole(+Binding) with helm, apply them, and return
-    a kubeconfig holding that ServiceAccount's token: the operator runs with exactly the chart's RBAC."""
+def install_rbac(info, namespace: str, watch: list[str] | None = None) -> Path:
+    """Render the chart's ServiceAccount + RBAC with helm (namespaced Roles when ``watch`` is given),
+    apply them, and return a kubeconfig holding that ServiceAccount's token: the operator runs
+    with exactly the chart's RBAC."""
     from muxtune.devcluster import cluster
     from muxtune.devcluster.build import ensure_binaries
 
     helm = ensure_binaries(["helm"])["helm"]
     release = f"{RELEASE}-{namespace}"[:40]
+    extra = ["--set", "operator.watchNamespaces={" + ",".join(watch) + "}"] if watch else []
     out = subprocess.run(
-        [str(helm), "template", release, str(CHART), "--namespace", namespace,
+        [str(helm), "template", release, str(CHART), "--namespace", namespace, *extra,
          "--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccount.yaml"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
@@ -85,8 +87,15 @@ class OperatorProcess:
     extra: list[str] = field(default_factory=list)
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    dev_endpoint: bool = True  # honour muxtune.io/engine-endpoint (kwok pod IPs are fake)
+    signing_key: Path | None = None
+    env_extra: dict = field(default_factory=dict)
 
     def start(self) -> None:
+        if self.signing_key is None:
+            self.signing_key = self.log_path.parent / "signing.key"
+            if not self.signing_key.exists():
+                self.signing_key.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         args = [
             sys.executable, "-m", "muxtune.operator.cli", "operator",
             "--kubeconfig", str(self.kubeconfig),
@@ -94,6 +103,10 @@ class OperatorProcess:
             "--shared-namespace", self.shared_namespace,
             "--metrics-port", str(self.metrics_port),
             "--no-poll-pod-ip",  # kwok pod IPs are fake; engines are reached through the annotation only
+            *(["--dev-endpoint-annotation"] if self.dev_endpoint else []),
+            "--signing-key-file", str(self.signing_key),
+            "--lease-duration", "4", "--lease-renew-interval", "0.5",
+            "--pod-backoff-base", "2",
             "--poll-interval", "1",
             "--engine-image", "registry.invalid/muxtune/engine:test",
             "--log-level", "info",  # readiness is read from the log ("indices populated")
@@ -101,6 +114,7 @@ class OperatorProcess:
         ]
         env = dict(os.environ)
         env.pop("KUBECONFIG", None)
+        env.update(self.env_extra)
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -124,6 +138,24 @@ class OperatorProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of a metric's samples whose labels include ``labels``."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            if head.split("{")[0] != name:
+                continue
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
+
+    def group_key(self, group: dict) -> bytes:
+        from muxtune.operator.keys import GroupKeys
+
+        return GroupKeys(self.signing_key.read_bytes().strip()).key(group)
 
 
 def task_manifest(name: str, namespace: str, *, base: str = "builtin:tiny-llama", data: str = "d.jsonl",
@@ -161,9 +193,10 @@ def kh():
 
 
 @pytest.fixture(scope="module")
-def operator_env(kube_cluster, tmp_path_factory):
-    """CRDs, the chart's RBAC, two tenant namespaces, and the operator running as the chart's
-    ServiceAccount (watching only those namespaces). Yields a dict of handles."""
+def operator_env(kube_cluster, tmp_path_factory, request):
+    """CRDs, the chart's namespaced RBAC, two tenant namespaces, and the operator running as the
+    chart's ServiceAccount (watching only those namespaces). Yields a dict of handles. A test module
+    may set OPERATOR_ARGS (extra flags) and OPERATOR_DEV_ENDPOINT (default True)."""
     tag = uuid.uuid4().hex[:6]
     system, ns_a, ns_b = f"mtsys-{tag}", f"team-a-{tag}", f"team-b-{tag}"
     for ns in (system, ns_a, ns_b):
@@ -173,9 +206,11 @@ def operator_env(kube_cluster, tmp_path_factory):
     for ns in (system, ns_a, ns_b):
         cluster.wait_for_default_service_account(kube_cluster, ns)
     ensure_crds(kube_cluster)
-    sa_kubeconfig = install_rbac(kube_cluster, system)
+    sa_kubeconfig = install_rbac(kube_cluster, system, watch=[ns_a, ns_b])
     logdir = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(sa_kubeconfig, [ns_a, ns_b], system, logdir / "operator.log")
+    op = OperatorProcess(sa_kubeconfig, [ns_a, ns_b], system, logdir / "operator.log",
+                         extra=list(getattr(request.module, "OPERATOR_ARGS", [])),
+                         dev_endpoint=getattr(request.module, "OPERATOR_DEV_ENDPOINT", True))
     op.start()
     env = {"info": kube_cluster, "op": op, "system": system, "a": ns_a, "b": ns_b, "tmp": logdir}
     try:

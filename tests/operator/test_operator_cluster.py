@@ -65,14 +65,18 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     assert pod["metadata"]["ownerReferences"] == [owner]
     c = pod["spec"]["containers"][0]
     assert c["command"] + c["args"] == ["muxtune", "run", "/etc/muxtune/tasks/tasks.yaml", "--output", "/output",
-                                        "--watch", "--metrics-port", "9400", "--no-progress"]
+                                        "--data-root", "/data", "--watch", "--metrics-host", "0.0.0.0",
+                                        "--metrics-port", "9400", "--no-progress"]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     sc, psc = c["securityContext"], pod["spec"]["securityContext"]
     assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["seccompProfile"]["type"] == "RuntimeDefault"
     assert psc["runAsNonRoot"] and psc["seccompProfile"]["type"] == "RuntimeDefault"
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert {"/etc/muxtune/tasks", "/tmp", "/data", "/output"} <= set(mounts)
+    # only this namespace's data and output areas, never the roots
+    assert {m for m in mounts if m.startswith(("/data", "/output/"))} == {f"/data/{ns}", f"/output/{ns}"}
+    assert mounts[f"/data/{ns}"]["subPath"] == ns and mounts[f"/data/{ns}"]["readOnly"]
+    assert pod["spec"]["automountServiceAccountToken"] is False and pod["spec"]["serviceAccountName"] == "muxtune-engine"
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert vols["tasks"]["configMap"]["name"] == f"{group_name}-tasks"
     assert "emptyDir" in vols["output"] and "emptyDir" in vols["tmp"]  # no PVC configured: dev fallback
@@ -87,10 +91,23 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     docs = [d for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d]
     from muxtune.api.finetunetask import FineTuneTask
 
+    uids = {n: ftt(info, kh, ns, n)["metadata"]["uid"] for n in ("pack-0", "pack-1", "pack-2")}
     for d in docs:
         t = FineTuneTask.model_validate(d)  # exactly the schema the engine reads
-        assert t.spec.output.path == f"/output/{ns}/{t.metadata.name}"
-        assert t.spec.dataset.path == f"/data/sets/{t.metadata.name}.jsonl"
+        assert t.spec.output.path is None  # the engine writes <output>/<namespace>/<name>
+        assert t.spec.dataset.path == f"{ns}/sets/{t.metadata.name}.jsonl"  # under --data-root, in its own area
+        assert t.metadata.uid == uids[t.metadata.name]  # the engine keys checkpoints by the object's uid
+    from muxtune.engine import trust
+
+    sig = trust.verify_tasks(operator_env["op"].group_key(g), group_name, cm["data"]["tasks.yaml"].encode(),
+                             cm["data"]["tasks.yaml.sig"])
+    assert sig > 0, "the ConfigMap is signed by the operator for this group"
+    pdb = kh.kjson(info, "get", "poddisruptionbudget", group_name, "-n", ns)
+    assert pdb["spec"]["maxUnavailable"] == 0 and pdb["metadata"]["ownerReferences"] == [owner]
+    sa = kh.kjson(info, "get", "serviceaccount", "muxtune-engine", "-n", ns)
+    assert sa["automountServiceAccountToken"] is False
+    rbs = kh.kjson(info, "get", "rolebindings", "-n", ns)["items"]
+    assert not [b for b in rbs if any(s.get("name") == "muxtune-engine" for s in b.get("subjects") or [])]
     svc = kh.kjson(info, "get", "service", group_name, "-n", ns)
     assert svc["metadata"]["ownerReferences"] == [owner]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["port"] == 9400
@@ -146,7 +163,7 @@ def test_hot_remove_suspend_kueue_and_teardown(operator_env, kh):
 def test_unplaceable_task_is_pending_with_a_reason(operator_env, kh):
     info, ns = operator_env["info"], operator_env["a"]
     huge = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"huge-{ns}"},
-            "spec": {"source": {"hostPath": {"path": "/models/huge"}},
+            "spec": {"source": {"hostPath": {"path": "/models/huge"}}, "allowedNamespaces": [ns],
                      "architecture": {"parameters": 2_000_000_000_000, "layers": 120, "hiddenSize": 16384,
                                       "numAttentionHeads": 128, "vocabSize": 32000}}}
     kh.apply(info, huge, kh.task_manifest("too-big", ns, base=f"model:huge-{ns}"),

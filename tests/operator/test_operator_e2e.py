@@ -1,8 +1,10 @@
 """End to end: FineTuneTasks applied with kubectl, packed by the operator (chart RBAC) into a group pod
-the real scheduler binds to a kwok GPU node; the real engine runs that pod's own command line on this
-host (its ConfigMap materialised in place of /etc/muxtune/tasks, a temp dir in place of /output), the
-operator polls it through the muxtune.io/engine-endpoint annotation, and status flows back until
-tasks are Succeeded with their adapters written."""
+the real scheduler binds to a kwok GPU node; the real engine runs that pod's own command line and
+environment on this host (its ConfigMap materialised in place of /etc/muxtune/tasks, the group's key
+Secret in place of /etc/muxtune/key, temp dirs in place of /data and /output), the operator polls it
+through the muxtune.io/engine-endpoint annotation (--dev-endpoint-annotation), verifies its signed
+reports, and status flows back until tasks are Succeeded with their adapters written. A forged
+ConfigMap is refused by the engine; a killed engine shows as EngineReachable=False."""
 from __future__ import annotations
 
 import json
@@ -22,22 +24,26 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 TASKS_DIR = "/etc/muxtune/tasks"
 OUTPUT = "/output"
+DATA = "/data"
 
 
-def write_data(path: Path, n: int, seed: int) -> str:
+def write_data(root: Path, name: str, n: int, seed: int) -> str:
+    """Writes root/name; returns the dataset.path (relative to the engine's --data-root)."""
     import random
+
+    path = root / name
 
     rng = random.Random(seed)
     with open(path, "w") as f:
         for _ in range(n):
             w = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 10)))
             f.write(json.dumps({"prompt": f"reverse: {w}\n", "completion": w[::-1]}) + "\n")
-    return str(path)
+    return name
 
 
 class ConfigMapMirror:
-    """Does what the kubelet does for a ConfigMap volume: keeps tasks.yaml equal to the ConfigMap
-    (with /output mapped to a host directory), replacing the file atomically on change."""
+    """Does what the kubelet does for a ConfigMap volume: keeps tasks.yaml and tasks.yaml.sig equal
+    to the ConfigMap, replacing each file atomically on change."""
 
     def __init__(self, info, namespace: str, name: str, tasks_dir: Path, output: Path):
         self.info, self.ns, self.name, self.dir, self.output = info, namespace, name, tasks_dir, output
@@ -51,17 +57,17 @@ class ConfigMapMirror:
         p = self.info.kubectl("get", "configmap", self.name, "-n", self.ns, "-o", "json", check=False)
         if p.returncode != 0:
             return
-        text = json.loads(p.stdout)["data"]["tasks.yaml"]
-        docs = [d for d in yaml.safe_load_all(text) if d]
-        for d in docs:
-            d["spec"]["output"]["path"] = d["spec"]["output"]["path"].replace(OUTPUT, str(self.output), 1)
-        body = yaml.safe_dump_all(docs, sort_keys=True)
-        target = self.dir / "tasks.yaml"
-        if not target.exists() or target.read_text() != body:
-            tmp = self.dir / ".tasks.yaml.tmp"
-            tmp.write_text(body)
-            os.replace(tmp, target)
-            self.updates += 1
+        data = json.loads(p.stdout)["data"]
+        changed = False
+        for name in ("tasks.yaml.sig", "tasks.yaml"):
+            body = data.get(name, "")
+            target = self.dir / name
+            if not target.exists() or target.read_text() != body:
+                tmp = self.dir / f".{name}.tmp"
+                tmp.write_text(body)
+                os.replace(tmp, target)
+                changed = True
+        self.updates += changed
 
     def _loop(self) -> None:
         while not self.stop.wait(0.5):
@@ -72,14 +78,15 @@ def test_engine_trains_a_group_pod_to_succeeded(operator_env, kh, tmp_path):
     info, ns, op = operator_env["info"], operator_env["b"], operator_env["op"]
     t_start = time.monotonic()
     data = tmp_path / "data"
-    data.mkdir()
+    (data / ns).mkdir(parents=True)  # the namespace's own area: the pod mounts it at /data/<ns>
+    area = data / ns
     tasks = [
-        kh.task_manifest("e2e-rev", ns, data=write_data(data / "rev.jsonl", 48, 1), steps=4, batch=2, seq=48),
-        kh.task_manifest("e2e-rev2", ns, data=write_data(data / "rev2.jsonl", 48, 2), steps=5, batch=2, seq=48),
+        kh.task_manifest("e2e-rev", ns, data=write_data(area, "rev.jsonl", 48, 1), steps=4, batch=2, seq=48),
+        kh.task_manifest("e2e-rev2", ns, data=write_data(area, "rev2.jsonl", 48, 2), steps=5, batch=2, seq=48),
         # a long task that is deleted mid-way: the engine drops it, its neighbours go on
-        kh.task_manifest("e2e-long", ns, data=write_data(data / "long.jsonl", 48, 3), steps=100000, batch=2, seq=48),
+        kh.task_manifest("e2e-long", ns, data=write_data(area, "long.jsonl", 48, 3), steps=100000, batch=2, seq=48),
         # keeps the group alive while e2e-long is removed (else an empty group is torn down instead)
-        kh.task_manifest("e2e-keep", ns, data=write_data(data / "keep.jsonl", 48, 4), steps=100000, batch=2, seq=48),
+        kh.task_manifest("e2e-keep", ns, data=write_data(area, "keep.jsonl", 48, 4), steps=100000, batch=2, seq=48),
     ]
     kh.apply(info, *tasks)
     names = [t["metadata"]["name"] for t in tasks]
@@ -118,14 +125,33 @@ def test_engine_trains_a_group_pod_to_succeeded(operator_env, kh, tmp_path):
         elif a == "--output":
             assert next(it) == OUTPUT
             host_argv += ["--output", str(out_dir)]
+        elif a == "--data-root":
+            assert next(it) == DATA
+            host_argv += ["--data-root", str(data)]
         elif a == "--metrics-port":
             next(it)
             host_argv += ["--metrics-port", str(port)]
+        elif a == "--metrics-host":
+            assert next(it) == "0.0.0.0"  # pods bind all interfaces explicitly
+            host_argv += ["--metrics-host", "127.0.0.1"]
         else:
             host_argv.append(a)
-    host_argv += ["--metrics-host", "127.0.0.1", "--device", "cpu"]
+    host_argv += ["--device", "cpu"]
+    # the pod's environment: its group and key (from the Secret the operator created for the group)
+    pod_env = {e["name"]: e.get("value") for e in container["env"] if "value" in e}
+    key_vol = next(v for v in pod["spec"]["volumes"] if v["name"] == "group-key")
+    secret = kh.kjson(info, "get", "secret", key_vol["secret"]["secretName"], "-n", ns)
+    import base64
+
+    key_dir = tmp_path / "key"
+    key_dir.mkdir()
+    (key_dir / "key").write_bytes(base64.b64decode(secret["data"]["key"]))
+    env = {**os.environ, "MUXTUNE_GROUP": pod_env["MUXTUNE_GROUP"],
+           "MUXTUNE_GROUP_KEY_FILE": str(key_dir / "key"), "OMP_NUM_THREADS": "1"}
+    assert pod_env["MUXTUNE_GROUP_KEY_FILE"] == "/etc/muxtune/key/key" and pod_env["MUXTUNE_GROUP"] == group
     engine_log = open(tmp_path / "engine.log", "w")
-    engine = subprocess.Popen(host_argv, stdout=engine_log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    engine = subprocess.Popen(host_argv, stdout=engine_log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                              env=env)
     try:
         # the engine is reached through the pod annotation (kwok pod IPs are fake)
         info.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", ns,
@@ -182,6 +208,23 @@ def test_engine_trains_a_group_pod_to_succeeded(operator_env, kh, tmp_path):
         # a 4-step task may finish between two polls (Placed -> Succeeded); e2e-long was seen Running
         assert {"Placed", "Succeeded"} <= reasons("e2e-rev")
         assert {"Placed", "Running"} <= reasons("e2e-long")
+
+        # a tenant's edit of the mounted ConfigMap (another namespace's task, unsigned) reaches the
+        # engine, which refuses it and keeps training what the operator signed
+        mirror.stop.set()
+        mirror.thread.join()
+        (tasks_dir / "tasks.yaml").write_text(yaml.safe_dump(kh.task_manifest("intruder", "team-x", steps=3)))
+        kh.wait_for(lambda: "task files not applied" in (tmp_path / "engine.log").read_text(), 60,
+                    what="the engine refuses the forged tasks file")
+        assert "team-x/intruder" not in engine_tasks() and f"{ns}/e2e-keep" in engine_tasks()
+        mirror.sync()  # the kubelet delivers the operator's signed file again
+
+        # the engine dies: after a few failed polls its tasks say so, and since when
+        engine.kill()
+        engine.wait()
+        kh.wait_for(lambda: {c["type"]: c for c in ftt("e2e-keep")["status"]["conditions"]}
+                    .get("EngineReachable", {}).get("status") == "False", 60, what="EngineReachable=False")
+        assert "has not answered since" in ftt("e2e-keep")["status"]["message"]
 
         # the last active member leaves: the group is torn down and its GPU released
         info.kubectl("delete", "ftt", "e2e-keep", "-n", ns)

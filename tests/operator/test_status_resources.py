@@ -69,12 +69,15 @@ def _ftt(**spec):
 def test_engine_document_rewrites_paths():
     doc = resources.engine_task_document(_ftt())
     assert doc["spec"]["baseModel"] == "/models/llama"
-    assert doc["spec"]["dataset"]["path"] == "/data/sets/a.jsonl"
-    assert doc["spec"]["output"]["path"] == "/output/ns/a"
+    # relative to --data-root /data, inside the task's own namespace's area
+    assert doc["spec"]["dataset"]["path"] == "ns/sets/a.jsonl"
+    assert "path" not in doc["spec"]["output"]  # the engine writes <output>/<ns>/<name>
+    assert doc["metadata"] == {"name": "a", "namespace": "ns", "uid": "u"}
     FineTuneTask.model_validate(doc)  # still the engine's schema
-    abs_doc = resources.engine_task_document(_ftt(baseModel="builtin:tiny-llama", dataset={"path": "/abs/x.jsonl"}))
-    assert abs_doc["spec"]["baseModel"] == "builtin:tiny-llama" and abs_doc["spec"]["dataset"]["path"] == "/abs/x.jsonl"
-    assert resources.resolve_base_model("pvc://weights/llama/7b") == "/models/pvc-weights/llama/7b"
+    builtin = resources.engine_task_document(_ftt(), {"spec": {"source": {"builtin": "tiny-llama"}}})
+    assert builtin["spec"]["baseModel"] == "builtin:tiny-llama"  # a builtin BaseModel needs no volume
+    named = resources.engine_task_document(_ftt(baseModel="builtin:tiny-llama", output={"path": "runs/a"}))
+    assert named["spec"]["output"]["path"] == "runs/a"  # honoured by the engine under /output/<ns>/
 
 
 def _group(dp=2):
@@ -93,6 +96,7 @@ def test_pod_manifest_restricted_and_gpus():
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "datasets" and "emptyDir" in vols["output"]
+    assert pod["spec"]["automountServiceAccountToken"] is False and pod["spec"]["serviceAccountName"] == "muxtune-engine"
     assert vols["model"]["persistentVolumeClaim"]["claimName"] == "weights"
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/models/llama"]["subPath"] == "llama" and mounts["/models/llama"]["readOnly"]
@@ -118,24 +122,8 @@ def test_node_inventory_subtracts_bound_pods():
     assert (inv.gpus_allocatable, inv.gpus_free, inv.gpu_memory_mib, inv.gpu_product) == (8, 5, 81920, "H100")
 
 
-def test_kubeconfig_credentials(tmp_path):
-    import base64
+def test_resource_of():
+    from muxtune.operator.kube import _resource_of
 
-    import yaml as _yaml
-
-    from muxtune.operator.kube import _resource_of, load_credentials
-
-    tok = tmp_path / "token"
-    tok.write_text("t0\n")
-    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
-           "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443/",
-                                                  "certificate-authority-data": base64.b64encode(b"CA").decode()}}],
-           "users": [{"name": "u", "user": {"tokenFile": str(tok)}}],
-           "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "ns"}}]}
-    path = tmp_path / "kubeconfig"
-    path.write_text(_yaml.safe_dump(cfg))
-    c = load_credentials(str(path))
-    assert (c.server, c.token, c.namespace, c.token_path) == ("https://127.0.0.1:6443", "t0", "ns", str(tok))
-    assert open(c.ca_path, "rb").read() == b"CA"
     assert _resource_of("/apis/muxtune.io/v1alpha1/namespaces/a/finetunetasks/t/status") == "finetunetasks/status"
     assert _resource_of("/api/v1/nodes") == "nodes" and _resource_of("/api/v1/namespaces/a/pods") == "pods"

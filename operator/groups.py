@@ -1,0 +1,217 @@
+"""Applying one planned BackboneGroup: the group object, its signed ConfigMap, Service, key Secret,
+PodDisruptionBudget and Pods, and tearing down a group left without members.
+
+Pod creation that the API server refuses (a ResourceQuota, Pod Security admission, a missing
+PriorityClass, ...) is not retried at the reconcile rate: each group backs off exponentially
+(``pod_backoff_base`` doubling up to ``pod_backoff_cap``), every attempt logs one line, the
+member tasks get the API server's message in their Running condition, and a Warning Event is
+posted on each member task.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from muxtune.api.meta import GROUP, VERSION
+from muxtune.operator import resources
+from muxtune.operator.kube import ApiError
+from muxtune.operator.world import compact_pod
+
+log = logging.getLogger("muxtune.operator")
+API = f"{GROUP}/{VERSION}"
+REFUSED = (400, 403, 404, 422)  # admission, quota, validation, a missing namespace object
+
+
+@dataclass
+class Refused:
+    attempts: int
+    next_at: float  # time.monotonic()
+    message: str
+
+
+class PodBackoff:
+    """Per-group exponential backoff of refused pod creations."""
+
+    def __init__(self, base: float, cap: float):
+        self.base, self.cap = base, cap
+        self.state: dict[tuple[str, str], Refused] = {}
+
+    def ready(self, gk) -> bool:
+        r = self.state.get(gk)
+        return r is None or time.monotonic() >= r.next_at
+
+    def failed(self, gk, message: str) -> Refused:
+        prev = self.state.get(gk)
+        n = (prev.attempts if prev else 0) + 1
+        delay = min(self.cap, self.base * (2 ** (n - 1)))
+        self.state[gk] = r = Refused(n, time.monotonic() + delay, message)
+        return r
+
+    def succeeded(self, gk) -> None:
+        self.state.pop(gk, None)
+
+    def refused(self, gk) -> Refused | None:
+        return self.state.get(gk)
+
+
+class GroupsMixin:
+    """Controller methods that write one group and its children."""
+
+    async def _ensure_service_account(self, ns: str) -> None:
+        name = self.config.engine_service_account
+        if (ns, name) in self._sa_ready:
+            return
+        await self._create_once("v1", "serviceaccounts", ns, resources.engine_service_account_manifest(ns, name))
+        self._sa_ready.add((ns, name))
+
+    async def _create_once(self, api_version: str, plural: str, ns: str, body: dict) -> None:
+        """Create; an existing object (409) is left as it is (the operator never reads Secrets back)."""
+        try:
+            await self.client.create(api_version, plural, ns, body)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+
+    async def _create_pods(self, gk, gobj, missing: list[int], bm, priority: int, member_objs: list[dict]) -> None:
+        ns, name = gk
+        if not self.backoff.ready(gk):
+            return
+        try:
+            await self._ensure_service_account(ns)
+            await self._create_once("v1", "secrets", ns, resources.key_secret_manifest(gobj, self.keys.key(gobj)))
+            if self.config.engine_pdb:
+                await self._create_once("policy/v1", "poddisruptionbudgets", ns, resources.pdb_manifest(gobj))
+            for rank in missing:
+                pod, _ = await self.client.create_or_adopt(
+                    "v1", "pods", ns, resources.pod_manifest(gobj, rank, self.config, bm, priority))
+                self._note("pods", compact_pod(pod))
+        except ApiError as e:
+            if e.status not in REFUSED:
+                raise
+            r = self.backoff.failed(gk, e.message or str(e))
+            delay = max(0.0, r.next_at - time.monotonic())
+            log.warning("group %s/%s: pod creation refused (attempt %d; next in %.0fs): %s",
+                        ns, name, r.attempts, delay, r.message)
+            asyncio.get_running_loop().call_later(delay + 0.05, self.kick)
+            for t in member_objs:
+                await self.event(t, "Warning", "PodCreationRefused", f"BackboneGroup {name}: {r.message}")
+            return
+        self.backoff.succeeded(gk)
+
+    async def _apply_group(self, gk, gp, gobj, members, parsed_members, gpods, cm, svc, bms) -> bool:
+        ns, name = gk
+        cfg = self.config
+        if not gp.members:
+            if gobj is not None and not gobj["metadata"].get("deletionTimestamp"):
+                await self._delete_group(gobj, gpods, cm, svc)
+            return True
+        budget = sum(p.spec.training.batch_size * p.spec.dataset.max_seq_len for p in parsed_members)
+        desired = resources.group_manifest(gp, members, budget)
+        if gobj is None:
+            gobj, created = await self.client.create_or_adopt(API, "backbonegroups", ns, desired)
+            if not created and gobj["metadata"].get("deletionTimestamp"):
+                return False  # a terminating namesake: retry after it is gone (then the name is free)
+            self._note("backbonegroups", gobj)
+            if created:
+                log.info("group %s/%s created: %s", ns, name, ", ".join(gp.members))
+                await self.event(gobj, "Normal", "Created",
+                                 f"{len(gp.members)} task(s), {gp.gpus} GPU(s) dp={gp.parallelism.dp} "
+                                 f"tp={gp.parallelism.tp} pp={gp.parallelism.pp}")
+        if not subset(desired["spec"], gobj.get("spec") or {}):
+            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"spec": desired["spec"]})
+            self._note("backbonegroups", gobj)
+        bm = bms.get(gp.base_model.split(":", 1)[1]) if gp.base_model.startswith("model:") else None
+        # the member tasks, signed for this group
+        key = self.keys.key(gobj)
+        text = resources.tasks_yaml(parsed_members, bm)
+        if not resources.configmap_current(gobj, cm, text, key):
+            want_cm = resources.configmap_manifest(gobj, parsed_members, key,
+                                                   resources.next_revision(cm, int(time.time() * 1000)), bm)
+            created = False
+            if cm is None:
+                cm, created = await self.client.create_or_adopt("v1", "configmaps", ns, want_cm)
+                self._note("configmaps", cm)
+            if not created and not resources.configmap_current(gobj, cm, text, key):
+                cm = await self.client.patch("v1", "configmaps", ns, want_cm["metadata"]["name"], {"data": want_cm["data"]})
+                self._note("configmaps", cm)
+        if svc is None:
+            svc, _ = await self.client.create_or_adopt("v1", "services", ns, resources.service_manifest(gobj, cfg))
+            self._note("services", svc)
+        dp = gp.parallelism.dp
+        have = {p["name"] for p in gpods}
+        missing = [r for r in range(dp) if resources.pod_name(name, r) not in have]
+        if missing:
+            priority = max((p.spec.priority for p in parsed_members), default=0)
+            await self._create_pods(gk, gobj, missing, bm, priority, members)
+        else:
+            self.backoff.succeeded(gk)
+        await self._group_status(gk, gp, gobj, gpods)
+        return True
+
+    async def _group_status(self, gk, gp, gobj, gpods) -> None:
+        ns, name = gk
+        dp = gp.parallelism.dp
+        pod_list = sorted([p for p in gpods if not p["deleting"]], key=lambda p: p["name"])
+        phase = "Pending"
+        if any(p["phase"] == "Failed" for p in pod_list):
+            phase = "Failed"
+        elif len(pod_list) >= dp and all(p["phase"] == "Running" for p in pod_list):
+            phase = "Running"
+        want_status = {
+            "phase": phase,
+            "pods": [resources.pod_name(name, r) for r in range(dp)],
+            "readyPods": sum(1 for p in pod_list if p.get("ready")),
+            "taskCount": len(gp.members),
+            "gpus": gp.gpus,
+            "memoryPlannedBytes": gp.memory_per_gpu_bytes * gp.gpus,
+            "observedGeneration": gobj["metadata"].get("generation"),
+        }
+        cur = gobj.get("status") or {}
+        refused = self.backoff.refused(gk)
+        cond_msg = f"pod creation refused: {refused.message}" if refused else f"{want_status['readyPods']}/{dp} pod(s) ready"
+        old_cond = next((c for c in cur.get("conditions") or [] if c.get("type") == "Ready"), None)
+        if any(cur.get(k) != v for k, v in want_status.items()) or (old_cond or {}).get("message") != cond_msg:
+            cond = {"type": "Ready", "status": "True" if phase == "Running" else "False",
+                    "reason": "PodCreationRefused" if refused else
+                    {"Running": "PodsRunning", "Failed": "PodFailed"}.get(phase, "PodsPending"),
+                    "message": cond_msg, "lastTransitionTime": _utcnow()}
+            if old_cond and old_cond.get("status") == cond["status"]:
+                cond["lastTransitionTime"] = old_cond.get("lastTransitionTime") or cond["lastTransitionTime"]
+            want_status["conditions"] = [cond]
+            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"status": want_status}, subresource="status")
+            self._note("backbonegroups", gobj)
+
+    async def _delete_group(self, gobj, gpods, cm, svc) -> None:
+        ns, name = gobj["metadata"]["namespace"], gobj["metadata"]["name"]
+        log.info("group %s/%s has no active members: tearing it down", ns, name)
+        for p in gpods:
+            if not p["deleting"]:
+                await self.client.delete("v1", "pods", ns, p["name"])
+                self._note("pods", None, (ns, p["name"]))
+        if cm is not None:
+            await self.client.delete("v1", "configmaps", ns, cm["metadata"]["name"])
+            self._note("configmaps", None, (ns, cm["metadata"]["name"]))
+        if svc is not None:
+            await self.client.delete("v1", "services", ns, name)
+            self._note("services", None, (ns, name))
+        await self.client.delete(API, "backbonegroups", ns, name)  # the key Secret and PDB go with it (owner)
+        self._note("backbonegroups", None, (ns, name))
+        self.backoff.succeeded((ns, name))
+        await self.event(gobj, "Normal", "Deleted", "no active member tasks left; GPUs released")
+
+
+def _utcnow() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def subset(want, have) -> bool:
+    """Every field we set has our value (the API server may add defaults around it)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(subset(v, have.get(k)) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(subset(a, b) for a, b in zip(want, have))
+    return want == have

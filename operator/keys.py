@@ -1,0 +1,38 @@
+"""Per-group HMAC keys (engine/trust.py), derived from the operator's master key.
+
+key(group) = HMAC-SHA256(master, "<namespace>/<name>/<uid>"): every group object has its own key,
+the operator never needs to read a key back from the cluster (it only creates the group's
+Secret), and a key learnt from one group's Secret says nothing about any other group's. The
+master key comes from --signing-key-file (the chart mounts a Secret of the operator's namespace
+that tenants cannot read); without it a random key per process is used, which breaks the
+signatures of running groups on every restart (fine for a test, not for a cluster).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from pathlib import Path
+
+log = logging.getLogger("muxtune.operator")
+
+
+class GroupKeys:
+    def __init__(self, master: bytes):
+        if len(master) < 16:
+            raise ValueError("the signing key must have at least 16 bytes")
+        self._master = master
+
+    @classmethod
+    def from_file(cls, path: str | None) -> GroupKeys:
+        if path:
+            return cls(Path(path).read_bytes().strip())
+        log.warning("no --signing-key-file: using a random per-process key; running groups stop "
+                    "verifying after an operator restart")
+        return cls(secrets.token_hex(32).encode())
+
+    def key(self, group: dict) -> bytes:
+        m = group["metadata"]
+        msg = f"{m['namespace']}/{m['name']}/{m.get('uid') or ''}".encode()
+        return hmac.new(self._master, msg, hashlib.sha256).hexdigest().encode()

@@ -1,0 +1,279 @@
+"""An engine Pod's manifest: a pure function of (group, rank, config, BaseModel).
+
+Isolation: the pod mounts only its member namespaces' areas, never the data or output root:
+``/data/<ns>`` (read-only) and ``/output/<ns>`` per member namespace, either subPath ``<ns>`` of
+one shared volume or one claim per namespace (OperatorConfig's storage settings). A single
+namespace's group mounts exactly its own namespace; a shared group the namespaces listed in its
+``muxtune.io/namespaces`` annotation, fixed when it was created (the planner only adds a task to a
+shared group that already mounts its namespace). The group's HMAC key (engine/trust.py) comes
+from a Secret; the pod has no API token (automountServiceAccountToken false, a ServiceAccount
+with no bindings) and runs under the restricted Pod Security Standard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from muxtune.operator.config import (
+    ANN_GPU_MEMORY,
+    ANN_NAMESPACES,
+    ANN_POD_TEMPLATE,
+    DATA_MOUNT,
+    GPU_MEMORY_LABEL,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    KEY_FILE,
+    KEY_MOUNT,
+    LABEL_GROUP,
+    MODELS_MOUNT,
+    OUTPUT_MOUNT,
+    TASKS_FILE,
+    TASKS_MOUNT,
+    OperatorConfig,
+)
+
+RUN_AS = 65532
+
+
+def configmap_name(group: str) -> str:
+    return f"{group}-tasks"
+
+
+def pod_name(group: str, rank: int) -> str:
+    return f"{group}-{rank}"
+
+
+def key_secret_name(group: dict) -> str:
+    """Per group object (uid), so a re-created namesake never mounts its predecessor's key."""
+    return f"{group['metadata']['name']}-key-{(group['metadata'].get('uid') or 'x')[:8]}"
+
+
+def group_namespaces(group: dict) -> list[str]:
+    """Namespaces whose areas the group's pods mount."""
+    meta = group["metadata"]
+    ann = (meta.get("annotations") or {}).get(ANN_NAMESPACES)
+    if ann:
+        return sorted({n for n in ann.split(",") if n})
+    return [meta["namespace"]]
+
+
+def engine_args(config: OperatorConfig) -> list[str]:
+    return [
+        "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
+        "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
+    ]
+
+
+def _shared_volume(name: str, pvc: str | None, host_path: str | None, read_only: bool) -> dict:
+    if pvc:
+        return {"name": name, "persistentVolumeClaim": {"claimName": pvc, "readOnly": read_only}}
+    if host_path:
+        return {"name": name, "hostPath": {"path": host_path, "type": "Directory"}}
+    return {"name": name, "emptyDir": {}}  # CPU / dev fallback
+
+
+def area_volumes(kind: str, group: dict, config: OperatorConfig) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) of the data or output areas of the group's namespaces."""
+    read_only = kind == "data"
+    root = DATA_MOUNT if kind == "data" else OUTPUT_MOUNT
+    per_ns = config.data_pvc_per_namespace if kind == "data" else config.output_pvc_per_namespace
+    namespaces = group_namespaces(group)
+    shared_group = bool((group["metadata"].get("annotations") or {}).get(ANN_NAMESPACES))
+    vols, mounts = [], []
+    if per_ns:
+        for i, ns in enumerate(namespaces):
+            claim = f"{per_ns}-{ns}" if shared_group else per_ns
+            vols.append({"name": f"{kind}-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+            mounts.append({"name": f"{kind}-{i}", "mountPath": f"{root}/{ns}", "readOnly": read_only})
+        return vols, mounts
+    pvc = config.data_pvc if kind == "data" else config.output_pvc
+    host = config.data_host_path if kind == "data" else config.output_host_path
+    vols.append(_shared_volume(kind, pvc, host, read_only))
+    for ns in namespaces:
+        mounts.append({"name": kind, "mountPath": f"{root}/{ns}", "subPath": ns, "readOnly": read_only})
+    return vols, mounts
+
+
+def model_volume(base_model: str, basemodel: dict | None) -> tuple[dict, dict] | None:
+    """(volume, mount) for the backbone's weights, or None (built-in models need none)."""
+    if not base_model.startswith("model:"):
+        return None
+    name = base_model.split(":", 1)[1]
+    src = ((basemodel or {}).get("spec") or {}).get("source") or {}
+    mount = {"name": "model", "mountPath": f"{MODELS_MOUNT}/{name}", "readOnly": True}
+    if src.get("pvc"):
+        if src["pvc"].get("path"):
+            mount["subPath"] = src["pvc"]["path"].strip("/")
+        return {"name": "model", "persistentVolumeClaim": {"claimName": src["pvc"]["claimName"], "readOnly": True}}, mount
+    if src.get("hostPath"):
+        return {"name": "model", "hostPath": {"path": src["hostPath"]["path"], "type": "Directory"}}, mount
+    return None
+
+
+def priority_class(config: OperatorConfig, priority: int | None) -> str | None:
+    """The class of the highest band ``priority`` reaches (bands: minPriority -> className)."""
+    if priority is None:
+        return None
+    best = None
+    for band in config.engine_priority_classes:
+        lo = int(band.get("minPriority", -1000))
+        if priority >= lo and (best is None or lo > best[0]):
+            best = (lo, band.get("className"))
+    return best[1] if best else None
+
+
+def _affinity(config: OperatorConfig, node_terms: list[dict], group: str, dp: int) -> dict | None:
+    """The configured affinity with the plan's GPU requirements ANDed into every node selector term."""
+    aff = json.loads(json.dumps(config.engine_affinity or {}))
+    if node_terms:
+        req = aff.setdefault("nodeAffinity", {}).setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+        terms = req.get("nodeSelectorTerms") or [{}]
+        for t in terms:
+            t["matchExpressions"] = list(t.get("matchExpressions") or []) + node_terms
+        req["nodeSelectorTerms"] = terms
+    if dp > 1:  # spread replicas over nodes
+        aff.setdefault("podAntiAffinity", {}).setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append({
+            "weight": 100,
+            "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {"matchLabels": {LABEL_GROUP: group}}}})
+    return aff or None
+
+
+def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None = None,
+                 labels: dict | None = None, owner: dict | None = None, priority: int | None = None) -> dict:
+    meta, spec = group["metadata"], group["spec"]
+    name, ns = meta["name"], meta["namespace"]
+    par = spec.get("parallelism") or {}
+    dp = int(par.get("dp", 1))
+    gpus = int(spec.get("gpusPerPod", 1))
+    gpu_mem = (meta.get("annotations") or {}).get(ANN_GPU_MEMORY)
+    product = spec.get("gpuProduct")
+
+    volumes = [
+        {"name": "tasks", "configMap": {"name": configmap_name(name)}},
+        {"name": "group-key", "secret": {"secretName": key_secret_name(group), "defaultMode": 0o440}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        {"name": "output-root", "emptyDir": {"sizeLimit": "1Gi"}},  # /output itself; areas mount below it
+    ]
+    mounts = [
+        {"name": "tasks", "mountPath": TASKS_MOUNT, "readOnly": True},
+        {"name": "group-key", "mountPath": KEY_MOUNT, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "output-root", "mountPath": OUTPUT_MOUNT},
+    ]
+    for kind in ("data", "output"):
+        v, m = area_volumes(kind, group, config)
+        volumes += v
+        mounts += m
+    mv = model_volume(spec["baseModel"], basemodel)
+    if mv:
+        volumes.append(mv[0])
+        mounts.append(mv[1])
+
+    resources: dict = {"requests": {"cpu": config.engine_cpu_request, "memory": config.engine_memory_request}}
+    if config.engine_limits:
+        resources["limits"] = dict(config.engine_limits)
+    if gpus > 0:
+        resources["requests"][GPU_RESOURCE] = str(gpus)
+        resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+
+    node_terms = []
+    if product:
+        node_terms.append({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]})
+    if gpu_mem and gpus > 0:
+        # at least the GPU memory the plan was sized for
+        node_terms.append({"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(int(gpu_mem) - 1)]})
+
+    env = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "MUXTUNE_HOME", "value": "/tmp/muxtune"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "MUXTUNE_GROUP", "value": name},
+        {"name": "MUXTUNE_GROUP_KEY_FILE", "value": f"{KEY_MOUNT}/{KEY_FILE}"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # torch.distributed rendezvous for dp > 1 (rank 0 through the headless Service)
+        {"name": "WORLD_SIZE", "value": str(dp)},
+        {"name": "RANK", "value": str(rank)},
+        {"name": "MASTER_ADDR", "value": f"{pod_name(name, 0)}.{name}.{ns}.svc"},
+        {"name": "MASTER_PORT", "value": "29500"},
+        {"name": "MUXTUNE_TENSOR_PARALLEL", "value": str(par.get("tp", 1))},
+        {"name": "MUXTUNE_PIPELINE_PARALLEL", "value": str(par.get("pp", 1))},
+    ]
+
+    container = {
+        "name": "engine",
+        "image": config.engine_image,
+        "imagePullPolicy": config.engine_image_pull_policy,
+        "command": ["muxtune"],
+        "args": engine_args(config),
+        "env": env,
+        "ports": [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}],
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": "metrics"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+    }
+    tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    tolerations += [t for t in config.engine_tolerations if t not in tolerations]
+    pod_spec: dict = {
+        "restartPolicy": "OnFailure",  # a crashed engine resumes its tasks from their checkpoints
+        "hostname": pod_name(name, rank),
+        "subdomain": name,
+        "enableServiceLinks": False,
+        "serviceAccountName": config.engine_service_account,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+        "tolerations": tolerations,
+    }
+    if config.engine_node_selector:
+        pod_spec["nodeSelector"] = dict(config.engine_node_selector)
+    affinity = _affinity(config, node_terms, name, dp)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    if config.engine_image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in config.engine_image_pull_secrets]
+    pc = priority_class(config, priority)
+    if pc:
+        pod_spec["priorityClassName"] = pc
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name, rank),
+            "namespace": ns,
+            "labels": {**(labels or {}), "muxtune.io/rank": str(rank)},
+            "annotations": {},
+            "ownerReferences": [owner] if owner else [],
+        },
+        "spec": pod_spec,
+    }
+    pod["metadata"]["annotations"][ANN_POD_TEMPLATE] = template_hash(pod_spec)
+    return pod
+
+
+def template_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

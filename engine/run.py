@@ -181,7 +181,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
-        resume=cmd.resume, base_dir=base_dir,
+        resume=cmd.resume, base_dir=base_dir, allow_data_change=cmd.allow_data_change,
         data_limits=DataLimits(cmd.max_dataset_bytes, cmd.max_line_bytes), group=group,
         micro_batches=cmd.micro_batches, interleave=cmd.interleave,
         print_schedule=print if cmd.print_schedule else None,
@@ -211,9 +211,8 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
             trainer.run(stop)
         clean = True
     finally:
-        if clean or group.world == 1:  # interrupted: leave a checkpoint to resume from (a collective,
-            for rt in trainer.active():  # so in a group only when every rank got here)
-                trainer._checkpoint(rt)
+        if clean or group.world == 1:  # interrupted: leave checkpoints the rerun replays exactly
+            trainer.save_cut()  # (a collective, so in a group only when every rank got here)
         trainer.telemetry.close()
     return trainer
 

@@ -57,6 +57,14 @@ class TaskDelta(nn.Module):
         """Tensors under the names PEFT saves for this module (without the module prefix)."""
         raise NotImplementedError
 
+    def rng_state(self) -> torch.Tensor | None:
+        """The state of any random generator the delta draws from while training (checkpoints
+        keep it, so a resumed run draws what the uninterrupted one would have)."""
+        return None
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        pass
+
     def feature_axes(self) -> dict[str, dict[str, int]]:
         """Per parameter attribute, which axis indexes the layer's input ("in") or output ("out")
         features: tensor parallelism splits that axis with the base weight, the rest stays whole."""

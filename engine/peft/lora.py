@@ -38,6 +38,17 @@ class LoraDelta(TaskDelta):
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return (x @ a.t()) @ b.t() * self.scaling
 
+    def rng_state(self) -> torch.Tensor | None:
+        return None if self._dropout_gen is None else self._dropout_gen.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        gen = torch.Generator(device=self.lora_A.device)
+        try:
+            gen.set_state(state)
+        except RuntimeError:  # saved on another device type, whose stream cannot continue here
+            gen.manual_seed(self._dropout_seed)
+        self._dropout_gen = gen
+
     def _mask_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         if self.shard is not None and self.shard.dim == "in":
             return (*x.shape[:-1], self.shard.in_features)

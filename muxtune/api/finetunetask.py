@@ -165,7 +165,11 @@ class TrainingSpec(ApiModel):
     )
     seed: int = Field(default=0, ge=0, description="Seeds adapter init, dropout and data order.")
     checkpoint_interval: int = Field(
-        default=50, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end)."
+        default=50, ge=0,
+        description=(
+            "Save a resumable checkpoint at least every N steps (0: only at the end); when one task is due, "
+            "every task of its backbone is saved at the same round, so a restart replays the run exactly."
+        ),
     )
 
     @model_validator(mode="after")

@@ -12,7 +12,8 @@ import sys
 import time
 
 import pytest
-import torch
+
+from muxtune.engine import checkpoint as ckpt
 
 from .conftest import MUXTUNE, adapter, env, make_workdir, max_diff, run, three_task_docs
 
@@ -42,12 +43,15 @@ def test_pp2_self_launched_with_schedule(tmp_path, single_process_run):
     assert any(ln.startswith("stage 1 ") and "B" in ln for ln in proc.stdout.splitlines())
     assert proc.stdout.count("TASK ") == 1  # one rank speaks for the group
     _assert_equal(root / "out", single_process_run())
-    # the checkpoint holds the whole task's optimizer state, as one process writes it
+    # the checkpoint holds the whole task's state (both stages' deltas and AdamW moments), as one process writes it
     for name in NAMES:
-        ours = torch.load(sorted((root / "out").rglob(f"{name}/checkpoints/step-*/optimizer.pt"))[-1])
-        ref = torch.load(sorted(single_process_run().rglob(f"{name}/checkpoints/step-*/optimizer.pt"))[-1])
-        assert ours["optimizer"]["state"].keys() == ref["optimizer"]["state"].keys()
-        assert ours["optimizer"]["param_groups"] == ref["optimizer"]["param_groups"]
+        ours = ckpt.load(sorted((root / "out").rglob(f"{name}/checkpoints/step-*"))[-1])
+        ref = ckpt.load(sorted(single_process_run().rglob(f"{name}/checkpoints/step-*"))[-1])
+        assert ours.adapter.keys() == ref.adapter.keys() and ours.optimizer.keys() == ref.optimizer.keys()
+        for n, moments in ref.optimizer.items():
+            assert moments.keys() == ours.optimizer[n].keys()
+            assert all((moments[k].float() - ours.optimizer[n][k].float()).abs().max() < 1e-4 for k in moments), n
+        assert ours.meta["lr"] == ref.meta["lr"] and ours.meta["lr_schedule"] == ref.meta["lr_schedule"]
 
 
 def test_dp2_under_torchrun(tmp_path, single_process_run):
@@ -113,6 +117,33 @@ def test_sigkilled_group_resumes_under_another_layout_and_ends_equal(tmp_path, s
     assert 5 <= done < 16, done
 
     rerun = run([*cmd, "--tp", "2"], root)
+    assert rerun.returncode == 0, rerun.stderr
+    _assert_equal(root / "out", single_process_run(steps_scale=2, checkpoint_interval=2))
+
+
+def test_sigkilled_dp_run_with_half_trained_steps_resumes_under_pp(tmp_path, single_process_run):
+    """A small token budget spreads each step over several rounds, so the cuts hold half-trained
+    steps: their gradients, summed over the dp replicas on save, are restored once (stage by
+    stage) under pp=2; the run still ends where an uninterrupted single process ends."""
+    root = make_workdir(tmp_path, three_task_docs(steps_scale=2, checkpoint_interval=2))
+    cmd = [*MUXTUNE, "tasks.yaml", "--output", "out", "--no-progress", "--token-budget", "48"]
+    proc = subprocess.Popen([*cmd, "--dp", "2"], cwd=root, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    metrics = lambda: list((root / "out").rglob("lora-r4/metrics.jsonl"))  # noqa: E731
+    while time.time() < deadline and proc.poll() is None:
+        found = metrics()
+        if found and len(found[0].read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    half = [m for p in (root / "out").rglob("checkpoints/step-*/state.json")
+            if (m := json.loads(p.read_text())).get("in_progress")]
+    assert half, "no checkpoint caught a half-trained step"
+
+    rerun = run([*cmd, "--pp", "2"], root)
     assert rerun.returncode == 0, rerun.stderr
     _assert_equal(root / "out", single_process_run(steps_scale=2, checkpoint_interval=2))
 

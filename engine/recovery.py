@@ -14,7 +14,8 @@ restarted group replays the interrupted run exactly.
   on CPU. Otherwise each task resumes from its own newest checkpoint (its own state is exact; the
   co-schedule, and so the last bits of the floats, may differ).
 
-Entry points for the trainer: claim_output, read_status, resume_task, start_over, save_task, align.
+Entry points for the trainer: claim_output, read_status, resume_task (find_checkpoint +
+apply_checkpoint + settle_output), start_over, save_task, align.
 
 For a parallel engine, tensors pass only through `TaskRuntime.state_dict()` and
 `load_state_dict()` (stable names, see checkpoint.py): under pipeline parallelism each stage's
@@ -153,9 +154,9 @@ def _load(rt, path: Path, meta: dict, allow_data_change: bool) -> None:
     settle_output(rt, path)
 
 
-def resume_task(rt, allow_data_change: bool = False) -> Path | None:
-    """Restore the newest intact checkpoint (None: none, start at step 0). ValueError, naming the
-    checkpoint, when it belongs to another spec or, unless allowed, to other data."""
+def find_checkpoint(rt, allow_data_change: bool = False) -> tuple[Path, TaskState, list] | None:
+    """File side of resume_task: the newest intact checkpoint's (path, state, candidates for
+    align), or None. Checkpoints that are not intact are moved aside; ValueError as resume_task."""
     good, bad = ckpt.intact(rt.out_dir)
     for bad_dir, exc in bad:
         log.warning("skipping a checkpoint that is not intact", extra={"task": rt.key, "error": str(exc)})
@@ -166,17 +167,28 @@ def resume_task(rt, allow_data_change: bool = False) -> Path | None:
             pass
     for i, (path, meta) in enumerate(good):
         try:
-            _load(rt, path, meta, allow_data_change)
+            state = read_checkpoint(rt, path, meta, allow_data_change)
         except CorruptError as exc:  # hashes held, yet it does not parse: try the one before
             log.warning("skipping a checkpoint that is not intact", extra={"task": rt.key, "error": str(exc)})
             continue
-        rt.resume_candidates = good[i:]  # what align() may still roll back to
-        log.info("resumed", extra={"task": rt.key, "step": rt.step, "checkpoint": str(path)})
-        return path
+        return path, state, good[i:]
     if bad:
         log.warning("no intact checkpoint left; starting from step 0", extra={"task": rt.key})
-    _heal_metrics(rt, 0)
     return None
+
+
+def resume_task(rt, allow_data_change: bool = False) -> Path | None:
+    """Restore the newest intact checkpoint (None: none, start at step 0). ValueError, naming the
+    checkpoint, when it belongs to another spec or, unless allowed, to other data."""
+    found = find_checkpoint(rt, allow_data_change)
+    if found is None:
+        _heal_metrics(rt, 0)
+        return None
+    path, state, rt.resume_candidates = found  # candidates: what align() may still roll back to
+    apply_checkpoint(rt, path, state)
+    settle_output(rt, path)
+    log.info("resumed", extra={"task": rt.key, "step": rt.step, "checkpoint": str(path)})
+    return path
 
 
 def start_over(rt) -> None:
@@ -188,10 +200,13 @@ def start_over(rt) -> None:
         log.warning("earlier checkpoints moved aside (--no-resume)", extra={"task": rt.key, "moved_to": str(moved)})
 
 
-def align(trainer) -> bool:
+def align(trainer, load=None) -> bool:
     """Before a restarted group's first round: move every task to the newest cut they all hold,
     with exactly them as members, and restore the trainer's scheduler state from it.
-    True when the run now replays the interrupted one exactly."""
+    True when the run now replays the interrupted one exactly. `load(rt, path, meta,
+    allow_data_change)` moves one task (default: here, from files; a parallel engine passes a
+    collective one, every rank then calling align with the same candidates)."""
+    load = load or _load
     running = sorted(trainer.active(), key=lambda rt: rt.slot)
     if not running or not any(rt.resumed_from for rt in running):
         return False
@@ -208,7 +223,7 @@ def align(trainer) -> bool:
         path, meta = cuts[cid]
         if path != rt.resumed_from:
             try:
-                _load(rt, path, meta, trainer.allow_data_change)
+                load(rt, path, meta, trainer.allow_data_change)
             except (CorruptError, ValueError) as exc:
                 log.warning("cannot replay exactly", extra={"task": rt.key, "error": str(exc)})
                 return False

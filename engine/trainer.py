@@ -8,6 +8,12 @@ the others go on.
 
 Checkpoints are taken at round boundaries, all running tasks together (a cut), so a restarted run
 replays the interrupted one exactly (recovery.py); how one task is saved is checkpoint.py's.
+
+In a torch.distributed group every rank runs this same loop over the same tasks and data, so the
+scheduler and packing decide the same everywhere; `group` (engine/parallel/group.py) agrees on
+what could differ, splits each round over the data-parallel replicas and pipeline stages
+(engine/parallel/plan.py, pipeline.py), and only rank 0 writes outputs; checkpoints hold the
+whole state (engine/parallel/state.py), so a run resumes under any layout.
 """
 from __future__ import annotations
 
@@ -22,14 +28,18 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import evaluation, outputs, recovery, scheduler, storage
+from muxtune.engine import evaluation, outputs, recovery, scheduler, steps, storage
 from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.data import load_dataset
 from muxtune.engine.datafile import DataLimits
-from muxtune.engine.packing import PackedSequence, pack, round_up
-from muxtune.engine.peft.export import save_adapter
+from muxtune.engine.packing import PackedSequence, pack
+from muxtune.engine.parallel import state as dstate
+from muxtune.engine.parallel.group import LocalGroup
+from muxtune.engine.parallel.pipeline import RoundExecutor
+from muxtune.engine.parallel.plan import plan_round, replica_share
+from muxtune.engine.parallel.schedule import render, simulate, stage_actions
 from muxtune.engine.task import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED, TaskRuntime
-from muxtune.engine.telemetry import RoundRecord, StepRecord, Telemetry
+from muxtune.engine.telemetry import RoundRecord, StageRecord, StepRecord, Telemetry
 
 log = logging.getLogger("muxtune.engine")
 
@@ -47,8 +57,17 @@ class MuxTrainer:
         base_dir: Path | None = None,
         allow_data_change: bool = False,
         data_limits: DataLimits | None = None,
+        group=None,
+        micro_batches: int | None = None,
+        interleave: bool = True,
+        print_schedule=None,
     ):
         self.backbone = backbone
+        self.group = group or LocalGroup()
+        self.micro_batches = micro_batches or self.group.dims.pp  # per task and round, under pp
+        self.interleave = interleave
+        self.print_schedule = print_schedule  # callable(text) on rank 0, or None
+        self.executor = RoundExecutor(backbone, self.group)
         self.output = Path(output)
         self.token_budget = token_budget
         self.chunk_size = chunk_size
@@ -84,14 +103,16 @@ class MuxTrainer:
             problems = outputs.overlaps(task.key, out_dir, {k: t.out_dir for k, t in self.tasks.items()}, self.output)
         except outputs.OutputLayoutError as exc:
             out_dir, problems = None, [str(exc)]
+        problems += dstate.unsupported(task, self.group.dims)
         rt = TaskRuntime(task=task, slot=self.backbone.new_slot(reuse=False), out_dir=None if problems else out_dir)
         self.tasks[task.key] = rt
         if problems:
             return self._fail(rt, "; ".join(problems))
         if task.spec.suspend:
             return self._set_phase(rt, SUSPENDED, "spec.suspend is true")
-        try:
-            recovery.claim_output(rt)
+        error = None
+        try:  # collectives first (rank 0 looks at the files for all), then what each rank reads
+            dstate.on_writer(self.group, lambda: recovery.claim_output(rt))
             if self._already_succeeded(rt):
                 return rt
             data = load_dataset(task.spec.dataset, self.backbone.tokenizer, self.base_dir, self.data_limits,
@@ -99,13 +120,20 @@ class MuxTrainer:
             rt.use_data(data, ckpt.data_fingerprint(data.examples))
             rt.adapter = self.backbone.attach(rt.slot, task.spec.peft, task.spec.training.seed)
             rt.build_optimizer()
-            if self.resume:
-                recovery.resume_task(rt, self.allow_data_change)
-            else:
-                recovery.start_over(rt)
         except Exception as exc:  # noqa: BLE001 - any setup error is this task's failure
+            error = str(exc) or type(exc).__name__  # MemoryError has no text
+        if (error := self.group.first_error(error)) is None:  # one rank's bad read fails it everywhere
+            try:
+                if self.resume:
+                    dstate.resume_task(rt, self.group, self.allow_data_change)
+                else:
+                    dstate.on_writer(self.group, lambda: recovery.start_over(rt))
+            except Exception as exc:  # noqa: BLE001
+                error = str(exc) or type(exc).__name__
+            error = self.group.first_error(error)
+        if error is not None:
             self.backbone.detach(rt.slot)
-            return self._fail(rt, str(exc) or type(exc).__name__)  # MemoryError has no text
+            return self._fail(rt, error)
         if rt.step >= rt.max_steps:
             self._finish(rt)
         else:
@@ -125,14 +153,19 @@ class MuxTrainer:
         del self.tasks[key]
 
     def _already_succeeded(self, rt: TaskRuntime) -> bool:
-        data = recovery.read_status(rt) if self.resume else None
-        if data and data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
-            rt.step, rt.last_loss = int(data["step"]), data.get("loss")
-            rt.steps_total, rt.eval_loss = data.get("totalSteps"), data.get("evalLoss")
-            rt.examples_dropped = int(data.get("examplesDropped") or 0)
-            self._set_phase(rt, SUCCEEDED, "already trained (output found)")
-            return True
-        return False
+        def read():  # rank 0 reads the output for the group
+            data = recovery.read_status(rt) if self.resume else None
+            if data and data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
+                return (int(data["step"]), data.get("loss"), int(data.get("examplesDropped") or 0),
+                        data.get("totalSteps"), data.get("evalLoss"))
+            return None
+
+        done = self.group.decide(read)
+        if done is None:
+            return False
+        rt.step, rt.last_loss, rt.examples_dropped, rt.steps_total, rt.eval_loss = done
+        self._set_phase(rt, SUCCEEDED, "already trained (output found)")
+        return True
 
     def scheduler_state(self) -> dict:
         """What, besides the tasks' own state, decides the next rounds (saved with every cut)."""
@@ -145,18 +178,19 @@ class MuxTrainer:
 
     def _align_once(self) -> None:
         """Before the first round (or exit checkpoint): restarted tasks move to their newest
-        common cut, so the run replays the interrupted one (recovery.align)."""
+        common cut, so the run replays the interrupted one (recovery.align; collective)."""
         if not self._aligned:
             self._aligned = True
-            recovery.align(self)
+            dstate.align(self)
 
     # ----- the loop ---------------------------------------------------------------------
     def active(self) -> list[TaskRuntime]:
         return [t for t in self.tasks.values() if t.phase == RUNNING]
 
     def run_round(self, token_budget: int | None = None) -> bool:
-        """One fused forward/backward. False when no task has work. token_budget (capped by the
-        trainer's own) bounds this round: co-serving passes what the latency SLOs leave."""
+        """One fused forward/backward (one pipeline round under pp). False when no task has work.
+        token_budget (capped by the trainer's own) bounds this round: co-serving passes what the
+        latency SLOs leave."""
         self._align_once()
         active = self.active()
         if not active:
@@ -165,65 +199,75 @@ class MuxTrainer:
         for rt in active:
             if not rt.pending:
                 rt.begin_step()
+        g = self.group
         budget = self.token_budget if token_budget is None else max(1, min(token_budget, self.token_budget))
+        budget *= g.dims.dp  # the budget bounds each replica
         if self._solo_rounds:
             self._solo_rounds, budget = self._solo_rounds - 1, 1
         picks, waiting = scheduler.select(active, budget)
-        seqs = [PackedSequence(p.task.slot, ex) for p in picks for ex in p.examples]
-        chunk = None
-        if self.chunk_size:  # a fixed length, grown when a sequence would not fit
-            chunk = max(self.chunk_size, round_up(max(len(s.example.input_ids) for s in seqs), 8))
-        batch = pack(seqs, chunk, self.backbone.device, self.backbone.tokenizer.pad_token_id or 0,
-                     attn_ratio=self.backbone.attn_ratio)
-        t0 = time.perf_counter()
-        result = self.backbone.forward_loss(batch)
-        slot_loss = result.task_loss_sum.detach().cpu()
-        bad = [p for p in picks if not math.isfinite(float(slot_loss[p.task.slot]))]
-        if bad:
-            self._isolate_non_finite(picks)
-            self._in_round = False
-            return True
-        norm = torch.zeros_like(result.task_loss_sum)
+        plan = self._plan(picks, g.dp_rank)
+        if self.print_schedule is not None and g.is_writer:
+            self.print_schedule(self._schedule_text(plan))
+        n_slots = max(p.task.slot for p in picks) + 1
+        norm = torch.zeros(n_slots)
         for p in picks:
             norm[p.task.slot] = 1.0 / p.task.step_label_tokens
-        (result.task_loss_sum * norm).sum().backward()
-        seconds = time.perf_counter() - t0
+        slots = [p.task.slot for p in picks]
+        if g.dims.pp == 1:
+            outcome = self.executor.run_fused(plan, norm, n_slots, lambda o: not o.non_finite(slots))
+            if not outcome.backward_done:
+                self._isolate_non_finite(picks)
+                self._in_round = False
+                return True
+        else:  # one task per micro-batch: a non-finite loss is that task's alone
+            outcome = self.executor.run_pipeline(plan, norm, n_slots)
+            for p in picks:
+                if p.task.slot in outcome.non_finite(slots):
+                    self._fail(p.task, f"loss became non-finite at step {p.task.step + 1}")
+            picks = [p for p in picks if p.task.phase == RUNNING]
         keys = [p.task.key for p in picks]
+        completing = []
         for p in picks:
             rt = p.task
             del rt.pending[: len(p.examples)]
-            rt.step_loss_sum += float(slot_loss[rt.slot])
+            rt.step_loss_sum += float(outcome.slot_loss[rt.slot])
             rt.served_tokens += sum(len(ex.input_ids) for ex in p.examples)
             rt.step_fused_with.update(k for k in keys if k != rt.key)
-            rt.step_real += batch.real_tokens
-            rt.step_computed += batch.computed_tokens
+            rt.step_real += outcome.real_tokens
+            rt.step_computed += outcome.computed_tokens
             if not rt.pending:
-                self._optimizer_step(rt)
+                completing.append(rt)
+        steps.step_all(self, completing)
         self.rounds += 1
-        self.real_tokens += batch.real_tokens
-        self.computed_tokens += batch.computed_tokens
-        self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], batch.real_tokens, batch.computed_tokens, seconds,
-                                              batch.attention_pairs_needed, batch.attention_pairs_computed))
+        self.real_tokens += outcome.real_tokens
+        self.computed_tokens += outcome.computed_tokens
+        stages = [StageRecord(s, busy, wall) for s, (busy, wall) in enumerate(zip(outcome.stage_busy, outcome.stage_wall))]
+        self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], outcome.real_tokens,
+                                              outcome.computed_tokens, max(outcome.stage_wall),
+                                              outcome.attention_pairs_needed, outcome.attention_pairs_computed, stages))
         self._in_round = False
         self._end_round()
         return True
 
+    def _plan(self, picks, dp_rank: int):
+        bb, g = self.backbone, self.group
+        return plan_round(picks, dp=g.dims.dp, dp_rank=dp_rank, pp=g.dims.pp, micro_batches=self.micro_batches,
+                          interleave=self.interleave, chunk_size=self.chunk_size, device=bb.device,
+                          pad_id=bb.tokenizer.pad_token_id or 0, attn_ratio=bb.attn_ratio)
+
+    def _schedule_text(self, plan) -> str:
+        timeline = simulate(stage_actions(plan.flushes, self.group.dims.pp))
+        mode = "interleaved" if self.interleave else "one flush per task"
+        title = (f"round {self.rounds + 1}: {len(plan.microbatches)} micro-batches on data-parallel replica 0, "
+                 f"{self.group.dims.pp} stage(s), {mode}")
+        return render(timeline, plan.labels(), title)
+
     def run(self, should_stop=lambda: False) -> None:
-        while not should_stop() and self.run_round():
+        while not self.group.decide(should_stop) and self.run_round():
             pass
 
-    def _optimizer_step(self, rt: TaskRuntime) -> None:
-        params = rt.adapter.parameters()
-        max_norm = rt.task.spec.training.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-        if not torch.isfinite(grad_norm):
-            return self._fail(rt, f"gradient became non-finite at step {rt.step + 1}")
-        lr = rt.optimizer.param_groups[0]["lr"]
-        rt.optimizer.step()
-        rt.scheduler.step()
-        rt.optimizer.zero_grad(set_to_none=True)
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one device sync
-            return self._fail(rt, f"adapter weights became non-finite at step {rt.step + 1}")
+    def _record_step(self, rt: TaskRuntime, lr: float, grad_norm: float) -> None:
+        """A task's optimizer step happened: account, log, maybe finish or checkpoint."""
         rt.step += 1
         rt.tokens_total += rt.step_tokens
         now = time.monotonic()
@@ -237,15 +281,21 @@ class MuxTrainer:
                 return self._fail(rt, f"evaluation failed at step {rt.step}: {exc}")
         record = StepRecord(
             step=rt.step, loss=rt.last_loss, tokens=rt.step_tokens, label_tokens=rt.step_label_tokens,
-            lr=lr, grad_norm=float(grad_norm), seconds=seconds, tokens_per_second=rt.tokens_per_second or 0.0,
+            lr=lr, grad_norm=grad_norm, seconds=seconds, tokens_per_second=rt.tokens_per_second or 0.0,
             fused_with=sorted(rt.step_fused_with),
             effective_token_ratio=rt.step_real / max(1, rt.step_computed), batch=rt.step_digest,
             eval_loss=rt.eval_loss if rt.eval_step == rt.step else None,
         )
-        try:
-            storage.append_line(rt.out_dir / "metrics.jsonl", json.dumps(record.as_dict()))
-        except storage.StorageError as exc:
-            return self._fail(rt, str(exc))
+        error = None
+        if self.group.is_writer:
+            try:
+                storage.append_line(rt.out_dir / "metrics.jsonl", json.dumps(record.as_dict()))
+            except storage.StorageError as exc:
+                error = str(exc)
+        if self.group.world > 1:  # the writer's disk decides for every rank
+            error = self.group.first_error(error)
+        if error is not None:
+            return self._fail(rt, error)
         self.telemetry.step_done(rt, record)
         interval = rt.task.spec.training.checkpoint_interval
         if rt.step >= rt.max_steps:
@@ -259,18 +309,21 @@ class MuxTrainer:
     def _isolate_non_finite(self, picks) -> None:
         """A non-finite loss can spill into neighbours sharing a chunk (0 * inf in attention).
         Re-run each task's sequences alone: the ones still non-finite fail, the rest retry."""
-        failed = False
+        share = {task.key: exs for task, exs in replica_share(picks, self.group.dims.dp, self.group.dp_rank)}
+        batches = []
         for p in picks:
-            seqs = [PackedSequence(p.task.slot, ex) for ex in p.examples]
-            alone = pack(seqs, None, self.backbone.device, attn_ratio=self.backbone.attn_ratio)
-            with torch.no_grad():
-                loss = float(self.backbone.forward_loss(alone).task_loss_sum[p.task.slot])
+            exs = share.get(p.task.key)
+            batch = pack([PackedSequence(p.task.slot, ex) for ex in exs], None, self.backbone.device,
+                         attn_ratio=self.backbone.attn_ratio) if exs else None
+            batches.append((p.task.slot, batch))
+        losses = self.executor.isolate(batches)
+        failed = False
+        for p, loss in zip(picks, losses.tolist()):
             if not math.isfinite(loss):
                 self._fail(p.task, f"loss became non-finite at step {p.task.step + 1}")
                 failed = True
         if not failed:
             self._solo_rounds = len(picks)  # never fused-only NaN: run them one by one, no loop
-
 
     # ----- outcomes ---------------------------------------------------------------------
     def _end_round(self) -> None:
@@ -289,7 +342,7 @@ class MuxTrainer:
     def save_cut(self, excluding=()) -> None:
         """Checkpoint every running task at this round boundary, as one cut that a restarted
         run with the same members replays exactly (recovery.align). Not while a round is half
-        done: after an exception mid-round the last complete cut stands."""
+        done: after an exception mid-round the last complete cut stands. Collective."""
         if self._in_round:
             log.warning("a round was interrupted midway; keeping the last complete checkpoints")
             return
@@ -306,10 +359,11 @@ class MuxTrainer:
         self._last_cut = mark
 
     def _checkpoint(self, rt: TaskRuntime, cut: dict | None = None) -> None:
-        """Save one task; a save the disk keeps refusing fails this task alone."""
+        """Save one task (collective: rank 0 writes the whole state); a save the disk keeps
+        refusing fails this task alone, on every rank."""
         t0 = time.perf_counter()
         try:
-            rt.checkpoint = str(recovery.save_task(rt, self.backbone.path, cut))
+            rt.checkpoint = str(dstate.save_checkpoint(rt, self.group, self.backbone.path, cut))
         except Exception as exc:  # noqa: BLE001 - torch and the OS raise many kinds; all are this task's
             self.telemetry.checkpoint_done(rt, time.perf_counter() - t0, False)
             self._fail(rt, f"checkpoint failed: {exc}")
@@ -318,7 +372,7 @@ class MuxTrainer:
 
     def _finish(self, rt: TaskRuntime) -> None:
         try:
-            save_adapter(rt.adapter, rt.out_dir, self.backbone.path, chat_template=rt.chat_template)
+            dstate.save_final_adapter(rt, self.group, self.backbone.path, chat_template=rt.chat_template)
         except Exception as exc:  # noqa: BLE001
             self._fail(rt, f"cannot save the adapter: {exc}")
             return
@@ -339,12 +393,16 @@ class MuxTrainer:
 
     def _set_phase(self, rt: TaskRuntime, phase: str, message: str | None) -> TaskRuntime:
         rt.phase, rt.message = phase, message
-        if phase != PENDING:
+        error = None
+        if phase != PENDING and self.group.is_writer:
             try:
                 rt.write_status()
             except Exception as exc:  # noqa: BLE001 - a status that cannot be recorded fails the task
                 log.error("cannot write status", extra={"task": rt.key, "error": str(exc)})
-                if phase != FAILED:
-                    return self._fail(rt, str(exc))
+                error = str(exc)
+        if phase != PENDING and self.group.world > 1:  # every rank calls this alike: agree
+            error = self.group.first_error(error)
+        if error is not None and phase != FAILED:
+            return self._fail(rt, error)
         self.telemetry.task_phase(rt)
         return rt

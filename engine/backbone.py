@@ -1,23 +1,26 @@
 """One frozen backbone shared by every task in the process.
 
 Tasks attach deltas at the Linears their spec targets; a packed batch of many tasks' sequences
-runs through one forward/backward, and the loss is split back per task.
+runs through one forward/backward, and the loss is split back per task. Under pipeline
+parallelism a process holds one stage: the other stages' layers stay as shapes only (meta
+tensors), so every rank still draws each task's initial deltas in the same order as one process.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.data import IGNORE
 from muxtune.engine.models import LoadedBackbone
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft.base import TaskDelta
 from muxtune.engine.peft.mux_linear import MultiplexedLinear, MuxContext
 from muxtune.engine.peft.registry import get_method, matches_target
+from muxtune.engine.stage import ForwardResult, Stage
+
+__all__ = ["ForwardResult", "MultiplexedBackbone", "TaskAdapter"]
 
 
 @dataclass
@@ -45,12 +48,6 @@ class TaskAdapter:
             delta.load_peft_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-@dataclass
-class ForwardResult:
-    task_loss_sum: torch.Tensor  # [max_slot+1] summed token losses per slot (graph attached)
-    task_tokens: torch.Tensor  # [max_slot+1] label tokens per slot
-
-
 class MultiplexedBackbone:
     def __init__(self, loaded: LoadedBackbone):
         self.model = loaded.model
@@ -63,6 +60,33 @@ class MultiplexedBackbone:
         self.wrapped: dict[str, MultiplexedLinear] = {}
         self.adapters: dict[int, TaskAdapter] = {}
         self.attn_ratio = self._attention_to_linear_ratio()
+        self.device = self.model.get_input_embeddings().weight.device  # where a batch enters
+        n_layers = len(self.decoder.layers)
+        self.stage = Stage(self, 0, n_layers, first=True, last=True)
+        self.local_linears = set(self.linears)  # the Linears this process computes (all but under pp)
+
+    def partition(self, start: int, end: int, first: bool, last: bool, device: torch.device) -> None:
+        """Keep decoder layers [start, end) (and the embedding / norm+head at the ends) on device;
+        the rest become meta tensors: shapes without memory."""
+        decoder = self.decoder
+        tied = self.lm_head.weight is decoder.embed_tokens.weight
+        keep = [*decoder.layers[start:end], decoder.rotary_emb]
+        drop = [layer for i, layer in enumerate(decoder.layers) if not start <= i < end]
+        for module, kept in ((decoder.embed_tokens, first or (tied and last)), (decoder.norm, last),
+                             (self.lm_head, last or (tied and first))):
+            (keep if kept else drop).append(module)
+        for module in drop:
+            module.to("meta")
+        for module in keep:
+            module.to(device)
+        self.device = device
+        self.stage = Stage(self, start, end, first, last)
+        local = {id(m) for layer in keep for m in layer.modules()}
+        self.local_linears = {n for n, m in self.linears.items() if id(m) in local}
+
+    def attention_kwargs(self, batch: PackedBatch) -> dict:
+        """What the decoder layers get to keep attention within each packed sequence."""
+        return {"attention_mask": batch.attention_mask(self.dtype)}
 
     def _attention_to_linear_ratio(self) -> float:
         """Attention FLOPs per token per context position / linear FLOPs per token, for packing."""
@@ -72,11 +96,6 @@ class MultiplexedBackbone:
         heads = getattr(cfg, "num_attention_heads", 1)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return (2 * layers * heads * head_dim) / max(1, linear)  # QK^T and PV, 2 MACs each vs 1 MAC per weight
-
-    @property
-    def device(self) -> torch.device:
-        """Where a batch enters: the input embeddings' device (layers may span several GPUs)."""
-        return self.model.get_input_embeddings().weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -100,12 +119,13 @@ class MultiplexedBackbone:
                 f"peft.targetModules: none of {spec.target_modules} names a Linear of this backbone "
                 f"(e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.linears})[:8])})"
             )
-        generator = torch.Generator().manual_seed(seed)  # CPU: same init on any device
+        generator = torch.Generator().manual_seed(seed)  # CPU: same init on any device or layout
         deltas = {}
-        for name in names:  # model order, as PEFT initialises
+        for name in names:  # model order, as PEFT initialises; other stages' deltas are drawn and dropped
             delta = method.make_delta(self.linears[name], name, spec, generator)
-            self._wrap(name).deltas[str(slot)] = delta
-            deltas[name] = delta
+            if name in self.local_linears:
+                self._wrap(name).deltas[str(slot)] = delta
+                deltas[name] = delta
         adapter = TaskAdapter(slot, spec, deltas)
         self.adapters[slot] = adapter
         return adapter
@@ -120,15 +140,8 @@ class MultiplexedBackbone:
                 del deltas[str(slot)]
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        self.ctx.layout = batch.layout
-        try:
-            out = self.decoder(
-                input_ids=batch.input_ids, position_ids=batch.position_ids,
-                attention_mask=batch.attention_mask(self.dtype), use_cache=False,
-            )
-        finally:
-            self.ctx.layout = None
-        return out.last_hidden_state
+        """Final (normed) hidden states; this process must hold the whole backbone."""
+        return self.stage.hidden(batch)
 
     def logits(self, batch: PackedBatch) -> torch.Tensor:
         """Full [rows, chunk, vocab] logits (tests and evaluation)."""
@@ -136,14 +149,4 @@ class MultiplexedBackbone:
 
     def forward_loss(self, batch: PackedBatch) -> ForwardResult:
         """Token losses summed per task; the LM head runs only where there is a target."""
-        h = self.hidden_states(batch)
-        h = h.reshape(-1, h.shape[-1])
-        targets = batch.targets.to(h.device)  # the last layers may sit on another GPU
-        sel = (targets != IGNORE).nonzero().squeeze(1)
-        logits = self.lm_head(h.index_select(0, sel)).float()
-        tok_loss = F.cross_entropy(logits, targets.index_select(0, sel), reduction="none")
-        slots = batch.layout.on(h.device).token_slot.index_select(0, sel)
-        n = batch.layout.max_slot + 1
-        loss_sum = torch.zeros(n, device=h.device).index_add(0, slots, tok_loss)
-        tokens = torch.zeros(n, device=h.device).index_add(0, slots, torch.ones_like(tok_loss))
-        return ForwardResult(loss_sum, tokens)
+        return self.stage.forward(batch)

@@ -36,6 +36,10 @@ the PodMonitor scrapes with ``honorLabels: true``.
 | muxtune_engine_gpu_utilization_ratio{gpu,uuid} | gauge | NVML: share of the last sample period a kernel ran on the device (0-1) |
 | muxtune_engine_checkpoint_duration_seconds | histogram | wall time of one successful checkpoint write |
 | muxtune_engine_checkpoint_failures_total | counter | checkpoint writes that failed |
+| muxtune_engine_parallel_degree{dim} | gauge | ranks of the engine group along dim (dp, tp, pp); the group reports from rank 0 |
+| muxtune_engine_stage_busy_seconds_total{stage} | counter | seconds the pipeline stage computed forwards/backwards (mean over dp replicas) |
+| muxtune_engine_stage_idle_seconds_total{stage} | counter | seconds the stage waited within rounds (pipeline bubble) |
+| muxtune_engine_pipeline_bubble_ratio{stage} | gauge | the stage's idle / wall time over the run so far (0-1) |
 
 Memory and GPU utilisation are read at scrape time; NVML is reached through ``libnvidia-ml.so.1``
 with ctypes (no Python dependency) and is simply absent where the library or a GPU is.
@@ -215,6 +219,8 @@ class EngineMetrics(Telemetry):
         self._computed_tokens = 0
         self._checkpoint_failures = 0
         self._host_peak = 0
+        self._stages: dict[int, list[float]] = {}  # stage -> [busy, wall] seconds so far
+        self._dims = None  # the engine group's ParallelDims, from the attached trainer
         r = self.registry
         self.step_seconds = Histogram(
             "muxtune_engine_step_duration_seconds", "Wall time of one fused forward/backward over the backbone.",
@@ -229,6 +235,9 @@ class EngineMetrics(Telemetry):
     # ----- wiring ---------------------------------------------------------------------------
     def attach(self, trainer) -> None:
         self.trainers.append(trainer)
+        group = getattr(trainer, "group", None)
+        if group is not None:
+            self._dims = group.dims
         backbone = getattr(trainer, "backbone", None)
         if backbone is not None:
             with self._lock:
@@ -281,6 +290,10 @@ class EngineMetrics(Telemetry):
             self._effective = record.effective_token_ratio
             self._real_tokens += record.real_tokens
             self._computed_tokens += record.computed_tokens
+            for st in record.stages:
+                acc = self._stages.setdefault(st.stage, [0.0, 0.0])
+                acc[0] += st.busy_seconds
+                acc[1] += max(st.wall_seconds, st.busy_seconds)
             for key, s in self._tasks.items():
                 s.fused_rounds += key in fused
                 s.waiting_rounds += key in waiting
@@ -304,8 +317,22 @@ class EngineMetrics(Telemetry):
         for key in [k for k in self._tasks if k not in live]:
             del self._tasks[key]
 
+    def stage_seconds(self) -> dict[int, tuple[float, float]]:
+        """stage -> (busy, idle) seconds so far."""
+        with self._lock:
+            return {s: (busy, wall - busy) for s, (busy, wall) in sorted(self._stages.items())}
+
     def status(self) -> dict:
-        return {"tasks": {k: t.status() for tr in self.trainers for k, t in list(tr.tasks.items())}}
+        out = {"tasks": {k: t.status() for tr in self.trainers for k, t in list(tr.tasks.items())}}
+        dims = self._dims
+        if dims is not None:  # the whole group, reported by rank 0
+            out["parallel"] = {
+                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world": dims.world_size,
+                "stages": [{"stage": s, "busySeconds": round(busy, 6), "idleSeconds": round(idle, 6),
+                            "bubbleFraction": idle / (busy + idle) if busy + idle > 0 else 0.0}
+                           for s, (busy, idle) in self.stage_seconds().items()],
+            }
+        return out
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -324,6 +351,8 @@ class _Collector:
             tasks = [_TaskSeries(**vars(s)) for s in m._tasks.values()]
             info, effective = m._info, m._effective
             real, computed, failures = m._real_tokens, m._computed_tokens, m._checkpoint_failures
+            stages = {s: tuple(v) for s, v in m._stages.items()}
+            dims = m._dims
         labels = ["namespace", "task"]
 
         def fam(kind, name, doc, extra=()):
@@ -382,6 +411,28 @@ class _Collector:
         ):
             yield GaugeMetricFamily(f"muxtune_engine_tasks_{name}", doc, value=n)
         yield CounterMetricFamily("muxtune_engine_checkpoint_failures", "Checkpoint writes that failed.", value=failures)
+        if dims is not None:
+            degree = GaugeMetricFamily("muxtune_engine_parallel_degree",
+                                       "Ranks of the engine group along dim (dp, tp, pp).", labels=["dim"])
+            for dim in ("dp", "tp", "pp"):
+                degree.add_metric([dim], getattr(dims, dim))
+            yield degree
+        if stages:
+            busy = CounterMetricFamily("muxtune_engine_stage_busy_seconds",
+                                       "Seconds the pipeline stage computed forwards and backwards (mean over dp replicas).",
+                                       labels=["stage"])
+            idle = CounterMetricFamily("muxtune_engine_stage_idle_seconds",
+                                       "Seconds the pipeline stage waited within rounds (the pipeline bubble).",
+                                       labels=["stage"])
+            bubble = GaugeMetricFamily("muxtune_engine_pipeline_bubble_ratio",
+                                       "The stage's idle time over its wall time so far (0-1).", labels=["stage"])
+            for s, (b, wall) in sorted(stages.items()):
+                busy.add_metric([str(s)], b)
+                idle.add_metric([str(s)], wall - b)
+                bubble.add_metric([str(s)], (wall - b) / wall if wall > 0 else 0.0)
+            yield busy
+            yield idle
+            yield bubble
 
         mem = GaugeMetricFamily("muxtune_engine_memory_bytes",
                                 "Memory in use: host RSS (kind=host), PyTorch reserved per GPU (kind=gpu).",

@@ -16,8 +16,12 @@ import torch
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, load_task_files
 from muxtune import logs
+from muxtune.engine import parallel
 from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.models import load_backbone, resolve_base_model
+from muxtune.engine.parallel import launch
+from muxtune.engine.parallel.dims import LayoutError
+from muxtune.engine.parallel.group import LocalGroup
 from muxtune.engine.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED
 from muxtune.engine.telemetry import Fanout
@@ -43,9 +47,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class StopFlag:
-    """SIGTERM/SIGINT finish the round in flight, checkpoint, and exit."""
+    """SIGTERM/SIGINT finish the round in flight, checkpoint, and exit.
 
-    def __init__(self):
+    A second signal gives up at once; not in a rank of a group (escalate=False), whose launcher
+    forwards the user's signal again and escalates to SIGKILL on its own after a grace period.
+    """
+
+    def __init__(self, escalate: bool = True):
+        self.escalate = escalate
         self.signum: int | None = None
         self.event = threading.Event()
         if threading.current_thread() is threading.main_thread():
@@ -53,7 +62,7 @@ class StopFlag:
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, _frame):
-        if self.signum is not None:  # second signal: give up at once
+        if self.signum is not None and self.escalate:  # second signal: give up at once
             raise KeyboardInterrupt
         self.signum = signum
         self.event.set()
@@ -131,17 +140,22 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
             trainer.add_task(task)
 
 
-def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None) -> MuxTrainer:
-    device = pick_device(cmd.device)
+def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None,
+              group=None, device: torch.device | None = None) -> MuxTrainer:
+    group = group or LocalGroup()
+    device = device or pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
     path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
-    backbone = MultiplexedBackbone(load_backbone(path, device, dtype))
+    staged = group.dims.pp > 1  # load on the host, keep only this rank's stage on the device
+    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype))
+    parallel.setup_backbone(backbone, group, device, announce=lambda msg: print(msg, file=sys.stderr))
     from muxtune.engine import lora_kernel
 
     lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
-        resume=cmd.resume, base_dir=base_dir,
+        resume=cmd.resume, base_dir=base_dir, group=group, micro_batches=cmd.micro_batches,
+        interleave=cmd.interleave, print_schedule=print if cmd.print_schedule else None,
     )
     sinks = []
     if metrics is not None:
@@ -150,33 +164,33 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     trainer.telemetry = Fanout(*sinks)
     for task in tasks:
         trainer.add_task(task)
-    if cmd.progress:  # created after the tasks are known, so its total is right
+    if cmd.progress and group.is_writer:  # created after the tasks are known, so its total is right
         trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
+    clean = False
     try:
         if cmd.watch:
-            watcher = TaskFileWatcher(cmd.tasks)
-            while not stop():
-                wanted = watcher.changed()
+            watcher = TaskFileWatcher(cmd.tasks) if group.is_writer else None
+            while True:  # rank 0 reads the signal and the files; every rank applies the same
+                stopping, wanted = group.decide(lambda: (stop(), watcher.changed()))
+                if stopping:
+                    break
                 if wanted is not None:
                     reconcile(trainer, [t for t in wanted if t.spec.base_model == tasks[0].spec.base_model])
                 if not trainer.run_round():
                     stop.event.wait(1.0)
         else:
             trainer.run(stop)
+        clean = True
     finally:
-        for rt in trainer.active():  # interrupted: leave a checkpoint to resume from
-            trainer._checkpoint(rt)
+        if clean or group.world == 1:  # interrupted: leave a checkpoint to resume from (a collective,
+            for rt in trainer.active():  # so in a group only when every rank got here)
+                trainer._checkpoint(rt)
         trainer.telemetry.close()
     return trainer
 
 
 def run_from_cli(cmd) -> int:
-    logs.configure(cmd.log_level)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        print(f"error: WORLD_SIZE={world}: data parallelism across pods is not implemented by this engine; "
-              "run the operator with max_dp 1 (the default)", file=sys.stderr)
-        return 2
+    logs.configure(cmd.log_level, extra={"torch.distributed": "error"})
     try:
         if trust.active():
             trust.active().check(cmd.tasks)
@@ -191,15 +205,30 @@ def run_from_cli(cmd) -> int:
     if not base_dir.is_dir():
         print(f"error: --data-root {cmd.data_root}: not a directory", file=sys.stderr)
         return 2
+    if launch.must_launch(cmd.dp, cmd.tp, cmd.pp):  # start this node's ranks; each runs run_from_cli
+        return launch.launch(cmd, launch.rank_main)
+    try:
+        group, device = launch.join(cmd, pick_device(cmd.device))
+    except LayoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _train(cmd, tasks, group, device, base_dir)
+    finally:
+        group.close()
+
+
+def _train(cmd, tasks: list[FineTuneTask], group, device: torch.device, base_dir: Path) -> int:
+    out = sys.stdout if group.is_writer else open(os.devnull, "w")  # one rank speaks for the group
     groups: dict[str, list[FineTuneTask]] = defaultdict(list)
     for t in tasks:
         groups[t.spec.base_model].append(t)
     if cmd.watch and len(groups) > 1:
         print("error: --watch serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
         return 2
-    stop = StopFlag()
+    stop = StopFlag(escalate=group.world == 1)
     metrics = server = None
-    if cmd.metrics_port is not None:
+    if cmd.metrics_port is not None and group.is_writer:
         from muxtune.engine.metrics import EngineMetrics
         from muxtune.engine.server import EngineServer
 
@@ -210,21 +239,23 @@ def run_from_cli(cmd) -> int:
     t0 = time.perf_counter()
     runtimes, real, computed, rounds = [], 0, 0, 0
     try:
-        for group in groups.values():
-            if stop():
+        for members in groups.values():
+            if group.decide(stop):
                 break
-            trainer = run_group(group, cmd, stop, base_dir, metrics)
+            trainer = run_group(members, cmd, stop, base_dir, metrics, group, device)
             runtimes += trainer.tasks.values()
             real, computed, rounds = real + trainer.real_tokens, computed + trainer.computed_tokens, rounds + trainer.rounds
     finally:
         if server is not None:
             server.stop()
-    print(summary_table(runtimes))
+    print(summary_table(runtimes), file=out)
     if computed:
-        print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
-    print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    if stop.signum is not None:
-        return 128 + stop.signum
+        print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}", file=out)
+    if group.is_writer:
+        print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    signum = group.decide(lambda: stop.signum)  # the group exits as rank 0 does
+    if signum is not None:
+        return 128 + signum
     if any(r.phase == FAILED for r in runtimes):
         return 1
     return 0 if all(r.phase == SUCCEEDED for r in runtimes) else 1

@@ -24,14 +24,28 @@ class StepRecord:
 
 
 @dataclass
-class RoundRecord:
-    """One fused forward/backward over the shared backbone."""
+class StageRecord:
+    """One pipeline stage in one round: seconds computing, and the round's wall time on it."""
 
-    fused: list[str]  # task keys in this forward
+    stage: int
+    busy_seconds: float
+    wall_seconds: float
+
+    @property
+    def idle_seconds(self) -> float:
+        return max(0.0, self.wall_seconds - self.busy_seconds)
+
+
+@dataclass
+class RoundRecord:
+    """One fused forward/backward over the shared backbone (one pipeline round under pp)."""
+
+    fused: list[str]  # task keys in this round
     waiting: list[str]  # runnable tasks left out by the token budget
-    real_tokens: int
+    real_tokens: int  # over the whole group
     computed_tokens: int
     seconds: float
+    stages: list[StageRecord] = field(default_factory=list)  # per pipeline stage (mean over replicas)
 
     @property
     def effective_token_ratio(self) -> float:

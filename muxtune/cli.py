@@ -14,7 +14,12 @@ from muxtune.operator.cli import OperatorCommand, PlanCommand
 
 
 class RunCommand(BaseModel):
-    """Train FineTuneTasks together over one shared backbone (no cluster needed)."""
+    """Train FineTuneTasks together over one shared backbone (no cluster needed).
+
+    With --dp/--tp/--pp above 1 it starts that many ranks on this machine (torch elastic), or
+    joins the group it was started in by torchrun (RANK, WORLD_SIZE, ...), or, under the PET_*
+    variables torchrun reads, starts this node's share of a multi-node group.
+    """
 
     tasks: CliPositionalArg[list[Path]] = Field(description="FineTuneTask YAML files (several documents per file are fine)")
     output: Path = Field(Path("runs/default"), description="Run directory: each task writes to OUTPUT/NAMESPACE/NAME")
@@ -29,6 +34,13 @@ class RunCommand(BaseModel):
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
     progress: bool = Field(True, description="Show a progress bar")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
+    dp: int = Field(1, ge=1, description="Data-parallel replicas: each task's step batch is split over them")
+    tp: int = Field(1, ge=1, description="Tensor-parallel ranks the base Linears are sharded over")
+    pp: int = Field(1, ge=1, description="Pipeline stages the decoder layers are split over (balanced by compute)")
+    micro_batches: int | None = Field(None, ge=1, description="Pipeline micro-batches per task and round (default: --pp)")
+    interleave: bool = Field(True, description="Interleave different tasks' micro-batches in one pipeline flush "
+                                               "(--no-interleave: one flush per task, for comparison)")
+    print_schedule: bool = Field(False, description="Print each round's pipeline schedule (stage x tick: F/B, micro-batch, task)")
 
     def cli_cmd(self) -> None:
         from muxtune.engine.run import run_from_cli

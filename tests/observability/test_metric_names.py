@@ -18,13 +18,13 @@ import pytest
 import yaml
 
 from muxtune.engine.metrics import PHASES, EngineMetrics, GpuSample, ProcessProbe
-from muxtune.engine.telemetry import RoundRecord, StepRecord
+from muxtune.engine.telemetry import RoundRecord, StageRecord, StepRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
 # bounded labels each registry may use; values checked below where they are enumerable
 ENGINE_TASK_LABELS = {"namespace", "task", "phase"}
-ENGINE_POD_LABELS = {"kind", "gpu", "uuid", "backbone", "device", "version", "le"}
+ENGINE_POD_LABELS = {"kind", "gpu", "uuid", "backbone", "device", "version", "le", "stage", "dim"}
 OPERATOR_LABELS = {"namespace", "phase", "verb", "resource", "le"}
 NON_BASE_UNITS = re.compile(r"_(milli|micro|nano)?(ms|us|ns|millis|milliseconds|microseconds|minutes|hours|days|"
                             r"percent|pct|kb|mb|gb|kib|mib|gib|kilobytes|megabytes|gigabytes)(_|$)")
@@ -52,7 +52,9 @@ def populated_engine(n_tasks: int = 3) -> EngineMetrics:
         m.task_phase(rt)
         m.step_done(rt, StepRecord(step=1, loss=1.5, tokens=100, label_tokens=40, lr=1e-3, grad_norm=0.7,
                                    seconds=0.5, tokens_per_second=200.0))
-    m.round_done(RoundRecord([rts[0].key], [r.key for r in rts[1:]], 100, 128, 0.2))
+    m.round_done(RoundRecord([rts[0].key], [r.key for r in rts[1:]], 100, 128, 0.2,
+                             [StageRecord(0, 0.15, 0.2), StageRecord(1, 0.12, 0.2)]))
+    m._dims = SimpleNamespace(dp=2, tp=1, pp=2, world_size=4)
     m.checkpoint_done(rts[0], 0.4, True)
     m.checkpoint_done(rts[0], 0.4, False)
     rts[-1].phase, rts[-1].message = "Failed", "loss became non-finite at step 2"
@@ -117,7 +119,9 @@ def test_engine_names_and_labels():
                    "muxtune_engine_real_tokens", "muxtune_engine_computed_tokens", "muxtune_engine_tasks_resident",
                    "muxtune_engine_tasks_fused", "muxtune_engine_tasks_waiting", "muxtune_engine_memory_bytes",
                    "muxtune_engine_memory_peak_bytes", "muxtune_engine_gpu_utilization_ratio",
-                   "muxtune_engine_checkpoint_duration_seconds", "muxtune_engine_checkpoint_failures"):
+                   "muxtune_engine_checkpoint_duration_seconds", "muxtune_engine_checkpoint_failures",
+                   "muxtune_engine_stage_busy_seconds", "muxtune_engine_stage_idle_seconds",
+                   "muxtune_engine_pipeline_bubble_ratio", "muxtune_engine_parallel_degree"):
         assert wanted in names, wanted
 
 

@@ -1,0 +1,68 @@
+"""The backbone run as explicit stages: embed -> decoder layers[a:b] -> norm + LM head + loss.
+
+One implementation for every layout: a single process is one stage holding everything; a
+pipeline stage holds a contiguous range of layers and passes hidden states on. Positions are
+rotary embeddings from the model's own rotary module, computed on each stage from the batch's
+per-sequence positions; the attention inputs come from one function of the batch
+(MultiplexedBackbone.attention_kwargs), so any stage rebuilds them without receiving them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from muxtune.engine.data import IGNORE
+from muxtune.engine.packing import PackedBatch
+
+
+@dataclass
+class ForwardResult:
+    task_loss_sum: torch.Tensor  # [max_slot+1] summed token losses per slot (graph attached)
+    task_tokens: torch.Tensor  # [max_slot+1] label tokens per slot
+
+
+class Stage:
+    def __init__(self, backbone, start: int, end: int, first: bool, last: bool):
+        decoder = backbone.decoder
+        self.backbone = backbone
+        self.start, self.end, self.first, self.last = start, end, first, last
+        self.embed = decoder.embed_tokens if first else None
+        self.layers = list(decoder.layers[start:end])
+        self.rotary = decoder.rotary_emb
+        self.norm = decoder.norm if last else None
+        self.lm_head = backbone.lm_head if last else None
+
+    def hidden(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This stage's layers on the batch (the first stage embeds input_ids; later ones take hidden)."""
+        bb = self.backbone
+        bb.ctx.layout = batch.layout
+        try:
+            h = self.embed(batch.input_ids) if self.first else hidden
+            positions = batch.position_ids.to(h.device)
+            rotary = self.rotary(h, positions)
+            attention = bb.attention_kwargs(batch)
+            for layer in self.layers:
+                h = layer(h, position_embeddings=rotary, position_ids=positions, use_cache=False, **attention)
+        finally:
+            bb.ctx.layout = None
+        return self.norm(h) if self.last else h
+
+    def loss(self, batch: PackedBatch, h: torch.Tensor) -> ForwardResult:
+        """Token losses summed per task; the LM head runs only where there is a target."""
+        h = h.reshape(-1, h.shape[-1])
+        targets = batch.targets.to(h.device)  # the last layers may sit on another GPU
+        sel = (targets != IGNORE).nonzero().squeeze(1)
+        logits = self.lm_head(h.index_select(0, sel)).float()
+        tok_loss = F.cross_entropy(logits, targets.index_select(0, sel), reduction="none")
+        slots = batch.layout.on(h.device).token_slot.index_select(0, sel)
+        n = batch.layout.max_slot + 1
+        loss_sum = torch.zeros(n, device=h.device).index_add(0, slots, tok_loss)
+        tokens = torch.zeros(n, device=h.device).index_add(0, slots, torch.ones_like(tok_loss))
+        return ForwardResult(loss_sum, tokens)
+
+    def forward(self, batch: PackedBatch, hidden: torch.Tensor | None = None):
+        """Hidden states for the next stage, or, on the last stage, the per-task losses."""
+        h = self.hidden(batch, hidden)
+        return self.loss(batch, h) if self.last else h

@@ -1,0 +1,69 @@
+"""The optimizer steps of the tasks whose step batch completed in a round.
+
+Their gradients are first summed over the data-parallel replicas (one bucketed all-reduce for
+all of them, in a fixed order), so each replica holds the single-process gradient. The clipping
+norm is the task's global norm: under pipeline parallelism each stage holds part of the adapter,
+so the stages sum their squared norms. Then each task steps its own AdamW and LR schedule, and
+the group agrees on whether any stage's weights went non-finite, so a task fails on every rank at
+the same step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def grad_norms(tasks, group) -> list[torch.Tensor]:
+    """Each task's global gradient L2 norm (before clipping), as one process would compute it."""
+    if group.dims.pp == 1 and group.dims.tp == 1:
+        return [torch.nn.utils.get_total_norm([p.grad for p in rt.adapter.parameters() if p.grad is not None])
+                for rt in tasks]
+    squares = torch.zeros(len(tasks), dtype=torch.float64)
+    for i, rt in enumerate(tasks):
+        grads = [p.grad for p in rt.adapter.parameters() if p.grad is not None]
+        if grads:
+            squares[i] = float(torch.nn.utils.get_total_norm(grads)) ** 2
+    return list(group.sum_stages(squares).sqrt().to(torch.float32))
+
+
+def clip(rt, norm: torch.Tensor) -> None:
+    """torch.nn.utils.clip_grad_norm_'s rule with a norm computed over the whole group."""
+    max_norm = rt.task.spec.training.max_grad_norm
+    if not max_norm:
+        return
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in rt.adapter.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+
+
+def step_all(trainer, tasks) -> None:
+    """Step every task in tasks (their pending lists are empty), in the given order."""
+    if not tasks:
+        return
+    group = trainer.group
+    group.allreduce_grads([p for rt in tasks for p in rt.adapter.parameters()])
+    norms = grad_norms(tasks, group)
+    stepped = []
+    for rt, norm in zip(tasks, norms):
+        if not torch.isfinite(norm):
+            trainer._fail(rt, f"gradient became non-finite at step {rt.step + 1}")
+            continue
+        clip(rt, norm)
+        lr = rt.optimizer.param_groups[0]["lr"]
+        rt.optimizer.step()
+        rt.scheduler.step()
+        rt.optimizer.zero_grad(set_to_none=True)
+        stepped.append((rt, lr, float(norm)))
+    if not stepped:
+        return
+    bad = group.sum(torch.tensor([0.0 if _finite(rt.adapter.parameters()) else 1.0 for rt, _, _ in stepped],
+                                 dtype=torch.float64))
+    for (rt, lr, norm), b in zip(stepped, bad.tolist()):
+        if b:
+            trainer._fail(rt, f"adapter weights became non-finite at step {rt.step + 1}")
+        else:
+            trainer._record_step(rt, lr, norm)
+
+
+def _finite(params) -> bool:
+    return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync

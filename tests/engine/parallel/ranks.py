@@ -1,0 +1,66 @@
+"""Functions that run on every rank of a test group, started by torch's elastic launch (spawn pickles
+them by module name, so they live in an importable module, not in a test file)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def start(world: int, fn, *args):
+    """fn(*args) on `world` local ranks (gloo); each rank's return value, by rank."""
+    from torch.distributed.launcher.api import elastic_launch
+
+    from muxtune.engine.parallel.launch import launch_config
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return elastic_launch(launch_config(world), fn)(*args)
+
+
+def _trainer(out: Path, dp: int, pp: int, muxtune_home: str):
+    import torch
+
+    from muxtune.engine import parallel
+    from muxtune.engine.backbone import MultiplexedBackbone
+    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.parallel.dims import ParallelDims
+    from muxtune.engine.parallel.group import DistGroup
+    from muxtune.engine.parallel.launch import init_distributed
+    from muxtune.engine.trainer import MuxTrainer
+
+    os.environ["MUXTUNE_HOME"] = muxtune_home
+    device = init_distributed(torch.device("cpu"))
+    group = DistGroup(ParallelDims(dp, 1, pp, int(os.environ["WORLD_SIZE"])), device)
+    backbone = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), device, torch.float32))
+    parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
+    return MuxTrainer(backbone, out, group=group)
+
+
+def faults(out: str, docs: list[dict], dp: int, pp: int, muxtune_home: str) -> dict:
+    """Three tasks where only one rank sees each fault: 'sick' gets an inf weight on rank 0 after
+    its 2nd step; 'broken' cannot read its data on the last rank only. Returns this rank's view."""
+    import torch
+
+    from muxtune.api.finetunetask import FineTuneTask
+    from muxtune.engine import trainer as trainer_mod
+
+    tr = _trainer(Path(out), dp, pp, muxtune_home)
+    rank, last = tr.group.rank, tr.group.world - 1
+    real_load = trainer_mod.load_examples
+
+    def load(spec, *a, **k):
+        if rank == last and "broken" in str(spec.path):
+            raise OSError(f"rank {rank}: cannot read {spec.path}")
+        return real_load(spec, *a, **k)
+
+    trainer_mod.load_examples = load
+
+    def inject(t, rt):
+        if rank == 0 and rt.name == "sick" and rt.step == 2:
+            with torch.no_grad():
+                next(iter(rt.adapter.parameters())).fill_(float("inf"))
+
+    tr.step_hooks.append(inject)
+    for doc in docs:
+        tr.add_task(FineTuneTask.model_validate(doc))
+    tr.run()
+    return {rt.name: (rt.phase, rt.step, rt.message) for rt in tr.tasks.values()}

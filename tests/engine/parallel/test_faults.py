@@ -1,0 +1,36 @@
+"""A fault only one rank sees fails that task on every rank, at the same step, and no rank hangs:
+an inf weight on one pipeline stage or data-parallel replica (the loss turns non-finite), a data
+file one rank cannot read. The neighbours finish."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import task_doc
+
+from . import ranks
+from .conftest import make_workdir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("dp,pp", [(1, 2), (2, 1)], ids=["pp2", "dp2"])
+def test_one_rank_fault_fails_the_task_everywhere(dp, pp, tmp_path, muxtune_home):
+    from pathlib import Path
+
+    root = make_workdir(tmp_path, [])
+    shutil.copy(root / "data" / "reverse.jsonl", root / "data" / "broken.jsonl")
+    docs = [task_doc("sick", root / "data" / "reverse.jsonl", steps=5, seed=1),
+            task_doc("well", root / "data" / "upper.jsonl", steps=5, seed=2),
+            task_doc("broken", root / "data" / "broken.jsonl", steps=5, seed=3)]
+    views = ranks.start(2, ranks.faults, str(root / "out"), docs, dp, pp, str(muxtune_home))
+    assert views[0] == views[1], views  # every rank took the same decisions
+    view = views[0]
+    phase, step, message = view["sick"]
+    assert (phase, step) == ("Failed", 2) and "non-finite at step 3" in message
+    phase, _, message = view["broken"]
+    assert phase == "Failed" and "rank 1: cannot read" in message  # the rank that saw it, named everywhere
+    assert view["well"][:2] == ("Succeeded", 5)
+    well = next(Path(root / "out").rglob("well/adapter_model.safetensors"))
+    assert well.exists()

@@ -96,9 +96,13 @@ class OperatorConfig:
     api_concurrency: int = 16  # API writes in flight at once
     resync_interval: float = 30.0
     max_tasks_per_group: int = 32
-    # 1 until the engine averages gradients across pods; the engine refuses WORLD_SIZE > 1
-    max_dp: int = 1
-    activation_factor: float = 17.0
+    # Data-parallel pods the planner may give a group, used only when no single-pod layout fits a
+    # task (a step too big for one node's GPUs): up to 8 pods. Replicas all-reduce only the adapters'
+    # gradients (MBs), so they scale; beyond 8 a step's batch (typically 8-64 sequences) leaves each
+    # replica too few sequences, and a gang of more pods is harder to place at once.
+    max_dp: int = 8
+    max_group_restarts: int = 6  # whole-group restarts (lost or failed pod) before the tasks fail
+    activation_scale: float = 1.0  # multiplies the memory model's activations (operator/memory.py)
     log_level: str = "info"
     kubeconfig: str | None = None
 
@@ -108,7 +112,7 @@ class OperatorConfig:
             shared_namespace=self.shared_namespace,
             max_tasks_per_group=self.max_tasks_per_group,
             max_dp=self.max_dp,
-            memory=MemoryConfig(activation_factor=self.activation_factor),
+            memory=MemoryConfig(activation_scale=self.activation_scale),
         )
 
     @classmethod

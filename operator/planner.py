@@ -36,7 +36,9 @@ from muxtune.operator.memory import (
     Parallelism,
     TaskMemory,
     TaskShape,
+    GroupMemory,
     group_memory_per_gpu,
+    rank_memory,
     resolve_architecture,
     task_memory,
     weight_bytes,
@@ -125,8 +127,11 @@ class PlannerConfig:
     sharing_policy: Literal["never", "opt-in", "always"] = "opt-in"
     shared_namespace: str = "muxtune-system"
     max_tasks_per_group: int = 32
-    # 1 until the engine averages gradients across pods; the engine refuses WORLD_SIZE > 1
-    max_dp: int = 1
+    # Data-parallel pods the planner may give a group, used only when no single-pod layout fits a
+    # task (a step too big for one node's GPUs): up to 8 pods. Replicas all-reduce only the adapters'
+    # gradients (MBs), so they scale; beyond 8 a step's batch (typically 8-64 sequences) leaves each
+    # replica too few sequences, and a gang of more pods is harder to place at once.
+    max_dp: int = 8
     memory: MemoryConfig = MemoryConfig()
 
 
@@ -331,8 +336,14 @@ class _OpenGroup:
     accepting: bool = True
     namespaces: frozenset[str] | None = None
 
-    def memory_with(self, extra: list[TaskMemory], config: MemoryConfig) -> int:
-        return group_memory_per_gpu(self.arch, self.mems + extra, self.par, self.memory_mib * MiB, config)
+    acc: GroupMemory | None = None
+
+    def memory_with(self, extra: TaskMemory | None, config: MemoryConfig) -> int:
+        if self.acc is None or len(self.acc.members) != len(self.mems):
+            self.acc = GroupMemory(self.arch, self.par, self.memory_mib * MiB, config)
+            for m in self.mems:
+                self.acc.add(m)
+        return self.acc.busiest(extra)
 
     def accepts(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> bool:
         return (
@@ -341,7 +352,7 @@ class _OpenGroup:
             and compatible(t, self.tenancy, config)
             and (self.new or self.namespaces is None or t.namespace in self.namespaces)
             and len(self.members) < config.max_tasks_per_group
-            and self.memory_with([mem], config.memory) <= self.memory_mib * MiB
+            and self.memory_with(mem, config.memory) <= self.memory_mib * MiB
         )
 
 
@@ -350,11 +361,17 @@ def lower_bound_gpus(
     archs: Mapping[str, Architecture],
     gpu_classes: Iterable[tuple[str, int]],
     config: MemoryConfig = MemoryConfig(),
+    max_stages: int = 8,
+    max_tasks_per_group: int = 32,
 ) -> int:
-    """Per backbone ceil((weights + sum of tasks' unsharded memory) / largest usable GPU), summed.
+    """Per backbone max(groups, ceil(least bytes its tasks need / largest usable GPU)), summed.
 
-    Valid because sharding (tp, pp) and splitting (dp) never lower the total bytes a backbone's
-    tasks occupy across GPUs, and tasks of different backbones never share a GPU.
+    Its tasks need at least ceil(n / max_tasks_per_group) groups, each with a copy of the weights.
+    The least bytes: those copies, plus all tasks as if in one group whose pipeline is as deep as a
+    node allows, memory taken as fungible across GPUs (every adapter, and only the micro-batches a
+    1F1B pipeline keeps in flight). Valid because another layout never lowers it: more groups
+    repeat weights and in-flight micro-batches, tp replicates norms, dp splits batches, and tasks
+    of different backbones never share a GPU.
     """
     usable = max((mib * MiB - config.reserve(mib * MiB) for _, mib in gpu_classes), default=0)
     if usable <= 0:
@@ -363,8 +380,11 @@ def lower_bound_gpus(
     for model, mems in sorted(tasks_by_model.items()):
         if not mems:
             continue
-        need = weight_bytes(archs[model]) + sum(m.total_bytes for m in mems)
-        total += math.ceil(need / usable)
+        arch = archs[model]
+        groups = math.ceil(len(mems) / max(1, max_tasks_per_group))
+        need = min(sum(r.resident for r in rank_memory(arch, mems, Parallelism(pp=pp), usable, config))
+                   for pp in _pow2_upto(min(arch.layers, max(1, max_stages))))
+        total += max(groups, math.ceil((need + (groups - 1) * weight_bytes(arch)) / usable))
     return total
 
 
@@ -470,31 +490,27 @@ def plan(
                 break
             if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config):
                 ahead.append(mems[u.key])
-        w = weight_bytes(arch)
         cands = []
         fits_somewhere = False
         for cls in cap.classes():
             product, mib = cls
             cap_bytes = mib * MiB
-            reserve = mcfg.reserve(cap_bytes)
-            layouts = candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
-            fitting = [par for par in layouts
-                       if math.ceil(w / (par.tp * par.pp)) + reserve + mem.per_gpu(par) <= cap_bytes]
+            layouts = [par for par in candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
+                       if par.dp == 1 or par.dp <= t.shape.batch_size]  # every replica gets a sequence
+            accs = {par: GroupMemory(arch, par, cap_bytes, mcfg).add(mem) for par in layouts}
+            fitting = [par for par in layouts if accs[par].busiest() <= cap_bytes]
             if not fitting:
                 continue
             fits_somewhere = True
             single = [par for par in fitting if par.dp == 1] or fitting[:1]
             for order, par in enumerate(single):
-                used = math.ceil(w / (par.tp * par.pp)) + reserve + mem.per_gpu(par)
-                k = 1
+                acc = accs[par]
                 for m in ahead:
-                    if k >= config.max_tasks_per_group:
+                    if len(acc.members) >= config.max_tasks_per_group:
                         break
-                    x = m.per_gpu(par)
-                    if used + x <= cap_bytes:
-                        used += x
-                        k += 1
-                cands.append((par.gpus / k, par.gpus, -mib, product, order, par, cls))
+                    if acc.busiest(m) <= cap_bytes:
+                        acc.add(m)
+                cands.append((par.gpus / len(acc.members), par.gpus, -mib, product, order, par, cls))
         best = None  # (gpus, memory_mib, product, par, cls, nodes)
         for score, gpus, negmib, product, order, par, cls in sorted(cands, key=lambda c: c[:5]):
             where = cap.find(cls, par.dp, par.gpus_per_pod)
@@ -576,8 +592,10 @@ def plan(
         used += min(per_gpu, g.memory_mib * MiB) * g.par.gpus
         alloc += g.memory_mib * MiB * g.par.gpus
     classes = cap.classes() or [(g.product, g.memory_mib) for g in open_groups]
-    lb = lower_bound_gpus(by_model, archs, classes, mcfg)
-    lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg) for (m, _), mems_ in sorted(by_class.items()))
+    stages = max((cap.max_per_node(c) for c in cap.classes()), default=8)
+    k = config.max_tasks_per_group
+    lb = lower_bound_gpus(by_model, archs, classes, mcfg, stages, k)
+    lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg, stages, k) for (m, _), mems_ in sorted(by_class.items()))
     return Plan(
         placements=tuple(placements),
         groups=tuple(out_groups),

@@ -28,6 +28,18 @@ ANN_GPU_MEMORY = "muxtune.io/gpu-memory-mib"
 ANN_TENANCY = "muxtune.io/tenancy"
 ANN_POD_TEMPLATE = "muxtune.io/pod-template-hash"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue's plain-pod group integration (devcluster/kueue_objects.py documents what each does)
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_TOTAL_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+KUEUE_API = "kueue.x-k8s.io/v1beta2"  # Workloads; a pod group's Workload is named after the group
+# On a BackboneGroup: the LocalQueue its pods name (fixed when it is created; a task joins only a
+# group of its own queue), and its whole-group restarts after a lost pod
+ANN_QUEUE = "muxtune.io/queue-name"
+ANN_RESTARTS = "muxtune.io/restarts"
+ANN_RESTARTED_AT = "muxtune.io/restarted-at"
+ANN_RESTART_REASON = "muxtune.io/restart-reason"
+RENDEZVOUS_PORT = 29500  # torch.distributed's store on pod 0 (PET_MASTER_PORT)
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"

@@ -45,6 +45,7 @@ from muxtune.operator.memory import (
 )
 
 SHARED = None  # tenancy of a group open to several namespaces
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,21 @@ class TaskRequest:
     created: str = ""  # RFC 3339 creationTimestamp; sorts lexicographically
     share: bool = False
     uid: str = ""
+    queue: str = ""  # Kueue LocalQueue (task label, else its namespace's): groups of one queue only
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
     @classmethod
-    def from_task(cls, task) -> TaskRequest:
-        """From a muxtune.api FineTuneTask."""
+    def from_task(cls, task, namespace_labels: Mapping[str, str] | None = None) -> TaskRequest:
+        """From a muxtune.api FineTuneTask (and its namespace's labels, for a namespace-wide queue)."""
         spec, meta = task.spec, task.metadata
         extra = meta.model_extra or {}
         created = extra.get("creationTimestamp") or ""
+        queue = (meta.labels or {}).get(QUEUE_LABEL) or (namespace_labels or {}).get(QUEUE_LABEL) or ""
         return cls(
+            queue=queue,
             namespace=meta.namespace or "default",
             name=meta.name,
             uid=meta.uid or "",
@@ -118,6 +122,7 @@ class GroupState:
     # a shared group's pods mount only these namespaces' data and output areas (fixed at creation):
     # a task of another namespace never joins it. None: no restriction (a namespace's own group).
     namespaces: frozenset[str] | None = None
+    queue: str = ""  # the Kueue LocalQueue its pods name, fixed at creation
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,7 @@ class GroupPlan:
     memory_per_gpu_bytes: int
     new: bool
     changed: bool  # members added in this plan
+    queue: str = ""
 
     @property
     def gpus(self) -> int:
@@ -247,6 +253,9 @@ def group_name(base_model: str, tenancy: str | None, first_task_uid_or_key: str)
 
 
 def may_share(task: TaskRequest, config: PlannerConfig) -> bool:
+    """A queued task stays in its namespace: a LocalQueue is namespaced, the shared group is not there."""
+    if task.queue:
+        return False
     return config.sharing_policy == "always" or (config.sharing_policy == "opt-in" and task.share)
 
 
@@ -255,7 +264,9 @@ def tenancy_for(task: TaskRequest, config: PlannerConfig) -> str | None:
     return SHARED if may_share(task, config) else task.namespace
 
 
-def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig) -> bool:
+def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig, queue: str | None = None) -> bool:
+    if queue is not None and task.queue != queue:
+        return False
     if tenancy is SHARED:
         return may_share(task, config)
     return tenancy == task.namespace
@@ -335,7 +346,7 @@ class _OpenGroup:
     changed: bool = False
     accepting: bool = True
     namespaces: frozenset[str] | None = None
-
+    queue: str = ""
     acc: GroupMemory | None = None
 
     def memory_with(self, extra: TaskMemory | None, config: MemoryConfig) -> int:
@@ -349,7 +360,7 @@ class _OpenGroup:
         return (
             self.accepting
             and self.base_model == t.base_model
-            and compatible(t, self.tenancy, config)
+            and compatible(t, self.tenancy, config, self.queue)
             and (self.new or self.namespaces is None or t.namespace in self.namespaces)
             and len(self.members) < config.max_tasks_per_group
             and self.memory_with(mem, config.memory) <= self.memory_mib * MiB
@@ -431,6 +442,7 @@ def plan(
             mems=[task_memory(m.shape, arch, mcfg) for m in g.members] if arch else [],
             accepting=g.accepting and arch is not None,
             namespaces=g.namespaces,
+            queue=g.queue,
         )
         open_groups.append(og)
         if g.unbound_pods > 0:
@@ -488,7 +500,7 @@ def plan(
         for u in ordered[i + 1:]:
             if len(ahead) >= 4 * config.max_tasks_per_group:
                 break
-            if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config):
+            if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config, t.queue):
                 ahead.append(mems[u.key])
         cands = []
         fits_somewhere = False
@@ -556,6 +568,7 @@ def plan(
             mems=[mem],
             new=True,
             changed=True,
+            queue=t.queue,
         )
         open_groups.append(og)
         placements.append(Placement(t.key, name, True))
@@ -585,6 +598,7 @@ def plan(
                 memory_per_gpu_bytes=per_gpu,
                 new=g.new,
                 changed=g.changed,
+                queue=g.queue,
             )
         )
         gpus += g.par.gpus

@@ -26,6 +26,7 @@ from muxtune.operator import podspec
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     ANN_NAMESPACES,
+    ANN_QUEUE,
     ANN_TENANCY,
     ENGINE_APP,
     KEY_FILE,
@@ -90,6 +91,8 @@ def group_manifest(plan: GroupPlan, members: list[dict], token_budget: int | Non
     }
     if plan.tenancy is None:  # shared: the namespaces its pods will mount, fixed from now on
         annotations[ANN_NAMESPACES] = ",".join(sorted({t["metadata"]["namespace"] for t in members}))
+    if plan.queue:  # its pods form one Kueue pod group in this LocalQueue, fixed from now on
+        annotations[ANN_QUEUE] = plan.queue
     return {
         "apiVersion": API_VERSION,
         "kind": "BackboneGroup",

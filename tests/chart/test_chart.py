@@ -129,6 +129,7 @@ EXPECTED_RULES = {
     ("", "secrets"): {"create"},  # a group's HMAC key: created, never read back
     ("", "serviceaccounts"): {"create"},  # the engines' binding-less ServiceAccount
     ("policy", "poddisruptionbudgets"): {"create"},
+    ("kueue.x-k8s.io", "workloads"): {"get", "delete"},  # a queued group's Workload: why it waits; deleted first
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "nodes"): {"get", "list", "watch"},

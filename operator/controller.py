@@ -444,9 +444,9 @@ class Controller(GroupsMixin):
         if isinstance(parsed, str):
             return status.TaskView(gen, None, "invalid", message=parsed)
         max_steps = parsed.spec.training.max_steps
-        kueue = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
+        queued = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
         if parsed.spec.suspend:
-            return status.TaskView(gen, max_steps, "suspended", kueue=kueue)
+            return status.TaskView(gen, max_steps, "suspended", kueue=queued)
         if gk is None:
             if unpl:
                 return status.TaskView(gen, max_steps, "unplaceable", reason=unpl.reason, message=unpl.message,
@@ -485,7 +485,7 @@ class Controller(GroupsMixin):
             report = None  # what the lost world said; its tasks resume from checkpoints in the next one
         reach = self.poller.unreachable(gk)
         return status.TaskView(gen, max_steps, "member", group=gk[1], pod_state=pod_state, pod_message=pod_msg,
-                               report=report, kueue=kueue, unreachable_since=reach.since if reach else None,
+                               report=report, kueue=queued, unreachable_since=reach.since if reach else None,
                                unreachable_message=reach.error if reach else "")
 
     async def _write_status(self, obj: dict, old: dict, new: dict) -> bool:

@@ -88,6 +88,9 @@ class GroupsMixin:
             await self._create_once("v1", "secrets", ns, resources.key_secret_manifest(gobj, self.keys.key(gobj)))
             if self.config.engine_pdb:
                 await self._create_once("policy/v1", "poddisruptionbudgets", ns, resources.pdb_manifest(gobj))
+            if int(((gobj.get("spec") or {}).get("parallelism") or {}).get("dp", 1)) > 1:
+                await self._create_once("networking.k8s.io/v1", "networkpolicies", ns,
+                                        resources.network_policy_manifest(gobj, self.config))
             for rank in missing:
                 pod, _ = await self.client.create_or_adopt(
                     "v1", "pods", ns, resources.pod_manifest(gobj, rank, self.config, bm, priority))

@@ -48,6 +48,17 @@ def test_a_two_pod_group_is_one_torchrun_world():
     assert "readinessProbe" in pods[0]["spec"]["containers"][0] and "readinessProbe" not in pods[1]["spec"]["containers"][0]
 
 
+def test_only_the_groups_own_pods_reach_its_rendezvous_ports():
+    g = group(dp=2)
+    np_ = resources.network_policy_manifest(g, OperatorConfig())
+    sel = {"matchLabels": {"muxtune.io/group": "mt-g", "app.kubernetes.io/component": "engine"}}
+    assert np_["spec"]["podSelector"] == sel and np_["spec"]["policyTypes"] == ["Ingress"]
+    assert np_["spec"]["ingress"] == [{"from": [{"podSelector": sel}]}, {"ports": [{"port": 9400, "protocol": "TCP"}]}]
+    assert np_["metadata"]["ownerReferences"][0]["uid"] == "group-uid"
+    pod = resources.pod_manifest(g, 1, OperatorConfig())
+    assert sel["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
 def test_one_pod_layouts():
     cfg = OperatorConfig()
     (single,) = [resources.pod_manifest(group(dp=1), 0, cfg)]

@@ -208,3 +208,30 @@ def test_task_status_shows_the_gang_state(state, reason):
     st = status.compute_status(None, view, NOW)
     run = {c["type"]: c for c in st["conditions"]}["Running"]
     assert (st["phase"], run["status"], run["reason"], st["message"]) == ("Placed", "False", reason, "why")
+
+
+def test_a_gated_groups_tasks_say_they_wait_for_admission():
+    """The controller's own view of a queued task whose group's pods Kueue still gates (this path once
+    raised AttributeError: a local flag shadowed the kueue module)."""
+    from muxtune.api.finetunetask import FineTuneTask
+    from muxtune.operator.controller import Controller
+    from muxtune.operator.groups import PodBackoff
+    from muxtune.operator.poller import EnginePoller
+
+    obj = {"apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask",
+           "metadata": {"name": "t", "namespace": "ns", "generation": 1, "labels": {"kueue.x-k8s.io/queue-name": "q"}},
+           "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": "d.jsonl"}, "peft": {"r": 4},
+                    "training": {"maxSteps": 3, "learningRate": 1e-3}}}
+    c = Controller.__new__(Controller)  # only what _task_view reads
+    c.backoff, c.gang, c.workload_msgs = PodBackoff(1, 2), {}, {}
+    c.poller = EnginePoller(OperatorConfig(), lambda g: b"k")
+    gk = ("ns", "mt-g")
+    pods = {gk: [{"name": f"mt-g-{r}", "deleting": False, "gated": True, "phase": "Pending"} for r in range(2)]}
+    view = c._task_view("ns/t", obj, FineTuneTask.model_validate(obj), gk, None, pods)
+    assert view.pod_state == "admission" and view.kueue is True and "Kueue" in view.pod_message
+    st = status.compute_status(None, view, NOW)
+    run = {c["type"]: c for c in st["conditions"]}["Running"]
+    assert (st["phase"], run["reason"]) == ("Placed", "WaitingForAdmission")
+    c.workload_msgs[gk] = "couldn't assign flavors: insufficient quota for nvidia.com/gpu"
+    view = c._task_view("ns/t", obj, FineTuneTask.model_validate(obj), gk, None, pods)
+    assert "insufficient quota" in view.pod_message

@@ -100,10 +100,12 @@ def _pow2_upto(n: int) -> list[int]:
 
 
 def candidate_parallelisms(arch: Architecture, gpus_per_node: int, max_dp: int) -> list[Parallelism]:
-    """Every dp x tp x pp (powers of two; tp*pp within a node), fewest GPUs first, then dp, pp."""
+    """Every dp x tp x pp (powers of two; tp*pp within a node), fewest GPUs first, then dp, pp.
+    tp must divide the attention heads, the key/value heads and the MLP width where the
+    architecture gives them: the engine shards whole heads and whole columns, and refuses otherwise."""
     out = []
     for tp in _pow2_upto(gpus_per_node):
-        if arch.num_attention_heads and arch.num_attention_heads % tp:
+        if any(n and n % tp for n in (arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size)):
             continue
         for pp in _pow2_upto(gpus_per_node // tp):
             if pp > arch.layers:

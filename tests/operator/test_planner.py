@@ -180,6 +180,13 @@ def test_tp_respects_head_count():
     odd = Architecture(parameters=70_000_000_000, layers=80, hidden_size=8192, num_attention_heads=6)
     for par in P.candidate_parallelisms(odd, 8, 4):
         assert 6 % par.tp == 0
+    # the engine also shards whole key/value heads and whole MLP columns (it refuses otherwise)
+    gqa = Architecture(parameters=8_000_000_000, layers=32, hidden_size=4096, num_attention_heads=32,
+                       num_key_value_heads=2, intermediate_size=14336)
+    assert {par.tp for par in P.candidate_parallelisms(gqa, 8, 1)} == {1, 2}
+    mlp = Architecture(parameters=8_000_000_000, layers=32, hidden_size=4096, num_attention_heads=32,
+                       intermediate_size=11012)  # 4 x 2753
+    assert {par.tp for par in P.candidate_parallelisms(mlp, 8, 1)} == {1, 2, 4}
 
 
 def test_candidate_order_fewest_gpus_then_no_dp_then_no_pp():

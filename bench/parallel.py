@@ -95,8 +95,8 @@ def layouts(args) -> list[dict]:
 def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
     import torch
 
-    from bench.workers import _task
-    from bench.workload import Job
+    from bench.workload import TARGET_MODULES, Job
+    from muxtune.api.finetunetask import FineTuneTask
     from muxtune.engine import parallel
     from muxtune.engine.backbone import MultiplexedBackbone
     from muxtune.engine.models import load_backbone
@@ -123,12 +123,25 @@ def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
                 self.busy += st.busy_seconds
                 self.wall += max(st.wall_seconds, st.busy_seconds)
 
+    def task(job: Job, steps: int) -> FineTuneTask:  # bench.multitask's LoRA job, data relative to its root
+        return FineTuneTask.model_validate({
+            "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": job.name},
+            "spec": {
+                "baseModel": spec["model"],
+                "dataset": {"path": Path(job.data).name, "maxSeqLen": job.max_seq_len, "shuffle": False},
+                "peft": {"method": "lora", "r": job.rank, "alpha": job.alpha, "dropout": 0.0,
+                         "targetModules": TARGET_MODULES},
+                "training": {"maxSteps": steps, "batchSize": job.batch_size, "learningRate": job.lr,
+                             "seed": job.seed, "maxGradNorm": 1.0, "checkpointInterval": 0},
+            },
+        })
+
     def trainer(name, steps):
         tr = MuxTrainer(backbone, Path(spec["out"]) / f"{name}-n{n}-dp{layout['dp']}-pp{layout['pp']}-{layout['interleave']}",
-                        token_budget=spec["token_budget"], resume=False, group=group,
+                        token_budget=spec["token_budget"], resume=False, group=group, base_dir=Path(spec["data"]),
                         micro_batches=spec["micro_batches"], interleave=layout["interleave"])
         for job in jobs:
-            tr.add_task(_task(job, steps, spec["model"]))
+            tr.add_task(task(job, steps))
         return tr
 
     if spec["warmup_steps"]:
@@ -243,7 +256,7 @@ def main(argv=None) -> int:
     model = resolve_model(args.model)
     spec = {"model": str(model), "jobs": [j.to_dict() for j in jobs], "n": args.n, "steps": args.steps,
             "warmup_steps": args.warmup_steps, "token_budget": args.token_budget, "micro_batches": args.micro_batches,
-            "device": args.device, "dtype": args.dtype, "out": str(work / "out")}
+            "device": args.device, "dtype": args.dtype, "out": str(work / "out"), "data": str(work / "data")}
     by_world: dict[int, list[dict]] = {}
     for layout in layouts(args):
         by_world.setdefault(layout["dp"] * layout["pp"], []).append(layout)

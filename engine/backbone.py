@@ -15,7 +15,7 @@ from torch import nn
 from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.models import LoadedBackbone
 from muxtune.engine.packing import PackedBatch
-from muxtune.engine.peft.base import TaskDelta
+from muxtune.engine.peft.base import ShardSpec, TaskDelta
 from muxtune.engine.peft.mux_linear import MultiplexedLinear, MuxContext
 from muxtune.engine.peft.registry import get_method, matches_target
 from muxtune.engine.stage import ForwardResult, Stage
@@ -58,6 +58,7 @@ class MultiplexedBackbone:
         self.lm_head = self.model.get_output_embeddings()
         self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m is not self.lm_head}
         self.wrapped: dict[str, MultiplexedLinear] = {}
+        self.shards: dict[str, ShardSpec] = {}  # tensor parallel: each sharded Linear's part (engine/parallel/tensor.py)
         self.adapters: dict[int, TaskAdapter] = {}
         self.attn_ratio = self._attention_to_linear_ratio()
         self.device = self.model.get_input_embeddings().weight.device  # where a batch enters
@@ -123,6 +124,8 @@ class MultiplexedBackbone:
         deltas = {}
         for name in names:  # model order, as PEFT initialises; other stages' deltas are drawn and dropped
             delta = method.make_delta(self.linears[name], name, spec, generator)
+            if name in self.shards:  # made whole from the generator, then this rank's part kept
+                delta.shard_(self.shards[name])
             if name in self.local_linears:
                 self._wrap(name).deltas[str(slot)] = delta
                 deltas[name] = delta

@@ -21,6 +21,7 @@ the PodMonitor scrapes with ``honorLabels: true``.
 | muxtune_task_fused | gauge | 1 if the task's sequences were in the latest fused forward/backward |
 | muxtune_task_fused_rounds_total | counter | fused forward/backwards that carried the task's sequences |
 | muxtune_task_waiting_rounds_total | counter | fused forward/backwards that left the runnable task out (token budget) |
+| muxtune_task_examples_dropped_total | counter | examples of the task's dataset not trained on: no completion token within maxSeqLen |
 | muxtune_task_last_progress_timestamp_seconds | gauge | unix time of the task's latest step, or of its start if it has none yet |
 | muxtune_engine_info{backbone,device,version} | gauge | always 1; what this engine runs |
 | muxtune_engine_step_duration_seconds | histogram | wall time of one fused forward/backward over the backbone |
@@ -50,6 +51,7 @@ import ctypes
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -190,6 +192,7 @@ class _TaskSeries:
     grad_norm: float | None = None
     tokens_per_second: float | None = None
     last_progress: float | None = None
+    examples_dropped: int = 0
 
 
 def _version() -> str:
@@ -262,6 +265,7 @@ class EngineMetrics(Telemetry):
             s.phase = task.phase
             s.step = task.step
             s.max_steps = task.max_steps
+            s.examples_dropped = getattr(task, "examples_dropped", 0)
             if task.last_loss is not None and s.loss is None:
                 s.loss = task.last_loss  # resumed or already trained: the loss it ended at
             if entering_running:
@@ -323,9 +327,20 @@ class EngineMetrics(Telemetry):
             return {s: (busy, wall - busy) for s, (busy, wall) in sorted(self._stages.items())}
 
     def status(self) -> dict:
-        out = {"tasks": {k: t.status() for tr in self.trainers for k, t in list(tr.tasks.items())}}
+        """Each task's status (paths relative to the run output: no absolute path leaves the pod), and
+        the engine group's layout with each pipeline stage's busy and idle seconds (rank 0 reports)."""
+        tasks = {}
+        for tr in self.trainers:
+            roots = [Path(r).resolve() for r in (getattr(tr, "output", None), getattr(tr, "base_dir", None)) if r]
+            for k, t in list(tr.tasks.items()):
+                st = t.status()
+                for field in ("checkpoint", "message"):
+                    if isinstance(st.get(field), str):
+                        st[field] = _relative(st[field], roots)
+                tasks[k] = st
+        out = {"tasks": tasks}
         dims = self._dims
-        if dims is not None:  # the whole group, reported by rank 0
+        if dims is not None:
             out["parallel"] = {
                 "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world": dims.world_size,
                 "stages": [{"stage": s, "busySeconds": round(busy, 6), "idleSeconds": round(idle, 6),
@@ -336,6 +351,14 @@ class EngineMetrics(Telemetry):
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _relative(text: str, roots: list[Path]) -> str:
+    """Absolute paths under the output (or data) root, written relative to it."""
+    for root in roots:
+        if str(root) != "/":  # the root itself reads ".", a path under it loses the prefix
+            text = re.sub(re.escape(str(root)) + r"(/|(?![\w.-]))", lambda m: "" if m.group(1) else ".", text)
+    return text
 
 
 class _Collector:
@@ -372,6 +395,8 @@ class _Collector:
         fused_rounds = fam("counter", "muxtune_task_fused_rounds", "Fused forward/backwards that carried the task's sequences.")
         waiting_rounds = fam("counter", "muxtune_task_waiting_rounds",
                              "Fused forward/backwards that left the runnable task out (token budget).")
+        dropped = fam("counter", "muxtune_task_examples_dropped",
+                      "Examples of the task's dataset not trained on: no completion token within maxSeqLen.")
         progress = fam("gauge", "muxtune_task_last_progress_timestamp_seconds",
                        "Unix time of the task's latest optimizer step, or of its start while it has none.")
         for s in tasks:
@@ -385,12 +410,13 @@ class _Collector:
             fused.add_metric(lv, 1.0 if s.fused else 0.0)
             fused_rounds.add_metric(lv, s.fused_rounds)
             waiting_rounds.add_metric(lv, s.waiting_rounds)
+            dropped.add_metric(lv, s.examples_dropped)
             for f, v in ((loss, s.loss), (lr, s.lr), (grad, s.grad_norm), (tps, s.tokens_per_second),
                          (progress, s.last_progress)):
                 if v is not None:
                     f.add_metric(lv, v)
         yield from (tokens, steps, step, max_steps, loss, lr, grad, tps, phase, fused, fused_rounds,
-                    waiting_rounds, progress)
+                    waiting_rounds, dropped, progress)
 
         if info is not None:
             g = GaugeMetricFamily("muxtune_engine_info", "Always 1: the backbone, device and version this engine runs.",

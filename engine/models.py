@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,12 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                         initializer_range=0.1),
 }
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+log = logging.getLogger("muxtune.engine")
+
+
+class ModelLoadError(RuntimeError):
+    """The backbone cannot be loaded: every task on it fails with this reason (which names the file)."""
 
 
 def cache_home() -> Path:
@@ -75,6 +82,12 @@ def generated_model(name: str, spec: dict, build: Callable[[Path], None]) -> Pat
         if not (target / "config.json").exists():
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
             build(tmp)
+            if not (tmp / "config.json").exists():
+                # transformers' save_pretrained writes nothing on a non-zero torch.distributed rank:
+                # never cache a model directory without its model
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"building {name} wrote no config.json (built on a non-zero distributed "
+                                   "rank? resolve built-in models before torch.distributed starts)")
             os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
     return target
 
@@ -118,8 +131,39 @@ def resolve_base_model(base_model: str, search_dir: Path | None = None) -> Path:
     return path.resolve()
 
 
+def check_weights(path: Path) -> None:
+    """Weights present, and every safetensors file's header whole and covering the file, before
+    from_pretrained (whose errors do not name the file, or come as a bare Rust panic)."""
+    from safetensors import safe_open
+
+    shards = sorted(Path(path).glob("*.safetensors"))
+    if not shards and not any((Path(path) / f).exists() for f in WEIGHT_FILES):
+        raise ModelLoadError(f"{path}: no weights ({', '.join(WEIGHT_FILES)} or *.safetensors shards)")
+    for f in shards:
+        try:
+            with safe_open(f, "pt") as h:
+                h.keys()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: all say "corrupt"
+            raise ModelLoadError(f"{f}: not a readable safetensors file: {exc}") from None
+
+
 def load_backbone(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedBackbone:
-    """Load a frozen backbone through the ordinary Hugging Face path."""
+    """Load a frozen backbone through the ordinary Hugging Face path; any failure is a
+    ModelLoadError naming the directory or file, so the caller can fail this backbone's tasks alone."""
+    check_weights(path)
+    try:
+        loaded = _load(path, device, dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "this backbone"
+        raise ModelLoadError(f"{path}: cannot load the model: {type(exc).__name__}: {exc}") from None
+    if loaded.tokenizer.eos_token_id is None:
+        log.warning("the tokenizer has no EOS token: examples end without one, so the adapters never learn "
+                    "to stop", extra={"model": str(path)})
+    return loaded
+
+
+def _load(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedBackbone:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:

@@ -39,10 +39,12 @@ class ProgressBar(Telemetry):
 
 
 def summary_table(tasks) -> str:
-    rows = [("TASK", "PHASE", "STEPS", "LOSS", "TOKENS", "OUTPUT / REASON")]
+    rows = [("TASK", "PHASE", "STEPS", "LOSS", "TOKENS", "DROPPED", "OUTPUT / REASON")]
     for t in tasks:
         loss = f"{t.last_loss:.4f}" if t.last_loss is not None else "-"
         detail = str(t.out_dir) if t.phase == "Succeeded" else (t.message or str(t.out_dir))
-        rows.append((t.key, t.phase, f"{t.step}/{t.max_steps}", loss, str(t.tokens_total), detail))
+        # examples too long for maxSeqLen, not trained on
+        dropped = str(getattr(t, "examples_dropped", 0))
+        rows.append((t.key, t.phase, f"{t.step}/{t.max_steps}", loss, str(t.tokens_total), dropped, detail))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -15,15 +14,17 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, load_task_files
+from muxtune.api.strictyaml import MAX_FILE_BYTES as MAX_TASK_FILE_BYTES
 from muxtune import logs
-from muxtune.engine import parallel
+from muxtune.engine import parallel, preflight
 from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.models import load_backbone, resolve_base_model
+from muxtune.engine.datafile import DataLimits
+from muxtune.engine.models import ModelLoadError, load_backbone, resolve_base_model
 from muxtune.engine.parallel import launch
 from muxtune.engine.parallel.dims import LayoutError
 from muxtune.engine.parallel.group import LocalGroup
 from muxtune.engine.progress import ProgressBar, summary_table
-from muxtune.engine.task import FAILED, SUCCEEDED
+from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.telemetry import Fanout
 from muxtune.engine.trainer import MuxTrainer
 from muxtune.engine import trust
@@ -85,7 +86,8 @@ class TaskFileWatcher:
         guard = trust.active()
         for p in [*self.paths, *([trust.signature_path(x) for x in self.paths] if guard else [])]:
             try:
-                h.update(Path(p).read_bytes())
+                with open(p, "rb") as f:  # bounded: the loader refuses anything larger anyway
+                    h.update(f.read(MAX_TASK_FILE_BYTES + 1))
             except OSError:
                 h.update(b"<missing>")
         return h.hexdigest()
@@ -140,22 +142,49 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
             trainer.add_task(task)
 
 
+def failed_group(tasks: list[FineTuneTask], reason: str, output: Path, writer: bool = True) -> list[TaskRuntime]:
+    """The tasks of a backbone that cannot be loaded: each fails with the reason; others go on."""
+    from muxtune.engine import outputs
+
+    runtimes = []
+    for task in tasks:
+        rt = TaskRuntime(task=task, slot=-1, out_dir=outputs.task_dir(output, task), phase=FAILED, message=reason)
+        if not writer:  # another rank of the group reports it
+            runtimes.append(rt)
+            continue
+        log.error("task failed", extra={"task": rt.key, "reason": reason})
+        try:
+            rt.write_status()
+        except OSError as exc:
+            log.error("cannot write status", extra={"task": rt.key, "error": str(exc)})
+        runtimes.append(rt)
+    return runtimes
+
+
 def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None,
               group=None, device: torch.device | None = None) -> MuxTrainer:
     group = group or LocalGroup()
     device = device or pick_device(cmd.device)
     dtype = pick_dtype(cmd.dtype, device)
-    path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
-    staged = group.dims.pp > 1  # load on the host, keep only this rank's stage on the device
-    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype))
-    parallel.setup_backbone(backbone, group, device, announce=lambda msg: print(msg, file=sys.stderr))
+    error = None
+    try:
+        path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
+        staged = group.dims.pp > 1  # load on the host, keep only this rank's stage on the device
+        backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype))
+        parallel.setup_backbone(backbone, group, device, announce=lambda msg: print(msg, file=sys.stderr))
+    except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
+        error = f"baseModel {tasks[0].spec.base_model}: {exc}"
+    if (error := group.first_error(error)) is not None:  # on every rank of the group alike
+        raise ModelLoadError(error)
     from muxtune.engine import lora_kernel
 
     lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
-        resume=cmd.resume, base_dir=base_dir, group=group, micro_batches=cmd.micro_batches,
-        interleave=cmd.interleave, print_schedule=print if cmd.print_schedule else None,
+        resume=cmd.resume, base_dir=base_dir, allow_data_change=cmd.allow_data_change,
+        data_limits=DataLimits(cmd.max_dataset_bytes, cmd.max_line_bytes), group=group,
+        micro_batches=cmd.micro_batches, interleave=cmd.interleave,
+        print_schedule=print if cmd.print_schedule else None,
     )
     sinks = []
     if metrics is not None:
@@ -182,9 +211,8 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
             trainer.run(stop)
         clean = True
     finally:
-        if clean or group.world == 1:  # interrupted: leave a checkpoint to resume from (a collective,
-            for rt in trainer.active():  # so in a group only when every rank got here)
-                trainer._checkpoint(rt)
+        if clean or group.world == 1:  # interrupted: leave checkpoints the rerun replays exactly
+            trainer.save_cut()  # (a collective, so in a group only when every rank got here)
         trainer.telemetry.close()
     return trainer
 
@@ -205,6 +233,19 @@ def run_from_cli(cmd) -> int:
     if not base_dir.is_dir():
         print(f"error: --data-root {cmd.data_root}: not a directory", file=sys.stderr)
         return 2
+    groups: dict[str, list[FineTuneTask]] = defaultdict(list)
+    for t in tasks:
+        groups[t.spec.base_model].append(t)
+    if cmd.watch and len(groups) > 1:
+        print("error: --watch serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
+        return 2
+    try:  # read-only checks, before any rank starts
+        preflight.check_output(cmd.output)
+        preflight.check_layout(cmd.output, tasks)
+    except preflight.CliProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _prepare_models(tasks)
     if launch.must_launch(cmd.dp, cmd.tp, cmd.pp):  # start this node's ranks; each runs run_from_cli
         return launch.launch(cmd, launch.rank_main)
     try:
@@ -213,45 +254,70 @@ def run_from_cli(cmd) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _train(cmd, tasks, group, device, base_dir)
+        return _train(cmd, groups, base_dir, group, device)
     finally:
         group.close()
 
 
-def _train(cmd, tasks: list[FineTuneTask], group, device: torch.device, base_dir: Path) -> int:
-    out = sys.stdout if group.is_writer else open(os.devnull, "w")  # one rank speaks for the group
-    groups: dict[str, list[FineTuneTask]] = defaultdict(list)
-    for t in tasks:
-        groups[t.spec.base_model].append(t)
-    if cmd.watch and len(groups) > 1:
-        print("error: --watch serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
-        return 2
-    stop = StopFlag(escalate=group.world == 1)
-    metrics = server = None
-    if cmd.metrics_port is not None and group.is_writer:
-        from muxtune.engine.metrics import EngineMetrics
-        from muxtune.engine.server import EngineServer
+def _prepare_models(tasks: list[FineTuneTask]) -> None:
+    """Generate built-in models before any process group exists: transformers' save_pretrained
+    writes no weights on a rank other than 0 once torch.distributed is initialised, so a rank 1
+    that won the build lock would leave a model directory without weights. Errors surface later,
+    per group, where they always did."""
+    for base in {t.spec.base_model for t in tasks}:
+        try:
+            resolve_base_model(base, Path.cwd())
+        except Exception:  # noqa: BLE001 - reported by run_group for the tasks that use it
+            pass
 
-        metrics = EngineMetrics()
-        status = trust.active().signed(metrics.status) if trust.active() else metrics.status
-        server = EngineServer(cmd.metrics_host, cmd.metrics_port, status, metrics.render).start()
+
+def _train(cmd, groups: dict[str, list[FineTuneTask]], base_dir: Path, group, device: torch.device) -> int:
+    """Train every backbone group; rank 0 alone holds the output lock, serves metrics and reports."""
+    writer = group.is_writer
+    metrics = server = lock = None
+    problem = None
+    if writer:
+        try:  # nothing is trained or written until these pass (the lock creates the output last)
+            if cmd.metrics_port is not None:
+                from muxtune.engine.metrics import EngineMetrics
+
+                metrics = EngineMetrics()
+                status = trust.active().signed(metrics.status) if trust.active() else metrics.status
+                server = preflight.start_server(cmd.metrics_host, cmd.metrics_port, status, metrics.render)
+            lock = preflight.lock_output(cmd.output)
+        except preflight.CliProblem as exc:
+            if server is not None:
+                server.stop()
+            problem = str(exc)
+    if (problem := group.decide(lambda: problem)) is not None:
+        if writer:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if server is not None:
         print(f"serving /metrics and /v1/status on {cmd.metrics_host}:{server.port}", file=sys.stderr)
+    stop = StopFlag(escalate=group.world == 1)
     t0 = time.perf_counter()
     runtimes, real, computed, rounds = [], 0, 0, 0
     try:
         for members in groups.values():
             if group.decide(stop):
                 break
-            trainer = run_group(members, cmd, stop, base_dir, metrics, group, device)
+            try:
+                trainer = run_group(members, cmd, stop, base_dir, metrics, group, device)
+            except ModelLoadError as exc:
+                runtimes += failed_group(members, str(exc), cmd.output, writer)
+                continue
             runtimes += trainer.tasks.values()
             real, computed, rounds = real + trainer.real_tokens, computed + trainer.computed_tokens, rounds + trainer.rounds
     finally:
         if server is not None:
             server.stop()
-    print(summary_table(runtimes), file=out)
-    if computed:
-        print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}", file=out)
-    if group.is_writer:
+        if lock is not None:
+            lock.release()
+    if writer:  # one rank speaks for the group
+        print(summary_table(runtimes))
+        if computed:
+            print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
         print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     signum = group.decide(lambda: stop.signum)  # the group exits as rank 0 does
     if signum is not None:

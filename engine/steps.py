@@ -1,9 +1,10 @@
 """The optimizer steps of the tasks whose step batch completed in a round.
 
 Their gradients are first summed over the data-parallel replicas (one bucketed all-reduce for
-all of them, in a fixed order), so each replica holds the single-process gradient. The clipping
-norm is the task's global norm: under pipeline parallelism each stage holds part of the adapter,
-so the stages sum their squared norms. Then each task steps its own AdamW and LR schedule, and
+all of them, in a fixed order; before it, over the tensor-parallel ranks for replicated deltas of
+split layers), so each rank holds the single-process gradient of its part. The clipping norm is
+the task's global norm: tensor-parallel shards and pipeline stages each hold part of the adapter,
+so their squared norms are summed. Then each task steps its own AdamW and LR schedule, and
 the group agrees on whether any stage's weights went non-finite, so a task fails on every rank at
 the same step.
 """
@@ -11,17 +12,22 @@ from __future__ import annotations
 
 import torch
 
+from muxtune.engine.parallel import tensor
+
 
 def grad_norms(tasks, group) -> list[torch.Tensor]:
-    """Each task's global gradient L2 norm (before clipping), as one process would compute it."""
+    """Each task's global gradient L2 norm (before clipping), as one process would compute it:
+    over the tensor-parallel shards (engine/parallel/tensor.py), then over the pipeline stages."""
     if group.dims.pp == 1 and group.dims.tp == 1:
         return [torch.nn.utils.get_total_norm([p.grad for p in rt.adapter.parameters() if p.grad is not None])
                 for rt in tasks]
     squares = torch.zeros(len(tasks), dtype=torch.float64)
     for i, rt in enumerate(tasks):
-        grads = [p.grad for p in rt.adapter.parameters() if p.grad is not None]
-        if grads:
-            squares[i] = float(torch.nn.utils.get_total_norm(grads)) ** 2
+        if group.tp_mesh is not None:
+            squares[i] = float(tensor.grad_norm(rt.adapter, group.tp_mesh)) ** 2
+        else:
+            grads = [p.grad for p in rt.adapter.parameters() if p.grad is not None]
+            squares[i] = float(torch.nn.utils.get_total_norm(grads)) ** 2 if grads else 0.0
     return list(group.sum_stages(squares).sqrt().to(torch.float32))
 
 
@@ -41,6 +47,9 @@ def step_all(trainer, tasks) -> None:
     if not tasks:
         return
     group = trainer.group
+    if group.tp_mesh is not None:  # replicated deltas of split layers saw part of the layer: sum over tp
+        for rt in tasks:
+            tensor.sync_replicated_grads(rt.adapter, group.tp_mesh)
     group.allreduce_grads([p for rt in tasks for p in rt.adapter.parameters()])
     norms = grad_norms(tasks, group)
     stepped = []

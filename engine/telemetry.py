@@ -18,6 +18,7 @@ class StepRecord:
     tokens_per_second: float
     fused_with: list[str] = field(default_factory=list)  # other tasks sharing its forwards
     effective_token_ratio: float = 1.0  # real / computed tokens of the forwards the step spanned
+    batch: str = ""  # hash of the step's sequences: equal in two runs iff they trained the same data
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}

@@ -3,12 +3,17 @@ forward/backward over the shared backbone, then steps every task whose batch is 
 
 Transparency: the backpropagated loss is Σ_task (task token-loss sum / task step label tokens);
 a task's gradient depends only on its own tokens (block-diagonal attention, per-task deltas), so
-it trains as it would alone. A failing task (bad data, NaN) leaves; the others go on.
+it trains as it would alone. A failing task (bad data, NaN, a file the disk refuses) leaves;
+the others go on.
+
+Checkpoints are taken at round boundaries, all running tasks together (a cut), so a restarted run
+replays the interrupted one exactly (recovery.py); how one task is saved is checkpoint.py's.
 
 In a torch.distributed group every rank runs this same loop over the same tasks and data, so the
 scheduler and packing decide the same everywhere; `group` (engine/parallel/group.py) agrees on
 what could differ, splits each round over the data-parallel replicas and pipeline stages
-(engine/parallel/plan.py, pipeline.py), and only rank 0 writes outputs.
+(engine/parallel/plan.py, pipeline.py), and only rank 0 writes outputs; checkpoints hold the
+whole state (engine/parallel/state.py), so a run resumes under any layout.
 """
 from __future__ import annotations
 
@@ -16,15 +21,17 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import scheduler, steps
+from muxtune.engine import outputs, recovery, scheduler, steps, storage
 from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import DataStream, load_examples
+from muxtune.engine.data import DataStream, load_dataset
+from muxtune.engine.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.parallel import state as dstate
 from muxtune.engine.parallel.group import LocalGroup
@@ -48,6 +55,8 @@ class MuxTrainer:
         resume: bool = True,
         telemetry: Telemetry | None = None,
         base_dir: Path | None = None,
+        allow_data_change: bool = False,
+        data_limits: DataLimits | None = None,
         group=None,
         micro_batches: int | None = None,
         interleave: bool = True,
@@ -65,6 +74,8 @@ class MuxTrainer:
         self.resume = resume
         self.telemetry = telemetry or Telemetry()
         self.base_dir = base_dir
+        self.allow_data_change = allow_data_change  # resume a checkpoint whose data fingerprint differs
+        self.data_limits = data_limits or DataLimits()
         self.tasks: dict[str, TaskRuntime] = {}
         self._next_slot = 0
         self.rounds = 0
@@ -72,36 +83,55 @@ class MuxTrainer:
         self.computed_tokens = 0
         self._solo_rounds = 0
         self.step_hooks: list = []  # callables(trainer, runtime) after each optimizer step
+        self._aligned = False  # restarted tasks moved to their common cut (before the first round)
+        self._in_round = False  # True while a round is half done: no checkpoint may see that state
+        self._cut_due = False
+        self._ticks = 0  # rounds run, whatever their outcome
+        self._last_cut: tuple | None = None
+        self._finishing: list[TaskRuntime] = []  # reached maxSteps this round; finish after its cut
 
     # ----- membership -------------------------------------------------------------------
     def task_dir(self, task: FineTuneTask) -> Path:
-        """<output>/<namespace>/<output.path or name>: tenants' outputs never share a directory."""
-        return self.output / (task.metadata.namespace or "default") / (task.spec.output.path or task.metadata.name)
+        """<output>/<namespace>/<output.path or name>, confined to the output: tenants' outputs never share a directory."""
+        return outputs.task_dir(self.output, task)
 
     def add_task(self, task: FineTuneTask) -> TaskRuntime:
         """Attach a task; any problem fails this task alone, with the reason."""
         if task.key in self.tasks and not self.tasks[task.key].done:
             raise ValueError(f"task {task.key} is already running")
-        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=self.task_dir(task))
+        try:  # a directory outside the output, or another task's: fail without writing there
+            out_dir = self.task_dir(task)
+            problems = outputs.overlaps(task.key, out_dir, {k: t.out_dir for k, t in self.tasks.items()}, self.output)
+        except outputs.OutputLayoutError as exc:
+            out_dir, problems = None, [str(exc)]
+        rt = TaskRuntime(task=task, slot=self._next_slot, out_dir=None if problems else out_dir)
         self._next_slot += 1
         self.tasks[task.key] = rt
+        if problems:
+            return self._fail(rt, "; ".join(problems))
         if task.spec.suspend:
             return self._set_phase(rt, SUSPENDED, "spec.suspend is true")
         error = None
-        try:
+        try:  # collectives first (rank 0 looks at the files for all), then what each rank reads
+            dstate.on_writer(self.group, lambda: recovery.claim_output(rt))
             if self._already_succeeded(rt):
                 return rt
-            examples = load_examples(task.spec.dataset, self.backbone.tokenizer, self.base_dir)
-            rt.stream = DataStream(examples, task.spec.training.seed, task.spec.dataset.shuffle)
+            data = load_dataset(task.spec.dataset, self.backbone.tokenizer, self.base_dir, self.data_limits)
+            rt.note_dropped(data.dropped, data.records)
+            rt.data_fingerprint = ckpt.data_fingerprint(data.examples)
+            rt.stream = DataStream(data.examples, task.spec.training.seed, task.spec.dataset.shuffle)
             rt.adapter = self.backbone.attach(rt.slot, task.spec.peft, task.spec.training.seed)
             rt.build_optimizer()
         except Exception as exc:  # noqa: BLE001 - any setup error is this task's failure
-            error = str(exc)
+            error = str(exc) or type(exc).__name__  # MemoryError has no text
         if (error := self.group.first_error(error)) is None:  # one rank's bad read fails it everywhere
             try:
-                self._maybe_resume(rt)
+                if self.resume:
+                    dstate.resume_task(rt, self.group, self.allow_data_change)
+                else:
+                    dstate.on_writer(self.group, lambda: recovery.start_over(rt))
             except Exception as exc:  # noqa: BLE001
-                error = str(exc)
+                error = str(exc) or type(exc).__name__
             error = self.group.first_error(error)
         if error is not None:
             self.backbone.detach(rt.slot)
@@ -117,54 +147,42 @@ class MuxTrainer:
         rt = self.tasks.get(key)
         if rt is None:
             return
-        if rt.phase == RUNNING:
+        if rt.phase == RUNNING and not self._in_round:
             self._checkpoint(rt)
+        if rt.phase == RUNNING:
             self.backbone.detach(rt.slot)
             self._set_phase(rt, phase, reason)
         del self.tasks[key]
 
     def _already_succeeded(self, rt: TaskRuntime) -> bool:
         def read():  # rank 0 reads the output for the group
-            status = rt.out_dir / "status.json"
-            if not (self.resume and status.exists()):
-                return None
-            data = json.loads(status.read_text())
-            if data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
-                return int(data["step"]), data.get("loss")
+            data = recovery.read_status(rt) if self.resume else None
+            if data and data.get("phase") == SUCCEEDED and data.get("specHash") == ckpt.spec_hash(rt.task.spec):
+                return int(data["step"]), data.get("loss"), int(data.get("examplesDropped") or 0)
             return None
 
         done = self.group.decide(read)
         if done is None:
             return False
-        rt.step, rt.last_loss = done
+        rt.step, rt.last_loss, rt.examples_dropped = done
         self._set_phase(rt, SUCCEEDED, "already trained (output found)")
         return True
 
-    def _maybe_resume(self, rt: TaskRuntime) -> None:
-        """Collective: rank 0 reads the latest checkpoint (full state) and every rank keeps its part."""
-        names = dstate.full_names(rt, self.group)
+    def scheduler_state(self) -> dict:
+        """What, besides the tasks' own state, decides the next rounds (saved with every cut)."""
+        return {"rounds": self.rounds, "solo_rounds": self._solo_rounds,
+                "real_tokens": self.real_tokens, "computed_tokens": self.computed_tokens}
 
-        def read():
-            path = ckpt.latest(rt.out_dir) if self.resume else None
-            metrics = rt.out_dir / "metrics.jsonl"
-            if path is None:
-                if metrics.exists():
-                    metrics.unlink()
-                return None
-            payload = dstate.read_checkpoint(rt, path, names)
-            # drop metric lines past the checkpoint: those steps will be trained again
-            lines = [ln for ln in metrics.read_text().splitlines()
-                     if ln and json.loads(ln)["step"] <= payload["step"]] if metrics.exists() else []
-            metrics.write_text("".join(ln + "\n" for ln in lines))
-            return str(path), payload
+    def load_scheduler_state(self, state: dict) -> None:
+        self.rounds, self._solo_rounds = int(state["rounds"]), int(state["solo_rounds"])
+        self.real_tokens, self.computed_tokens = int(state["real_tokens"]), int(state["computed_tokens"])
 
-        found = self.group.decide(read)
-        if found is None:
-            return
-        path, payload = found
-        dstate.apply_checkpoint(rt, payload)
-        rt.checkpoint = path
-        log.info("resumed", extra={"task": rt.key, "step": rt.step, "checkpoint": path})
+    def _align_once(self) -> None:
+        """Before the first round (or exit checkpoint): restarted tasks move to their newest
+        common cut, so the run replays the interrupted one (recovery.align; collective)."""
+        if not self._aligned:
+            self._aligned = True
+            dstate.align(self)
 
     # ----- the loop ---------------------------------------------------------------------
     def active(self) -> list[TaskRuntime]:
@@ -172,9 +190,11 @@ class MuxTrainer:
 
     def run_round(self, token_budget: int | None = None) -> bool:
         """One fused forward/backward (one pipeline round under pp). False when no task has work."""
+        self._align_once()
         active = self.active()
         if not active:
             return False
+        self._in_round, self._ticks = True, self._ticks + 1
         for rt in active:
             if not rt.pending:
                 rt.begin_step()
@@ -195,6 +215,7 @@ class MuxTrainer:
             outcome = self.executor.run_fused(plan, norm, n_slots, lambda o: not o.non_finite(slots))
             if not outcome.backward_done:
                 self._isolate_non_finite(picks)
+                self._in_round = False
                 return True
         else:  # one task per micro-batch: a non-finite loss is that task's alone
             outcome = self.executor.run_pipeline(plan, norm, n_slots)
@@ -221,6 +242,8 @@ class MuxTrainer:
         stages = [StageRecord(s, busy, wall) for s, (busy, wall) in enumerate(zip(outcome.stage_busy, outcome.stage_wall))]
         self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], outcome.real_tokens,
                                               outcome.computed_tokens, max(outcome.stage_wall), stages))
+        self._in_round = False
+        self._end_round()
         return True
 
     def _plan(self, picks, dp_rank: int):
@@ -252,18 +275,25 @@ class MuxTrainer:
             step=rt.step, loss=rt.last_loss, tokens=rt.step_tokens, label_tokens=rt.step_label_tokens,
             lr=lr, grad_norm=grad_norm, seconds=seconds, tokens_per_second=rt.tokens_per_second or 0.0,
             fused_with=sorted(rt.step_fused_with),
-            effective_token_ratio=rt.step_real / max(1, rt.step_computed),
+            effective_token_ratio=rt.step_real / max(1, rt.step_computed), batch=rt.step_digest,
         )
+        error = None
         if self.group.is_writer:
-            rt.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(rt.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record.as_dict()) + "\n")
+            try:
+                storage.append_line(rt.out_dir / "metrics.jsonl", json.dumps(record.as_dict()))
+            except storage.StorageError as exc:
+                error = str(exc)
+        if self.group.world > 1:  # the writer's disk decides for every rank
+            error = self.group.first_error(error)
+        if error is not None:
+            return self._fail(rt, error)
         self.telemetry.step_done(rt, record)
         interval = rt.task.spec.training.checkpoint_interval
         if rt.step >= rt.max_steps:
-            self._finish(rt)
-        elif interval and rt.step % interval == 0:
-            self._checkpoint(rt)
+            self._finishing.append(rt)  # at the end of this round, after the cut (see _end_round)
+        elif interval and rt.step - (rt.saved_step or 0) >= interval:
+            self._cut_due = True  # at the end of this round, with every running task (which all
+            # count their interval from then: a cut per interval, not one per task and interval)
         for hook in self.step_hooks:
             hook(self, rt)
 
@@ -277,7 +307,7 @@ class MuxTrainer:
             batch = pack([PackedSequence(p.task.slot, ex) for ex in exs], None, self.backbone.device,
                          attn_ratio=self.backbone.attn_ratio) if exs else None
             batches.append((p.task.slot, batch))
-        losses = self.executor.isolate(batches, max(p.task.slot for p in picks) + 1)
+        losses = self.executor.isolate(batches)
         failed = False
         for p, loss in zip(picks, losses.tolist()):
             if not math.isfinite(loss):
@@ -287,21 +317,59 @@ class MuxTrainer:
             self._solo_rounds = len(picks)  # never fused-only NaN: run them one by one, no loop
 
     # ----- outcomes ---------------------------------------------------------------------
-    def _checkpoint(self, rt: TaskRuntime) -> None:
-        """Collective: every stage's part gathered on rank 0, which writes the whole checkpoint."""
+    def _end_round(self) -> None:
+        """Checkpoint first, then finish: a crash in between leaves a finished task unfinished on
+        disk, so a restart replays it with its neighbours from their last common cut."""
+        finishing, self._finishing = self._finishing, []
+        done = {id(t) for t in finishing}
+        if finishing and any(t.task.spec.training.checkpoint_interval for t in self.active() if id(t) not in done):
+            self._cut_due = True  # a cut without them (not for tasks that only save at the end)
+        if self._cut_due:
+            self.save_cut(excluding=finishing)
+        for rt in finishing:
+            if rt.phase == RUNNING:
+                self._finish(rt)
+
+    def save_cut(self, excluding=()) -> None:
+        """Checkpoint every running task at this round boundary, as one cut that a restarted
+        run with the same members replays exactly (recovery.align). Not while a round is half
+        done: after an exception mid-round the last complete cut stands. Collective."""
+        if self._in_round:
+            log.warning("a round was interrupted midway; keeping the last complete checkpoints")
+            return
+        self._align_once()
+        skip = {id(t) for t in excluding}
+        running = sorted((t for t in self.active() if id(t) not in skip), key=lambda r: r.slot)
+        mark = (self._ticks, tuple(rt.key for rt in running))
+        self._cut_due = False
+        if not running or mark == self._last_cut:
+            return
+        cut = {"id": uuid.uuid4().hex[:12], "members": list(mark[1]), "trainer": self.scheduler_state()}
+        for rt in running:
+            self._checkpoint(rt, cut)
+        self._last_cut = mark
+
+    def _checkpoint(self, rt: TaskRuntime, cut: dict | None = None) -> None:
+        """Save one task (collective: rank 0 writes the whole state); a save the disk keeps
+        refusing fails this task alone, on every rank."""
         t0 = time.perf_counter()
         try:
-            path = dstate.save_checkpoint(rt, self.group, self.backbone.path)
-            rt.checkpoint = str(path) if path is not None else rt.checkpoint
-            ok = True
-        except OSError as exc:
-            log.error("checkpoint failed", extra={"task": rt.key, "error": str(exc)})
-            ok = False
-        self.telemetry.checkpoint_done(rt, time.perf_counter() - t0, ok)
+            rt.checkpoint = str(dstate.save_checkpoint(rt, self.group, self.backbone.path, cut))
+        except Exception as exc:  # noqa: BLE001 - torch and the OS raise many kinds; all are this task's
+            self.telemetry.checkpoint_done(rt, time.perf_counter() - t0, False)
+            self._fail(rt, f"checkpoint failed: {exc}")
+            return
+        self.telemetry.checkpoint_done(rt, time.perf_counter() - t0, True)
 
     def _finish(self, rt: TaskRuntime) -> None:
-        dstate.save_final_adapter(rt, self.group, self.backbone.path)
+        try:
+            dstate.save_final_adapter(rt, self.group, self.backbone.path)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(rt, f"cannot save the adapter: {exc}")
+            return
         self._checkpoint(rt)
+        if rt.phase != RUNNING:
+            return
         self.backbone.detach(rt.slot)
         self._set_phase(rt, SUCCEEDED, f"trained {rt.step} steps")
 
@@ -316,10 +384,16 @@ class MuxTrainer:
 
     def _set_phase(self, rt: TaskRuntime, phase: str, message: str | None) -> TaskRuntime:
         rt.phase, rt.message = phase, message
+        error = None
         if phase != PENDING and self.group.is_writer:
             try:
                 rt.write_status()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - a status that cannot be recorded fails the task
                 log.error("cannot write status", extra={"task": rt.key, "error": str(exc)})
+                error = str(exc)
+        if phase != PENDING and self.group.world > 1:  # every rank calls this alike: agree
+            error = self.group.first_error(error)
+        if error is not None and phase != FAILED:
+            return self._fail(rt, error)
         self.telemetry.task_phase(rt)
         return rt

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from muxtune.api.crdgen import CrdsCommand
+from muxtune.engine.datafile import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
 from muxtune.devcluster.cli import DevClusterCommand
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 
@@ -29,9 +30,12 @@ class RunCommand(BaseModel):
     token_budget: int = Field(4096, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
     chunk_size: int | None = Field(None, gt=0, description="Packed chunk length (default: the longest maxSeqLen)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /v1/status on this port (0: any free port)")
-    metrics_host: str = Field("0.0.0.0", description="Address the metrics/status server binds")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics/status server binds (pods pass 0.0.0.0)")
     watch: bool = Field(False, description="Keep running and follow changes to the task files (used in pods)")
+    max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Refuse a dataset file larger than this many bytes")
+    max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, gt=0, description="Refuse a dataset line longer than this many bytes")
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
+    allow_data_change: bool = Field(False, description="Resume a task even when its dataset changed since its checkpoint (refused by default)")
     progress: bool = Field(True, description="Show a progress bar")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
     dp: int = Field(1, ge=1, description="Data-parallel replicas: each task's step batch is split over them")

@@ -15,13 +15,11 @@ log = logging.getLogger("muxtune.engine")
 
 def apply_tensor_parallel(backbone, group) -> None:
     """Shard the base Linears (and later the tasks' deltas) over the tp ranks; nothing at tp=1."""
-    if group.dims.tp == 1:
+    if group.tp_mesh is None:
         return
-    try:
-        from muxtune.engine.parallel import tensor
-    except ImportError:
-        raise SystemExit("--tp > 1: tensor parallelism (engine/parallel/tensor.py) is not in this build") from None
-    tensor.apply_tensor_parallel(backbone, group)
+    from muxtune.engine.parallel import tensor
+
+    tensor.apply_tensor_parallel(backbone, group.tp_mesh)
 
 
 def setup_backbone(backbone, group, device: torch.device, announce=print) -> None:

@@ -33,6 +33,7 @@ class LocalGroup:
     pp_rank = dp_rank = tp_rank = 0
     is_writer = True
     device = torch.device("cpu")
+    tp_mesh = None  # the 1-D tensor-parallel DeviceMesh (engine/parallel/tensor.py), None at tp=1
 
     @property
     def num_stages(self) -> int:
@@ -89,6 +90,7 @@ class DistGroup(LocalGroup):
         self.pp_rank, self.dp_rank, self.tp_rank = dims.coords(self.rank)
         self.is_writer = self.rank == 0
         self.dp_group, self.pp_group, self.tp_group = dims.group("dp"), dims.group("pp"), dims.group("tp")
+        self.tp_mesh = dims.mesh["tp"] if dims.tp > 1 else None
         step = dims.dp * dims.tp
         self.prev_rank = self.rank - step if self.pp_rank > 0 else None
         self.next_rank = self.rank + step if self.pp_rank < dims.pp - 1 else None

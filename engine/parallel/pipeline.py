@@ -79,7 +79,7 @@ class RoundExecutor:
         outcome.stage_busy, outcome.stage_wall = [seconds], [seconds]
         return outcome
 
-    def isolate(self, share_batches: list, n_slots: int) -> torch.Tensor:
+    def isolate(self, share_batches: list) -> torch.Tensor:
         """Each task's loss alone (no grad), summed over the group: share_batches[i] is this
         replica's batch of pick i's sequences, or None when it holds none of them."""
         local = torch.zeros(len(share_batches), dtype=torch.float64)

@@ -1,12 +1,18 @@
-"""A task's full (unsharded) state across the group, around engine/checkpoint.py and the PEFT export.
+"""A task's whole (unsharded) state across the group, around engine/recovery.py's API.
 
-Under pipeline parallelism each stage holds the deltas (and their AdamW state) of its own layers.
-Saving gathers every stage's part on rank 0, which writes exactly what a single process writes:
-the PEFT adapter, and an optimizer state indexed in single-process order. Restoring, rank 0 reads
-the files and broadcasts them; each rank keeps the part for its layers. The files therefore do
-not depend on the layout, and a run resumes under another dp/pp than it was saved with.
+Under pipeline parallelism each stage holds the deltas (and their AdamW state) of its own layers;
+under tensor parallelism each rank a block of them (engine/parallel/tensor.py makes them whole).
+Saving: every rank takes `TaskRuntime.state_dict()`, the blocks are gathered whole over tp, the
+gradients of a half-trained step summed over the data-parallel replicas (and over tp for the
+replicated deltas of split layers), and rank 0 merges one part per stage into exactly the state a
+single process holds, which it writes (recovery.save_task(state=...)); the other ranks only
+advance their save counters (write=False). Restoring: rank 0 reads the files
+(recovery.find_checkpoint / read_checkpoint), the state is broadcast, every rank applies it
+(recovery.apply_checkpoint, strict=False: each keeps its layers and its block), and rank 0 settles
+the output. The files do not depend on the layout, so a run resumes under another dp/tp/pp.
 
-Data-parallel replicas hold identical copies: only replica 0 of each stage contributes.
+Every function here is a collective: all ranks call it at the same point, and any error is agreed,
+so a task fails on every rank alike. With one process each is recovery's own call.
 """
 from __future__ import annotations
 
@@ -14,149 +20,168 @@ from pathlib import Path
 
 import torch
 
-from muxtune.engine import checkpoint as ckpt
-from muxtune.engine.peft.export import save_adapter
+from muxtune.engine import recovery, storage
+from muxtune.engine.checkpoint import TaskState
+from muxtune.engine.parallel import tensor
+from muxtune.engine.parallel.group import AgreedError
+from muxtune.engine.peft.export import adapter_files
+from muxtune.engine.task import named_tensors
+
+PREFIX = "base_model.model."  # tensor.py's PEFT names; TaskState's stable names lack it
 
 
-def param_names(rt) -> list[str]:
-    """Names of the task's local parameters, in adapter.parameters() (= optimizer) order."""
-    return [f"{module}.{name}" for module, delta in rt.adapter.deltas.items() for name, _ in delta.named_parameters()]
+def _whole(rt, tp, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stable-name tensors shaped like this rank's blocks -> whole tensors (collective over tp)."""
+    if tp is None:
+        return tensors
+    out = tensor.gather_full_state(rt.adapter, tp, {PREFIX + k: v for k, v in tensors.items()})
+    return {k[len(PREFIX):]: v for k, v in out.items()}
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").clone()
+def _partial_names(rt) -> set[str]:
+    """Replicated parameters of tensor-parallel split layers: each tp rank holds a partial gradient."""
+    names = {id(p): n for n, p in named_tensors(rt.adapter).items()}
+    return {names[id(p)] for p, _sharded, partial in tensor._classified(rt.adapter) if partial}
 
 
-def _local_part(rt, group) -> dict | None:
+def _step_grads(rt, group, state: TaskState) -> dict[str, torch.Tensor]:
+    """The half-trained step's gradient as one process would hold it (zeros where a rank saw none)."""
+    named = named_tensors(rt.adapter)
+    grads = {n: state.grads[n].clone() if n in state.grads else torch.zeros(p.shape, dtype=p.dtype)
+             for n, p in named.items()}
+    reduce = [(group.dp_group, list(grads))] if group.dims.dp > 1 else []
+    if group.tp_mesh is not None:
+        reduce.append((tensor._group(group.tp_mesh), sorted(_partial_names(rt))))
+    for pg, names in reduce:
+        for dtype in sorted({grads[n].dtype for n in names}, key=str):
+            some = [n for n in names if grads[n].dtype == dtype]
+            flat = torch.cat([grads[n].reshape(-1) for n in some]).to(group.device)
+            group.dist.all_reduce(flat, group=pg)
+            flat, offset = flat.cpu(), 0
+            for n in some:
+                grads[n] = flat[offset:offset + grads[n].numel()].view_as(grads[n]).clone()
+                offset += grads[n].numel()
+    return grads
+
+
+def _local_part(rt, group) -> TaskState | None:
+    """This stage's part of the task, whole across tp and dp (on one rank per stage, else None)."""
+    state = rt.state_dict()
+    tp = group.tp_mesh
+    adapter = _whole(rt, tp, state.adapter)
+    keys = sorted({k for m in state.optimizer.values() for k, v in m.items() if v.dim() > 0})
+    optimizer = {n: {k: v for k, v in m.items() if v.dim() == 0} for n, m in state.optimizer.items()}
+    for key in keys:  # AdamW's moments are shaped like their parameter: gathered like it
+        for n, t in _whole(rt, tp, {n: m[key] for n, m in state.optimizer.items() if key in m}).items():
+            optimizer[n][key] = t
+    grads = _whole(rt, tp, _step_grads(rt, group, state)) if state.meta.get("in_progress") else {}
     if group.dp_rank != 0 or group.tp_rank != 0:
         return None
-    names = param_names(rt)
-    opt = rt.optimizer.state_dict()
-    modules = [(m, {k: _cpu(v) for k, v in d.peft_state().items()}) for m, d in rt.adapter.deltas.items()]
-    state = {names[i]: {k: _cpu(v) if torch.is_tensor(v) else v for k, v in s.items()} for i, s in opt["state"].items()}
-    return {"stage": group.pp_rank, "names": names, "modules": modules, "state": state,
-            "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
+    return TaskState(adapter=adapter, optimizer=optimizer, grads=grads, rng=state.rng, meta=state.meta)
 
 
-class FullState:
-    """The whole task as one process would hold it; what the checkpoint and export code read."""
-
-    def __init__(self, parts: list[dict]):
-        parts = sorted((p for p in parts if p is not None), key=lambda p: p["stage"])
-        self.names = [n for p in parts for n in p["names"]]
-        self.modules = dict(sorted((m, s) for p in parts for m, s in p["modules"]))
-        self.state = {n: s for p in parts for n, s in p["state"].items()}
-        self.groups = parts[0]["groups"]
-
-    def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"base_model.model.{m}.{k}": v for m, s in self.modules.items() for k, v in s.items()}
-
-    def optimizer_state_dict(self) -> dict:
-        index = {n: i for i, n in enumerate(self.names)}
-        state = {index[n]: s for n, s in sorted(self.state.items(), key=lambda kv: index[kv[0]])}
-        groups = [dict(g, params=list(range(len(self.names)))) for g in self.groups]
-        return {"state": state, "param_groups": groups}
-
-
-def gather(rt, group) -> FullState | None:
-    """Collective: the task's full state on rank 0 (None elsewhere)."""
-    parts = group.gather(_local_part(rt, group))
-    return FullState(parts) if group.is_writer else None
-
-
-class _View:
-    """rt as checkpoint.save / export.save_adapter see it, with the full adapter and optimizer."""
-
-    def __init__(self, rt, full: FullState):
-        self._rt, self._full = rt, full
-        self.adapter = _Adapter(rt.adapter.spec, full)
-        self.optimizer = _Optimizer(full)
-
-    def __getattr__(self, name):
-        return getattr(self._rt, name)
-
-
-class _Adapter:
-    def __init__(self, spec, full: FullState):
-        self.spec, self._full = spec, full
-
-    def peft_state_dict(self):
-        return self._full.peft_state_dict()
-
-
-class _Optimizer:
-    def __init__(self, full: FullState):
-        self._full = full
-
-    def state_dict(self):
-        return self._full.optimizer_state_dict()
-
-
-def save_checkpoint(rt, group, base_model_path: Path) -> Path | None:
-    """Collective; rank 0 writes the full checkpoint and returns its path (None elsewhere)."""
-    full = gather(rt, group)
+def full_state(rt, group) -> TaskState | None:
+    """The task's whole state on rank 0 (None elsewhere): the union of the stages' parts."""
+    if group.world == 1:
+        return rt.state_dict()
+    parts = [p for p in group.gather(_local_part(rt, group)) or [] if p is not None]
     if not group.is_writer:
         return None
-    return ckpt.save(_View(rt, full), base_model_path)
+    full = TaskState(adapter={}, optimizer={}, grads={}, rng={}, meta=parts[0].meta)
+    for p in parts:
+        full.adapter.update(p.adapter)
+        full.optimizer.update(p.optimizer)
+        full.grads.update(p.grads)
+        full.rng.update(p.rng)
+    return full
+
+
+def _agree(group, fn):
+    """Run fn on this rank; raise the same error everywhere if it failed on any rank."""
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - carried to every rank
+        error = str(exc) or type(exc).__name__
+    error = group.first_error(error) if group.world > 1 else error
+    if error is not None:
+        raise RuntimeError(error)
+    return result
+
+
+def save_checkpoint(rt, group, base_model_path: Path, cut: dict | None = None) -> Path:
+    """Checkpoint one task: rank 0 writes the whole state; every rank returns the same path."""
+    if group.world == 1:
+        return recovery.save_task(rt, base_model_path, cut)
+    full = full_state(rt, group)
+    return _agree(group, lambda: recovery.save_task(rt, base_model_path, cut, state=full, write=group.is_writer))
 
 
 def save_final_adapter(rt, group, base_model_path: Path) -> None:
-    """Collective; rank 0 writes the PEFT adapter of the whole task."""
-    full = gather(rt, group)
-    if group.is_writer:
-        save_adapter(_View(rt, full).adapter, rt.out_dir, base_model_path)
+    """The trained task's PEFT adapter (whole) in its output directory, written by rank 0."""
+    full = full_state(rt, group)
+
+    def write():
+        if group.is_writer:
+            tensors = full.adapter if full is not None else rt.state_dict().adapter
+            for name, data in adapter_files(tensors, rt.task.spec.peft, base_model_path).items():
+                storage.write_atomic(Path(rt.out_dir) / name, data)
+
+    _agree(group, write)
 
 
-class _Capture:
-    """What checkpoint.restore hands a task, caught instead of applied (rank 0 reads for all)."""
-
-    def __init__(self, rt):
-        self.task, self.out_dir = rt.task, rt.out_dir
-        self.adapter_state: dict = {}
-        self.optimizer_state: dict = {}
-        self.scheduler_state: dict = {}
-        self.stream_state: dict = {}
-        cap = self
-        self.adapter = type("A", (), {"load_peft_state_dict": lambda _s, st: cap.adapter_state.update(st)})()
-        self.optimizer = type("O", (), {"load_state_dict": lambda _s, st: cap.optimizer_state.update(st)})()
-        self.scheduler = type("S", (), {"load_state_dict": lambda _s, st: cap.scheduler_state.update(st)})()
-        self.stream = type("D", (), {"restore": lambda _s, st: cap.stream_state.update(st)})()
-        self.adapter_device = torch.device("cpu")
-        self.step = self.tokens_total = self.served_tokens = 0
-
-    def payload(self, names: list[str]) -> dict:
-        opt = self.optimizer_state
-        by_name = {names[int(i)]: s for i, s in opt["state"].items()}
-        return {"adapter": self.adapter_state, "optimizer": by_name,
-                "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-                "scheduler": self.scheduler_state, "stream": self.stream_state,
-                "step": self.step, "tokens_total": self.tokens_total, "served_tokens": self.served_tokens}
+def on_writer(group, fn):
+    """fn on rank 0 (file side), its result or error on every rank (AgreedError -> ValueError)."""
+    try:
+        return group.decide(fn)
+    except AgreedError as exc:
+        raise ValueError(str(exc)) from None
 
 
-def read_checkpoint(rt, path: Path, names: list[str]) -> dict:
-    """On rank 0: the checkpoint at path as a layout-free payload (raises on a different spec)."""
-    cap = _Capture(rt)
-    ckpt.restore(cap, path)
-    return cap.payload(names)
+def apply(rt, group, path: Path, state: TaskState) -> None:
+    """Every rank: load the whole state; a half-trained step's gradient counts once when the
+    step's gradients are summed over dp (replica 0 keeps it) and over tp (rank 0 keeps the
+    replicated parameters' part)."""
+    if state.grads and (group.dp_rank != 0 or group.tp_rank != 0):
+        partial = _partial_names(rt) if group.dp_rank == 0 else set(state.grads)
+        state = TaskState(adapter=state.adapter, optimizer=state.optimizer, rng=state.rng, meta=state.meta,
+                          grads={n: torch.zeros_like(g) if n in partial else g for n, g in state.grads.items()})
+    _agree(group, lambda: recovery.apply_checkpoint(rt, path, state, strict=group.world == 1))
 
 
-def full_names(rt, group) -> list[str] | None:
-    """Collective: the task's parameter names in single-process order, on rank 0."""
-    parts = group.gather((group.pp_rank, param_names(rt)) if group.dp_rank == 0 and group.tp_rank == 0 else None)
-    if not group.is_writer:
+def resume_task(rt, group, allow_data_change: bool) -> Path | None:
+    """recovery.resume_task for the group: rank 0 finds and reads, every rank applies."""
+    if group.world == 1:
+        return recovery.resume_task(rt, allow_data_change)
+
+    def find():
+        found = recovery.find_checkpoint(rt, allow_data_change)
+        if found is None:
+            recovery._heal_metrics(rt, 0)
+        return found
+
+    found = on_writer(group, find)
+    if found is None:
         return None
-    return [n for _, names in sorted(p for p in parts if p is not None) for n in names]
+    path, state, rt.resume_candidates = found
+    apply(rt, group, path, state)
+    on_writer(group, lambda: recovery.settle_output(rt, path))
+    return path
 
 
-def apply_checkpoint(rt, payload: dict) -> None:
-    """Every rank: keep the part of the full state that belongs to its layers."""
-    rt.adapter.load_peft_state_dict(payload["adapter"])
-    names = param_names(rt)
-    device = rt.adapter_device if names else torch.device("cpu")
-    state = {i: {k: v.to(device) if torch.is_tensor(v) and v.dim() else v for k, v in payload["optimizer"][n].items()}
-             for i, n in enumerate(names) if n in payload["optimizer"]}
-    groups = [dict(g, params=list(range(len(names)))) for g in payload["groups"]]
-    rt.optimizer.load_state_dict({"state": state, "param_groups": groups})
-    rt.scheduler.load_state_dict(payload["scheduler"])
-    rt.stream.restore(payload["stream"])
-    rt.step, rt.tokens_total, rt.served_tokens = payload["step"], payload["tokens_total"], payload["served_tokens"]
+def align(trainer) -> bool:
+    """recovery.align for the group: every rank holds the same candidates, so all decide alike;
+    each task moved to the common cut is read on rank 0 and applied everywhere."""
+    group = trainer.group
+    if group.world == 1:
+        return recovery.align(trainer)
+
+    def load(rt, path, meta, allow_data_change):
+        state = on_writer(group, lambda: recovery.read_checkpoint(rt, path, meta, allow_data_change))
+        try:
+            apply(rt, group, path, state)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+        on_writer(group, lambda: recovery.settle_output(rt, path))
+
+    return recovery.align(trainer, load)

@@ -2,28 +2,36 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
+from muxtune.api.finetunetask import PeftSpec
+from muxtune.engine import storage
 from muxtune.engine.backbone import TaskAdapter
 from muxtune.engine.peft.registry import get_method
 
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_files(tensors: dict[str, torch.Tensor], spec: PeftSpec, base_model_path: Path) -> dict[str, bytes]:
+    """PEFT's two files as bytes, from full tensors named '<module path>.<PEFT tensor name>'."""
+    config = get_method(spec.method).peft_config(spec, str(base_model_path))
+    weights = {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(tensors.items())}
+    return {
+        "adapter_model.safetensors": st_save(weights, metadata={"format": "pt"}),
+        "adapter_config.json": json.dumps(_jsonable(config.to_dict()), indent=2, sort_keys=True).encode(),
+    }
+
 
 def save_adapter(adapter: TaskAdapter, directory: Path, base_model_path: Path) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a half-written adapter."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = get_method(adapter.spec.method).peft_config(adapter.spec, str(base_model_path))
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.peft_state_dict().items()}
-    tmp = directory / ".adapter_model.safetensors.tmp"
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, directory / "adapter_model.safetensors")
-    cfg = config.to_dict()
-    tmp = directory / ".adapter_config.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(cfg), indent=2, sort_keys=True))
-    os.replace(tmp, directory / "adapter_config.json")
+    """Each file written atomically (storage.write_atomic): a crash never leaves half an adapter.
+    StorageError names the file when the disk keeps refusing."""
+    tensors = {k[len(PEFT_PREFIX):]: v for k, v in adapter.peft_state_dict().items()}
+    for name, data in adapter_files(tensors, adapter.spec, base_model_path).items():
+        storage.write_atomic(Path(directory) / name, data)
 
 
 def load_adapter_weights(adapter: TaskAdapter, directory: Path) -> None:

@@ -28,6 +28,9 @@ class Ia3Delta(TaskDelta):
     def peft_state(self):
         return {"ia3_l": self.ia3_l}
 
+    def feature_axes(self):
+        return {"ia3_l": {"in": 1} if self.feedforward else {"out": 0}}
+
 
 def _matches(module_name: str, targets: list[str]) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets)

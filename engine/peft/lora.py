@@ -31,13 +31,34 @@ class LoraDelta(TaskDelta):
         if self.dropout and self.training:
             if self._dropout_gen is None:  # on the layer's device, seeded by the task
                 self._dropout_gen = torch.Generator(device=x.device).manual_seed(self._dropout_seed)
-            keep = torch.rand(x.shape, generator=self._dropout_gen, device=x.device) >= self.dropout
+            keep = torch.rand(self._mask_shape(x), generator=self._dropout_gen, device=x.device) >= self.dropout
+            if keep.shape != x.shape:  # row-parallel: this rank's inputs of the mask one process draws
+                keep = keep.narrow(1, *self.shard.part())
             x = x * keep / (1 - self.dropout)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return (x @ a.t()) @ b.t() * self.scaling
 
+    def rng_state(self) -> torch.Tensor | None:
+        return None if self._dropout_gen is None else self._dropout_gen.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        gen = torch.Generator(device=self.lora_A.device)
+        try:
+            gen.set_state(state)
+        except RuntimeError:  # saved on another device type, whose stream cannot continue here
+            gen.manual_seed(self._dropout_seed)
+        self._dropout_gen = gen
+
+    def _mask_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.shard is not None and self.shard.dim == "in":
+            return (*x.shape[:-1], self.shard.in_features)
+        return tuple(x.shape)
+
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def feature_axes(self) -> dict[str, dict[str, int]]:
+        return {"lora_A": {"in": 1}, "lora_B": {"out": 0}}
 
 
 class Lora(PeftMethod):

@@ -72,9 +72,10 @@ class MultiplexedLinear(nn.Module):
         work = [(s, e, d) for _slot, s, e, d in present if type(d).additive is not TaskDelta.additive]
         if not work:
             return None
+        width = self.base.weight.shape[0]  # this rank's outputs (all of them unless tensor parallel)
         if self.ctx.additive_kernel is not None:
-            return self.ctx.additive_kernel(xf, layout, work, self.out_features)
-        return segmented_additive(xf, layout, work, self.out_features)
+            return self.ctx.additive_kernel(xf, layout, work, width)
+        return segmented_additive(xf, layout, work, width)
 
 
 def segmented_additive(xf: torch.Tensor, layout: TokenLayout, work, out_features: int) -> torch.Tensor:

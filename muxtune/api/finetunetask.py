@@ -5,12 +5,11 @@ generated CRD) what the API server admits.
 """
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta
+from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta, Timestamp
 
 # builtin:NAME, model:NAME (a BaseModel resource), or a local directory (local runs only: the
 # operator places builtin: and model: backbones; weights on a PVC are a BaseModel with source.pvc).
@@ -166,7 +165,11 @@ class TrainingSpec(ApiModel):
     )
     seed: int = Field(default=0, ge=0, description="Seeds adapter init, dropout and data order.")
     checkpoint_interval: int = Field(
-        default=50, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end)."
+        default=50, ge=0,
+        description=(
+            "Save a resumable checkpoint at least every N steps (0: only at the end); when one task is due, "
+            "every task of its backbone is saved at the same round, so a restart replays the run exactly."
+        ),
     )
 
     @model_validator(mode="after")
@@ -240,8 +243,8 @@ class FineTuneTaskStatus(ApiModel):
     tokens_per_second: float | None = Field(default=None, description="Trained tokens per second.")
     checkpoint: str | None = Field(default=None, description="Latest checkpoint path.")
     message: str | None = Field(default=None, description="Why the task is in its phase.")
-    start_time: datetime | None = Field(default=None, description="When the task started training.")
-    completion_time: datetime | None = Field(default=None, description="When the task succeeded or failed.")
+    start_time: Timestamp | None = Field(default=None, description="When the task started training.")
+    completion_time: Timestamp | None = Field(default=None, description="When the task succeeded or failed.")
     observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
 
 

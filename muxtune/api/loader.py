@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
+from muxtune.api import strictyaml
 from muxtune.api.finetunetask import FineTuneTask
 
 
@@ -24,6 +24,10 @@ def format_validation_error(source: str, err: ValidationError) -> str:
 def parse_task(doc: dict, source: str = "<task>") -> FineTuneTask:
     if not isinstance(doc, dict):
         raise SpecError(f"{source}: expected a FineTuneTask mapping, got {type(doc).__name__}")
+    # the models default these for Python callers; a file must say what it is, as kubectl requires
+    missing = [f"{source}: {k}: Field required" for k in ("apiVersion", "kind") if k not in doc]
+    if missing:
+        raise SpecError("\n".join(missing))
     try:
         return FineTuneTask.model_validate(doc)
     except ValidationError as err:
@@ -31,14 +35,14 @@ def parse_task(doc: dict, source: str = "<task>") -> FineTuneTask:
 
 
 def load_task_files(paths: list[Path]) -> list[FineTuneTask]:
-    """Every document of every file; duplicate namespace/name pairs are an error."""
+    """Every document of every file; duplicate namespace/name pairs (or YAML keys) are an error."""
     tasks: list[FineTuneTask] = []
     errors: list[str] = []
     for path in paths:
         try:
-            docs = list(yaml.safe_load_all(Path(path).read_text()))
-        except (OSError, yaml.YAMLError) as exc:
-            errors.append(f"{path}: cannot read: {exc}")
+            docs = strictyaml.load_file(Path(path))
+        except strictyaml.StrictYamlError as exc:
+            errors.append(str(exc))
             continue
         for i, doc in enumerate(d for d in docs if d is not None):
             src = f"{path}" if len(docs) == 1 else f"{path}[{i}]"

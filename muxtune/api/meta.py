@@ -5,7 +5,7 @@ Kept free of heavy imports: the operator, the engine and the CRD generator all l
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -14,15 +14,24 @@ GROUP = "muxtune.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
+# Timestamps arrive as RFC 3339 strings in the API server's JSON (the operator parses objects
+# through these models), so they alone stay lax; every other field is strict, as the CRD is.
+Timestamp = Annotated[datetime, Field(strict=False)]
+
 
 class ApiModel(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields are errors, not silence."""
+    """camelCase on the wire, snake_case in Python; unknown fields are errors, not silence.
+
+    Strict types: the CRD's JSON schema refuses "4" for an integer and 1 for a boolean, so local
+    validation refuses them too instead of coercing (an int is still a valid float, as in JSON).
+    """
 
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         validate_assignment=True,
+        strict=True,
     )
 
     def to_wire(self) -> dict:
@@ -32,7 +41,7 @@ class ApiModel(BaseModel):
 class ObjectMeta(BaseModel):
     """The slice of Kubernetes ObjectMeta muxtune reads; everything else passes through."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True)
 
     name: str = Field(
         min_length=1,
@@ -54,7 +63,7 @@ class Condition(ApiModel):
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase machine-readable reason.")
     message: str = Field(default="", description="Human-readable detail.")
-    last_transition_time: datetime | None = Field(
+    last_transition_time: Timestamp | None = Field(
         default=None, description="When the status last changed."
     )
     observed_generation: int | None = Field(

@@ -83,6 +83,11 @@ BAD: list[Case] = [
     Case("rank-negative", {"spec.peft.r": -8}, "spec.peft.r"),
     Case("rank-too-big", {"spec.peft.r": 8192}, "spec.peft.r"),
     Case("rank-not-integer", {"spec.peft.r": "eight"}, "spec.peft.r"),
+    # strict types, as the CRD's schema: no coercion of numeric or boolean strings
+    Case("rank-numeric-string", {"spec.peft.r": "4"}, "spec.peft.r"),
+    Case("learning-rate-numeric-string", {"spec.training.learningRate": "0.001"}, "spec.training.learningRate"),
+    Case("shuffle-string", {"spec.dataset.shuffle": "true"}, "spec.dataset.shuffle"),
+    Case("suspend-integer", {"spec.suspend": 1}, "spec.suspend"),
     Case("unknown-peft-method", {"spec.peft.method": "qlora"}, "spec.peft.method"),
     Case("missing-dataset", {"spec.dataset": MISSING}, "spec.dataset"),
     Case("dataset-without-path", {"spec.dataset": {"format": "jsonl"}}, "spec.dataset.path"),

@@ -80,8 +80,10 @@ def test_real_run_counts_match_the_trainer(trainer_factory, make_task, data_dir,
     assert waited > 0, "a 96-token budget must have left a task out of some forward"
     assert val(m, "muxtune_engine_tasks_resident") == 0
     assert val(m, "muxtune_engine_tasks_fused") == val(m, "muxtune_engine_tasks_waiting") == 0
-    # rev: checkpoints at steps 2 and 4 (final); up: the final one
-    assert val(m, "muxtune_engine_checkpoint_duration_seconds_count") == 3
+    # rev: at steps 2 and 4 (final); up: the final one; plus each running neighbour saved with a
+    # checkpoint (rev's step 2) or a finish (up's), as one cut: every save counted once
+    saves = sum(trainer.tasks[t.key].saves for t in tasks)
+    assert val(m, "muxtune_engine_checkpoint_duration_seconds_count") == saves >= 3
     assert val(m, "muxtune_engine_checkpoint_failures_total") == 0
     assert val(m, "muxtune_engine_info", backbone=trainer.backbone.path.name, device="cpu",
                version=m._info["version"]) == 1

@@ -16,7 +16,7 @@ def start(world: int, fn, *args):
     return elastic_launch(launch_config(world), fn)(*args)
 
 
-def _trainer(out: Path, dp: int, pp: int, muxtune_home: str):
+def _trainer(out: Path, dp: int, pp: int, muxtune_home: str, base_dir: Path):
     import torch
 
     from muxtune.engine import parallel
@@ -28,14 +28,15 @@ def _trainer(out: Path, dp: int, pp: int, muxtune_home: str):
     from muxtune.engine.trainer import MuxTrainer
 
     os.environ["MUXTUNE_HOME"] = muxtune_home
+    path = builtin_path("tiny-llama")  # before the process group: see engine/run.py _prepare_models
     device = init_distributed(torch.device("cpu"))
     group = DistGroup(ParallelDims(dp, 1, pp, int(os.environ["WORLD_SIZE"])), device)
-    backbone = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), device, torch.float32))
+    backbone = MultiplexedBackbone(load_backbone(path, device, torch.float32))
     parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
-    return MuxTrainer(backbone, out, group=group)
+    return MuxTrainer(backbone, out, group=group, base_dir=base_dir)
 
 
-def faults(out: str, docs: list[dict], dp: int, pp: int, muxtune_home: str) -> dict:
+def faults(root: str, docs: list[dict], dp: int, pp: int, muxtune_home: str) -> dict:
     """Three tasks where only one rank sees each fault: 'sick' gets an inf weight on rank 0 after
     its 2nd step; 'broken' cannot read its data on the last rank only. Returns this rank's view."""
     import torch
@@ -43,16 +44,16 @@ def faults(out: str, docs: list[dict], dp: int, pp: int, muxtune_home: str) -> d
     from muxtune.api.finetunetask import FineTuneTask
     from muxtune.engine import trainer as trainer_mod
 
-    tr = _trainer(Path(out), dp, pp, muxtune_home)
+    tr = _trainer(Path(root) / "out", dp, pp, muxtune_home, Path(root))
     rank, last = tr.group.rank, tr.group.world - 1
-    real_load = trainer_mod.load_examples
+    real_load = trainer_mod.load_dataset
 
     def load(spec, *a, **k):
         if rank == last and "broken" in str(spec.path):
             raise OSError(f"rank {rank}: cannot read {spec.path}")
         return real_load(spec, *a, **k)
 
-    trainer_mod.load_examples = load
+    trainer_mod.load_dataset = load
 
     def inject(t, rt):
         if rank == 0 and rt.name == "sick" and rt.step == 2:

@@ -59,6 +59,15 @@ def test_dp2_under_torchrun(tmp_path, single_process_run):
     _assert_equal(root / "out", single_process_run())
 
 
+def test_tp2_self_launched(tmp_path, single_process_run):
+    """Tensor parallel (engine/parallel/tensor.py) under the engine: base Linears and deltas sharded
+    over two ranks, replicated-delta gradients summed over tp, whole state in the outputs."""
+    root = make_workdir(tmp_path, three_task_docs())
+    proc = run([*MUXTUNE, "tasks.yaml", "--output", "out", "--no-progress", "--tp", "2"], root)
+    assert proc.returncode == 0, proc.stderr
+    _assert_equal(root / "out", single_process_run())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,8 +92,9 @@ def test_dp2_x_pp2_as_two_pods_with_pet_variables(tmp_path, single_process_run):
 
 
 def test_sigkilled_group_resumes_under_another_layout_and_ends_equal(tmp_path, single_process_run):
-    """Every process of a pp=2 run is SIGKILLed mid-way (a lost pod); rerun as dp=2, it resumes from
-    the full, layout-free checkpoints and ends where an uninterrupted single process ends."""
+    """Every process of a pp=2 run is SIGKILLed mid-way (a lost pod); rerun as tp=2, it resumes from
+    the full, layout-free checkpoints (each rank keeping its shard) and ends where an uninterrupted
+    single process ends."""
     root = make_workdir(tmp_path, three_task_docs(steps_scale=2, checkpoint_interval=2))
     cmd = [*MUXTUNE, "tasks.yaml", "--output", "out", "--no-progress"]
     proc = subprocess.Popen([*cmd, "--pp", "2"], cwd=root, env=env(), start_new_session=True,
@@ -102,7 +112,7 @@ def test_sigkilled_group_resumes_under_another_layout_and_ends_equal(tmp_path, s
     done = len(metrics()[0].read_text().splitlines())
     assert 5 <= done < 16, done
 
-    rerun = run([*cmd, "--dp", "2"], root)
+    rerun = run([*cmd, "--tp", "2"], root)
     assert rerun.returncode == 0, rerun.stderr
     _assert_equal(root / "out", single_process_run(steps_scale=2, checkpoint_interval=2))
 

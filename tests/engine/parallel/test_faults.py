@@ -4,6 +4,7 @@ file one rank cannot read. The neighbours finish."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -17,14 +18,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("dp,pp", [(1, 2), (2, 1)], ids=["pp2", "dp2"])
 def test_one_rank_fault_fails_the_task_everywhere(dp, pp, tmp_path, muxtune_home):
-    from pathlib import Path
-
     root = make_workdir(tmp_path, [])
     shutil.copy(root / "data" / "reverse.jsonl", root / "data" / "broken.jsonl")
-    docs = [task_doc("sick", root / "data" / "reverse.jsonl", steps=5, seed=1),
-            task_doc("well", root / "data" / "upper.jsonl", steps=5, seed=2),
-            task_doc("broken", root / "data" / "broken.jsonl", steps=5, seed=3)]
-    views = ranks.start(2, ranks.faults, str(root / "out"), docs, dp, pp, str(muxtune_home))
+    docs = [task_doc("sick", Path("data/reverse.jsonl"), steps=5, seed=1),
+            task_doc("well", Path("data/upper.jsonl"), steps=5, seed=2),
+            task_doc("broken", Path("data/broken.jsonl"), steps=5, seed=3)]
+    views = ranks.start(2, ranks.faults, str(root), docs, dp, pp, str(muxtune_home))
     assert views[0] == views[1], views  # every rank took the same decisions
     view = views[0]
     phase, step, message = view["sick"]

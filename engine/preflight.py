@@ -1,0 +1,52 @@
+"""What `muxtune run` checks before it trains or writes anything. Each problem is a `CliProblem`:
+one line on stderr and exit code 2, never a traceback, with nothing trained and nothing written
+(the output directory is created only by the lock, the last step)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from muxtune.engine import outputs
+from muxtune.engine.runlock import RunLock, RunLockedError
+
+
+class CliProblem(Exception):
+    """A problem with the command line or its environment; the message is one line."""
+
+
+def check_output(output: Path) -> None:
+    """--output must be (or be creatable as) a directory: not a file, nor under one."""
+    probe = Path(output)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is" if probe == Path(output) else f"is under {probe}, which is"
+        raise CliProblem(f"--output {output}: {where} not a directory")
+
+
+def check_layout(output: Path, tasks) -> None:
+    """No task directory outside --output, none shared or nested (engine/outputs.py)."""
+    try:
+        outputs.plan(output, tasks)
+    except outputs.OutputLayoutError as exc:
+        raise CliProblem("output directories: " + "; ".join(str(exc).splitlines())) from None
+
+
+def start_server(host: str, port: int, status, render):
+    from muxtune.engine.server import EngineServer
+
+    try:
+        server = EngineServer(host, port, status, render)
+    except OSError as exc:  # EADDRINUSE, EACCES below 1024, an unknown host ...
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CliProblem(f"--metrics-port {port}: cannot listen on {host}:{port}: {why}") from None
+    return server.start()
+
+
+def lock_output(output: Path) -> RunLock:
+    try:
+        return RunLock(output).acquire()
+    except RunLockedError as exc:
+        raise CliProblem(str(exc)) from None
+    except OSError as exc:
+        raise CliProblem(f"--output {output}: cannot use it: {exc.strerror or exc}") from None

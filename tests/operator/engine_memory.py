@@ -7,7 +7,7 @@ real engine (MultiplexedBackbone, the pipeline split, MuxTrainer over a DistGrou
 one round in which every task completes a step, and reports, with no CUDA allocator to ask:
 
 * weights: bytes of the frozen backbone parameters that live on this rank (other stages' layers
-  are meta tensors after the engine's partition);
+  are meta tensors after the engine's partition; a tensor-parallel Linear keeps its local block);
 * adapter_state: the tasks' delta parameters, their gradients (taken when the optimizer steps)
   and AdamW's state tensors;
 * activations: the peak over the round of the bytes autograd holds saved for backward, tracked by
@@ -76,7 +76,7 @@ def _nbytes(t) -> int:
 
 
 def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, dp: int, pp: int,
-            muxtune_home: str) -> dict:
+            muxtune_home: str, tp: int = 1) -> dict:
     """One training round on this rank; what it held (see the module docstring)."""
     import torch
 
@@ -92,13 +92,14 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
     os.environ["MUXTUNE_HOME"] = muxtune_home
     torch.set_num_threads(1)
     cpu = torch.device("cpu")
+    path = builtin_path(model)  # before torch.distributed starts: transformers saves on rank 0 only
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         device = init_distributed(cpu)
-        group = DistGroup(ParallelDims(dp, 1, pp, world), device)
+        group = DistGroup(ParallelDims(dp, tp, pp, world), device)
     else:
         device, group = cpu, LocalGroup()
-    backbone = MultiplexedBackbone(load_backbone(builtin_path(model), cpu, getattr(torch, dtype)))
+    backbone = MultiplexedBackbone(load_backbone(path, cpu, getattr(torch, dtype)))
     parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
     trainer = MuxTrainer(backbone, Path(out), token_budget=1 << 30, resume=False, base_dir=Path(data_root), group=group)
     for doc in docs:

@@ -1,6 +1,6 @@
 """The planner's memory model against what the real engine holds per rank (issue 8).
 
-For built-in tiny models and several layouts (one process; bf16; dp=2 x pp=2 on four gloo ranks;
+For built-in tiny models and several layouts (one process; bf16; dp=2 x pp=2 on four gloo ranks; tp=2 on two;
 pp=2), three tasks of different methods and ranks train one round through the real engine on CPU;
 each rank reports its frozen weights, its tasks' parameters + gradients + AdamW state, and the peak
 of the tensors autograd keeps for backward (engine_memory.py). operator/memory.py must give, for
@@ -23,12 +23,13 @@ from muxtune.operator.planner import TaskRequest
 from . import engine_memory
 
 SEQ = 128
-LAYOUTS = [  # model, dtype, dp, pp
-    ("tiny-llama", "float32", 1, 1),
-    ("tiny-llama", "bfloat16", 1, 1),
-    ("tiny-llama", "float32", 2, 2),
-    ("small-llama", "float32", 1, 1),
-    ("small-llama", "float32", 1, 2),
+LAYOUTS = [  # model, dtype, dp, pp, tp
+    ("tiny-llama", "float32", 1, 1, 1),
+    ("tiny-llama", "bfloat16", 1, 1, 1),
+    ("tiny-llama", "float32", 2, 2, 1),
+    ("tiny-llama", "float32", 1, 1, 2),
+    ("small-llama", "float32", 1, 1, 1),
+    ("small-llama", "float32", 1, 2, 1),
 ]
 RESULTS: list[str] = []
 
@@ -62,15 +63,16 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("model,dtype,dp,pp", LAYOUTS, ids=[f"{m}-{d}-dp{a}-pp{b}" for m, d, a, b in LAYOUTS])
-def test_model_matches_what_each_rank_holds(model, dtype, dp, pp, data_root, tmp_path, muxtune_home):
+@pytest.mark.parametrize("model,dtype,dp,pp,tp", LAYOUTS,
+                         ids=[f"{m}-{d}-dp{a}-pp{b}-tp{c}" for m, d, a, b, c in LAYOUTS])
+def test_model_matches_what_each_rank_holds(model, dtype, dp, pp, tp, data_root, tmp_path, muxtune_home):
     docs = task_docs(model)
-    measured = engine_memory.measure_all(dp * pp, str(tmp_path / "out"), str(data_root), docs, model, dtype, dp, pp,
-                                         str(muxtune_home))
-    assert len(measured) == dp * pp
+    measured = engine_memory.measure_all(dp * pp * tp, str(tmp_path / "out"), str(data_root), docs, model, dtype,
+                                         dp, pp, str(muxtune_home), tp)
+    assert len(measured) == dp * pp * tp
     arch = M.BUILTIN_ARCHITECTURES[model].model_copy(update={"dtype": dtype})
     mems = [M.task_memory(TaskRequest.from_task(FineTuneTask.model_validate(d)).shape, arch) for d in docs]
-    modelled = M.rank_memory(arch, mems, M.Parallelism(dp=dp, pp=pp), 80 * M.GiB)
+    modelled = M.rank_memory(arch, mems, M.Parallelism(dp=dp, tp=tp, pp=pp), 80 * M.GiB)
     assert len(modelled) == pp
     for r in measured:
         assert all(step == 1 for step in r["steps"].values()), r["steps"]  # every task stepped in the round
@@ -79,7 +81,7 @@ def test_model_matches_what_each_rank_holds(model, dtype, dp, pp, data_root, tmp
         terms = {"weights": (m.weights, r["weights"], 0.01), "adapter state": (m.adapter_state, state, 0.01),
                  "activations": (m.activations, r["activations"], 0.20),
                  "resident": (m.resident, r["weights"] + state + r["activations"], 0.20)}
-        RESULTS.append(f"{model} {dtype} dp{dp} pp{pp} rank {r['rank']} (stage {r['stage']}): " + ", ".join(
+        RESULTS.append(f"{model} {dtype} dp{dp} pp{pp} tp{tp} rank {r['rank']} (stage {r['stage']}): " + ", ".join(
             f"{k} {mod / 2**20:.2f}/{meas / 2**20:.2f} MiB" for k, (mod, meas, _) in terms.items()))
         print(RESULTS[-1])
         for name, (mod, meas, tol) in terms.items():

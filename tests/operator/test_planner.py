@@ -368,11 +368,11 @@ def test_from_finetunetask():
 def test_planner_is_fast():
     ts = [task(f"t{i}", ns=f"ns{i % 10}", batch=1 + i % 8, created=f"2025-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z") for i in range(1000)]
     ns = nodes(300)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # this process's CPU time: the shared 2-core machine's load does not count
     p = P.plan(ts, [], ns, MODELS)
-    dt = time.perf_counter() - t0
+    dt = time.process_time() - t0
     assert not p.unplaceable
-    assert dt < 5.0, dt
+    assert dt < 5.0, dt  # ~1.7 s of CPU on the development machine
 
 
 def test_reserved_names_are_not_reused():

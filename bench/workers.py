@@ -187,6 +187,14 @@ def run_baseline(spec: dict, device, dtype, sync: Sync) -> dict:
 
 
 # ----- muxtune ---------------------------------------------------------------------------------
+def data_root(jobs: list[Job]) -> Path:
+    """The directory the jobs' data files share: the engine's data root (task paths are relative)."""
+    roots = {Path(j.data).parent for j in jobs}
+    if len(roots) != 1:
+        raise ValueError(f"the jobs' data files are in {len(roots)} directories; the engine reads from one data root")
+    return roots.pop()
+
+
 def _task(job: Job, steps: int, model_path: str):
     from muxtune.api.finetunetask import FineTuneTask
 
@@ -194,7 +202,7 @@ def _task(job: Job, steps: int, model_path: str):
         "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": job.name},
         "spec": {
             "baseModel": model_path,
-            "dataset": {"path": job.data, "maxSeqLen": job.max_seq_len, "shuffle": False},
+            "dataset": {"path": Path(job.data).name, "maxSeqLen": job.max_seq_len, "shuffle": False},
             "peft": {"method": "lora", "r": job.rank, "alpha": job.alpha, "dropout": 0.0,
                      "targetModules": TARGET_MODULES},
             "training": {"maxSteps": steps, "batchSize": job.batch_size, "learningRate": job.lr,
@@ -230,7 +238,7 @@ def run_muxtune(spec: dict, device, dtype, sync: Sync) -> dict:
     out_dir = Path(spec["out_dir"])
 
     def trainer(name: str, steps_of) -> MuxTrainer:
-        tr = MuxTrainer(backbone, out_dir / name, token_budget=spec["token_budget"],
+        tr = MuxTrainer(backbone, out_dir / name, token_budget=spec["token_budget"], base_dir=data_root(jobs),
                         chunk_size=spec["chunk_size"], resume=False)
         for job in jobs:
             if steps_of(job):

@@ -23,47 +23,36 @@ outlives the command that started it; ``down`` stops them and removes the dir.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-try:  # works both as muxtune.devcluster.cluster and as a plain script
-    from muxtune.devcluster import build as _build
-except ImportError:  # pragma: no cover - `python devcluster/cluster.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import build as _build  # type: ignore[no-redef]
+from muxtune.devcluster import build as _build
+from muxtune.devcluster.pki import SERVICE_IP, _b64, _make_pki, _openssl, _write_kubeconfig, issue_cert  # noqa: F401
+from muxtune.devcluster.procs import (  # noqa: F401 - kueue.py and tests use these through this module
+    _CHILDREN, COMPONENTS, _free_ports, _get, _insecure_ctx, _log, _log_tail, _pid_alive, _read_pids, _reap, _spawn,
+    _ssl_ctx, _stop_pids, _wait,
+)
+from muxtune.devcluster.tools import KubectlError, apply_crds, apply_manifests, helm, kubectl  # noqa: F401
 
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 GPU_MEMORY_MIB = 81559
 SERVICE_CIDR = "10.96.0.0/16"
-SERVICE_IP = "10.96.0.1"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
-# start order; teardown is the reverse
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
 def default_state_dir() -> Path:
     env = os.environ.get("MUXTUNE_DEV_CLUSTER_DIR")
     return Path(env).expanduser() if env else _build.cache_dir() / "dev-cluster"
-
-
-def _log(msg: str) -> None:
-    print(f"[muxtune.devcluster] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -112,102 +101,6 @@ class ClusterInfo:
 # --------------------------------------------------------------------------- helpers
 
 
-def _run_tool(name: str, args, kubeconfig, input: str | None, check: bool, timeout: float) -> subprocess.CompletedProcess[str]:
-    """Run a binary built by :mod:`muxtune.devcluster.build` (text mode, output captured);
-    raises KubectlError, whose message carries stderr, when ``check`` and it fails."""
-    exe = _build.bin_path(name)
-    if not exe.exists():
-        _build.ensure_binaries([name])
-    cmd = [str(exe)]
-    if kubeconfig is not None:
-        cmd.append(f"--kubeconfig={kubeconfig}")
-    cmd += list(args)
-    # no input: stdin is /dev/null, so a tool never waits on the caller's terminal
-    p = subprocess.run(cmd, input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise KubectlError(p.returncode, cmd, p.stdout, p.stderr)
-    return p
-
-
-def kubectl(
-    *args: str,
-    kubeconfig: str | os.PathLike[str] | None = None,
-    input: str | None = None,
-    check: bool = True,
-    timeout: float = 120,
-) -> subprocess.CompletedProcess[str]:
-    """Run the kubectl built by :mod:`muxtune.devcluster.build`."""
-    return _run_tool("kubectl", args, kubeconfig, input, check, timeout)
-
-
-def helm(
-    *args: str,
-    kubeconfig: str | os.PathLike[str] | None = None,
-    check: bool = True,
-    timeout: float = 300,
-) -> subprocess.CompletedProcess[str]:
-    """Run the helm (v3) built by :mod:`muxtune.devcluster.build`; same contract as :func:`kubectl`."""
-    return _run_tool("helm", args, kubeconfig, None, check, timeout)
-
-
-class KubectlError(subprocess.CalledProcessError):
-    """A failed kubectl (or helm) call; ``str()`` includes the tool's stderr."""
-
-    def __str__(self) -> str:
-        return f"{super().__str__()}\n{(self.stderr or '').strip()}"
-
-
-def apply_manifests(
-    manifests: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-    *,
-    kubeconfig: str | os.PathLike[str],
-    server_side: bool = True,
-) -> str:
-    """``kubectl apply`` YAML text, or file/dir path(s). Returns kubectl's stdout."""
-    if isinstance(manifests, str) and ("\n" in manifests or manifests.lstrip().startswith(("apiVersion", "{", "---"))):
-        args = ["apply", "-f", "-"]
-        stdin = manifests
-    else:
-        paths = [manifests] if isinstance(manifests, (str, os.PathLike)) else list(manifests)
-        args = ["apply"] + [a for p in paths for a in ("-f", str(p))]
-        stdin = None
-    if server_side:
-        args += ["--server-side", "--force-conflicts", "--field-manager=muxtune-devcluster"]
-    return kubectl(*args, kubeconfig=kubeconfig, input=stdin).stdout
-
-
-def apply_crds(
-    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
-    *,
-    kubeconfig: str | os.PathLike[str],
-    timeout: float = 60,
-) -> list[str]:
-    """Apply CRD manifests (files/dirs/YAML text) and wait until they are Established.
-
-    Returns the CRD names (``crd.group`` form).
-    """
-    out = apply_manifests(paths, kubeconfig=kubeconfig)
-    names = []
-    for line in out.splitlines():
-        ref = line.split()[0] if line.strip() else ""
-        if ref.startswith("customresourcedefinition.apiextensions.k8s.io/"):
-            names.append(ref.split("/", 1)[1])
-    deadline = time.monotonic() + timeout
-    while names:
-        p = kubectl(
-            "wait", "--for=condition=Established", f"--timeout={int(timeout)}s",
-            *[f"crd/{n}" for n in names], kubeconfig=kubeconfig, timeout=timeout + 10, check=False,
-        )
-        if p.returncode == 0:
-            break
-        # a CRD the apiserver has not given a status yet makes `kubectl wait` fail at once
-        if "accessor error" not in p.stderr or time.monotonic() > deadline:
-            raise KubectlError(p.returncode, p.args, p.stdout, p.stderr)
-        time.sleep(0.3)
-    return names
-
-
 def service_account_kubeconfig(
     info: ClusterInfo,
     namespace: str,
@@ -249,244 +142,6 @@ def wait_for_default_service_account(info: ClusterInfo, namespace: str, timeout:
         time.sleep(0.2)
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _write_kubeconfig(
-    path: Path, server: str, ca_pem: bytes, user: str, creds: dict[str, str], namespace: str = "default"
-) -> None:
-    # JSON is valid YAML; kubectl, client-go, kopf and the python client all read it.
-    cfg = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "muxtune-dev", "cluster": {"server": server, "certificate-authority-data": _b64(ca_pem)}}],
-        "users": [{"name": user, "user": creds}],
-        "contexts": [{"name": "muxtune-dev", "context": {"cluster": "muxtune-dev", "user": user, "namespace": namespace}}],
-        "current-context": "muxtune-dev",
-        "preferences": {},
-    }
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    tmp.chmod(0o600)
-    tmp.replace(path)
-
-
-# --------------------------------------------------------------------------- PKI (openssl CLI)
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    p = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"openssl {' '.join(args)} failed: {p.stderr}")
-
-
-def issue_cert(pki: Path, name: str, subject: str, eku: str, san: str | None = None, *, days: str = "3650") -> tuple[Path, Path]:
-    """Sign ``<name>.crt`` / ``<name>.key`` in ``pki`` with the cluster CA (``ca.crt``/``ca.key`` there).
-
-    ``eku`` is ``serverAuth`` or ``clientAuth``; ``san`` an openssl subjectAltName value
-    (``IP:127.0.0.1,DNS:localhost``); an ``O=system:masters`` subject makes a cluster admin.
-    """
-    _openssl("req", "-new", "-nodes", "-newkey", "rsa:2048", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki)
-    ext = ["basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment", f"extendedKeyUsage={eku}"]
-    if san:
-        ext.append(f"subjectAltName={san}")
-    (pki / f"{name}.ext").write_text("\n".join(ext) + "\n")
-    _openssl(
-        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-sha256", "-days", days, "-out", f"{name}.crt", "-extfile", f"{name}.ext", cwd=pki,
-    )
-    (pki / f"{name}.csr").unlink()
-    (pki / f"{name}.ext").unlink()
-    (pki / f"{name}.key").chmod(0o600)
-    return pki / f"{name}.crt", pki / f"{name}.key"
-
-
-def _make_pki(pki: Path) -> None:
-    """CA, apiserver serving cert, client certs, service-account key pair."""
-    if shutil.which("openssl") is None:
-        raise RuntimeError("the openssl command is needed to generate the dev cluster's certificates")
-    pki.mkdir(parents=True, exist_ok=True)
-    days = "3650"
-    _openssl(
-        "req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-sha256", "-days", days,
-        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=muxtune-dev-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-        cwd=pki,
-    )
-    san = ",".join(
-        ["IP:127.0.0.1", f"IP:{SERVICE_IP}", "DNS:localhost"]
-        + [f"DNS:{d}" for d in ("kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local")]
-    )
-    leaves = {
-        # name: (subject, extendedKeyUsage, subjectAltName)
-        "apiserver": ("/CN=kube-apiserver", "serverAuth", san),
-        "admin": ("/O=system:masters/CN=muxtune-admin", "clientAuth", None),
-        "controller-manager": ("/CN=system:kube-controller-manager", "clientAuth", None),
-        "scheduler": ("/CN=system:kube-scheduler", "clientAuth", None),
-        "kwok": ("/O=system:masters/CN=kwok", "clientAuth", None),
-    }
-    for name, (subj, eku, alt) in leaves.items():
-        issue_cert(pki, name, subj, eku, alt, days=days)
-    _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=pki)
-    _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
-    for f in pki.glob("*.key"):
-        f.chmod(0o600)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _pid_alive(pid: int, state_dir: Path) -> bool:
-    """True if ``pid`` runs and is one of ours.
-
-    Children of this process are asked directly (``Popen.poll``); other pids
-    (read back from pid files) must be alive, not zombies, and have the state
-    dir in their command line, so a recycled pid is never mistaken for ours.
-    """
-    for p in _CHILDREN:
-        if p.pid == pid:
-            return p.poll() is None
-    for attempt in range(10):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):  # zombie / dead
-            return False
-        if cmdline:
-            return str(state_dir).encode() in cmdline
-        time.sleep(0.02 * (attempt + 1))  # empty while the process is exec()ing
-    return False
-
-
-def _spawn(name: str, args: list[str], state_dir: Path, env: dict[str, str] | None = None) -> int:
-    logs = state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    exe = str(_build.bin_path(name))
-    with open(logs / f"{name}.log", "ab") as log:
-        log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {exe} {' '.join(args)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            [exe, *args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            cwd=state_dir, start_new_session=True, close_fds=True, env=env,
-        )
-    (state_dir / "pids").mkdir(exist_ok=True)
-    (state_dir / "pids" / f"{name}.pid").write_text(f"{proc.pid}\n")
-    # keep a reference so that Python's child reaper does not warn; the process
-    # lives on in its own session after we exit.
-    _CHILDREN.append(proc)
-    return proc.pid
-
-
-_CHILDREN: list[subprocess.Popen] = []
-
-
-def _log_tail(state_dir: Path, name: str, lines: int = 30) -> str:
-    try:
-        return "".join((state_dir / "logs" / f"{name}.log").read_text(errors="replace").splitlines(keepends=True)[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _read_pids(state_dir: Path) -> dict[str, int]:
-    """Every component's pid file: the control plane's and add-ons' (Kueue)."""
-    pids = {}
-    names = list(COMPONENTS) + sorted(f.stem for f in (state_dir / "pids").glob("*.pid") if f.stem not in COMPONENTS)
-    for name in names:
-        f = state_dir / "pids" / f"{name}.pid"
-        with contextlib.suppress(OSError, ValueError):
-            pids[name] = int(f.read_text().strip())
-    return pids
-
-
-def _stop_pids(state_dir: Path, pids: dict[str, int], timeout: float = 20) -> None:
-    """SIGTERM components in reverse start order, one tier at a time (clients, then the
-    apiserver, then etcd) so each can shut down cleanly; SIGKILL after ``timeout``."""
-    order = [n for n in reversed(COMPONENTS) if n in pids] + [n for n in pids if n not in COMPONENTS]
-    tiers = [
-        [n for n in order if n not in ("kube-apiserver", "etcd")],
-        [n for n in order if n == "kube-apiserver"],
-        [n for n in order if n == "etcd"],
-    ]
-    for tier in tiers:
-        for name in tier:
-            if _pid_alive(pids[name], state_dir):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pids[name], signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for name in tier:
-            pid = pids[name]
-            while _pid_alive(pid, state_dir) and time.monotonic() < deadline:
-                _reap()
-                time.sleep(0.05)
-            if _pid_alive(pid, state_dir):
-                _log(f"{name} (pid {pid}) ignored SIGTERM for {timeout:.0f}s; killing")
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-    _reap()
-
-
-def _reap() -> None:
-    for p in list(_CHILDREN):
-        if p.poll() is not None:
-            _CHILDREN.remove(p)
-
-
-# --------------------------------------------------------------------------- HTTP probes
-
-
-def _ssl_ctx(state_dir: Path) -> ssl.SSLContext:
-    pki = state_dir / "pki"
-    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
-    return ctx
-
-
-def _get(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 3) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as r:  # noqa: S310 - loopback only
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-    except (OSError, ssl.SSLError) as e:
-        return 0, str(e)
-
-
-def _insecure_ctx() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def _wait(what: str, cond, timeout: float, state_dir: Path, component: str, pid: int | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        ok, last = cond()
-        if ok:
-            return
-        if pid is not None and not _pid_alive(pid, state_dir):
-            raise RuntimeError(f"{component} exited while waiting for {what}:\n{_log_tail(state_dir, component)}")
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last}):\n{_log_tail(state_dir, component)}")
 
 
 def _healthy(info: ClusterInfo) -> bool:

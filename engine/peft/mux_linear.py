@@ -66,7 +66,9 @@ class MultiplexedLinear(nn.Module):
         lut = torch.zeros(layout.max_slot + 2, dtype=torch.long, device=like.device)
         for slot, row in slot_row.items():
             lut[slot + 1] = row
-        return table[lut[layout.token_slot + 1]]
+        # index_select, not table[idx]: advanced indexing's backward on CPU accumulates with parallel
+        # atomic float adds (a different sum order each run); index_select's index_add is serial
+        return table.index_select(0, lut[layout.token_slot + 1])
 
     def _additive(self, xf: torch.Tensor, layout: TokenLayout, present) -> torch.Tensor | None:
         work = [(s, e, d) for _slot, s, e, d in present if type(d).additive is not TaskDelta.additive]

@@ -84,6 +84,25 @@ def make_tasks(n: int, namespaces: list[str], seed: int = 0) -> list[dict]:
     return docs
 
 
+def one_shot_gpus(nodes: int, gpus_per_node: int, tasks: int, namespaces: list[str]) -> int:
+    """GPUs the planner gives the same workload planned at once, offline: what the operator, placing
+    tasks as they arrive over several passes, is measured against (the memory lower bound is loose
+    for pipelines, which keep only a window of micro-batches in flight)."""
+    from muxtune.api.basemodel import Architecture
+    from muxtune.api.finetunetask import FineTuneTask
+    from muxtune.operator import planner
+
+    reqs = [planner.TaskRequest.from_task(FineTuneTask.model_validate(d)) for d in make_tasks(tasks, namespaces)]
+    infos = [planner.NodeInfo(d["metadata"]["name"], gpus_per_node, gpus_per_node,
+                              int(d["metadata"]["labels"]["nvidia.com/gpu.memory"]),
+                              d["metadata"]["labels"]["nvidia.com/gpu.product"])
+             for d in make_nodes(nodes, gpus_per_node, "plan")]
+    archs = {f"bench-{name}": Architecture(parameters=p, layers=L, hidden_size=h, num_attention_heads=a,
+                                           vocab_size=32000, dtype="bfloat16")
+             for name, (p, L, h, a) in BASEMODELS.items()}
+    return planner.plan(reqs, [], infos, archs).gpus_allocated
+
+
 def apiserver_requests(info) -> dict[str, float]:
     """apiserver_request_total summed by resource (and 'ALL')."""
     text = info.kubectl("get", "--raw", "/metrics").stdout
@@ -219,6 +238,7 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
         "tasksPlaced": placed, "phases": phases, "pendingReasons": reasons,
         "groups": len(groups), "pods": len(pods),
         "gpusUsed": gpus_used,
+        "gpusOneShotPlan": one_shot_gpus(nodes, gpus_per_node, tasks, tenant_ns),
         "gpusLowerBound": next(iter(lower.values()), None),
         "gpusLowerBoundByTenancy": next(iter(prom_values(m, "muxtune_operator_gpus_lower_bound_by_tenancy").values()), None),
         "packingEfficiency": round(next(iter(eff.values()), 0.0), 3),

@@ -165,7 +165,10 @@ class OperatorCommand(BaseModel):
     lease_duration: float = Field(15.0, gt=0, description="Seconds a leader's Lease lasts without renewal")
     lease_renew_interval: float = Field(2.0, gt=0, description="Seconds between Lease renewals and acquisition attempts")
     max_tasks_per_group: int = Field(32, gt=0, description="Most tasks in one group")
-    activation_factor: float = Field(17.0, gt=0, description="Activation bytes per token, layer and hidden unit, in dtype units")
+    activation_scale: float = Field(1.0, gt=0, description="Multiplies the memory model's activations (lower it when the "
+                                                           "engine saves less, e.g. under activation recomputation)")
+    max_dp: int = Field(8, ge=1, description="Most data-parallel pods of one group (used only when no single-pod layout fits)")
+    max_group_restarts: int = Field(6, ge=0, description="Whole-group restarts after a lost or failed pod before its tasks fail")
     api_concurrency: int = Field(16, gt=0, description="Kubernetes API writes in flight at once")
     standalone: bool = Field(True, description="kopf without peering (one replica)")
     kubeconfig: str | None = Field(None, description="Kubeconfig (default: $KUBECONFIG, then in-cluster)")
@@ -210,7 +213,9 @@ class OperatorCommand(BaseModel):
             lease_duration=self.lease_duration,
             lease_renew_interval=self.lease_renew_interval,
             max_tasks_per_group=self.max_tasks_per_group,
-            activation_factor=self.activation_factor,
+            activation_scale=self.activation_scale,
+            max_dp=self.max_dp,
+            max_group_restarts=self.max_group_restarts,
             api_concurrency=self.api_concurrency,
             kubeconfig=self.kubeconfig,
             log_level=self.log_level,

@@ -29,6 +29,18 @@ ANN_TENANCY = "muxtune.io/tenancy"
 ANN_POD_TEMPLATE = "muxtune.io/pod-template-hash"
 SERVING_PORT = 8000  # the engine's OpenAI-compatible API in a pod of a group that serves
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue's plain-pod group integration (devcluster/kueue_objects.py documents what each does)
+KUEUE_POD_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_TOTAL_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+KUEUE_API = "kueue.x-k8s.io/v1beta2"  # Workloads; a pod group's Workload is named after the group
+# On a BackboneGroup: the LocalQueue its pods name (fixed when it is created; a task joins only a
+# group of its own queue), and its whole-group restarts after a lost pod
+ANN_QUEUE = "muxtune.io/queue-name"
+ANN_RESTARTS = "muxtune.io/restarts"
+ANN_RESTARTED_AT = "muxtune.io/restarted-at"
+ANN_RESTART_REASON = "muxtune.io/restart-reason"
+RENDEZVOUS_PORT = 29500  # torch.distributed's store on pod 0 (PET_MASTER_PORT)
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
@@ -97,9 +109,13 @@ class OperatorConfig:
     api_concurrency: int = 16  # API writes in flight at once
     resync_interval: float = 30.0
     max_tasks_per_group: int = 32
-    # 1 until the engine averages gradients across pods; the engine refuses WORLD_SIZE > 1
-    max_dp: int = 1
-    activation_factor: float = 17.0
+    # Data-parallel pods the planner may give a group, used only when no single-pod layout fits a
+    # task (a step too big for one node's GPUs): up to 8 pods. Replicas all-reduce only the adapters'
+    # gradients (MBs), so they scale; beyond 8 a step's batch (typically 8-64 sequences) leaves each
+    # replica too few sequences, and a gang of more pods is harder to place at once.
+    max_dp: int = 8
+    max_group_restarts: int = 6  # whole-group restarts (lost or failed pod) before the tasks fail
+    activation_scale: float = 1.0  # multiplies the memory model's activations (operator/memory.py)
     log_level: str = "info"
     kubeconfig: str | None = None
 
@@ -109,7 +125,7 @@ class OperatorConfig:
             shared_namespace=self.shared_namespace,
             max_tasks_per_group=self.max_tasks_per_group,
             max_dp=self.max_dp,
-            memory=MemoryConfig(activation_factor=self.activation_factor),
+            memory=MemoryConfig(activation_scale=self.activation_scale),
         )
 
     @classmethod

@@ -29,8 +29,9 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator import metrics, policy, resources, status
+from muxtune.operator import gang, kueue, metrics, policy, resources, status
 from muxtune.operator.config import (
+    ANN_GPU_MEMORY,
     KUEUE_QUEUE_LABEL,
     LABEL_GROUP,
     LABEL_MANAGED_BY,
@@ -92,6 +93,9 @@ class Controller(GroupsMixin):
         self._overlay: dict[tuple[str, str, str], tuple[int, dict | None, float]] = {}
         self._parse_cache: dict[tuple[str, str], Any] = {}
         self.last_plan: Plan | None = None
+        self.gang: dict[tuple[str, str], gang.Decision] = {}  # this pass's decision per group
+        self.gang_fits: dict[tuple[str, str], tuple[bool, str]] = {}  # whether a group's pods all fit now
+        self.workload_msgs: dict[tuple[str, str], str] = {}  # why Kueue holds a group back
         self.passes = 0
         self.errors = 0
         self._tasks: list[asyncio.Task] = []
@@ -256,7 +260,8 @@ class Controller(GroupsMixin):
         refused: dict[str, policy.Refusal] = {}
         for k, p in parsed.items():
             if not isinstance(p, str):
-                r = policy.refusal(task_request(p), bm_by_name, ns_labels, pcfg)
+                r = policy.refusal(task_request(p, ns_labels.get(p.metadata.namespace or "default")), bm_by_name,
+                                   ns_labels, pcfg)
                 if r is not None:
                     refused[k] = r
 
@@ -298,8 +303,14 @@ class Controller(GroupsMixin):
         inventory = node_inventory(nodes.values(), pods.values())
         node_fake = {n["name"]: n.get("fake", False) for n in nodes.values()}
 
-        def group_failed(gk) -> bool:
-            return any(p["phase"] == "Failed" for p in pods_of.get(gk, []))
+        def group_failed(gk) -> bool:  # lost pods restart the group, until the restart limit
+            g = group_objs[gk]
+            return gang.restarts_of(g)[0] >= cfg.max_group_restarts and \
+                gang.lost_pod(pods_of.get(gk, []), int(((g.get("spec") or {}).get("parallelism") or {}).get("dp", 1)),
+                              False) is not None
+
+        def request(k: str):
+            return task_request(parsed[k], ns_labels.get(k.split("/", 1)[0]))
 
         states = []
         for gk, g in group_objs.items():
@@ -308,7 +319,7 @@ class Controller(GroupsMixin):
             dp = int(((g.get("spec") or {}).get("parallelism") or {}).get("dp", 1))
             live = [p for p in pods_of.get(gk, []) if not p["deleting"] and p["phase"] not in ("Succeeded", "Failed")]
             unbound = sum(1 for p in live if not p.get("nodeName")) + max(0, dp - len(live))
-            reqs = [task_request(parsed[k]) for k in active[gk]]
+            reqs = [request(k) for k in active[gk]]
             states.append(group_state(g, reqs, unbound, accepting=not group_failed(gk) and not self.backoff.refused(gk)))
 
         # 3. plan
@@ -316,7 +327,7 @@ class Controller(GroupsMixin):
         for k, o in sorted(by_key.items()):
             if k in member_of or deleting(o) or terminal(o) or isinstance(parsed[k], str) or suspended(k) or k in refused:
                 continue
-            pending.append(task_request(parsed[k]))
+            pending.append(request(k))
         basemodels = {name if isinstance(name, str) else name[1]: basemodel_architecture(bm) for name, bm in bms.items()}
         t0 = time.perf_counter()
         # names still in use by terminating groups (ours or as the watch last saw them)
@@ -328,7 +339,10 @@ class Controller(GroupsMixin):
         unplaceable = {u.task: u for u in plan.unplaceable}
         gplans = {(gp.namespace, gp.name): gp for gp in plan.groups}
 
-        # 4. apply groups
+        # 4. apply groups (gangs without pods first learn whether all their pods fit)
+        priority = {gk: max((parsed[k].spec.priority for k in gp.members), default=0) for gk, gp in gplans.items()}
+        self.gang_fits = self._gang_capacity(gplans, group_objs, pods_of, inventory, priority)
+        self.gang = {gk: d for gk, d in self.gang.items() if gk in gplans}
         jobs = []
         for gk, gp in gplans.items():
             members = [by_key[k] for k in gp.members]
@@ -388,6 +402,31 @@ class Controller(GroupsMixin):
         if any(r is False for r in results):
             self._kick.set()  # something failed: try again after the debounce
 
+    def _gang_capacity(self, gplans, group_objs, pods_of, inventory, priority) -> dict:
+        """(fits, why) for every group whose pods are all to be created: free GPUs of its class on
+        schedulable nodes, less the GPUs of pods not yet bound, handed out by priority then name."""
+        cap = gang.Capacity(inventory)
+        product_of = {gk: (gp.gpu_product, gp.gpu_memory_mib) for gk, gp in gplans.items()}
+        for gk, g in group_objs.items():
+            ann = g["metadata"].get("annotations") or {}
+            product_of.setdefault(gk, ((g.get("spec") or {}).get("gpuProduct") or "", int(ann.get(ANN_GPU_MEMORY) or 0)))
+        unbound = [p for gp in pods_of.values() for p in gp if not p["deleting"] and not p.get("nodeName")
+                   and p["phase"] not in ("Succeeded", "Failed") and p.get("gpus")]
+        for p in sorted(unbound, key=lambda p: (p["namespace"], p["name"])):
+            product, mib = product_of.get((p["namespace"], (p.get("labels") or {}).get(LABEL_GROUP)), ("", 0))
+            cap.reserve_unbound(product, mib, p["gpus"])
+        out = {}
+        waiting = [(gk, gp) for gk, gp in gplans.items()
+                   if gp.members and not gp.queue and not any(not p["deleting"] for p in pods_of.get(gk, []))]
+        for gk, gp in sorted(waiting, key=lambda x: (-priority.get(x[0], 0), x[0])):
+            where = cap.place(gp.gpu_product, gp.gpu_memory_mib, gp.pods, gp.gpus_per_pod)
+            if where is None:
+                out[gk] = (False, cap.why_not(gp.gpu_product, gp.gpu_memory_mib, gp.pods, gp.gpus_per_pod))
+            else:
+                cap.take(where, gp.gpus_per_pod)
+                out[gk] = (True, "")
+        return out
+
     async def _gather(self, coros) -> list:
         async def run(c):
             async with self._sem:
@@ -406,29 +445,35 @@ class Controller(GroupsMixin):
         if isinstance(parsed, str):
             return status.TaskView(gen, None, "invalid", message=parsed)
         max_steps = parsed.spec.training.max_steps
-        kueue = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
+        queued = KUEUE_QUEUE_LABEL in (meta.get("labels") or {})
         if parsed.spec.suspend:
-            return status.TaskView(gen, max_steps, "suspended", kueue=kueue)
+            return status.TaskView(gen, max_steps, "suspended", kueue=queued)
         if gk is None:
             if unpl:
                 return status.TaskView(gen, max_steps, "unplaceable", reason=unpl.reason, message=unpl.message,
                                        final=getattr(unpl, "final", False))
             return status.TaskView(gen, max_steps, "pending")
-        gpods = sorted(pods_of.get(gk, []), key=lambda p: p["name"])
+        gpods = sorted((p for p in pods_of.get(gk, []) if not p["deleting"]), key=lambda p: p["name"])
         pod_state, pod_msg = "none", ""
         refusal = self.backoff.refused(gk)
-        if any(p["phase"] == "Failed" for p in gpods):
-            pod_state = "failed"
-            pod_msg = next(p["message"] for p in gpods if p["phase"] == "Failed") or "engine pod failed"
+        decision = self.gang.get(gk) or gang.Decision(gang.STEADY)
+        if decision.action == gang.FAILED:
+            pod_state, pod_msg = "failed", decision.message
+        elif decision.reason == "GroupRestarting":
+            pod_state, pod_msg = "restarting", decision.message
+        elif decision.reason == "WaitingForGang":
+            pod_state, pod_msg = "gang", decision.message
         elif refusal is not None:
             pod_state, pod_msg = "refused", f"the API server refused the group's pod: {refusal.message}"
+        elif any(p.get("gated") for p in gpods):
+            pod_state, pod_msg = "admission", self.workload_msgs.get(gk) or kueue.waiting_message(None)
         elif gpods and all(p["phase"] == "Running" for p in gpods):
             pod_state = "running"
         elif any(p.get("waiting") for p in gpods):
             p = next(p for p in gpods if p.get("waiting"))
             pod_state, pod_msg = "waiting", f"pod {p['name']}: {p['waiting']}"
         elif gpods and all(p.get("nodeName") for p in gpods):
-            pod_state, pod_msg = "scheduled", f"pod {gpods[0]['name']} bound to {gpods[0]['nodeName']}"
+            pod_state, pod_msg = "scheduled", ", ".join(f"pod {p['name']} bound to {p['nodeName']}" for p in gpods)
         elif any(p.get("unschedulable") for p in gpods):
             p = next(p for p in gpods if p.get("unschedulable"))
             pod_state, pod_msg = "unschedulable", f"pod {p['name']} cannot be scheduled: {p['unschedulable']}"
@@ -437,9 +482,11 @@ class Controller(GroupsMixin):
         report = self.reports.get(key)
         if report is not None and report.get("_group") != gk[1]:
             report = None
+        if report is not None and pod_state in ("restarting", "gang") and report.get("phase") not in status.TERMINAL:
+            report = None  # what the lost world said; its tasks resume from checkpoints in the next one
         reach = self.poller.unreachable(gk)
         return status.TaskView(gen, max_steps, "member", group=gk[1], pod_state=pod_state, pod_message=pod_msg,
-                               report=report, kueue=kueue, unreachable_since=reach.since if reach else None,
+                               report=report, kueue=queued, unreachable_since=reach.since if reach else None,
                                unreachable_message=reach.error if reach else "",
                                endpoint=f"http://{gk[1]}.{gk[0]}.svc:{SERVING_PORT}/v1")
 
@@ -491,6 +538,17 @@ class Controller(GroupsMixin):
     # ------------------------------------------------------------------ engine polling
 
     async def poll_once(self) -> bool:
-        """Fetch /v1/status from rank 0 of every group; True when a task's status should change."""
+        """Fetch /v1/status from rank 0 of every group, and why Kueue holds back gated groups; True
+        when a task's status should change."""
         node_fake = {n["name"]: n.get("fake", False) for n in self._index(IDX_NODES).values()}
-        return await self.poller.poll(self._view("backbonegroups", IDX_GROUPS), self._view("pods", IDX_PODS), node_fake)
+        pods = self._view("pods", IDX_PODS)
+        changed = await self.poller.poll(self._view("backbonegroups", IDX_GROUPS), pods, node_fake)
+        gated = sorted({(p["namespace"], p["labels"][LABEL_GROUP]) for p in pods.values() if p.get("gated")
+                        and (p.get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY and LABEL_GROUP in p["labels"]})
+        for gk in gated:
+            msg = kueue.waiting_message(await kueue.workload(self.client, *gk))
+            if self.workload_msgs.get(gk) != msg:
+                self.workload_msgs[gk], changed = msg, True
+        for gk in [gk for gk in self.workload_msgs if gk not in gated]:
+            del self.workload_msgs[gk]
+        return changed

@@ -6,6 +6,10 @@ PriorityClass, ...) is not retried at the reconcile rate: each group backs off e
 (``pod_backoff_base`` doubling up to ``pod_backoff_cap``), every attempt logs one line, the
 member tasks get the API server's message in their Running condition, and a Warning Event is
 posted on each member task.
+
+The group's pods are a gang (operator/gang.py): created together once they all fit (or, with
+Kueue, all at once for Kueue to admit together), and restarted together when one is lost: with
+Kueue its Workload is deleted first (operator/kueue.py), then every pod.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import time
 from dataclasses import dataclass
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator import resources
+from muxtune.operator.config import ANN_QUEUE
+from muxtune.operator import gang, kueue, resources
 from muxtune.operator.kube import ApiError
 from muxtune.operator.world import compact_pod
 
@@ -83,6 +88,9 @@ class GroupsMixin:
             await self._create_once("v1", "secrets", ns, resources.key_secret_manifest(gobj, self.keys.key(gobj)))
             if self.config.engine_pdb:
                 await self._create_once("policy/v1", "poddisruptionbudgets", ns, resources.pdb_manifest(gobj))
+            if int(((gobj.get("spec") or {}).get("parallelism") or {}).get("dp", 1)) > 1:
+                await self._create_once("networking.k8s.io/v1", "networkpolicies", ns,
+                                        resources.network_policy_manifest(gobj, self.config))
             for rank in missing:
                 pod, _ = await self.client.create_or_adopt(
                     "v1", "pods", ns, resources.pod_manifest(gobj, rank, self.config, bm, priority))
@@ -139,44 +147,93 @@ class GroupsMixin:
         if svc is None:
             svc, _ = await self.client.create_or_adopt("v1", "services", ns, resources.service_manifest(gobj, cfg))
             self._note("services", svc)
-        dp = gp.parallelism.dp
-        have = {p["name"] for p in gpods}
-        missing = [r for r in range(dp) if resources.pod_name(name, r) not in have]
-        if missing:
-            priority = max((p.spec.priority for p in parsed_members), default=0)
-            await self._create_pods(gk, gobj, missing, bm, priority, members)
+        names = [resources.pod_name(name, r) for r in range(gp.parallelism.dp)]
+        ok, why = self.gang_fits.get(gk, (True, ""))
+        decision = gang.decide(gpods, names, gobj, now=time.time(), max_restarts=cfg.max_group_restarts,
+                               backoff_base=cfg.pod_backoff_base, backoff_cap=cfg.pod_backoff_cap,
+                               creation_refused=self.backoff.refused(gk) is not None, queued=bool(gp.queue),
+                               fits=lambda: (ok, why))
+        self.gang[gk] = decision
+        if decision.action == gang.RESTART:
+            gobj = await self._restart_group(gk, gobj, gpods, decision.message, bool(gp.queue), members)
+        elif decision.action == gang.CREATE:
+            if len(decision.ranks) == len(names) and gp.queue and not await kueue.gone(self.client, ns, name):
+                self.gang[gk] = gang.Decision(gang.WAIT, reason="GroupRestarting",
+                                              message="waiting for Kueue to delete the group's previous Workload")
+                asyncio.get_running_loop().call_later(1.0, self.kick)
+            else:
+                priority = max((p.spec.priority for p in parsed_members), default=0)
+                await self._create_pods(gk, gobj, list(decision.ranks), bm, priority, members)
         else:
-            self.backoff.succeeded(gk)
+            if decision.action == gang.STEADY:
+                self.backoff.succeeded(gk)
+            if decision.retry_in is not None:
+                asyncio.get_running_loop().call_later(decision.retry_in + 0.05, self.kick)
         await self._group_status(gk, gp, gobj, gpods)
         return True
+
+    async def _restart_group(self, gk, gobj, gpods, reason: str, queued: bool, member_objs: list[dict]) -> dict:
+        """A lost pod broke the group's world: every pod goes (the Workload first), to be recreated."""
+        ns, name = gk
+        restarts = gang.restarts_of(gobj)[0] + 1
+        log.warning("group %s/%s: %s", ns, name, reason)
+        gobj = await self.client.patch(API, "backbonegroups", ns, name, {"metadata": {
+            "annotations": gang.restart_annotations(restarts, reason, time.time())}})
+        self._note("backbonegroups", gobj)
+        if queued:
+            await kueue.delete_workload(self.client, ns, name)
+        await self._delete_pods(gpods)
+        self.poller.forget_running(gk)
+        for t in member_objs:
+            await self.event(t, "Warning", "GroupRestarting", f"BackboneGroup {name}: {reason}")
+        return gobj
+
+    async def _delete_pods(self, gpods) -> None:
+        for p in gpods:
+            if not p["deleting"]:
+                await self.client.delete("v1", "pods", p["namespace"], p["name"])
+                # seen as terminating until the watch shows it gone: its name is not free yet
+                self._note("pods", {**p, "deleting": True, "metadata": {**p["metadata"], "resourceVersion": str(
+                    int(p["metadata"].get("resourceVersion") or 0) + 1)}})
 
     async def _group_status(self, gk, gp, gobj, gpods) -> None:
         ns, name = gk
         dp = gp.parallelism.dp
         pod_list = sorted([p for p in gpods if not p["deleting"]], key=lambda p: p["name"])
-        phase = "Pending"
-        if any(p["phase"] == "Failed" for p in pod_list):
-            phase = "Failed"
+        decision = self.gang.get(gk) or gang.Decision(gang.STEADY)
+        ready = sum(1 for p in pod_list if p.get("ready"))
+        phase, reason, msg = "Pending", "PodsPending", f"{ready}/{dp} pod(s) ready"
+        refused = self.backoff.refused(gk)
+        if decision.action == gang.FAILED:
+            phase, reason, msg = "Failed", "PodFailed", decision.message
+        elif decision.action in (gang.RESTART, gang.WAIT) and decision.reason == "GroupRestarting":
+            phase, reason, msg = "Degraded", "GroupRestarting", decision.message
+        elif decision.action == gang.WAIT:
+            reason, msg = decision.reason, decision.message
+        elif refused:
+            reason, msg = "PodCreationRefused", f"pod creation refused: {refused.message}"
+        elif any(p.get("gated") for p in pod_list):
+            reason, msg = "WaitingForAdmission", self.workload_msgs.get(gk) or kueue.waiting_message(None)
         elif len(pod_list) >= dp and all(p["phase"] == "Running" for p in pod_list):
-            phase = "Running"
+            phase, reason = "Running", "PodsRunning"
         want_status = {
             "phase": phase,
             "pods": [resources.pod_name(name, r) for r in range(dp)],
-            "readyPods": sum(1 for p in pod_list if p.get("ready")),
+            "readyPods": ready,
+            "podsReady": f"{ready}/{dp}",
+            "layout": f"dp{dp} x tp{gp.parallelism.tp} x pp{gp.parallelism.pp}",
+            "restarts": gang.restarts_of(gobj)[0],
             "taskCount": len(gp.members),
             "gpus": gp.gpus,
             "memoryPlannedBytes": gp.memory_per_gpu_bytes * gp.gpus,
             "observedGeneration": gobj["metadata"].get("generation"),
         }
         cur = gobj.get("status") or {}
-        refused = self.backoff.refused(gk)
-        cond_msg = f"pod creation refused: {refused.message}" if refused else f"{want_status['readyPods']}/{dp} pod(s) ready"
         old_cond = next((c for c in cur.get("conditions") or [] if c.get("type") == "Ready"), None)
-        if any(cur.get(k) != v for k, v in want_status.items()) or (old_cond or {}).get("message") != cond_msg:
-            cond = {"type": "Ready", "status": "True" if phase == "Running" else "False",
-                    "reason": "PodCreationRefused" if refused else
-                    {"Running": "PodsRunning", "Failed": "PodFailed"}.get(phase, "PodsPending"),
-                    "message": cond_msg, "lastTransitionTime": _utcnow()}
+        if any(cur.get(k) != v for k, v in want_status.items()) or (old_cond or {}).get("message") != msg \
+                or (old_cond or {}).get("reason") != reason:
+            cond = {"type": "Ready", "status": "True" if phase == "Running" else "False", "reason": reason,
+                    "message": msg[:1024], "lastTransitionTime": _utcnow()}
             if old_cond and old_cond.get("status") == cond["status"]:
                 cond["lastTransitionTime"] = old_cond.get("lastTransitionTime") or cond["lastTransitionTime"]
             want_status["conditions"] = [cond]
@@ -186,10 +243,9 @@ class GroupsMixin:
     async def _delete_group(self, gobj, gpods, cm, svc) -> None:
         ns, name = gobj["metadata"]["namespace"], gobj["metadata"]["name"]
         log.info("group %s/%s has no active members: tearing it down", ns, name)
-        for p in gpods:
-            if not p["deleting"]:
-                await self.client.delete("v1", "pods", ns, p["name"])
-                self._note("pods", None, (ns, p["name"]))
+        if (gobj["metadata"].get("annotations") or {}).get(ANN_QUEUE):
+            await kueue.delete_workload(self.client, ns, name)  # else Kueue's finalizer keeps the pods
+        await self._delete_pods(gpods)
         if cm is not None:
             await self.client.delete("v1", "configmaps", ns, cm["metadata"]["name"])
             self._note("configmaps", None, (ns, cm["metadata"]["name"]))

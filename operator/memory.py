@@ -1,39 +1,43 @@
-"""GPU memory model for one backbone group: pure arithmetic, no API calls, no clock.
+"""GPU memory model of one backbone group, per rank: pure arithmetic, no API calls, no clock, no torch.
 
-Per GPU of a group with parallelism dp x tp x pp (tp and pp inside one pod, dp pods):
+A group with parallelism dp x tp x pp runs dp replicas (pods) of a pipeline of pp stages, each
+stage's Linears sharded over tp ranks. Every rank of stage ``s`` holds, term by term, what the
+engine (engine/stage.py, engine/peft/, engine/parallel/) keeps there:
 
-    weights / (tp * pp)
-  + sum over member tasks of
-        adapter state / (tp * pp)          params + grads + fp32 master + AdamW m and v
-      + activations / (tp * dp)            for the task's per-step token budget
-  + runtime reserve                        CUDA context, NCCL buffers, allocator fragmentation
+* **weights**: the frozen backbone's parameters of the stage's decoder layers (Linear weights
+  / tp; norms replicated), plus the embedding on the first stage and the final norm and LM head on
+  the last. Layers are split over stages exactly as the engine splits them
+  (:func:`split_layers`, the same cost model and dynamic programme as engine/parallel/split.py).
+* **adapter state**: 16 bytes per trainable parameter of the member tasks' deltas on the stage:
+  the engine keeps deltas in fp32 whatever the backbone dtype (the parameter 4, its gradient 4,
+  AdamW's two moments 8). Under tp a column-parallel module (q/k/v/gate/up) shards LoRA B, a
+  row-parallel one (o/down) shards LoRA A, the other factor replicated.
+* **activations**: the tensors autograd saves for backward, counted for the engine's Llama-style
+  blocks with SDPA attention (flash / memory-efficient kernels: no score matrix), per token and
+  layer: the two RMSNorm inputs (HF upcasts them to fp32: 4 bytes each whatever the dtype) and
+  their rstd, attention's q, k, v (k and v repeated to every head) and output plus its
+  log-sum-exp, the MLP's gate, up and activation outputs; frozen Linears save no input. Each
+  task adds its deltas' saved tensors on its own tokens (LoRA: its input, sharded for a
+  row-parallel base, and the rank-r intermediate), IA3 a scaled tensor and its per-token scales
+  on every token of the micro-batch it is in. Per micro-batch: the block-diagonal mask
+  (tokens x sequence length) and the rotary cos/sin; on the last stage the final norm's input and
+  the fp32 log-softmax over the vocabulary (every token counted as a label: an upper bound).
+  Which micro-batches are alive at once follows the engine's schedule: with pp = 1 one fused
+  micro-batch holds every member's step share; with pp > 1 each task's replica share is split
+  into up to pp micro-batches and stage ``s`` of a 1F1B flush holds at most ``pp - s`` of them
+  (the largest ones are assumed). dp splits each task's batch over the replicas.
+* **transient**: the gradient of the logits at the start of backward (not saved, but alive with
+  everything above on the last stage).
+* **reserve**: 1 GiB (CUDA context, NCCL buffers) plus 5% of the GPU (allocator fragmentation).
 
-Figures and why:
-
-* Weights: ``parameters * dtype bytes``. tp shards every linear layer, pp splits the layers.
-* Adapter state, 16 bytes per trainable parameter: the parameter and its gradient in the
-  compute dtype (2 + 2 for bf16), an fp32 master copy (4) and AdamW's two fp32 moments (8);
-  for fp32 compute the master copy is the parameter itself, which again gives 4 + 4 + 8.
-  LoRA adds ``r * (d_in + d_out)`` per adapted module per layer, IA3 one vector of d_out
-  (d_in for feed-forward modules). Module shapes come from the name (q/k/v/o projections are
-  h x h, gate/up are h x ffn, down is ffn x h), with ``ffn`` derived from the parameter count.
-* Activations: ``tokens * layers * hidden * 17 * dtype bytes`` with ``tokens = batchSize *
-  maxSeqLen``. Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
-  Models" (2022), count ``s*b*h*(34 + 5*a*s/h)`` bytes per layer for 16-bit training without
-  recomputation; with fused (flash / SDPA) attention the ``5*a*s/h`` score term is not stored,
-  leaving 34 bytes = 17 values of width h per token per layer. A frozen backbone saves a little
-  less (inputs of frozen linears are not kept for weight gradients), so 17 is an upper estimate
-  the operator can lower with ``activation_factor``. Logits add ``tokens * vocab * (dtype + 8)``
-  bytes (the logits, their fp32 up-cast for the loss and its gradient). The sizing assumes every
-  member fuses its whole step into one forward/backward (spatial multiplexing, no task waits);
-  tp shards activations (with sequence parallelism), dp splits the batch, and pp does not
-  lower the first stage's peak under 1F1B (it holds pp micro-batches of L/pp layers).
-* Reserve: 1 GiB (CUDA context + NCCL) plus 5% of the GPU for allocator fragmentation.
+The sizing assumes every member's whole step fuses into one round (the engine's token budget can
+only lower what is alive). tests/operator/test_memory_model.py measures the engine's ranks on CPU
+(parameter, gradient and AdamW bytes; the peak of live saved tensors) and checks these terms.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from muxtune.api.basemodel import Architecture
@@ -42,30 +46,35 @@ MiB = 1024**2
 GiB = 1024**3
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ADAPTER_STATE_BYTES_PER_PARAM = 16
-DEFAULT_ACTIVATION_FACTOR = 17.0
+ADAPTER_STATE_BYTES_PER_PARAM = 16  # fp32 delta + fp32 gradient + AdamW exp_avg + exp_avg_sq
+FP32 = 4
 DEFAULT_VOCAB = 32000
+NOMINAL_CONTEXT = 256  # the engine's attention cost term when splitting layers (engine/parallel/split.py)
 
 # Figures of the engine's built-in test models (engine/models.py BUILTIN_CONFIGS, byte tokenizer
-# with 259 tokens). Kept here so the operator never imports the engine (torch).
+# with 259 tokens, untied LM head). Kept here so the operator never imports the engine (torch).
 BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
     "tiny-llama": Architecture(
-        parameters=800_000, layers=4, hidden_size=128, num_attention_heads=4, vocab_size=259, dtype="bfloat16"
+        parameters=804_736, layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=352, vocab_size=259, dtype="bfloat16",
     ),
     "small-llama": Architecture(
-        parameters=25_500_000, layers=8, hidden_size=512, num_attention_heads=8, vocab_size=259, dtype="bfloat16"
+        parameters=23_473_664, layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
+        intermediate_size=1376, vocab_size=259, dtype="bfloat16",
     ),
 }
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query", "key", "value", "c_attn", "c_proj", "qkv_proj", "dense")
+_KV = ("k_proj", "v_proj", "key", "value")
 _UP = ("gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3", "gate_up_proj", "dense_h_to_4h")
 _DOWN = ("down_proj", "fc2", "w2", "dense_4h_to_h")
+_ROW_PARALLEL = ("o_proj", "out_proj", "c_proj", "dense") + _DOWN  # sharded on the input under tp
 _VOCAB = ("lm_head", "embed_tokens", "wte")
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    activation_factor: float = DEFAULT_ACTIVATION_FACTOR
+    activation_scale: float = 1.0  # multiplies the modelled activations (e.g. < 1 under recomputation)
     reserve_fixed_bytes: int = 1 * GiB
     reserve_fraction: float = 0.05
 
@@ -101,24 +110,81 @@ class TaskShape:
     max_seq_len: int = 512
 
     @property
+    def seq_len(self) -> int:
+        return self.max_seq_len + self.num_virtual_tokens
+
+    @property
     def tokens(self) -> int:
-        return self.batch_size * (self.max_seq_len + self.num_virtual_tokens)
+        return self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Module:
+    """One adapted module kind: (d_in, d_out) per layer, or once outside the layers (vocab modules)."""
+
+    name: str
+    d_in: int
+    d_out: int
+    per_layer: bool
+    row_parallel: bool
 
 
 @dataclass(frozen=True)
 class TaskMemory:
+    """A task's figures, unsharded; :func:`rank_memory` places them on ranks."""
+
+    shape: TaskShape
     trainable_params: int
     adapter_state_bytes: int  # unsharded
-    activation_bytes: int  # unsharded, for the task's whole step
+    activation_bytes: int  # unsharded: the whole step in one micro-batch on one rank
+    modules: tuple[Module, ...] = field(default=(), repr=False)
 
     @property
     def total_bytes(self) -> int:
         return self.adapter_state_bytes + self.activation_bytes
 
-    def per_gpu(self, par: Parallelism) -> int:
-        return math.ceil(self.adapter_state_bytes / (par.tp * par.pp)) + math.ceil(
-            self.activation_bytes / (par.tp * par.dp)
-        )
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one GPU (rank) of pipeline stage ``stage``."""
+
+    stage: int
+    layers: int
+    weights: int
+    adapter_state: int
+    activations: int
+    transient: int
+    reserve: int
+
+    @property
+    def resident(self) -> int:
+        """What the engine holds at its peak (the terms the engine's accounting measures)."""
+        return self.weights + self.adapter_state + self.activations
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.transient + self.reserve
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+_CACHE: dict = {}  # the planner asks the same questions many times per plan
+
+
+def _cached(key, compute):
+    value = _CACHE.get(key)
+    if value is None:
+        if len(_CACHE) > 100_000:
+            _CACHE.clear()
+        value = _CACHE[key] = compute()
+    return value
+
+
+def _akey(arch: Architecture) -> tuple:
+    return (arch.parameters, arch.layers, arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads,
+            arch.intermediate_size, arch.vocab_size, arch.dtype)
+
 
 
 def dtype_bytes(arch: Architecture) -> int:
@@ -129,62 +195,349 @@ def weight_bytes(arch: Architecture) -> int:
     return arch.parameters * dtype_bytes(arch)
 
 
-def ffn_size(arch: Architecture) -> int:
-    """Feed-forward width, from the parameter count of a gated (Llama-style) block.
+def heads(arch: Architecture) -> int:
+    return arch.num_attention_heads or max(1, arch.hidden_size // 128)
 
-    per-layer params ~ 4h^2 (attention) + 3*h*ffn (gate, up, down); clamped to [h, 8h],
-    falling back to 8h/3 when the count is too small to say.
-    """
+
+def kv_size(arch: Architecture) -> int:
+    """Width of k_proj/v_proj outputs (grouped-query attention shrinks them)."""
+    h, n = arch.hidden_size, heads(arch)
+    return h * (arch.num_key_value_heads or n) // n
+
+
+def _vocab(arch: Architecture) -> int:
+    return arch.vocab_size or DEFAULT_VOCAB
+
+
+def ffn_size(arch: Architecture) -> int:
+    """Feed-forward width: the figure when given, else from the parameter count of a gated
+    (Llama-style) block: per layer 2h^2 + 2h*kv (attention) + 3*h*ffn; clamped to [h, 8h], 8h/3
+    when the count is too small to say."""
+    if arch.intermediate_size:
+        return arch.intermediate_size
     h, L = arch.hidden_size, arch.layers
-    embed = 2 * (arch.vocab_size or 0) * h
+    embed = 2 * _vocab(arch) * h if arch.vocab_size else 0
     per_layer = (arch.parameters - embed) / L
-    ffn = (per_layer - 4 * h * h) / (3 * h)
+    ffn = (per_layer - 2 * h * h - 2 * h * kv_size(arch)) / (3 * h)
     if ffn < h:
         ffn = 8 * h / 3
     return int(min(ffn, 8 * h))
 
 
-def _module_shape(name: str, arch: Architecture) -> tuple[int, int, int]:
-    """(d_in, d_out, count) of the modules a target name matches (suffix match)."""
+def layer_linear_params(arch: Architecture) -> int:
+    h = arch.hidden_size
+    return 2 * h * h + 2 * h * kv_size(arch) + 3 * h * ffn_size(arch)
+
+
+def module_of(name: str, arch: Architecture) -> Module:
+    """The shape of the modules a target name matches (suffix match)."""
     h = arch.hidden_size
     base = name.rsplit(".", 1)[-1]
     if base in _UP:
-        return h, ffn_size(arch), arch.layers
+        return Module(base, h, ffn_size(arch), True, False)
     if base in _DOWN:
-        return ffn_size(arch), h, arch.layers
+        return Module(base, ffn_size(arch), h, True, True)
     if base in _VOCAB:
-        return h, arch.vocab_size or DEFAULT_VOCAB, 1
+        return Module(base, h, _vocab(arch), False, False)
+    if base in _KV:
+        return Module(base, h, kv_size(arch), True, False)
     # attention projections and anything unknown: h x h in every layer
-    return h, h, arch.layers
+    return Module(base, h, h, True, base in _ROW_PARALLEL)
+
+
+def _module_params(shape: TaskShape, m: Module, tp: int = 1) -> int:
+    """Trainable parameters of one delta on one tp rank."""
+    if shape.method == "ia3":
+        width = m.d_in if m.name in shape.feedforward_modules else m.d_out
+        sharded = m.row_parallel if m.name in shape.feedforward_modules else not m.row_parallel
+        return math.ceil(width / tp) if sharded and m.per_layer else width
+    # LoRA (and, conservatively, any unknown method): A is r x d_in, B is d_out x r
+    if not m.per_layer or tp == 1:
+        return shape.r * (m.d_in + m.d_out)
+    if m.row_parallel:
+        return shape.r * (math.ceil(m.d_in / tp) + m.d_out)
+    return shape.r * (m.d_in + math.ceil(m.d_out / tp))
 
 
 def trainable_params(shape: TaskShape, arch: Architecture) -> int:
-    if shape.method == "lora":
-        total = 0
-        for m in shape.target_modules:
-            d_in, d_out, n = _module_shape(m, arch)
-            total += shape.r * (d_in + d_out) * n
-        return total
-    if shape.method == "ia3":
-        total = 0
-        for m in shape.target_modules:
-            d_in, d_out, n = _module_shape(m, arch)
-            total += (d_in if m in shape.feedforward_modules else d_out) * n
-        return total
     if shape.method == "prompt_tuning":
         return max(shape.num_virtual_tokens, 1) * arch.hidden_size
-    # an unknown method: size it like LoRA on the listed modules (conservative)
-    return trainable_params(TaskShape(**{**shape.__dict__, "method": "lora"}), arch)
+    total = 0
+    for name in shape.target_modules:
+        m = module_of(name, arch)
+        total += _module_params(shape, m) * (arch.layers if m.per_layer else 1)
+    return total
+
+
+# --------------------------------------------------------------------------- pipeline split
+
+
+def split_layers(arch: Architecture, stages: int) -> list[tuple[int, int]]:
+    return list(_cached(("split", _akey(arch), stages), lambda: tuple(_split_layers(arch, stages))))
+
+
+def _split_layers(arch: Architecture, stages: int) -> list[tuple[int, int]]:
+    """(start, end) decoder layers per stage: engine/parallel/split.py's balanced split (cost in
+    multiply-accumulates per token: a layer's Linear weights plus attention over NOMINAL_CONTEXT
+    positions; the embedding lookup on the first stage, norm and LM head on the last), contiguous
+    ranges minimising the costliest stage, ties to the split that puts layers earlier."""
+    n = arch.layers
+    if stages <= 1:
+        return [(0, n)]
+    h = arch.hidden_size
+    layer = float(layer_linear_params(arch) + 2 * h * NOMINAL_CONTEXT)
+    embed, head = float(h), float(_vocab(arch) * h + h)
+
+    def cost(s: int, a: int, b: int) -> float:
+        return (b - a) * layer + (embed if s == 0 else 0.0) + (head if s == stages - 1 else 0.0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages)]
+    cut = [[0] * (n + 1) for _ in range(stages)]
+    for b in range(1, n + 1):
+        best[0][b] = cost(0, 0, b)
+    for s in range(1, stages):
+        for b in range(s + 1, n + 1):
+            for a in range(s, b):
+                v = max(best[s - 1][a], cost(s, a, b))
+                if v < best[s][b]:
+                    best[s][b], cut[s][b] = v, a
+    bounds, b = [], n
+    for s in range(stages - 1, 0, -1):
+        a = cut[s][b]
+        bounds.append((a, b))
+        b = a
+    bounds.append((0, b))
+    return bounds[::-1]
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def base_bytes_per_token_layer(arch: Architecture, tp: int = 1) -> float:
+    """Saved for backward by one decoder layer per token, without any delta."""
+    d, h = dtype_bytes(arch), arch.hidden_size
+    norms = 2 * (h + 1) * FP32  # two RMSNorm inputs (upcast to fp32) and their rstd
+    attention = 4 * h * d / tp + heads(arch) / tp * FP32  # q, k, v (all heads), output; log-sum-exp
+    mlp = 3 * ffn_size(arch) * d / tp  # gate, up, act(gate)
+    return norms + attention + mlp
+
+
+_INPUT_GROUPS = (  # modules reading the same input tensor, and how wide it is
+    ("attention input", ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj")),
+    ("attention output", ("o_proj", "out_proj", "c_proj", "dense")),
+    ("mlp input", _UP),
+    ("mlp hidden", _DOWN),
+)
+
+
+def _input_group(m: Module, arch: Architecture, tp: int) -> tuple[str, float]:
+    """(group, elements per token) of the tensor a delta on ``m`` must keep: the norm outputs are
+    kept only for the deltas; the attention output is already saved by attention (o_proj reads a
+    view of it); the MLP hidden state (down_proj's input) is new and sharded under tp."""
+    for group, names in _INPUT_GROUPS:
+        if m.name in names:
+            if group == "attention output":
+                return group, 0.0
+            return group, (m.d_in / tp if m.row_parallel else m.d_in)
+    return m.name, float(m.d_in)
+
+
+def delta_inputs(shape: TaskShape, arch: Architecture, tp: int = 1) -> dict[str, float]:
+    """Bytes per token, by input group, that the task's deltas keep for every token of a micro-batch
+    they are in: one copy of each distinct input (the fused LoRA kernel reads rows through the
+    permutation; engine/lora_kernel.py), and for IA3 the scaled tensor and its per-token scales
+    (other tasks' tokens are scaled by one)."""
+    d, out = dtype_bytes(arch), {}
+    if shape.method not in ("lora", "ia3"):
+        return out
+    for name in shape.target_modules:
+        m = module_of(name, arch)
+        if not m.per_layer:
+            continue
+        group, width = _input_group(m, arch, tp)
+        if shape.method == "lora" or name in shape.feedforward_modules:
+            out[group] = max(out.get(group, 0.0), width * d)  # the input, once per group
+        if shape.method == "ia3":
+            width = m.d_in if name in shape.feedforward_modules else m.d_out
+            sharded = m.row_parallel if name in shape.feedforward_modules else not m.row_parallel
+            scaled = ("scales " if name in shape.feedforward_modules else "scaled output and scales ") + m.name
+            out[scaled] = (1 if name in shape.feedforward_modules else 2) * width * d / (tp if sharded else 1)
+    return out
+
+
+def own_bytes_per_token_layer(shape: TaskShape, arch: Architecture, tp: int = 1) -> float:
+    """Saved by the task's LoRA deltas in one layer per token of the task: each module's rank-r
+    intermediate (fp32 in the fused kernel)."""
+    if shape.method != "lora":
+        return 0.0
+    return sum(shape.r * FP32 for n in shape.target_modules if module_of(n, arch).per_layer)
+
+
+def _task_terms(shape: TaskShape, arch: Architecture, tp: int) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """(base + own delta bytes per token and layer, shared delta inputs per token and layer)."""
+    return _cached(("terms", shape, _akey(arch), tp), lambda: (
+        base_bytes_per_token_layer(arch, tp) + own_bytes_per_token_layer(shape, arch, tp),
+        tuple(delta_inputs(shape, arch, tp).items())))
+
+
+class GroupMemory:
+    """The ranks of one group, members added one by one (the planner's first fit asks "and with
+    this task?" many times; each answer costs one pass over the group's micro-batches).
+
+    Micro-batches follow engine/parallel/plan.py: each member's step is split over the dp replicas;
+    with pp = 1 one fused micro-batch holds every member's share; with pp > 1 each share becomes up
+    to pp micro-batches of that task alone, interleaved (micro-batch i of every task, then i + 1),
+    and stage s holds the costliest window of pp - s consecutive ones (1F1B keeps that many in
+    flight)."""
+
+    def __init__(self, arch: Architecture, par: Parallelism, gpu_memory_bytes: int,
+                 config: MemoryConfig = MemoryConfig()):
+        self.arch, self.par, self.config = arch, par, config
+        self.split = split_layers(arch, par.pp)
+        n = len(self.split)
+        self.flags = [(b - a, s == 0, s == n - 1) for s, (a, b) in enumerate(self.split)]
+        self.weights = [_stage_weights(arch, *f, par.tp) for f in self.flags]
+        self.coef = [self._coefficients(s) for s in range(n)]
+        self.reserve = config.reserve(gpu_memory_bytes)
+        self.state = [0] * n
+        self.members: list[TaskMemory] = []
+        self.tokens = self.seq = 0  # pp = 1: the fused micro-batch
+        self.layer_bytes = 0.0
+        self.shared: dict[str, float] = {}
+        self.mbs: list[list[tuple[int, int, float]]] = []  # pp > 1: per task, (tokens, seq, layer bytes)
+
+    def _coefficients(self, s: int) -> tuple[int, float, float]:
+        """Stage s: (layers, bytes per token per sequence position, other bytes per token) of a
+        micro-batch besides its layers' saved tensors: the block-diagonal mask, rotary cos and
+        sin, and on the last stage the final norm's fp32 input and the fp32 log-softmax."""
+        arch, (layers, _first, last) = self.arch, self.flags[s]
+        d, h = dtype_bytes(arch), arch.hidden_size
+        per_token = 2 * (h // heads(arch)) * d + (((h + 1) + _vocab(arch)) * FP32 if last else 0)
+        return layers, float(d), float(per_token)
+
+    def _mb(self, tokens: int, seq: int, layer_bytes: float, s: int) -> float:
+        layers, per_pos, per_token = self.coef[s]
+        return layers * layer_bytes + tokens * (seq * per_pos + per_token)
+
+    def _task_mbs(self, m: TaskMemory) -> list[tuple[int, int, float]]:
+        def compute():
+            seqs = math.ceil(m.shape.batch_size / self.par.dp)
+            k = max(1, min(seqs, self.par.pp))
+            tokens = math.ceil(seqs / k) * m.shape.seq_len
+            own, inputs = _task_terms(m.shape, self.arch, self.par.tp)
+            return [(tokens, m.shape.seq_len, tokens * (own + sum(v for _, v in inputs)))] * k
+        return _cached(("mbs", m.shape, _akey(self.arch), self.par), compute)
+
+    def _activations(self, extra: TaskMemory | None, stages: list[int]) -> list[tuple[float, int]]:
+        """(activations, largest micro-batch tokens) of ``stages``, with ``extra`` as one more member."""
+        if self.par.pp == 1:
+            tokens, seq, layer_bytes, shared = self.tokens, self.seq, self.layer_bytes, self.shared
+            if extra is not None:
+                t = math.ceil(extra.shape.batch_size / self.par.dp) * extra.shape.seq_len
+                own, inputs = _task_terms(extra.shape, self.arch, self.par.tp)
+                tokens, seq, layer_bytes = tokens + t, max(seq, extra.shape.seq_len), layer_bytes + t * own
+                shared = dict(shared)
+                for k, v in inputs:
+                    shared[k] = max(shared.get(k, 0.0), v)
+            if not tokens:
+                return [(0.0, 0)]
+            return [(self._mb(tokens, seq, layer_bytes + tokens * sum(shared.values()), 0), tokens)]
+        per_task = self.mbs + ([self._task_mbs(extra)] if extra is not None else [])
+        order = [x[i] for i in range(max((len(x) for x in per_task), default=0)) for x in per_task if i < len(x)]
+        biggest = max((t for t, _, _ in order), default=0)
+        out = []
+        for s in stages:
+            layers, per_pos, per_token = self.coef[s]
+            sizes = [layers * lb + t * (q * per_pos + per_token) for t, q, lb in order]
+            window = min(len(sizes), self.par.pp - s)
+            run = best = sum(sizes[:window])
+            for i in range(window, len(sizes)):  # sliding window
+                run += sizes[i] - sizes[i - window]
+                if run > best:
+                    best = run
+            out.append((best, biggest))
+        return out
+
+    def _stage_state(self, m: TaskMemory) -> list[int]:
+        return [ADAPTER_STATE_BYTES_PER_PARAM * _cached(("state", m.shape, _akey(self.arch), self.par.tp) + f,
+                                                         lambda f=f: _stage_params(m, self.arch, self.par.tp, *f))
+                for f in self.flags]
+
+    def add(self, m: TaskMemory) -> GroupMemory:
+        self.members.append(m)
+        self.state = [a + b for a, b in zip(self.state, self._stage_state(m))]
+        if self.par.pp == 1:
+            t = math.ceil(m.shape.batch_size / self.par.dp) * m.shape.seq_len
+            own, inputs = _task_terms(m.shape, self.arch, self.par.tp)
+            self.tokens, self.seq, self.layer_bytes = self.tokens + t, max(self.seq, m.shape.seq_len), self.layer_bytes + t * own
+            for k, v in inputs:
+                self.shared[k] = max(self.shared.get(k, 0.0), v)
+        else:
+            self.mbs.append(self._task_mbs(m))
+        return self
+
+    def ranks(self, extra: TaskMemory | None = None, stages: list[int] | None = None) -> list[RankMemory]:
+        stages = list(range(len(self.flags))) if stages is None else stages
+        state = self.state if extra is None else [a + b for a, b in zip(self.state, self._stage_state(extra))]
+        out = []
+        for s, (act, biggest) in zip(stages, self._activations(extra, stages)):
+            layers, _first, last = self.flags[s]
+            out.append(RankMemory(s, layers, self.weights[s], state[s], int(math.ceil(act * self.config.activation_scale)),
+                                  biggest * _vocab(self.arch) * FP32 if last else 0, self.reserve))
+        return out
+
+    def busiest(self, extra: TaskMemory | None = None) -> int:
+        """Planned bytes on the busiest GPU (reserve included), with ``extra`` as one more member.
+        A middle stage with no more layers than the first holds no more than it (fewer micro-batches
+        in flight, no embedding), so only the first, the last and deeper middle stages are sized."""
+        n = len(self.flags)
+        stages = sorted({0, n - 1} | {s for s in range(1, n - 1) if self.flags[s][0] > self.flags[0][0]})
+        return max(r.total for r in self.ranks(extra, stages))
+
+
+# --------------------------------------------------------------------------- per task, per rank
 
 
 def task_memory(shape: TaskShape, arch: Architecture, config: MemoryConfig = MemoryConfig()) -> TaskMemory:
-    d = dtype_bytes(arch)
     params = trainable_params(shape, arch)
-    state = params * ADAPTER_STATE_BYTES_PER_PARAM
-    tokens = shape.tokens
-    act = tokens * arch.layers * arch.hidden_size * config.activation_factor * d
-    act += tokens * (arch.vocab_size or DEFAULT_VOCAB) * (d + 8)
-    return TaskMemory(trainable_params=params, adapter_state_bytes=state, activation_bytes=int(math.ceil(act)))
+    modules = tuple(module_of(n, arch) for n in shape.target_modules)
+    tm = TaskMemory(shape, params, params * ADAPTER_STATE_BYTES_PER_PARAM, 0, modules)
+    (one,) = GroupMemory(arch, Parallelism(), 0, config).add(tm).ranks()
+    return TaskMemory(shape, params, tm.adapter_state_bytes, one.activations, modules)
+
+
+def _stage_weights(arch: Architecture, layers: int, first: bool, last: bool, tp: int) -> int:
+    """The stage's frozen parameters in bytes, scaled so that the stages of a pp=1, tp=1 split add
+    up to the architecture's own parameter count (tied heads, biases, unusual blocks)."""
+    h, v = arch.hidden_size, _vocab(arch)
+    modelled = arch.layers * (layer_linear_params(arch) + 2 * h) + 2 * v * h + h
+    per_layer = layer_linear_params(arch) / tp + 2 * h
+    params = layers * per_layer + (v * h if first else 0) + (v * h + h if last else 0)
+    return int(math.ceil(params * arch.parameters / modelled * dtype_bytes(arch)))
+
+
+def _stage_params(m: TaskMemory, arch: Architecture, tp: int, layers: int, first: bool, last: bool) -> int:
+    """The task's trainable parameters on one rank of a stage with ``layers`` decoder layers."""
+    n = 0
+    for mod in m.modules:
+        k = _module_params(m.shape, mod, tp)
+        if mod.per_layer:
+            n += k * layers
+        elif (mod.name == "lm_head" and last) or (mod.name != "lm_head" and first):
+            n += k
+    if m.shape.method == "prompt_tuning" and first:
+        n += trainable_params(m.shape, arch)
+    return n
+
+
+def rank_memory(arch: Architecture, members: list[TaskMemory] | tuple[TaskMemory, ...], par: Parallelism,
+                gpu_memory_bytes: int, config: MemoryConfig = MemoryConfig()) -> list[RankMemory]:
+    """One RankMemory per pipeline stage (every dp replica and tp rank of a stage holds the same)."""
+    g = GroupMemory(arch, par, gpu_memory_bytes, config)
+    for m in members:
+        g.add(m)
+    return g.ranks()
 
 
 def group_memory_per_gpu(
@@ -195,8 +548,7 @@ def group_memory_per_gpu(
     config: MemoryConfig = MemoryConfig(),
 ) -> int:
     """Planned bytes on the busiest GPU of the group, reserve included."""
-    w = math.ceil(weight_bytes(arch) / (par.tp * par.pp))
-    return w + sum(m.per_gpu(par) for m in members) + config.reserve(gpu_memory_bytes)
+    return max(r.total for r in rank_memory(arch, members, par, gpu_memory_bytes, config))
 
 
 def fits(

@@ -9,224 +9,54 @@ Algorithm
    memory (adapter state + activations), then creation time, namespace and name.
 3. For each task, the candidate groups are those with the same backbone and a compatible
    tenancy (a namespace's own groups; shared groups only for tasks that set
-   ``shareAcrossNamespaces`` under the operator's ``opt-in`` policy, or any task under ``always``). First fit over existing
-   groups (by name; hot add), then over groups opened earlier in this plan.
+   ``shareAcrossNamespaces`` under the operator's ``opt-in`` policy, or any task under ``always``)
+   and the same Kueue queue (a queued task never leaves its namespace). First fit over existing
+   groups (by name; hot add), then over groups opened earlier in this plan. Fitting is the memory
+   model's busiest rank (operator/memory.py), members added one by one.
 4. Otherwise open a group: for every GPU class (product, memory) enumerate parallelisms
-   (powers of two, tp x pp within one node; dp pods only when no dp = 1 layout fits) that fit
-   the task, and score each by GPUs per task after a look-ahead first-fit of the compatible
-   pending tasks that follow. Lowest score wins (alone, that is the smallest GPU count), then
+   (powers of two, tp x pp within one node; dp pods, at most ``max_dp`` and at most the task's
+   batch size, only when no dp = 1 layout fits) that fit the task, and score each by GPUs per
+   task after a look-ahead first-fit of the compatible pending tasks that follow (a pipeline keeps
+   only a window of micro-batches in flight, so a pp group may hold many more tasks). Lowest score wins (alone, that is the smallest GPU count), then
    fewer GPUs, the larger GPU, product name. Its GPUs are reserved on nodes best-fit.
 5. Tasks that fit no class even at the largest parallelism, or that wait for free GPUs, or whose
    backbone has no size figures, are returned as unplaceable with a reason.
 
-Quality: a lower bound on GPUs, per backbone ceil((weights + sum of task memory) / the largest
-usable GPU memory), summed; ``Plan.gpus_allocated`` is measured against it.
+Quality: a lower bound on GPUs (:func:`lower_bound_gpus`); ``Plan.gpus_allocated`` is measured
+against it.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from muxtune.api.basemodel import Architecture
 from muxtune.operator.memory import (
-    MiB,
+    GroupMemory,
     MemoryConfig,
+    MiB,
     Parallelism,
     TaskMemory,
-    TaskShape,
     group_memory_per_gpu,
+    rank_memory,
     resolve_architecture,
     task_memory,
     weight_bytes,
 )
-
-SHARED = None  # tenancy of a group open to several namespaces
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    namespace: str
-    name: str
-    base_model: str
-    shape: TaskShape = TaskShape()
-    priority: int = 0
-    created: str = ""  # RFC 3339 creationTimestamp; sorts lexicographically
-    share: bool = False
-    uid: str = ""
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @classmethod
-    def from_task(cls, task) -> TaskRequest:
-        """From a muxtune.api FineTuneTask."""
-        spec, meta = task.spec, task.metadata
-        extra = meta.model_extra or {}
-        created = extra.get("creationTimestamp") or ""
-        return cls(
-            namespace=meta.namespace or "default",
-            name=meta.name,
-            uid=meta.uid or "",
-            base_model=spec.base_model,
-            priority=spec.priority,
-            created=str(created),
-            share=spec.share_across_namespaces,
-            shape=TaskShape(
-                method=spec.peft.method,
-                r=spec.peft.r,
-                target_modules=tuple(spec.peft.target_modules),
-                feedforward_modules=tuple(spec.peft.feedforward_modules),
-                num_virtual_tokens=int(getattr(spec.peft, "num_virtual_tokens", 0) or 0)
-                if spec.peft.method == "prompt_tuning"
-                else 0,
-                batch_size=spec.training.batch_size,
-                max_seq_len=spec.dataset.max_seq_len,
-            ),
-        )
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    name: str
-    gpus_allocatable: int
-    gpus_free: int
-    gpu_memory_mib: int
-    gpu_product: str = ""
-
-    @property
-    def gpu_class(self) -> tuple[str, int]:
-        return (self.gpu_product, self.gpu_memory_mib)
-
-
-@dataclass(frozen=True)
-class GroupState:
-    name: str
-    namespace: str
-    base_model: str
-    tenancy: str | None  # a namespace, or None (SHARED)
-    parallelism: Parallelism
-    gpu_memory_mib: int
-    gpu_product: str = ""
-    members: tuple[TaskRequest, ...] = ()
-    unbound_pods: int = 0  # pods created but not yet bound to a node (their GPUs are not in gpus_free)
-    accepting: bool = True  # False: failed or being torn down; never a hot-add target
-    # a shared group's pods mount only these namespaces' data and output areas (fixed at creation):
-    # a task of another namespace never joins it. None: no restriction (a namespace's own group).
-    namespaces: frozenset[str] | None = None
-
-
-@dataclass(frozen=True)
-class PlannerConfig:
-    # never: groups never mix namespaces; opt-in: tasks that both set spec.shareAcrossNamespaces
-    # may share; always: any tasks with the same backbone may share.
-    sharing_policy: Literal["never", "opt-in", "always"] = "opt-in"
-    shared_namespace: str = "muxtune-system"
-    max_tasks_per_group: int = 32
-    # 1 until the engine averages gradients across pods; the engine refuses WORLD_SIZE > 1
-    max_dp: int = 1
-    memory: MemoryConfig = MemoryConfig()
-
-
-@dataclass(frozen=True)
-class Placement:
-    task: str
-    group: str
-    new_group: bool
-
-
-@dataclass(frozen=True)
-class Unplaceable:
-    task: str
-    reason: str  # CamelCase, used as condition reason
-    message: str
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    name: str
-    namespace: str
-    base_model: str
-    tenancy: str | None
-    parallelism: Parallelism
-    gpu_product: str
-    gpu_memory_mib: int
-    members: tuple[str, ...]
-    memory_per_gpu_bytes: int
-    new: bool
-    changed: bool  # members added in this plan
-
-    @property
-    def gpus(self) -> int:
-        return self.parallelism.gpus
-
-    @property
-    def gpus_per_pod(self) -> int:
-        return self.parallelism.gpus_per_pod
-
-    @property
-    def pods(self) -> int:
-        return self.parallelism.dp
-
-
-@dataclass(frozen=True)
-class Plan:
-    placements: tuple[Placement, ...]
-    groups: tuple[GroupPlan, ...]
-    unplaceable: tuple[Unplaceable, ...]
-    gpus_allocated: int
-    gpus_new: int
-    lower_bound_gpus: int
-    memory_used_bytes: int
-    memory_allocated_bytes: int
-    # the same bound with each (backbone, tenancy) class paying its own weights: what the sharing
-    # policy allows at best (exact under "never"/"always"; under "opt-in" a sharing task could
-    # also join its own namespace's groups, so there it is an estimate, not a bound)
-    lower_bound_gpus_by_tenancy: int = 0
-
-    @property
-    def new_groups(self) -> tuple[GroupPlan, ...]:
-        return tuple(g for g in self.groups if g.new)
-
-    @property
-    def packing_efficiency(self) -> float:
-        return self.memory_used_bytes / self.memory_allocated_bytes if self.memory_allocated_bytes else 0.0
-
-    def placement_of(self, key: str) -> Placement | None:
-        for p in self.placements:
-            if p.task == key:
-                return p
-        return None
-
-    def to_dict(self) -> dict:
-        return {
-            "placements": [p.__dict__ for p in self.placements],
-            "groups": [
-                {
-                    "name": g.name,
-                    "namespace": g.namespace,
-                    "baseModel": g.base_model,
-                    "shared": g.tenancy is None,
-                    "new": g.new,
-                    "gpus": g.gpus,
-                    "gpusPerPod": g.gpus_per_pod,
-                    "parallelism": {"dp": g.parallelism.dp, "tp": g.parallelism.tp, "pp": g.parallelism.pp},
-                    "gpuProduct": g.gpu_product,
-                    "gpuMemoryMiB": g.gpu_memory_mib,
-                    "memoryPerGpuMiB": round(g.memory_per_gpu_bytes / MiB, 1),
-                    "members": list(g.members),
-                }
-                for g in self.groups
-            ],
-            "unplaceable": [u.__dict__ for u in self.unplaceable],
-            "gpusAllocated": self.gpus_allocated,
-            "gpusNew": self.gpus_new,
-            "lowerBoundGpus": self.lower_bound_gpus,
-            "lowerBoundGpusByTenancy": self.lower_bound_gpus_by_tenancy,
-            "packingEfficiency": round(self.packing_efficiency, 4),
-        }
+from muxtune.operator.placement import (  # noqa: F401  (re-exported: the planner's vocabulary)
+    QUEUE_LABEL,
+    SHARED,
+    GroupPlan,
+    GroupState,
+    NodeInfo,
+    Placement,
+    Plan,
+    PlannerConfig,
+    TaskRequest,
+    Unplaceable,
+)
 
 
 def group_name(base_model: str, tenancy: str | None, first_task_uid_or_key: str) -> str:
@@ -242,6 +72,9 @@ def group_name(base_model: str, tenancy: str | None, first_task_uid_or_key: str)
 
 
 def may_share(task: TaskRequest, config: PlannerConfig) -> bool:
+    """A queued task stays in its namespace: a LocalQueue is namespaced, the shared group is not there."""
+    if task.queue:
+        return False
     return config.sharing_policy == "always" or (config.sharing_policy == "opt-in" and task.share)
 
 
@@ -250,7 +83,9 @@ def tenancy_for(task: TaskRequest, config: PlannerConfig) -> str | None:
     return SHARED if may_share(task, config) else task.namespace
 
 
-def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig) -> bool:
+def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig, queue: str | None = None) -> bool:
+    if queue is not None and task.queue != queue:
+        return False
     if tenancy is SHARED:
         return may_share(task, config)
     return tenancy == task.namespace
@@ -265,10 +100,12 @@ def _pow2_upto(n: int) -> list[int]:
 
 
 def candidate_parallelisms(arch: Architecture, gpus_per_node: int, max_dp: int) -> list[Parallelism]:
-    """Every dp x tp x pp (powers of two; tp*pp within a node), fewest GPUs first, then dp, pp."""
+    """Every dp x tp x pp (powers of two; tp*pp within a node), fewest GPUs first, then dp, pp.
+    tp must divide the attention heads, the key/value heads and the MLP width where the
+    architecture gives them: the engine shards whole heads and whole columns, and refuses otherwise."""
     out = []
     for tp in _pow2_upto(gpus_per_node):
-        if arch.num_attention_heads and arch.num_attention_heads % tp:
+        if any(n and n % tp for n in (arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size)):
             continue
         for pp in _pow2_upto(gpus_per_node // tp):
             if pp > arch.layers:
@@ -330,18 +167,24 @@ class _OpenGroup:
     changed: bool = False
     accepting: bool = True
     namespaces: frozenset[str] | None = None
+    queue: str = ""
+    acc: GroupMemory | None = None
 
-    def memory_with(self, extra: list[TaskMemory], config: MemoryConfig) -> int:
-        return group_memory_per_gpu(self.arch, self.mems + extra, self.par, self.memory_mib * MiB, config)
+    def memory_with(self, extra: TaskMemory | None, config: MemoryConfig) -> int:
+        if self.acc is None or len(self.acc.members) != len(self.mems):
+            self.acc = GroupMemory(self.arch, self.par, self.memory_mib * MiB, config)
+            for m in self.mems:
+                self.acc.add(m)
+        return self.acc.busiest(extra)
 
     def accepts(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> bool:
         return (
             self.accepting
             and self.base_model == t.base_model
-            and compatible(t, self.tenancy, config)
+            and compatible(t, self.tenancy, config, self.queue)
             and (self.new or self.namespaces is None or t.namespace in self.namespaces)
             and len(self.members) < config.max_tasks_per_group
-            and self.memory_with([mem], config.memory) <= self.memory_mib * MiB
+            and self.memory_with(mem, config.memory) <= self.memory_mib * MiB
         )
 
 
@@ -350,11 +193,17 @@ def lower_bound_gpus(
     archs: Mapping[str, Architecture],
     gpu_classes: Iterable[tuple[str, int]],
     config: MemoryConfig = MemoryConfig(),
+    max_stages: int = 8,
+    max_tasks_per_group: int = 32,
 ) -> int:
-    """Per backbone ceil((weights + sum of tasks' unsharded memory) / largest usable GPU), summed.
+    """Per backbone max(groups, ceil(least bytes its tasks need / largest usable GPU)), summed.
 
-    Valid because sharding (tp, pp) and splitting (dp) never lower the total bytes a backbone's
-    tasks occupy across GPUs, and tasks of different backbones never share a GPU.
+    Its tasks need at least ceil(n / max_tasks_per_group) groups, each with a copy of the weights.
+    The least bytes: those copies, plus all tasks as if in one group whose pipeline is as deep as a
+    node allows, memory taken as fungible across GPUs (every adapter, and only the micro-batches a
+    1F1B pipeline keeps in flight). Valid because another layout never lowers it: more groups
+    repeat weights and in-flight micro-batches, tp replicates norms, dp splits batches, and tasks
+    of different backbones never share a GPU.
     """
     usable = max((mib * MiB - config.reserve(mib * MiB) for _, mib in gpu_classes), default=0)
     if usable <= 0:
@@ -363,8 +212,11 @@ def lower_bound_gpus(
     for model, mems in sorted(tasks_by_model.items()):
         if not mems:
             continue
-        need = weight_bytes(archs[model]) + sum(m.total_bytes for m in mems)
-        total += math.ceil(need / usable)
+        arch = archs[model]
+        groups = math.ceil(len(mems) / max(1, max_tasks_per_group))
+        need = min(sum(r.resident for r in rank_memory(arch, mems, Parallelism(pp=pp), usable, config))
+                   for pp in _pow2_upto(min(arch.layers, max(1, max_stages))))
+        total += max(groups, math.ceil((need + (groups - 1) * weight_bytes(arch)) / usable))
     return total
 
 
@@ -411,6 +263,7 @@ def plan(
             mems=[task_memory(m.shape, arch, mcfg) for m in g.members] if arch else [],
             accepting=g.accepting and arch is not None,
             namespaces=g.namespaces,
+            queue=g.queue,
         )
         open_groups.append(og)
         if g.unbound_pods > 0:
@@ -468,33 +321,29 @@ def plan(
         for u in ordered[i + 1:]:
             if len(ahead) >= 4 * config.max_tasks_per_group:
                 break
-            if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config):
+            if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config, t.queue):
                 ahead.append(mems[u.key])
-        w = weight_bytes(arch)
         cands = []
         fits_somewhere = False
         for cls in cap.classes():
             product, mib = cls
             cap_bytes = mib * MiB
-            reserve = mcfg.reserve(cap_bytes)
-            layouts = candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
-            fitting = [par for par in layouts
-                       if math.ceil(w / (par.tp * par.pp)) + reserve + mem.per_gpu(par) <= cap_bytes]
+            layouts = [par for par in candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
+                       if par.dp == 1 or par.dp <= t.shape.batch_size]  # every replica gets a sequence
+            accs = {par: GroupMemory(arch, par, cap_bytes, mcfg).add(mem) for par in layouts}
+            fitting = [par for par in layouts if accs[par].busiest() <= cap_bytes]
             if not fitting:
                 continue
             fits_somewhere = True
             single = [par for par in fitting if par.dp == 1] or fitting[:1]
             for order, par in enumerate(single):
-                used = math.ceil(w / (par.tp * par.pp)) + reserve + mem.per_gpu(par)
-                k = 1
+                acc = accs[par]
                 for m in ahead:
-                    if k >= config.max_tasks_per_group:
+                    if len(acc.members) >= config.max_tasks_per_group:
                         break
-                    x = m.per_gpu(par)
-                    if used + x <= cap_bytes:
-                        used += x
-                        k += 1
-                cands.append((par.gpus / k, par.gpus, -mib, product, order, par, cls))
+                    if acc.busiest(m) <= cap_bytes:
+                        acc.add(m)
+                cands.append((par.gpus / len(acc.members), par.gpus, -mib, product, order, par, cls))
         best = None  # (gpus, memory_mib, product, par, cls, nodes)
         for score, gpus, negmib, product, order, par, cls in sorted(cands, key=lambda c: c[:5]):
             where = cap.find(cls, par.dp, par.gpus_per_pod)
@@ -540,6 +389,7 @@ def plan(
             mems=[mem],
             new=True,
             changed=True,
+            queue=t.queue,
         )
         open_groups.append(og)
         placements.append(Placement(t.key, name, True))
@@ -569,6 +419,7 @@ def plan(
                 memory_per_gpu_bytes=per_gpu,
                 new=g.new,
                 changed=g.changed,
+                queue=g.queue,
             )
         )
         gpus += g.par.gpus
@@ -576,8 +427,10 @@ def plan(
         used += min(per_gpu, g.memory_mib * MiB) * g.par.gpus
         alloc += g.memory_mib * MiB * g.par.gpus
     classes = cap.classes() or [(g.product, g.memory_mib) for g in open_groups]
-    lb = lower_bound_gpus(by_model, archs, classes, mcfg)
-    lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg) for (m, _), mems_ in sorted(by_class.items()))
+    stages = max((cap.max_per_node(c) for c in cap.classes()), default=8)
+    k = config.max_tasks_per_group
+    lb = lower_bound_gpus(by_model, archs, classes, mcfg, stages, k)
+    lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg, stages, k) for (m, _), mems_ in sorted(by_class.items()))
     return Plan(
         placements=tuple(placements),
         groups=tuple(out_groups),

@@ -8,6 +8,18 @@ namespace's group mounts exactly its own namespace; a shared group the namespace
 shared group that already mounts its namespace). The group's HMAC key (engine/trust.py) comes
 from a Secret; the pod has no API token (automountServiceAccountToken false, a ServiceAccount
 with no bindings) and runs under the restricted Pod Security Standard.
+
+Parallel layouts run from the pod spec alone. A group of dp pods x (tp x pp) GPUs is one
+torch.distributed world of dp*tp*pp ranks: each pod runs ``muxtune run ... --dp --tp --pp`` with
+torchrun's variables PET_NNODES (dp), PET_NPROC_PER_NODE (tp*pp), PET_NODE_RANK (the pod's rank),
+PET_MASTER_ADDR (pod 0's DNS name through the group's headless Service: ``<group>-0.<group>.<ns>.svc``)
+and PET_MASTER_PORT, and no RANK/WORLD_SIZE, so muxtune's launcher (engine/parallel/launch.py, torch's
+elastic agent configured by torchrun's own parser) starts the pod's share of the ranks as torchrun
+would. One pod with one GPU runs a single process, as before. A multi-pod group's pods never restart
+in place (restartPolicy Never): a rank that fails fails its pod, and the operator restarts the whole
+group (operator/gang.py). Only pod 0 (global rank 0) serves /healthz, /metrics and /v1/status, so
+only it has a readiness probe. A group with a Kueue queue gives every pod the queue label, the
+pod-group name (the group's) and the total count, identical on all pods: one Workload, all or nothing.
 """
 from __future__ import annotations
 
@@ -18,15 +30,20 @@ from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     ANN_NAMESPACES,
     ANN_POD_TEMPLATE,
+    ANN_QUEUE,
     DATA_MOUNT,
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
     KEY_FILE,
     KEY_MOUNT,
+    KUEUE_POD_GROUP_LABEL,
+    KUEUE_QUEUE_LABEL,
+    KUEUE_TOTAL_COUNT_ANNOTATION,
     LABEL_GROUP,
     MODELS_MOUNT,
     OUTPUT_MOUNT,
+    RENDEZVOUS_PORT,
     SERVING_PORT,
     TASKS_FILE,
     TASKS_MOUNT,
@@ -58,18 +75,46 @@ def group_namespaces(group: dict) -> list[str]:
     return [meta["namespace"]]
 
 
-def engine_args(config: OperatorConfig, serving: dict | None = None) -> list[str]:
+def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, serving: dict | None = None) -> list[str]:
     """The engine's command line; with the group's spec.serving it also serves the adapters of the
-    members that enabled serving (and only those) on the serving port, within the group's SLOs."""
+    members that enabled serving (and only those) on the serving port, within the group's SLOs.
+    Serving runs in one process, so a group laid out over several ranks trains without it."""
     args = [
         "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
     ]
-    if serving:
+    if dp * tp * pp > 1:
+        args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
+    elif serving:
         args += ["--serve-port", str(serving.get("port", SERVING_PORT)), "--serve-host", "0.0.0.0",
                  "--serve-tasks", "enabled", "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
                  "--slo-tpot-ms", format(float(serving["sloTpotMs"]), "g")]  # 80 and 80.0 alike (JSON round trips)
     return args
+
+
+def master_addr(group: str, namespace: str, dp: int) -> str:
+    """Where the ranks meet: pod 0 through the headless Service, or this pod for a one-pod group."""
+    return f"{pod_name(group, 0)}.{group}.{namespace}.svc" if dp > 1 else "127.0.0.1"
+
+
+def torchrun_env(group: str, namespace: str, rank: int, dp: int, tp: int, pp: int) -> list[dict]:
+    """torchrun's PET_* defaults for this pod (none for a one-process group)."""
+    if dp * tp * pp == 1:
+        return []
+    return [{"name": k, "value": str(v)} for k, v in (
+        ("PET_NNODES", dp), ("PET_NPROC_PER_NODE", tp * pp), ("PET_NODE_RANK", rank),
+        ("PET_MASTER_ADDR", master_addr(group, namespace, dp)), ("PET_MASTER_PORT", RENDEZVOUS_PORT))]
+
+
+def kueue_metadata(group: dict) -> tuple[dict, dict]:
+    """(labels, annotations) that make the group's pods one Kueue pod group, or empty ones."""
+    meta = group["metadata"]
+    queue = (meta.get("annotations") or {}).get(ANN_QUEUE)
+    if not queue:
+        return {}, {}
+    dp = int(((group.get("spec") or {}).get("parallelism") or {}).get("dp", 1))
+    return ({KUEUE_QUEUE_LABEL: queue, KUEUE_POD_GROUP_LABEL: meta["name"]},
+            {KUEUE_TOTAL_COUNT_ANNOTATION: str(dp)})
 
 
 def _shared_volume(name: str, pvc: str | None, host_path: str | None, read_only: bool) -> dict:
@@ -152,7 +197,7 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
     meta, spec = group["metadata"], group["spec"]
     name, ns = meta["name"], meta["namespace"]
     par = spec.get("parallelism") or {}
-    dp = int(par.get("dp", 1))
+    dp, tp, pp = int(par.get("dp", 1)), int(par.get("tp", 1)), int(par.get("pp", 1))
     gpus = int(spec.get("gpusPerPod", 1))
     gpu_mem = (meta.get("annotations") or {}).get(ANN_GPU_MEMORY)
     product = spec.get("gpuProduct")
@@ -203,24 +248,22 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
         {"name": "MUXTUNE_GROUP_KEY_FILE", "value": f"{KEY_MOUNT}/{KEY_FILE}"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        # torch.distributed rendezvous for dp > 1 (rank 0 through the headless Service)
-        {"name": "WORLD_SIZE", "value": str(dp)},
-        {"name": "RANK", "value": str(rank)},
-        {"name": "MASTER_ADDR", "value": f"{pod_name(name, 0)}.{name}.{ns}.svc"},
-        {"name": "MASTER_PORT", "value": "29500"},
-        {"name": "MUXTUNE_TENSOR_PARALLEL", "value": str(par.get("tp", 1))},
-        {"name": "MUXTUNE_PIPELINE_PARALLEL", "value": str(par.get("pp", 1))},
+        *torchrun_env(name, ns, rank, dp, tp, pp),
     ]
+    ports = [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}]
+    if dp > 1:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+    if serving and dp * tp * pp == 1:
+        ports.append({"name": "serving", "containerPort": serving.get("port", SERVING_PORT), "protocol": "TCP"})
 
     container = {
         "name": "engine",
         "image": config.engine_image,
         "imagePullPolicy": config.engine_image_pull_policy,
         "command": ["muxtune"],
-        "args": engine_args(config, serving),
+        "args": engine_args(config, dp, tp, pp, serving),
         "env": env,
-        "ports": [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}]
-        + ([{"name": "serving", "containerPort": serving.get("port", SERVING_PORT), "protocol": "TCP"}] if serving else []),
+        "ports": ports,
         "resources": resources,
         "volumeMounts": mounts,
         "securityContext": {
@@ -233,16 +276,16 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": "metrics"},
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
     }
+    if rank == 0:  # global rank 0 serves the group's endpoints
+        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10,
+                                       "failureThreshold": 3}
     tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     tolerations += [t for t in config.engine_tolerations if t not in tolerations]
     pod_spec: dict = {
-        "restartPolicy": "OnFailure",  # a crashed engine resumes its tasks from their checkpoints
+        # one pod: a crashed engine restarts in place and resumes from its checkpoints; several: a
+        # failed rank fails its pod and the operator restarts the whole world (operator/gang.py)
+        "restartPolicy": "OnFailure" if dp == 1 else "Never",
         "hostname": pod_name(name, rank),
         "subdomain": name,
         "enableServiceLinks": False,
@@ -269,14 +312,15 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
     pc = priority_class(config, priority)
     if pc:
         pod_spec["priorityClassName"] = pc
+    kueue_labels, kueue_annotations = kueue_metadata(group)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": pod_name(name, rank),
             "namespace": ns,
-            "labels": {**(labels or {}), "muxtune.io/rank": str(rank)},
-            "annotations": {},
+            "labels": {**(labels or {}), **kueue_labels, "muxtune.io/rank": str(rank)},
+            "annotations": dict(kueue_annotations),
             "ownerReferences": [owner] if owner else [],
         },
         "spec": pod_spec,

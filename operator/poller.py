@@ -68,6 +68,12 @@ class EnginePoller:
         for g in [g for g in self.reach if g not in live_groups]:
             del self.reach[g]
 
+    def forget_running(self, gk: tuple[str, str]) -> None:
+        """The group's world was lost: what its engine said about unfinished tasks no longer holds."""
+        for k in [k for k, e in self.reports.items() if e.get("_group") == gk[1] and e.get("phase") not in ("Succeeded", "Failed")]:
+            del self.reports[k]
+        self.reach.pop(gk, None)
+
     def _fail(self, gk, error: str) -> bool:
         r = self.reach.setdefault(gk, Reach())
         r.failures += 1

@@ -12,6 +12,9 @@ Children (all in the group's namespace, all with an ownerReference to the group)
   ``serving`` (8000, the engine's OpenAI API when the group serves); also the DNS domain of the
   pods (rank 0 is the rendezvous for dp > 1).
 * PodDisruptionBudget ``<group>``: no voluntary eviction of a training pod.
+* NetworkPolicy ``<group>`` (groups of several pods): the pods accept connections from each other
+  (torch.distributed's store on pod 0 and its rank-to-rank links use many ports) and, from
+  anywhere, only on the metrics port; torch.distributed authenticates nobody.
 * Pods ``<group>-<rank>``: operator/podspec.py.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from muxtune.operator import podspec
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     ANN_NAMESPACES,
+    ANN_QUEUE,
     ANN_TENANCY,
     ENGINE_APP,
     KEY_FILE,
@@ -104,6 +108,8 @@ def group_manifest(plan: GroupPlan, members: list[dict], token_budget: int | Non
     }
     if plan.tenancy is None:  # shared: the namespaces its pods will mount, fixed from now on
         annotations[ANN_NAMESPACES] = ",".join(sorted({t["metadata"]["namespace"] for t in members}))
+    if plan.queue:  # its pods form one Kueue pod group in this LocalQueue, fixed from now on
+        annotations[ANN_QUEUE] = plan.queue
     return {
         "apiVersion": API_VERSION,
         "kind": "BackboneGroup",
@@ -225,6 +231,29 @@ def pdb_manifest(group: dict) -> dict:
             "ownerReferences": [owner_reference(group)],
         },
         "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {LABEL_GROUP: name, LABEL_COMPONENT: "engine"}}},
+    }
+
+
+def network_policy_manifest(group: dict, config: OperatorConfig) -> dict:
+    name = group["metadata"]["name"]
+    selector = {"matchLabels": {LABEL_GROUP: name, LABEL_COMPONENT: "engine"}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": name,
+            "namespace": group["metadata"]["namespace"],
+            "labels": group_labels(name),
+            "ownerReferences": [owner_reference(group)],
+        },
+        "spec": {
+            "podSelector": selector,
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": selector}]},
+                {"ports": [{"port": config.engine_metrics_port, "protocol": "TCP"}]},
+            ],
+        },
     }
 
 

@@ -7,13 +7,16 @@ Conditions: Placed, Running, EngineReachable (once the engine was polled), and C
 once terminal; lastTransitionTime is kept while a condition's status does not change. What keeps a
 placed task from running reaches its Running condition and message: a refused pod creation (quota,
 Pod Security: the API server's message), an unschedulable pod (the scheduler's message: taints, a
-missing PVC, ...), a container waiting (image pull, config errors).
+missing PVC, ...), a container waiting (image pull, config errors), and a group's gang state: its pods
+wait to fit all at once (WaitingForGang), wait for Kueue to admit their Workload (WaitingForAdmission),
+or the whole group restarts from checkpoints after a lost pod (GroupRestarting).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 TERMINAL = ("Succeeded", "Failed")
+GANG_STATES = {"gang": "WaitingForGang", "admission": "WaitingForAdmission", "restarting": "GroupRestarting"}
 ENGINE_PHASES = ("Pending", "Running", "Succeeded", "Failed")
 
 
@@ -27,7 +30,8 @@ class TaskView:
     group: str | None = None
     reason: str = ""  # unplaceable / pending reason
     message: str = ""
-    pod_state: str = "none"  # none | refused | pending | unschedulable | scheduled | waiting | running | failed
+    # none | refused | pending | unschedulable | scheduled | waiting | running | failed | gang | admission | restarting
+    pod_state: str = "none"
     pod_message: str = ""
     report: dict | None = None  # the engine's /v1/status entry for the task
     kueue: bool = False
@@ -143,7 +147,9 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
             conds = [placed, _cond("Running", "True", "EngineRunning", f"step {st['step']}")]
         else:
             st["phase"] = "Placed"
-            if ephase == "Pending":
+            if view.pod_state in GANG_STATES:
+                reason, msg = GANG_STATES[view.pod_state], view.pod_message
+            elif ephase == "Pending":
                 reason, msg = "EngineQueued", "the engine has the task and has not started it yet"
             elif view.pod_state == "refused":
                 reason, msg = "PodCreationRefused", view.pod_message
@@ -224,7 +230,7 @@ def condition_events(old: dict | None, new: dict) -> list[tuple[str, str, str]]:
             out.append(("Normal", "EngineReachable", "the engine answers status polls again"))
     run_o, run_n = o.get("Running", {}), n.get("Running", {})
     if (old or {}).get("phase") == new.get("phase") == "Placed" and run_n.get("reason") != run_o.get("reason") \
-            and run_n.get("reason") in ("PodUnschedulable", "ContainerWaiting"):
+            and run_n.get("reason") in ("PodUnschedulable", "ContainerWaiting", "WaitingForGang", "GroupRestarting"):
         out.append(("Warning", run_n["reason"], run_n.get("message", "")))
     return out
 

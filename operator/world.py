@@ -11,10 +11,12 @@ from muxtune.api.loader import format_validation_error
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     ANN_NAMESPACES,
+    ANN_QUEUE,
     ANN_TENANCY,
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
+    KUEUE_ADMISSION_GATE,
     KWOK_NODE_ANNOTATION,
 )
 from muxtune.operator.memory import Parallelism
@@ -89,6 +91,8 @@ def compact_pod(pod: Mapping) -> dict:
         "unschedulable": (sched.get("message") or sched.get("reason") or "unschedulable")
         if sched.get("status") == "False" else "",
         "waiting": f"{waiting.get('reason')}: {waiting.get('message') or ''}".rstrip(": ") if waiting else "",
+        # Kueue holds it back until its pod group's Workload is admitted
+        "gated": any(g.get("name") == KUEUE_ADMISSION_GATE for g in (pod.get("spec") or {}).get("schedulingGates") or []),
     }
 
 
@@ -149,8 +153,9 @@ def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, a
         unbound_pods=unbound_pods,
         accepting=accepting,
         namespaces=frozenset(n for n in ann.get(ANN_NAMESPACES, "").split(",") if n) if ten == "*" else None,
+        queue=ann.get(ANN_QUEUE, ""),
     )
 
 
-def task_request(task: FineTuneTask) -> TaskRequest:
-    return TaskRequest.from_task(task)
+def task_request(task: FineTuneTask, namespace_labels: Mapping[str, str] | None = None) -> TaskRequest:
+    return TaskRequest.from_task(task, namespace_labels)

@@ -58,6 +58,11 @@ class BackboneGroupStatus(ApiModel):
     )
     pods: list[str] = Field(default_factory=list, description="Names of the group's pods.")
     ready_pods: int = Field(default=0, description="Pods that are ready.")
+    pods_ready: str | None = Field(default=None, description="Pods ready / pods of the group, e.g. 1/2, for kubectl get.")
+    layout: str | None = Field(default=None, description="Parallel layout, e.g. dp2 x tp1 x pp1: dp pods of tp x pp GPUs.")
+    restarts: int | None = Field(
+        default=None, ge=0, description="Whole-group restarts after a lost or failed pod (all pods recreated together)."
+    )
     task_count: int | None = Field(default=None, ge=0, description="Member tasks (len(spec.tasks)), for kubectl get.")
     gpus: int | None = Field(default=None, ge=0, description="GPUs allocated to the group across all its pods, for kubectl get.")
     memory_planned_bytes: int | None = Field(default=None, description="GPU memory the planner budgeted for the group, in bytes.")

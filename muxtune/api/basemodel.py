@@ -72,6 +72,12 @@ class Architecture(ApiModel):
     layers: int = Field(gt=0, description="Transformer blocks.")
     hidden_size: int = Field(gt=0, description="Model width.")
     num_attention_heads: int | None = Field(default=None, gt=0, description="Attention heads per block.")
+    num_key_value_heads: int | None = Field(
+        default=None, gt=0, description="Key/value heads per block (grouped-query attention); default: numAttentionHeads."
+    )
+    intermediate_size: int | None = Field(
+        default=None, gt=0, description="Feed-forward width; default: derived from parameters."
+    )
     vocab_size: int | None = Field(default=None, gt=0, description="Tokenizer vocabulary size.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="bfloat16", description="Weight dtype at runtime.")
 

@@ -458,10 +458,13 @@ def test_backbonegroup_and_basemodel_columns(api):
     doc["spec"]["tasks"].append({"name": "b", "namespace": NAMESPACE})
     assert _apply(api, doc).returncode == 0
     api.kubectl("patch", "bbg", "grp-cols", "-n", NAMESPACE, "--subresource=status", "--type=merge",
-                "-p", json.dumps({"status": {"phase": "Running", "taskCount": 2, "gpus": 4, "readyPods": 1}}))
+                "-p", json.dumps({"status": {"phase": "Running", "taskCount": 2, "gpus": 4, "readyPods": 1,
+                                             "podsReady": "1/2", "layout": "dp2 x tp2 x pp1", "restarts": 0}}))
     out = api.kubectl("get", "bbg", "grp-cols", "-n", NAMESPACE).stdout.splitlines()
-    assert out[0].split() == ["NAME", "BASE", "MODEL", "TASKS", "GPUS", "PHASE", "AGE"]
-    assert out[1].split()[:5] == ["grp-cols", "builtin:tiny-llama", "2", "4", "Running"]
+    assert out[0].split() == ["NAME", "BASE", "MODEL", "TASKS", "GPUS", "PODS", "PHASE", "AGE"]
+    assert out[1].split()[:6] == ["grp-cols", "builtin:tiny-llama", "2", "4", "1/2", "Running"]
+    wide = api.kubectl("get", "bbg", "grp-cols", "-n", NAMESPACE, "-o", "wide").stdout
+    assert "LAYOUT" in wide and "dp2 x tp2 x pp1" in wide and "RESTARTS" in wide
     api.kubectl("delete", "bbg", "grp-cols", "-n", NAMESPACE)
 
     bm = _doc("BaseModel", "tiny-cols")

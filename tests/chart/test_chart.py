@@ -129,6 +129,8 @@ EXPECTED_RULES = {
     ("", "secrets"): {"create"},  # a group's HMAC key: created, never read back
     ("", "serviceaccounts"): {"create"},  # the engines' binding-less ServiceAccount
     ("policy", "poddisruptionbudgets"): {"create"},
+    ("kueue.x-k8s.io", "workloads"): {"get", "delete"},  # a queued group's Workload: why it waits; deleted first
+    ("networking.k8s.io", "networkpolicies"): {"create"},  # a multi-pod group's rendezvous ports
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "nodes"): {"get", "list", "watch"},

@@ -27,8 +27,11 @@ def test_scale_small(kube_cluster, kh):
     print(json.dumps(res, indent=2))
     assert res["phases"] == {"Placed": 150}, res["phases"]
     assert res["tasksPlaced"] == 150 and res["pods"] >= res["groups"] > 0
-    assert res["gpusLowerBound"] <= res["gpusUsed"] <= 3 * res["gpusLowerBound"]
-    assert res["gpusUsed"] <= 2 * res["gpusLowerBoundByTenancy"]
+    # placing tasks as they arrive, over several passes, costs at most half again the GPUs of planning
+    # them all at once (the memory lower bound is too loose to judge by: a pipeline keeps only a
+    # window of micro-batches in flight, and the bound takes memory as fungible across its stages)
+    assert res["gpusLowerBound"] <= res["gpusLowerBoundByTenancy"] <= res["gpusUsed"]
+    assert res["gpusUsed"] <= 1.5 * res["gpusOneShotPlan"]
     assert 0 < res["packingEfficiency"] <= 1
     assert res["operatorRequestsPerTask"] < 10
     assert res["reconcileErrors"]["muxtune_operator_reconcile_errors_total"] == 0

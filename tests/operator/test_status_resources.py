@@ -101,7 +101,10 @@ def test_pod_manifest_restricted_and_gpus():
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/models/llama"]["subPath"] == "llama" and mounts["/models/llama"]["readOnly"]
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert env["WORLD_SIZE"] == "2" and env["RANK"] == "1" and env["MASTER_ADDR"] == "mt-x-0.mt-x.ns.svc"
+    # a multi-pod world through torchrun's PET_* defaults only (RANK/WORLD_SIZE would make it a worker)
+    assert (env["PET_NNODES"], env["PET_NPROC_PER_NODE"], env["PET_NODE_RANK"]) == ("2", "2", "1")
+    assert env["PET_MASTER_ADDR"] == "mt-x-0.mt-x.ns.svc" and "WORLD_SIZE" not in env and "RANK" not in env
+    assert c["args"][-6:] == ["--dp", "2", "--tp", "2", "--pp", "1"]
     assert pod["metadata"]["ownerReferences"][0]["uid"] == "group-uid"
     assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "muxtune-engine"
     assert "podAntiAffinity" in pod["spec"]["affinity"]

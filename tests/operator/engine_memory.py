@@ -1,0 +1,145 @@
+"""What the engine really holds per rank, measured on CPU: the accounting the operator's memory model
+(operator/memory.py) is checked against, term by term.
+
+Runs on every rank of a test group started by torch's elastic launch (spawn pickles the function
+by module name, so it lives in an importable module, not in a test file). Each rank builds the
+real engine (MultiplexedBackbone, the pipeline split, MuxTrainer over a DistGroup on gloo), trains
+one round in which every task completes a step, and reports, with no CUDA allocator to ask:
+
+* weights: bytes of the frozen backbone parameters that live on this rank (other stages' layers
+  are meta tensors after the engine's partition; a tensor-parallel Linear keeps its local block);
+* adapter_state: the tasks' delta parameters, their gradients (taken when the optimizer steps)
+  and AdamW's state tensors;
+* activations: the peak over the round of the bytes autograd holds saved for backward, tracked by
+  saved-tensor hooks (a storage counts once, while any saved reference to it is alive; parameters
+  are excluded: they are counted above). Under a pipeline this includes the in-flight micro-batches
+  of the 1F1B schedule, since a micro-batch's saved tensors live from its forward to its backward.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class SavedTensorMeter:
+    """Live and peak bytes of tensors saved for backward (pack/unpack hooks)."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
+        self.current = 0
+        self.peak = 0
+
+    def pack(self, t):
+        return _Saved(self, t)
+
+    @staticmethod
+    def unpack(saved):
+        return saved.tensor
+
+    def hooks(self):
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class _Saved:
+    __slots__ = ("meter", "tensor", "key")
+
+    def __init__(self, meter: SavedTensorMeter, t):
+        self.meter, self.tensor, self.key = meter, t, None
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if t.device.type == "meta" or key in meter.exclude or storage.nbytes() == 0:
+            return
+        self.key = key
+        entry = meter.live.get(key)
+        if entry is None:
+            meter.live[key] = [1, storage.nbytes()]
+            meter.current += storage.nbytes()
+            meter.peak = max(meter.peak, meter.current)
+        else:
+            entry[0] += 1
+
+    def __del__(self):
+        if self.key is None:
+            return
+        entry = self.meter.live[self.key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.meter.current -= entry[1]
+            del self.meter.live[self.key]
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, dp: int, pp: int,
+            muxtune_home: str, tp: int = 1) -> dict:
+    """One training round on this rank; what it held (see the module docstring)."""
+    import torch
+
+    from muxtune.api.finetunetask import FineTuneTask
+    from muxtune.engine import parallel
+    from muxtune.engine.backbone import MultiplexedBackbone
+    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.parallel.dims import ParallelDims
+    from muxtune.engine.parallel.group import DistGroup, LocalGroup
+    from muxtune.engine.parallel.launch import init_distributed
+    from muxtune.engine.trainer import MuxTrainer
+
+    os.environ["MUXTUNE_HOME"] = muxtune_home
+    torch.set_num_threads(1)
+    cpu = torch.device("cpu")
+    path = builtin_path(model)  # before torch.distributed starts: transformers saves on rank 0 only
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        device = init_distributed(cpu)
+        group = DistGroup(ParallelDims(dp, tp, pp, world), device)
+    else:
+        device, group = cpu, LocalGroup()
+    backbone = MultiplexedBackbone(load_backbone(path, cpu, getattr(torch, dtype)))
+    parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
+    trainer = MuxTrainer(backbone, Path(out), token_budget=1 << 30, resume=False, base_dir=Path(data_root), group=group)
+    for doc in docs:
+        trainer.add_task(FineTuneTask.model_validate(doc))
+    tasks = list(trainer.tasks.values())
+    assert all(rt.phase == "Running" for rt in tasks), [(rt.key, rt.phase, rt.message) for rt in tasks]
+
+    grads: dict[str, int] = {}
+    for rt in tasks:  # gradients as the optimizer finds them when it steps
+        rt.optimizer.register_step_pre_hook(lambda _opt, _a, _k, _rt=rt: grads.__setitem__(
+            _rt.key, sum(_nbytes(p.grad) for p in _rt.adapter.parameters() if p.grad is not None)))
+    params = [p for p in backbone.model.parameters() if p.device.type != "meta"]
+    meter = SavedTensorMeter({p.untyped_storage().data_ptr() for p in params})
+    with meter.hooks():
+        trainer.run_round()
+    assert set(grads) == {rt.key for rt in tasks}, f"not every task stepped in the round: {sorted(grads)}"
+    adapter_ids = {id(p) for rt in tasks for p in rt.adapter.parameters()}
+    optimizer = sum(_nbytes(v) for rt in tasks for s in rt.optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v) and v.dim() > 0)
+    return {
+        "rank": group.rank,
+        "stage": group.pp_rank,
+        "dp_rank": group.dp_rank,
+        "weights": sum(_nbytes(p) for p in params if id(p) not in adapter_ids),
+        "adapter_params": sum(_nbytes(p) for rt in tasks for p in rt.adapter.parameters()),
+        "grads": sum(grads.values()),
+        "optimizer": optimizer,
+        "activations": meter.peak,
+        "steps": {rt.key: rt.step for rt in tasks},
+    }
+
+
+def measure_all(world: int, *args) -> list[dict]:
+    """measure(*args) on `world` local ranks (gloo), or in this process for one rank; by rank."""
+    if world == 1:
+        return [measure(*args)]
+    from torch.distributed.launcher.api import elastic_launch
+
+    from muxtune.engine.parallel.launch import launch_config
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    results = elastic_launch(launch_config(world), measure)(*args)
+    return [results[r] for r in sorted(results)]

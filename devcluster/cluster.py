@@ -439,7 +439,7 @@ def spawn_reaper(state_dir: str | os.PathLike[str], watch_pid: int | None = None
     state_dir.mkdir(parents=True, exist_ok=True)  # the watchdog exits when it disappears
     watch_pid = watch_pid or os.getpid()
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), f"--state-dir={state_dir}", "reap-when-dead", str(watch_pid)],
+        [sys.executable, "-m", "muxtune.devcluster.cluster", f"--state-dir={state_dir}", "reap-when-dead", str(watch_pid)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, close_fds=True,
     )

@@ -70,7 +70,9 @@ def test_training_with_serving_ends_where_it_ends_without(make_task, data_dir, t
     print(f"{len(budgets)} rounds, budgets {min(b for b in budgets if b)}-{max(b for b in budgets if b)} tokens; "
           f"{len(reqs)} requests")
     assert any(b is not None and b < 4096 for b in budgets), "serving must have shrunk some training rounds"
-    assert len(budgets) > len(plain.tasks) * 8, "steps spanned more rounds than without serving"
+    # the same steps took more (smaller) rounds than without serving; how many more depends on the
+    # controller's measured cost model, i.e. on this machine's speed, so compare with the plain run itself
+    assert len(budgets) > plain.rounds, "steps spanned more rounds than without serving"
 
     done = [r for r in reqs if r.finish_reason == "length"]
     assert len(done) == len(reqs)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from muxtune.api.basemodel import Architecture
+from muxtune.partition import contiguous_bounds
 
 MiB = 1024**2
 GiB = 1024**3
@@ -282,33 +283,9 @@ def _split_layers(arch: Architecture, stages: int) -> list[tuple[int, int]]:
     positions; the embedding lookup on the first stage, norm and LM head on the last), contiguous
     ranges minimising the costliest stage, ties to the split that puts layers earlier."""
     n = arch.layers
-    if stages <= 1:
-        return [(0, n)]
     h = arch.hidden_size
     layer = float(layer_linear_params(arch) + 2 * h * NOMINAL_CONTEXT)
-    embed, head = float(h), float(_vocab(arch) * h + h)
-
-    def cost(s: int, a: int, b: int) -> float:
-        return (b - a) * layer + (embed if s == 0 else 0.0) + (head if s == stages - 1 else 0.0)
-
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages)]
-    cut = [[0] * (n + 1) for _ in range(stages)]
-    for b in range(1, n + 1):
-        best[0][b] = cost(0, 0, b)
-    for s in range(1, stages):
-        for b in range(s + 1, n + 1):
-            for a in range(s, b):
-                v = max(best[s - 1][a], cost(s, a, b))
-                if v < best[s][b]:
-                    best[s][b], cut[s][b] = v, a
-    bounds, b = [], n
-    for s in range(stages - 1, 0, -1):
-        a = cut[s][b]
-        bounds.append((a, b))
-        b = a
-    bounds.append((0, b))
-    return bounds[::-1]
+    return contiguous_bounds(float(h), [layer] * n, float(_vocab(arch) * h + h), stages)
 
 
 # --------------------------------------------------------------------------- activations

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from muxtune.partition import contiguous_bounds
+
 NOMINAL_CONTEXT = 256  # context positions a token attends over, for the attention term
 
 
@@ -44,33 +46,10 @@ def split_layers(embed: float, layers: list[float], head: float, stages: int) ->
     n = len(layers)
     if stages > n:
         raise ValueError(f"--pp {stages}: the backbone has only {n} decoder layers to split")
-    prefix = [0.0]
-    for c in layers:
-        prefix.append(prefix[-1] + c)
-
-    def cost(s: int, a: int, b: int) -> float:
-        return prefix[b] - prefix[a] + (embed if s == 0 else 0.0) + (head if s == stages - 1 else 0.0)
-
-    # best[s][b]: least possible max cost placing layers[:b] on stages 0..s (stage s ends at b)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages)]
-    cut = [[0] * (n + 1) for _ in range(stages)]
-    for b in range(1, n + 1):
-        best[0][b] = cost(0, 0, b)
-    for s in range(1, stages):
-        for b in range(s + 1, n + 1):
-            for a in range(s, b):
-                v = max(best[s - 1][a], cost(s, a, b))
-                if v < best[s][b]:
-                    best[s][b], cut[s][b] = v, a
-    bounds, b = [], n
-    for s in range(stages - 1, 0, -1):
-        a = cut[s][b]
-        bounds.append((a, b))
-        b = a
-    bounds.append((0, b))
-    bounds.reverse()
-    return [StagePlan(s, a, b, cost(s, a, b)) for s, (a, b) in enumerate(bounds)]
+    bounds = contiguous_bounds(embed, layers, head, stages)
+    last = len(bounds) - 1
+    return [StagePlan(s, a, b, sum(layers[a:b]) + (embed if s == 0 else 0.0) + (head if s == last else 0.0))
+            for s, (a, b) in enumerate(bounds)]
 
 
 def describe(plans: list[StagePlan]) -> str:

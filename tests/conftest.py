@@ -117,3 +117,21 @@ def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | 
 @pytest.fixture
 def trainer_factory():
     return new_trainer
+
+
+def save_tiny_checkpoint(kind: str, path):
+    """A tiny Llama or Qwen2 (GQA: 4 query heads, 2 key/value heads) saved by save_pretrained, as a
+    user's checkpoint directory is, with the built-in byte-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from muxtune.engine.models import _byte_tokenizer
+
+    torch.manual_seed(3)
+    common = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
+    model = LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
+    model.save_pretrained(path)
+    _byte_tokenizer().save_pretrained(path)
+    return path
+

@@ -15,27 +15,14 @@ from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.data import IGNORE, encode
 from muxtune.engine.models import load_backbone
 from muxtune.engine.packing import PackedBatch, PackedSequence, pack
-
-def _save_tiny(kind: str, path):
-    """A tiny Llama or Qwen2 (GQA: 4 query heads, 2 key/value heads) saved as a user's checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from muxtune.engine.models import _byte_tokenizer
-
-    torch.manual_seed(3)
-    common = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
-    model = LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
-    model.save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
-    return path
+from tests.conftest import save_tiny_checkpoint
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _backbone(kind: str, path, device="cpu", dtype=torch.float32) -> MultiplexedBackbone:
-    bb = MultiplexedBackbone(load_backbone(_save_tiny(kind, path), torch.device(device), dtype))
+    bb = MultiplexedBackbone(load_backbone(save_tiny_checkpoint(kind, path), torch.device(device), dtype))
     specs = [
         PeftSpec(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
         PeftSpec(method="ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
@@ -152,7 +139,7 @@ def test_ordinary_callers_of_the_shared_model(tmp_path, device):
     and DataCollatorWithFlattening batches with or without flash kwargs, equal sdpa's results."""
     from transformers import DataCollatorWithFlattening
 
-    bb = MultiplexedBackbone(load_backbone(_save_tiny("llama", tmp_path / "m"), torch.device(device), torch.float32))
+    bb = MultiplexedBackbone(load_backbone(save_tiny_checkpoint("llama", tmp_path / "m"), torch.device(device), torch.float32))
     model = bb.model
     rng = random.Random(2)
     seqs = [[rng.randrange(3, 250) for _ in range(n)] for n in (9, 17, 4, 12)]

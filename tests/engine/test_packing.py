@@ -11,26 +11,12 @@ from muxtune.engine.backbone import MultiplexedBackbone
 from muxtune.engine.data import IGNORE, Example, encode
 from muxtune.engine.models import load_backbone
 from muxtune.engine.packing import PackedSequence, TokenLayout, best_fit_decreasing, choose_chunk, pack, triangle
-
-
-def _save_tiny(kind: str, path):
-    """A user-style checkpoint directory, written by save_pretrained like any HF model."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(3)
-    common = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
-    model = LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
-    model.save_pretrained(path)
-    from muxtune.engine.models import _byte_tokenizer
-
-    _byte_tokenizer().save_pretrained(path)
-    return path
+from tests.conftest import save_tiny_checkpoint
 
 
 @pytest.fixture(params=["llama", "qwen2"])
 def backbone(request, tmp_path):
-    path = _save_tiny(request.param, tmp_path / request.param)
+    path = save_tiny_checkpoint(request.param, tmp_path / request.param)
     bb = MultiplexedBackbone(load_backbone(path, torch.device("cpu"), torch.float32))
     specs = [
         PeftSpec(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),

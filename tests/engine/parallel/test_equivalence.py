@@ -95,25 +95,31 @@ def test_dp2_x_pp2_as_two_pods_with_pet_variables(tmp_path, single_process_run):
     _assert_equal(root / "out", single_process_run())
 
 
+def _sigkill_after(cmd: list[str], root, steps: int) -> int:
+    """Start the group, SIGKILL the launcher and every rank at once (a lost pod) once task lora-r4
+    has logged `steps` steps; returns how many it had logged."""
+    proc = subprocess.Popen(cmd, cwd=root, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    metrics = lambda: list((root / "out").rglob("lora-r4/metrics.jsonl"))  # noqa: E731
+    while time.time() < deadline and proc.poll() is None:
+        found = metrics()
+        if found and len(found[0].read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    return len(metrics()[0].read_text().splitlines())
+
+
 def test_sigkilled_group_resumes_under_another_layout_and_ends_equal(tmp_path, single_process_run):
     """Every process of a pp=2 run is SIGKILLed mid-way (a lost pod); rerun as tp=2, it resumes from
     the full, layout-free checkpoints (each rank keeping its shard) and ends where an uninterrupted
     single process ends."""
     root = make_workdir(tmp_path, three_task_docs(steps_scale=2, checkpoint_interval=2))
     cmd = [*MUXTUNE, "tasks.yaml", "--output", "out", "--no-progress"]
-    proc = subprocess.Popen([*cmd, "--pp", "2"], cwd=root, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    metrics = lambda: list((root / "out").rglob("lora-r4/metrics.jsonl"))  # noqa: E731
-    while time.time() < deadline and proc.poll() is None:
-        found = metrics()
-        if found and len(found[0].read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once
-    proc.wait(timeout=60)
-    done = len(metrics()[0].read_text().splitlines())
+    done = _sigkill_after(cmd + ["--pp", "2"], root, steps=5)
     assert 5 <= done < 16, done
 
     rerun = run([*cmd, "--tp", "2"], root)
@@ -127,18 +133,7 @@ def test_sigkilled_dp_run_with_half_trained_steps_resumes_under_pp(tmp_path, sin
     stage) under pp=2; the run still ends where an uninterrupted single process ends."""
     root = make_workdir(tmp_path, three_task_docs(steps_scale=2, checkpoint_interval=2))
     cmd = [*MUXTUNE, "tasks.yaml", "--output", "out", "--no-progress", "--token-budget", "48"]
-    proc = subprocess.Popen([*cmd, "--dp", "2"], cwd=root, env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    metrics = lambda: list((root / "out").rglob("lora-r4/metrics.jsonl"))  # noqa: E731
-    while time.time() < deadline and proc.poll() is None:
-        found = metrics()
-        if found and len(found[0].read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    _sigkill_after(cmd + ["--dp", "2"], root, steps=5)
     half = [m for p in (root / "out").rglob("checkpoints/step-*/state.json")
             if (m := json.loads(p.read_text())).get("in_progress")]
     assert half, "no checkpoint caught a half-trained step"

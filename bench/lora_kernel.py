@@ -85,7 +85,7 @@ def bench_one(n_tasks: int, hidden: int, tokens: int, args, device: str = "cuda"
     import torch.nn.functional as F
 
     from muxtune.api.finetunetask import PeftSpec
-    from muxtune.engine.lora_kernel import fused_additive
+    from muxtune.engine.peft.lora_kernel import fused_additive
     from muxtune.engine.packing import TokenLayout
     from muxtune.engine.peft.lora import LoraDelta
     from muxtune.engine.peft.mux_linear import segmented_additive
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
               "kernels with CUDA events. On CPU the fused path falls back to the loop; its correctness is "
               "tested with Triton's interpreter by tests/engine/test_lora_kernel.py.", file=sys.stderr)
         return 2
-    from muxtune.engine.lora_kernel import kernel_available
+    from muxtune.engine.peft.lora_kernel import kernel_available
 
     if not kernel_available(torch.device("cuda")):
         print("bench/lora_kernel.py: Triton is not usable here (not installed, or TRITON_INTERPRET=1 is set)",

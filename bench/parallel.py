@@ -98,10 +98,10 @@ def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
     from bench.workload import TARGET_MODULES, Job
     from muxtune.api.finetunetask import FineTuneTask
     from muxtune.engine import parallel
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import load_backbone
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import load_backbone
     from muxtune.engine.parallel.schedule import bubble_fraction, simulate, stage_actions
-    from muxtune.engine.telemetry import Telemetry
+    from muxtune.engine.observe.telemetry import Telemetry
     from muxtune.engine.trainer import MuxTrainer
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
@@ -189,7 +189,7 @@ def rank_main(spec: dict, group_layouts: list[dict]) -> list[dict]:
     from muxtune import logs
     from muxtune.engine.parallel.dims import ParallelDims
     from muxtune.engine.parallel.group import DistGroup, LocalGroup
-    from muxtune.engine.parallel.launch import init_distributed
+    from muxtune.engine.parallel.ranks import init_distributed
 
     logs.configure("error", extra={"torch.distributed": "error"})
     device = torch.device(spec["device"])
@@ -214,7 +214,7 @@ def run_world(spec: dict, world: int, group_layouts: list[dict]) -> list[dict]:
         return rank_main(spec, group_layouts)
     from torch.distributed.launcher.api import elastic_launch
 
-    from muxtune.engine.parallel.launch import launch_config
+    from muxtune.engine.parallel.ranks import launch_config
 
     saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("PET_")]}
     try:

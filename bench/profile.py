@@ -84,8 +84,8 @@ def profile_system(system: str, jobs, model_path: Path, args, work: Path) -> dic
     device = torch.device("cpu")
     if system == "muxtune":
         from bench.workers import _task, data_root
-        from muxtune.engine.backbone import MultiplexedBackbone
-        from muxtune.engine.models import load_backbone
+        from muxtune.engine.model.backbone import MultiplexedBackbone
+        from muxtune.engine.model.loading import load_backbone
         from muxtune.engine.trainer import MuxTrainer
 
         backbone = MultiplexedBackbone(load_backbone(model_path, device, torch.float32))

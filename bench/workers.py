@@ -164,8 +164,7 @@ def _hf_base(spec: dict, device, dtype, packed: bool):
 
     attn = "sdpa"
     if packed:
-        from muxtune.engine import attention
-
+        from muxtune.engine.model import attention
         attention.register()  # as a user registers a varlen kernel with AttentionInterface
         attn = attention.NAME
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=dtype, attn_implementation=attn).to(device)
@@ -243,10 +242,10 @@ def _task(job: Job, steps: int, model_path: str):
 
 
 def run_muxtune(spec: dict, device, dtype, sync: Sync) -> dict:
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import load_backbone
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import load_backbone
     from muxtune.engine.task import SUCCEEDED
-    from muxtune.engine.telemetry import Telemetry
+    from muxtune.engine.observe.telemetry import Telemetry
     from muxtune.engine.trainer import MuxTrainer
 
     class Rounds(Telemetry):
@@ -264,8 +263,7 @@ def run_muxtune(spec: dict, device, dtype, sync: Sync) -> dict:
 
     jobs = [Job.from_dict(j) for j in spec["jobs"]]
     backbone = MultiplexedBackbone(load_backbone(Path(spec["model"]), device, dtype))
-    from muxtune.engine import lora_kernel
-
+    from muxtune.engine.peft import lora_kernel
     lora_kernel.install(backbone.ctx, device)  # as `muxtune run` does: fused on CUDA, the loop on CPU
     dims = model_dims(backbone.model)  # before any task attaches
     out_dir = Path(spec["out_dir"])

@@ -108,7 +108,7 @@ def resolve_model(spec: str) -> Path:
     """builtin:NAME (the engine's built-in models), config:NAME (BENCH_CONFIGS, random weights,
     generated once into the muxtune cache), or a local Hugging Face model directory."""
     if spec.startswith("builtin:"):
-        from muxtune.engine.models import builtin_path
+        from muxtune.engine.model.loading import builtin_path
 
         return builtin_path(spec.removeprefix("builtin:"))
     if spec.startswith("config:"):
@@ -125,7 +125,7 @@ def _config_model_path(name: str) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from muxtune.engine.models import builtin_path, generated_model
+    from muxtune.engine.model.loading import builtin_path, generated_model
 
     def build(directory: Path) -> None:
         cfg = dict(BENCH_CONFIGS[name])

@@ -1,6 +1,6 @@
 """Chunk-based data alignment: whole sequences of many tasks packed into fixed-size chunks.
 
-Each token attends only to earlier tokens of its own sequence (engine/attention.py computes
+Each token attends only to earlier tokens of its own sequence (engine/model/attention.py computes
 exactly those pairs, per sequence, from the boundaries kept here) and positions restart per
 sequence, so a packed forward equals separate forwards while the padding left is only what does
 not fit at chunk ends. What a sequence costs (its length) is counted here and nowhere else.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from muxtune.engine.data import IGNORE, Example
+from muxtune.engine.data.dataset import IGNORE, Example
 
 
 @dataclass
@@ -93,7 +93,7 @@ class PackedBatch:
     real_tokens: int
     computed_tokens: int
     # attention segments over the flattened rows*chunk tokens, cumulative: each sequence, and each
-    # row's padding tail as a segment of its own (what engine/attention.py computes)
+    # row's padding tail as a segment of its own (what engine/model/attention.py computes)
     cu_seq_lens: list[int]
 
     @property
@@ -117,7 +117,7 @@ class PackedBatch:
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[rows, 1, chunk, chunk] additive mask: causal within a sequence, nothing across.
-        The dense reference the tests hold engine/attention.py to; training never builds it."""
+        The dense reference the tests hold engine/model/attention.py to; training never builds it."""
         seq = self.seq_ids.clone()
         pad = seq < 0
         # padding tokens see only themselves (a row with no visible key would give NaN)
@@ -157,7 +157,7 @@ def triangle(n: int) -> int:
 def choose_chunk(lengths: list[int], attn_ratio: float, align: int = 8, max_chunk: int | None = None) -> tuple[int, list[list[int]]]:
     """The chunk length with the least modelled cost, and its bins.
 
-    Attention runs per sequence (engine/attention.py), so it costs the per-sequence triangles plus
+    Attention runs per sequence (engine/model/attention.py), so it costs the per-sequence triangles plus
     a triangle per row's padding tail, whatever the chunk:
         cost = rows * C + attn_ratio * (sum of triangle(n) over sequences + over padding tails)
     attn_ratio being attention FLOPs per (query, key) pair over linear FLOPs per token (see

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from muxtune.engine import outputs
-from muxtune.engine.runlock import RunLock, RunLockedError
+from muxtune.engine.durable import outputs
+from muxtune.engine.durable.runlock import RunLock, RunLockedError
 
 
 class CliProblem(Exception):
@@ -25,7 +25,7 @@ def check_output(output: Path) -> None:
 
 
 def check_layout(output: Path, tasks) -> None:
-    """No task directory outside --output, none shared or nested (engine/outputs.py)."""
+    """No task directory outside --output, none shared or nested (engine/durable/outputs.py)."""
     try:
         outputs.plan(output, tasks)
     except outputs.OutputLayoutError as exc:
@@ -33,7 +33,7 @@ def check_layout(output: Path, tasks) -> None:
 
 
 def start_server(host: str, port: int, status, render):
-    from muxtune.engine.server import EngineServer
+    from muxtune.engine.observe.status_server import EngineServer
 
     try:
         server = EngineServer(host, port, status, render)

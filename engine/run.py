@@ -17,15 +17,15 @@ from muxtune.api.loader import SpecError, load_task_files
 from muxtune.api.strictyaml import MAX_FILE_BYTES as MAX_TASK_FILE_BYTES
 from muxtune import logs
 from muxtune.engine import parallel, preflight
-from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.datafile import DataLimits
-from muxtune.engine.models import ModelLoadError, load_backbone, resolve_base_model
-from muxtune.engine.parallel import launch
+from muxtune.engine.model.backbone import MultiplexedBackbone
+from muxtune.engine.data.datafile import DataLimits
+from muxtune.engine.model.loading import ModelLoadError, load_backbone, resolve_base_model
+from muxtune.engine.parallel import ranks as launch
 from muxtune.engine.parallel.dims import LayoutError
 from muxtune.engine.parallel.group import LocalGroup
-from muxtune.engine.progress import ProgressBar, summary_table
+from muxtune.engine.observe.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
-from muxtune.engine.telemetry import Fanout
+from muxtune.engine.observe.telemetry import Fanout
 from muxtune.engine.trainer import MuxTrainer
 from muxtune.engine import trust
 
@@ -144,8 +144,7 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
 
 def failed_group(tasks: list[FineTuneTask], reason: str, output: Path, writer: bool = True) -> list[TaskRuntime]:
     """The tasks of a backbone that cannot be loaded: each fails with the reason; others go on."""
-    from muxtune.engine import outputs
-
+    from muxtune.engine.durable import outputs
     runtimes = []
     for task in tasks:
         rt = TaskRuntime(task=task, slot=-1, out_dir=outputs.task_dir(output, task), phase=FAILED, message=reason)
@@ -176,8 +175,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         error = f"baseModel {tasks[0].spec.base_model}: {exc}"
     if (error := group.first_error(error)) is not None:  # on every rank of the group alike
         raise ModelLoadError(error)
-    from muxtune.engine import lora_kernel
-
+    from muxtune.engine.peft import lora_kernel
     lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
@@ -197,7 +195,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
     serving = None
     if serve_sock is not None:  # co-serving (one process only): engine/serve/
-        from muxtune.engine.serve.launch import Serving
+        from muxtune.engine.serve.stack import Serving
 
         serving = Serving.coserving(backbone, tasks[0].spec.base_model, trainer, cmd, serve_sock, metrics)
     step = serving.loop.iteration if serving else trainer.run_round
@@ -300,7 +298,7 @@ def _train(cmd, groups: dict[str, list[FineTuneTask]], base_dir: Path, group, de
     if writer:
         try:  # nothing is trained or written until these pass (the lock creates the output last)
             if cmd.metrics_port is not None:
-                from muxtune.engine.metrics import EngineMetrics
+                from muxtune.engine.observe.engine_metrics import EngineMetrics
 
                 metrics = EngineMetrics()
                 status = trust.active().signed(metrics.status) if trust.active() else metrics.status

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from muxtune.api.finetunetask import FineTuneTask, TrainingSpec
-from muxtune.engine.backbone import TaskAdapter
-from muxtune.engine import storage
-from muxtune.engine.checkpoint import TaskState, spec_hash
-from muxtune.engine.data import DataStream, Example, LoadedDataset
+from muxtune.engine.model.backbone import TaskAdapter
+from muxtune.engine.durable import storage
+from muxtune.engine.durable.checkpoint import TaskState, spec_hash
+from muxtune.engine.data.dataset import DataStream, Example, LoadedDataset
 from muxtune.engine.peft.prompt_tuning import prepend_virtual
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"

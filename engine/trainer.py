@@ -27,11 +27,15 @@ from pathlib import Path
 import torch
 
 from muxtune.api.finetunetask import FineTuneTask
-from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import evaluation, outputs, recovery, scheduler, steps, storage
-from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import load_dataset
-from muxtune.engine.datafile import DataLimits
+from muxtune.engine.durable import checkpoint as ckpt
+from muxtune.engine import evaluation, steps
+from muxtune.engine.durable import outputs
+from muxtune.engine.durable import recovery
+from muxtune.engine import fair_queue as scheduler
+from muxtune.engine.durable import storage
+from muxtune.engine.model.backbone import MultiplexedBackbone
+from muxtune.engine.data.dataset import load_dataset
+from muxtune.engine.data.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.parallel import state as dstate
 from muxtune.engine.parallel.group import LocalGroup
@@ -39,7 +43,7 @@ from muxtune.engine.parallel.pipeline import RoundExecutor
 from muxtune.engine.parallel.plan import plan_round, replica_share
 from muxtune.engine.parallel.schedule import render, simulate, stage_actions
 from muxtune.engine.task import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED, TaskRuntime
-from muxtune.engine.telemetry import RoundRecord, StageRecord, StepRecord, Telemetry
+from muxtune.engine.observe.telemetry import RoundRecord, StageRecord, StepRecord, Telemetry
 
 log = logging.getLogger("muxtune.engine")
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from muxtune.api.crdgen import CrdsCommand
-from muxtune.engine.datafile import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
+from muxtune.engine.data.datafile import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
 from muxtune.devcluster.cli import DevClusterCommand
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 
@@ -85,7 +85,7 @@ class ServeCommand(ServeFlags):
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
 
     def cli_cmd(self) -> None:
-        from muxtune.engine.serve.launch import serve_from_cli
+        from muxtune.engine.serve.stack import serve_from_cli
 
         sys.exit(serve_from_cli(self))
 

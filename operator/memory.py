@@ -2,7 +2,7 @@
 
 A group with parallelism dp x tp x pp runs dp replicas (pods) of a pipeline of pp stages, each
 stage's Linears sharded over tp ranks. Every rank of stage ``s`` holds, term by term, what the
-engine (engine/stage.py, engine/peft/, engine/parallel/) keeps there:
+engine (engine/model/stage.py, engine/peft/, engine/parallel/) keeps there:
 
 * **weights**: the frozen backbone's parameters of the stage's decoder layers (Linear weights
   / tp; norms replicated), plus the embedding on the first stage and the final norm and LM head on
@@ -52,7 +52,7 @@ FP32 = 4
 DEFAULT_VOCAB = 32000
 NOMINAL_CONTEXT = 256  # the engine's attention cost term when splitting layers (engine/parallel/split.py)
 
-# Figures of the engine's built-in test models (engine/models.py BUILTIN_CONFIGS, byte tokenizer
+# Figures of the engine's built-in test models (engine/model/loading.py BUILTIN_CONFIGS, byte tokenizer
 # with 259 tokens, untied LM head). Kept here so the operator never imports the engine (torch).
 BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
     "tiny-llama": Architecture(
@@ -323,7 +323,7 @@ def _input_group(m: Module, arch: Architecture, tp: int) -> tuple[str, float]:
 def delta_inputs(shape: TaskShape, arch: Architecture, tp: int = 1) -> dict[str, float]:
     """Bytes per token, by input group, that the task's deltas keep for every token of a micro-batch
     they are in: one copy of each distinct input (the fused LoRA kernel reads rows through the
-    permutation; engine/lora_kernel.py), and for IA3 the scaled tensor and its per-token scales
+    permutation; engine/peft/lora_kernel.py), and for IA3 the scaled tensor and its per-token scales
     (other tasks' tokens are scaled by one)."""
     d, out = dtype_bytes(arch), {}
     if shape.method not in ("lora", "ia3"):

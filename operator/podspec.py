@@ -13,7 +13,7 @@ Parallel layouts run from the pod spec alone. A group of dp pods x (tp x pp) GPU
 torch.distributed world of dp*tp*pp ranks: each pod runs ``muxtune run ... --dp --tp --pp`` with
 torchrun's variables PET_NNODES (dp), PET_NPROC_PER_NODE (tp*pp), PET_NODE_RANK (the pod's rank),
 PET_MASTER_ADDR (pod 0's DNS name through the group's headless Service: ``<group>-0.<group>.<ns>.svc``)
-and PET_MASTER_PORT, and no RANK/WORLD_SIZE, so muxtune's launcher (engine/parallel/launch.py, torch's
+and PET_MASTER_PORT, and no RANK/WORLD_SIZE, so muxtune's launcher (engine/parallel/ranks.py, torch's
 elastic agent configured by torchrun's own parser) starts the pod's share of the ranks as torchrun
 would. One pod with one GPU runs a single process, as before. A multi-pod group's pods never restart
 in place (restartPolicy Never): a rank that fails fails its pod, and the operator restarts the whole

@@ -94,7 +94,7 @@ def data_dir(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(muxtune_home) -> Path:
-    from muxtune.engine.models import builtin_path
+    from muxtune.engine.model.loading import builtin_path
 
     return builtin_path("tiny-llama")
 
@@ -105,8 +105,8 @@ def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | 
     reading datasets under the tests' data root."""
     import torch
 
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import builtin_path, load_backbone
     from muxtune.engine.trainer import MuxTrainer
 
     path = backbone_dir or builtin_path("tiny-llama")
@@ -125,7 +125,7 @@ def save_tiny_checkpoint(kind: str, path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from muxtune.engine.models import _byte_tokenizer
+    from muxtune.engine.model.loading import _byte_tokenizer
 
     torch.manual_seed(3)
     common = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

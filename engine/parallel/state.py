@@ -1,4 +1,4 @@
-"""A task's whole (unsharded) state across the group, around engine/recovery.py's API.
+"""A task's whole (unsharded) state across the group, around engine/durable/recovery.py's API.
 
 Under pipeline parallelism each stage holds the deltas (and their AdamW state) of its own layers;
 under tensor parallelism each rank a block of them (engine/parallel/tensor.py makes them whole).
@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-from muxtune.engine import recovery, storage
-from muxtune.engine.checkpoint import TaskState
+from muxtune.engine.durable import recovery
+
+from muxtune.engine.durable import storage
+from muxtune.engine.durable.checkpoint import TaskState
 from muxtune.engine.parallel import tensor
 from muxtune.engine.parallel.group import AgreedError
 from muxtune.engine.peft.export import adapter_files

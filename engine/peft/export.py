@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine import storage
-from muxtune.engine.backbone import TaskAdapter
+from muxtune.engine.durable import storage
+from muxtune.engine.model.backbone import TaskAdapter
 from muxtune.engine.peft.registry import get_method
 
 PEFT_PREFIX = "base_model.model."

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.examples import IGNORE, Example
+from muxtune.engine.data.examples import IGNORE, Example
 from muxtune.engine.peft.base import PeftMethod, TaskDelta
 
 

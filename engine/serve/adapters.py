@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.backbone import MultiplexedBackbone, TaskAdapter
+from muxtune.engine.model.backbone import MultiplexedBackbone, TaskAdapter
 from muxtune.engine.peft.export import load_adapter_weights
 from muxtune.engine.serve.forward import BASE_SLOT
 

@@ -1,5 +1,5 @@
 """The serving port: an aiohttp application on its own event loop, bounded like the status server
-(engine/server.py), because anyone who can reach the port can open connections:
+(engine/observe/status_server.py), because anyone who can reach the port can open connections:
 
 - the port binds in the caller's thread (`listen`), so a busy port is an OSError before anything
   starts (`muxtune run` checks it in preflight, with nothing trained);

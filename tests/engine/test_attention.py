@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine import attention
-from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import IGNORE, encode
-from muxtune.engine.models import load_backbone
+from muxtune.engine.model import attention
+from muxtune.engine.model.backbone import MultiplexedBackbone
+from muxtune.engine.data.dataset import IGNORE, encode
+from muxtune.engine.model.loading import load_backbone
 from muxtune.engine.packing import PackedBatch, PackedSequence, pack
 from tests.conftest import save_tiny_checkpoint
 

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from muxtune.engine.datafile import DataFileError, DataLimits, open_regular, read_lines
+from muxtune.engine.data.datafile import DataFileError, DataLimits, open_regular, read_lines
 
 
 def _run_with_neighbour(trainer, broken, good):
@@ -107,7 +107,7 @@ def test_dataset_symlink_out_of_the_data_root_is_refused(make_task, data_dir, tm
     secret.write_text(json.dumps({"prompt": "secret", "completion": "data"}) + "\n")
     try:
         (data_dir / "link.jsonl").symlink_to(secret)
-        from muxtune.engine.data import DatasetError, dataset_file
+        from muxtune.engine.data.dataset import DatasetError, dataset_file
         from muxtune.api.finetunetask import DatasetSpec
 
         with pytest.raises(DatasetError, match="leads outside the data root"):
@@ -123,8 +123,8 @@ def test_dataset_symlink_out_of_the_data_root_is_refused(make_task, data_dir, tm
 def test_dropped_examples_are_counted_everywhere(make_task, data_dir, tmp_path, trainer_factory, caplog):
     """Prompts longer than maxSeqLen (48) leave no completion token: those examples are dropped,
     and the count reaches the log, status.json, /v1/status, Prometheus and the summary."""
-    from muxtune.engine.metrics import EngineMetrics
-    from muxtune.engine.progress import summary_table
+    from muxtune.engine.observe.engine_metrics import EngineMetrics
+    from muxtune.engine.observe.progress import summary_table
 
     path = data_dir / "some-long.jsonl"
     rows = [{"prompt": f"p{i} " + ("long " * 30 if i % 4 == 0 else ""), "completion": "ok"} for i in range(20)]
@@ -152,7 +152,7 @@ def test_tokenizer_without_eos_warns_once_per_backbone(tiny_backbone_dir, tmp_pa
 
     import torch
 
-    from muxtune.engine.models import load_backbone
+    from muxtune.engine.model.loading import load_backbone
 
     d = tmp_path / "no-eos"
     shutil.copytree(tiny_backbone_dir, d)

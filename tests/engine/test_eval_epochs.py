@@ -10,8 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from muxtune.engine.data import IGNORE
-from muxtune.engine.metrics import EngineMetrics
+from muxtune.engine.data.dataset import IGNORE
+from muxtune.engine.observe.engine_metrics import EngineMetrics
 
 
 def _lines(rt):

@@ -11,8 +11,8 @@ import pytest
 from tests.conftest import data_path
 
 from muxtune.api.finetunetask import DatasetSpec
-from muxtune.engine.data import IGNORE, DatasetError, load_dataset
-from muxtune.engine.datafile import DataLimits
+from muxtune.engine.data.dataset import IGNORE, DatasetError, load_dataset
+from muxtune.engine.data.datafile import DataLimits
 
 # A ChatML-style template (as Qwen's), written here: the built-in tokenizer has none.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -1,4 +1,4 @@
-"""The fused multi-task LoRA kernel (engine/lora_kernel.py) equals the reference loop.
+"""The fused multi-task LoRA kernel (engine/peft/lora_kernel.py) equals the reference loop.
 
 The Triton kernels run here in Triton's CPU interpreter. TRITON_INTERPRET=1 must be set before
 triton is imported, so every kernel check runs in ONE subprocess (this file run as a script,
@@ -116,7 +116,7 @@ def _run(fn, x, layout, work, n, deltas, seed=1):
 
 def _compare(x, layout, work, n, cfg=None, label=""):
     """Errors of fused_additive against segmented_additive, forward and every gradient."""
-    from muxtune.engine import lora_kernel as lk
+    from muxtune.engine.peft import lora_kernel as lk
     from muxtune.engine.peft.mux_linear import segmented_additive
 
     deltas = list(dict.fromkeys(d for _, _, d in work))
@@ -177,7 +177,7 @@ def fp32_mixed_ranks():
 @case
 def fp32_default_tiles():
     """The GPU tile sizes (one tile per segment, one rank block, split-K 1)."""
-    from muxtune.engine.lora_kernel import KernelConfig
+    from muxtune.engine.peft.lora_kernel import KernelConfig
 
     return _compare(*_mixed(torch.float32), cfg={f: getattr(KernelConfig(), f) for f in SMALL})[0]
 
@@ -227,8 +227,7 @@ def identity_layout():
 def deterministic_mode():
     """torch.use_deterministic_algorithms(True): no split-K and one reduction chunk per segment
     (plain stores, no atomics), same results."""
-    from muxtune.engine import lora_kernel as lk
-
+    from muxtune.engine.peft import lora_kernel as lk
     launches = []
     real = lk._FusedLora.apply
     lk._FusedLora.apply = lambda *a: launches.append(a[2]) or real(*a)
@@ -279,7 +278,7 @@ class ShiftDelta(TaskDelta):
 def fallbacks_mixed_in():
     """A non-LoRA delta and a LoRA with dropout in training mode run on the reference path,
     drawing the dropout mask from the task's own random state exactly as the reference does."""
-    from muxtune.engine import lora_kernel as lk
+    from muxtune.engine.peft import lora_kernel as lk
     from muxtune.engine.peft.mux_linear import segmented_additive
 
     x, layout, work, n = _mixed(torch.float32)
@@ -316,7 +315,7 @@ def fallbacks_mixed_in():
 @case
 def no_grad_frozen_and_constant_input():
     """Under no_grad only the forward runs; with x constant and A frozen only B gets gradients."""
-    from muxtune.engine import lora_kernel as lk
+    from muxtune.engine.peft import lora_kernel as lk
     from muxtune.engine.peft.mux_linear import segmented_additive
 
     x, layout, work, n = _mixed(torch.float32)
@@ -354,10 +353,10 @@ def _backbone_rows(dtype):
     import random
 
     from muxtune.api.finetunetask import PeftSpec
-    from muxtune.engine import lora_kernel as lk
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.data import IGNORE, Example
-    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.peft import lora_kernel as lk
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.data.dataset import IGNORE, Example
+    from muxtune.engine.model.loading import builtin_path, load_backbone
     from muxtune.engine.packing import PackedSequence, pack
 
     bb = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), torch.device("cpu"), dtype))
@@ -423,8 +422,7 @@ def backbone_bf16():
 
 
 def _interp_main(out_path: str, names: list[str]) -> None:
-    from muxtune.engine import lora_kernel as lk
-
+    from muxtune.engine.peft import lora_kernel as lk
     assert lk.interpreting(), "run with TRITON_INTERPRET=1"
     torch.manual_seed(0)
     results = {}
@@ -448,8 +446,7 @@ COMPILE_ARCH = 90  # H100
 
 def _compile_main(out_path: str) -> None:
     """Ahead-of-time compile for sm_90 (no GPU needed): what the interpreter cannot check."""
-    from muxtune.engine import lora_kernel as lk
-
+    from muxtune.engine.peft import lora_kernel as lk
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
@@ -512,7 +509,7 @@ def test_kernels_compile_for_sm90(subprocess_results):
 
 
 def test_cpu_without_interpreter_is_the_reference():
-    from muxtune.engine import lora_kernel as lk
+    from muxtune.engine.peft import lora_kernel as lk
     from muxtune.engine.peft.mux_linear import segmented_additive
 
     if lk.interpreting():
@@ -523,7 +520,7 @@ def test_cpu_without_interpreter_is_the_reference():
 
 
 def test_install_only_where_the_kernels_run(monkeypatch):
-    from muxtune.engine import lora_kernel as lk
+    from muxtune.engine.peft import lora_kernel as lk
     from muxtune.engine.peft.mux_linear import MuxContext
 
     ctx = MuxContext()
@@ -534,7 +531,7 @@ def test_install_only_where_the_kernels_run(monkeypatch):
 
 
 def test_config_rejects_tiles_tl_dot_cannot_use():
-    from muxtune.engine.lora_kernel import KernelConfig
+    from muxtune.engine.peft.lora_kernel import KernelConfig
 
     with pytest.raises(ValueError, match="block_r"):
         KernelConfig(block_r=8)

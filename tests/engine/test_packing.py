@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import IGNORE, Example, encode
-from muxtune.engine.models import load_backbone
+from muxtune.engine.model.backbone import MultiplexedBackbone
+from muxtune.engine.data.dataset import IGNORE, Example, encode
+from muxtune.engine.model.loading import load_backbone
 from muxtune.engine.packing import PackedSequence, TokenLayout, best_fit_decreasing, choose_chunk, pack, triangle
 from tests.conftest import save_tiny_checkpoint
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from muxtune.api.finetunetask import FineTuneTask
-from muxtune.engine.data import encode
+from muxtune.engine.data.dataset import encode
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.peft.export import load_adapter_weights
 from muxtune.engine.peft.prompt_tuning import prepend_virtual
@@ -110,7 +110,7 @@ def test_prompt_tokens_are_counted_and_resume(data_dir, tmp_path, trainer_factor
     trainer.run()
     lines = [json.loads(x) for x in (rt.out_dir / "metrics.jsonl").read_text().splitlines()]
     # the step's tokens include the virtual positions (the packing and the budget count them)
-    from muxtune.engine.data import DataStream
+    from muxtune.engine.data.dataset import DataStream
 
     first = DataStream(rt.stream.examples, task.spec.training.seed, True).next_batch(task.spec.training.batch_size)
     assert all(e.input_ids[:VIRTUAL] == ex.input_ids[:VIRTUAL] for e in first)

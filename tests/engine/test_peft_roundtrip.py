@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from muxtune.engine.data import encode
+from muxtune.engine.data.dataset import encode
 from muxtune.engine.packing import PackedSequence, pack
 
 

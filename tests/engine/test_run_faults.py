@@ -97,7 +97,7 @@ def test_cli_problems_exit_2_with_one_line_and_write_nothing(workdir):
 
 @pytest.mark.slow
 def test_second_run_on_one_output_is_refused_naming_the_holder(workdir):
-    from muxtune.engine.runlock import RunLock
+    from muxtune.engine.durable.runlock import RunLock
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(_cmd(workdir, [_doc("long", steps=100000)]), cwd=workdir, env=env,
@@ -168,7 +168,7 @@ def test_a_task_joining_later_cannot_take_a_resident_task_directory(make_task, d
 
 
 def test_status_endpoint_reports_paths_relative_to_the_output(make_task, data_dir, tmp_path, trainer_factory):
-    from muxtune.engine.metrics import EngineMetrics
+    from muxtune.engine.observe.engine_metrics import EngineMetrics
 
     trainer = trainer_factory(tmp_path / "out")
     metrics = EngineMetrics()
@@ -184,8 +184,7 @@ def test_status_endpoint_reports_paths_relative_to_the_output(make_task, data_di
 def test_output_paths_cannot_escape_even_past_the_api(make_task, data_dir, tmp_path):
     """The API refuses absolute and '..' output paths; the engine refuses them again (defence in depth)."""
     from muxtune.api.finetunetask import OutputSpec
-    from muxtune.engine import outputs
-
+    from muxtune.engine.durable import outputs
     task = make_task("t", data_dir / "reverse.jsonl")
     for escape in ("../../elsewhere", "/tmp/elsewhere", "x/../../../elsewhere"):
         task.spec.__dict__["output"] = OutputSpec.model_construct(path=escape)  # past validation, on purpose

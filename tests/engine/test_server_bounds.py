@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from muxtune.engine.server import EngineServer
+from muxtune.engine.observe.status_server import EngineServer
 
 
 def _server(**kwargs) -> EngineServer:

@@ -1,4 +1,4 @@
-"""engine/storage.py: a refused write leaves the old file whole and no temp behind; a sealed
+"""engine/durable/storage.py: a refused write leaves the old file whole and no temp behind; a sealed
 directory is trusted only when every file matches its manifest; a torn log tail is dropped,
 a bad line elsewhere named."""
 from __future__ import annotations
@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-from muxtune.engine import storage
-
-
+from muxtune.engine.durable import storage
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
     monkeypatch.setattr(storage, "BACKOFF_S", 0.001)

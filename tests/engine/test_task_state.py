@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from muxtune.engine import checkpoint as ckpt
-from muxtune.engine.backbone import TaskAdapter
+from muxtune.engine.durable import checkpoint as ckpt
+from muxtune.engine.model.backbone import TaskAdapter
 
 
 def _equal(a: ckpt.TaskState, b: ckpt.TaskState) -> None:

@@ -24,7 +24,7 @@ def _worker():
 
 def _tiny(name: str, arch: str, **cfg) -> Path:
     """A small model of another architecture, built and saved once like the built-in ones."""
-    from muxtune.engine.models import _byte_tokenizer, generated_model
+    from muxtune.engine.model.loading import _byte_tokenizer, generated_model
 
     spec = dict(arch=arch, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, bias_std=0.1, **cfg)
@@ -50,7 +50,7 @@ def _tiny(name: str, arch: str, **cfg) -> Path:
 
 @pytest.fixture(scope="module")
 def models(muxtune_home) -> dict[str, Path]:
-    from muxtune.engine.models import builtin_path
+    from muxtune.engine.model.loading import builtin_path
 
     return {
         "llama": builtin_path("tiny-llama"),
@@ -287,8 +287,8 @@ def test_ia3_scale_is_split_only_along_the_split_features(dim, ff):
 
 
 def test_one_rank_changes_nothing(tiny_backbone_dir):
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import load_backbone
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import load_backbone
     from muxtune.engine.parallel import tensor as tpar
 
     bb = MultiplexedBackbone(load_backbone(tiny_backbone_dir, torch.device("cpu"), torch.float32))

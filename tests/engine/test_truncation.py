@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from muxtune.engine.data import IGNORE, Example, encode
+from muxtune.engine.data.dataset import IGNORE, Example, encode
 
 
 def reference_encode(tokenizer, prompt, completion, max_len, train_on_prompt) -> Example:

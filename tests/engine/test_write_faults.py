@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from muxtune.engine import storage
-
+from muxtune.engine.durable import storage
 DISK_FULL = "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
 
 
@@ -114,7 +113,7 @@ def test_cli_full_disk_run_ends_with_summary(data_dir, tmp_path):
     out = tmp_path / "out"
     script = (
         "import sys\n"
-        "from muxtune.engine import storage\n"
+        "from muxtune.engine.durable import storage\n"
         "real = storage._write\n"
         "def write(path, data, **kw):\n"
         "    if '/victim/checkpoints/' in str(path):\n"

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.backbone import MultiplexedBackbone
-from muxtune.engine.data import DataStream, encode
-from muxtune.engine.models import load_backbone
+from muxtune.engine.model.backbone import MultiplexedBackbone
+from muxtune.engine.data.dataset import DataStream, encode
+from muxtune.engine.model.loading import load_backbone
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.parallel import tensor as tpar
 
@@ -183,7 +183,7 @@ def _all_sharded(adapters) -> bool:
 def refusals(path: Path, tp) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from muxtune.engine.models import LoadedBackbone
+    from muxtune.engine.model.loading import LoadedBackbone
 
     out = {}
     bb = backbone(path, None)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from muxtune.engine.metrics import PHASES, EngineMetrics, GpuSample, ProcessProbe
+from muxtune.engine.observe.engine_metrics import PHASES, EngineMetrics, GpuSample, ProcessProbe
 
 
 def val(m: EngineMetrics, name: str, **labels):
@@ -129,7 +129,7 @@ def test_non_finite_failure_sets_loss_nan_and_failed_phase():
 
 
 def test_progress_timestamp_starts_with_running_and_moves_with_steps():
-    from muxtune.engine.telemetry import StepRecord
+    from muxtune.engine.observe.telemetry import StepRecord
 
     now = [1000.0]
     m = EngineMetrics(clock=lambda: now[0])

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from muxtune.engine.metrics import PHASES, EngineMetrics, GpuSample, ProcessProbe
-from muxtune.engine.telemetry import RoundRecord, StageRecord, StepRecord
+from muxtune.engine.observe.engine_metrics import PHASES, EngineMetrics, GpuSample, ProcessProbe
+from muxtune.engine.observe.telemetry import RoundRecord, StageRecord, StepRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def populated_serve():
     """Every serving family with samples: one adapter and the base model, a finished, a refused and a
     running request, an iteration that trained under serving."""
     from muxtune.engine.serve.controller import Slo, SloController
-    from muxtune.engine.serve.metrics import ServeMetrics
+    from muxtune.engine.serve.serving_metrics import ServeMetrics
 
     slo = Slo(tpot_s=0.1, ttft_s=1.0)
     m = ServeMetrics(slo=slo)

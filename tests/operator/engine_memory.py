@@ -82,11 +82,11 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
 
     from muxtune.api.finetunetask import FineTuneTask
     from muxtune.engine import parallel
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import builtin_path, load_backbone
     from muxtune.engine.parallel.dims import ParallelDims
     from muxtune.engine.parallel.group import DistGroup, LocalGroup
-    from muxtune.engine.parallel.launch import init_distributed
+    from muxtune.engine.parallel.ranks import init_distributed
     from muxtune.engine.trainer import MuxTrainer
 
     os.environ["MUXTUNE_HOME"] = muxtune_home
@@ -138,7 +138,7 @@ def measure_all(world: int, *args) -> list[dict]:
         return [measure(*args)]
     from torch.distributed.launcher.api import elastic_launch
 
-    from muxtune.engine.parallel.launch import launch_config
+    from muxtune.engine.parallel.ranks import launch_config
 
     os.environ["OMP_NUM_THREADS"] = "1"
     results = elastic_launch(launch_config(world), measure)(*args)

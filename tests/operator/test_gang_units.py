@@ -71,8 +71,7 @@ def test_one_pod_layouts():
 
 def test_the_engine_launcher_reads_the_pod_environment_as_torchrun_would(monkeypatch):
     pytest.importorskip("torch")
-    from muxtune.engine.parallel import launch
-
+    from muxtune.engine.parallel import ranks as launch
     pod = resources.pod_manifest(group(dp=2, tp=1, pp=2), 1, OperatorConfig())
     for k in list(launch.os.environ):
         if k.startswith(("PET_", "TORCHELASTIC_")) or k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

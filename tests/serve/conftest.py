@@ -20,8 +20,8 @@ def tiny_backbone():
     """A fresh fp32 CPU backbone (the precision equality with PEFT is stated in)."""
     import torch
 
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import builtin_path, load_backbone
 
     return MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), torch.device("cpu"), torch.float32))
 
@@ -50,8 +50,8 @@ def make_stack(backbone, trainer=None, adapters=None, *, token_budget=4096, **fl
     from muxtune.engine.serve.controller import Slo, SloController
     from muxtune.engine.serve.coserve import CoServer
     from muxtune.engine.serve.engine import ServeEngine
-    from muxtune.engine.serve.launch import limits_from
-    from muxtune.engine.serve.metrics import ServeMetrics
+    from muxtune.engine.serve.stack import limits_from
+    from muxtune.engine.serve.serving_metrics import ServeMetrics
 
     cmd = serve_flags(**flags)
     slo = Slo(cmd.slo_tpot_ms / 1000, cmd.slo_ttft_ms / 1000)
@@ -132,7 +132,7 @@ def peft_greedy(adapter_dir, prompt_ids: list[int], max_new_tokens: int, ignore_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from muxtune.engine.models import builtin_path
+    from muxtune.engine.model.loading import builtin_path
 
     base = AutoModelForCausalLM.from_pretrained(builtin_path("tiny-llama"), dtype=torch.float32)
     if ignore_eos:  # generate through EOS as the server's ignore_eos does (not min_new_tokens: that masks EOS)
@@ -152,7 +152,7 @@ def peft_reference():
 def http_stack(tiny_backbone, trained_adapters, loop_thread):
     """Start a real server (loopback, free port) over the trained adapters; yields a function
     taking the serving flags and returning (base_url, serving); everything stops at teardown."""
-    from muxtune.engine.serve.launch import Serving
+    from muxtune.engine.serve.stack import Serving
 
     started = []
 

@@ -16,7 +16,7 @@ import pytest
 def bare_server(tiny_backbone):
     """A real serving stack over the base model whose engine loop does NOT run: a generation
     request stays in flight (its connection busy) until the stack closes."""
-    from muxtune.engine.serve.launch import Serving
+    from muxtune.engine.serve.stack import Serving
 
     from tests.serve.conftest import serve_flags
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def test_only_enabled_tasks_are_served_and_reported(make_task, data_dir, tmp_path, trainer_factory):
-    from muxtune.engine.metrics import EngineMetrics
+    from muxtune.engine.observe.engine_metrics import EngineMetrics
     from muxtune.engine.run import reconcile
     from muxtune.engine.serve.adapters import AdapterRegistry
 

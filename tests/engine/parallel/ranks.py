@@ -10,7 +10,7 @@ def start(world: int, fn, *args):
     """fn(*args) on `world` local ranks (gloo); each rank's return value, by rank."""
     from torch.distributed.launcher.api import elastic_launch
 
-    from muxtune.engine.parallel.launch import launch_config
+    from muxtune.engine.parallel.ranks import launch_config
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     return elastic_launch(launch_config(world), fn)(*args)
@@ -20,11 +20,11 @@ def _trainer(out: Path, dp: int, pp: int, muxtune_home: str, base_dir: Path):
     import torch
 
     from muxtune.engine import parallel
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import builtin_path, load_backbone
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import builtin_path, load_backbone
     from muxtune.engine.parallel.dims import ParallelDims
     from muxtune.engine.parallel.group import DistGroup
-    from muxtune.engine.parallel.launch import init_distributed
+    from muxtune.engine.parallel.ranks import init_distributed
     from muxtune.engine.trainer import MuxTrainer
 
     os.environ["MUXTUNE_HOME"] = muxtune_home

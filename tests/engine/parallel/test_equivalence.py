@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from muxtune.engine import checkpoint as ckpt
-
+from muxtune.engine.durable import checkpoint as ckpt
 from .conftest import MUXTUNE, adapter, env, make_workdir, max_diff, run, three_task_docs
 
 NAMES = ("lora-r4", "lora-r16", "ia3")

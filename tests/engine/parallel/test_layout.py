@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from muxtune.engine.data import Example
+from muxtune.engine.data.dataset import Example
 from muxtune.engine.parallel.dims import LayoutError, ParallelDims
 from muxtune.engine.parallel.plan import balance, plan_round, replica_share
 from muxtune.engine.parallel.schedule import B, F, bubble_fraction, one_f_one_b, render, simulate, stage_actions
@@ -100,7 +100,7 @@ def test_data_parallel_shares_are_disjoint_balanced_and_deterministic():
 
 
 def test_launch_config_reads_torchruns_pet_variables(monkeypatch):
-    from muxtune.engine.parallel.launch import launch_config, must_launch
+    from muxtune.engine.parallel.ranks import launch_config, must_launch
 
     for v in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(v, raising=False)

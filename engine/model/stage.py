@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from muxtune.engine.data import IGNORE
+from muxtune.engine.data.dataset import IGNORE
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft import prompt_tuning
 

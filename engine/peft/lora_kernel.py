@@ -51,10 +51,10 @@ from muxtune.engine.packing import TokenLayout
 from muxtune.engine.peft.lora import LoraDelta
 from muxtune.engine.peft.mux_linear import segmented_additive
 
-from muxtune.engine.lora_triton import _INTERPRET, _TL_DTYPES, tl, triton
+from muxtune.engine.peft.lora_triton import _INTERPRET, _TL_DTYPES, tl, triton
 
 if triton is not None:
-    from muxtune.engine.lora_triton import _expand_kernel, _grad_a_kernel, _grad_b_kernel, _shrink_kernel
+    from muxtune.engine.peft.lora_triton import _expand_kernel, _grad_a_kernel, _grad_b_kernel, _shrink_kernel
 
 __all__ = ["KernelConfig", "compile_check", "fused_additive", "install", "interpreting", "kernel_available"]
 

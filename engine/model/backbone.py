@@ -13,14 +13,14 @@ import torch
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine import attention
-from muxtune.engine.models import LoadedBackbone
+from muxtune.engine.model import attention
+from muxtune.engine.model.loading import LoadedBackbone
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft.base import ShardSpec, TaskDelta
 from muxtune.engine.peft.mux_linear import MultiplexedLinear, MuxContext
 from muxtune.engine.peft.prompt_tuning import PromptDelta
 from muxtune.engine.peft.registry import get_method, matches_target
-from muxtune.engine.stage import ForwardResult, Stage
+from muxtune.engine.model.stage import ForwardResult, Stage
 
 __all__ = ["ForwardResult", "MultiplexedBackbone", "TaskAdapter"]
 
@@ -97,7 +97,7 @@ class MultiplexedBackbone:
 
     def attention_kwargs(self, batch: PackedBatch) -> dict:
         """What the decoder layers get to keep attention within each packed sequence: the packed
-        sequences' boundaries for the engine's varlen attention (engine/attention.py), no dense mask."""
+        sequences' boundaries for the engine's varlen attention (engine/model/attention.py), no dense mask."""
         return {"attention_mask": None, **attention.attention_inputs(batch)}
 
     def _attention_to_linear_ratio(self) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from muxtune.engine.data import Example
+from muxtune.engine.data.dataset import Example
 
 
 def weight(priority: int) -> float:

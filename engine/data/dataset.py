@@ -1,4 +1,4 @@
-"""Per-task examples: read records (bounded, engine/datafile.py), encode them (truncated before
+"""Per-task examples: read records (bounded, engine/data/datafile.py), encode them (truncated before
 tokenising), and stream batches in a seeded, resumable order."""
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from muxtune.api.finetunetask import DatasetSpec
-from muxtune.engine.datafile import DataFileError, DataLimits, read_lines
-from muxtune.engine.examples import IGNORE, Example, RowError  # noqa: F401 - re-exported
-from muxtune.engine.formats import table
-from muxtune.engine.formats.chat import ChatEncoder, ChatTemplateError, chat_template, check_messages
-from muxtune.engine.formats.text import encode_text
-from muxtune.engine.paths import PathEscapeError, confined
-from muxtune.engine.truncation import token_prefix
+from muxtune.engine.data.datafile import DataFileError, DataLimits, read_lines
+from muxtune.engine.data.examples import IGNORE, Example, RowError  # noqa: F401 - re-exported
+from muxtune.engine.data.formats import table
+from muxtune.engine.data.formats.chat import ChatEncoder, ChatTemplateError, chat_template, check_messages
+from muxtune.engine.data.formats.text import encode_text
+from muxtune.engine.data.paths import PathEscapeError, confined
+from muxtune.engine.data.truncation import token_prefix
 
 
 class DatasetError(ValueError):
@@ -26,7 +26,7 @@ class DatasetError(ValueError):
 def encode(tokenizer, prompt: str, completion: str, max_len: int, train_on_prompt: bool) -> Example:
     """<s> prompt completion </s>, truncated; targets are the shifted inputs within one sequence.
 
-    Only the tokens that can fit are tokenised (engine/truncation.py): the result equals
+    Only the tokens that can fit are tokenised (engine/data/truncation.py): the result equals
     tokenising both texts whole and truncating to max_len.
     """
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

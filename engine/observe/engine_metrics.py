@@ -64,7 +64,7 @@ from prometheus_client import CollectorRegistry, Histogram, disable_created_metr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from muxtune.engine.telemetry import RoundRecord, StepRecord, Telemetry
+from muxtune.engine.observe.telemetry import RoundRecord, StepRecord, Telemetry
 
 log = logging.getLogger("muxtune.engine")
 

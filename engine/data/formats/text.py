@@ -2,7 +2,7 @@
 maxSeqLen-token sequences (the last one shorter), each a sequence of its own."""
 from __future__ import annotations
 
-from muxtune.engine.examples import IGNORE, Example, RowError
+from muxtune.engine.data.examples import IGNORE, Example, RowError
 
 MAX_PIECES = 4096  # sequences one document may become (a 16 MiB line at 512 tokens is far fewer)
 

@@ -10,7 +10,7 @@ earlier reasoning) are refused with the reason rather than masked wrongly.
 """
 from __future__ import annotations
 
-from muxtune.engine.examples import IGNORE, Example, RowError
+from muxtune.engine.data.examples import IGNORE, Example, RowError
 
 ROLES = ("system", "user", "assistant")
 TEMPLATE_FILE = "chat_template.jinja"

@@ -1,4 +1,4 @@
-"""Prometheus series of the inference side, in engine/metrics.py's style (one registry per
+"""Prometheus series of the inference side, in engine/observe/engine_metrics.py's style (one registry per
 process, label sets bounded by the adapters served: `model` is a served name, never a client's
 free text).
 

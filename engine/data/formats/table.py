@@ -1,6 +1,6 @@
 """Parquet files and Hugging Face `save_to_disk` directories, read through the `datasets` library.
 
-Bounds, as for JSON lines (engine/datafile.py): the Parquet file must be a regular file within the
+Bounds, as for JSON lines (engine/data/datafile.py): the Parquet file must be a regular file within the
 dataset size cap. A save_to_disk directory is checked before `datasets` touches it: it lies under
 the data root (the caller resolved it), every file the library will open (state.json's data files,
 the info files) is a regular file directly inside it (no symlink, no `..`), and their sizes sum
@@ -15,7 +15,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from muxtune.engine.datafile import DataFileError, DataLimits, open_regular
+from muxtune.engine.data.datafile import DataFileError, DataLimits, open_regular
 
 MAX_DISK_FILES = 10_000
 

@@ -33,10 +33,10 @@ import re
 import shutil
 from pathlib import Path
 
-from muxtune.engine import checkpoint as ckpt
-from muxtune.engine import storage
-from muxtune.engine.checkpoint import TaskState
-from muxtune.engine.storage import CorruptError
+from muxtune.engine.durable import checkpoint as ckpt
+from muxtune.engine.durable import storage
+from muxtune.engine.durable.checkpoint import TaskState
+from muxtune.engine.durable.storage import CorruptError
 
 log = logging.getLogger("muxtune.engine")
 

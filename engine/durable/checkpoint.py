@@ -33,8 +33,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from muxtune.api.finetunetask import FineTuneTaskSpec, PeftSpec
-from muxtune.engine import storage
-from muxtune.engine.storage import CorruptError
+from muxtune.engine.durable import storage
+from muxtune.engine.durable.storage import CorruptError
 
 KEEP = 2
 FORMAT = 2  # 1: state.json + torch optimizer.pt, no manifest (not resumable: no manifest, no cut)

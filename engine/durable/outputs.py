@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from muxtune.api.finetunetask import FineTuneTask
-from muxtune.engine.paths import PathEscapeError, confined
+from muxtune.engine.data.paths import PathEscapeError, confined
 
 
 class OutputLayoutError(ValueError):

@@ -12,7 +12,7 @@ from muxtune.engine.serve.coserve import CoServer
 from muxtune.engine.serve.engine import ServeEngine, ServeLimits
 from muxtune.engine.serve.http_api import OpenAIApi
 from muxtune.engine.serve.listener import ConnectionGuard, HttpThread, listen
-from muxtune.engine.serve.metrics import ServeMetrics
+from muxtune.engine.serve.serving_metrics import ServeMetrics
 
 log = logging.getLogger("muxtune.serve")
 
@@ -76,7 +76,7 @@ class Serving:
 
 def base_model_id(path: Path) -> str:
     """builtin:NAME for a built-in model's cache directory, else the path as given."""
-    from muxtune.engine.models import BUILTIN_CONFIGS, cache_home
+    from muxtune.engine.model.loading import BUILTIN_CONFIGS, cache_home
 
     p = Path(path)
     if p.parent.resolve() == (cache_home() / "models").resolve():
@@ -108,8 +108,8 @@ def serve_from_cli(cmd) -> int:
     import json
 
     from muxtune import logs
-    from muxtune.engine.backbone import MultiplexedBackbone
-    from muxtune.engine.models import load_backbone, resolve_base_model
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import load_backbone, resolve_base_model
     from muxtune.engine.run import StopFlag, pick_device, pick_dtype
 
     logs.configure(cmd.log_level)
@@ -149,10 +149,9 @@ def serve_from_cli(cmd) -> int:
         return 2
     device = pick_device(cmd.device)
     backbone = MultiplexedBackbone(load_backbone(path, device, pick_dtype(cmd.dtype, device)))
-    from muxtune.engine import lora_kernel
-
+    from muxtune.engine.peft import lora_kernel
     lora_kernel.install(backbone.ctx, device)
-    from muxtune.engine.metrics import EngineMetrics
+    from muxtune.engine.observe.engine_metrics import EngineMetrics
 
     stop = StopFlag()
     engine_metrics = EngineMetrics()  # /metrics on the API port: the serving series plus memory in use and peak

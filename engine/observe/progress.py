@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from muxtune.engine.telemetry import RoundRecord, Telemetry
+from muxtune.engine.observe.telemetry import RoundRecord, Telemetry
 
 
 class ProgressBar(Telemetry):

@@ -169,7 +169,8 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     try:
         path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
         staged = group.dims.pp > 1  # load on the host, keep only this rank's stage on the device
-        backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype))
+        backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype,
+                                                     trust_remote_code=getattr(cmd, "trust_remote_code", False)))
         parallel.setup_backbone(backbone, group, device, announce=lambda msg: print(msg, file=sys.stderr))
     except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
         error = f"baseModel {tasks[0].spec.base_model}: {exc}"

@@ -14,6 +14,10 @@ from muxtune.devcluster.cli import DevClusterCommand
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 
 
+TRUST_REMOTE_CODE = ("Allow a model directory whose config maps classes to its own Python files (auto_map) "
+                     "to run them; refused by default")
+
+
 class ServeFlags(BaseModel):
     """What serving adapters over the OpenAI API takes (shared by `run --serve-port` and `serve`)."""
 
@@ -52,6 +56,7 @@ class RunCommand(ServeFlags):
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
     allow_data_change: bool = Field(False, description="Resume a task even when its dataset changed since its checkpoint (refused by default)")
     progress: bool = Field(True, description="Show a progress bar")
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
     serve_port: int | None = Field(None, ge=0, le=65535, description="Also serve the tasks' adapters (OpenAI API) on this port while they train (0: any free port)")
     serve_host: str = Field("127.0.0.1", description="Address the serving port binds")
@@ -83,6 +88,7 @@ class ServeCommand(ServeFlags):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
 
     def cli_cmd(self) -> None:
         from muxtune.engine.serve.stack import serve_from_cli

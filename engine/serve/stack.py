@@ -47,7 +47,7 @@ class Serving:
         self.loop = CoServer(self.engine, self.controller, trainer, self.metrics)
         self.metrics.attach(self.engine, self.controller, trainer)
         template = Path(cmd.chat_template).read_text() if cmd.chat_template else None
-        tokenizer = AutoTokenizer.from_pretrained(backbone.path)  # the HTTP thread's own copy
+        tokenizer = AutoTokenizer.from_pretrained(backbone.path, trust_remote_code=backbone.trust_remote_code)  # the HTTP thread's own copy
         self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics)
         guard = ConnectionGuard(cmd.max_connections)
         self.http = HttpThread(self.api.app(guard.middleware), sock, guard, idle_timeout=cmd.idle_timeout_s)
@@ -148,7 +148,8 @@ def serve_from_cli(cmd) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = pick_device(cmd.device)
-    backbone = MultiplexedBackbone(load_backbone(path, device, pick_dtype(cmd.dtype, device)))
+    backbone = MultiplexedBackbone(load_backbone(path, device, pick_dtype(cmd.dtype, device),
+                                                 trust_remote_code=getattr(cmd, "trust_remote_code", False)))
     from muxtune.engine.peft import lora_kernel
     lora_kernel.install(backbone.ctx, device)
     from muxtune.engine.observe.engine_metrics import EngineMetrics

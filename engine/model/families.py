@@ -141,7 +141,7 @@ def linearize_conv1d(model: nn.Module) -> set[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
     for name in names:
         conv = model.get_submodule(name)
-        linear = nn.Linear(0, 0, bias=False, device="meta")  # shell: no allocation
+        linear = nn.Linear(1, 1, bias=False, device="meta")  # a shell: no allocation
         linear.in_features, linear.out_features = conv.weight.shape
         linear.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
         linear.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach(), requires_grad=False)

@@ -221,6 +221,12 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         else:
             trainer.run(stop)
         clean = True
+    except Exception as exc:  # noqa: BLE001 - outside a round (serving, watching): no task stays Running
+        from muxtune.engine.trainer import describe_exception
+
+        trainer.fail_running(f"internal error: {describe_exception(exc)}")
+        if group.world > 1:
+            raise
     finally:
         if clean or group.world == 1:  # interrupted: leave checkpoints the rerun replays exactly
             trainer.save_cut()  # (a collective, so in a group only when every rank got here)

@@ -309,7 +309,7 @@ class MuxTrainer:
         rt.tokens_per_second = rt.step_tokens / seconds if seconds > 0 else None
         if evaluation.due(rt):  # no gradients: nothing of this round's training changes
             try:
-                rt.eval_loss, rt.eval_step = evaluation.evaluate(self.backbone, rt, self.token_budget), rt.step
+                rt.eval_loss, rt.eval_step = evaluation.evaluate(self.backbone, rt, self.token_budget, self.group), rt.step
             except Exception as exc:  # noqa: BLE001 - the forward on held-out data: this task's failure
                 return self._fail(rt, f"evaluation failed at step {rt.step}: {exc}")
         record = StepRecord(

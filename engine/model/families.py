@@ -27,8 +27,10 @@ from torch import nn
 
 log = logging.getLogger("muxtune.engine")
 
-# every path a task can take; each family lists those it is tested through
-PATHS = ("train", "dp", "pp", "eval", "export")
+# every path a task can take; each family lists those it is tested through (tp: the tensor-parallel
+# shard plan of engine/parallel/tensor.py, so far tested on Llama and Qwen2 only)
+PATHS = ("train", "dp", "pp", "eval", "export", "tp")
+_UNTESTED_TP = tuple(p for p in PATHS if p != "tp")
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Family:
     conv1d: bool = False  # projections are transformers' Conv1D (weight [in, out]): PEFT's fan_in_fan_out
     fused_qkv: bool = False  # one projection computes q, k and v (tensor parallelism must split it by head)
     experts: tuple[str, ...] = ()  # module names of fused MoE experts (3D weights, not Linears)
-    paths: tuple[str, ...] = PATHS
+    paths: tuple[str, ...] = _UNTESTED_TP
     notes: str = ""
     known: bool = True  # False: inferred for a model_type missing from the table
 
@@ -64,8 +66,8 @@ def _llama_like(model_type: str, name: str, notes: str = "", **kw) -> Family:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    _llama_like("llama", "Llama", "3.x rope scaling"),
-    _llama_like("qwen2", "Qwen2/2.5", "optional sliding window layers"),
+    _llama_like("llama", "Llama", "3.x rope scaling", paths=PATHS),
+    _llama_like("qwen2", "Qwen2/2.5", "optional sliding window layers", paths=PATHS),
     _llama_like("qwen3", "Qwen3", "q/k norms"),
     _llama_like("mistral", "Mistral", "sliding window"),
     _llama_like("gemma", "Gemma", "embedding scale"),
@@ -100,7 +102,7 @@ def family_of(model: nn.Module) -> Family:
     log.warning("model_type %r is not in the engine's table of tested families; its layers are at %s, and "
                 "the fidelity probe decides whether it trains", config.model_type, path,
                 extra={"model_type": config.model_type})
-    return Family(config.model_type, config.model_type, path, (), known=False, paths=("train", "dp", "eval", "export"))
+    return Family(config.model_type, config.model_type, path, (), known=False)
 
 
 def _find_layers(model: nn.Module) -> str | None:

@@ -192,6 +192,12 @@ def _affinity(config: OperatorConfig, node_terms: list[dict], group: str, dp: in
     return aff or None
 
 
+def _trust_flag(base_model: str, basemodel: dict | None) -> list[str]:
+    """--trust-remote-code only for a `model:` BaseModel whose (admin-written) spec allows it."""
+    allowed = base_model.startswith("model:") and bool(((basemodel or {}).get("spec") or {}).get("trustRemoteCode"))
+    return ["--trust-remote-code"] if allowed else []
+
+
 def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None = None,
                  labels: dict | None = None, owner: dict | None = None, priority: int | None = None) -> dict:
     meta, spec = group["metadata"], group["spec"]
@@ -261,7 +267,7 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
         "image": config.engine_image,
         "imagePullPolicy": config.engine_image_pull_policy,
         "command": ["muxtune"],
-        "args": engine_args(config, dp, tp, pp, serving),
+        "args": engine_args(config, dp, tp, pp, serving) + _trust_flag(spec["baseModel"], basemodel),
         "env": env,
         "ports": ports,
         "resources": resources,

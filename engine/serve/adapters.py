@@ -84,7 +84,9 @@ def spec_from_peft_config(directory: Path) -> PeftSpec:
     refuse_if(cfg.get("layers_to_transform") is not None, "layers_to_transform")
     if kind == "LORA":
         refuse_if(cfg.get("bias", "none") != "none", f"bias={cfg.get('bias')!r}")
-        for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        # fan_in_fan_out (GPT-2-style Conv1D bases) only orients the base weight: PEFT's lora_A/lora_B are
+        # Linears either way, and the backbone runs Conv1D as Linear views (engine/model/families.py)
+        for flag in ("use_dora", "use_rslora"):
             refuse_if(bool(cfg.get(flag)), flag)
         refuse_if(bool(cfg.get("rank_pattern")) or bool(cfg.get("alpha_pattern")), "rank_pattern/alpha_pattern")
         return PeftSpec(method="lora", r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, target_modules=targets)

@@ -71,9 +71,8 @@ def check_kv_memory(need: int, device: torch.device) -> None:
 class ServeEngine:
     def __init__(self, backbone, registry: AdapterRegistry, limits: ServeLimits, metrics=None):
         config = backbone.model.config
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        max_len = min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len),
-                      window or limits.max_model_len)
+        # sliding windows do not bound a request: the serving attention applies each layer's window
+        max_len = min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len))
         self.limits = limits
         self.max_model_len = max_len
         self.backbone = backbone

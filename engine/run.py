@@ -224,7 +224,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     except Exception as exc:  # noqa: BLE001 - outside a round (serving, watching): no task stays Running
         from muxtune.engine.trainer import describe_exception
 
-        trainer.fail_running(f"internal error: {describe_exception(exc)}")
+        trainer.fail_running(group.record_error(f"internal error: {describe_exception(exc)}"))
         if group.world > 1:
             raise
     finally:

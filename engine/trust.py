@@ -12,7 +12,7 @@ from a Secret):
   the operator accepts a report only when it verifies with the key of the group it polled.
 
 A local run (no ``MUXTUNE_GROUP_KEY_FILE``) checks nothing. What this does and does not protect
-against is written down in operator/SECURITY.md.
+against is written down in docs/SECURITY-MODEL.md.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 A delta may rescale the layer's input, rescale its output, or add a term computed from the
 task's own tokens. The multiplexed layer combines any mix of methods in one pass, so a new
-method (DoRA, prefix tuning, ...) is one new module that implements this interface.
+method (prefix tuning, ...) is its torch-free declaration (muxtune/facts/methods/) and one module
+here that implements this interface and registers with ``@implements(decl)``.
 """
 from __future__ import annotations
 

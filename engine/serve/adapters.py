@@ -96,8 +96,8 @@ def spec_from_peft_config(directory: Path) -> PeftSpec:
     if decl is None or refused_method(decl.name):
         served = [m.name for m in peft_methods() if m.peft_type and not refused_method(m.name)]
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not served ({and_list(served)} are)")
-    for feature in decl.unsupported_peft_features(cfg):
-        refuse_if(True, feature)
+    unsupported = next(decl.unsupported_peft_features(cfg), None)
+    refuse_if(unsupported is not None, str(unsupported))
     return PeftSpec(method=decl.name, **decl.spec_fields(cfg))
 
 

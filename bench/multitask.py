@@ -307,16 +307,30 @@ def main(argv=None) -> int:
 
         zygote_main()
         return 0
-    from bench.workload import make_jobs, resolve_model
-
     setup = resolve_setup(args)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="muxtune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    runs, zygote, skipped = [], None, []  # runs: one row per system, N and round
+    runs, skipped = [], []  # runs: one row per system, N and round
     fork = args.launcher == "fork" or (args.launcher == "auto" and setup["device"] == "cpu")
     if fork and setup["device"] == "cuda":
         raise SystemExit("--launcher fork: not with CUDA (a CUDA context does not survive fork); use exec")
+    try:
+        _run_all(args, setup, work, fork, runs, skipped)
+    except WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return _report(runs, skipped, args, setup, t_start)
+
+
+def _run_all(args, setup: dict, work: Path, fork: bool, runs: list[dict], skipped: list[str]) -> None:
+    """Every system for every N, ``args.rounds`` times, appending to ``runs`` (and ``skipped``) as it goes."""
+    from bench.workload import make_jobs, resolve_model
+
+    zygote = None
     try:
         model_path = resolve_model(args.model)
         zygote = Zygote() if fork else None
@@ -326,23 +340,9 @@ def main(argv=None) -> int:
                              sigma=args.sigma, lr=args.lr)
             for _round in range(args.rounds):
                 for system in args.systems:
-                    need = _predicted_rss(runs, system, n) if setup["device"] == "cpu" and args.memory_guard else None
-                    if need is not None:
-                        import psutil
-
-                        available = psutil.virtual_memory().available
-                        if need > 0.8 * available:
-                            note = (f"{system} N={n} skipped: its processes would need ~{mib(need)} of RAM (N x the peak"
-                                    f" per process measured at smaller N), {mib(available)} is available; --no-memory-guard runs it")
-                            if note not in skipped:
-                                skipped.append(note)
-                            print(f"[bench] {note}", file=sys.stderr, flush=True)
-                            continue
-                    if args.wait_idle > 0:
-                        other = wait_idle(args.wait_idle)
-                        if other >= 0.25:
-                            print(f"[bench] machine still busy ({other:.1f} cores used by others) after {args.wait_idle:.0f}s; going on",
-                                  file=sys.stderr, flush=True)
+                    if _memory_guard_skips(runs, system, n, args, setup, skipped):
+                        continue
+                    _wait_for_quiet(args)
                     print(f"[bench] N={n} {system} ...", file=sys.stderr, flush=True)
                     row = run_system(system, jobs, args, setup, model_path, work, zygote)
                     runs.append(row)
@@ -350,14 +350,39 @@ def main(argv=None) -> int:
                     print(f"[bench] N={n} {system}: {row['tokens_per_s']:,.0f} tokens/s, peak {mib(row['peak_memory_bytes'])}, "
                           f"eff.tok {row['effective_token_ratio']:.3f}, attn {attn if attn is None else round(attn, 3)}",
                           file=sys.stderr, flush=True)
-    except WorkerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         if zygote is not None:
             zygote.close()
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+
+
+def _memory_guard_skips(runs: list[dict], system: str, n: int, args, setup: dict, skipped: list[str]) -> bool:
+    """On CPU, skip a system whose processes would need more than 80% of the available RAM (noted once)."""
+    need = _predicted_rss(runs, system, n) if setup["device"] == "cpu" and args.memory_guard else None
+    if need is None:
+        return False
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if need <= 0.8 * available:
+        return False
+    note = (f"{system} N={n} skipped: its processes would need ~{mib(need)} of RAM (N x the peak"
+            f" per process measured at smaller N), {mib(available)} is available; --no-memory-guard runs it")
+    if note not in skipped:
+        skipped.append(note)
+    print(f"[bench] {note}", file=sys.stderr, flush=True)
+    return True
+
+
+def _wait_for_quiet(args) -> None:
+    if args.wait_idle > 0:
+        other = wait_idle(args.wait_idle)
+        if other >= 0.25:
+            print(f"[bench] machine still busy ({other:.1f} cores used by others) after {args.wait_idle:.0f}s; going on",
+                  file=sys.stderr, flush=True)
+
+
+def _report(runs: list[dict], skipped: list[str], args, setup: dict, t_start: float) -> int:
+    """Print the table (and write --json); 1 when the systems did not train the same workload."""
     rows = merge_rounds(runs)
     add_ratios(rows)
     problems = check_consistency(runs)

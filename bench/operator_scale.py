@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -135,18 +136,77 @@ def create_many(info, docs: list[dict], chunk: int = 250) -> None:
             raise RuntimeError(p.stderr[-2000:])
 
 
+@dataclass
+class _Scene:
+    """The names one run creates, so that it can clean exactly them up."""
+
+    prefix: str  # node name prefix and the muxtune.io/bench label value
+    system: str  # the operator's namespace
+    tenant_ns: list[str]
+    basemodels: list[str]
+
+    @property
+    def namespaces(self) -> set[str]:
+        return {self.system, *self.tenant_ns}
+
+
 def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, timeout: float = 900,
         cleanup: bool = True, log=print) -> dict:
     kh = _load_helpers()
+    scene = _set_up(info, kh, nodes, gpus_per_node, namespaces, log)
+    op = _start_operator(info, kh, scene)
+    before_api = apiserver_requests(info)
+    before_op = sum(prom_values(op.metrics(), "muxtune_operator_api_requests_total").values())
+
+    docs = make_tasks(tasks, scene.tenant_ns)
+    t0 = time.monotonic()
+    create_many(info, docs)
+    t_created = time.monotonic() - t0
+    log(f"{tasks} FineTuneTasks created in {t_created:.1f}s")
+    items = kh.wait_for(lambda: _all_decided(info, kh, scene, tasks), timeout, interval=1.0,
+                        what="every task placed or pending with a reason")
+    t_placed = time.monotonic() - t0
+    log(f"all tasks decided after {t_placed:.1f}s")
+    pods = kh.wait_for(lambda: _all_bound(info, kh, scene), timeout, interval=1.0, what="every group pod bound")
+    t_bound = time.monotonic() - t0
+    # let the status passes that follow pods becoming Running finish
+    kh.wait_for(lambda: _settled(info, kh, scene), timeout, interval=1.0, what="statuses settled")
+    t_settled = time.monotonic() - t0
+    time.sleep(2)
+
+    after_api = apiserver_requests(info)
+    m = op.metrics()
+    groups = [g for ns in scene.namespaces for g in kh.kjson(info, "get", "backbonegroups", "-n", ns)["items"]]
+    result = {
+        "nodes": nodes, "gpusPerNode": gpus_per_node, "tasks": tasks, "namespaces": namespaces,
+        "createSeconds": round(t_created, 2),
+        "placementSeconds": round(t_placed, 2),
+        "placementAfterLastCreateSeconds": round(t_placed - t_created, 2),
+        "podsBoundSeconds": round(t_bound, 2),
+        "statusSettledSeconds": round(t_settled, 2),
+        **_placement_figures(items, groups, pods),
+        "gpusOneShotPlan": one_shot_gpus(nodes, gpus_per_node, tasks, scene.tenant_ns),
+        **_operator_figures(m, tasks, before_op),
+        **_apiserver_figures(before_api, after_api, tasks),
+        "reconcileErrors": prom_values(m, "muxtune_operator_reconcile_errors_total"),
+    }
+    op.stop()
+    if cleanup:
+        _tear_down(info, scene)
+    return result
+
+
+def _set_up(info, kh, nodes: int, gpus_per_node: int, namespaces: int, log) -> _Scene:
+    """Namespaces, CRDs, the bench BaseModels and the kwok GPU nodes (waited Ready)."""
     tag = uuid.uuid4().hex[:5]
-    prefix = f"scale-{tag}"
-    system = f"mtscale-{tag}"
-    tenant_ns = [f"scale-{tag}-{i}" for i in range(namespaces)]
-    for ns in [system, *tenant_ns]:
+    scene = _Scene(prefix=f"scale-{tag}", system=f"mtscale-{tag}",
+                   tenant_ns=[f"scale-{tag}-{i}" for i in range(namespaces)],
+                   basemodels=[f"bench-{name}" for name in BASEMODELS])
+    for ns in [scene.system, *scene.tenant_ns]:
         info.kubectl("create", "namespace", ns)
     from muxtune.devcluster import cluster
 
-    for ns in [system, *tenant_ns]:
+    for ns in [scene.system, *scene.tenant_ns]:
         cluster.wait_for_default_service_account(info, ns)
     kh.ensure_crds(info)
     bms = [{"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"bench-{name}"},
@@ -157,67 +217,52 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
     info.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(bms))
 
     t = time.monotonic()
-    node_docs = make_nodes(nodes, gpus_per_node, prefix)
-    create_many(info, node_docs, chunk=100)
-    info.kubectl("wait", "--for=condition=Ready", "--timeout=300s", "node", "-l", f"muxtune.io/bench={prefix}", timeout=320)
+    create_many(info, make_nodes(nodes, gpus_per_node, scene.prefix), chunk=100)
+    info.kubectl("wait", "--for=condition=Ready", "--timeout=300s", "node", "-l", f"muxtune.io/bench={scene.prefix}",
+                 timeout=320)
     log(f"{nodes} kwok GPU nodes ready in {time.monotonic() - t:.1f}s")
+    return scene
 
-    sa_kubeconfig = kh.install_rbac(info, system)
+
+def _start_operator(info, kh, scene: _Scene):
+    """The operator as its own process with the chart's RBAC, watching the tenant namespaces."""
+    sa_kubeconfig = kh.install_rbac(info, scene.system)
     logdir = Path(tempfile.mkdtemp(prefix="muxtune-scale-"))
-    op = kh.OperatorProcess(sa_kubeconfig, tenant_ns, system, logdir / "operator.log",
+    op = kh.OperatorProcess(sa_kubeconfig, scene.tenant_ns, scene.system, logdir / "operator.log",
                             extra=["--sharing-policy", "opt-in", "--poll-interval", "30"])
     op.start()
     kh.wait_for(lambda: "indices populated" in op.log_text(), 60, what="operator ready")
     time.sleep(1)
-    before_api = apiserver_requests(info)
-    before_op = sum(prom_values(op.metrics(), "muxtune_operator_api_requests_total").values())
+    return op
 
-    docs = make_tasks(tasks, tenant_ns)
-    t0 = time.monotonic()
-    create_many(info, docs)
-    t_created = time.monotonic() - t0
-    log(f"{tasks} FineTuneTasks created in {t_created:.1f}s")
 
-    def all_decided():
-        items = kh.kjson(info, "get", "finetunetasks", "-A")["items"]
-        mine = [x for x in items if x["metadata"]["namespace"] in tenant_ns]
-        decided = [x for x in mine if (x.get("status") or {}).get("phase") in ("Placed", "Running")
-                   or ((x.get("status") or {}).get("phase") == "Pending"
-                       and any(c.get("reason") not in (None, "Queued") for c in (x["status"].get("conditions") or [])
-                               if c.get("type") == "Placed"))]
-        return mine if len(mine) == tasks and len(decided) == tasks else None
+def _my_tasks(info, kh, scene: _Scene) -> list[dict]:
+    return [x for x in kh.kjson(info, "get", "finetunetasks", "-A")["items"] if x["metadata"]["namespace"] in scene.tenant_ns]
 
-    items = kh.wait_for(all_decided, timeout, interval=1.0, what="every task placed or pending with a reason")
-    t_placed = time.monotonic() - t0
-    t_after_create = t_placed - t_created
-    log(f"all tasks decided after {t_placed:.1f}s")
 
-    def all_bound():
-        pods = [p for ns in {system, *tenant_ns}
-                for p in kh.kjson(info, "get", "pods", "-n", ns, "-l", "app.kubernetes.io/managed-by=muxtune-operator")["items"]]
-        return pods if pods and all(p["spec"].get("nodeName") for p in pods) else None
+def _all_decided(info, kh, scene: _Scene, tasks: int) -> list[dict] | None:
+    """Every task Placed/Running, or Pending with a Placed condition whose reason is not Queued."""
+    mine = _my_tasks(info, kh, scene)
+    decided = [x for x in mine if (x.get("status") or {}).get("phase") in ("Placed", "Running")
+               or ((x.get("status") or {}).get("phase") == "Pending"
+                   and any(c.get("reason") not in (None, "Queued") for c in (x["status"].get("conditions") or [])
+                           if c.get("type") == "Placed"))]
+    return mine if len(mine) == tasks and len(decided) == tasks else None
 
-    pods = kh.wait_for(all_bound, timeout, interval=1.0, what="every group pod bound")
-    t_bound = time.monotonic() - t0
-    # let the status passes that follow pods becoming Running finish
-    def settled():
-        items = [x for x in kh.kjson(info, "get", "finetunetasks", "-A")["items"] if x["metadata"]["namespace"] in tenant_ns]
-        return all(any(c.get("reason") in ("EngineStarting", "TooLarge", "WaitingForGpus", "ModelUnknown", "NoGpuNodes")
-                       for c in (x.get("status") or {}).get("conditions") or []) for x in items)
-    kh.wait_for(settled, timeout, interval=1.0, what="statuses settled")
-    t_settled = time.monotonic() - t0
-    time.sleep(2)
 
-    after_api = apiserver_requests(info)
-    m = op.metrics()
-    after_op = sum(prom_values(m, "muxtune_operator_api_requests_total").values())
-    op_by = {k.split("{", 1)[1].rstrip("}"): v for k, v in prom_values(m, "muxtune_operator_api_requests_total").items()}
-    groups = [g for ns in {system, *tenant_ns} for g in kh.kjson(info, "get", "backbonegroups", "-n", ns)["items"]]
-    gpus_used = sum(g["spec"]["gpusPerPod"] * g["spec"]["parallelism"]["dp"] for g in groups)
-    lower = prom_values(m, "muxtune_operator_gpus_lower_bound ")
-    eff = prom_values(m, "muxtune_operator_packing_efficiency_ratio")
-    pl = prom_values(m, "muxtune_operator_planner_duration_seconds")
-    rc = prom_values(m, "muxtune_operator_reconcile_duration_seconds")
+def _all_bound(info, kh, scene: _Scene) -> list[dict] | None:
+    pods = [p for ns in scene.namespaces
+            for p in kh.kjson(info, "get", "pods", "-n", ns, "-l", "app.kubernetes.io/managed-by=muxtune-operator")["items"]]
+    return pods if pods and all(p["spec"].get("nodeName") for p in pods) else None
+
+
+def _settled(info, kh, scene: _Scene) -> bool:
+    return all(any(c.get("reason") in ("EngineStarting", "TooLarge", "WaitingForGpus", "ModelUnknown", "NoGpuNodes")
+                   for c in (x.get("status") or {}).get("conditions") or []) for x in _my_tasks(info, kh, scene))
+
+
+def _placement_figures(items: list[dict], groups: list[dict], pods: list[dict]) -> dict:
+    """Tasks by phase, Pending tasks by reason, and what the groups hold."""
     phases: dict[str, int] = {}
     reasons: dict[str, int] = {}
     for x in items:
@@ -226,43 +271,52 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
         if st.get("phase") == "Pending":
             r = next((c["reason"] for c in st.get("conditions") or [] if c["type"] == "Placed"), "?")
             reasons[r] = reasons.get(r, 0) + 1
-    placed = sum(len(g["spec"]["tasks"]) for g in groups)
-    api_delta = {k: after_api.get(k, 0) - before_api.get(k, 0) for k in after_api}
-    result = {
-        "nodes": nodes, "gpusPerNode": gpus_per_node, "tasks": tasks, "namespaces": namespaces,
-        "createSeconds": round(t_created, 2),
-        "placementSeconds": round(t_placed, 2),
-        "placementAfterLastCreateSeconds": round(t_after_create, 2),
-        "podsBoundSeconds": round(t_bound, 2),
-        "statusSettledSeconds": round(t_settled, 2),
-        "tasksPlaced": placed, "phases": phases, "pendingReasons": reasons,
+    return {
+        "tasksPlaced": sum(len(g["spec"]["tasks"]) for g in groups), "phases": phases, "pendingReasons": reasons,
         "groups": len(groups), "pods": len(pods),
-        "gpusUsed": gpus_used,
-        "gpusOneShotPlan": one_shot_gpus(nodes, gpus_per_node, tasks, tenant_ns),
-        "gpusLowerBound": next(iter(lower.values()), None),
-        "gpusLowerBoundByTenancy": next(iter(prom_values(m, "muxtune_operator_gpus_lower_bound_by_tenancy").values()), None),
-        "packingEfficiency": round(next(iter(eff.values()), 0.0), 3),
-        "plannerRuns": pl.get("muxtune_operator_planner_duration_seconds_count"),
-        "plannerMeanSeconds": round(pl.get("muxtune_operator_planner_duration_seconds_sum", 0)
-                                    / max(1, pl.get("muxtune_operator_planner_duration_seconds_count", 1)), 4),
-        "reconcilePasses": rc.get("muxtune_operator_reconcile_duration_seconds_count"),
-        "reconcileMeanSeconds": round(rc.get("muxtune_operator_reconcile_duration_seconds_sum", 0)
-                                      / max(1, rc.get("muxtune_operator_reconcile_duration_seconds_count", 1)), 3),
-        "operatorRequests": after_op - before_op,
-        "operatorRequestsPerTask": round((after_op - before_op) / tasks, 2),
-        "operatorRequestsByKind": op_by,
-        "apiserverRequests": api_delta.get("ALL"),
-        "apiserverRequestsPerTask": round(api_delta.get("ALL", 0) / tasks, 2),
-        "apiserverRequestsByResource": {k: v for k, v in sorted(api_delta.items()) if v and k != "ALL"},
-        "reconcileErrors": prom_values(m, "muxtune_operator_reconcile_errors_total"),
+        "gpusUsed": sum(g["spec"]["gpusPerPod"] * g["spec"]["parallelism"]["dp"] for g in groups),
     }
-    op.stop()
-    if cleanup:
-        for ns in [*tenant_ns, system]:
-            info.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        info.kubectl("delete", "node", "-l", f"muxtune.io/bench={prefix}", "--wait=false", check=False, timeout=300)
-        info.kubectl("delete", "basemodel", *[b["metadata"]["name"] for b in bms], check=False)
-    return result
+
+
+def _mean(hist: dict[str, float], name: str, digits: int) -> float:
+    return round(hist.get(f"{name}_sum", 0) / max(1, hist.get(f"{name}_count", 1)), digits)
+
+
+def _operator_figures(metrics_text: str, tasks: int, before_requests: float) -> dict:
+    """The operator's own view from its /metrics: GPU bounds, packing, planner/reconcile time, requests."""
+    m = metrics_text
+    requests = prom_values(m, "muxtune_operator_api_requests_total")
+    after = sum(requests.values())
+    pl = prom_values(m, "muxtune_operator_planner_duration_seconds")
+    rc = prom_values(m, "muxtune_operator_reconcile_duration_seconds")
+    return {
+        "gpusLowerBound": next(iter(prom_values(m, "muxtune_operator_gpus_lower_bound ").values()), None),
+        "gpusLowerBoundByTenancy": next(iter(prom_values(m, "muxtune_operator_gpus_lower_bound_by_tenancy").values()), None),
+        "packingEfficiency": round(next(iter(prom_values(m, "muxtune_operator_packing_efficiency_ratio").values()), 0.0), 3),
+        "plannerRuns": pl.get("muxtune_operator_planner_duration_seconds_count"),
+        "plannerMeanSeconds": _mean(pl, "muxtune_operator_planner_duration_seconds", 4),
+        "reconcilePasses": rc.get("muxtune_operator_reconcile_duration_seconds_count"),
+        "reconcileMeanSeconds": _mean(rc, "muxtune_operator_reconcile_duration_seconds", 3),
+        "operatorRequests": after - before_requests,
+        "operatorRequestsPerTask": round((after - before_requests) / tasks, 2),
+        "operatorRequestsByKind": {k.split("{", 1)[1].rstrip("}"): v for k, v in requests.items()},
+    }
+
+
+def _apiserver_figures(before: dict[str, float], after: dict[str, float], tasks: int) -> dict:
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {
+        "apiserverRequests": delta.get("ALL"),
+        "apiserverRequestsPerTask": round(delta.get("ALL", 0) / tasks, 2),
+        "apiserverRequestsByResource": {k: v for k, v in sorted(delta.items()) if v and k != "ALL"},
+    }
+
+
+def _tear_down(info, scene: _Scene) -> None:
+    for ns in [*scene.tenant_ns, scene.system]:
+        info.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+    info.kubectl("delete", "node", "-l", f"muxtune.io/bench={scene.prefix}", "--wait=false", check=False, timeout=300)
+    info.kubectl("delete", "basemodel", *scene.basemodels, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,14 +95,10 @@ def layouts(args) -> list[dict]:
 def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
     import torch
 
-    from bench.workload import TARGET_MODULES, Job
-    from muxtune.api.finetunetask import FineTuneTask
+    from bench.workload import Job
     from muxtune.engine import parallel
     from muxtune.engine.model.backbone import MultiplexedBackbone
     from muxtune.engine.model.loading import load_backbone
-    from muxtune.engine.parallel.schedule import bubble_fraction, simulate, stage_actions
-    from muxtune.engine.observe.telemetry import Telemetry
-    from muxtune.engine.trainer import MuxTrainer
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         spec["dtype"], torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -111,61 +107,16 @@ def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
     parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
     jobs = [Job.from_dict(j) for j in spec["jobs"][:n]]
 
-    class Rounds(Telemetry):
-        def __init__(self):
-            self.real = self.rounds = 0
-            self.busy = self.wall = 0.0
-
-        def round_done(self, r):
-            self.real += r.real_tokens
-            self.rounds += 1
-            for st in r.stages:
-                self.busy += st.busy_seconds
-                self.wall += max(st.wall_seconds, st.busy_seconds)
-
-    def task(job: Job, steps: int) -> FineTuneTask:  # bench.multitask's LoRA job, data relative to its root
-        return FineTuneTask.model_validate({
-            "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": job.name},
-            "spec": {
-                "baseModel": spec["model"],
-                "dataset": {"path": Path(job.data).name, "maxSeqLen": job.max_seq_len, "shuffle": False},
-                "peft": {"method": "lora", "r": job.rank, "alpha": job.alpha, "dropout": 0.0,
-                         "targetModules": TARGET_MODULES},
-                "training": {"maxSteps": steps, "batchSize": job.batch_size, "learningRate": job.lr,
-                             "seed": job.seed, "maxGradNorm": 1.0, "checkpointInterval": 0},
-            },
-        })
-
     def trainer(name, steps):
-        tr = MuxTrainer(backbone, Path(spec["out"]) / f"{name}-n{n}-dp{layout['dp']}-pp{layout['pp']}-{layout['interleave']}",
-                        token_budget=spec["token_budget"], resume=False, group=group, base_dir=Path(spec["data"]),
-                        micro_batches=spec["micro_batches"], interleave=layout["interleave"])
-        for job in jobs:
-            tr.add_task(task(job, steps))
-        return tr
+        return _trainer(spec, layout, n, backbone, group, jobs, name, steps)
 
     if spec["warmup_steps"]:
         trainer("warmup", spec["warmup_steps"]).run()
     tr = trainer("timed", spec["steps"])
-    rounds = Rounds()
+    rounds = _round_totals()
     tr.telemetry = rounds
-    ticks = []
-    run_pipeline = tr.executor.run_pipeline
-
-    def traced(plan, *a):  # the tick-model bubble of each round's plan (what --print-schedule shows)
-        tl = simulate(stage_actions(plan.flushes, layout["pp"]))
-        span = max((t + 1 for s in tl for t in s), default=0)
-        ticks.append((span, sum(f * span for f in bubble_fraction(tl)) / max(1, len(tl))))
-        return run_pipeline(plan, *a)
-
-    tr.executor.run_pipeline = traced
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    group.sum(torch.zeros(1, dtype=torch.float64))  # a barrier: every rank starts the clock together
-    sync()
-    t0 = time.perf_counter()
-    tr.run()
-    sync()
-    wall = time.perf_counter() - t0
+    ticks = _trace_bubble_ticks(tr, layout["pp"])
+    wall = _timed(tr, group, device)
     bad = [f"{rt.key}: {rt.phase} {rt.message}" for rt in tr.tasks.values() if rt.phase != "Succeeded"]
     if bad:
         raise RuntimeError("; ".join(bad))
@@ -180,6 +131,84 @@ def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
         "bubble_ticks": idle_ticks / total_ticks if total_ticks else 0.0,
         "device": device.type, "model": spec["model"],
     }
+
+
+def _round_totals():
+    """A Telemetry that sums real tokens, rounds, and the stages' busy and wall seconds."""
+    from muxtune.engine.observe.telemetry import Telemetry
+
+    class Rounds(Telemetry):
+        def __init__(self):
+            self.real = self.rounds = 0
+            self.busy = self.wall = 0.0
+
+        def round_done(self, r):
+            self.real += r.real_tokens
+            self.rounds += 1
+            for st in r.stages:
+                self.busy += st.busy_seconds
+                self.wall += max(st.wall_seconds, st.busy_seconds)
+
+    return Rounds()
+
+
+def _lora_task(spec: dict, job, steps: int):
+    """bench.multitask's LoRA job as a FineTuneTask, its data relative to the data root."""
+    from bench.workload import TARGET_MODULES
+    from muxtune.api.finetunetask import FineTuneTask
+
+    return FineTuneTask.model_validate({
+        "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": job.name},
+        "spec": {
+            "baseModel": spec["model"],
+            "dataset": {"path": Path(job.data).name, "maxSeqLen": job.max_seq_len, "shuffle": False},
+            "peft": {"method": "lora", "r": job.rank, "alpha": job.alpha, "dropout": 0.0,
+                     "targetModules": TARGET_MODULES},
+            "training": {"maxSteps": steps, "batchSize": job.batch_size, "learningRate": job.lr,
+                         "seed": job.seed, "maxGradNorm": 1.0, "checkpointInterval": 0},
+        },
+    })
+
+
+def _trainer(spec: dict, layout: dict, n: int, backbone, group, jobs: list, name: str, steps: int):
+    from muxtune.engine.trainer import MuxTrainer
+
+    tr = MuxTrainer(backbone, Path(spec["out"]) / f"{name}-n{n}-dp{layout['dp']}-pp{layout['pp']}-{layout['interleave']}",
+                    token_budget=spec["token_budget"], resume=False, group=group, base_dir=Path(spec["data"]),
+                    micro_batches=spec["micro_batches"], interleave=layout["interleave"])
+    for job in jobs:
+        tr.add_task(_lora_task(spec, job, steps))
+    return tr
+
+
+def _trace_bubble_ticks(tr, pp: int) -> list[tuple[int, float]]:
+    """Record (span, idle ticks) of each round's plan in the tick model (what --print-schedule shows)."""
+    from muxtune.engine.parallel.schedule import bubble_fraction, simulate, stage_actions
+
+    ticks: list[tuple[int, float]] = []
+    run_pipeline = tr.executor.run_pipeline
+
+    def traced(plan, *a):
+        tl = simulate(stage_actions(plan.flushes, pp))
+        span = max((t + 1 for s in tl for t in s), default=0)
+        ticks.append((span, sum(f * span for f in bubble_fraction(tl)) / max(1, len(tl))))
+        return run_pipeline(plan, *a)
+
+    tr.executor.run_pipeline = traced
+    return ticks
+
+
+def _timed(tr, group, device) -> float:
+    """Wall seconds of ``tr.run()``, every rank starting the clock together."""
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    group.sum(torch.zeros(1, dtype=torch.float64))  # a barrier: every rank starts the clock together
+    sync()
+    t0 = time.perf_counter()
+    tr.run()
+    sync()
+    return time.perf_counter() - t0
 
 
 def rank_main(spec: dict, group_layouts: list[dict]) -> list[dict]:

@@ -283,126 +283,32 @@ def up(
 
 
 def _start(state_dir: Path, timeout: float) -> ClusterInfo:
+    """Certificates, kubeconfigs, then each component in dependency order; all stopped if one fails."""
     t0 = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / "kubeconfigs").mkdir(exist_ok=True)
     pki = state_dir / "pki"
     _make_pki(pki)
     _log(f"certificates generated in {time.monotonic() - t0:.1f}s")
     etcd_port, etcd_peer, api_port, cm_port, sched_port = _free_ports(5)
+    ports = {"etcd": etcd_port, "etcd-peer": etcd_peer, "kube-apiserver": api_port,
+             "kube-controller-manager": cm_port, "kube-scheduler": sched_port}
     server = f"https://127.0.0.1:{api_port}"
-    ca = (pki / "ca.crt").read_bytes()
-    kc = {}
-    for user in ("admin", "controller-manager", "scheduler", "kwok"):
-        kc[user] = state_dir / "kubeconfigs" / f"{user}.kubeconfig"
-        _write_kubeconfig(
-            kc[user], server, ca, user,
-            {"client-certificate-data": _b64((pki / f"{user}.crt").read_bytes()), "client-key-data": _b64((pki / f"{user}.key").read_bytes())},
-        )
-    # top-level copy of the admin kubeconfig: the path that `up` prints
-    admin_kc = state_dir / "kubeconfig"
-    shutil.copy2(kc["admin"], admin_kc)
+    kc = _write_kubeconfigs(state_dir, pki, server)
 
-    pids: dict[str, int] = {}
+    pids: dict[str, int] = {}  # filled as components start, so a failure stops exactly those
     try:
-        pids["etcd"] = _spawn("etcd", [
-            "--name=muxtune-dev",
-            f"--data-dir={state_dir / 'etcd'}",
-            f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-            f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
-            f"--initial-cluster=muxtune-dev=http://127.0.0.1:{etcd_peer}",
-            "--auto-compaction-retention=1",
-            "--unsafe-no-fsync=true",  # throwaway dev data; makes the apiserver much faster on slow disks
-            "--log-level=warn",
-        ], state_dir)
-        _wait(
-            "etcd /health",
-            lambda: (lambda r: (r[0] == 200 and '"true"' in r[1], r))(_get(f"http://127.0.0.1:{etcd_port}/health")),
-            timeout, state_dir, "etcd", pids["etcd"],
-        )
-        pids["kube-apiserver"] = _spawn("kube-apiserver", [
-            f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={api_port}",
-            f"--cert-dir={pki}",
-            f"--tls-cert-file={pki / 'apiserver.crt'}",
-            f"--tls-private-key-file={pki / 'apiserver.key'}",
-            f"--client-ca-file={pki / 'ca.crt'}",
-            "--authorization-mode=Node,RBAC",
-            f"--service-account-issuer={SA_ISSUER}",
-            f"--service-account-key-file={pki / 'sa.pub'}",
-            f"--service-account-signing-key-file={pki / 'sa.key'}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--allow-privileged=true",
-            "--profiling=false",
-            "--enable-priority-and-fairness=false",
-            "--event-ttl=1h",
-        ], state_dir)
-        ctx = _ssl_ctx(state_dir)
-        _wait(
-            "kube-apiserver /readyz",
-            lambda: (lambda r: (r[0] == 200, r))(_get(f"{server}/readyz", ctx)),
-            timeout, state_dir, "kube-apiserver", pids["kube-apiserver"],
-        )
+        _start_etcd(state_dir, ports, timeout, pids)
+        ctx = _start_apiserver(state_dir, pki, ports, server, timeout, pids)
         _log(f"kube-apiserver ready at {server} ({time.monotonic() - t0:.1f}s)")
-        pids["kube-controller-manager"] = _spawn("kube-controller-manager", [
-            f"--kubeconfig={kc['controller-manager']}",
-            f"--authentication-kubeconfig={kc['controller-manager']}",
-            f"--authorization-kubeconfig={kc['controller-manager']}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={cm_port}",
-            "--leader-elect=false",
-            "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            "--cluster-name=muxtune-dev",
-            "--controllers=*",
-            "--profiling=false",
-        ], state_dir)
-        pids["kube-scheduler"] = _spawn("kube-scheduler", [
-            f"--kubeconfig={kc['scheduler']}",
-            f"--authentication-kubeconfig={kc['scheduler']}",
-            f"--authorization-kubeconfig={kc['scheduler']}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={sched_port}",
-            "--leader-elect=false",
-            "--profiling=false",
-        ], state_dir)
-        pids["kwok"] = _spawn("kwok", [
-            f"--kubeconfig={kc['kwok']}",
-            f"--config={_build.kwok_stages_path()}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
-            "--node-lease-duration-seconds=40",
-            "--cidr=10.244.0.0/16",
-            "--node-ip=127.0.0.1",
-        ], state_dir)
-        insecure = _insecure_ctx()
-        for name, port in (("kube-controller-manager", cm_port), ("kube-scheduler", sched_port)):
-            _wait(
-                f"{name} /healthz",
-                lambda port=port: (lambda r: (r[0] == 200, r))(_get(f"https://127.0.0.1:{port}/healthz", insecure)),
-                timeout, state_dir, name, pids[name],
-            )
+        _start_controllers(state_dir, pki, kc, ports, timeout, pids)
         code, body = _get(f"{server}/version", ctx)
         version = json.loads(body)["gitVersion"] if code == 200 else "unknown"
         info = ClusterInfo(
-            state_dir=state_dir, kubeconfig=admin_kc, server=server, version=version, ca_cert=pki / "ca.crt",
-            pids=pids, ports={"etcd": etcd_port, "etcd-peer": etcd_peer, "kube-apiserver": api_port,
-                              "kube-controller-manager": cm_port, "kube-scheduler": sched_port},
+            state_dir=state_dir, kubeconfig=kc["top-level"], server=server, version=version, ca_cert=pki / "ca.crt",
+            pids=pids, ports=ports,
         )
         (state_dir / "cluster.json").write_text(info.to_json())
-
-        # the serviceaccount controller (controller-manager) must have made the default SA,
-        # otherwise the ServiceAccount admission plugin rejects pods
-        def default_sa() -> tuple[bool, str]:
-            p = info.kubectl("get", "serviceaccount", "default", "-n", "default", "-o", "name", check=False)
-            return p.returncode == 0, p.stderr.strip()
-
-        _wait("the default ServiceAccount", default_sa, timeout, state_dir, "kube-controller-manager", pids["kube-controller-manager"])
+        _wait_default_service_account(info, timeout)
         if not _pid_alive(pids["kwok"], state_dir):
             raise RuntimeError(f"kwok exited:\n{_log_tail(state_dir, 'kwok')}")
     except BaseException:
@@ -411,6 +317,129 @@ def _start(state_dir: Path, timeout: float) -> ClusterInfo:
         raise
     _log(f"control plane up in {time.monotonic() - t0:.1f}s")
     return info
+
+
+def _write_kubeconfigs(state_dir: Path, pki: Path, server: str) -> dict[str, Path]:
+    """One client-certificate kubeconfig per user, plus ``top-level``: the admin copy that `up` prints."""
+    (state_dir / "kubeconfigs").mkdir(exist_ok=True)
+    ca = (pki / "ca.crt").read_bytes()
+    kc = {}
+    for user in ("admin", "controller-manager", "scheduler", "kwok"):
+        kc[user] = state_dir / "kubeconfigs" / f"{user}.kubeconfig"
+        _write_kubeconfig(
+            kc[user], server, ca, user,
+            {"client-certificate-data": _b64((pki / f"{user}.crt").read_bytes()), "client-key-data": _b64((pki / f"{user}.key").read_bytes())},
+        )
+    kc["top-level"] = state_dir / "kubeconfig"
+    shutil.copy2(kc["admin"], kc["top-level"])
+    return kc
+
+
+def _start_etcd(state_dir: Path, ports: dict[str, int], timeout: float, pids: dict[str, int]) -> None:
+    etcd_port, etcd_peer = ports["etcd"], ports["etcd-peer"]
+    pids["etcd"] = _spawn("etcd", [
+        "--name=muxtune-dev",
+        f"--data-dir={state_dir / 'etcd'}",
+        f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+        f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+        f"--listen-peer-urls=http://127.0.0.1:{etcd_peer}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}",
+        f"--initial-cluster=muxtune-dev=http://127.0.0.1:{etcd_peer}",
+        "--auto-compaction-retention=1",
+        "--unsafe-no-fsync=true",  # throwaway dev data; makes the apiserver much faster on slow disks
+        "--log-level=warn",
+    ], state_dir)
+    _wait(
+        "etcd /health",
+        lambda: (lambda r: (r[0] == 200 and '"true"' in r[1], r))(_get(f"http://127.0.0.1:{etcd_port}/health")),
+        timeout, state_dir, "etcd", pids["etcd"],
+    )
+
+
+def _start_apiserver(state_dir: Path, pki: Path, ports: dict[str, int], server: str, timeout: float, pids: dict[str, int]):
+    """Start kube-apiserver, wait for /readyz, and return the SSL context that trusts its CA."""
+    pids["kube-apiserver"] = _spawn("kube-apiserver", [
+        f"--etcd-servers=http://127.0.0.1:{ports['etcd']}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={ports['kube-apiserver']}",
+        f"--cert-dir={pki}",
+        f"--tls-cert-file={pki / 'apiserver.crt'}",
+        f"--tls-private-key-file={pki / 'apiserver.key'}",
+        f"--client-ca-file={pki / 'ca.crt'}",
+        "--authorization-mode=Node,RBAC",
+        f"--service-account-issuer={SA_ISSUER}",
+        f"--service-account-key-file={pki / 'sa.pub'}",
+        f"--service-account-signing-key-file={pki / 'sa.key'}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        "--allow-privileged=true",
+        "--profiling=false",
+        "--enable-priority-and-fairness=false",
+        "--event-ttl=1h",
+    ], state_dir)
+    ctx = _ssl_ctx(state_dir)
+    _wait(
+        "kube-apiserver /readyz",
+        lambda: (lambda r: (r[0] == 200, r))(_get(f"{server}/readyz", ctx)),
+        timeout, state_dir, "kube-apiserver", pids["kube-apiserver"],
+    )
+    return ctx
+
+
+def _start_controllers(
+    state_dir: Path, pki: Path, kc: dict[str, Path], ports: dict[str, int], timeout: float, pids: dict[str, int],
+) -> None:
+    """kube-controller-manager, kube-scheduler and kwok; waits for the first two to be healthy."""
+    cm_port, sched_port = ports["kube-controller-manager"], ports["kube-scheduler"]
+    pids["kube-controller-manager"] = _spawn("kube-controller-manager", [
+        f"--kubeconfig={kc['controller-manager']}",
+        f"--authentication-kubeconfig={kc['controller-manager']}",
+        f"--authorization-kubeconfig={kc['controller-manager']}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={cm_port}",
+        "--leader-elect=false",
+        "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={pki / 'sa.key'}",
+        f"--root-ca-file={pki / 'ca.crt'}",
+        "--cluster-name=muxtune-dev",
+        "--controllers=*",
+        "--profiling=false",
+    ], state_dir)
+    pids["kube-scheduler"] = _spawn("kube-scheduler", [
+        f"--kubeconfig={kc['scheduler']}",
+        f"--authentication-kubeconfig={kc['scheduler']}",
+        f"--authorization-kubeconfig={kc['scheduler']}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={sched_port}",
+        "--leader-elect=false",
+        "--profiling=false",
+    ], state_dir)
+    pids["kwok"] = _spawn("kwok", [
+        f"--kubeconfig={kc['kwok']}",
+        f"--config={_build.kwok_stages_path()}",
+        "--manage-all-nodes=false",
+        f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+        "--node-lease-duration-seconds=40",
+        "--cidr=10.244.0.0/16",
+        "--node-ip=127.0.0.1",
+    ], state_dir)
+    insecure = _insecure_ctx()
+    for name, port in (("kube-controller-manager", cm_port), ("kube-scheduler", sched_port)):
+        _wait(
+            f"{name} /healthz",
+            lambda port=port: (lambda r: (r[0] == 200, r))(_get(f"https://127.0.0.1:{port}/healthz", insecure)),
+            timeout, state_dir, name, pids[name],
+        )
+
+
+def _wait_default_service_account(info: ClusterInfo, timeout: float) -> None:
+    """The serviceaccount controller must have made the default SA, or the admission plugin rejects pods."""
+    def default_sa() -> tuple[bool, str]:
+        p = info.kubectl("get", "serviceaccount", "default", "-n", "default", "-o", "name", check=False)
+        return p.returncode == 0, p.stderr.strip()
+
+    _wait("the default ServiceAccount", default_sa, timeout, info.state_dir, "kube-controller-manager",
+          info.pids["kube-controller-manager"])
 
 
 def down(state_dir: str | os.PathLike[str] | None = None, *, keep: bool = False, quiet: bool = False) -> None:

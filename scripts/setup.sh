@@ -1,28 +1,51 @@
 #!/usr/bin/env bash
 # Create .venv/ with muxtune and its dependencies. Wheels are cached under ~/.cache/muxtune/wheels
 # so a fresh clone on a machine that has run this once installs offline in about a minute.
+# One line per stage on stderr; pip's own output goes to .venv/setup.log and is shown only on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=${MUXTUNE_WHEELS:-$HOME/.cache/muxtune/wheels}
 STAMP=.venv/.muxtune-deps-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+LOG=.venv/setup.log
 mkdir -p "$WHEELS"
 
+say() { echo "setup: $*" >&2; }
+
+# Run a command with its output in $LOG; on failure show the log's tail and stop.
+logged() {
+  if ! "$@" >>"$LOG" 2>&1; then
+    say "failed: $*"
+    tail -n 40 "$LOG" >&2
+    say "full log: $LOG"
+    exit 1
+  fi
+}
+
 if [ ! -x .venv/bin/python ]; then
+  say "venv (creating .venv)"
   "$PY" -m venv .venv
+else
+  say "venv (.venv exists)"
 fi
+: >"$LOG"
+
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 if [ ! -f "$STAMP" ]; then
-  echo "setup: installing dependencies into .venv (wheel cache: $WHEELS)" >&2
-  .venv/bin/python -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
+  say "dependencies (installing from the wheel cache $WHEELS)"
+  logged pip_install --upgrade "pip>=24" "setuptools>=77" wheel
   reqs=(".[all]" -c constraints.txt)
-  if ! .venv/bin/python -m pip install -q --no-index --find-links "$WHEELS" -e "${reqs[@]}" 2>/dev/null; then
-    echo "setup: wheel cache incomplete, downloading (first run only; torch is large)" >&2
-    .venv/bin/python -m pip download -q -d "$WHEELS" -r constraints.txt "setuptools>=68" wheel
-    .venv/bin/python -m pip install -q --no-index --find-links "$WHEELS" -e "${reqs[@]}"
+  if ! pip_install --no-index --find-links "$WHEELS" -e "${reqs[@]}" >>"$LOG" 2>&1; then
+    say "dependencies (wheel cache incomplete: downloading; first run only, torch is large)"
+    logged .venv/bin/python -m pip download -q -d "$WHEELS" -r constraints.txt "setuptools>=77" wheel
+    logged pip_install --no-index --find-links "$WHEELS" -e "${reqs[@]}"
   fi
   rm -f .venv/.muxtune-deps-*
   touch "$STAMP"
 else
+  say "dependencies (cached)"
   # Cheap re-link so new packages listed in pyproject are picked up.
-  .venv/bin/python -m pip install -q --no-deps -e . >/dev/null
+  say "muxtune (editable re-link)"
+  logged pip_install --no-deps --no-build-isolation -e .
 fi
+say "ready: .venv/bin/muxtune"

@@ -1,4 +1,4 @@
-"""What an engine pod and the operator trust of each other (stdlib only: the operator imports it too).
+"""What an engine pod and the operator trust of each other (stdlib only: the operator image has no engine).
 
 The group's ConfigMap and the pod's annotations live where tenants may write them, so neither side
 trusts the other's bytes without a MAC made with the group's key (HMAC-SHA256; the operator
@@ -12,7 +12,7 @@ from a Secret):
   the operator accepts a report only when it verifies with the key of the group it polled.
 
 A local run (no ``MUXTUNE_GROUP_KEY_FILE``) checks nothing. What this does and does not protect
-against is written down in operator/SECURITY.md.
+against is written down in docs/SECURITY-MODEL.md.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from muxtune.engine.model import families
 from muxtune.engine.serve.adapters import AdapterRegistry, Unavailable
 from muxtune.engine.serve.forward import InferenceForward, WorkItem
 from muxtune.engine.serve.kv_cache import KVPool
@@ -70,6 +71,7 @@ def check_kv_memory(need: int, device: torch.device) -> None:
 
 class ServeEngine:
     def __init__(self, backbone, registry: AdapterRegistry, limits: ServeLimits, metrics=None):
+        families.require(backbone.family, "serve")  # refused naming the family, before any request
         config = backbone.model.config
         # sliding windows do not bound a request: the serving attention applies each layer's window
         max_len = min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len))

@@ -100,6 +100,7 @@ def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
     from muxtune.engine import parallel
     from muxtune.engine.model.backbone import MultiplexedBackbone
     from muxtune.engine.model.loading import load_backbone
+    from muxtune.engine.parallel import pipeline
     from muxtune.engine.parallel.schedule import bubble_fraction, simulate, stage_actions
     from muxtune.engine.observe.telemetry import Telemetry
     from muxtune.engine.trainer import MuxTrainer
@@ -150,20 +151,23 @@ def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
     rounds = Rounds()
     tr.telemetry = rounds
     ticks = []
-    run_pipeline = tr.executor.run_pipeline
+    run_pipeline = pipeline.run_pipeline  # the trainer calls it through the module: trace it there
 
-    def traced(plan, *a):  # the tick-model bubble of each round's plan (what --print-schedule shows)
+    def traced(backbone, group_, plan, *a):  # the tick-model bubble of each round's plan (what --print-schedule shows)
         tl = simulate(stage_actions(plan.flushes, layout["pp"]))
         span = max((t + 1 for s in tl for t in s), default=0)
         ticks.append((span, sum(f * span for f in bubble_fraction(tl)) / max(1, len(tl))))
-        return run_pipeline(plan, *a)
+        return run_pipeline(backbone, group_, plan, *a)
 
-    tr.executor.run_pipeline = traced
+    pipeline.run_pipeline = traced
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     group.sum(torch.zeros(1, dtype=torch.float64))  # a barrier: every rank starts the clock together
     sync()
     t0 = time.perf_counter()
-    tr.run()
+    try:
+        tr.run()
+    finally:
+        pipeline.run_pipeline = run_pipeline
     sync()
     wall = time.perf_counter() - t0
     bad = [f"{rt.key}: {rt.phase} {rt.message}" for rt in tr.tasks.values() if rt.phase != "Succeeded"]

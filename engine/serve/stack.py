@@ -50,7 +50,7 @@ class Serving:
         self.loop = CoServer(self.engine, self.controller, trainer, self.metrics)
         self.metrics.attach(self.engine, self.controller, trainer)
         template = Path(flags.chat_template).read_text() if flags.chat_template else None
-        tokenizer = AutoTokenizer.from_pretrained(backbone.path)  # the HTTP thread's own copy
+        tokenizer = AutoTokenizer.from_pretrained(backbone.path, trust_remote_code=backbone.trust_remote_code)  # the HTTP thread's own copy
         self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics)
         guard = ConnectionGuard(flags.max_connections)
         self.http = HttpThread(self.api.app(guard.middleware), sock, guard, idle_timeout=flags.idle_timeout_s)

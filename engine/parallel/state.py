@@ -164,7 +164,7 @@ def resume_task(rt, group, allow_data_change: bool) -> Path | None:
     def find():
         found = recovery.find_checkpoint(rt, allow_data_change)
         if found is None:
-            recovery._heal_metrics(rt, 0)
+            recovery.heal_metrics(rt, 0)
         return found
 
     found = on_writer(group, find)

@@ -72,19 +72,19 @@ def exception_on_rank1(root: str, world_dp: int, muxtune_home: str) -> int:
     rank hits); every other rank runs unchanged. Returns this rank's exit code."""
     os.environ["MUXTUNE_HOME"] = muxtune_home
     from muxtune.cli import RunCommand
-    from muxtune.engine.parallel.pipeline import RoundExecutor
+    from muxtune.engine import executor
     from muxtune.engine.run import run_from_cli
 
     if os.environ["RANK"] == "1":
-        real, calls = RoundExecutor.run_fused, []
+        real, calls = executor.run_fused, []
 
-        def boom(self, *args, **kwargs):
+        def boom(*args, **kwargs):
             calls.append(1)
             if len(calls) == 2:
                 raise RuntimeError("injected on rank 1")
-            return real(self, *args, **kwargs)
+            return real(*args, **kwargs)
 
-        RoundExecutor.run_fused = boom
+        executor.run_fused = boom
     os.chdir(root)
     return run_from_cli(RunCommand(tasks=["tasks.yaml"], output=Path(root) / "out", progress=False, device="cpu",
                                    dp=world_dp))

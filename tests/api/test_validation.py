@@ -20,9 +20,10 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, parse_task
 from muxtune.api.meta import ApiModel
 
+from tests.helpers.paths import REPO
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 
-REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "muxtune-api-tests"
 
 MODELS: dict[str, type[ApiModel]] = {

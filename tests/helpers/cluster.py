@@ -1,4 +1,5 @@
-"""Helpers for the operator's cluster tests: CRDs, the chart's RBAC, the operator as a subprocess."""
+"""The operator's cluster tests' side of a control plane: waiting, kubectl JSON, applying manifests,
+CRDs, the chart's RBAC, and the operator as a subprocess."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "muxtune"
+from tests.helpers.paths import CHART, REPO
+
 RELEASE = "mux"
 
 
@@ -181,42 +182,12 @@ def apply(info, *docs: dict) -> None:
     info.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(docs)))
 
 
-# ---------------------------------------------------------------------- fixtures
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def kh():
-    """This module, for helper functions (tests/operator has no package to import from)."""
-    return sys.modules[__name__]
+# two pods x 8 GPUs: more than one kwok node holds (the figures of a 200B-parameter, 8-layer model)
+WHOLE_NODES = {"parameters": 200_000_000_000, "layers": 8, "hiddenSize": 16384, "numAttentionHeads": 1, "vocabSize": 259}
+# two pods x 1 GPU: one layer and one head leave only data parallelism; one GPU holds half the step
+TWO_REPLICAS = {"parameters": 10_000_000, "layers": 1, "hiddenSize": 65536, "numAttentionHeads": 1, "vocabSize": 259}
 
 
-@pytest.fixture(scope="module")
-def operator_env(kube_cluster, tmp_path_factory, request):
-    """CRDs, the chart's namespaced RBAC, two tenant namespaces, and the operator running as the
-    chart's ServiceAccount (watching only those namespaces). Yields a dict of handles. A test module
-    may set OPERATOR_ARGS (extra flags) and OPERATOR_DEV_ENDPOINT (default True)."""
-    tag = uuid.uuid4().hex[:6]
-    system, ns_a, ns_b = f"mtsys-{tag}", f"team-a-{tag}", f"team-b-{tag}"
-    for ns in (system, ns_a, ns_b):
-        kube_cluster.kubectl("create", "namespace", ns)
-    from muxtune.devcluster import cluster
-
-    for ns in (system, ns_a, ns_b):
-        cluster.wait_for_default_service_account(kube_cluster, ns)
-    ensure_crds(kube_cluster)
-    sa_kubeconfig = install_rbac(kube_cluster, system, watch=[ns_a, ns_b])
-    logdir = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(sa_kubeconfig, [ns_a, ns_b], system, logdir / "operator.log",
-                         extra=list(getattr(request.module, "OPERATOR_ARGS", [])),
-                         dev_endpoint=getattr(request.module, "OPERATOR_DEV_ENDPOINT", True))
-    op.start()
-    env = {"info": kube_cluster, "op": op, "system": system, "a": ns_a, "b": ns_b, "tmp": logdir}
-    try:
-        yield env
-    finally:
-        env["op"].stop()
-        print("---- operator log (tail) ----\n" + "\n".join(env["op"].log_text().splitlines()[-60:]))
-        for ns in (ns_a, ns_b, system):
-            kube_cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+def basemodel(name: str, ns: str, figures: dict) -> dict:
+    return {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": name},
+            "spec": {"source": {"builtin": "tiny-llama"}, "allowedNamespaces": [ns], "architecture": figures}}

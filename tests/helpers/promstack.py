@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 EXAMPLES = REPO / "examples" / "quickstart"
 STEPS = 300  # each task Running ~11 s on a 2-core machine: several 1 s scrapes see every task Running
 

@@ -1,4 +1,4 @@
-"""One rank of the tensor-parallel tests (tests/engine/test_tensor_parallel.py starts two over gloo).
+"""One rank of the tensor-parallel tests (tests/engine/parallel/test_tensor_parallel.py starts two over gloo).
 
 The test imports this file too and runs the same scenarios with tp=None: the single-process reference.
 Each scenario returns plain tensors (whole ones, gathered under PEFT's names) for the test to compare.

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .promstack import (
+from tests.helpers.promstack import (
     REPO, STEPS,
     DcgmStandIn, Prometheus, ServingClient, Stack, free_port, start_operator, stop_process, tail,
     task_docs, wait_for,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 FILES = sorted((REPO / "dashboards").glob("*.json"))
 WANTED_VARS = {"cluster-overview.json": ["namespace", "group"], "backbone-group.json": ["namespace", "group", "task"]}
 

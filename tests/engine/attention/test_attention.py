@@ -15,7 +15,7 @@ from muxtune.engine.model.backbone import MultiplexedBackbone
 from muxtune.engine.data.dataset import IGNORE, encode
 from muxtune.engine.model.loading import load_backbone
 from muxtune.engine.packing import PackedBatch, PackedSequence, pack
-from tests.conftest import save_tiny_checkpoint
+from tests.helpers.models import save_tiny_checkpoint
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

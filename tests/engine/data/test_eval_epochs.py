@@ -36,7 +36,7 @@ def _peft_loss(out_dir, examples) -> float:
 
 def test_eval_loss_reported_everywhere_and_changes_no_training(make_task, data_dir, tmp_path, trainer_factory):
     (data_dir / "val.jsonl").write_text("".join((data_dir / "upper.jsonl").read_text().splitlines(True)[:6]))
-    from tests.conftest import data_path, task_doc
+    from tests.helpers.data import data_path, task_doc
     from muxtune.api.finetunetask import FineTuneTask
 
     kw = dict(steps=4, lr=2e-2)
@@ -79,7 +79,7 @@ def test_eval_loss_reported_everywhere_and_changes_no_training(make_task, data_d
 
 def test_epochs_set_the_steps(make_task, data_dir, tmp_path, trainer_factory):
     (data_dir / "ten.jsonl").write_text("".join((data_dir / "reverse.jsonl").read_text().splitlines(True)[:10]))
-    from tests.conftest import task_doc
+    from tests.helpers.data import task_doc
     from muxtune.api.finetunetask import FineTuneTask
 
     doc = task_doc("ep", data_dir / "ten.jsonl", batch=4, schedule="linear")
@@ -97,8 +97,8 @@ def test_epochs_set_the_steps(make_task, data_dir, tmp_path, trainer_factory):
 
 
 def test_chat_task_trains_and_saves_its_template(tmp_path, trainer_factory, data_dir):
-    from tests.conftest import data_path, task_doc
-    from tests.engine.test_formats import CHATML, CONVO
+    from tests.helpers.data import data_path, task_doc
+    from tests.helpers.data import CHATML, CONVO
     from muxtune.api.finetunetask import FineTuneTask
 
     f = data_dir / "chat.jsonl"
@@ -117,8 +117,8 @@ def test_chat_task_trains_and_saves_its_template(tmp_path, trainer_factory, data
 
 
 def test_chat_without_template_fails_the_task_alone(tmp_path, trainer_factory, data_dir, make_task):
-    from tests.conftest import task_doc
-    from tests.engine.test_formats import CONVO
+    from tests.helpers.data import task_doc
+    from tests.helpers.data import CONVO
     from muxtune.api.finetunetask import FineTuneTask
 
     f = data_dir / "chat.jsonl"

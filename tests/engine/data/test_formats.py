@@ -8,23 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import data_path
+from tests.helpers.data import CHATML, CONVO, data_path
 
 from muxtune.api.finetunetask import DatasetSpec
 from muxtune.engine.data.dataset import IGNORE, DatasetError, load_dataset
 from muxtune.engine.data.datafile import DataLimits
-
-# A ChatML-style template (as Qwen's), written here: the built-in tokenizer has none.
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CONVO = {"messages": [
-    {"role": "system", "content": "be brief"},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "hello"},
-    {"role": "user", "content": "bye"},
-    {"role": "assistant", "content": "ciao"},
-]}
-
 
 @pytest.fixture(scope="module")
 def tok(tiny_backbone_dir):

@@ -11,7 +11,7 @@ from muxtune.engine.model.backbone import MultiplexedBackbone
 from muxtune.engine.data.dataset import IGNORE, Example, encode
 from muxtune.engine.model.loading import load_backbone
 from muxtune.engine.packing import PackedSequence, TokenLayout, best_fit_decreasing, choose_chunk, pack, triangle
-from tests.conftest import save_tiny_checkpoint
+from tests.helpers.models import save_tiny_checkpoint
 
 
 @pytest.fixture(params=["llama", "qwen2"])

@@ -102,8 +102,8 @@ def test_output_directory_turning_read_only_fails_that_task_alone(make_task, dat
 
 def test_cli_full_disk_run_ends_with_summary(data_dir, tmp_path):
     """The real command, its write boundary failing for one task's checkpoints: exit 1, a summary."""
-    from tests import conftest
-    from tests.conftest import task_doc
+    from tests.helpers.data import data_root_dir
+    from tests.helpers.data import task_doc
 
     spec = tmp_path / "tasks.yaml"
     spec.write_text(yaml.safe_dump_all([
@@ -125,7 +125,7 @@ def test_cli_full_disk_run_ends_with_summary(data_dir, tmp_path):
         "main(sys.argv[1:])\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, "run", str(spec), "--output", str(out), "--no-progress",
-                           "--data-root", str(conftest.DATA_ROOT)],
+                           "--data-root", str(data_root_dir())],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -22,8 +22,10 @@ import torch
 
 from muxtune.engine.peft.base import TaskDelta
 
-HERE = Path(__file__).resolve()
-REPO = HERE.parents[2]
+from tests.helpers.paths import REPO
+
+SELF = "tests.engine.kernels.test_lora_kernel"  # also run as a script (python -m, from REPO): see the end
+
 
 # relative tolerances per input dtype (the reference itself rounds every product to the dtype)
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
@@ -478,7 +480,7 @@ def subprocess_results(tmp_path_factory, tiny_backbone_dir):
         "backbone": (["--interp", str(tmp / "backbone.json"), *BACKBONE_CASES], interp_env),
         "compile": (["--compile", str(tmp / "compile.json")], compile_env),
     }
-    procs = {name: subprocess.Popen([sys.executable, str(HERE), *argv], env=env, cwd=REPO, text=True,
+    procs = {name: subprocess.Popen([sys.executable, "-m", SELF, *argv], env=env, cwd=REPO, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for name, (argv, env) in jobs.items()}
     results = {}
@@ -554,5 +556,5 @@ if __name__ == "__main__":
     elif len(sys.argv) == 3 and sys.argv[1] == "--compile":
         _compile_main(sys.argv[2])
     else:
-        sys.exit("usage: TRITON_INTERPRET=1 python tests/engine/test_lora_kernel.py --interp OUT.json [CASE...]\n"
-                 "       python tests/engine/test_lora_kernel.py --compile OUT.json")
+        sys.exit("usage: TRITON_INTERPRET=1 python -m tests.engine.kernels.test_lora_kernel --interp OUT.json [CASE...]\n"
+                 "       python -m tests.engine.kernels.test_lora_kernel --compile OUT.json")

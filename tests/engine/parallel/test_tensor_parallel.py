@@ -1,8 +1,7 @@
-"""Tensor parallelism computes what one process computes: two real gloo ranks (tests/engine/tp_worker.py)
+"""Tensor parallelism computes what one process computes: two real gloo ranks (tests/helpers/tp_worker.py)
 against the same scenarios run here in one process, on tiny Llama, Qwen2 and biased Llama models."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,15 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-WORKER = Path(__file__).with_name("tp_worker.py")
+from tests import helpers
+
+WORKER = Path(helpers.__file__).with_name("tp_worker.py")  # started as a script, one process per rank
 STEPS, SNAPSHOT_AT, TP = 4, 2, 2
 
 
 def _worker():
-    spec = importlib.util.spec_from_file_location("tp_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The worker's scenarios, run here with tp=None: the single-process reference."""
+    from tests.helpers import tp_worker
+
+    return tp_worker
 
 
 def _tiny(name: str, arch: str, **cfg) -> Path:

@@ -16,7 +16,7 @@ from muxtune.engine.data.dataset import encode
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.peft.export import load_adapter_weights
 from muxtune.engine.peft.prompt_tuning import prepend_virtual
-from tests.conftest import task_doc
+from tests.helpers.data import task_doc
 
 VIRTUAL = 5
 

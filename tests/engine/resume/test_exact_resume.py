@@ -19,7 +19,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import task_doc, write_jsonl
+from tests.helpers.data import task_doc, write_jsonl
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -53,10 +53,10 @@ def _env():
 
 
 def _cmd(spec: Path, out: Path) -> list[str]:
-    from tests import conftest
+    from tests.helpers.data import data_root_dir
 
     return [sys.executable, "-m", "muxtune.cli", "run", str(spec), "--output", str(out), "--no-progress",
-            "--token-budget", "96", "--data-root", str(conftest.DATA_ROOT)]
+            "--token-budget", "96", "--data-root", str(data_root_dir())]
 
 
 def _metrics(out: Path, name: str) -> list[dict]:

@@ -100,7 +100,7 @@ def test_spec_mismatch_names_the_checkpoint(make_task, data_dir, tmp_path, train
 
 
 def test_changed_dataset_is_refused_for_that_task_alone_unless_allowed(make_task, data_dir, tmp_path, trainer_factory):
-    from tests.conftest import write_jsonl
+    from tests.helpers.data import write_jsonl
 
     data = write_jsonl(data_dir / "mine.jsonl", 40, seed=5)
     task = make_task("dc", data, steps=6, checkpointInterval=2)
@@ -157,7 +157,7 @@ def test_allow_data_change_flag_reaches_the_engine(flag, make_task, data_dir, tm
 
     from muxtune.cli import RunCommand
     from muxtune.engine.run import run_group
-    from tests.conftest import write_jsonl
+    from tests.helpers.data import write_jsonl
 
     data = write_jsonl(data_dir / "mine.jsonl", 40, seed=5)
     task = make_task("flag", data, steps=4, checkpointInterval=2)
@@ -166,9 +166,9 @@ def test_allow_data_change_flag_reaches_the_engine(flag, make_task, data_dir, tm
     args = ["x.yaml", "--output", str(tmp_path / "out"), "--device", "cpu", "--no-progress"]
     cmd = CliApp.run(RunCommand, cli_args=args + (["--allow-data-change"] if flag else []), cli_cmd_method_name="model_copy")
     assert cmd.allow_data_change is flag
-    from tests import conftest
+    from tests.helpers.data import data_root_dir
 
-    trainer = run_group([task], cmd, lambda: False, conftest.DATA_ROOT)
+    trainer = run_group([task], cmd, lambda: False, data_root_dir())
     rt = trainer.tasks[task.key]
     assert rt.phase == ("Succeeded" if flag else "Failed"), rt.message
 

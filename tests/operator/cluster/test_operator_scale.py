@@ -10,20 +10,22 @@ import pytest
 
 from muxtune.operator import planner  # noqa: F401  (import check: no torch on the operator side)
 
+from tests.helpers.paths import REPO
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def _bench(kh):
-    spec = importlib.util.spec_from_file_location("muxtune_bench_operator_scale", kh.REPO / "bench" / "operator_scale.py")
+def _bench():
+    spec = importlib.util.spec_from_file_location("muxtune_bench_operator_scale", REPO / "bench" / "operator_scale.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_scale_small(kube_cluster, kh):
-    res = _bench(kh).run(kube_cluster, nodes=40, gpus_per_node=8, tasks=150, namespaces=4, timeout=300)
+def test_scale_small(kube_cluster):
+    res = _bench().run(kube_cluster, nodes=40, gpus_per_node=8, tasks=150, namespaces=4, timeout=300)
     print(json.dumps(res, indent=2))
     assert res["phases"] == {"Placed": 150}, res["phases"]
     assert res["tasksPlaced"] == 150 and res["pods"] >= res["groups"] > 0

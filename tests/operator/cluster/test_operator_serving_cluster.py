@@ -7,38 +7,40 @@ import subprocess
 
 import pytest
 
+from tests.helpers.cluster import apply, kjson, task_manifest, wait_for
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def test_serving_task_opens_its_groups_api(operator_env, kh):
+def test_serving_task_opens_its_groups_api(operator_env):
     info, ns = operator_env["info"], operator_env["a"]
-    serving = kh.task_manifest("srv", ns, data="sets/srv.jsonl")
+    serving = task_manifest("srv", ns, data="sets/srv.jsonl")
     serving["spec"]["serving"] = {"enabled": True, "sloTtftMs": 700, "sloTpotMs": 80}
-    bad = kh.task_manifest("bad-slo", ns, data="sets/b.jsonl")
+    bad = task_manifest("bad-slo", ns, data="sets/b.jsonl")
     bad["spec"]["serving"] = {"enabled": True, "sloTpotMs": -1}
     with pytest.raises(subprocess.CalledProcessError) as refused:
-        kh.apply(info, bad)
+        apply(info, bad)
     assert "serving.sloTpotMs" in (refused.value.stderr or "") + (refused.value.stdout or "")
-    kh.apply(info, serving, kh.task_manifest("quiet", ns, data="sets/quiet.jsonl"))
+    apply(info, serving, task_manifest("quiet", ns, data="sets/quiet.jsonl"))
 
     def grouped():
-        gs = kh.kjson(info, "get", "backbonegroups", "-n", ns)["items"]
+        gs = kjson(info, "get", "backbonegroups", "-n", ns)["items"]
         return gs if gs and all((g.get("spec") or {}).get("serving") for g in gs) else None
 
-    (g,) = kh.wait_for(grouped, 90, what="a serving BackboneGroup")
+    (g,) = wait_for(grouped, 90, what="a serving BackboneGroup")
     assert g["spec"]["serving"] == {"port": 8000, "sloTtftMs": 700.0, "sloTpotMs": 80.0}
     assert sorted(t["name"] for t in g["spec"]["tasks"]) == ["quiet", "srv"]
     name = g["metadata"]["name"]
 
     def pod():
-        pods = kh.kjson(info, "get", "pods", "-n", ns, "-l", f"muxtune.io/group={name}")["items"]
+        pods = kjson(info, "get", "pods", "-n", ns, "-l", f"muxtune.io/group={name}")["items"]
         return pods[0] if pods else None
 
-    c = kh.wait_for(pod, 60, what="the group's pod")["spec"]["containers"][0]
+    c = wait_for(pod, 60, what="the group's pod")["spec"]["containers"][0]
     args = c["args"]
     assert args[args.index("--serve-port") + 1] == "8000" and args[args.index("--serve-tasks") + 1] == "enabled"
     assert args[args.index("--slo-tpot-ms") + 1] == "80" and args[args.index("--slo-ttft-ms") + 1] == "700"
     assert {"name": "serving", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
-    svc = kh.kjson(info, "get", "service", name, "-n", ns)
+    svc = kjson(info, "get", "service", name, "-n", ns)
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"metrics": 9400, "serving": 8000}

@@ -8,6 +8,8 @@ import sys
 import pytest
 import yaml
 
+from tests.helpers.paths import CHART
+
 TASKS = """\
 apiVersion: muxtune.io/v1alpha1
 kind: FineTuneTask
@@ -97,7 +99,7 @@ def test_plan_reads_kubernetes_nodes(files):
 
 
 @pytest.mark.slow
-def test_chart_flags_parse(kh):
+def test_chart_flags_parse():
     """Every flag the chart's Deployment passes is one `muxtune operator` accepts."""
     from pydantic_settings import CliApp
 
@@ -105,7 +107,7 @@ def test_chart_flags_parse(kh):
     from muxtune.operator.cli import OperatorCommand
 
     helm = ensure_binaries(["helm"])["helm"]
-    out = subprocess.run([str(helm), "template", "mux", str(kh.CHART), "-n", "muxtune-system",
+    out = subprocess.run([str(helm), "template", "mux", str(CHART), "-n", "muxtune-system",
                           "--set", "operator.watchNamespaces={a,b}", "--show-only", "templates/deployment.yaml"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     dep = yaml.safe_load(out)

@@ -20,7 +20,7 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.operator import memory as M
 from muxtune.operator.planner import TaskRequest
 
-from . import engine_memory
+from tests.helpers import engine_memory
 
 SEQ = 128
 LAYOUTS = [  # model, dtype, dp, pp, tp

@@ -13,28 +13,37 @@ import time
 import pytest
 import yaml
 
+from tests.helpers.cluster import apply, kjson, task_manifest, wait_for
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 OPERATOR_DEV_ENDPOINT = False  # as in production: annotations never redirect polls
 
-HOSTILE = {"inputs": 0, "cross_tenant_reads": 0}
 
 
-def ftt(info, kh, ns, name):
-    return kh.kjson(info, "get", "finetunetask", name, "-n", ns)
+@pytest.fixture
+def hostile():
+    """Counts the hostile inputs this test tries (reported at its end); each test counts its own."""
+    tried = {"inputs": 0}
+    yield tried
+    print(f"hostile inputs tried: {tried['inputs']}")
 
 
-def status_of(info, kh, ns, name):
-    return ftt(info, kh, ns, name).get("status") or {}
+def ftt(info, ns, name):
+    return kjson(info, "get", "finetunetask", name, "-n", ns)
+
+
+def status_of(info, ns, name):
+    return ftt(info, ns, name).get("status") or {}
 
 
 def cond(st, type_):
     return {c["type"]: c for c in st.get("conditions") or []}.get(type_, {})
 
 
-def group_pod(info, kh, ns, group):
-    pods = kh.kjson(info, "get", "pods", "-n", ns, "-l", f"muxtune.io/group={group}")["items"]
+def group_pod(info, ns, group):
+    pods = kjson(info, "get", "pods", "-n", ns, "-l", f"muxtune.io/group={group}")["items"]
     return pods[0] if pods else None
 
 
@@ -70,7 +79,7 @@ class Recorder(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
-def test_tenant_roles_and_operator_rights(operator_env, kh):
+def test_tenant_roles_and_operator_rights(operator_env, hostile):
     """Real users bound to the standard edit/view roles (impersonated): edit may manage FineTuneTasks
     and only read BackboneGroups; view only reads; nobody but the operator writes status; the operator
     (namespaced Roles) cannot create pods outside its namespaces."""
@@ -85,7 +94,7 @@ def test_tenant_roles_and_operator_rights(operator_env, kh):
         return as_user(info, user, *args).stdout.strip() == "yes"
 
     def wait_can(user, verb, res, ns):  # aggregation into edit/view is asynchronous
-        kh.wait_for(lambda: can(user, verb, res, ns), 30, what=f"{user} can {verb} {res}")
+        wait_for(lambda: can(user, verb, res, ns), 30, what=f"{user} can {verb} {res}")
 
     wait_can("alice", "create", "finetunetasks.muxtune.io", a)
     wait_can("victor", "get", "finetunetasks.muxtune.io", a)
@@ -103,96 +112,97 @@ def test_tenant_roles_and_operator_rights(operator_env, kh):
     assert can(sa, "create", "pods", a) and not can(sa, "get", "secrets", a), "secrets: create only"
 
     # alice really creates a task through the API server, and the operator places it
-    p = as_user(info, "alice", "apply", "-f", "-", input=yaml.safe_dump(kh.task_manifest("by-alice", a)))
+    p = as_user(info, "alice", "apply", "-f", "-", input=yaml.safe_dump(task_manifest("by-alice", a)))
     assert p.returncode == 0, p.stderr
-    kh.wait_for(lambda: status_of(info, kh, a, "by-alice").get("phase") == "Placed", 60, what="alice's task placed")
+    wait_for(lambda: status_of(info, a, "by-alice").get("phase") == "Placed", 60, what="alice's task placed")
     # ... but cannot forge its status
     p = as_user(info, "alice", "patch", "ftt", "by-alice", "-n", a, "--subresource=status", "--type=merge",
                 "-p", '{"status":{"phase":"Succeeded"}}')
-    HOSTILE["inputs"] += 1
+    hostile["inputs"] += 1
     assert p.returncode != 0 and "forbidden" in p.stderr.lower()
     info.kubectl("delete", "ftt", "by-alice", "-n", a)
 
 
-def test_annotation_cannot_redirect_polls_or_forge_reports(operator_env, kh):
+def test_annotation_cannot_redirect_polls_or_forge_reports(operator_env, hostile):
     """The issue's attack: an `edit` user points the operator at a URL of their choosing; the operator
     must neither call it nor believe it."""
     info, a = operator_env["info"], operator_env["a"]
-    kh.apply(info, kh.task_manifest("steer", a, steps=1000))
-    group = kh.wait_for(lambda: status_of(info, kh, a, "steer").get("group"), 60, what="placed")
+    apply(info, task_manifest("steer", a, steps=1000))
+    group = wait_for(lambda: status_of(info, a, "steer").get("group"), 60, what="placed")
     forged = {"tasks": {f"{a}/steer": {"phase": "Succeeded", "step": 999, "totalSteps": 1000, "loss": 0.01}}}
     srv = Recorder(forged)
     try:
-        pod = kh.wait_for(lambda: group_pod(info, kh, a, group), 30, what="pod")
+        pod = wait_for(lambda: group_pod(info, a, group), 30, what="pod")
         ep = f"http://127.0.0.1:{srv.server_address[1]}/internal/admin?x="
         p = as_user(info, "alice", "annotate", "pod", pod["metadata"]["name"], "-n", a,
                     f"muxtune.io/engine-endpoint={ep}", "--overwrite")
-        HOSTILE["inputs"] += 1
+        hostile["inputs"] += 1
         assert p.returncode == 0, p.stderr  # edit may annotate pods: the operator must not care
         # the tenant also rewrites the group's ConfigMap to train something else
         cm = f"{group}-tasks"
         p = as_user(info, "alice", "patch", "configmap", cm, "-n", a, "--type=merge",
                     "-p", json.dumps({"data": {"tasks.yaml": "kind: FineTuneTask\n"}}))
-        HOSTILE["inputs"] += 1
+        hostile["inputs"] += 1
         assert p.returncode == 0, p.stderr
 
         def restored():
-            d = kh.kjson(info, "get", "configmap", cm, "-n", a)["data"]
+            d = kjson(info, "get", "configmap", cm, "-n", a)["data"]
             return "steer" in d["tasks.yaml"]
 
-        kh.wait_for(restored, 30, what="the operator restores (and re-signs) its ConfigMap")
+        wait_for(restored, 30, what="the operator restores (and re-signs) its ConfigMap")
         time.sleep(4)  # several poll intervals (1 s)
         assert srv.requests == [], f"the operator called the tenant's URL: {srv.requests}"
-        st = status_of(info, kh, a, "steer")
+        st = status_of(info, a, "steer")
         assert st.get("phase") != "Succeeded" and st.get("step", 0) != 999, st
     finally:
         srv.shutdown()
         info.kubectl("delete", "ftt", "steer", "-n", a)
 
 
-def test_paths_and_mounts_stay_in_the_tenants_area(operator_env, kh):
+def test_paths_and_mounts_stay_in_the_tenants_area(operator_env, hostile):
     """Dataset paths naming another tenant resolve inside the task's own area; pods mount only their
     namespaces' areas; a shared group mounts exactly its members' namespaces and takes no task of
     another namespace later."""
     info, a, b, system = operator_env["info"], operator_env["a"], operator_env["b"], operator_env["system"]
-    kh.apply(info, kh.task_manifest("peek", a, data=f"{b}/private.jsonl"))
-    HOSTILE["inputs"] += 1
-    group = kh.wait_for(lambda: status_of(info, kh, a, "peek").get("group"), 60, what="placed")
-    cm = kh.kjson(info, "get", "configmap", f"{group}-tasks", "-n", a)
+    apply(info, task_manifest("peek", a, data=f"{b}/private.jsonl"))
+    hostile["inputs"] += 1
+    group = wait_for(lambda: status_of(info, a, "peek").get("group"), 60, what="placed")
+    cm = kjson(info, "get", "configmap", f"{group}-tasks", "-n", a)
     (doc,) = [d for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d]
     assert doc["spec"]["dataset"]["path"] == f"{a}/{b}/private.jsonl"  # inside team-a's own area
-    pod = kh.wait_for(lambda: group_pod(info, kh, a, group), 30, what="pod")
+    pod = wait_for(lambda: group_pod(info, a, group), 30, what="pod")
     mounts = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["mountPath"].startswith(("/data", "/output/"))]
     assert sorted(m["mountPath"] for m in mounts) == [f"/data/{a}", f"/output/{a}"]
     assert all(m.get("subPath") == a for m in mounts)
-    HOSTILE["cross_tenant_reads"] += sum(1 for m in mounts if b in m["mountPath"] or m.get("subPath") == b)
+    cross_tenant = [m for m in mounts if b in m["mountPath"] or m.get("subPath") == b]
+    assert cross_tenant == [], f"team-a's pod mounts team-b's area: {cross_tenant}"
     info.kubectl("delete", "ftt", "peek", "-n", a)
 
     # the API server refuses paths that leave the task's area, whatever exists there
     for field, value in (("dataset", {"path": f"../data/{b}/private.jsonl"}), ("output", {"path": f"/output/{b}/x"}),
                          ("output", {"path": f"/output/{b}/does-not-exist"}), ("dataset", {"path": f"/data/{b}/private.jsonl"})):
-        doc = kh.task_manifest("escape", a)
+        doc = task_manifest("escape", a)
         doc["spec"][field] = {**doc["spec"].get(field, {}), **value}
         p = info.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc), check=False)
-        HOSTILE["inputs"] += 1
+        hostile["inputs"] += 1
         assert p.returncode != 0 and f"spec.{field}.path" in p.stderr, p.stderr
         assert b not in p.stderr.replace(value["path"], ""), "the refusal must not depend on the other tenant's files"
 
     # shared across namespaces (opt-in): the group mounts exactly its members' namespaces
-    kh.apply(info, kh.task_manifest("sh-a", a, share=True), kh.task_manifest("sh-b", b, share=True))
-    ga = kh.wait_for(lambda: status_of(info, kh, a, "sh-a").get("group"), 60, what="sh-a placed")
-    gb = kh.wait_for(lambda: status_of(info, kh, b, "sh-b").get("group"), 60, what="sh-b placed")
+    apply(info, task_manifest("sh-a", a, share=True), task_manifest("sh-b", b, share=True))
+    ga = wait_for(lambda: status_of(info, a, "sh-a").get("group"), 60, what="sh-a placed")
+    gb = wait_for(lambda: status_of(info, b, "sh-b").get("group"), 60, what="sh-b placed")
     assert ga == gb
-    pod = kh.wait_for(lambda: group_pod(info, kh, system, ga), 30, what="shared pod")
+    pod = wait_for(lambda: group_pod(info, system, ga), 30, what="shared pod")
     mounts = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
     assert {m for m in mounts if m.startswith(("/data", "/output/"))} == {f"/data/{a}", f"/data/{b}", f"/output/{a}", f"/output/{b}"}
-    g = kh.kjson(info, "get", "backbonegroup", ga, "-n", system)
+    g = kjson(info, "get", "backbonegroup", ga, "-n", system)
     assert g["metadata"]["annotations"]["muxtune.io/namespaces"] == ",".join(sorted([a, b]))
     info.kubectl("delete", "ftt", "sh-a", "sh-b", "-n", a, "--ignore-not-found")
     info.kubectl("delete", "ftt", "sh-b", "-n", b)
 
 
-def test_basemodel_namespaces_and_sources(operator_env, kh):
+def test_basemodel_namespaces_and_sources(operator_env, hostile):
     info, a, b = operator_env["info"], operator_env["a"], operator_env["b"]
     tag = a.rsplit("-", 1)[-1]
     private = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"private-{tag}"},
@@ -203,38 +213,38 @@ def test_basemodel_namespaces_and_sources(operator_env, kh):
     elsewhere = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"claim-{tag}"},
                  "spec": {"source": {"pvc": {"claimName": "weights", "namespace": b}}, "allowedNamespaces": ["*"],
                           "architecture": {"parameters": 1_000_000, "layers": 4, "hiddenSize": 128}}}
-    kh.apply(info, private, builtin, elsewhere)
-    kh.apply(info, kh.task_manifest("steal", a, base=f"model:private-{tag}"),
-             kh.task_manifest("own", b, base=f"model:private-{tag}"),
-             kh.task_manifest("bi", a, base=f"model:tiny-{tag}"),
-             kh.task_manifest("far", a, base=f"model:claim-{tag}"),
-             kh.task_manifest("dir", a, base="/var/lib/weights"))
-    HOSTILE["inputs"] += 2
+    apply(info, private, builtin, elsewhere)
+    apply(info, task_manifest("steal", a, base=f"model:private-{tag}"),
+             task_manifest("own", b, base=f"model:private-{tag}"),
+             task_manifest("bi", a, base=f"model:tiny-{tag}"),
+             task_manifest("far", a, base=f"model:claim-{tag}"),
+             task_manifest("dir", a, base="/var/lib/weights"))
+    hostile["inputs"] += 2
 
     def placed_reason(ns, name):
-        st = status_of(info, kh, ns, name)
+        st = status_of(info, ns, name)
         return st.get("phase"), cond(st, "Placed").get("reason")
 
-    kh.wait_for(lambda: placed_reason(a, "steal") == ("Pending", "ModelNotAllowed"), 60, what="steal refused")
-    kh.wait_for(lambda: placed_reason(a, "far") == ("Pending", "ModelNotMountable"), 60, what="far refused")
-    kh.wait_for(lambda: status_of(info, kh, a, "dir").get("phase") == "Failed", 60, what="dir refused")
-    assert "UnsupportedBaseModel" in json.dumps(status_of(info, kh, a, "dir")["conditions"])
-    st = status_of(info, kh, a, "steal")
+    wait_for(lambda: placed_reason(a, "steal") == ("Pending", "ModelNotAllowed"), 60, what="steal refused")
+    wait_for(lambda: placed_reason(a, "far") == ("Pending", "ModelNotMountable"), 60, what="far refused")
+    wait_for(lambda: status_of(info, a, "dir").get("phase") == "Failed", 60, what="dir refused")
+    assert "UnsupportedBaseModel" in json.dumps(status_of(info, a, "dir")["conditions"])
+    st = status_of(info, a, "steal")
     assert a in st["message"] and "allowedNamespaces" in st["message"]
-    events = kh.kjson(info, "get", "events", "-n", a, "--field-selector", "involvedObject.name=steal")["items"]
+    events = kjson(info, "get", "events", "-n", a, "--field-selector", "involvedObject.name=steal")["items"]
     assert any(e["type"] == "Warning" and e["reason"] == "ModelNotAllowed" for e in events)
-    kh.wait_for(lambda: status_of(info, kh, b, "own").get("phase") == "Placed", 60, what="owner's task placed")
-    assert not status_of(info, kh, a, "steal").get("group")
+    wait_for(lambda: status_of(info, b, "own").get("phase") == "Placed", 60, what="owner's task placed")
+    assert not status_of(info, a, "steal").get("group")
     # a builtin BaseModel is placed and the engine is told to build it (no volume, no missing path)
-    gbi = kh.wait_for(lambda: status_of(info, kh, a, "bi").get("group"), 60, what="builtin BaseModel placed")
-    cm = kh.kjson(info, "get", "configmap", f"{gbi}-tasks", "-n", a)
+    gbi = wait_for(lambda: status_of(info, a, "bi").get("group"), 60, what="builtin BaseModel placed")
+    cm = kjson(info, "get", "configmap", f"{gbi}-tasks", "-n", a)
     assert [d["spec"]["baseModel"] for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d] == ["builtin:tiny-llama"]
     info.kubectl("delete", "ftt", "steal", "bi", "far", "dir", "-n", a)
     info.kubectl("delete", "ftt", "own", "-n", b)
     info.kubectl("delete", "basemodel", f"private-{tag}", f"tiny-{tag}", f"claim-{tag}")
 
 
-def test_refused_pod_creation_backs_off_with_a_reason(operator_env, kh):
+def test_refused_pod_creation_backs_off_with_a_reason(operator_env):
     """A ResourceQuota refuses the group's pod: the task says so (the API server's message), a
     Warning event is posted, and the operator retries with exponential backoff, one log line per
     attempt and no traceback."""
@@ -242,32 +252,27 @@ def test_refused_pod_creation_backs_off_with_a_reason(operator_env, kh):
     info.kubectl("create", "quota", "no-gpus", "--hard=requests.nvidia.com/gpu=0", "-n", b)
     try:
         before = op.metric("muxtune_operator_api_requests_total", verb="POST", resource="pods")
-        kh.apply(info, kh.task_manifest("quota", b))
+        apply(info, task_manifest("quota", b))
         t0 = time.monotonic()
 
         def refused():
-            st = status_of(info, kh, b, "quota")
+            st = status_of(info, b, "quota")
             return cond(st, "Running").get("reason") == "PodCreationRefused" and st
 
-        st = kh.wait_for(refused, 60, what="PodCreationRefused on the task")
+        st = wait_for(refused, 60, what="PodCreationRefused on the task")
         assert "exceeded quota" in st["message"], st["message"]
         time.sleep(max(0.0, 12 - (time.monotonic() - t0)))
         attempts = op.metric("muxtune_operator_api_requests_total", verb="POST", resource="pods") - before
         # backoff 2, 4, 8 s: about 3 attempts in 12 s (without backoff: ~3 per second, 36)
         assert 1 <= attempts <= 6, attempts
-        events = kh.kjson(info, "get", "events", "-n", b, "--field-selector", "involvedObject.name=quota")["items"]
+        events = kjson(info, "get", "events", "-n", b, "--field-selector", "involvedObject.name=quota")["items"]
         assert any(e["type"] == "Warning" and e["reason"] == "PodCreationRefused" and "quota" in e["message"] for e in events)
         log = op.log_text()
         assert "pod creation refused" in log and "Traceback" not in log
     finally:
         info.kubectl("delete", "quota", "no-gpus", "-n", b)
-    group = status_of(info, kh, b, "quota")["group"]
-    kh.wait_for(lambda: group_pod(info, kh, b, group), 60, what="the pod once the quota is gone")
-    kh.wait_for(lambda: cond(status_of(info, kh, b, "quota"), "Running").get("reason") != "PodCreationRefused", 30,
+    group = status_of(info, b, "quota")["group"]
+    wait_for(lambda: group_pod(info, b, group), 60, what="the pod once the quota is gone")
+    wait_for(lambda: cond(status_of(info, b, "quota"), "Running").get("reason") != "PodCreationRefused", 30,
                 what="the refusal cleared")
     info.kubectl("delete", "ftt", "quota", "-n", b)
-
-
-def test_counts():
-    print(f"hostile inputs tried: {HOSTILE['inputs']}, cross-tenant mounts: {HOSTILE['cross_tenant_reads']}")
-    assert HOSTILE["cross_tenant_reads"] == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import shutil
@@ -283,3 +284,147 @@ def start_operator(request, workdir: Path, tag: str) -> tuple[OperatorSide | Non
         return OperatorSide(info, tag, workdir), None, None
     except Exception as exc:  # noqa: BLE001
         return None, None, f"the operator did not start: {exc}"
+
+
+# ------------------------------------------------------------------ assembling the stack, step by step
+ALERTS = REPO / "charts" / "muxtune" / "files" / "alerts.yaml"
+MIN_RUNNING_SCRAPES = 3
+ENGINE_PORT = re.compile(r"serving /metrics and /v1/status on 127\.0\.0\.1:(\d+)")
+SERVE_PORT = re.compile(r"serving the OpenAI API on http://127\.0\.0\.1:(\d+)")
+
+
+def place_group(operator: OperatorSide | None, docs: list[dict], error: str | None):
+    """(operator, (namespace, pod, group), error): where the operator packed the tasks, or, without
+    an operator (or when it failed to pack them, then closed), the names a pod would have."""
+    if operator is not None:
+        try:
+            return operator, operator.apply(docs), error
+        except Exception as exc:  # noqa: BLE001 - fail the operator test, go on with the engine
+            operator.close()
+            return None, ("muxtune-system", "obs-group-0", "obs-group"), f"the operator did not pack the tasks: {exc}"
+    return None, ("muxtune-system", "obs-group-0", "obs-group"), error
+
+
+@dataclass
+class HostEngine:
+    """The group pod's command line, on this host, fed its task file through --watch."""
+
+    proc: subprocess.Popen
+    log: Path
+    tasks_file: Path
+    group: str
+    group_key: bytes | None
+
+    def write_tasks(self, docs: list[dict], revision: int) -> None:
+        text = yaml.safe_dump_all(docs)
+        if self.group_key is not None:  # signed as the operator signs the group's ConfigMap
+            from muxtune.engine import trust
+
+            trust.signature_path(self.tasks_file).write_text(trust.sign_tasks(self.group_key, self.group, revision, text))
+        self.tasks_file.write_text(text)
+
+    def alive_log(self) -> str:
+        assert self.proc.poll() is None, "engine exited:\n" + tail(self.log)
+        return self.log.read_text()
+
+
+def start_engine(work: Path, docs: list[dict], operator: OperatorSide | None, placement: tuple[str, str, str],
+                 procs: list) -> tuple[HostEngine, int]:
+    """The engine with only the broken task; the others join (hot add via --watch) once Prometheus
+    scrapes, so the scrapes see training in progress however fast this machine is. With an operator,
+    the engine signs its reports and checks its task file, as in a pod. Returns it and its metrics port."""
+    pod_ns, pod, group = placement
+    engine_env = dict(os.environ)
+    group_key = None
+    if operator is not None:
+        group_key = operator.group_key(pod_ns, group, work)
+        (work / "group.key").write_bytes(group_key)
+        engine_env.update({"MUXTUNE_GROUP": group, "MUXTUNE_GROUP_KEY_FILE": str(work / "group.key")})
+    tasks_file, log = work / "tasks.yaml", work / "engine.log"
+    exe = Path(sys.executable).with_name("muxtune")
+    argv = [str(exe), "run", str(tasks_file), "--output", str(work / "output"), "--data-root", str(work), "--watch",
+            "--no-progress", "--no-resume", "--metrics-port", "0", "--metrics-host", "127.0.0.1",
+            "--token-budget", "160", "--device", "cpu", "--serve-port", "0"]
+    engine = HostEngine(None, log, tasks_file, group, group_key)
+    engine.write_tasks([d for d in docs if d["metadata"]["name"] == "broken"], 1)
+    engine.proc = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=work, env=engine_env)
+    procs.append(engine.proc)
+
+    def engine_port():
+        m = ENGINE_PORT.search(engine.alive_log())
+        return int(m.group(1)) if m else None
+
+    port = wait_for(engine_port, 120, "the engine's metrics server")
+    if operator is not None:
+        operator.point_at_engine(pod_ns, pod, f"http://127.0.0.1:{port}")
+    return engine, port
+
+
+def start_prometheus(prometheus_bin: str, work: Path, engine_port: int, engine_labels: dict, dcgm: DcgmStandIn,
+                     operator: OperatorSide | None, procs: list) -> Prometheus:
+    """Prometheus, scraping what a cluster's Prometheus would, with the chart's alert rules; once ready."""
+    scrape = [
+        {"job_name": "muxtune-engine", "honor_labels": True,
+         "static_configs": [{"targets": [f"127.0.0.1:{engine_port}"], "labels": engine_labels}]},
+        {"job_name": "dcgm-exporter", "honor_labels": True,
+         "static_configs": [{"targets": [f"127.0.0.1:{dcgm.port}"],
+                             "labels": {"namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-x1"}}]},
+    ]
+    if operator is not None:
+        scrape.append({"job_name": "muxtune-operator", "honor_labels": True,
+                       "static_configs": [{"targets": [f"127.0.0.1:{operator.port}"],
+                                           "labels": {"namespace": operator.system, "pod": "muxtune-operator-0"}}]})
+    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+              "rule_files": [str(ALERTS)], "scrape_configs": scrape}
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prom_port = free_port()
+    prom_log = work / "prometheus.log"
+    prom_proc = subprocess.Popen(
+        [prometheus_bin, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
+        stdout=open(prom_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    procs.append(prom_proc)
+    prom = Prometheus(f"http://127.0.0.1:{prom_port}", prom_proc, prom_log)
+
+    def ready():
+        assert prom_proc.poll() is None, "prometheus exited:\n" + tail(prom_log)
+        with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as r:
+            return r.status == 200
+
+    wait_for(ready, 60, "prometheus to be ready")
+    return prom
+
+
+def wait_training_scraped(prom: Prometheus, engine: HostEngine, docs: list[dict]) -> None:
+    """Training done, as Prometheus saw it (three Succeeded, one Failed), with every trained task
+    caught Running by several scrapes: a machine so fast that they were not would make the panels
+    on running tasks meaninglessly empty."""
+    def finished():
+        engine.alive_log()
+        return (prom.value('count(muxtune_task_phase{phase="Succeeded"} == 1)') == 3
+                and prom.value('count(muxtune_task_phase{phase="Failed"} == 1)') == 1)
+
+    wait_for(finished, 600, "the engine's tasks to finish, as scraped", interval=1)
+    for d in docs:
+        name = d["metadata"]["name"]
+        if name == "broken":
+            continue
+        # the phase gauge is 0 or 1 per scrape, so its sum counts the scrapes that saw Running
+        seen = prom.value(f'sum_over_time(muxtune_task_phase{{task="{name}",phase="Running"}}[15m])')
+        assert (seen or 0) >= MIN_RUNNING_SCRAPES, (
+            f"{name} was scraped Running {seen or 0} times; raise STEPS so the run outlasts a few scrapes")
+
+
+def operator_caught_up_error(operator: OperatorSide, prom: Prometheus) -> str | None:
+    """None once the operator reports the tasks' final phases; else what went wrong (its test fails)."""
+    def caught_up():
+        assert operator.proc.poll() is None, "operator exited:\n" + tail(operator.log)
+        return (prom.value('sum(muxtune_operator_tasks{phase="Succeeded"})') == 3
+                and prom.value('sum(muxtune_operator_tasks{phase="Failed"})') == 1)
+
+    try:
+        wait_for(caught_up, 120, "the operator to report the tasks' final phases", interval=1)
+    except (TimeoutError, AssertionError) as exc:
+        return str(exc)
+    return None

@@ -35,27 +35,10 @@ def cm_task_names(info, ns, group):
     return sorted(d["metadata"]["name"] for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d)
 
 
-def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_env):
-    info, ns = operator_env["info"], operator_env["a"]
-    apply(info, *[task_manifest(f"pack-{i}", ns, data=f"sets/pack-{i}.jsonl") for i in range(3)])
+def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
+    """The group's one pod: bound by the real scheduler to a kwok GPU node, the engine's command line,
+    a locked-down security context, and only this namespace's areas mounted."""
 
-    def placed():
-        return all(phase(info, ns, f"pack-{i}") == "Placed" for i in range(3))
-
-    wait_for(placed, 60, what="three tasks Placed")
-    statuses = [ftt(info, ns, f"pack-{i}")["status"] for i in range(3)]
-    (group_name,) = {s["group"] for s in statuses}
-    assert all(s["observedGeneration"] == 1 and s["totalSteps"] == 4 for s in statuses)
-    assert all({c["type"]: c for c in s["conditions"]}["Placed"]["reason"] == "Packed" for s in statuses)
-
-    (g,) = [g for g in groups(info, ns) if g["metadata"]["name"] == group_name]
-    assert g["spec"]["baseModel"] == "builtin:tiny-llama"
-    assert sorted(t["name"] for t in g["spec"]["tasks"]) == ["pack-0", "pack-1", "pack-2"]
-    assert g["spec"]["gpusPerPod"] == 1 and g["spec"]["parallelism"] == {"dp": 1, "tp": 1, "pp": 1}
-    owner = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BackboneGroup", "name": group_name,
-             "uid": g["metadata"]["uid"], "controller": True}
-
-    # the real scheduler binds the pod to a kwok GPU node
     def bound():
         pods = group_pods(info, ns, group_name)
         return pods if pods and all(p["spec"].get("nodeName") for p in pods) else None
@@ -86,24 +69,30 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     keys = {e["key"] for e in terms[0]["matchExpressions"]}
     assert keys == {"nvidia.com/gpu.product", "nvidia.com/gpu.memory"}
 
-    cm = kjson(info, "get", "configmap", f"{group_name}-tasks", "-n", ns)
-    assert cm["metadata"]["ownerReferences"] == [owner]
+
+def check_signed_configmap(info, ns: str, group_name: str, owner: dict, group_key: bytes) -> None:
+    """The group's ConfigMap: exactly the schema the engine reads, each task in its own area, signed."""
     import yaml
 
-    docs = [d for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d]
     from muxtune.api.finetunetask import FineTuneTask
+    from muxtune.engine import trust
 
+    cm = kjson(info, "get", "configmap", f"{group_name}-tasks", "-n", ns)
+    assert cm["metadata"]["ownerReferences"] == [owner]
+    docs = [d for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d]
     uids = {n: ftt(info, ns, n)["metadata"]["uid"] for n in ("pack-0", "pack-1", "pack-2")}
     for d in docs:
         t = FineTuneTask.model_validate(d)  # exactly the schema the engine reads
         assert t.spec.output.path is None  # the engine writes <output>/<namespace>/<name>
         assert t.spec.dataset.path == f"{ns}/sets/{t.metadata.name}.jsonl"  # under --data-root, in its own area
         assert t.metadata.uid == uids[t.metadata.name]  # the engine keys checkpoints by the object's uid
-    from muxtune.engine import trust
-
-    sig = trust.verify_tasks(operator_env["op"].group_key(g), group_name, cm["data"]["tasks.yaml"].encode(),
+    sig = trust.verify_tasks(group_key, group_name, cm["data"]["tasks.yaml"].encode(),
                              cm["data"]["tasks.yaml.sig"])
     assert sig > 0, "the ConfigMap is signed by the operator for this group"
+
+
+def check_companions(info, ns: str, group_name: str, owner: dict) -> None:
+    """The group's PodDisruptionBudget, the engine's token-less ServiceAccount, and its headless Service."""
     pdb = kjson(info, "get", "poddisruptionbudget", group_name, "-n", ns)
     assert pdb["spec"]["maxUnavailable"] == 0 and pdb["metadata"]["ownerReferences"] == [owner]
     sa = kjson(info, "get", "serviceaccount", "muxtune-engine", "-n", ns)
@@ -113,6 +102,31 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     svc = kjson(info, "get", "service", group_name, "-n", ns)
     assert svc["metadata"]["ownerReferences"] == [owner]
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["port"] == 9400
+
+
+def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_env):
+    info, ns = operator_env["info"], operator_env["a"]
+    apply(info, *[task_manifest(f"pack-{i}", ns, data=f"sets/pack-{i}.jsonl") for i in range(3)])
+
+    def placed():
+        return all(phase(info, ns, f"pack-{i}") == "Placed" for i in range(3))
+
+    wait_for(placed, 60, what="three tasks Placed")
+    statuses = [ftt(info, ns, f"pack-{i}")["status"] for i in range(3)]
+    (group_name,) = {s["group"] for s in statuses}
+    assert all(s["observedGeneration"] == 1 and s["totalSteps"] == 4 for s in statuses)
+    assert all({c["type"]: c for c in s["conditions"]}["Placed"]["reason"] == "Packed" for s in statuses)
+
+    (g,) = [g for g in groups(info, ns) if g["metadata"]["name"] == group_name]
+    assert g["spec"]["baseModel"] == "builtin:tiny-llama"
+    assert sorted(t["name"] for t in g["spec"]["tasks"]) == ["pack-0", "pack-1", "pack-2"]
+    assert g["spec"]["gpusPerPod"] == 1 and g["spec"]["parallelism"] == {"dp": 1, "tp": 1, "pp": 1}
+    owner = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BackboneGroup", "name": group_name,
+             "uid": g["metadata"]["uid"], "controller": True}
+
+    check_group_pod(info, ns, group_name, owner)
+    check_signed_configmap(info, ns, group_name, owner, operator_env["op"].group_key(g))
+    check_companions(info, ns, group_name, owner)
 
     events = kjson(info, "get", "events", "-n", ns)["items"]
     assert {(e["involvedObject"]["name"], e["reason"]) for e in events} >= {(f"pack-{i}", "Placed") for i in range(3)}

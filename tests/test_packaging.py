@@ -4,7 +4,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 from tests.helpers.paths import REPO
 

@@ -3,7 +3,6 @@ panel and target, the template variables the issue asks for, unique ids, no over
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,6 @@ import math
 import re
 import subprocess
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

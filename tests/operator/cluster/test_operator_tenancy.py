@@ -21,7 +21,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 OPERATOR_DEV_ENDPOINT = False  # as in production: annotations never redirect polls
 
 
-
 @pytest.fixture
 def hostile():
     """Counts the hostile inputs this test tries (reported at its end); each test counts its own."""

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import shutil
 import subprocess
 import sys
@@ -22,16 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.cluster import free_port
 from tests.helpers.paths import REPO
 
 EXAMPLES = REPO / "examples" / "quickstart"
 STEPS = 300  # each task Running ~11 s on a 2-core machine: several 1 s scrapes see every task Running
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(fn, timeout: float, what: str, interval: float = 0.5):

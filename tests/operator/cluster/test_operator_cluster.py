@@ -172,7 +172,7 @@ def test_hot_remove_suspend_kueue_and_teardown(operator_env):
     info.kubectl("delete", "ftt", "hr-0", "hr-2", "queued", "-n", ns)
     wait_for(lambda: not groups(info, ns), 30, what="group deleted")
     wait_for(lambda: not [p for p in group_pods(info, ns, group_name) if not p["metadata"].get("deletionTimestamp")],
-                30, what="pods deleted")
+             30, what="pods deleted")
     assert info.kubectl("get", "configmap", f"{group_name}-tasks", "-n", ns, check=False).returncode != 0
 
 
@@ -183,7 +183,7 @@ def test_unplaceable_task_is_pending_with_a_reason(operator_env):
                      "architecture": {"parameters": 2_000_000_000_000, "layers": 120, "hiddenSize": 16384,
                                       "numAttentionHeads": 128, "vocabSize": 32000}}}
     apply(info, huge, task_manifest("too-big", ns, base=f"model:huge-{ns}"),
-             task_manifest("no-model", ns, base="model:does-not-exist"))
+          task_manifest("no-model", ns, base="model:does-not-exist"))
 
     def reason(name):
         st = ftt(info, ns, name).get("status") or {}
@@ -192,7 +192,7 @@ def test_unplaceable_task_is_pending_with_a_reason(operator_env):
     wait_for(lambda: reason("too-big") == ("Pending", "TooLarge"), 30, what="TooLarge")
     wait_for(lambda: reason("no-model") == ("Pending", "ModelUnknown"), 30, what="ModelUnknown")
     bm = wait_for(lambda: (kjson(info, "get", "basemodel", f"huge-{ns}").get("status") or {}).get("ready"), 30,
-                     what="BaseModel status ready")
+                  what="BaseModel status ready")
     assert bm is True
     events = kjson(info, "get", "events", "-n", ns, "--field-selector", "involvedObject.name=too-big")["items"]
     assert any(e["type"] == "Warning" and e["reason"] == "TooLarge" for e in events)
@@ -206,7 +206,7 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates(operator_env):
     apply(info, *[task_manifest(n, ns, batch=1 + i % 3) for i, n in enumerate(names)])
     # kill the operator while it is working on them, hard (no cleanup), then start it again
     wait_for(lambda: any((ftt(info, ns, n).get("status") or {}).get("group") for n in names), 30,
-                interval=0.05, what="first placement")
+             interval=0.05, what="first placement")
     op.kill()
     time.sleep(1)
     op.start()
@@ -226,7 +226,7 @@ def test_operator_restart_mid_reconcile_creates_no_duplicates(operator_env):
     assert "Forbidden" not in log and " 403 " not in log and "status=403" not in log, "RBAC refused a request"
     info.kubectl("delete", "ftt", *names, "-n", ns)
     wait_for(lambda: not [g for g in groups(info, ns) if any(t["name"].startswith("rs-") for t in g["spec"]["tasks"])],
-                30, what="rs- tasks out of every group")
+             30, what="rs- tasks out of every group")
 
 
 def test_children_are_restored_level_triggered(operator_env):
@@ -238,7 +238,7 @@ def test_children_are_restored_level_triggered(operator_env):
     (pod,) = wait_for(lambda: group_pods(info, ns, group_name), 30, what="pod")
     info.kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--wait=true", "--grace-period=0", "--force")
     wait_for(lambda: [p for p in group_pods(info, ns, group_name) if p["metadata"]["uid"] != pod["metadata"]["uid"]],
-                60, what="pod recreated")
+             60, what="pod recreated")
     info.kubectl("patch", "configmap", f"{group_name}-tasks", "-n", ns, "--type=merge", "-p", '{"data":{"tasks.yaml":""}}')
     wait_for(lambda: cm_task_names(info, ns, group_name) == ["lv-0", "lv-1"], 30, what="ConfigMap restored")
     info.kubectl("delete", "ftt", "lv-0", "lv-1", "-n", ns)

@@ -70,7 +70,7 @@ def placed_group(info, ns, name):
 
 def annotate(info, ns, group, url):
     pod = wait_for(lambda: kjson(info, "get", "pods", "-n", ns, "-l", f"muxtune.io/group={group}")["items"], 30,
-                      what="pod")[0]
+                   what="pod")[0]
     info.kubectl("annotate", "pod", pod["metadata"]["name"], "-n", ns, f"muxtune.io/engine-endpoint={url}", "--overwrite")
 
 
@@ -88,7 +88,7 @@ def test_engine_unreachable_and_forged_reports(operator_env):
     assert st["phase"] == "Placed" and st.get("step", 0) == 0, st
     assert "report refused" in op.log_text()
     wait_for(lambda: cond(status_of(info, a, "live"), "EngineReachable").get("status") == "False", 30,
-                what="a forger counts as no engine")
+             what="a forger counts as no engine")
     forged.shutdown()
 
     # 2. the group's own (signed) engine: Running at its step
@@ -104,7 +104,7 @@ def test_engine_unreachable_and_forged_reports(operator_env):
     FAULTS["injected"] += 1
     t_stop = time.time()
     st = wait_for(lambda: (lambda s: cond(s, "EngineReachable").get("status") == "False" and s)(status_of(info, a, "live")),
-                     60, what="EngineReachable=False")
+                  60, what="EngineReachable=False")
     er = cond(st, "EngineReachable")
     assert er["reason"] == "EngineUnreachable" and "since" in st["message"]
     assert st["phase"] == "Running" and st["step"] == 7  # last known progress kept, marked stale
@@ -176,7 +176,7 @@ def test_two_replicas_one_leader_exec_login_and_no_files_left(operator_env, tmp_
     private_tmp = tmp_path / "optmp"
     private_tmp.mkdir()
     op2 = OperatorProcess(kc, op1.namespaces, system, tmp_path / "op2.log", signing_key=op1.signing_key,
-                             env_extra={"TMPDIR": str(private_tmp)})
+                          env_extra={"TMPDIR": str(private_tmp)})
     op2.start()
     try:
         wait_for(lambda: "indices populated" in op2.log_text(), 60, what="second operator up")

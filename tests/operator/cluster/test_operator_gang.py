@@ -69,7 +69,7 @@ def test_two_pod_group_waits_for_the_whole_gang_and_restarts_whole(operator_env)
     netpol = kjson(info, "get", "networkpolicy", group, "-n", ns)  # torch.distributed authenticates nobody
     assert netpol["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["muxtune.io/group"] == group
     st = wait_for(lambda: (s := kjson(info, "get", "backbonegroup", group, "-n", ns).get("status") or {})
-                     .get("podsReady") == "2/2" and s, 60, what="group status 2/2 ready")
+                  .get("podsReady") == "2/2" and s, 60, what="group status 2/2 ready")
     assert st["layout"] == "dp2 x tp1 x pp8" and st["gpus"] == 16 and st["phase"] == "Running" and st["restarts"] == 0
     assert "2/2" in info.kubectl("get", "bbg", group, "-n", ns).stdout
 
@@ -95,7 +95,7 @@ def test_two_pod_group_waits_for_the_whole_gang_and_restarts_whole(operator_env)
     try:
         info.kubectl("delete", "pod", f"{group}-1", "-n", ns, "--wait=false")
         phase, reason, msg = wait_for(lambda: (r := running_reason(info, ns, "gang"))[1] == "WaitingForGang" and r,
-                                         120, what="WaitingForGang")
+                                      120, what="WaitingForGang")
         assert phase == "Placed" and "all 2 pods (8 GPU(s) each)" in msg, msg
         wait_for(lambda: not group_pods(info, ns, group), 60, what="the old pods gone")
         for _ in range(10):  # and none created while they do not all fit
@@ -126,9 +126,9 @@ def test_kueue_admits_a_two_pod_group_whole_and_restarts_it_through_its_workload
     quota = {"cpu": 64, "memory": "256Gi", "nvidia.com/gpu": 1}  # one pod's GPU: the group needs two
     apply(info, *ko.queue_objects(queue, ns, quota))
     wait_for(lambda: (ko.condition(kjson(info, "get", f"clusterqueues.kueue.x-k8s.io/{queue}"), "Active") or {})
-                .get("status") == "True", 60, what="ClusterQueue active")
+             .get("status") == "True", 60, what="ClusterQueue active")
     task = task_manifest("queued", ns, base=f"model:{bm}", batch=4, seq=8192, steps=1000,
-                            labels={ko.QUEUE_NAME_LABEL: queue})
+                         labels={ko.QUEUE_NAME_LABEL: queue})
     apply(info, basemodel(bm, ns, TWO_REPLICAS), task)
     try:
         group = wait_for(lambda: (ftt(info, ns, "queued").get("status") or {}).get("group"), 120, what="placed")
@@ -156,7 +156,7 @@ def test_kueue_admits_a_two_pod_group_whole_and_restarts_it_through_its_workload
         pods = wait_for(lambda: running_gang(info, ns, group), 120, what="both pods admitted and running")
         assert not any(ko.is_gated(p) for p in pods)
         wait_for(lambda: running_reason(info, ns, "queued")[1] not in ("WaitingForAdmission", None), 60,
-                    what="no longer waiting for admission")
+                 what="no longer waiting for admission")
 
         # a lost pod: the Workload goes first (else Kueue's finalizer keeps the pods), then all pods
         old = {p["metadata"]["uid"] for p in pods}

@@ -214,10 +214,10 @@ def test_basemodel_namespaces_and_sources(operator_env, hostile):
                           "architecture": {"parameters": 1_000_000, "layers": 4, "hiddenSize": 128}}}
     apply(info, private, builtin, elsewhere)
     apply(info, task_manifest("steal", a, base=f"model:private-{tag}"),
-             task_manifest("own", b, base=f"model:private-{tag}"),
-             task_manifest("bi", a, base=f"model:tiny-{tag}"),
-             task_manifest("far", a, base=f"model:claim-{tag}"),
-             task_manifest("dir", a, base="/var/lib/weights"))
+          task_manifest("own", b, base=f"model:private-{tag}"),
+          task_manifest("bi", a, base=f"model:tiny-{tag}"),
+          task_manifest("far", a, base=f"model:claim-{tag}"),
+          task_manifest("dir", a, base="/var/lib/weights"))
     hostile["inputs"] += 2
 
     def placed_reason(ns, name):
@@ -273,5 +273,5 @@ def test_refused_pod_creation_backs_off_with_a_reason(operator_env):
     group = status_of(info, b, "quota")["group"]
     wait_for(lambda: group_pod(info, b, group), 60, what="the pod once the quota is gone")
     wait_for(lambda: cond(status_of(info, b, "quota"), "Running").get("reason") != "PodCreationRefused", 30,
-                what="the refusal cleared")
+             what="the refusal cleared")
     info.kubectl("delete", "ftt", "quota", "-n", b)

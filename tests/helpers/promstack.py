@@ -1,5 +1,6 @@
 """Helpers of the real-Prometheus dashboard test (test_dashboards_prometheus.py): Prometheus on
-loopback, the DCGM exporter stand-in, the serving client, the operator side, the example tasks."""
+loopback, the DCGM exporter stand-in, the serving client, the operator side, the example tasks, and
+the steps that assemble them into one stack (the test's module fixture)."""
 from __future__ import annotations
 
 import json

@@ -492,6 +492,7 @@ def subprocess_results(tmp_path_factory, tiny_backbone_dir):
     return {"interp": {**results["unit"], **results["backbone"]}, "compile": results["compile"]}
 
 
+@pytest.mark.slow  # three subprocesses side by side, in Triton's interpreter: minutes on two cores
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_kernel_matches_reference(subprocess_results, name):
     res = subprocess_results["interp"][name]
@@ -501,6 +502,7 @@ def test_interpreted_kernel_matches_reference(subprocess_results, name):
     assert not bad, bad
 
 
+@pytest.mark.slow  # shares the subprocesses above
 def test_kernels_compile_for_sm90(subprocess_results):
     res = subprocess_results["compile"]
     if "skipped" in res:

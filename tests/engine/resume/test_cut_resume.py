@@ -9,6 +9,7 @@ import logging
 import pytest
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # each test trains a group twice and replays it bitwise
 BUDGET = 96  # below every batch: steps span several forwards, tasks wait with half-trained steps
 
 

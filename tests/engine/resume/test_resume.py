@@ -75,6 +75,7 @@ def test_finished_task_is_not_retrained_and_changed_spec_is_refused(make_task, d
     assert rt.phase == "Failed" and "different spec" in rt.message
 
 
+@pytest.mark.slow  # 400 steps in a subprocess, twice
 def test_sigterm_checkpoints_and_rerun_completes(data_dir, tmp_path):
     doc = {
         "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": "long"},

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 import yaml
 
 
@@ -37,6 +38,7 @@ def _wait(pred, port, timeout=180):
     raise AssertionError(f"timed out; last status {tasks}")
 
 
+@pytest.mark.slow  # a `muxtune run --watch` subprocess edited while it trains
 def test_watch_hot_add_and_remove(data_dir, tmp_path):
     spec = tmp_path / "tasks.yaml"
     spec.write_text(yaml.safe_dump(_doc("stay", data_dir / "reverse.jsonl", 100000)))

@@ -14,9 +14,10 @@ import yaml
 
 from muxtune.api import crdgen
 
+from tests.helpers.paths import REPO
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "muxtune"
 MONITORING = ["--api-versions", "monitoring.coreos.com/v1"]
 ALL_MONITORING = [

@@ -14,10 +14,11 @@ derives every desired object from it, and writes only differences:
    an Event is posted per transition.
 
 A second loop polls each running group's engine (/v1/status, operator/poller.py) and feeds the
-reports into pass 4. Group writes are in operator/groups.py. Our own writes are kept in an overlay
-(operator/overlay.py) until the watch shows them, so a pass that runs before the watch caught up
-neither repeats nor contradicts the previous one. With leader election (operator/leader.py) only
-the Lease holder runs either loop; the others keep their caches warm.
+reports into pass 4. Group writes are made by the GroupApplier (operator/groups.py). Our own
+writes are kept in an overlay (operator/overlay.py) until the watch shows them, so a pass that
+runs before the watch caught up neither repeats nor contradicts the previous one. With leader
+election (operator/leader.py) only the Lease holder runs either loop; the others keep their
+caches warm.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from muxtune.operator.config import (
     OperatorConfig,
 )
 from muxtune.operator.events import EventSink
-from muxtune.operator.groups import GroupsMixin, PodBackoff, subset
+from muxtune.operator.groups import GroupApplier, PodBackoff, subset
 from muxtune.operator.keys import GroupKeys
 from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.overlay import Overlay
@@ -65,7 +66,7 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Controller(GroupsMixin):
+class Controller:
     def __init__(self, config: OperatorConfig, client: KubeClient, keys: GroupKeys | None = None, elector=None):
         self.config = config
         self.client = client
@@ -74,7 +75,6 @@ class Controller(GroupsMixin):
         self.poller = EnginePoller(config, self.keys.key)
         self.backoff = PodBackoff(config.pod_backoff_base, config.pod_backoff_cap)
         self.elector = elector
-        self._sa_ready: set[tuple[str, str]] = set()
         self.indices: Mapping[str, Any] | None = None
         self.ready = False
         self._kick = asyncio.Event()
@@ -86,6 +86,9 @@ class Controller(GroupsMixin):
         self.gang: dict[tuple[str, str], gang.Decision] = {}  # this pass's decision per group
         self.gang_fits: dict[tuple[str, str], tuple[bool, str]] = {}  # whether a group's pods all fit now
         self.workload_msgs: dict[tuple[str, str], str] = {}  # why Kueue holds a group back
+        self.applier = GroupApplier(client=client, config=config, keys=self.keys, events=self.events,
+                                    overlay=self.overlay, backoff=self.backoff, poller=self.poller, kick=self.kick,
+                                    decisions=self.gang, workload_msgs=self.workload_msgs)
         self.passes = 0
         self.errors = 0
         self._tasks: list[asyncio.Task] = []
@@ -170,9 +173,6 @@ class Controller(GroupsMixin):
             for v in store:
                 out[k] = v
         return out
-
-    def _note(self, plural: str, obj: dict | None, key: tuple[str, str] | None = None) -> None:
-        self.overlay.note(plural, obj, key)
 
     def _view(self, plural: str, index_name: str) -> dict[tuple[str, str], dict]:
         """The index as (namespace, name) -> object, with our own writes the watch has not shown yet."""
@@ -307,13 +307,14 @@ class Controller(GroupsMixin):
         # 4. apply groups (gangs without pods first learn whether all their pods fit)
         priority = {gk: max((parsed[k].spec.priority for k in gp.members), default=0) for gk, gp in gplans.items()}
         self.gang_fits = self._gang_capacity(gplans, group_objs, pods_of, inventory, priority)
-        self.gang = {gk: d for gk, d in self.gang.items() if gk in gplans}
+        for gk in [gk for gk in self.gang if gk not in gplans]:
+            del self.gang[gk]  # in place: the applier holds the same dict
         jobs = []
         for gk, gp in gplans.items():
             members = [by_key[k] for k in gp.members]
-            jobs.append(self._apply_group(gk, gp, group_objs.get(gk), members, [parsed[k] for k in gp.members],
-                                          pods_of.get(gk, []), cms.get((gk[0], resources.configmap_name(gk[1]))),
-                                          svcs.get(gk), bm_by_name))
+            jobs.append(self.applier.apply(gk, gp, group_objs.get(gk), members, [parsed[k] for k in gp.members],
+                                           pods_of.get(gk, []), cms.get((gk[0], resources.configmap_name(gk[1]))),
+                                           svcs.get(gk), bm_by_name, fits=self.gang_fits.get(gk, (True, ""))))
         results = await self._gather(jobs)
         final_member: dict[str, tuple[str, str]] = {}
         for gk, gp in gplans.items():
@@ -464,10 +465,10 @@ class Controller(GroupsMixin):
             if e.status == 404:
                 return True  # deleted meanwhile; the next pass no longer sees it
             raise
-        self._note("finetunetasks", res)
+        self.overlay.note("finetunetasks", res)
         ev = status.transition_event(old, new)
         for e in ([ev] if ev else []) + status.condition_events(old, new):
-            await self.event(obj, *e)
+            await self.events.post(obj, *e)
         if new.get("phase") == "Running" and old.get("phase") != "Running" and m.get("creationTimestamp"):
             try:
                 created = datetime.strptime(m["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -475,9 +476,6 @@ class Controller(GroupsMixin):
             except ValueError:
                 pass
         return True
-
-    async def event(self, obj: dict, type_: str, reason: str, message: str) -> None:
-        await self.events.post(obj, type_, reason, message)
 
     # ------------------------------------------------------------------ engine polling
 

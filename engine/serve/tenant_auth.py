@@ -16,7 +16,6 @@ One aiohttp middleware, ahead of the API's own, so the handlers stay unaware of 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,13 +23,10 @@ from pathlib import Path
 from aiohttp import web
 
 from muxtune.engine.serve import protocol
+from muxtune.facts.trust import token_digest
 
 OPEN_PATHS = frozenset({"/health"})
 BODY_TIMEOUT_S = 30.0
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class TenantTokens:

@@ -109,6 +109,7 @@ class OperatorProcess:
             "--pod-backoff-base", "2",
             "--poll-interval", "1",
             "--engine-image", "registry.invalid/muxtune/engine:test",
+            "--output-host-path", "/var/lib/muxtune/output",  # persistent output is required; kwok mounts nothing
             "--log-level", "info",  # readiness is read from the log ("indices populated")
             *self.extra,
         ]

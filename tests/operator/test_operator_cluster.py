@@ -79,7 +79,7 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     assert pod["spec"]["automountServiceAccountToken"] is False and pod["spec"]["serviceAccountName"] == "muxtune-engine"
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert vols["tasks"]["configMap"]["name"] == f"{group_name}-tasks"
-    assert "emptyDir" in vols["output"] and "emptyDir" in vols["tmp"]  # no PVC configured: dev fallback
+    assert vols["output"]["hostPath"]["path"] == "/var/lib/muxtune/output" and "emptyDir" in vols["tmp"]
     terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     keys = {e["key"] for e in terms[0]["matchExpressions"]}
     assert keys == {"nvidia.com/gpu.product", "nvidia.com/gpu.memory"}

@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from muxtune.engine.serve.adapters import ServedModel
 from muxtune.engine.serve.engine import Overloaded, ServeLimits
 from muxtune.engine.serve.http_api import OpenAIApi
-from muxtune.engine.serve.tenant_auth import TenantTokens, tenant_middleware, token_digest
+from muxtune.engine.serve.tenant_auth import TenantTokens, tenant_middleware
+from muxtune.facts.trust import token_digest
 
 MODELS = ["team-a/a-task", "team-b/b-secret"]
 TOKENS = {"tok-a": "team-a", "tok-b": "team-b"}

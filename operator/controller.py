@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator import gang, kueue, metrics, policy, resources, status
+from muxtune.operator import gang, kueue, metrics, policy, quota, resources, status
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     KUEUE_QUEUE_LABEL,
@@ -299,9 +299,13 @@ class Controller:
         reserved = {k[1] for k in self._index(IDX_GROUPS)} | self.overlay.names("backbonegroups")
         reserved |= {gk[1] for gk, g in group_objs.items() if deleting(g)}
         plan = run_planner(pending, states, inventory, basemodels, pcfg, reserved_names=reserved)
+        # shared groups' GPUs are charged to their members' namespaces (operator/quota.py)
+        plan, over_quota = await quota.place_within_quota(
+            self.client, plan, pending, {k: request(k) for k in member_of},
+            lambda p: run_planner(p, states, inventory, basemodels, pcfg, reserved_names=reserved))
         metrics.PLANNER.observe(time.perf_counter() - t0)
         self.last_plan = plan
-        unplaceable = {u.task: u for u in plan.unplaceable}
+        unplaceable = {u.task: u for u in (*plan.unplaceable, *over_quota)}
         gplans = {(gp.namespace, gp.name): gp for gp in plan.groups}
 
         # 4. apply groups (gangs without pods first learn whether all their pods fit)

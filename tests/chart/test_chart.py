@@ -137,6 +137,7 @@ EXPECTED_RULES = {
     ("policy", "poddisruptionbudgets"): {"create"},
     ("kueue.x-k8s.io", "workloads"): {"get", "delete"},  # a queued group's Workload: why it waits; deleted first
     ("networking.k8s.io", "networkpolicies"): {"create", "patch"},  # every group (operator/isolation.py)
+    ("", "resourcequotas"): {"list"},  # shared groups charged to member namespaces (operator/quota.py)
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "nodes"): {"get", "list", "watch"},

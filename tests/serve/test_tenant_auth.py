@@ -1,52 +1,27 @@
-"""Per-namespace serving tokens (engine/serve/tenant_auth.py) in front of the real OpenAI API handlers.
-
-The engine behind the handlers is a stub (no backbone: the auth layer decides before generation);
-a request that gets past the auth layer reaches the stub's `submit`, which answers 429, so a 429
-proves the request was let through and a 404/401 that it was not."""
+"""Per-namespace serving tokens (engine/serve/tenant_auth.py) in front of the real OpenAI API handlers,
+over tests/conftest.py's stub engine (a 429 means the request reached the engine; 404/401 that it did not)."""
 from __future__ import annotations
 
 import asyncio
 import json
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from muxtune.engine.serve.adapters import ServedModel
-from muxtune.engine.serve.engine import Overloaded, ServeLimits
-from muxtune.engine.serve.http_api import OpenAIApi
-from muxtune.engine.serve.tenant_auth import TenantTokens, tenant_middleware
 from muxtune.facts.trust import token_digest
 
 MODELS = ["team-a/a-task", "team-b/b-secret"]
 TOKENS = {"tok-a": "team-a", "tok-b": "team-b"}
 
 
-class StubRegistry:
-    base_id = "base"
-    base = ServedModel(name="base", root="/models/base")
-
-    def models(self):
-        return [ServedModel(name=n, root=f"task:{n}", task_key=n, phase="Running") for n in MODELS]
-
-    def lookup(self, name):
-        return self.base if name == "base" else next((m for m in self.models() if m.name == name), None)
-
-
-class StubEngine:
-    registry, max_model_len, limits = StubRegistry(), 64, ServeLimits(max_model_len=64, max_tokens=8)
-
-    def submit(self, req):
-        raise Overloaded(429, "busy (the request reached the engine)", 1)
-
-
-def _client(tmp_path, with_tokens=True):
-    api = OpenAIApi(StubEngine(), tokenizer=[0] * 100)
-    mws = []
-    if with_tokens:
-        f = tmp_path / "tokens.json"
-        f.write_text(json.dumps({token_digest(t): ns for t, ns in TOKENS.items()}))
-        mws.append(tenant_middleware(TenantTokens(f), "base"))
-    return TestClient(TestServer(api.app(*mws)))
+@pytest.fixture
+def _client(tenant_api):
+    def make(tmp_path, with_tokens=True):
+        f = None
+        if with_tokens:
+            f = tmp_path / "tokens.json"
+            f.write_text(json.dumps({token_digest(t): ns for t, ns in TOKENS.items()}))
+        return tenant_api(MODELS, f)
+    return make
 
 
 def _hdr(token):
@@ -59,7 +34,7 @@ async def _request(c, method, path, token, model=None):
         return r.status, await r.json(content_type=None) if r.status != 200 or path != "/health" else None
 
 
-def test_caller_sees_and_reaches_only_its_namespace(tmp_path):
+def test_caller_sees_and_reaches_only_its_namespace(tmp_path, _client):
     async def main():
         async with _client(tmp_path) as c:
             async with c.get("/v1/models", headers=_hdr("tok-a")) as r:
@@ -82,7 +57,7 @@ def test_caller_sees_and_reaches_only_its_namespace(tmp_path):
 
 
 @pytest.mark.parametrize("token", [None, "", "tok-c", "Basic dG9rLWE="])
-def test_no_or_unknown_token_is_refused(tmp_path, token):
+def test_no_or_unknown_token_is_refused(tmp_path, token, _client):
     async def main():
         async with _client(tmp_path) as c:
             hdr = {"Authorization": token} if token and token.startswith("Basic") else _hdr(token)
@@ -96,7 +71,7 @@ def test_no_or_unknown_token_is_refused(tmp_path, token):
     asyncio.run(main())
 
 
-def test_tenants_get_no_serving_metrics_and_tokens_follow_the_file(tmp_path):
+def test_tenants_get_no_serving_metrics_and_tokens_follow_the_file(tmp_path, _client):
     async def main():
         async with _client(tmp_path) as c:
             assert (await _request(c, "GET", "/metrics", "tok-a"))[0] == 404
@@ -108,7 +83,7 @@ def test_tenants_get_no_serving_metrics_and_tokens_follow_the_file(tmp_path):
     asyncio.run(main())
 
 
-def test_without_a_token_file_nothing_changes(tmp_path):
+def test_without_a_token_file_nothing_changes(tmp_path, _client):
     async def main():
         async with _client(tmp_path, with_tokens=False) as c:
             async with c.get("/v1/models") as r:
@@ -121,5 +96,7 @@ def test_without_a_token_file_nothing_changes(tmp_path):
 def test_a_malformed_token_file_fails_at_startup(tmp_path):
     f = tmp_path / "t.json"
     f.write_text(json.dumps(["not", "a", "map"]))
+    from muxtune.engine.serve.tenant_auth import TenantTokens
+
     with pytest.raises(ValueError):
         TenantTokens(f)

@@ -45,8 +45,12 @@ def _serving(kh, name, ns, share):
 
 def test_every_group_is_fenced_and_serving_is_per_tenant(operator_env, kh, tenant_api, tmp_path):
     info, a, b, system = operator_env["info"], operator_env["a"], operator_env["b"], operator_env["system"]
-    kh.apply(info, _serving(kh, "a-task", a, True), _serving(kh, "b-secret", b, True),
-             _serving(kh, "a-solo", a, False), kh.task_manifest("b-quiet", b, data="sets/q.jsonl"))
+    # the sharers first (under opt-in a sharer would rather join its own namespace's group), then
+    # one task per namespace that does not share: three groups, two of them single-namespace
+    kh.apply(info, _serving(kh, "a-task", a, True), _serving(kh, "b-secret", b, True))
+    kh.wait_for(lambda: [g for g in _groups(info, kh, system) if len(g["spec"]["tasks"]) == 2], 60,
+                what="the shared group")
+    kh.apply(info, _serving(kh, "a-solo", a, False), kh.task_manifest("b-quiet", b, data="sets/q.jsonl"))
 
     def placed():
         shared = [g for g in _groups(info, kh, system) if len(g["spec"]["tasks"]) == 2]
@@ -85,13 +89,16 @@ def test_every_group_is_fenced_and_serving_is_per_tenant(operator_env, kh, tenan
     f = tmp_path / "tokens.json"
     f.write_text(digests)
     models = [f"{a}/a-task", f"{b}/b-secret"]
-    asyncio.run(_cross_tenant_requests(tenant_api(models, f), tok, a, b))
+    asyncio.run(_cross_tenant_requests(lambda: tenant_api(models, f), tok, a, b))
+    info.kubectl("delete", "ftt", "a-task", "a-solo", "-n", a)
+    info.kubectl("delete", "ftt", "b-secret", "b-quiet", "-n", b)
+    kh.wait_for(lambda: not any(_groups(info, kh, ns) for ns in (a, b, system)), 60, what="the groups torn down")
 
 
-async def _cross_tenant_requests(client, tok, a, b):
+async def _cross_tenant_requests(make_client, tok, a, b):
     """Every request here speaks for the wrong namespace (or none): none may be answered."""
     own_ok = 0
-    async with client as c:
+    async with make_client() as c:  # made inside the running loop
         for caller, other in ((a, b), (b, a)):
             hdr = {"Authorization": f"Bearer {tok[caller]}"}
             victim = f"{other}/{'b-secret' if other == b else 'a-task'}"

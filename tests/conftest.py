@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers.data import set_data_root, task_doc, write_jsonl
 from tests.helpers.models import new_trainer
+from tests.helpers.serving import tenant_api_client
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,3 +58,8 @@ def tiny_backbone_dir(muxtune_home) -> Path:
 @pytest.fixture
 def trainer_factory():
     return new_trainer
+
+
+@pytest.fixture
+def tenant_api():
+    return tenant_api_client

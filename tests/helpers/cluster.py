@@ -68,6 +68,7 @@ def install_rbac(info, namespace: str, watch: list[str] | None = None) -> Path:
     helm = ensure_binaries(["helm"])["helm"]
     release = f"{RELEASE}-{namespace}"[:40]
     extra = ["--set", "operator.watchNamespaces={" + ",".join(watch) + "}"] if watch else []
+    extra += ["--set", "engine.output.hostPath=/var/lib/muxtune/output"]  # required by the values schema
     out = subprocess.run(
         [str(helm), "template", release, str(CHART), "--namespace", namespace, *extra,
          "--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccount.yaml"],
@@ -110,6 +111,7 @@ class OperatorProcess:
             "--pod-backoff-base", "2",
             "--poll-interval", "1",
             "--engine-image", "registry.invalid/muxtune/engine:test",
+            "--output-host-path", "/var/lib/muxtune/output",  # persistent output is required; kwok mounts nothing
             "--log-level", "info",  # readiness is read from the log ("indices populated")
             *self.extra,
         ]

@@ -222,7 +222,8 @@ class OperatorSide:
              f"--namespaces={self.ns_a},{self.ns_b}", "--shared-namespace", self.system, "--sharing-policy", "always",
              "--metrics-port", str(self.port), "--no-poll-pod-ip", "--poll-interval", "1",
              "--dev-endpoint-annotation", "--signing-key-file", str(self.signing_key(workdir)), "--no-leader-elect",
-             "--engine-image", "registry.invalid/muxtune/engine:test", "--log-level", "info"],
+             "--engine-image", "registry.invalid/muxtune/engine:test", "--log-level", "info",
+             "--output-host-path", "/var/lib/muxtune/output"],  # kwok pods mount nothing; persistent in kind
             stdout=open(self.log, "a"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def apply(self, docs: list[dict]) -> tuple[str, str, str]:

@@ -95,3 +95,35 @@ def peft_greedy(adapter_dir, prompt_ids: list[int], max_new_tokens: int, ignore_
     model.eval()
     out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+def tenant_api_client(models: list[str], tokens_file=None):
+    """The real OpenAI API handlers (with engine/serve/tenant_auth.py's middleware when a token file
+    is given) over a stub engine that lists ``models`` (no backbone: the auth layer decides before
+    generation). A request that gets past the auth layer reaches the stub's submit, which answers
+    429: a 429 proves the request was let through, a 404/401 that it was not."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from muxtune.engine.serve.adapters import ServedModel
+    from muxtune.engine.serve.engine import Overloaded, ServeLimits
+    from muxtune.engine.serve.http_api import OpenAIApi
+    from muxtune.engine.serve.tenant_auth import TenantTokens, tenant_middleware
+
+    class Registry:
+        base_id = "base"
+        base = ServedModel(name="base", root="/models/base")
+
+        def models(self):
+            return [ServedModel(name=n, root=f"task:{n}", task_key=n, phase="Running") for n in models]
+
+        def lookup(self, name):
+            return self.base if name == "base" else next((m for m in self.models() if m.name == name), None)
+
+    class Engine:
+        registry, max_model_len, limits = Registry(), 64, ServeLimits(max_model_len=64, max_tokens=8)
+
+        def submit(self, req):
+            raise Overloaded(429, "busy (the request reached the engine)", 1)
+
+    mws = [tenant_middleware(TenantTokens(tokens_file), "base")] if tokens_file is not None else []
+    return TestClient(TestServer(OpenAIApi(Engine(), tokenizer=[0] * 100).app(*mws)))

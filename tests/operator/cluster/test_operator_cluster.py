@@ -64,7 +64,7 @@ def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
     assert pod["spec"]["automountServiceAccountToken"] is False and pod["spec"]["serviceAccountName"] == "muxtune-engine"
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert vols["tasks"]["configMap"]["name"] == f"{group_name}-tasks"
-    assert "emptyDir" in vols["output"] and "emptyDir" in vols["tmp"]  # no PVC configured: dev fallback
+    assert vols["output"]["hostPath"]["path"] == "/var/lib/muxtune/output" and "emptyDir" in vols["tmp"]
     terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     keys = {e["key"] for e in terms[0]["matchExpressions"]}
     assert keys == {"nvidia.com/gpu.product", "nvidia.com/gpu.memory"}

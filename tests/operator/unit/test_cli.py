@@ -108,7 +108,8 @@ def test_chart_flags_parse():
 
     helm = ensure_binaries(["helm"])["helm"]
     out = subprocess.run([str(helm), "template", "mux", str(CHART), "-n", "muxtune-system",
-                          "--set", "operator.watchNamespaces={a,b}", "--show-only", "templates/deployment.yaml"],
+                          "--set", "operator.watchNamespaces={a,b}", "--set", "engine.output.pvc=out",
+                          "--show-only", "templates/deployment.yaml"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     dep = yaml.safe_load(out)
     c = dep["spec"]["template"]["spec"]["containers"][0]

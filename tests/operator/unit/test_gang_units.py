@@ -25,7 +25,7 @@ def env_of(pod):
 
 
 def test_a_two_pod_group_is_one_torchrun_world():
-    g, cfg = group(dp=2, tp=2, pp=2), OperatorConfig()
+    g, cfg = group(dp=2, tp=2, pp=2), OperatorConfig(output_host_path="/srv/out")
     pods = [resources.pod_manifest(g, r, cfg) for r in range(2)]
     for rank, pod in enumerate(pods):
         c = pod["spec"]["containers"][0]
@@ -49,18 +49,20 @@ def test_a_two_pod_group_is_one_torchrun_world():
 
 
 def test_only_the_groups_own_pods_reach_its_rendezvous_ports():
+    from muxtune.operator import isolation
+
     g = group(dp=2)
-    np_ = resources.network_policy_manifest(g, OperatorConfig())
+    np_ = isolation.network_policy_manifest(g, OperatorConfig(), ["ns"])
     sel = {"matchLabels": {"muxtune.io/group": "mt-g", "app.kubernetes.io/component": "engine"}}
     assert np_["spec"]["podSelector"] == sel and np_["spec"]["policyTypes"] == ["Ingress"]
-    assert np_["spec"]["ingress"] == [{"from": [{"podSelector": sel}]}, {"ports": [{"port": 9400, "protocol": "TCP"}]}]
+    assert np_["spec"]["ingress"][0] == {"from": [{"podSelector": sel}]}  # any port, the group's own pods only
     assert np_["metadata"]["ownerReferences"][0]["uid"] == "group-uid"
-    pod = resources.pod_manifest(g, 1, OperatorConfig())
+    pod = resources.pod_manifest(g, 1, OperatorConfig(output_host_path="/srv/out"))
     assert sel["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_one_pod_layouts():
-    cfg = OperatorConfig()
+    cfg = OperatorConfig(output_host_path="/srv/out")
     (single,) = [resources.pod_manifest(group(dp=1), 0, cfg)]
     assert "--dp" not in single["spec"]["containers"][0]["args"] and not any(k.startswith("PET_") for k in env_of(single))
     assert single["spec"]["restartPolicy"] == "OnFailure"
@@ -72,7 +74,7 @@ def test_one_pod_layouts():
 def test_the_engine_launcher_reads_the_pod_environment_as_torchrun_would(monkeypatch):
     pytest.importorskip("torch")
     from muxtune.engine.parallel import ranks as launch
-    pod = resources.pod_manifest(group(dp=2, tp=1, pp=2), 1, OperatorConfig())
+    pod = resources.pod_manifest(group(dp=2, tp=1, pp=2), 1, OperatorConfig(output_host_path="/srv/out"))
     for k in list(launch.os.environ):
         if k.startswith(("PET_", "TORCHELASTIC_")) or k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             monkeypatch.delenv(k)
@@ -95,7 +97,7 @@ def test_kueue_pod_group_metadata_is_identical_on_every_pod():
         ko.QUEUE_NAME_LABEL, ko.POD_GROUP_NAME_LABEL, ko.POD_GROUP_TOTAL_COUNT_ANNOTATION, ko.ADMISSION_GATE)
     assert C.KUEUE_API == ko.API_VERSION
     g = group(dp=2, queue="lq")
-    pods = [resources.pod_manifest(g, r, OperatorConfig()) for r in range(2)]
+    pods = [resources.pod_manifest(g, r, OperatorConfig(output_host_path="/srv/out")) for r in range(2)]
     want = ko.pod_group_metadata("lq", "mt-g", 2)
     for p in pods:
         assert want["labels"].items() <= p["metadata"]["labels"].items()
@@ -108,7 +110,7 @@ def test_kueue_pod_group_metadata_is_identical_on_every_pod():
                 s.get("nodeSelector"), s.get("affinity"), s.get("tolerations"), s.get("priorityClassName"))
 
     assert shape(pods[0]) == shape(pods[1])
-    assert not any("kueue" in k for k in resources.pod_manifest(group(dp=2), 0, OperatorConfig())["metadata"]["labels"])
+    assert not any("kueue" in k for k in resources.pod_manifest(group(dp=2), 0, OperatorConfig(output_host_path="/srv/out"))["metadata"]["labels"])
 
 
 def pod(name, phase="Running", node="n1", deleting=False, gated=False, message=""):

@@ -234,7 +234,8 @@ def test_pod_controls():
         engine_image_pull_policy="Always", engine_service_account="eng",
         engine_affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
-        engine_priority_classes=[{"minPriority": 500, "className": "hi"}, {"minPriority": -1000, "className": "lo"}])
+        engine_priority_classes=[{"minPriority": 500, "className": "hi"}, {"minPriority": -1000, "className": "lo"}],
+        output_pvc="outputs")
     spec = resources.pod_manifest(_gobj(), 0, cfg, priority=600)["spec"]
     c = spec["containers"][0]
     assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in spec["tolerations"]
@@ -245,7 +246,7 @@ def test_pod_controls():
     assert [e["key"] for e in terms[0]["matchExpressions"]] == ["zone", "nvidia.com/gpu.memory"]
     assert spec["priorityClassName"] == "hi"
     assert resources.pod_manifest(_gobj(), 0, cfg, priority=0)["spec"]["priorityClassName"] == "lo"
-    assert "priorityClassName" not in resources.pod_manifest(_gobj(), 0, OperatorConfig(), priority=600)["spec"]
+    assert "priorityClassName" not in resources.pod_manifest(_gobj(), 0, OperatorConfig(output_host_path="/srv/out"), priority=600)["spec"]
     pdb = resources.pdb_manifest(_gobj())
     assert pdb["spec"]["maxUnavailable"] == 0 and pdb["metadata"]["ownerReferences"][0]["uid"] == "gid"
     sa = resources.engine_service_account_manifest("team-a", "eng")

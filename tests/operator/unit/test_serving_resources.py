@@ -39,13 +39,16 @@ def test_group_serves_with_the_strictest_slos_of_its_serving_members():
 
 def test_serving_pod_opens_the_api_for_enabled_tasks_only():
     g = group([member("a", {"enabled": True, "sloTtftMs": 500, "sloTpotMs": 50})])
-    c = resources.pod_manifest(g, 0, OperatorConfig())["spec"]["containers"][0]
+    c = resources.pod_manifest(g, 0, OperatorConfig(output_host_path="/srv/out"))["spec"]["containers"][0]
     args = c["args"]
     assert args[args.index("--serve-port") + 1] == "8000" and args[args.index("--serve-host") + 1] == "0.0.0.0"
     assert args[args.index("--serve-tasks") + 1] == "enabled"
     assert (args[args.index("--slo-ttft-ms") + 1], args[args.index("--slo-tpot-ms") + 1]) == ("500", "50")
     assert {"name": "serving", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
-    plain = resources.pod_manifest(group([member("d")]), 0, OperatorConfig())["spec"]["containers"][0]
+    # requests are checked against the digests of the member namespaces' tokens (operator/isolation.py)
+    assert args[args.index("--serve-tokens") + 1] == "/etc/muxtune/serving/tokens.json"
+    assert {"name": "serving-tokens", "mountPath": "/etc/muxtune/serving", "readOnly": True} in c["volumeMounts"]
+    plain = resources.pod_manifest(group([member("d")]), 0, OperatorConfig(output_host_path="/srv/out"))["spec"]["containers"][0]
     assert "--serve-port" not in plain["args"] and [p["name"] for p in plain["ports"]] == ["metrics"]
     # the engine's own CLI accepts what the operator writes
     from muxtune.cli import RunCommand

@@ -89,13 +89,14 @@ def _group(dp=2):
 
 def test_pod_manifest_restricted_and_gpus():
     bm = {"spec": {"source": {"pvc": {"claimName": "weights", "path": "llama"}}}}
-    pod = resources.pod_manifest(_group(), 1, OperatorConfig(data_pvc="datasets"), bm)
+    pod = resources.pod_manifest(_group(), 1, OperatorConfig(data_pvc="datasets", output_pvc="outputs"), bm)
     c = pod["spec"]["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert c["securityContext"]["readOnlyRootFilesystem"] and c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
-    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "datasets" and "emptyDir" in vols["output"]
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "datasets"
+    assert vols["output"]["persistentVolumeClaim"]["claimName"] == "outputs"
     assert pod["spec"]["automountServiceAccountToken"] is False and pod["spec"]["serviceAccountName"] == "muxtune-engine"
     assert vols["model"]["persistentVolumeClaim"]["claimName"] == "weights"
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
@@ -109,7 +110,7 @@ def test_pod_manifest_restricted_and_gpus():
     assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "muxtune-engine"
     assert "podAntiAffinity" in pod["spec"]["affinity"]
     # deterministic
-    assert resources.pod_manifest(_group(), 1, OperatorConfig(data_pvc="datasets"), bm) == pod
+    assert resources.pod_manifest(_group(), 1, OperatorConfig(data_pvc="datasets", output_pvc="outputs"), bm) == pod
 
 
 def test_node_inventory_subtracts_bound_pods():

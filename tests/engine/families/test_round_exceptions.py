@@ -7,7 +7,7 @@ import json
 import yaml
 
 from muxtune.engine import executor
-from tests.conftest import task_doc, write_jsonl
+from tests.helpers.data import task_doc, write_jsonl
 
 
 def test_an_exception_in_a_round_fails_the_backbones_tasks(monkeypatch, tmp_path, capsys):

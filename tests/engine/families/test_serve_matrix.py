@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from muxtune.engine.model.families import FAMILIES
-from tests.serve.conftest import make_stack, submit
+from tests.helpers.serving import make_stack, submit
 
 from .checkpoints import WINDOW
 

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow  # each test trains a group twice and replays it b
 BUDGET = 96  # below every batch: steps span several forwards, tasks wait with half-trained steps
 
 
-class Crash(Exception):
-    pass
+class Crash(BaseException):
+    """A simulated process death mid-run: not an error the engine handles (those fail the tasks)."""
 
 
 def _with_dropout(task, p):

@@ -11,8 +11,8 @@ import pytest
 from safetensors.torch import load_file
 
 
-class Crash(Exception):
-    pass
+class Crash(BaseException):
+    """A simulated process death mid-run: not an error the engine handles (those fail the tasks)."""
 
 
 def _crash_at(step):

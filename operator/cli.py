@@ -146,7 +146,7 @@ class OperatorCommand(BaseModel):
         default_factory=list,
         description="spec.priority bands to PriorityClasses (JSON list of {minPriority, className}); a group's pods "
                     "get the class of the highest band its members reach")
-    engine_pdb: bool = Field(True, description="A PodDisruptionBudget per group (maxUnavailable 0)")
+    engine_pdb: bool = Field(True, description="A PodDisruptionBudget per group (minAvailable: all its pods)")
     data_pvc: str | None = Field(None, description="Shared PVC of training data; a pod mounts subPath <ns> of each member namespace at /data/<ns>, read-only")
     data_host_path: str | None = Field(None, description="Host directory used like --data-pvc")
     data_pvc_per_namespace: str | None = Field(None, description="Claim name of each namespace's own data volume (shared groups: <name>-<ns> in the shared namespace)")

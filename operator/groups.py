@@ -141,8 +141,13 @@ class GroupApplier:
             cm, created = await self.client.create_or_adopt("v1", "configmaps", ns, want_cm)
             self.overlay.note("configmaps", cm)
         if not created and not resources.configmap_current(gobj, cm, text, key):
+            tampered = resources.configmap_tampered(gobj, cm, key)
             cm = await self.client.patch("v1", "configmaps", ns, want_cm["metadata"]["name"], {"data": want_cm["data"]})
             self.overlay.note("configmaps", cm)
+            if tampered:  # someone else edited it: say that it was put back, and why it was noticed
+                log.warning("group %s/%s: ConfigMap %s restored: %s", ns, gk[1], cm["metadata"]["name"], tampered)
+                await self.events.post(dict(cm, apiVersion="v1", kind="ConfigMap"), "Warning", "Restored",
+                                       f"edited outside the operator ({tampered}); restored the signed task list")
 
     async def _run_gang(self, gk, gp, gobj, gpods, members, parsed_members, bm, fits) -> dict:
         """Create, keep or restart the group's pods as one gang (operator/gang.py decides)."""
@@ -195,7 +200,7 @@ class GroupApplier:
             await self._create_once("v1", "secrets", ns, resources.key_secret_manifest(gobj, self.keys.key(gobj)))
             if self.config.engine_pdb:
                 await self._create_once("policy/v1", "poddisruptionbudgets", ns, resources.pdb_manifest(gobj))
-            if int(((gobj.get("spec") or {}).get("parallelism") or {}).get("dp", 1)) > 1:
+            if resources.pods_of(gobj) > 1:
                 await self._create_once("networking.k8s.io/v1", "networkpolicies", ns,
                                         resources.network_policy_manifest(gobj, self.config))
             for rank in missing:

@@ -103,7 +103,11 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
                              cm["data"]["tasks.yaml.sig"])
     assert sig > 0, "the ConfigMap is signed by the operator for this group"
     pdb = kh.kjson(info, "get", "poddisruptionbudget", group_name, "-n", ns)
-    assert pdb["spec"]["maxUnavailable"] == 0 and pdb["metadata"]["ownerReferences"] == [owner]
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["metadata"]["ownerReferences"] == [owner]
+    # the disruption controller can count the group's pods (a BackboneGroup has no scale subresource)
+    pdb = kh.wait_for(lambda: (p := kh.kjson(info, "get", "poddisruptionbudget", group_name, "-n", ns))
+                      .get("status", {}).get("expectedPods") == 1 and p, 60, what="PDB expecting the pod")
+    assert pdb["status"]["disruptionsAllowed"] == 0
     sa = kh.kjson(info, "get", "serviceaccount", "muxtune-engine", "-n", ns)
     assert sa["automountServiceAccountToken"] is False
     rbs = kh.kjson(info, "get", "rolebindings", "-n", ns)["items"]
@@ -114,6 +118,7 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
 
     events = kh.kjson(info, "get", "events", "-n", ns)["items"]
     assert {(e["involvedObject"]["name"], e["reason"]) for e in events} >= {(f"pack-{i}", "Placed") for i in range(3)}
+    assert not [e for e in events if e["reason"] == "CalculateExpectedPodCountFailed"]
     out = info.kubectl("get", "ftt", "-n", ns).stdout
     assert "Placed" in out and group_name in out and "0/4" in out
 
@@ -225,5 +230,12 @@ def test_children_are_restored_level_triggered(operator_env, kh):
                 60, what="pod recreated")
     info.kubectl("patch", "configmap", f"{group_name}-tasks", "-n", ns, "--type=merge", "-p", '{"data":{"tasks.yaml":""}}')
     kh.wait_for(lambda: cm_task_names(info, kh, ns, group_name) == ["lv-0", "lv-1"], 30, what="ConfigMap restored")
+
+    def restored_event():
+        return [e for e in kh.kjson(info, "get", "events", "-n", ns)["items"]
+                if e["reason"] == "Restored" and e["involvedObject"]["name"] == f"{group_name}-tasks"]
+
+    (ev,) = kh.wait_for(restored_event, 30, what="a Restored Event on the ConfigMap")
+    assert ev["type"] == "Warning" and ev["involvedObject"]["kind"] == "ConfigMap" and "restored" in ev["message"]
     info.kubectl("delete", "ftt", "lv-0", "lv-1", "-n", ns)
     kh.wait_for(lambda: not [g for g in groups(info, kh, ns) if g["metadata"]["name"] == group_name], 30, what="group gone")

@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> None:
         def cli_cmd(self) -> None:
             CliApp.run_subcommand(self)
 
-    CliApp.run(OperatorCli, cli_args=sys.argv[1:] if argv is None else argv)
+    from muxtune.clihelp import run_cli
+
+    run_cli(OperatorCli, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,9 @@ class OperatorCommand(BaseModel):
         description="spec.priority bands to PriorityClasses (JSON list of {minPriority, className}); a group's pods "
                     "get the class of the highest band its members reach")
     engine_pdb: bool = Field(True, description="A PodDisruptionBudget per group (minAvailable: all its pods)")
+    namespace_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Fair-share weights of namespaces when GPUs are short (JSON {namespace: weight}; default 1)")
     data_pvc: str | None = Field(None, description="Shared PVC of training data; a pod mounts subPath <ns> of each member namespace at /data/<ns>, read-only")
     data_host_path: str | None = Field(None, description="Host directory used like --data-pvc")
     data_pvc_per_namespace: str | None = Field(None, description="Claim name of each namespace's own data volume (shared groups: <name>-<ns> in the shared namespace)")
@@ -196,6 +199,7 @@ class OperatorCommand(BaseModel):
             engine_affinity=self.engine_affinity,
             engine_priority_classes=self.engine_priority_classes,
             engine_pdb=self.engine_pdb,
+            namespace_weights=self.namespace_weights,
             data_pvc=self.data_pvc,
             data_host_path=self.data_host_path,
             data_pvc_per_namespace=self.data_pvc_per_namespace,

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator import gang, kueue, metrics, resources, status
+from muxtune.operator import fairshare, gang, kueue, metrics, resources, status
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     KUEUE_QUEUE_LABEL,
@@ -262,8 +262,15 @@ class Controller:
         states = self._group_states(snap, ms)
         pending = pending_requests(snap, ms)
         t0 = time.perf_counter()
-        plan = run_planner(pending, states, snap.inventory, snap.architectures, snap.planner_config,
-                           reserved_names=snap.reserved_names)
+
+        def run(tasks, dropped):  # the planner, with preempted members out of their groups
+            return run_planner(tasks, [fairshare.without_members(s, dropped) for s in states] if dropped else states,
+                               snap.inventory, snap.architectures, snap.planner_config,
+                               reserved_names=snap.reserved_names)
+
+        releasing = any(deleting(g) for g in snap.groups.values())
+        plan = fairshare.plan_fairly(pending, {f"{s.namespace}/{s.name}": s.members for s in states if s.accepting}, run,
+                                     fairshare.Weights(self.config.namespace_weights), releasing)
         metrics.PLANNER.observe(time.perf_counter() - t0)
         self.last_plan = plan
         return plan

@@ -50,6 +50,7 @@ from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.overlay import Overlay
 from muxtune.operator.planner import GroupPlan, Plan, plan as run_planner
 from muxtune.operator.poller import EnginePoller
+from muxtune.operator.slofloor import SloFloors
 from muxtune.operator.snapshot import (
     GroupKey,
     Membership,
@@ -251,7 +252,7 @@ class Controller:
             inventory=node_inventory(self._index(IDX_NODES).values(), pods.values()), basemodels=bms,
             architectures={name: basemodel_architecture(bm) for name, bm in bms.items()},
             namespace_labels=_by_name(self._index(IDX_NAMESPACES)), reserved_names=frozenset(reserved),
-            planner_config=cfg.planner_config())
+            planner_config=cfg.planner_config(), slo_floors=SloFloors(cfg.min_slo_ttft_ms, cfg.min_slo_tpot_ms))
 
     def _membership(self, snap: Snapshot) -> Membership:
         """Who stays in which group; the rest that is placeable goes to the planner."""

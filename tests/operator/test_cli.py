@@ -107,6 +107,7 @@ def test_chart_flags_parse(kh):
     helm = ensure_binaries(["helm"])["helm"]
     out = subprocess.run([str(helm), "template", "mux", str(kh.CHART), "-n", "muxtune-system",
                           "--set", "operator.watchNamespaces={a,b}", "--set", "operator.namespaceWeights.team-a=3",
+                          "--set", "operator.sloFloors.ttftMs=200", "--set", "operator.sloFloors.tpotMs=20",
                           "--show-only", "templates/deployment.yaml"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     dep = yaml.safe_load(out)
@@ -117,6 +118,7 @@ def test_chart_flags_parse(kh):
     assert conf.namespaces == ["a", "b"] and conf.shared_namespace == "muxtune-system"
     assert conf.metrics_port == 8080 and conf.engine_metrics_port == 9400 and conf.sharing_policy == "opt-in"
     assert conf.namespace_weights == {"team-a": 3}
+    assert (conf.min_slo_ttft_ms, conf.min_slo_tpot_ms) == (200, 20)
 
 
 @pytest.mark.parametrize("argv", [["plan", "--help"], ["run", "--help"], ["operator", "--help"]])

@@ -81,3 +81,24 @@ def test_a_higher_priority_task_preempts_one_lower_priority_group():
     peer = task("peer", ns="team-b", prio=0)
     assert not [u for u in F.plan_fairly([peer], by_name, runner(groups), F.Weights(), False).unplaceable
                 if u.reason == F.PREEMPTED]
+
+
+def test_slo_floors_keep_too_tight_serving_tasks_pending():
+    """A serving task's SLOs bound its whole group's training; below the admin's floor it waits."""
+    from muxtune.api.finetunetask import FineTuneTask
+    from muxtune.operator import slofloor
+
+    def serving(ttft, tpot, enabled=True):
+        return FineTuneTask.model_validate({
+            "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": "s", "namespace": "a"},
+            "spec": {"baseModel": "builtin:tiny-llama", "dataset": {"path": "d.jsonl"}, "training": {"maxSteps": 4, "learningRate": 0.001},
+                     "serving": {"enabled": enabled, "sloTtftMs": ttft, "sloTpotMs": tpot}}})
+
+    floors = slofloor.SloFloors(ttft_ms=200, tpot_ms=20)
+    r = slofloor.refusal(serving(1000, 0.001), floors)
+    assert r is not None and r.reason == "SloBelowFloor" and not r.final
+    assert "spec.serving.sloTpotMs is 0.001 ms, below the cluster's floor of 20 ms" in r.message
+    assert "sloTtftMs" not in r.message
+    assert slofloor.refusal(serving(200, 20), floors) is None
+    assert slofloor.refusal(serving(1, 0.001, enabled=False), floors) is None  # not served: no SLO applies
+    assert slofloor.refusal(serving(1, 0.001), slofloor.SloFloors()) is None

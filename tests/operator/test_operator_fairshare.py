@@ -1,0 +1,46 @@
+"""Priority preemption against the dev cluster: when one namespace's tasks hold every GPU, a
+higher-priority task of another namespace takes one lower-priority group's place."""
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["muxtune.devcluster.fixture"]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+OPERATOR_ARGS = ["--max-tasks-per-group", "1"]  # one task per group: each task holds a GPU
+
+
+def reasons(info, kh, ns) -> dict[str, str]:
+    """Task name -> phase, or the reason it is Pending."""
+    out = {}
+    for t in kh.kjson(info, "get", "finetunetasks", "-n", ns)["items"]:
+        st = t.get("status") or {}
+        placed = {c["type"]: c for c in st.get("conditions") or []}.get("Placed") or {}
+        out[t["metadata"]["name"]] = placed.get("reason") if st.get("phase") == "Pending" else st.get("phase")
+    return out
+
+
+def test_a_higher_priority_task_preempts_a_lower_priority_group(operator_env, kh):
+    info, a, b = operator_env["info"], operator_env["a"], operator_env["b"]
+    gpus = len(info.gpu_nodes) * 8
+    kh.apply(info, *[kh.task_manifest(f"bulk-{i}", a, steps=100000) for i in range(gpus + 2)])
+    kh.wait_for(lambda: "WaitingForGpus" in reasons(info, kh, a).values()
+                and None not in reasons(info, kh, a).values(), 120, what="team-a holding every free GPU")
+    before = reasons(info, kh, a)
+    assert "Placed" in before.values()
+
+    kh.apply(info, kh.task_manifest("urgent", b, priority=1000))
+
+    def preempted():
+        evs = kh.kjson(info, "get", "events", "-n", a)["items"]
+        return [e for e in evs if e["reason"] == "Preempted"]
+
+    evs = kh.wait_for(preempted, 60, what="a Preempted Event in team-a")
+    victim = evs[0]["involvedObject"]["name"]
+    assert before[victim] == "Placed" and f"{b}/urgent (priority 1000)" in evs[0]["message"]
+    kh.wait_for(lambda: reasons(info, kh, b).get("urgent") == "Placed", 90, what="urgent placed")
+    # one group was released for it, not more; the victim waits for GPUs, to resume from its checkpoint
+    after = reasons(info, kh, a)
+    assert sum(v == "Placed" for v in after.values()) == sum(v == "Placed" for v in before.values()) - 1
+    assert after[victim] in ("WaitingForGpus", "Preempted")
+    info.kubectl("delete", "ftt", "--all", "-n", a, "--wait=false")
+    info.kubectl("delete", "ftt", "--all", "-n", b, "--wait=false")

@@ -82,6 +82,7 @@ def admit(pending: Sequence[TaskRequest], members: Iterable[str], trial: Plan, w
     if not waiting:
         return Admission(tuple(pending))  # GPUs are not short: everyone is placed
     members = list(members)
+    trial_reason = {u.task: u for u in trial.unplaceable}
     placed = {k for g in trial.groups for k in g.members} - set(members)
     competing = [t for t in pending if t.key in placed or t.key in waiting]
     running = _count(members)
@@ -95,9 +96,12 @@ def admit(pending: Sequence[TaskRequest], members: Iterable[str], trial: Plan, w
         room = max(0, shares.get(ns, 0) - running.get(ns, 0))
         tasks.sort(key=lambda t: (-t.priority, t.created, t.name))
         admitted += tasks[:room]
+        # beyond the share: a task the trial placed lost its slot to fairness; one it did not place
+        # was waiting for GPUs anyway (and must not take a slot fairness freed)
         held += [Unplaceable(t.key, HELD, f"GPUs are short and namespace {ns} has its fair share: "
                              f"{shares.get(ns, 0)} of {len(members) + len(placed)} task slots "
-                             f"(weight {weights.of(ns):g})") for t in tasks[room:]]
+                             f"(weight {weights.of(ns):g})") if t.key in placed else trial_reason[t.key]
+                 for t in tasks[room:]]
     return Admission(tuple(admitted), tuple(held))
 
 

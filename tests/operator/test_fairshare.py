@@ -47,8 +47,9 @@ def test_a_burst_from_one_namespace_does_not_take_every_gpu():
     plan = F.plan_fairly(burst + late, {}, runner([]), F.Weights(), releasing=False)
     assert placed_by_namespace(plan) == {"team-a": 2, "team-b": 2}
     held = {u.task: u for u in plan.unplaceable if u.reason == F.HELD}
-    assert len(held) == 20 and "team-a/a00" not in held and "team-b/b0" not in held  # oldest first
-    assert "fair share: 2 of 4 task slots" in held["team-a/a19"].message
+    assert sorted(held) == ["team-a/a02", "team-a/a03"]  # the slots fairness gave to team-b; oldest kept
+    assert "fair share: 2 of 4 task slots" in held["team-a/a03"].message
+    assert {u.reason for u in plan.unplaceable if u.task not in held} == {"WaitingForGpus"}
     # weights: 4 GPUs (8 slots) split 3:1
     weighted = F.plan_fairly(burst + late, {}, runner([], nodes(n=1, gpus=4)), F.Weights({"team-a": 3}), False)
     assert placed_by_namespace(weighted) == {"team-a": 6, "team-b": 2}
@@ -102,3 +103,14 @@ def test_slo_floors_keep_too_tight_serving_tasks_pending():
     assert slofloor.refusal(serving(200, 20), floors) is None
     assert slofloor.refusal(serving(1, 0.001, enabled=False), floors) is None  # not served: no SLO applies
     assert slofloor.refusal(serving(1, 0.001), slofloor.SloFloors()) is None
+
+
+def test_a_namespace_alone_waits_for_gpus_not_for_its_fair_share():
+    """With one namespace competing, tasks the GPUs cannot take say WaitingForGpus (fairness held nothing)."""
+    def group(name):
+        return P.GroupState(name, "team-a", "model:llama7b", "team-a", M.Parallelism(), H100,
+                            "NVIDIA-H100-80GB-HBM3", members=(task(f"{name}-0", ns="team-a"), task(f"{name}-1", ns="team-a")))
+    groups = [group("g1"), group("g2")]
+    more = [task(f"more-{i}", ns="team-a") for i in range(3)]
+    plan = F.plan_fairly(more, {g.name: list(g.members) for g in groups}, runner(groups), F.Weights(), False)
+    assert {u.reason for u in plan.unplaceable} == {"WaitingForGpus"}

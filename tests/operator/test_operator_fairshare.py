@@ -23,10 +23,13 @@ def test_a_higher_priority_task_preempts_a_lower_priority_group(operator_env, kh
     info, a, b = operator_env["info"], operator_env["a"], operator_env["b"]
     gpus = len(info.gpu_nodes) * 8
     kh.apply(info, *[kh.task_manifest(f"bulk-{i}", a, steps=100000) for i in range(gpus + 2)])
-    kh.wait_for(lambda: "WaitingForGpus" in reasons(info, kh, a).values()
-                and None not in reasons(info, kh, a).values(), 120, what="team-a holding every free GPU")
-    before = reasons(info, kh, a)
-    assert "Placed" in before.values()
+    def settled():
+        r = reasons(info, kh, a)
+        return r if "Placed" in r.values() and not {None, "Queued"} & set(r.values()) \
+            and set(r.values()) != {"Placed"} else None
+
+    before = kh.wait_for(settled, 120, what="team-a holding every free GPU")
+    assert set(before.values()) == {"Placed", "WaitingForGpus"}, before
 
     kh.apply(info, kh.task_manifest("urgent", b, priority=1000))
 

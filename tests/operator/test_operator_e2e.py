@@ -11,7 +11,6 @@ import json
 import urllib.request
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,12 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from muxtune.devcluster import hostengines
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-TASKS_DIR = "/etc/muxtune/tasks"
-OUTPUT = "/output"
-DATA = "/data"
 
 
 def write_data(root: Path, name: str, n: int, seed: int) -> str:
@@ -41,33 +39,14 @@ def write_data(root: Path, name: str, n: int, seed: int) -> str:
     return name
 
 
-class ConfigMapMirror:
-    """Does what the kubelet does for a ConfigMap volume: keeps tasks.yaml and tasks.yaml.sig equal
-    to the ConfigMap, replacing each file atomically on change."""
+class ConfigMapMirror(hostengines.ConfigMapMirror):
+    """The kubelet's ConfigMap volume (muxtune.devcluster.hostengines), synced every 0.5 s by a thread."""
 
     def __init__(self, info, namespace: str, name: str, tasks_dir: Path, output: Path):
-        self.info, self.ns, self.name, self.dir, self.output = info, namespace, name, tasks_dir, output
+        super().__init__(info.kubectl, namespace, name, tasks_dir)
         self.stop = threading.Event()
-        self.updates = 0
-        self.sync()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
-
-    def sync(self) -> None:
-        p = self.info.kubectl("get", "configmap", self.name, "-n", self.ns, "-o", "json", check=False)
-        if p.returncode != 0:
-            return
-        data = json.loads(p.stdout)["data"]
-        changed = False
-        for name in ("tasks.yaml.sig", "tasks.yaml"):
-            body = data.get(name, "")
-            target = self.dir / name
-            if not target.exists() or target.read_text() != body:
-                tmp = self.dir / f".{name}.tmp"
-                tmp.write_text(body)
-                os.replace(tmp, target)
-                changed = True
-        self.updates += changed
 
     def _loop(self) -> None:
         while not self.stop.wait(0.5):
@@ -117,26 +96,8 @@ def test_engine_trains_a_group_pod_to_succeeded(operator_env, kh, tmp_path):
     out_dir.mkdir()
     mirror = ConfigMapMirror(info, ns, f"{group}-tasks", tasks_dir, out_dir)
     port = kh.free_port()
-    host_argv = [sys.executable, "-m", "muxtune.cli"]
-    it = iter(argv[1:])
-    for a in it:
-        if a.startswith(TASKS_DIR):
-            host_argv.append(str(tasks_dir) + a[len(TASKS_DIR):])
-        elif a == "--output":
-            assert next(it) == OUTPUT
-            host_argv += ["--output", str(out_dir)]
-        elif a == "--data-root":
-            assert next(it) == DATA
-            host_argv += ["--data-root", str(data)]
-        elif a == "--metrics-port":
-            next(it)
-            host_argv += ["--metrics-port", str(port)]
-        elif a == "--metrics-host":
-            assert next(it) == "0.0.0.0"  # pods bind all interfaces explicitly
-            host_argv += ["--metrics-host", "127.0.0.1"]
-        else:
-            host_argv.append(a)
-    host_argv += ["--device", "cpu"]
+    assert [argv[argv.index(f) + 1] for f in ("--output", "--data-root", "--metrics-host")] == [hostengines.OUTPUT, hostengines.DATA, "0.0.0.0"]
+    host_argv = hostengines.host_argv(argv, tasks_dir, out_dir, data, port, "cpu")
     # the pod's environment: its group and key (from the Secret the operator created for the group)
     pod_env = {e["name"]: e.get("value") for e in container["env"] if "value" in e}
     key_vol = next(v for v in pod["spec"]["volumes"] if v["name"] == "group-key")

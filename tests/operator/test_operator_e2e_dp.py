@@ -19,35 +19,20 @@ from pathlib import Path
 
 import pytest
 
+from muxtune.devcluster import hostengines
+
 from .test_operator_e2e import ConfigMapMirror, write_data
 from .test_operator_gang import TWO_REPLICAS, basemodel
 
 pytest_plugins = ["muxtune.devcluster.fixture"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 
-TASKS_DIR, OUTPUT, DATA = "/etc/muxtune/tasks", "/output", "/data"
-
-
 def host_command(pod: dict, tasks_dir: Path, out_dir: Path, data: Path, metrics_port: int) -> list[str]:
     """The pod's container command line with its paths and ports mapped onto this host."""
     c = pod["spec"]["containers"][0]
     argv = list(c.get("command") or []) + list(c.get("args") or [])
     assert argv[:2] == ["muxtune", "run"]
-    out = [sys.executable, "-m", "muxtune.cli"]
-    it = iter(argv[1:])
-    mapped = {"--output": (OUTPUT, str(out_dir)), "--data-root": (DATA, str(data)),
-              "--metrics-host": ("0.0.0.0", "127.0.0.1"), "--metrics-port": (None, str(metrics_port))}
-    for a in it:
-        if a.startswith(TASKS_DIR):
-            out.append(str(tasks_dir) + a[len(TASKS_DIR):])
-        elif a in mapped:
-            want, host = mapped[a]
-            value = next(it)
-            assert want is None or value == want, (a, value)
-            out += [a, host]
-        else:
-            out.append(a)
-    return out + ["--device", "cpu"]
+    return hostengines.host_argv(argv, tasks_dir, out_dir, data, metrics_port, "cpu")
 
 
 def test_two_pod_group_trains_as_one_distributed_group(operator_env, kh, tmp_path):

@@ -134,7 +134,7 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     group = group or LocalGroup()
     device = device or pick_device(cfg.device)
     base_model = tasks[0].spec.base_model
-    backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device))
+    backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code)
     trainer = _new_trainer(backbone, cfg, base_dir, group, metrics, tasks)
     serving = None
     if serve_sock is not None:  # co-serving (one process only): engine/serve/
@@ -145,6 +145,12 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     try:
         _drive(trainer, cfg, stop, group, serving, base_model)
         clean = True
+    except Exception as exc:  # noqa: BLE001 - outside a round (serving, watching): no task stays Running
+        from muxtune.engine.trainer import describe_exception
+
+        trainer.fail_running(f"internal error: {describe_exception(exc)}")
+        if group.world > 1:
+            raise
     finally:
         if clean or group.world == 1:  # interrupted: leave checkpoints the rerun replays exactly
             trainer.save_cut()  # (a collective, so in a group only when every rank got here)
@@ -154,13 +160,15 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     return trainer
 
 
-def _open_backbone(base_model: str, group, device: torch.device, dtype: torch.dtype) -> MultiplexedBackbone:
+def _open_backbone(base_model: str, group, device: torch.device, dtype: torch.dtype,
+                   trust_remote_code: bool = False) -> MultiplexedBackbone:
     """This rank's part of the backbone; a backbone that cannot be loaded raises ModelLoadError on
     every rank of the group alike (its tasks fail, the run goes on)."""
     error = None
     try:
         path = resolve_base_model(base_model, Path.cwd())
-        backbone = load_multiplexed(path, device, dtype, group, announce=lambda msg: print(msg, file=sys.stderr))
+        backbone = load_multiplexed(path, device, dtype, group, announce=lambda msg: print(msg, file=sys.stderr),
+                                    trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
         error = f"baseModel {base_model}: {exc}"
     if (error := group.first_error(error)) is not None:

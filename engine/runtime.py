@@ -56,16 +56,18 @@ class StopFlag:
         return self.event.is_set()
 
 
-def load_multiplexed(path: Path, device: torch.device, dtype: torch.dtype, group=None, announce=None) -> MultiplexedBackbone:
+def load_multiplexed(path: Path, device: torch.device, dtype: torch.dtype, group=None, announce=None,
+                     trust_remote_code: bool = False) -> MultiplexedBackbone:
     """The backbone at path, multiplexed. In a group it is placed for this rank: loaded on the
     host under pipeline parallelism (only this rank's stage then goes to the device), then split
     and sharded (engine/parallel)."""
     if group is None:
-        return MultiplexedBackbone(load_backbone(path, device, dtype))
+        return MultiplexedBackbone(load_backbone(path, device, dtype, trust_remote_code=trust_remote_code))
     from muxtune.engine import parallel
 
     staged = group.dims.pp > 1
-    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype))
+    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype,
+                                                 trust_remote_code=trust_remote_code))
     parallel.setup_backbone(backbone, group, device, announce=announce)
     return backbone
 

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -196,7 +197,35 @@ class MuxTrainer:
     def run_round(self, token_budget: int | None = None) -> bool:
         """One fused forward/backward (one pipeline round under pp). False when no task has work.
         token_budget (capped by the trainer's own) bounds this round: co-serving passes what the
-        latency SLOs leave."""
+        latency SLOs leave. An unexpected exception inside the round fails the tasks of this
+        backbone with its reason (status Failed) instead of ending the process with them Running."""
+        try:
+            return self._round(token_budget)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a round breaks it for every task in it
+            self._round_failed(exc)
+            return False
+
+    def _round_failed(self, exc: Exception) -> None:
+        self._in_round = False
+        self.fail_running(f"internal error in a training round: {describe_exception(exc)}")
+        if self.group.world > 1:  # the group cannot agree past one rank's exception: end it (the launcher reports)
+            raise exc
+
+    def fail_running(self, reason: str) -> None:
+        """Every running task fails with reason (status.json says so). In a group, without a
+        collective: the other ranks may be anywhere when one rank hits an exception."""
+        for rt in self.active():
+            if self.group.world == 1:
+                self._fail(rt, reason)
+                continue
+            rt.pending, rt.phase, rt.message = [], FAILED, reason
+            if self.group.is_writer:
+                try:
+                    rt.write_status()
+                except Exception:  # noqa: BLE001 - nothing more to do for it
+                    log.error("cannot write status", extra={"task": rt.key})
+
+    def _round(self, token_budget: int | None) -> bool:
         self._align_once()
         active = self.active()
         if not active:
@@ -305,7 +334,7 @@ class MuxTrainer:
         rt.tokens_per_second = rt.step_tokens / seconds if seconds > 0 else None
         if evaluation.due(rt):  # no gradients: nothing of this round's training changes
             try:
-                rt.eval_loss, rt.eval_step = evaluation.evaluate(self.backbone, rt, self.token_budget), rt.step
+                rt.eval_loss, rt.eval_step = evaluation.evaluate(self.backbone, rt, self.token_budget, self.group), rt.step
             except Exception as exc:  # noqa: BLE001 - the forward on held-out data: this task's failure
                 return self._fail(rt, f"evaluation failed at step {rt.step}: {exc}")
         record = StepRecord(
@@ -435,3 +464,9 @@ class MuxTrainer:
             return self._fail(rt, error)
         self.telemetry.task_phase(rt)
         return rt
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`Type: message (at file:line)`, the innermost frame: one line a status can carry."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    return f"{type(exc).__name__}: {exc}" + (f" (at {Path(where.filename).name}:{where.lineno})" if where else "")

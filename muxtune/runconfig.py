@@ -20,6 +20,10 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
+TRUST_REMOTE_CODE = ("Allow a model directory whose config maps classes to its own Python files (auto_map) "
+                     "to run them; refused by default")
+
+
 class ServeFlags(BaseModel):
     """What serving adapters over the OpenAI API takes (shared by `run --serve-port` and `serve`)."""
 
@@ -33,6 +37,8 @@ class ServeFlags(BaseModel):
     max_connections: int = Field(256, gt=0, le=65536, description="Open connections at most (the longest-idle one is closed for a new one; 503 when all are busy)")
     idle_timeout_s: float = Field(15.0, gt=0, description="Seconds a connection may take to send a request's headers, or sit idle between requests")
     chat_template: Path | None = Field(None, description="Jinja chat template (default: the tokenizer's, else muxtune's plain one)")
+    serve_tokens: Path | None = Field(None, description="JSON file of sha256(bearer token) -> namespace (pods; the operator writes it): "
+                                                        "requests then need a token and reach only their namespace's adapters")
 
 
 class RunConfig(ServeFlags):
@@ -58,6 +64,7 @@ class RunConfig(ServeFlags):
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
     allow_data_change: bool = Field(False, description="Resume a task even when its dataset changed since its checkpoint (refused by default)")
     progress: bool = Field(True, description="Show a progress bar")
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
     log_level: LogLevel = Field("warning", description="Structured log verbosity")
     serve_port: int | None = Field(None, ge=0, le=65535, description="Also serve the tasks' adapters (OpenAI API) on this port while they train (0: any free port)")
     serve_host: str = Field("127.0.0.1", description="Address the serving port binds")
@@ -92,4 +99,5 @@ class ServeConfig(ServeFlags):
     base_model: str | None = Field(None, description="Backbone (builtin:NAME or a model directory; default: the adapters' base_model_name_or_path)")
     device: Device = Field("auto", description="Where the backbone runs")
     dtype: Dtype = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
     log_level: LogLevel = Field("warning", description="Structured log verbosity")

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from muxtune.operator import gang, policy, slofloor, status
 from muxtune.operator.config import LABEL_GROUP, LABEL_MANAGED_BY, MANAGED_BY
 from muxtune.operator.planner import NodeInfo, PlannerConfig, TaskRequest
+from muxtune.operator.resources import pods_of as dp_of
 from muxtune.operator.slofloor import SloFloors
 from muxtune.operator.world import task_request
 
@@ -120,10 +121,6 @@ def _refusals(snap: Snapshot, parsed: Mapping[str, Any]) -> dict[str, policy.Ref
 def pending_requests(snap: Snapshot, ms: Membership) -> list[TaskRequest]:
     """Placeable tasks in no group, by key: the planner's input."""
     return [ms.request(k) for k, o in sorted(snap.tasks.items()) if k not in ms.member_of and ms.placeable(k, o)]
-
-
-def dp_of(group: dict) -> int:
-    return int(((group.get("spec") or {}).get("parallelism") or {}).get("dp", 1))
 
 
 def unbound_pods(group: dict, pods: list[dict]) -> int:

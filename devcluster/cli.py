@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -28,7 +30,53 @@ class UpCommand(_StateDir):
         info = up(self.state_dir, self.gpu_nodes, gpus_per_node=self.gpus_per_node,
                   cpu_nodes=self.cpu_nodes, timeout=self.timeout, kueue=self.kueue)
         print(f"server: {info.server}\nversion: {info.version}\nnodes: {' '.join(info.nodes)}")
+        # stderr: scripts read the kubeconfig path from stdout's last line
+        print(f"kubectl and helm: eval \"$(muxtune dev-cluster env{_state_flag(self.state_dir)})\"", file=sys.stderr)
         print(info.kubeconfig)
+
+
+def _state_flag(state_dir: Path | None) -> str:
+    return f" --state-dir {shlex.quote(str(state_dir))}" if state_dir else ""
+
+
+class EnvCommand(_StateDir):
+    """Print shell lines putting the cluster's kubectl and helm on PATH and its kubeconfig in
+    KUBECONFIG: eval "$(muxtune dev-cluster env)"."""
+
+    def cli_cmd(self) -> None:
+        from muxtune.devcluster.cluster import load
+
+        info = load(self.state_dir)
+        if info is None:
+            print("no dev cluster in that state dir: run `muxtune dev-cluster up` first", file=sys.stderr)
+            sys.exit(1)
+        print(f"export PATH={shlex.quote(str(info.bin_dir))}:\"$PATH\"")
+        print(f"export KUBECONFIG={shlex.quote(str(info.kubeconfig))}")
+
+
+class HostEnginesCommand(_StateDir):
+    """Run the cluster's engine pods on this host (kwok nodes run no containers), until Ctrl-C.
+    The operator must run with --dev-endpoint-annotation --no-poll-pod-ip. Development only."""
+
+    data: Path = Field(description="Host directory standing for the data volume: DATA/<namespace>/<dataset.path>")
+    output: Path = Field(description="Host directory standing for the output volume: OUTPUT/<namespace>/<task>")
+    device: str = Field("cpu", description="--device of the engines")
+
+    def cli_cmd(self) -> None:
+        from muxtune.devcluster.cluster import load
+        from muxtune.devcluster.hostengines import HostEngines
+
+        info = load(self.state_dir)
+        if info is None:
+            print("no dev cluster in that state dir: run `muxtune dev-cluster up` first", file=sys.stderr)
+            sys.exit(1)
+        engines = HostEngines(info.kubectl, self.data.resolve(), self.output.resolve(), info.state_dir / "host-engines",
+                              self.device)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the engines (they checkpoint) and leave
+        try:
+            engines.run()
+        except KeyboardInterrupt:
+            pass
 
 
 class DownCommand(_StateDir):
@@ -71,6 +119,8 @@ class DevClusterCommand(BaseModel):
     up: CliSubCommand[UpCommand] = Field(description="start (or reuse) the cluster")
     down: CliSubCommand[DownCommand] = Field(description="stop it and delete its state")
     status: CliSubCommand[StatusCommand] = Field(description="print component status")
+    env: CliSubCommand[EnvCommand] = Field(description="print the PATH and KUBECONFIG exports for its kubectl and helm")
+    host_engines: CliSubCommand[HostEnginesCommand] = Field(description="run its engine pods on this host (kwok runs none)")
     build: CliSubCommand[BuildCommand] = Field(description="build the binaries only")
 
     def cli_cmd(self) -> None:

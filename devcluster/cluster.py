@@ -215,6 +215,11 @@ def add_nodes(info: ClusterInfo, nodes: Sequence[dict], *, wait: bool = True, ti
 # --------------------------------------------------------------------------- up/down/status
 
 
+def load(state_dir: str | os.PathLike[str] | None = None) -> ClusterInfo | None:
+    """The handle of the cluster in ``state_dir`` (default: the default state dir), or None."""
+    return _load(Path(state_dir or default_state_dir()))
+
+
 def _load(state_dir: Path) -> ClusterInfo | None:
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         return ClusterInfo.from_json((state_dir / "cluster.json").read_text())

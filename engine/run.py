@@ -89,18 +89,24 @@ def reconcile(trainer: MuxTrainer, wanted: list[FineTuneTask]) -> None:
     by_key = {t.key: t for t in wanted}
     for key in list(trainer.tasks):
         if key not in by_key:
+            step = trainer.tasks[key].step
             trainer.remove_task(key, reason="removed from the group")
+            log.info("task left", extra={"task": key, "step": step, "reason": "removed from the task files"})
             continue
         rt, new = trainer.tasks[key], by_key[key]
         if rt.task.spec == new.spec:
             continue
         if rt.task.spec.model_copy(update={"priority": new.spec.priority, "serving": new.spec.serving}) == new.spec:
             rt.task = new  # priority and serving change how the task is shared or served, not what it trains
+            log.info("task updated in place", extra={"task": key, "priority": new.spec.priority})
         else:
             trainer.remove_task(key, reason="spec changed")
+            log.info("task left", extra={"task": key, "step": rt.step, "reason": "spec changed; re-added"})
     for key, task in by_key.items():
         if key not in trainer.tasks:
-            trainer.add_task(task)
+            rt = trainer.add_task(task)
+            log.info("task joined", extra={"task": key, "phase": rt.phase, "step": rt.step,
+                                           **({"reason": rt.message} if rt.message else {})})
 
 
 def failed_group(tasks: list[FineTuneTask], reason: str, output: Path, writer: bool = True) -> list[TaskRuntime]:

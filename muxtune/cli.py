@@ -70,7 +70,9 @@ class Muxtune(BaseSettings):
 
 
 def main(argv: list[str] | None = None) -> None:
-    CliApp.run(Muxtune, cli_args=sys.argv[1:] if argv is None else argv)
+    from muxtune.clihelp import run_cli
+
+    run_cli(Muxtune, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,12 @@ class OperatorCommand(BaseModel):
         default_factory=list,
         description="spec.priority bands to PriorityClasses (JSON list of {minPriority, className}); a group's pods "
                     "get the class of the highest band its members reach")
-    engine_pdb: bool = Field(True, description="A PodDisruptionBudget per group (maxUnavailable 0)")
+    engine_pdb: bool = Field(True, description="A PodDisruptionBudget per group (minAvailable: all its pods)")
+    namespace_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Fair-share weights of namespaces when GPUs are short (JSON {namespace: weight}; default 1)")
+    min_slo_ttft_ms: float | None = Field(None, gt=0, description="Floor of spec.serving.sloTtftMs: tighter tasks stay Pending")
+    min_slo_tpot_ms: float | None = Field(None, gt=0, description="Floor of spec.serving.sloTpotMs: tighter tasks stay Pending")
     data_pvc: str | None = Field(None, description="Shared PVC of training data; a pod mounts subPath <ns> of each member namespace at /data/<ns>, read-only")
     data_host_path: str | None = Field(None, description="Host directory used like --data-pvc")
     data_pvc_per_namespace: str | None = Field(None, description="Claim name of each namespace's own data volume (shared groups: <name>-<ns> in the shared namespace)")
@@ -203,6 +208,9 @@ class OperatorCommand(BaseModel):
             engine_affinity=self.engine_affinity,
             engine_priority_classes=self.engine_priority_classes,
             engine_pdb=self.engine_pdb,
+            namespace_weights=self.namespace_weights,
+            min_slo_ttft_ms=self.min_slo_ttft_ms,
+            min_slo_tpot_ms=self.min_slo_tpot_ms,
             data_pvc=self.data_pvc,
             data_host_path=self.data_host_path,
             data_pvc_per_namespace=self.data_pvc_per_namespace,
@@ -265,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         def cli_cmd(self) -> None:
             CliApp.run_subcommand(self)
 
-    CliApp.run(OperatorCli, cli_args=sys.argv[1:] if argv is None else argv)
+    from muxtune.clihelp import run_cli
+
+    run_cli(OperatorCli, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

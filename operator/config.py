@@ -84,6 +84,12 @@ class OperatorConfig:
     # highest band its members' spec.priority reaches when the pods are created
     engine_priority_classes: list[dict] = field(default_factory=list)
     engine_pdb: bool = True  # a PodDisruptionBudget per group (voluntary evictions wait)
+    # When GPUs are short, namespaces get task slots in proportion to these weights (default 1):
+    # operator/fairshare.py; a higher-priority task preempts a lower-priority group
+    namespace_weights: dict[str, float] = field(default_factory=dict)
+    # the least spec.serving.sloTtftMs / sloTpotMs a task may ask for (operator/slofloor.py)
+    min_slo_ttft_ms: float | None = None
+    min_slo_tpot_ms: float | None = None
     # Storage: one shared volume with a subPath per namespace (data_pvc / data_host_path), or a claim
     # per namespace (data_pvc_per_namespace: the claim of that name in the group's namespace; for a
     # shared group, "<name>-<namespace>" in the shared namespace). Pods mount only the areas of

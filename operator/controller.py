@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator import gang, kueue, metrics, quota, resources, status
+from muxtune.operator import fairshare, gang, kueue, metrics, quota, resources, status
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     KUEUE_QUEUE_LABEL,
@@ -51,6 +51,7 @@ from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.overlay import Overlay
 from muxtune.operator.planner import GroupPlan, Plan, plan as run_planner
 from muxtune.operator.poller import EnginePoller
+from muxtune.operator.slofloor import SloFloors
 from muxtune.operator.snapshot import (
     GroupKey,
     Membership,
@@ -252,7 +253,7 @@ class Controller:
             inventory=node_inventory(self._index(IDX_NODES).values(), pods.values()), basemodels=bms,
             architectures={name: basemodel_architecture(bm) for name, bm in bms.items()},
             namespace_labels=_by_name(self._index(IDX_NAMESPACES)), reserved_names=frozenset(reserved),
-            planner_config=cfg.planner_config())
+            planner_config=cfg.planner_config(), slo_floors=SloFloors(cfg.min_slo_ttft_ms, cfg.min_slo_tpot_ms))
 
     def _membership(self, snap: Snapshot) -> Membership:
         """Who stays in which group; the rest that is placeable goes to the planner."""
@@ -263,8 +264,15 @@ class Controller:
         states = self._group_states(snap, ms)
         pending = pending_requests(snap, ms)
         t0 = time.perf_counter()
-        plan = run_planner(pending, states, snap.inventory, snap.architectures, snap.planner_config,
-                           reserved_names=snap.reserved_names)
+
+        def run(tasks, dropped):  # the planner, with preempted members out of their groups
+            return run_planner(tasks, [fairshare.without_members(s, dropped) for s in states] if dropped else states,
+                               snap.inventory, snap.architectures, snap.planner_config,
+                               reserved_names=snap.reserved_names)
+
+        releasing = any(deleting(g) for g in snap.groups.values())
+        plan = fairshare.plan_fairly(pending, {f"{s.namespace}/{s.name}": s.members for s in states if s.accepting}, run,
+                                     fairshare.Weights(self.config.namespace_weights), releasing)
         metrics.PLANNER.observe(time.perf_counter() - t0)
         self.last_plan = plan
         return plan

@@ -141,8 +141,13 @@ class GroupApplier:
             cm, created = await self.client.create_or_adopt("v1", "configmaps", ns, want_cm)
             self.overlay.note("configmaps", cm)
         if not created and not resources.configmap_current(gobj, cm, text, key):
+            tampered = resources.configmap_tampered(gobj, cm, key)
             cm = await self.client.patch("v1", "configmaps", ns, want_cm["metadata"]["name"], {"data": want_cm["data"]})
             self.overlay.note("configmaps", cm)
+            if tampered:  # someone else edited it: say that it was put back, and why it was noticed
+                log.warning("group %s/%s: ConfigMap %s restored: %s", ns, gk[1], cm["metadata"]["name"], tampered)
+                await self.events.post(dict(cm, apiVersion="v1", kind="ConfigMap"), "Warning", "Restored",
+                                       f"edited outside the operator ({tampered}); restored the signed task list")
 
     async def _run_gang(self, gk, gp, gobj, gpods, members, parsed_members, bm, fits) -> dict:
         """Create, keep or restart the group's pods as one gang (operator/gang.py decides)."""

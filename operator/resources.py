@@ -166,6 +166,20 @@ def configmap_current(group: dict, cm: dict | None, text: str, key: bytes) -> bo
     return True
 
 
+def configmap_tampered(group: dict, cm: dict | None, key: bytes) -> str | None:
+    """Why an existing ConfigMap is not what the operator wrote (its own signature fails), or None.
+
+    An outdated but intact one (membership changed) verifies; an edit by someone else does not."""
+    if cm is None:
+        return None
+    data = cm.get("data") or {}
+    try:
+        trust.verify_tasks(key, group["metadata"]["name"], (data.get(TASKS_FILE) or "").encode(), data.get(SIG_FILE))
+    except trust.TrustError as e:
+        return str(e)
+    return None
+
+
 def configmap_manifest(group: dict, tasks: list[FineTuneTask], key: bytes, revision: int,
                        basemodel: dict | None = None) -> dict:
     name = group["metadata"]["name"]
@@ -229,8 +243,17 @@ def pdb_manifest(group: dict) -> dict:
             "labels": group_labels(name),
             "ownerReferences": [owner_reference(group)],
         },
-        "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {LABEL_GROUP: name, LABEL_COMPONENT: "engine"}}},
+        # minAvailable as a pod count, not maxUnavailable 0: with maxUnavailable (or a percentage)
+        # the disruption controller asks the pods' controller, a BackboneGroup, for its scale, which
+        # it has none of (CalculateExpectedPodCountFailed); an integer needs only the pods
+        "spec": {"minAvailable": pods_of(group),
+                 "selector": {"matchLabels": {LABEL_GROUP: name, LABEL_COMPONENT: "engine"}}},
     }
+
+
+def pods_of(group: dict) -> int:
+    """A group runs dp pods (each tp x pp GPUs)."""
+    return int(((group.get("spec") or {}).get("parallelism") or {}).get("dp", 1))
 
 
 def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None = None,

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from muxtune.operator import gang, policy, status
+from muxtune.operator import gang, policy, slofloor, status
 from muxtune.operator.config import LABEL_GROUP, LABEL_MANAGED_BY, MANAGED_BY
 from muxtune.operator.planner import NodeInfo, PlannerConfig, TaskRequest
+from muxtune.operator.resources import pods_of as dp_of
+from muxtune.operator.slofloor import SloFloors
 from muxtune.operator.world import task_request
 
 GroupKey = tuple[str, str]  # (namespace, name)
@@ -35,6 +37,7 @@ class Snapshot:
     namespace_labels: Mapping[str, Mapping[str, str]]
     reserved_names: frozenset[str]  # group names a new group must not take
     planner_config: PlannerConfig
+    slo_floors: SloFloors = SloFloors()
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,8 @@ def _refusals(snap: Snapshot, parsed: Mapping[str, Any]) -> dict[str, policy.Ref
     for k, p in parsed.items():
         if not isinstance(p, str):
             r = policy.refusal(task_request(p, snap.namespace_labels.get(p.metadata.namespace or "default")),
-                               snap.basemodels, snap.namespace_labels, snap.planner_config)
+                               snap.basemodels, snap.namespace_labels, snap.planner_config) \
+                or slofloor.refusal(p, snap.slo_floors)
             if r is not None:
                 refused[k] = r
     return refused
@@ -117,10 +121,6 @@ def _refusals(snap: Snapshot, parsed: Mapping[str, Any]) -> dict[str, policy.Ref
 def pending_requests(snap: Snapshot, ms: Membership) -> list[TaskRequest]:
     """Placeable tasks in no group, by key: the planner's input."""
     return [ms.request(k) for k, o in sorted(snap.tasks.items()) if k not in ms.member_of and ms.placeable(k, o)]
-
-
-def dp_of(group: dict) -> int:
-    return int(((group.get("spec") or {}).get("parallelism") or {}).get("dp", 1))
 
 
 def unbound_pods(group: dict, pods: list[dict]) -> int:

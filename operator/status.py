@@ -155,12 +155,23 @@ def _member(st: dict, view: TaskView, now: str) -> list[dict]:
     return conds + _reachability(st, view, rep)
 
 
+# Significant digits kept of the engine's floats: what kubectl get's LOSS and TOKENS/S columns show
+# (a number column prints every digit it is given: 4.552380879720052); /v1/status keeps them all.
+SHOWN_DIGITS = {"loss": 4, "evalLoss": 4, "tokensPerSecond": 4}
+
+
+def _significant(value, digits: int):
+    return None if value is None else float(f"{float(value):.{digits}g}")
+
+
 def _take_report(st: dict, rep: dict) -> None:
     st["step"] = int(rep.get("step") or 0)
     st["totalSteps"] = rep.get("totalSteps") or st["totalSteps"]
     for k in ("loss", "evalLoss", "tokensPerSecond", "checkpoint"):
         if k in rep:
             st[k] = rep.get(k)
+    for k, digits in SHOWN_DIGITS.items():
+        st[k] = _significant(st.get(k), digits)
     if rep.get("message"):
         st["message"] = rep["message"]
 
@@ -170,7 +181,7 @@ def _succeeded(st: dict, rep: dict, now: str) -> list[dict]:
     st["completionTime"] = now
     # a short task can finish between two polls, never seen Running: it ran by now at the latest
     st["startTime"] = st["startTime"] or now
-    st["tokensPerSecond"] = None if rep.get("tokensPerSecond") is None else rep["tokensPerSecond"]
+    st["tokensPerSecond"] = _significant(rep.get("tokensPerSecond"), SHOWN_DIGITS["tokensPerSecond"])
     st["message"] = st["message"] or "training finished; adapter written"
     return [_cond("Running", "False", "Completed"), _cond("Complete", "True", "Succeeded", st["message"])]
 

@@ -155,12 +155,7 @@ class MultiplexedBackbone:
             return self._attach_input(slot, spec, method, torch.Generator().manual_seed(seed))
         if (refused := self.family.unsupported_targets(spec.target_modules)) is not None:
             raise ValueError(refused)
-        names = [n for n in self.linears if matches_target(n, spec.target_modules)]
-        if not names:
-            raise ValueError(
-                f"peft.targetModules: none of {spec.target_modules} names a Linear of this backbone "
-                f"(e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.linears})[:8])})"
-            )
+        names = self._targeted_linears(spec.target_modules)
         generator = torch.Generator().manual_seed(seed)  # CPU: same init on any device or layout
         deltas = {}
         for name in names:  # model order, as PEFT initialises; other stages' deltas are drawn and dropped
@@ -173,6 +168,19 @@ class MultiplexedBackbone:
         adapter = TaskAdapter(slot, spec, deltas)
         self.adapters[slot] = adapter
         return adapter
+
+    def _targeted_linears(self, targets: list[str]) -> list[str]:
+        """The Linears the targets name; a target that names none is an error (a typo would
+        otherwise train fewer modules than asked for, silently, whenever another target matches)."""
+        # the output head is a Linear a target may name (PEFT's rule), though it is not multiplexed
+        candidates = [*self.linears, *(n for n, m in self.model.named_modules() if m is self.lm_head)]
+        unmatched = [t for t in targets if not any(matches_target(n, [t]) for n in candidates)]
+        if unmatched:
+            raise ValueError(
+                f"peft.targetModules: {unmatched} name no Linear of this backbone "
+                f"(e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.linears})[:8])})"
+            )
+        return [n for n in self.linears if matches_target(n, targets)]
 
     def _attach_input(self, slot: int, spec: PeftSpec, method, generator) -> TaskAdapter:
         """A delta at the input embeddings (prompt tuning): no Linear is wrapped."""

@@ -18,6 +18,7 @@ import torch
 from muxtune.engine.serve.adapters import served_name
 from muxtune.engine.serve.controller import SloController
 from muxtune.engine.serve.engine import ServeEngine
+from muxtune.engine.serve.timeshare import TenantTimeShare, request_tenants, tenant_of
 
 log = logging.getLogger("muxtune.serve")
 
@@ -34,6 +35,7 @@ class CoServer:
         self._trained_last = False
         self.iterations = 0
         self._min_seq: dict[str, float] = {}
+        self.share = TenantTimeShare()  # one tenant's traffic cannot starve the others' training
 
     def _next_sequence_tokens(self) -> int:
         """Tokens of the smallest sequence the trainer could run next: the least a round costs."""
@@ -60,6 +62,7 @@ class CoServer:
         stats = eng.step(ctl.prefill_budget(eng, now, eng.limits.max_prefill_tokens))
         if stats is not None:
             ctl.observe_inference(stats.decode_tokens + stats.prefill_tokens, stats.seconds)
+            self.share.record_inference(now, stats.seconds, request_tenants(due))
             t = time.monotonic()
             late = sum(1 for r, d in due.items() if r.last_token_at is not None and r.last_token_at >= now and t > d)
             ctl.observe_tokens(late, self._trained_last)
@@ -67,6 +70,8 @@ class CoServer:
         if self.training_active():
             budget = ctl.train_budget(eng, time.monotonic())
             idle = not eng.has_work()
+            if self.share.training_owed(time.monotonic(), {tenant_of(rt.key) for rt in self.trainer.active()}):
+                budget, idle = ctl.token_budget, True  # over-share tenants' requests wait (timeshare.py)
             if idle or ctl.worth_running(budget, self._next_sequence_tokens()):
                 # with no request in flight training always advances, by one sequence at least, even
                 # when the TTFT SLO is tighter than the smallest round (else it could never run)
@@ -79,6 +84,7 @@ class CoServer:
                 train_seconds = time.perf_counter() - t0
                 trained_tokens = self.trainer.real_tokens - real
                 ctl.observe_training(trained_tokens, train_seconds)
+                self.share.record_training(time.monotonic(), train_seconds)
                 by_task = {served_name(rt.task): rt.served_tokens - before[key]
                            for key, rt in self.trainer.tasks.items() if rt.served_tokens != before.get(key, 0)}
         self._trained_last = trained_tokens > 0

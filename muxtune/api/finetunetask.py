@@ -44,12 +44,19 @@ def relative_path_rules(area: str) -> dict:
     return {"x-kubernetes-validations": [
         {"rule": "!self.startsWith('/')", "message": msg, "reason": "FieldValueInvalid"},
         {"rule": "!self.matches('(^|/)[.][.](/|$)')", "message": msg, "reason": "FieldValueInvalid"},
+        {"rule": "!self.matches('[[:cntrl:]]')", "message": CONTROL_CHARACTERS_MESSAGE, "reason": "FieldValueInvalid"},
     ]}
+
+
+# A newline or escape in a path would break `kubectl get`'s table and log lines; no file needs one.
+CONTROL_CHARACTERS_MESSAGE = "must not contain control characters (newline, tab, escape, ...)"
 
 
 def check_relative_path(value: str | None, area: str) -> str | None:
     if value is not None and (value.startswith("/") or ".." in value.split("/")):
         raise ValueError(RELATIVE_PATH_MESSAGE.format(area=area))
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(CONTROL_CHARACTERS_MESSAGE)
     return value
 
 

@@ -98,6 +98,11 @@ BAD: list[Case] = [
     Case("dataset-inner-dotdot-path", {"spec.dataset.path": "sets/../../team-b/x.jsonl"}, "spec.dataset.path"),
     Case("dataset-bare-dotdot", {"spec.dataset.path": ".."}, "spec.dataset.path"),
     Case("output-absolute-path", {"spec.output.path": "/output/team-b/x"}, "spec.output.path"),
+    # a newline or escape would break kubectl get's table and the log lines (issue 19)
+    Case("dataset-path-newline", {"spec.dataset.path": "a.jsonl\nPWNED   Running"}, "spec.dataset.path"),
+    Case("dataset-path-escape", {"spec.dataset.path": "a\x1b[2J.jsonl"}, "spec.dataset.path"),
+    Case("validation-path-tab", {"spec.dataset.validationPath": "v\t.jsonl"}, "spec.dataset.validationPath"),
+    Case("output-path-carriage-return", {"spec.output.path": "out\rx"}, "spec.output.path"),
     Case("output-dotdot-path", {"spec.output.path": "runs/../../team-b"}, "spec.output.path"),
     Case("dataset-unknown-format", {"spec.dataset.format": "csv"}, "spec.dataset.format"),
     Case("max-seq-len-zero", {"spec.dataset.maxSeqLen": 0}, "spec.dataset.maxSeqLen"),

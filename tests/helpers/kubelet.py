@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import sys
 import threading
 from pathlib import Path
+
+from muxtune.devcluster import hostengines
 
 
 def write_data(root: Path, name: str, n: int, seed: int) -> str:
@@ -24,40 +24,22 @@ def write_data(root: Path, name: str, n: int, seed: int) -> str:
     return name
 
 
-class ConfigMapMirror:
-    """Does what the kubelet does for a ConfigMap volume: keeps tasks.yaml and tasks.yaml.sig equal
-    to the ConfigMap, replacing each file atomically on change."""
+class ConfigMapMirror(hostengines.ConfigMapMirror):
+    """The kubelet's ConfigMap volume (muxtune.devcluster.hostengines), synced every 0.5 s by a thread."""
 
     def __init__(self, info, namespace: str, name: str, tasks_dir: Path, output: Path):
-        self.info, self.ns, self.name, self.dir, self.output = info, namespace, name, tasks_dir, output
+        super().__init__(info.kubectl, namespace, name, tasks_dir)
+        self.info, self.output = info, output
         self.stop = threading.Event()
-        self.updates = 0
-        self.sync()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
-
-    def sync(self) -> None:
-        p = self.info.kubectl("get", "configmap", self.name, "-n", self.ns, "-o", "json", check=False)
-        if p.returncode != 0:
-            return
-        data = json.loads(p.stdout)["data"]
-        changed = False
-        for name in ("tasks.yaml.sig", "tasks.yaml"):
-            body = data.get(name, "")
-            target = self.dir / name
-            if not target.exists() or target.read_text() != body:
-                tmp = self.dir / f".{name}.tmp"
-                tmp.write_text(body)
-                os.replace(tmp, target)
-                changed = True
-        self.updates += changed
 
     def _loop(self) -> None:
         while not self.stop.wait(0.5):
             self.sync()
 
 
-TASKS_DIR, OUTPUT, DATA = "/etc/muxtune/tasks", "/output", "/data"  # the engine pod's mounts
+TASKS_DIR, OUTPUT, DATA = hostengines.TASKS_DIR, hostengines.OUTPUT, hostengines.DATA  # the engine pod's mounts
 
 
 def host_command(pod: dict, tasks_dir: Path, out_dir: Path, data: Path, metrics_port: int) -> list[str]:
@@ -65,21 +47,8 @@ def host_command(pod: dict, tasks_dir: Path, out_dir: Path, data: Path, metrics_
     c = pod["spec"]["containers"][0]
     argv = list(c.get("command") or []) + list(c.get("args") or [])
     assert argv[:2] == ["muxtune", "run"]
-    out = [sys.executable, "-m", "muxtune.cli"]
-    it = iter(argv[1:])
-    mapped = {"--output": (OUTPUT, str(out_dir)), "--data-root": (DATA, str(data)),
-              "--metrics-host": ("0.0.0.0", "127.0.0.1"), "--metrics-port": (None, str(metrics_port))}
-    for a in it:
-        if a.startswith(TASKS_DIR):
-            out.append(str(tasks_dir) + a[len(TASKS_DIR):])
-        elif a in mapped:
-            want, host = mapped[a]
-            value = next(it)
-            assert want is None or value == want, (a, value)  # pods bind all interfaces explicitly
-            out += [a, host]
-        else:
-            out.append(a)
-    return out + ["--device", "cpu"]
+    assert [argv[argv.index(f) + 1] for f in ("--output", "--data-root", "--metrics-host")] == [OUTPUT, DATA, "0.0.0.0"]
+    return hostengines.host_argv(argv, tasks_dir, out_dir, data, metrics_port, "cpu")
 
 
 def pod_env(pod: dict) -> dict[str, str]:

@@ -155,3 +155,16 @@ def test_declared_trainable_shapes_are_the_engines(peft):
         base = backbone.linears[module]
         m = Linear(module.rsplit(".", 1)[-1], base.in_features, base.out_features, True, False)
         assert trained == decl.linear_params(spec, m), module
+
+
+def test_a_target_module_that_matches_nothing_is_an_error_even_when_another_matches():
+    """A typo in targetModules next to a valid name must not train fewer modules silently."""
+    from muxtune.api.finetunetask import PeftSpec
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import builtin_path, load_backbone
+
+    backbone = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), torch.device("cpu"), torch.float32))
+    spec = PeftSpec.model_validate({"method": "lora", "r": 4, "targetModules": ["q_proj", "v_porj"]})
+    with pytest.raises(ValueError, match=r"\['v_porj'\] name no Linear"):
+        backbone.attach(1, spec, seed=0)
+    assert not backbone.adapters

@@ -36,3 +36,45 @@ def test_priority_change_applies_in_place_other_changes_restart(trainer_factory,
     # gone from the file: removed, neighbours untouched
     reconcile(trainer, [b2])
     assert a.key not in trainer.tasks and rt_a.phase == "Suspended" and rt_a.step == step_a
+
+
+def test_watch_changes_are_logged_and_the_progress_bar_follows_membership(
+        trainer_factory, make_task, data_dir, tmp_path, caplog, capsys):
+    """Joins and leaves are info log lines; the bar's total grows and shrinks with the members, and
+    a JSON log line is printed on a line of its own, never glued onto the bar."""
+    import json
+    import logging
+    import sys
+
+    from muxtune.engine.observe.progress import ProgressBar
+    from muxtune.logs import JsonFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("muxtune")
+    logger.addHandler(handler)
+    caplog.set_level(logging.INFO, logger="muxtune")
+    try:
+        a = make_task("a", data_dir / "reverse.jsonl", steps=20)
+        b = make_task("b", data_dir / "upper.jsonl", steps=30)
+        trainer = trainer_factory(tmp_path / "out")
+        trainer.add_task(a)
+        bar = ProgressBar(trainer)
+        trainer.telemetry = bar
+        assert bar.bar.total == 20
+        reconcile(trainer, [a, b])
+        assert bar.bar.total == 50
+        assert trainer.run_round() and trainer.run_round()
+        step_a = trainer.tasks[a.key].step
+        reconcile(trainer, [b])
+        assert bar.bar.total == 30 + step_a and bar.bar.n == step_a + trainer.tasks[b.key].step
+        bar.close()
+    finally:
+        logger.removeHandler(handler)
+    said = [(r.getMessage(), r.__dict__.get("task")) for r in caplog.records if r.levelno == logging.INFO]
+    assert ("task joined", b.key) in said and ("task left", a.key) in said
+    err = capsys.readouterr().err
+    lines = [ln.rsplit("\r", 1)[-1] for ln in err.split("\n") if '"msg": "task ' in ln]
+    assert len(lines) == 2
+    for ln in lines:
+        json.loads(ln)  # the whole visible line is the log record

@@ -94,7 +94,11 @@ def check_signed_configmap(info, ns: str, group_name: str, owner: dict, group_ke
 def check_companions(info, ns: str, group_name: str, owner: dict) -> None:
     """The group's PodDisruptionBudget, the engine's token-less ServiceAccount, and its headless Service."""
     pdb = kjson(info, "get", "poddisruptionbudget", group_name, "-n", ns)
-    assert pdb["spec"]["maxUnavailable"] == 0 and pdb["metadata"]["ownerReferences"] == [owner]
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["metadata"]["ownerReferences"] == [owner]
+    # the disruption controller can count the group's pods (a BackboneGroup has no scale subresource)
+    pdb = wait_for(lambda: (p := kjson(info, "get", "poddisruptionbudget", group_name, "-n", ns))
+                   .get("status", {}).get("expectedPods") == 1 and p, 60, what="PDB expecting the pod")
+    assert pdb["status"]["disruptionsAllowed"] == 0
     sa = kjson(info, "get", "serviceaccount", "muxtune-engine", "-n", ns)
     assert sa["automountServiceAccountToken"] is False
     rbs = kjson(info, "get", "rolebindings", "-n", ns)["items"]
@@ -130,6 +134,7 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
 
     events = kjson(info, "get", "events", "-n", ns)["items"]
     assert {(e["involvedObject"]["name"], e["reason"]) for e in events} >= {(f"pack-{i}", "Placed") for i in range(3)}
+    assert not [e for e in events if e["reason"] == "CalculateExpectedPodCountFailed"]
     out = info.kubectl("get", "ftt", "-n", ns).stdout
     assert "Placed" in out and group_name in out and "0/4" in out
 
@@ -241,5 +246,12 @@ def test_children_are_restored_level_triggered(operator_env):
              60, what="pod recreated")
     info.kubectl("patch", "configmap", f"{group_name}-tasks", "-n", ns, "--type=merge", "-p", '{"data":{"tasks.yaml":""}}')
     wait_for(lambda: cm_task_names(info, ns, group_name) == ["lv-0", "lv-1"], 30, what="ConfigMap restored")
+
+    def restored_event():
+        return [e for e in kjson(info, "get", "events", "-n", ns)["items"]
+                if e["reason"] == "Restored" and e["involvedObject"]["name"] == f"{group_name}-tasks"]
+
+    (ev,) = wait_for(restored_event, 30, what="a Restored Event on the ConfigMap")
+    assert ev["type"] == "Warning" and ev["involvedObject"]["kind"] == "ConfigMap" and "restored" in ev["message"]
     info.kubectl("delete", "ftt", "lv-0", "lv-1", "-n", ns)
     wait_for(lambda: not [g for g in groups(info, ns) if g["metadata"]["name"] == group_name], 30, what="group gone")

@@ -109,6 +109,8 @@ def test_chart_flags_parse():
     helm = ensure_binaries(["helm"])["helm"]
     out = subprocess.run([str(helm), "template", "mux", str(CHART), "-n", "muxtune-system",
                           "--set", "operator.watchNamespaces={a,b}", "--set", "engine.output.pvc=out",
+                          "--set", "operator.namespaceWeights.team-a=3",
+                          "--set", "operator.sloFloors.ttftMs=200", "--set", "operator.sloFloors.tpotMs=20",
                           "--show-only", "templates/deployment.yaml"],
                          capture_output=True, text=True, check=True, timeout=120).stdout
     dep = yaml.safe_load(out)
@@ -118,3 +120,16 @@ def test_chart_flags_parse():
     conf = cfg.to_config()
     assert conf.namespaces == ["a", "b"] and conf.shared_namespace == "muxtune-system"
     assert conf.metrics_port == 8080 and conf.engine_metrics_port == 9400 and conf.sharing_policy == "opt-in"
+    assert conf.namespace_weights == {"team-a": 3}
+    assert (conf.min_slo_ttft_ms, conf.min_slo_tpot_ms) == (200, 20)
+
+
+@pytest.mark.parametrize("argv", [["plan", "--help"], ["run", "--help"], ["operator", "--help"]])
+def test_help_shows_readable_metavars_not_python_types(argv):
+    """--help names what to type (PATH, N), not pydantic's types (list[Path], default factory: list)."""
+    out = subprocess.run([sys.executable, "-m", "muxtune.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for raw in ("list[", "Path]", "default factory", " int ", " str\n", "Optional", "| None"):
+        assert raw not in out.stdout, f"{raw!r} in {' '.join(argv)}:\n{out.stdout}"
+    if argv[0] == "plan":
+        assert "--nodes PATH" in out.stdout and "--basemodels PATH" in out.stdout and "--max-tasks-per-group N" in out.stdout

@@ -248,7 +248,7 @@ def test_pod_controls():
     assert resources.pod_manifest(_gobj(), 0, cfg, priority=0)["spec"]["priorityClassName"] == "lo"
     assert "priorityClassName" not in resources.pod_manifest(_gobj(), 0, OperatorConfig(output_host_path="/srv/out"), priority=600)["spec"]
     pdb = resources.pdb_manifest(_gobj())
-    assert pdb["spec"]["maxUnavailable"] == 0 and pdb["metadata"]["ownerReferences"][0]["uid"] == "gid"
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["metadata"]["ownerReferences"][0]["uid"] == "gid"
     sa = resources.engine_service_account_manifest("team-a", "eng")
     assert sa["automountServiceAccountToken"] is False
 

@@ -131,3 +131,14 @@ def test_resource_of():
 
     assert _resource_of("/apis/muxtune.io/v1alpha1/namespaces/a/finetunetasks/t/status") == "finetunetasks/status"
     assert _resource_of("/api/v1/nodes") == "nodes" and _resource_of("/api/v1/namespaces/a/pods") == "pods"
+
+
+def test_reported_floats_are_rounded_for_kubectl_get_columns():
+    """LOSS and TOKENS/S print what status holds: 4 significant digits, not 4.552380879720052."""
+    rep = {"phase": "Running", "step": 3, "totalSteps": 10, "loss": 4.552380879720052,
+           "evalLoss": 0.123456789, "tokensPerSecond": 12345.6789}
+    s = status.compute_status(None, view("member", group="g1", pod_state="running", report=rep), NOW)
+    assert (s["loss"], s["evalLoss"], s["tokensPerSecond"]) == (4.552, 0.1235, 12350.0)
+    done = status.compute_status(s, view("member", group="g1", pod_state="running",
+                                         report=dict(rep, phase="Succeeded", step=10)), NOW)
+    assert (done["loss"], done["tokensPerSecond"]) == (4.552, 12350.0)

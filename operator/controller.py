@@ -14,10 +14,11 @@ derives every desired object from it, and writes only differences:
    an Event is posted per transition.
 
 A second loop polls each running group's engine (/v1/status, operator/poller.py) and feeds the
-reports into pass 4. Group writes are in operator/groups.py. Our own writes are kept in an overlay
-until the watch shows them, so a pass that runs before the watch caught up neither repeats nor
-contradicts the previous one. With leader election (operator/leader.py) only the Lease holder
-runs either loop; the others keep their caches warm.
+reports into pass 4. Group writes are made by the GroupApplier (operator/groups.py). Our own
+writes are kept in an overlay (operator/overlay.py) until the watch shows them, so a pass that
+runs before the watch caught up neither repeats nor contradicts the previous one. With leader
+election (operator/leader.py) only the Lease holder runs either loop; the others keep their
+caches warm.
 """
 from __future__ import annotations
 
@@ -39,9 +40,11 @@ from muxtune.operator.config import (
     SERVING_PORT,
     OperatorConfig,
 )
-from muxtune.operator.groups import GroupsMixin, PodBackoff, subset
+from muxtune.operator.events import EventSink
+from muxtune.operator.groups import GroupApplier, PodBackoff, subset
 from muxtune.operator.keys import GroupKeys
 from muxtune.operator.kube import ApiError, KubeClient
+from muxtune.operator.overlay import Overlay
 from muxtune.operator.planner import Plan, plan as run_planner
 from muxtune.operator.poller import EnginePoller
 from muxtune.operator.world import (
@@ -54,7 +57,6 @@ from muxtune.operator.world import (
 
 log = logging.getLogger("muxtune.operator")
 API = f"{GROUP}/{VERSION}"
-OVERLAY_TTL = 120.0
 IDX_TASKS, IDX_GROUPS, IDX_MODELS = "muxtune_tasks", "muxtune_groups", "muxtune_basemodels"
 IDX_NODES, IDX_PODS, IDX_CMS, IDX_SVCS = "muxtune_nodes", "muxtune_pods", "muxtune_configmaps", "muxtune_services"
 IDX_NAMESPACES = "muxtune_namespaces"
@@ -64,19 +66,7 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _rv(obj: Mapping | None) -> int:
-    try:
-        return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or -1)
-    except ValueError:
-        return -1
-
-
-def _key(obj: Mapping) -> tuple[str, str]:
-    m = obj["metadata"]
-    return (m.get("namespace") or "", m["name"])
-
-
-class Controller(GroupsMixin):
+class Controller:
     def __init__(self, config: OperatorConfig, client: KubeClient, keys: GroupKeys | None = None, elector=None):
         self.config = config
         self.client = client
@@ -85,21 +75,23 @@ class Controller(GroupsMixin):
         self.poller = EnginePoller(config, self.keys.key)
         self.backoff = PodBackoff(config.pod_backoff_base, config.pod_backoff_cap)
         self.elector = elector
-        self._sa_ready: set[tuple[str, str]] = set()
         self.indices: Mapping[str, Any] | None = None
         self.ready = False
         self._kick = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._overlay: dict[tuple[str, str, str], tuple[int, dict | None, float]] = {}
+        self.overlay = Overlay()
+        self.events = EventSink(client, socket.gethostname())
         self._parse_cache: dict[tuple[str, str], Any] = {}
         self.last_plan: Plan | None = None
         self.gang: dict[tuple[str, str], gang.Decision] = {}  # this pass's decision per group
         self.gang_fits: dict[tuple[str, str], tuple[bool, str]] = {}  # whether a group's pods all fit now
         self.workload_msgs: dict[tuple[str, str], str] = {}  # why Kueue holds a group back
+        self.applier = GroupApplier(client=client, config=config, keys=self.keys, events=self.events,
+                                    overlay=self.overlay, backoff=self.backoff, poller=self.poller, kick=self.kick,
+                                    decisions=self.gang, workload_msgs=self.workload_msgs)
         self.passes = 0
         self.errors = 0
         self._tasks: list[asyncio.Task] = []
-        self._instance = socket.gethostname()
         self._sem = asyncio.Semaphore(max(1, config.api_concurrency))
 
     @property
@@ -117,7 +109,7 @@ class Controller(GroupsMixin):
 
     def forget(self, plural: str, namespace: str | None, name: str) -> None:
         """The watch saw the object deleted: our remembered write of it is void."""
-        self._overlay.pop((plural, namespace or "", name), None)
+        self.overlay.forget(plural, namespace, name)
 
     def kick(self) -> None:
         self._kick.set()
@@ -182,37 +174,10 @@ class Controller(GroupsMixin):
                 out[k] = v
         return out
 
-    def _note(self, plural: str, obj: dict | None, key: tuple[str, str] | None = None) -> None:
-        """Remember our own write (None: deleted) until the watch shows it."""
-        if obj is not None and obj.get("kind") == "Status":
-            obj = None
-        k = key or _key(obj)  # type: ignore[arg-type]
-        self._overlay[(plural, k[0], k[1])] = (_rv(obj) if obj else -1, obj, time.monotonic())
-
     def _view(self, plural: str, index_name: str) -> dict[tuple[str, str], dict]:
+        """The index as (namespace, name) -> object, with our own writes the watch has not shown yet."""
         objs = {(k if isinstance(k, tuple) else ("", k)): v for k, v in self._index(index_name).items()}
-        now = time.monotonic()
-        for (pl, ns, name), (rv, obj, t) in list(self._overlay.items()):
-            if pl != plural:
-                continue
-            cur = objs.get((ns, name))
-            if now - t > OVERLAY_TTL:
-                del self._overlay[(pl, ns, name)]
-                continue
-            if cur is None and plural == "finetunetasks":
-                del self._overlay[(pl, ns, name)]  # we only patch tasks: gone from the index means deleted
-                continue
-            if obj is None:  # our delete
-                if cur is None:
-                    del self._overlay[(pl, ns, name)]
-                else:
-                    objs.pop((ns, name))
-                continue
-            if cur is not None and _rv(cur) >= rv:
-                del self._overlay[(pl, ns, name)]
-                continue
-            objs[(ns, name)] = obj
-        return objs
+        return self.overlay.lay_over(plural, objs)
 
     def _parsed(self, obj: dict):
         m = obj["metadata"]
@@ -331,7 +296,7 @@ class Controller(GroupsMixin):
         basemodels = {name if isinstance(name, str) else name[1]: basemodel_architecture(bm) for name, bm in bms.items()}
         t0 = time.perf_counter()
         # names still in use by terminating groups (ours or as the watch last saw them)
-        reserved = {k[1] for k in self._index(IDX_GROUPS)} | {name for (pl, _, name) in self._overlay if pl == "backbonegroups"}
+        reserved = {k[1] for k in self._index(IDX_GROUPS)} | self.overlay.names("backbonegroups")
         reserved |= {gk[1] for gk, g in group_objs.items() if deleting(g)}
         plan = run_planner(pending, states, inventory, basemodels, pcfg, reserved_names=reserved)
         metrics.PLANNER.observe(time.perf_counter() - t0)
@@ -342,13 +307,14 @@ class Controller(GroupsMixin):
         # 4. apply groups (gangs without pods first learn whether all their pods fit)
         priority = {gk: max((parsed[k].spec.priority for k in gp.members), default=0) for gk, gp in gplans.items()}
         self.gang_fits = self._gang_capacity(gplans, group_objs, pods_of, inventory, priority)
-        self.gang = {gk: d for gk, d in self.gang.items() if gk in gplans}
+        for gk in [gk for gk in self.gang if gk not in gplans]:
+            del self.gang[gk]  # in place: the applier holds the same dict
         jobs = []
         for gk, gp in gplans.items():
             members = [by_key[k] for k in gp.members]
-            jobs.append(self._apply_group(gk, gp, group_objs.get(gk), members, [parsed[k] for k in gp.members],
-                                          pods_of.get(gk, []), cms.get((gk[0], resources.configmap_name(gk[1]))),
-                                          svcs.get(gk), bm_by_name))
+            jobs.append(self.applier.apply(gk, gp, group_objs.get(gk), members, [parsed[k] for k in gp.members],
+                                           pods_of.get(gk, []), cms.get((gk[0], resources.configmap_name(gk[1]))),
+                                           svcs.get(gk), bm_by_name, fits=self.gang_fits.get(gk, (True, ""))))
         results = await self._gather(jobs)
         final_member: dict[str, tuple[str, str]] = {}
         for gk, gp in gplans.items():
@@ -499,10 +465,10 @@ class Controller(GroupsMixin):
             if e.status == 404:
                 return True  # deleted meanwhile; the next pass no longer sees it
             raise
-        self._note("finetunetasks", res)
+        self.overlay.note("finetunetasks", res)
         ev = status.transition_event(old, new)
         for e in ([ev] if ev else []) + status.condition_events(old, new):
-            await self.event(obj, *e)
+            await self.events.post(obj, *e)
         if new.get("phase") == "Running" and old.get("phase") != "Running" and m.get("creationTimestamp"):
             try:
                 created = datetime.strptime(m["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
@@ -510,30 +476,6 @@ class Controller(GroupsMixin):
             except ValueError:
                 pass
         return True
-
-    async def event(self, obj: dict, type_: str, reason: str, message: str) -> None:
-        m = obj["metadata"]
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{m['name']}.", "namespace": m.get("namespace") or "default"},
-            "involvedObject": {"apiVersion": obj.get("apiVersion", API), "kind": obj.get("kind", "FineTuneTask"),
-                               "name": m["name"], "namespace": m.get("namespace"), "uid": m.get("uid")},
-            "reason": reason,
-            "message": (message or reason)[:1024],
-            "type": type_,
-            "source": {"component": MANAGED_BY},
-            "reportingComponent": f"muxtune.io/{MANAGED_BY}",
-            "reportingInstance": self._instance[:128],
-            "firstTimestamp": now[:19] + "Z",
-            "lastTimestamp": now[:19] + "Z",
-            "count": 1,
-        }
-        try:
-            await self.client.create("v1", "events", m.get("namespace") or "default", body)
-        except Exception as e:  # noqa: BLE001 - events are best effort
-            log.warning("posting event %s for %s failed: %s", reason, m["name"], e)
 
     # ------------------------------------------------------------------ engine polling
 

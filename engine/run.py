@@ -175,6 +175,7 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
         error = f"baseModel {tasks[0].spec.base_model}: {exc}"
     if (error := group.first_error(error)) is not None:  # on every rank of the group alike
         raise ModelLoadError(error)
+    backbone.recompute = cmd.recompute
     from muxtune.engine.peft import lora_kernel
     lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
     trainer = MuxTrainer(

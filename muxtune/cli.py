@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubComm
 from muxtune.api.crdgen import CrdsCommand
 from muxtune.engine.data.datafile import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
 from muxtune.devcluster.cli import DevClusterCommand
+from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 
 
@@ -42,7 +43,9 @@ class RunCommand(ServeFlags):
     data_root: Path = Field(Path("."), description="Directory that the tasks' dataset.path values are relative to")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the backbone runs")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
-    token_budget: int = Field(4096, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
+    token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
+    recompute: bool = Field(False, description="Activation checkpointing per decoder layer: keep each layer's input only and "
+                                                "recompute the rest in backward (less memory, same results, ~1/3 more compute)")
     chunk_size: int | None = Field(None, gt=0, description="Packed chunk length (default: the longest maxSeqLen)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /v1/status on this port (0: any free port)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics/status server binds (pods pass 0.0.0.0)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
 from muxtune.operator.memory import MiB, MemoryConfig, Parallelism, TaskShape
 
 SHARED = None  # tenancy of a group open to several namespaces
@@ -87,7 +88,7 @@ class GroupState:
     queue: str = ""  # the Kueue LocalQueue its pods name, fixed at creation
     # the engine's --token-budget and --recompute its pods run with (fixed at creation; a group
     # written before the planner chose budgets runs with the engine's default)
-    token_budget: int = 4096
+    token_budget: int = DEFAULT_TOKEN_BUDGET
     recompute: bool = False
 
 
@@ -109,7 +110,7 @@ class PlannerConfig:
     # the group recomputes activations (--recompute) when that buys a larger budget. A group's
     # budget is never below its longest sequence.
     token_budgets: tuple[int, ...] = (32768, 16384, 8192, 4096, 2048, 1024, 512, 256)
-    target_token_budget: int = 4096
+    target_token_budget: int = DEFAULT_TOKEN_BUDGET
     # The speed band: a task with priority >= fast_priority never takes turns with itself: its
     # group's budget holds the whole step of each such member at once (it may cost more GPUs).
     fast_priority: int = 100
@@ -143,7 +144,7 @@ class GroupPlan:
     new: bool
     changed: bool  # members added in this plan
     queue: str = ""
-    token_budget: int = 4096  # the engine's --token-budget: tokens one round fuses per replica
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # the engine's --token-budget: tokens one round fuses per replica
     recompute: bool = False  # the engine's --recompute: activation checkpointing per decoder layer
 
     @property

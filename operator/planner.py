@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from muxtune.api.basemodel import Architecture
+from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
 from muxtune.operator.memory import (
     GroupMemory,
     MemoryConfig,
@@ -168,7 +169,7 @@ class _OpenGroup:
     accepting: bool = True
     namespaces: frozenset[str] | None = None
     queue: str = ""
-    token_budget: int = 4096
+    token_budget: int = DEFAULT_TOKEN_BUDGET
     recompute: bool = False
     fast_tokens: int = 0  # the speed band's members' step tokens per replica (all in one round)
     acc: GroupMemory | None = None

@@ -62,6 +62,7 @@ class MultiplexedBackbone:
         self.tokenizer = loaded.tokenizer
         self.path = loaded.path
         self.ctx = MuxContext()
+        self.recompute = False  # activation checkpointing per decoder layer (engine/model/stage.py)
         self.decoder = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
         self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m is not self.lm_head}

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from muxtune.engine.data.dataset import IGNORE
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft import prompt_tuning
+from muxtune.engine.peft.mux_linear import MultiplexedLinear
 
 
 @dataclass
@@ -44,8 +46,13 @@ class Stage:
             positions = batch.position_ids.to(h.device)
             rotary = self.rotary(h, positions)
             attention = bb.attention_kwargs(batch)
+            recompute = bb.recompute and torch.is_grad_enabled()
             for layer in self.layers:
-                h = layer(h, position_embeddings=rotary, position_ids=positions, use_cache=False, **attention)
+                if recompute:  # keep the layer's input only; backward reruns it (same RNG, same layout)
+                    rerun = _Rerun(bb, batch.layout, layer)
+                    h = checkpoint(rerun, h, rotary, positions, attention, use_reentrant=False)
+                else:
+                    h = layer(h, position_embeddings=rotary, position_ids=positions, use_cache=False, **attention)
         finally:
             bb.ctx.layout = None
         return self.norm(h) if self.last else h
@@ -74,3 +81,31 @@ class Stage:
         """Hidden states for the next stage, or, on the last stage, the per-task losses."""
         h = self.hidden(batch, hidden)
         return self.loss(batch, h) if self.last else h
+
+
+
+class _Rerun:
+    """One decoder layer under activation checkpointing (--recompute), per decoder layer as the
+    model's own gradient checkpointing does, made exact for the multiplexed deltas: they read the
+    batch's layout from the backbone's context (cleared after the forward) and draw dropout from
+    their tasks' own generators (which torch's checkpoint does not rewind). The rerun in backward
+    sets the layout again and draws the forward's masks, then leaves each generator where it was."""
+
+    def __init__(self, bb, layout, layer):
+        self.bb, self.layout, self.layer, self.calls = bb, layout, layer, 0
+        self.deltas = [d for m in layer.modules() for d in getattr(m, "deltas", {}).values()
+                       if isinstance(m, MultiplexedLinear)]
+        self.rng = [(d, s) for d in self.deltas if (s := d.rng_state()) is not None]
+
+    def __call__(self, h, rotary, positions, attention):
+        self.calls += 1
+        now = [(d, d.rng_state()) for d, _ in self.rng] if self.calls > 1 else []
+        for d, s in self.rng if self.calls > 1 else ():
+            d.set_rng_state(s)
+        before, self.bb.ctx.layout = self.bb.ctx.layout, self.layout
+        try:
+            return self.layer(h, position_embeddings=rotary, position_ids=positions, use_cache=False, **attention)
+        finally:
+            self.bb.ctx.layout = before
+            for d, s in now:
+                d.set_rng_state(s)

@@ -22,8 +22,20 @@ Algorithm
 5. Tasks that fit no class even at the largest parallelism, or that wait for free GPUs, or whose
    backbone has no size figures, are returned as unplaceable with a reason.
 
-Quality: a lower bound on GPUs (:func:`lower_bound_gpus`); ``Plan.gpus_allocated`` is measured
-against it.
+Token budgets. Every group runs with a token budget (the engine's --token-budget) chosen with its
+layout: the candidate layouts above are sized at the least budget a task allows (its longest
+sequence, recomputed; the speed band: its whole step), so GPUs buy weights and adapter state; the
+group opened then gets the largest budget its GPUs hold once the look-ahead's members are counted,
+with --recompute when the budget would otherwise stay below ``target_token_budget``
+(:func:`choose_budget`). Hot adds are sized at the group's fixed budget.
+
+Inputs and outputs (stable; the tenant-fairness module decides which tasks are passed in):
+``plan(pending, groups, nodes, basemodels, config, reserved_names) -> Plan``. New fields are
+optional with defaults: GroupState.token_budget/recompute, GroupPlan.token_budget/recompute,
+Plan.floor_gpus.
+
+Quality: a lower bound on GPUs (:func:`lower_bound_gpus`) and the floor of weight copies and
+adapter state (:func:`floor_gpus`); ``Plan.gpus_allocated`` is measured against both.
 """
 from __future__ import annotations
 
@@ -34,6 +46,7 @@ from typing import Iterable, Mapping, Sequence
 
 from muxtune.api.basemodel import Architecture
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
+from muxtune.operator.budget import choose_budget, fast_tokens, min_budget
 from muxtune.operator.memory import (
     GroupMemory,
     MemoryConfig,
@@ -198,48 +211,6 @@ class _OpenGroup:
         self.mems.append(mem)
         self.fast_tokens += fast_tokens(t, self.par, config)
         self.changed = True
-
-
-def step_tokens(t: TaskRequest, par: Parallelism) -> int:
-    """A task's step on one replica, in tokens."""
-    return math.ceil(t.shape.batch_size / par.dp) * t.shape.seq_len
-
-
-def fast_tokens(t: TaskRequest, par: Parallelism, config: PlannerConfig) -> int:
-    """What a task of the speed band needs of its group's budget: its whole step; others nothing."""
-    return step_tokens(t, par) if t.priority >= config.fast_priority else 0
-
-
-def min_budget(t: TaskRequest, par: Parallelism, config: PlannerConfig) -> int:
-    """The least budget a group opened for ``t`` may run with: a whole sequence, or the speed band's step."""
-    return max(t.shape.seq_len, fast_tokens(t, par, config))
-
-
-def choose_budget(g: GroupMemory, members: Sequence[TaskMemory], least: int, cap_bytes: int,
-                  config: PlannerConfig) -> tuple[int, bool]:
-    """(token budget, recompute) for a group of ``members``: the largest budget that fits without
-    recompute when it reaches the target (or the members' whole fused step); else recompute when
-    that fits a larger one. The spatial-temporal trade-off: GPUs are fixed by weights and state,
-    the budget takes what memory is left."""
-    fused = sum(math.ceil(m.shape.batch_size / g.par.dp) * m.shape.seq_len for m in members)
-    budgets = sorted({b for b in config.token_budgets if b >= least} | {least}, reverse=True)
-
-    def largest(recompute: bool) -> int:
-        for b in budgets:
-            acc = GroupMemory(g.arch, g.par, cap_bytes, g.config, b, recompute)
-            for m in members:
-                acc.add(m)
-            if acc.busiest() <= cap_bytes:
-                return b
-        return 0
-
-    plain = largest(False)
-    if plain >= min(config.target_token_budget, fused) and plain:
-        return plain, False
-    checkpointed = largest(True)
-    if checkpointed > plain:
-        return checkpointed, True
-    return (plain, False) if plain else (least, True)  # the fill was sized at (least, recompute)
 
 
 def lower_bound_gpus(

@@ -28,11 +28,11 @@ from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.overlay import Overlay
 from muxtune.operator.planner import GroupPlan
 from muxtune.operator.poller import EnginePoller
+from muxtune.operator.snapshot import GroupKey
 from muxtune.operator.world import compact_pod
 
 log = logging.getLogger("muxtune.operator")
 API = f"{GROUP}/{VERSION}"
-GroupKey = tuple[str, str]  # (namespace, name)
 REFUSED = (400, 403, 404, 422)  # admission, quota, validation, a missing namespace object
 
 

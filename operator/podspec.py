@@ -198,6 +198,12 @@ def _affinity(config: OperatorConfig, node_terms: list[dict], group: str, dp: in
     return aff or None
 
 
+def _trust_flag(base_model: str, basemodel: dict | None) -> list[str]:
+    """--trust-remote-code only for a `model:` BaseModel whose (admin-written) spec allows it."""
+    allowed = base_model.startswith("model:") and bool(((basemodel or {}).get("spec") or {}).get("trustRemoteCode"))
+    return ["--trust-remote-code"] if allowed else []
+
+
 def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None = None,
                  labels: dict | None = None, owner: dict | None = None, priority: int | None = None) -> dict:
     """Rank ``rank``'s pod; its template hash annotation tells a changed spec from a current one."""
@@ -249,7 +255,7 @@ def _pod_spec(group: dict, rank: int, config: OperatorConfig, basemodel: dict | 
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(group, rank, config, mounts)],
+        "containers": [_container(group, rank, config, mounts, basemodel)],
         "volumes": volumes,
         "tolerations": tolerations,
     }
@@ -300,7 +306,7 @@ def _volumes(group: dict, config: OperatorConfig, basemodel: dict | None) -> tup
     return volumes, mounts
 
 
-def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict]) -> dict:
+def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict], basemodel: dict | None = None) -> dict:
     """The engine: its command line, environment, ports and GPUs follow the group's layout."""
     meta, spec = group["metadata"], group["spec"]
     dp, tp, pp = _layout(group)
@@ -310,7 +316,8 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
         "image": config.engine_image,
         "imagePullPolicy": config.engine_image_pull_policy,
         "command": ["muxtune"],
-        "args": engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute"))),
+        "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")))
+                 + _trust_flag(spec["baseModel"], basemodel)),
         "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp),
         "ports": _ports(config, dp, tp, pp, serving),
         "resources": _resources(config, int(spec.get("gpusPerPod", 1))),

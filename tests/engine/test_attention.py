@@ -117,7 +117,7 @@ def test_cuda_varlen_call_arguments(backbone, monkeypatch):
         return attention.segment_attention(q, k, v, cu_q.tolist(), scale)
 
     monkeypatch.setattr(attention, "_torch_varlen", fake_varlen)
-    monkeypatch.setattr(attention, "_varlen_available", lambda q: True)
+    monkeypatch.setattr(attention, "choose_kernel", lambda *a, **k: "torch_varlen")
     batch = pack(_sequences(backbone.tokenizer), 64, torch.device("cpu"))
     got, got_grads = _logits_and_grads(backbone, batch, lambda bb, b: bb.logits(b))
     ref, ref_grads = _logits_and_grads(backbone, batch, dense_logits)
@@ -174,7 +174,7 @@ def test_cuda_varlen_flash_equals_dense_mask(tmp_path, kind):
     """On a GPU in bf16 the packed path is one varlen flash call per layer; it must match the
     dense-mask sdpa reference to bf16 precision (fp32 on CUDA takes the per-segment path)."""
     bb = _backbone(kind, tmp_path / kind, "cuda", torch.bfloat16)
-    assert attention._varlen_available(torch.empty(1, device="cuda", dtype=torch.bfloat16))
+    assert attention.choose_kernel("cuda", torch.bfloat16, None, None) != "segments"
     batch = pack(_sequences(bb.tokenizer), 64, torch.device("cuda"))
     got, got_grads = _logits_and_grads(bb, batch, lambda b, x: b.logits(x))
     ref, ref_grads = _logits_and_grads(bb, batch, dense_logits)

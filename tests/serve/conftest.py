@@ -9,8 +9,8 @@ import pytest
 
 
 def serve_flags(**overrides):
-    """The CLI's serving flags with their defaults (muxtune.cli.ServeFlags), overridden."""
-    from muxtune.cli import ServeFlags
+    """The CLI's serving flags with their defaults (muxtune.runconfig.ServeFlags), overridden."""
+    from muxtune.runconfig import ServeFlags
 
     return ServeFlags(**overrides)
 

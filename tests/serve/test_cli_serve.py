@@ -140,7 +140,7 @@ def test_bad_input_is_refused_before_serving(tmp_path):
 
 
 def test_adapter_dirs_finds_adapters_in_a_run_output_or_a_namespace_folder(tmp_path):
-    from muxtune.engine.serve.stack import adapter_dirs
+    from muxtune.engine.serve.serve_cli import adapter_dirs
 
     for d in ("runs/default/a", "runs/default/b", "runs/team/c", "runs/.replaced-a-1/x"):
         (tmp_path / d).mkdir(parents=True)

@@ -26,6 +26,7 @@ runs either loop; the others keep their caches warm.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -33,7 +34,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator import gang, kueue, metrics, resources, status
+from muxtune.operator import gang, kueue, metrics, quota, resources, status
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     KUEUE_QUEUE_LABEL,
@@ -221,7 +222,7 @@ class Controller:
         """One pass, as ordered phases over one snapshot of the world."""
         snap = self._observe()
         ms = self._membership(snap)
-        plan = self._plan(snap, ms)
+        plan = await self._charge_quotas(snap, ms, self._plan(snap, ms))
         results = await self._apply(snap, ms, plan)
         await self._basemodel_status(snap)
         counts = await self._task_status(snap, ms, plan)
@@ -266,6 +267,19 @@ class Controller:
                            reserved_names=snap.reserved_names)
         metrics.PLANNER.observe(time.perf_counter() - t0)
         self.last_plan = plan
+        return plan
+
+    async def _charge_quotas(self, snap: Snapshot, ms: Membership, plan: Plan) -> Plan:
+        """A shared group's GPUs are charged to its members' namespaces (operator/quota.py): the new
+        tasks their quotas cannot cover wait (QuotaExceeded), the rest is planned again without them."""
+        states = self._group_states(snap, ms)
+        plan, waiting = await quota.place_within_quota(
+            self.client, plan, pending_requests(snap, ms), {k: ms.request(k) for k in ms.member_of},
+            lambda p: run_planner(p, states, snap.inventory, snap.architectures, snap.planner_config,
+                                  reserved_names=snap.reserved_names))
+        if waiting:
+            plan = dataclasses.replace(plan, unplaceable=(*plan.unplaceable, *waiting))
+            self.last_plan = plan
         return plan
 
     def _group_states(self, snap: Snapshot, ms: Membership) -> list:

@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
 from muxtune.operator.config import ANN_QUEUE, OperatorConfig
-from muxtune.operator import gang, kueue, resources
+from muxtune.operator import gang, isolation, kueue, podspec, resources
 from muxtune.operator.events import EventSink
 from muxtune.operator.keys import GroupKeys
 from muxtune.operator.kube import ApiError, KubeClient
@@ -177,6 +177,26 @@ class GroupApplier:
         await self._create_once("v1", "serviceaccounts", ns, resources.engine_service_account_manifest(ns, name))
         self._sa_ready.add((ns, name))
 
+    async def _ensure_isolation(self, gobj: dict) -> None:
+        """Every group's NetworkPolicy; for a serving group, each member namespace's serving token
+        (in that namespace) and their digests for the engine (operator/isolation.py)."""
+        ns = gobj["metadata"]["namespace"]
+        members = podspec.group_namespaces(gobj)
+        policy = isolation.network_policy_manifest(gobj, self.config, members)
+        try:
+            await self.client.create("networking.k8s.io/v1", "networkpolicies", ns, policy)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            await self.client.patch("networking.k8s.io/v1", "networkpolicies", ns, policy["metadata"]["name"],
+                                    {"spec": policy["spec"]})  # one made by an older operator: bring it up to date
+        if not (gobj.get("spec") or {}).get("serving"):
+            return
+        tokens = {m: self.keys.serving_token(m) for m in members}
+        for m, token in tokens.items():
+            await self._create_once("v1", "secrets", m, isolation.tenant_token_secret_manifest(m, token))
+        await self._create_once("v1", "secrets", ns, isolation.serving_tokens_secret_manifest(gobj, tokens))
+
     async def _create_once(self, api_version: str, plural: str, ns: str, body: dict) -> None:
         """Create; an existing object (409) is left as it is (the operator never reads Secrets back)."""
         try:
@@ -194,9 +214,7 @@ class GroupApplier:
             await self._create_once("v1", "secrets", ns, resources.key_secret_manifest(gobj, self.keys.key(gobj)))
             if self.config.engine_pdb:
                 await self._create_once("policy/v1", "poddisruptionbudgets", ns, resources.pdb_manifest(gobj))
-            if int(((gobj.get("spec") or {}).get("parallelism") or {}).get("dp", 1)) > 1:
-                await self._create_once("networking.k8s.io/v1", "networkpolicies", ns,
-                                        resources.network_policy_manifest(gobj, self.config))
+            await self._ensure_isolation(gobj)
             for rank in missing:
                 pod, _ = await self.client.create_or_adopt(
                     "v1", "pods", ns, resources.pod_manifest(gobj, rank, self.config, bm, priority))

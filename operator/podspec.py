@@ -45,6 +45,8 @@ from muxtune.operator.config import (
     OUTPUT_MOUNT,
     RENDEZVOUS_PORT,
     SERVING_PORT,
+    SERVING_TOKENS_FILE,
+    SERVING_TOKENS_MOUNT,
     TASKS_FILE,
     TASKS_MOUNT,
     OperatorConfig,
@@ -64,6 +66,11 @@ def pod_name(group: str, rank: int) -> str:
 def key_secret_name(group: dict) -> str:
     """Per group object (uid), so a re-created namesake never mounts its predecessor's key."""
     return f"{group['metadata']['name']}-key-{(group['metadata'].get('uid') or 'x')[:8]}"
+
+
+def serving_tokens_secret_name(group: dict) -> str:
+    """The digests of the member namespaces' serving tokens (operator/isolation.py)."""
+    return f"{group['metadata']['name']}-serving-tokens"
 
 
 def group_namespaces(group: dict) -> list[str]:
@@ -93,7 +100,8 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
         args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
     elif serving:
         args += ["--serve-port", str(serving.get("port", SERVING_PORT)), "--serve-host", "0.0.0.0",
-                 "--serve-tasks", "enabled", "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
+                 "--serve-tasks", "enabled", "--serve-tokens", f"{SERVING_TOKENS_MOUNT}/{SERVING_TOKENS_FILE}",
+                 "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
                  "--slo-tpot-ms", format(float(serving["sloTpotMs"]), "g")]  # 80 and 80.0 alike (JSON round trips)
     return args
 
@@ -123,12 +131,14 @@ def kueue_metadata(group: dict) -> tuple[dict, dict]:
             {KUEUE_TOTAL_COUNT_ANNOTATION: str(dp)})
 
 
-def _shared_volume(name: str, pvc: str | None, host_path: str | None, read_only: bool) -> dict:
+def _shared_volume(name: str, pvc: str | None, host_path: str | None, read_only: bool, config: OperatorConfig) -> dict:
     if pvc:
         return {"name": name, "persistentVolumeClaim": {"claimName": pvc, "readOnly": read_only}}
     if host_path:
         return {"name": name, "hostPath": {"path": host_path, "type": "Directory"}}
-    return {"name": name, "emptyDir": {}}  # CPU / dev fallback
+    if name == "output" and config.output_problem():  # the CLI refuses to start so; a library caller too
+        raise ValueError(config.output_problem())
+    return {"name": name, "emptyDir": {}}  # no data configured (an empty area), or --ephemeral-output
 
 
 def area_volumes(kind: str, group: dict, config: OperatorConfig) -> tuple[list[dict], list[dict]]:
@@ -147,7 +157,7 @@ def area_volumes(kind: str, group: dict, config: OperatorConfig) -> tuple[list[d
         return vols, mounts
     pvc = config.data_pvc if kind == "data" else config.output_pvc
     host = config.data_host_path if kind == "data" else config.output_host_path
-    vols.append(_shared_volume(kind, pvc, host, read_only))
+    vols.append(_shared_volume(kind, pvc, host, read_only, config))
     for ns in namespaces:
         mounts.append({"name": kind, "mountPath": f"{root}/{ns}", "subPath": ns, "readOnly": read_only})
     return vols, mounts
@@ -299,6 +309,10 @@ def _volumes(group: dict, config: OperatorConfig, basemodel: dict | None) -> tup
         v, m = area_volumes(kind, group, config)
         volumes += v
         mounts += m
+    if group["spec"].get("serving"):  # only digests of the member namespaces' tokens (operator/isolation.py)
+        volumes.append({"name": "serving-tokens", "secret": {"secretName": serving_tokens_secret_name(group),
+                                                            "defaultMode": 0o440}})
+        mounts.append({"name": "serving-tokens", "mountPath": SERVING_TOKENS_MOUNT, "readOnly": True})
     mv = model_volume(group["spec"]["baseModel"], basemodel)
     if mv:
         volumes.append(mv[0])

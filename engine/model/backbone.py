@@ -71,7 +71,7 @@ class MultiplexedBackbone:
         self.trust_remote_code = loaded.trust_remote_code  # for whoever loads from path again (a tokenizer)
         self.ctx = MuxContext()
         self.recompute = False  # activation checkpointing per decoder layer (engine/model/stage.py)
-        self.decoder = self.model.get_decoder()  # the base model (serving runs it with its own attention)
+        self.decoder = self.model.get_decoder()  # the base model (tests run it without the LM head)
         self.layers = families.decoder_layers(self.model, self.family)
         self.embedding = self.model.get_input_embeddings()
         self.lm_head = self.model.get_output_embeddings()

@@ -13,6 +13,7 @@ from muxtune.engine.serve.engine import ServeEngine, ServeLimits
 from muxtune.engine.serve.http_api import OpenAIApi
 from muxtune.engine.serve.listener import ConnectionGuard, HttpThread, listen
 from muxtune.engine.serve.serving_metrics import ServeMetrics
+from muxtune.engine.serve.tenant_auth import TenantTokens, tenant_middleware
 from muxtune.runconfig import DEFAULT_TOKEN_BUDGET, RunConfig, ServeFlags
 
 log = logging.getLogger("muxtune.serve")
@@ -53,7 +54,10 @@ class Serving:
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, trust_remote_code=backbone.trust_remote_code)  # the HTTP thread's own copy
         self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics)
         guard = ConnectionGuard(flags.max_connections)
-        self.http = HttpThread(self.api.app(guard.middleware), sock, guard, idle_timeout=flags.idle_timeout_s)
+        middlewares = [guard.middleware]
+        if flags.serve_tokens:  # a cluster pod: per-namespace tokens (engine/serve/tenant_auth.py)
+            middlewares.append(tenant_middleware(TenantTokens(flags.serve_tokens), base_id))
+        self.http = HttpThread(self.api.app(*middlewares), sock, guard, idle_timeout=flags.idle_timeout_s)
 
     @classmethod
     def coserving(cls, backbone, base_id: str, trainer, cfg: RunConfig, sock, engine_metrics=None) -> Serving:

@@ -11,7 +11,8 @@ import pytest
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine.model.families import FAMILIES
-from tests.conftest import data_path, new_trainer, task_doc, write_jsonl
+from tests.helpers.data import data_path, task_doc, write_jsonl
+from tests.helpers.models import new_trainer
 
 from .checkpoints import CONFIGS, WINDOW
 from .conftest import peft_loss

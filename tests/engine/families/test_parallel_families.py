@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from muxtune.engine.model.families import FAMILIES
-from tests.conftest import task_doc, write_jsonl
+from tests.helpers.data import task_doc, write_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import yaml
 from muxtune.engine.model import attention, stage
 from muxtune.engine.model.backbone import MultiplexedBackbone
 from muxtune.engine.model.loading import ModelLoadError, load_backbone
-from tests.conftest import task_doc, write_jsonl
+from tests.helpers.data import task_doc, write_jsonl
 
 
 def _load(path):

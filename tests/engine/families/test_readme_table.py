@@ -3,7 +3,7 @@ matrix in this folder is parametrised by) says: the same families, names and pat
 from __future__ import annotations
 
 from muxtune.engine.model.families import FAMILIES, PATHS
-from tests.conftest import REPO
+from tests.helpers.paths import REPO
 
 from .checkpoints import CONFIGS
 

@@ -12,7 +12,8 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import save_tiny_checkpoint, task_doc, write_jsonl
+from tests.helpers.models import save_tiny_checkpoint
+from tests.helpers.data import task_doc, write_jsonl
 
 CONFIG_CODE = '''import os, pathlib
 pathlib.Path(os.environ["MUXTUNE_TEST_MARKER"]).write_text("the model directory's code ran")

@@ -6,8 +6,8 @@ import json
 
 import yaml
 
-from muxtune.engine.parallel.pipeline import RoundExecutor
-from tests.conftest import task_doc, write_jsonl
+from muxtune.engine import executor
+from tests.helpers.data import task_doc, write_jsonl
 
 
 def test_an_exception_in_a_round_fails_the_backbones_tasks(monkeypatch, tmp_path, capsys):
@@ -22,14 +22,14 @@ def test_an_exception_in_a_round_fails_the_backbones_tasks(monkeypatch, tmp_path
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def boom(self, *args, **kwargs):
+    def boom(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the second round: a step is half done
             raise RuntimeError("kernel exploded")
-        return real(self, *args, **kwargs)
+        return real(*args, **kwargs)
 
-    real = RoundExecutor.run_fused
-    monkeypatch.setattr(RoundExecutor, "run_fused", boom)
+    real = executor.run_fused
+    monkeypatch.setattr(executor, "run_fused", boom)
     code = run_from_cli(RunCommand(tasks=["tasks.yaml"], output=tmp_path / "out", progress=False, device="cpu"))
     assert code == 1
     for name in ("a", "b"):

@@ -89,7 +89,7 @@ def test_token_budget_reaches_the_pod_and_comes_back():
     group = resources.group_manifest(gp, [{"metadata": {"name": "a", "namespace": "ns", "uid": "u"}}])
     group["metadata"]["uid"] = "g"
     assert group["spec"]["tokenBudget"] == gp.token_budget and group["spec"]["recompute"] is gp.recompute is True
-    args = resources.pod_manifest(group, 0, OperatorConfig())["spec"]["containers"][0]["args"]
+    args = resources.pod_manifest(group, 0, OperatorConfig(output_host_path="/srv/out"))["spec"]["containers"][0]["args"]
     assert args[args.index("--token-budget") + 1] == str(gp.token_budget) and "--recompute" in args
     state = world.group_state(group, [req], 0, True)
     assert (state.token_budget, state.recompute) == (gp.token_budget, True)

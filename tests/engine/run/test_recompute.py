@@ -43,11 +43,7 @@ def test_recompute_gives_the_same_training(make_task, data_dir, tmp_path, traine
 def test_recompute_keeps_only_layer_inputs(make_task, data_dir, tmp_path, trainer_factory):
     """What autograd keeps across the forward (outside the checkpointed layers) shrinks to the layers'
     inputs: the saved-tensor meter of the memory-model test sees far less with --recompute."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-    from engine_memory import SavedTensorMeter
+    from tests.helpers.engine_memory import SavedTensorMeter
 
     peaks = []
     for recompute in (False, True):

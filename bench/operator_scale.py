@@ -8,6 +8,7 @@ verb and resource, and the API server's apiserver_request_total delta over the w
     python bench/operator_scale.py                      # private cluster, 300 nodes, 1000 tasks
     python bench/operator_scale.py --nodes 40 --tasks 150 --json out.json
     python bench/operator_scale.py --state-dir DIR      # reuse a running dev cluster
+    python bench/operator_scale.py --plan-only          # the planner alone: GPUs vs floor vs bound
 """
 from __future__ import annotations
 
@@ -101,6 +102,80 @@ def one_shot_gpus(nodes: int, gpus_per_node: int, tasks: int, namespaces: list[s
                                            vocab_size=32000, dtype="bfloat16")
              for name, (p, L, h, a) in BASEMODELS.items()}
     return planner.plan(reqs, [], infos, archs).gpus_allocated
+
+
+# ------------------------------------------------------------------ the planner alone (no cluster)
+
+LLAMA7B = dict(parameters=6_738_000_000, layers=32, hidden_size=4096, num_attention_heads=32, vocab_size=32000)
+MIXED_BACKBONES = {  # name: (architecture, share of tasks): Llama-3-8B, Qwen2.5-14B, Qwen2.5-1.5B
+    "llama3-8b": (dict(parameters=8_030_000_000, layers=32, hidden_size=4096, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256), 0.45),
+    "qwen2.5-14b": (dict(parameters=14_770_000_000, layers=48, hidden_size=5120, num_attention_heads=40,
+                         num_key_value_heads=8, intermediate_size=13824, vocab_size=152064), 0.25),
+    "qwen2.5-1.5b": (dict(parameters=1_540_000_000, layers=28, hidden_size=1536, num_attention_heads=12,
+                          num_key_value_heads=2, intermediate_size=8960, vocab_size=151936), 0.30),
+}
+
+
+def test_workload():
+    """tests/operator/test_planner.py's speed workload: 1000 LoRA tasks on a 7B over 10 namespaces,
+    300 nodes of 8 x 80 GB. (requests, nodes, architectures)"""
+    from muxtune.api.basemodel import Architecture
+    from muxtune.operator import memory as M
+    from muxtune.operator import planner as P
+
+    reqs = [P.TaskRequest(namespace=f"ns{i % 10}", name=f"t{i}", base_model="model:llama7b",
+                          created=f"2025-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z", uid=f"u{i}",
+                          shape=M.TaskShape(batch_size=1 + i % 8, max_seq_len=512)) for i in range(1000)]
+    nodes = [P.NodeInfo(f"n{i:03d}", 8, 8, 81920, "NVIDIA-H100-80GB-HBM3") for i in range(300)]
+    return reqs, nodes, {"llama7b": Architecture(**LLAMA7B)}
+
+
+def mixed_workload(tasks: int = 720, namespaces: int = 12, seed: int = 0):
+    """720 tasks on 8B, 14B and 1.5B backbones over 12 namespaces, a third of which opt into
+    sharing; LoRA of ranks 8-64 on attention (some on the MLP too), batches 1-16, sequences 256-4096;
+    60 nodes of 8 x 80 GB and 20 of 8 x 40 GB. (requests, nodes, architectures)"""
+    from muxtune.api.basemodel import Architecture
+    from muxtune.operator import memory as M
+    from muxtune.operator import planner as P
+
+    rng = random.Random(seed)
+    names, weights = list(MIXED_BACKBONES), [w for _, w in MIXED_BACKBONES.values()]
+    sharing = {f"team-{k:02d}" for k in range(0, namespaces, 3)}
+    reqs = []
+    for i in range(tasks):
+        ns = f"team-{i % namespaces:02d}"
+        targets = rng.choice([("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
+                              ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj")])
+        reqs.append(P.TaskRequest(
+            namespace=ns, name=f"task-{i:04d}", base_model=f"model:{rng.choices(names, weights)[0]}",
+            priority=rng.choice([0, 0, 0, 10]), created=f"2025-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z",
+            share=ns in sharing, uid=f"uid-{i}",
+            shape=M.TaskShape(r=rng.choice([8, 16, 32, 64]), target_modules=targets,
+                              batch_size=rng.choice([1, 2, 4, 8, 16]), max_seq_len=rng.choice([256, 512, 1024, 2048, 4096]))))
+    nodes = ([P.NodeInfo(f"h{i:03d}", 8, 8, 81920, "NVIDIA-H100-80GB-HBM3") for i in range(60)]
+             + [P.NodeInfo(f"a{i:03d}", 8, 8, 40960, "NVIDIA-A100-SXM4-40GB") for i in range(20)])
+    return reqs, nodes, {n: Architecture(**a, dtype="bfloat16") for n, (a, _) in MIXED_BACKBONES.items()}
+
+
+def plan_figures(reqs, nodes, archs) -> dict:
+    """Plan a workload at once: GPUs, the floor (weights and adapter state only), the planner's own
+    bounds, and the plan's process CPU time."""
+    from muxtune.operator import planner as P
+
+    t0 = time.process_time()
+    p = P.plan(reqs, [], nodes, archs)
+    cpu = time.process_time() - t0
+    return {"tasks": len(reqs), "placed": len(p.placements), "unplaceable": len(p.unplaceable),
+            "groups": len(p.groups), "gpus": p.gpus_allocated, "floorGpus": p.floor_gpus,
+            "gpusOverFloor": round(p.gpus_allocated / max(1, p.floor_gpus), 3),
+            "lowerBoundGpus": p.lower_bound_gpus, "lowerBoundGpusByTenancy": p.lower_bound_gpus_by_tenancy,
+            "recomputingGroups": sum(g.recompute for g in p.groups),
+            "tokenBudgets": sorted({g.token_budget for g in p.groups}), "planCpuSeconds": round(cpu, 3)}
+
+
+def plan_only() -> dict:
+    return {"testWorkload": plan_figures(*test_workload()), "mixedWorkload": plan_figures(*mixed_workload())}
 
 
 def apiserver_requests(info) -> dict[str, float]:
@@ -327,7 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default=None, help="reuse (or start and keep) the dev cluster in this dir")
     ap.add_argument("--json", default=None, help="write the result here")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--plan-only", action="store_true",
+                    help="no cluster: plan the test and the mixed workload; GPUs, floor, bounds, CPU time")
     a = ap.parse_args(argv)
+    if a.plan_only:
+        print(json.dumps(plan_only(), indent=2))
+        return 0
     from muxtune.devcluster import cluster
 
     private = a.state_dir is None

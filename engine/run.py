@@ -178,6 +178,7 @@ def _open_backbone(base_model: str, group, device: torch.device, dtype: torch.dt
 
 
 def _new_trainer(backbone, cfg: RunConfig, base_dir: Path, group, metrics, tasks) -> MuxTrainer:
+    backbone.recompute = cfg.recompute
     trainer = MuxTrainer(
         backbone, cfg.output, token_budget=cfg.token_budget, chunk_size=cfg.chunk_size,
         resume=cfg.resume, base_dir=base_dir, allow_data_change=cfg.allow_data_change,

@@ -13,7 +13,7 @@ from pydantic_settings import CliPositionalArg
 
 from muxtune.engine.data.datafile import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
 
-DEFAULT_TOKEN_BUDGET = 4096  # real tokens fused into one forward/backward (the trainer's and the SLO controller's cap)
+from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET  # noqa: F401  (the trainer's and the SLO controller's cap)
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -55,6 +55,8 @@ class RunConfig(ServeFlags):
     device: Device = Field("auto", description="Where the backbone runs")
     dtype: Dtype = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
+    recompute: bool = Field(False, description="Activation checkpointing per decoder layer: keep each layer's input only and "
+                                                "recompute the rest in backward (less memory, same results, ~1/3 more compute)")
     chunk_size: int | None = Field(None, gt=0, description="Packed chunk length (default: the longest maxSeqLen)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /v1/status on this port (0: any free port)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics/status server binds (pods pass 0.0.0.0)")

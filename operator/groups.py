@@ -110,8 +110,7 @@ class GroupApplier:
     async def _ensure_group(self, gk, gp, gobj, members, parsed_members) -> dict | None:
         """The group object with the planned spec; None while a terminating namesake has the name."""
         ns, name = gk
-        budget = sum(p.spec.training.batch_size * p.spec.dataset.max_seq_len for p in parsed_members)
-        desired = resources.group_manifest(gp, members, budget)
+        desired = resources.group_manifest(gp, members)
         if gobj is None:
             gobj, created = await self.client.create_or_adopt(API, "backbonegroups", ns, desired)
             if not created and gobj["metadata"].get("deletionTimestamp"):
@@ -301,6 +300,8 @@ class GroupApplier:
             "taskCount": len(gp.members),
             "gpus": gp.gpus,
             "memoryPlannedBytes": gp.memory_per_gpu_bytes * gp.gpus,
+            "tokenBudget": gp.token_budget,
+            "recompute": gp.recompute,
             "observedGeneration": gobj["metadata"].get("generation"),
         }
         cur = gobj.get("status") or {}

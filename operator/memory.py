@@ -30,8 +30,14 @@ engine (engine/model/stage.py, engine/peft/, engine/parallel/) keeps there:
   everything above on the last stage).
 * **reserve**: 1 GiB (CUDA context, NCCL buffers) plus 5% of the GPU (allocator fragmentation).
 
-The sizing assumes every member's whole step fuses into one round (the engine's token budget can
-only lower what is alive). tests/operator/test_memory_model.py measures the engine's ranks on CPU
+**token budget** (the engine's --token-budget): one round fuses at most that many real tokens per
+replica (a single sequence longer than it still runs alone), the tasks beyond it take turns; so a
+group's activations are at most those of one budget's round, whatever its members: the budget's
+tokens, each at the costliest member's bytes per token and every member's distinct delta inputs
+(:meth:`GroupMemory.budget_activations`). Without a budget every member's whole step is fused.
+**recompute** (the engine's --recompute, activation checkpointing per decoder layer): a layer keeps
+only its input (hidden size x dtype per token) and recomputes its saved tensors in backward, one
+layer at a time, so a stage holds its layers' inputs plus one layer's full saved set. tests/operator/test_memory_model.py measures the engine's ranks on CPU
 (parameter, gradient and AdamW bytes; the peak of live saved tensors) and checks these terms.
 """
 from __future__ import annotations
@@ -324,8 +330,11 @@ class GroupMemory:
     flight)."""
 
     def __init__(self, arch: Architecture, par: Parallelism, gpu_memory_bytes: int,
-                 config: MemoryConfig = MemoryConfig()):
+                 config: MemoryConfig = MemoryConfig(), token_budget: int | None = None, recompute: bool = False):
         self.arch, self.par, self.config = arch, par, config
+        self.token_budget, self.recompute = token_budget, recompute
+        self.input_bytes = arch.hidden_size * dtype_bytes(arch)  # a checkpointed layer's saved input, per token
+        self.own_max = 0.0  # the costliest member's own bytes per token and layer (budgeted rounds)
         self.split = split_layers(arch, par.pp)
         n = len(self.split)
         self.flags = [(b - a, s == 0, s == n - 1) for s, (a, b) in enumerate(self.split)]
@@ -350,7 +359,26 @@ class GroupMemory:
 
     def _mb(self, tokens: int, seq: int, layer_bytes: float, s: int) -> float:
         layers, per_pos, per_token = self.coef[s]
-        return layers * layer_bytes + tokens * (seq * per_pos + per_token)
+        return self._layers(layers, tokens, layer_bytes) + tokens * (seq * per_pos + per_token)
+
+    def _layers(self, layers: int, tokens: int, layer_bytes: float) -> float:
+        """A micro-batch's saved tensors in ``layers`` decoder layers (with recompute: their inputs,
+        and one layer's full set while it is recomputed)."""
+        if not self.recompute or not layers:
+            return layers * layer_bytes
+        return layers * tokens * self.input_bytes + layer_bytes
+
+    def budget_tokens(self, seq: int) -> int:
+        """Real tokens one replica's round can hold: the budget, or one longer sequence alone; under
+        dp one more sequence for the uneven split of a round over the replicas."""
+        assert self.token_budget
+        return max(self.token_budget, seq) + (seq if self.par.dp > 1 else 0)
+
+    def budget_activations(self, s: int, seq: int, own: float, shared: float) -> tuple[float, int]:
+        """(activations, largest micro-batch tokens) of stage s when a round holds one budget:
+        a pipeline's micro-batches in flight together hold no more tokens than the round."""
+        tokens = self.budget_tokens(seq)
+        return self._mb(tokens, seq, tokens * (own + shared), s), tokens
 
     def _task_mbs(self, m: TaskMemory) -> list[tuple[int, int, float]]:
         def compute():
@@ -362,7 +390,21 @@ class GroupMemory:
         return _cached(("mbs", m.shape, _akey(self.arch), self.par), compute)
 
     def _activations(self, extra: TaskMemory | None, stages: list[int]) -> list[tuple[float, int]]:
-        """(activations, largest micro-batch tokens) of ``stages``, with ``extra`` as one more member."""
+        """(activations, largest micro-batch tokens) of ``stages``, with ``extra`` as one more member;
+        under a token budget the lesser of the fused step and one budget's round."""
+        fused = self._fused_activations(extra, stages)
+        if not self.token_budget or not self.members and extra is None:
+            return fused
+        seq, own, shared = self.seq, self.own_max, dict(self.shared)
+        if extra is not None:
+            e_own, inputs = _task_terms(extra.shape, self.arch, self.par.tp)
+            seq, own = max(seq, extra.shape.seq_len), max(own, e_own)
+            for k, v in inputs:
+                shared[k] = max(shared.get(k, 0.0), v)
+        capped = [self.budget_activations(s, seq, own, sum(shared.values())) for s in stages]
+        return [min(f, c) for f, c in zip(fused, capped)]
+
+    def _fused_activations(self, extra: TaskMemory | None, stages: list[int]) -> list[tuple[float, int]]:
         if self.par.pp == 1:
             tokens, seq, layer_bytes, shared = self.tokens, self.seq, self.layer_bytes, self.shared
             if extra is not None:
@@ -373,7 +415,7 @@ class GroupMemory:
                 for k, v in inputs:
                     shared[k] = max(shared.get(k, 0.0), v)
             if not tokens:
-                return [(0.0, 0)]
+                return [(0.0, 0)] * len(stages)
             return [(self._mb(tokens, seq, layer_bytes + tokens * sum(shared.values()), 0), tokens)]
         per_task = self.mbs + ([self._task_mbs(extra)] if extra is not None else [])
         order = [x[i] for i in range(max((len(x) for x in per_task), default=0)) for x in per_task if i < len(x)]
@@ -381,7 +423,7 @@ class GroupMemory:
         out = []
         for s in stages:
             layers, per_pos, per_token = self.coef[s]
-            sizes = [layers * lb + t * (q * per_pos + per_token) for t, q, lb in order]
+            sizes = [self._layers(layers, t, lb) + t * (q * per_pos + per_token) for t, q, lb in order]
             window = min(len(sizes), self.par.pp - s)
             run = best = sum(sizes[:window])
             for i in range(window, len(sizes)):  # sliding window
@@ -399,12 +441,13 @@ class GroupMemory:
     def add(self, m: TaskMemory) -> GroupMemory:
         self.members.append(m)
         self.state = [a + b for a, b in zip(self.state, self._stage_state(m))]
+        own, inputs = _task_terms(m.shape, self.arch, self.par.tp)
+        self.seq, self.own_max = max(self.seq, m.shape.seq_len), max(self.own_max, own)
+        for k, v in inputs:
+            self.shared[k] = max(self.shared.get(k, 0.0), v)
         if self.par.pp == 1:
             t = math.ceil(m.shape.batch_size / self.par.dp) * m.shape.seq_len
-            own, inputs = _task_terms(m.shape, self.arch, self.par.tp)
-            self.tokens, self.seq, self.layer_bytes = self.tokens + t, max(self.seq, m.shape.seq_len), self.layer_bytes + t * own
-            for k, v in inputs:
-                self.shared[k] = max(self.shared.get(k, 0.0), v)
+            self.tokens, self.layer_bytes = self.tokens + t, self.layer_bytes + t * own
         else:
             self.mbs.append(self._task_mbs(m))
         return self
@@ -463,9 +506,10 @@ def _stage_params(m: TaskMemory, arch: Architecture, tp: int, layers: int, first
 
 
 def rank_memory(arch: Architecture, members: list[TaskMemory] | tuple[TaskMemory, ...], par: Parallelism,
-                gpu_memory_bytes: int, config: MemoryConfig = MemoryConfig()) -> list[RankMemory]:
+                gpu_memory_bytes: int, config: MemoryConfig = MemoryConfig(), token_budget: int | None = None,
+                recompute: bool = False) -> list[RankMemory]:
     """One RankMemory per pipeline stage (every dp replica and tp rank of a stage holds the same)."""
-    g = GroupMemory(arch, par, gpu_memory_bytes, config)
+    g = GroupMemory(arch, par, gpu_memory_bytes, config, token_budget, recompute)
     for m in members:
         g.add(m)
     return g.ranks()
@@ -477,9 +521,11 @@ def group_memory_per_gpu(
     par: Parallelism,
     gpu_memory_bytes: int,
     config: MemoryConfig = MemoryConfig(),
+    token_budget: int | None = None,
+    recompute: bool = False,
 ) -> int:
     """Planned bytes on the busiest GPU of the group, reserve included."""
-    return max(r.total for r in rank_memory(arch, members, par, gpu_memory_bytes, config))
+    return max(r.total for r in rank_memory(arch, members, par, gpu_memory_bytes, config, token_budget, recompute))
 
 
 def fits(

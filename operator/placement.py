@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
+from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
 from muxtune.operator.memory import MiB, MemoryConfig, Parallelism, TaskShape
 
 SHARED = None  # tenancy of a group open to several namespaces
@@ -85,6 +86,10 @@ class GroupState:
     # a task of another namespace never joins it. None: no restriction (a namespace's own group).
     namespaces: frozenset[str] | None = None
     queue: str = ""  # the Kueue LocalQueue its pods name, fixed at creation
+    # the engine's --token-budget and --recompute its pods run with (fixed at creation; a group
+    # written before the planner chose budgets runs with the engine's default)
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    recompute: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,15 @@ class PlannerConfig:
     # replica too few sequences, and a gang of more pods is harder to place at once.
     max_dp: int = 8
     memory: MemoryConfig = MemoryConfig()
+    # Token budgets (the engine's --token-budget) a group may get: the largest that fits its GPUs
+    # once its tasks' weights, adapter and optimizer state are counted; below target_token_budget
+    # the group recomputes activations (--recompute) when that buys a larger budget. A group's
+    # budget is never below its longest sequence.
+    token_budgets: tuple[int, ...] = (32768, 16384, 8192, 4096, 2048, 1024, 512, 256)
+    target_token_budget: int = DEFAULT_TOKEN_BUDGET
+    # The speed band: a task with priority >= fast_priority never takes turns with itself: its
+    # group's budget holds the whole step of each such member at once (it may cost more GPUs).
+    fast_priority: int = 100
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,8 @@ class GroupPlan:
     new: bool
     changed: bool  # members added in this plan
     queue: str = ""
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # the engine's --token-budget: tokens one round fuses per replica
+    recompute: bool = False  # the engine's --recompute: activation checkpointing per decoder layer
 
     @property
     def gpus(self) -> int:
@@ -158,6 +174,10 @@ class Plan:
     # policy allows at best (exact under "never"/"always"; under "opt-in" a sharing task could
     # also join its own namespace's groups, so there it is an estimate, not a bound)
     lower_bound_gpus_by_tenancy: int = 0
+    # GPUs that only the weight copies (one per max_tasks_per_group tasks of a (backbone, tenancy)
+    # class) and the adapter + optimizer state need: activations left out, as one token budget
+    # bounds them (planner.floor_gpus)
+    floor_gpus: int = 0
 
     @property
     def new_groups(self) -> tuple[GroupPlan, ...]:
@@ -189,6 +209,8 @@ class Plan:
                     "gpuProduct": g.gpu_product,
                     "gpuMemoryMiB": g.gpu_memory_mib,
                     "memoryPerGpuMiB": round(g.memory_per_gpu_bytes / MiB, 1),
+                    "tokenBudget": g.token_budget,
+                    "recompute": g.recompute,
                     "members": list(g.members),
                 }
                 for g in self.groups
@@ -198,5 +220,6 @@ class Plan:
             "gpusNew": self.gpus_new,
             "lowerBoundGpus": self.lower_bound_gpus,
             "lowerBoundGpusByTenancy": self.lower_bound_gpus_by_tenancy,
+            "floorGpus": self.floor_gpus,
             "packingEfficiency": round(self.packing_efficiency, 4),
         }

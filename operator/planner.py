@@ -22,8 +22,20 @@ Algorithm
 5. Tasks that fit no class even at the largest parallelism, or that wait for free GPUs, or whose
    backbone has no size figures, are returned as unplaceable with a reason.
 
-Quality: a lower bound on GPUs (:func:`lower_bound_gpus`); ``Plan.gpus_allocated`` is measured
-against it.
+Token budgets. Every group runs with a token budget (the engine's --token-budget) chosen with its
+layout: the candidate layouts above are sized at the least budget a task allows (its longest
+sequence, recomputed; the speed band: its whole step), so GPUs buy weights and adapter state; the
+group opened then gets the largest budget its GPUs hold once the look-ahead's members are counted,
+with --recompute when the budget would otherwise stay below ``target_token_budget``
+(:func:`choose_budget`). Hot adds are sized at the group's fixed budget.
+
+Inputs and outputs (stable; the tenant-fairness module decides which tasks are passed in):
+``plan(pending, groups, nodes, basemodels, config, reserved_names) -> Plan``. New fields are
+optional with defaults: GroupState.token_budget/recompute, GroupPlan.token_budget/recompute,
+Plan.floor_gpus.
+
+Quality: a lower bound on GPUs (:func:`lower_bound_gpus`) and the floor of weight copies and
+adapter state (:func:`floor_gpus`); ``Plan.gpus_allocated`` is measured against both.
 """
 from __future__ import annotations
 
@@ -33,6 +45,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from muxtune.api.basemodel import Architecture
+from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
+from muxtune.operator.budget import choose_budget, fast_tokens, min_budget
 from muxtune.operator.memory import (
     GroupMemory,
     MemoryConfig,
@@ -168,11 +182,15 @@ class _OpenGroup:
     accepting: bool = True
     namespaces: frozenset[str] | None = None
     queue: str = ""
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    recompute: bool = False
+    fast_tokens: int = 0  # the speed band's members' step tokens per replica (all in one round)
     acc: GroupMemory | None = None
 
     def memory_with(self, extra: TaskMemory | None, config: MemoryConfig) -> int:
         if self.acc is None or len(self.acc.members) != len(self.mems):
-            self.acc = GroupMemory(self.arch, self.par, self.memory_mib * MiB, config)
+            self.acc = GroupMemory(self.arch, self.par, self.memory_mib * MiB, config, self.token_budget,
+                                   self.recompute)
             for m in self.mems:
                 self.acc.add(m)
         return self.acc.busiest(extra)
@@ -184,8 +202,15 @@ class _OpenGroup:
             and compatible(t, self.tenancy, config, self.queue)
             and (self.new or self.namespaces is None or t.namespace in self.namespaces)
             and len(self.members) < config.max_tasks_per_group
+            and self.fast_tokens + fast_tokens(t, self.par, config) <= self.token_budget
             and self.memory_with(mem, config.memory) <= self.memory_mib * MiB
         )
+
+    def add(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> None:
+        self.members.append(t.key)
+        self.mems.append(mem)
+        self.fast_tokens += fast_tokens(t, self.par, config)
+        self.changed = True
 
 
 def lower_bound_gpus(
@@ -200,8 +225,8 @@ def lower_bound_gpus(
 
     Its tasks need at least ceil(n / max_tasks_per_group) groups, each with a copy of the weights.
     The least bytes: those copies, plus all tasks as if in one group whose pipeline is as deep as a
-    node allows, memory taken as fungible across GPUs (every adapter, and only the micro-batches a
-    1F1B pipeline keeps in flight). Valid because another layout never lowers it: more groups
+    node allows, memory taken as fungible across GPUs (every adapter, and the activations of the
+    least round a token budget allows: the longest sequence alone, recomputed). Valid because another layout never lowers it: more groups
     repeat weights and in-flight micro-batches, tp replicates norms, dp splits batches, and tasks
     of different backbones never share a GPU.
     """
@@ -214,7 +239,7 @@ def lower_bound_gpus(
             continue
         arch = archs[model]
         groups = math.ceil(len(mems) / max(1, max_tasks_per_group))
-        need = min(sum(r.resident for r in rank_memory(arch, mems, Parallelism(pp=pp), usable, config))
+        need = min(sum(r.resident for r in rank_memory(arch, mems, Parallelism(pp=pp), usable, config, 1, True))
                    for pp in _pow2_upto(min(arch.layers, max(1, max_stages))))
         total += max(groups, math.ceil((need + (groups - 1) * weight_bytes(arch)) / usable))
     return total
@@ -297,6 +322,9 @@ def _existing_groups(groups: Sequence[GroupState], run: _Run) -> list[_OpenGroup
             accepting=g.accepting and arch is not None,
             namespaces=g.namespaces,
             queue=g.queue,
+            token_budget=g.token_budget,
+            recompute=g.recompute,
+            fast_tokens=sum(fast_tokens(m, g.parallelism, run.config) for m in g.members),
         ))
         if g.unbound_pods > 0:
             _reserve_unbound(g, run.cap)
@@ -342,9 +370,7 @@ def _place(t: TaskRequest, rest: Sequence[TaskRequest], seen: set[str], mems: Ma
     mem = mems[t.key]
     target = _first_fit(run.groups, t, mem, run.config)
     if target is not None:
-        target.members.append(t.key)
-        target.mems.append(mem)
-        target.changed = True
+        target.add(t, mem, run.config)
         run.placements.append(Placement(t.key, target.name, target.new))
         return
     tenancy = tenancy_for(t, run.config)
@@ -394,7 +420,9 @@ def _layout_candidates(t: TaskRequest, arch: Architecture, mem: TaskMemory, ahea
         cap_bytes = mib * MiB
         layouts = [par for par in candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
                    if par.dp == 1 or par.dp <= t.shape.batch_size]  # every replica gets a sequence
-        accs = {par: GroupMemory(arch, par, cap_bytes, config.memory).add(mem) for par in layouts}
+        # sized at the least budget, recomputing: the budget then takes what memory is left
+        accs = {par: GroupMemory(arch, par, cap_bytes, config.memory, min_budget(t, par, config), True).add(mem)
+                for par in layouts}
         fitting = [par for par in layouts if accs[par].busiest() <= cap_bytes]
         if not fitting:
             continue
@@ -402,7 +430,7 @@ def _layout_candidates(t: TaskRequest, arch: Architecture, mem: TaskMemory, ahea
         single = [par for par in fitting if par.dp == 1] or fitting[:1]
         for order, par in enumerate(single):
             acc = _fill(accs[par], ahead, cap_bytes, config.max_tasks_per_group)
-            cands.append((par.gpus / len(acc.members), par.gpus, -mib, product, order, par, cls))
+            cands.append((par.gpus / len(acc.members), par.gpus, -mib, product, order, par, cls, acc.members))
     return cands, fits_somewhere
 
 
@@ -418,10 +446,10 @@ def _fill(acc: GroupMemory, ahead: Sequence[TaskMemory], cap_bytes: int, max_tas
 def _choose_layout(cands: list[tuple], cap: _Capacity) -> tuple | None:
     """The best-scored candidate that free GPUs on nodes can take now:
     (gpus, memory_mib, product, par, cls, nodes), or None."""
-    for score, gpus, negmib, product, order, par, cls in sorted(cands, key=lambda c: c[:5]):
+    for score, gpus, negmib, product, order, par, cls, filled in sorted(cands, key=lambda c: c[:5]):
         where = cap.find(cls, par.dp, par.gpus_per_pod)
         if where is not None:
-            return (gpus, -negmib, product, par, cls, where)
+            return (gpus, -negmib, product, par, cls, where, filled)
     return None
 
 
@@ -442,9 +470,11 @@ def _why_unplaceable(t: TaskRequest, arch: Architecture, fits_somewhere: bool, r
 def _open_group(t: TaskRequest, arch: Architecture, mem: TaskMemory, tenancy: str | None, best: tuple,
                 run: _Run) -> None:
     """Reserve the chosen layout's GPUs on its nodes and open the group under a free name."""
-    _, mib, product, par, cls, where = best
+    _, mib, product, par, cls, where, filled = best
     run.cap.reserve(where, par.gpus_per_pod)
     name = _free_name(t, tenancy, run.names_taken)
+    budget, recompute = choose_budget(GroupMemory(arch, par, mib * MiB, run.config.memory), filled,
+                                      min_budget(t, par, run.config), mib * MiB, run.config)
     run.groups.append(_OpenGroup(
         name=name,
         namespace=tenancy if tenancy is not SHARED else run.config.shared_namespace,
@@ -459,6 +489,9 @@ def _open_group(t: TaskRequest, arch: Architecture, mem: TaskMemory, tenancy: st
         new=True,
         changed=True,
         queue=t.queue,
+        token_budget=budget,
+        recompute=recompute,
+        fast_tokens=fast_tokens(t, par, run.config),
     ))
     run.placements.append(Placement(t.key, name, True))
 
@@ -477,9 +510,9 @@ def _free_name(t: TaskRequest, tenancy: str | None, names_taken: set[str]) -> st
 def _result(run: _Run) -> Plan:
     """The plan, with its totals and lower bounds measured on every group it ends with."""
     mcfg = run.config.memory
-    per_gpu = [group_memory_per_gpu(g.arch, g.mems, g.par, g.memory_mib * MiB, mcfg)
+    per_gpu = [group_memory_per_gpu(g.arch, g.mems, g.par, g.memory_mib * MiB, mcfg, g.token_budget, g.recompute)
                if g.base_model in run.archs.known else 0 for g in run.groups]
-    lb, lb_t = _lower_bounds(run)
+    lb, lb_t, floor = _lower_bounds(run)
     return Plan(
         placements=tuple(run.placements),
         groups=tuple(_group_plan(g, m) for g, m in zip(run.groups, per_gpu)),
@@ -490,6 +523,7 @@ def _result(run: _Run) -> Plan:
         memory_used_bytes=sum(min(m, g.memory_mib * MiB) * g.par.gpus for g, m in zip(run.groups, per_gpu)),
         memory_allocated_bytes=sum(g.memory_mib * MiB * g.par.gpus for g in run.groups),
         lower_bound_gpus_by_tenancy=lb_t,
+        floor_gpus=floor,
     )
 
 
@@ -507,11 +541,13 @@ def _group_plan(g: _OpenGroup, memory_per_gpu: int) -> GroupPlan:
         new=g.new,
         changed=g.changed,
         queue=g.queue,
+        token_budget=g.token_budget,
+        recompute=g.recompute,
     )
 
 
-def _lower_bounds(run: _Run) -> tuple[int, int]:
-    """(the plan's lower bound on GPUs, the same with each (backbone, tenancy) class apart)."""
+def _lower_bounds(run: _Run) -> tuple[int, int, int]:
+    """(the plan's lower bound on GPUs, the same with each (backbone, tenancy) class apart, the floor)."""
     by_model: dict[str, list[TaskMemory]] = {}
     by_class: dict[tuple[str, str], list[TaskMemory]] = {}
     for g in run.groups:
@@ -524,4 +560,23 @@ def _lower_bounds(run: _Run) -> tuple[int, int]:
     lb = lower_bound_gpus(by_model, archs, classes, mcfg, stages, k)
     lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg, stages, k)
                for (m, _), mems_ in sorted(by_class.items()))
-    return lb, lb_t
+    return lb, lb_t, floor_gpus(by_class, archs, classes, mcfg, k)
+
+
+def floor_gpus(tasks_by_class: Mapping[tuple[str, str], list[TaskMemory]], archs: Mapping[str, Architecture],
+               gpu_classes: Iterable[tuple[str, int]], config: MemoryConfig = MemoryConfig(),
+               max_tasks_per_group: int = 32) -> int:
+    """GPUs that weight copies and adapter + optimizer state alone need, activations left out (one
+    token budget bounds them): per (backbone, tenancy) class, ceil(n / max_tasks_per_group) groups
+    of at least one GPU each, each a copy of the weights, plus every task's state, on the largest
+    usable GPU. What a planner that sizes budgets (not whole fused steps) is measured against."""
+    usable = max((mib * MiB - config.reserve(mib * MiB) for _, mib in gpu_classes), default=0)
+    if usable <= 0:
+        return 0
+    total = 0
+    for (model, _tenancy), mems in sorted(tasks_by_class.items()):
+        if mems:
+            groups = math.ceil(len(mems) / max(1, max_tasks_per_group))
+            need = groups * weight_bytes(archs[model]) + sum(m.adapter_state_bytes for m in mems)
+            total += max(groups, math.ceil(need / usable))
+    return total

@@ -82,14 +82,20 @@ def group_namespaces(group: dict) -> list[str]:
     return [meta["namespace"]]
 
 
-def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, serving: dict | None = None) -> list[str]:
+def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, serving: dict | None = None,
+                token_budget: int | None = None, recompute: bool = False) -> list[str]:
     """The engine's command line; with the group's spec.serving it also serves the adapters of the
     members that enabled serving (and only those) on the serving port, within the group's SLOs.
-    Serving runs in one process, so a group laid out over several ranks trains without it."""
+    Serving runs in one process, so a group laid out over several ranks trains without it. The
+    planner's token budget and recompute are what the group's memory was sized for."""
     args = [
         "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
     ]
+    if token_budget:
+        args += ["--token-budget", str(int(token_budget))]
+    if recompute:
+        args.append("--recompute")
     if dp * tp * pp > 1:
         args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
     elif serving:
@@ -324,7 +330,8 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
         "image": config.engine_image,
         "imagePullPolicy": config.engine_image_pull_policy,
         "command": ["muxtune"],
-        "args": engine_args(config, dp, tp, pp, serving) + _trust_flag(spec["baseModel"], basemodel),
+        "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")))
+                 + _trust_flag(spec["baseModel"], basemodel)),
         "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp),
         "ports": _ports(config, dp, tp, pp, serving),
         "resources": _resources(config, int(spec.get("gpusPerPod", 1))),

@@ -70,7 +70,7 @@ def owner_reference(group: dict) -> dict:
 
 # --------------------------------------------------------------------------- BackboneGroup
 
-def group_spec(plan: GroupPlan, members: list[dict], token_budget: int | None) -> dict:
+def group_spec(plan: GroupPlan, members: list[dict]) -> dict:
     """spec of the BackboneGroup CR; ``members`` are the member tasks' raw objects."""
     spec = {
         "baseModel": plan.base_model,
@@ -83,8 +83,8 @@ def group_spec(plan: GroupPlan, members: list[dict], token_budget: int | None) -
         "parallelism": {"dp": plan.parallelism.dp, "tp": plan.parallelism.tp, "pp": plan.parallelism.pp},
         "gpuProduct": plan.gpu_product or None,
     }
-    if token_budget:
-        spec["tokenBudget"] = token_budget
+    spec["tokenBudget"] = plan.token_budget  # what its pods run with (--token-budget), fixed at creation
+    spec["recompute"] = plan.recompute
     spec["serving"] = group_serving(plan, members)
     return {k: v for k, v in spec.items() if v is not None}
 
@@ -100,7 +100,7 @@ def group_serving(plan: GroupPlan, members: list[dict]) -> dict | None:
             "sloTpotMs": min(float(w.get("sloTpotMs", 100.0)) for w in wanted)}
 
 
-def group_manifest(plan: GroupPlan, members: list[dict], token_budget: int | None) -> dict:
+def group_manifest(plan: GroupPlan, members: list[dict]) -> dict:
     annotations = {
         ANN_GPU_MEMORY: str(plan.gpu_memory_mib),
         ANN_TENANCY: plan.tenancy if plan.tenancy is not None else "*",
@@ -118,7 +118,7 @@ def group_manifest(plan: GroupPlan, members: list[dict], token_budget: int | Non
             "labels": group_labels(plan.name),
             "annotations": annotations,
         },
-        "spec": group_spec(plan, members, token_budget),
+        "spec": group_spec(plan, members),
     }
 
 

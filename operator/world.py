@@ -19,6 +19,7 @@ from muxtune.operator.config import (
     KUEUE_ADMISSION_GATE,
     KWOK_NODE_ANNOTATION,
 )
+from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET as ENGINE_DEFAULT_BUDGET
 from muxtune.operator.memory import Parallelism
 from muxtune.operator.planner import SHARED, GroupState, NodeInfo, TaskRequest
 
@@ -154,7 +155,18 @@ def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, a
         accepting=accepting,
         namespaces=frozenset(n for n in ann.get(ANN_NAMESPACES, "").split(",") if n) if ten == "*" else None,
         queue=ann.get(ANN_QUEUE, ""),
+        **_engine_budget(spec),
     )
+
+
+def _engine_budget(spec: Mapping) -> dict:
+    """The budget a group's pods run with. A group written before the planner passed budgets to
+    pods (no spec.recompute) runs with the engine's default, whatever its spec.tokenBudget says;
+    the larger of the two bounds what a round holds (a round never exceeds its members' steps)."""
+    budget = int(spec.get("tokenBudget") or ENGINE_DEFAULT_BUDGET)
+    if "recompute" not in spec:
+        return {"token_budget": max(budget, ENGINE_DEFAULT_BUDGET), "recompute": False}
+    return {"token_budget": budget, "recompute": bool(spec["recompute"])}
 
 
 def task_request(task: FineTuneTask, namespace_labels: Mapping[str, str] | None = None) -> TaskRequest:

@@ -70,6 +70,7 @@ class MultiplexedBackbone:
         self.path = loaded.path
         self.trust_remote_code = loaded.trust_remote_code  # for whoever loads from path again (a tokenizer)
         self.ctx = MuxContext()
+        self.recompute = False  # activation checkpointing per decoder layer (engine/model/stage.py)
         self.decoder = self.model.get_decoder()  # the base model (tests run it without the LM head)
         self.layers = families.decoder_layers(self.model, self.family)
         self.embedding = self.model.get_input_embeddings()

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from muxtune.engine.data.dataset import IGNORE
 from muxtune.engine.model import attention
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft import prompt_tuning
+from muxtune.engine.peft.mux_linear import MultiplexedLinear
 
 
 @dataclass
@@ -85,6 +87,9 @@ class Stage:
     def _sliced(self, hidden: torch.Tensor | None):
         layers, hooks, swapped = self.layers, [], {}
         try:
+            if self.backbone.recompute and torch.is_grad_enabled():  # --recompute: this stage's layers
+                for i in range(self.start, self.end):
+                    swapped[i], layers[i] = layers[i], _Recomputed(layers[i], self.backbone)
             if hidden is not None:
                 for i in range(self.start):
                     swapped[i], layers[i] = layers[i], self._skip
@@ -135,3 +140,47 @@ def _inject(hidden: torch.Tensor):
 
 def _stop(_module, _args, output):
     raise _StageDone(output[0] if isinstance(output, tuple) else output)
+
+
+class _Recomputed(nn.Module):
+    """A decoder layer under activation checkpointing (--recompute): the model's own layer, run through
+    torch's checkpoint as its gradient checkpointing does, made exact for the multiplexed deltas."""
+
+    def __init__(self, layer: nn.Module, backbone):
+        super().__init__()
+        self.layer, self.backbone = layer, backbone
+
+    def __getattr__(self, name):  # what the model's forward reads off its layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(_Rerun(self.backbone, self.layer), *args, use_reentrant=False, **kwargs)
+
+
+class _Rerun:
+    """One call of a checkpointed layer. The deltas read the batch's layout from the backbone's
+    context (cleared after the forward) and draw dropout from their tasks' own generators (which
+    torch's checkpoint does not rewind): the rerun in backward sets the layout again and draws the
+    forward's masks, then leaves each generator where it was."""
+
+    def __init__(self, bb, layer):
+        self.bb, self.layer, self.layout, self.calls = bb, layer, bb.ctx.layout, 0
+        deltas = [d for m in layer.modules() if isinstance(m, MultiplexedLinear) for d in m.deltas.values()]
+        self.rng = [(d, s) for d in deltas if (s := d.rng_state()) is not None]
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        rerun = self.calls > 1
+        now = [(d, d.rng_state()) for d, _ in self.rng] if rerun else []
+        for d, s in self.rng if rerun else ():
+            d.set_rng_state(s)
+        before, self.bb.ctx.layout = self.bb.ctx.layout, self.layout
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            self.bb.ctx.layout = before
+            for d, s in now:
+                d.set_rng_state(s)

@@ -45,7 +45,9 @@ class LoraDelta(TaskDelta):
         return x
 
     def rng_state(self) -> torch.Tensor | None:
-        return None if self._dropout_gen is None else self._dropout_gen.get_state()
+        if self._dropout_gen is None:  # not drawn yet: the seeded start (set_rng_state reseeds off CPU)
+            return torch.Generator().manual_seed(self._dropout_seed).get_state() if self.dropout else None
+        return self._dropout_gen.get_state()
 
     def set_rng_state(self, state: torch.Tensor) -> None:
         gen = torch.Generator(device=self.lora_A.device)

@@ -44,7 +44,11 @@ class BackboneGroupSpec(ApiModel):
     gpus_per_pod: int = Field(default=1, ge=0, description="nvidia.com/gpu requested per pod (0: CPU).")
     parallelism: Parallelism = Field(default_factory=Parallelism, description="Data, tensor and pipeline parallelism.")
     gpu_product: str | None = Field(default=None, description="Node GPU product the plan was sized for.")
-    token_budget: int | None = Field(default=None, gt=0, description="Tokens fused per step before tasks take turns.")
+    token_budget: int | None = Field(default=None, gt=0, description=(
+        "The engine's --token-budget: real tokens one round fuses per replica; the tasks beyond it take turns. "
+        "Chosen by the planner with the layout, from the memory left once weights and adapter state are counted."))
+    recompute: bool | None = Field(default=None, description=(
+        "The engine's --recompute: activation checkpointing per decoder layer, so a larger budget fits the same GPUs."))
     serving: GroupServing | None = Field(
         default=None, description="Set when a member has spec.serving.enabled: the engine's pods start with the API open."
     )
@@ -66,6 +70,8 @@ class BackboneGroupStatus(ApiModel):
     task_count: int | None = Field(default=None, ge=0, description="Member tasks (len(spec.tasks)), for kubectl get.")
     gpus: int | None = Field(default=None, ge=0, description="GPUs allocated to the group across all its pods, for kubectl get.")
     memory_planned_bytes: int | None = Field(default=None, description="GPU memory the planner budgeted for the group, in bytes.")
+    token_budget: int | None = Field(default=None, description="The token budget the group's engine runs with (spec.tokenBudget).")
+    recompute: bool | None = Field(default=None, description="Whether the group's engine recomputes activations (spec.recompute).")
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
     observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
 

@@ -136,7 +136,7 @@ def test_finetunetask_columns():
     cols = [c["name"] for c in _crd("FineTuneTask")["spec"]["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
     assert cols == ["Phase", "Group", "Progress", "Loss", "Tokens/s", "Age"]
     cols = [c["name"] for c in _crd("BackboneGroup")["spec"]["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
-    assert cols == ["Base Model", "Tasks", "GPUs", "Pods", "Phase", "Age"]
+    assert cols == ["Base Model", "Tasks", "GPUs", "Pods", "Phase", "Budget", "Age"]
 
 
 def test_cross_field_rules_are_cel():

@@ -464,12 +464,13 @@ def test_backbonegroup_and_basemodel_columns(api):
     assert _apply(api, doc).returncode == 0
     api.kubectl("patch", "bbg", "grp-cols", "-n", NAMESPACE, "--subresource=status", "--type=merge",
                 "-p", json.dumps({"status": {"phase": "Running", "taskCount": 2, "gpus": 4, "readyPods": 1,
-                                             "podsReady": "1/2", "layout": "dp2 x tp2 x pp1", "restarts": 0}}))
+                                             "podsReady": "1/2", "layout": "dp2 x tp2 x pp1", "restarts": 0,
+                                             "tokenBudget": 8192, "recompute": True}}))
     out = api.kubectl("get", "bbg", "grp-cols", "-n", NAMESPACE).stdout.splitlines()
-    assert out[0].split() == ["NAME", "BASE", "MODEL", "TASKS", "GPUS", "PODS", "PHASE", "AGE"]
-    assert out[1].split()[:6] == ["grp-cols", "builtin:tiny-llama", "2", "4", "1/2", "Running"]
+    assert out[0].split() == ["NAME", "BASE", "MODEL", "TASKS", "GPUS", "PODS", "PHASE", "BUDGET", "AGE"]
+    assert out[1].split()[:7] == ["grp-cols", "builtin:tiny-llama", "2", "4", "1/2", "Running", "8192"]
     wide = api.kubectl("get", "bbg", "grp-cols", "-n", NAMESPACE, "-o", "wide").stdout
-    assert "LAYOUT" in wide and "dp2 x tp2 x pp1" in wide and "RESTARTS" in wide
+    assert "LAYOUT" in wide and "dp2 x tp2 x pp1" in wide and "RESTARTS" in wide and "RECOMPUTE" in wide
     api.kubectl("delete", "bbg", "grp-cols", "-n", NAMESPACE)
 
     bm = _doc("BaseModel", "tiny-cols")

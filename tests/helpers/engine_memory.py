@@ -76,8 +76,9 @@ def _nbytes(t) -> int:
 
 
 def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, dp: int, pp: int,
-            muxtune_home: str, tp: int = 1) -> dict:
-    """One training round on this rank; what it held (see the module docstring)."""
+            muxtune_home: str, tp: int = 1, token_budget: int = 1 << 30) -> dict:
+    """Training rounds on this rank until every task has stepped (one round without a budget);
+    what it held at the peak (see the module docstring)."""
     import torch
 
     from muxtune.api.finetunetask import FineTuneTask
@@ -101,7 +102,8 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
         device, group = cpu, LocalGroup()
     backbone = MultiplexedBackbone(load_backbone(path, cpu, getattr(torch, dtype)))
     parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
-    trainer = MuxTrainer(backbone, Path(out), token_budget=1 << 30, resume=False, base_dir=Path(data_root), group=group)
+    trainer = MuxTrainer(backbone, Path(out), token_budget=token_budget, resume=False, base_dir=Path(data_root),
+                         group=group)
     for doc in docs:
         trainer.add_task(FineTuneTask.model_validate(doc))
     tasks = list(trainer.tasks.values())
@@ -114,7 +116,8 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
     params = [p for p in backbone.model.parameters() if p.device.type != "meta"]
     meter = SavedTensorMeter({p.untyped_storage().data_ptr() for p in params})
     with meter.hooks():
-        trainer.run_round()
+        while any(rt.step == 0 for rt in tasks) and trainer.run_round():
+            pass
     assert set(grads) == {rt.key for rt in tasks}, f"not every task stepped in the round: {sorted(grads)}"
     adapter_ids = {id(p) for rt in tasks for p in rt.adapter.parameters()}
     optimizer = sum(_nbytes(v) for rt in tasks for s in rt.optimizer.state.values() for v in s.values()

@@ -15,7 +15,7 @@ NOW = "2025-01-01T00:00:00Z"
 def group(dp=2, tp=1, pp=1, queue=""):
     gp = P.GroupPlan("mt-g", "ns", "builtin:tiny-llama", "ns", Parallelism(dp=dp, tp=tp, pp=pp), "H100", 81920,
                      ("ns/a",), 1, True, True, queue=queue)
-    m = resources.group_manifest(gp, [{"metadata": {"name": "a", "namespace": "ns", "uid": "u"}}], 4096)
+    m = resources.group_manifest(gp, [{"metadata": {"name": "a", "namespace": "ns", "uid": "u"}}])
     m["metadata"]["uid"] = "group-uid"
     return m
 

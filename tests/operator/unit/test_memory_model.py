@@ -23,13 +23,15 @@ from muxtune.operator.planner import TaskRequest
 from tests.helpers import engine_memory
 
 SEQ = 128
-LAYOUTS = [  # model, dtype, dp, pp, tp
-    ("tiny-llama", "float32", 1, 1, 1),
-    ("tiny-llama", "bfloat16", 1, 1, 1),
-    ("tiny-llama", "float32", 2, 2, 1),
-    ("tiny-llama", "float32", 1, 1, 2),
-    ("small-llama", "float32", 1, 1, 1),
-    ("small-llama", "float32", 1, 2, 1),
+LAYOUTS = [  # model, dtype, dp, pp, tp, token budget (None: every step fused in one round)
+    ("tiny-llama", "float32", 1, 1, 1, None),
+    ("tiny-llama", "bfloat16", 1, 1, 1, None),
+    ("tiny-llama", "float32", 2, 2, 1, None),
+    ("tiny-llama", "float32", 1, 1, 2, None),
+    ("small-llama", "float32", 1, 1, 1, None),
+    ("small-llama", "float32", 1, 2, 1, None),
+    ("small-llama", "float32", 1, 1, 1, 2 * SEQ),  # the tasks take turns: a round holds two sequences
+    ("small-llama", "float32", 1, 2, 1, 3 * SEQ),
 ]
 RESULTS: list[str] = []
 
@@ -63,19 +65,22 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("model,dtype,dp,pp,tp", LAYOUTS,
-                         ids=[f"{m}-{d}-dp{a}-pp{b}-tp{c}" for m, d, a, b, c in LAYOUTS])
-def test_model_matches_what_each_rank_holds(model, dtype, dp, pp, tp, data_root, tmp_path, muxtune_home):
+@pytest.mark.parametrize("model,dtype,dp,pp,tp,budget", LAYOUTS,
+                         ids=[f"{m}-{d}-dp{a}-pp{b}-tp{c}" + (f"-budget{e}" if e else "") for m, d, a, b, c, e in LAYOUTS])
+def test_model_matches_what_each_rank_holds(model, dtype, dp, pp, tp, budget, data_root, tmp_path, muxtune_home):
     docs = task_docs(model)
     measured = engine_memory.measure_all(dp * pp * tp, str(tmp_path / "out"), str(data_root), docs, model, dtype,
-                                         dp, pp, str(muxtune_home), tp)
+                                         dp, pp, str(muxtune_home), tp, budget or 1 << 30)
     assert len(measured) == dp * pp * tp
     arch = M.BUILTIN_ARCHITECTURES[model].model_copy(update={"dtype": dtype})
     mems = [M.task_memory(TaskRequest.from_task(FineTuneTask.model_validate(d)).shape, arch) for d in docs]
-    modelled = M.rank_memory(arch, mems, M.Parallelism(dp=dp, tp=tp, pp=pp), 80 * M.GiB)
+    modelled = M.rank_memory(arch, mems, M.Parallelism(dp=dp, tp=tp, pp=pp), 80 * M.GiB, token_budget=budget)
     assert len(modelled) == pp
+    if budget:  # the budget is what bounds this group: without it the model says more
+        fused = M.rank_memory(arch, mems, M.Parallelism(dp=dp, tp=tp, pp=pp), 80 * M.GiB)
+        assert modelled[0].activations < fused[0].activations
     for r in measured:
-        assert all(step == 1 for step in r["steps"].values()), r["steps"]  # every task stepped in the round
+        assert all(step == 1 for step in r["steps"].values()), r["steps"]  # every task stepped (once)
         m = modelled[r["stage"]]
         state = r["adapter_params"] + r["grads"] + r["optimizer"]
         terms = {"weights": (m.weights, r["weights"], 0.01), "adapter state": (m.adapter_state, state, 0.01),

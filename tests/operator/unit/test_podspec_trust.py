@@ -10,7 +10,7 @@ from muxtune.operator.memory import Parallelism
 
 def _args(base: str, basemodel: dict | None) -> list[str]:
     gp = P.GroupPlan("mt-g", "ns", base, "ns", Parallelism(dp=1, tp=1, pp=1), "H100", 81920, ("ns/a",), 1, True, True)
-    group = resources.group_manifest(gp, [{"metadata": {"name": "a", "namespace": "ns", "uid": "u"}}], 4096)
+    group = resources.group_manifest(gp, [{"metadata": {"name": "a", "namespace": "ns", "uid": "u"}}])
     group["metadata"]["uid"] = "group-uid"
     pod = resources.pod_manifest(group, 0, OperatorConfig(output_host_path="/srv/out"), basemodel)
     return pod["spec"]["containers"][0]["args"]

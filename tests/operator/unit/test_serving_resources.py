@@ -21,7 +21,7 @@ def member(name, serving=None):
 def group(members, par=Parallelism()):
     gp = GroupPlan("mt-x", "ns", "builtin:tiny-llama", "ns", par, "H100", 81920,
                    tuple(f"ns/{m['metadata']['name']}" for m in members), 1, True, True)
-    m = resources.group_manifest(gp, members, 4096)
+    m = resources.group_manifest(gp, members)
     m["metadata"]["uid"] = "group-uid"
     return m
 

@@ -82,7 +82,7 @@ def test_engine_document_rewrites_paths():
 
 def _group(dp=2):
     gp = GroupPlan("mt-x", "ns", "model:llama", "ns", Parallelism(dp=dp, tp=2), "H100", 81920, ("ns/a",), 1, True, True)
-    m = resources.group_manifest(gp, [{"metadata": {"name": "a", "namespace": "ns", "uid": "u"}}], 4096)
+    m = resources.group_manifest(gp, [{"metadata": {"name": "a", "namespace": "ns", "uid": "u"}}])
     m["metadata"]["uid"] = "group-uid"
     return m
 

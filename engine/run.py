@@ -26,6 +26,7 @@ from muxtune.engine.parallel.group import LocalGroup
 from muxtune.engine.observe.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.observe.telemetry import Fanout
+from muxtune.engine.observe.trackers import Trackers
 from muxtune.engine.trainer import MuxTrainer
 from muxtune.engine import trust
 
@@ -180,11 +181,11 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     trainer = MuxTrainer(
         backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
         resume=cmd.resume, base_dir=base_dir, allow_data_change=cmd.allow_data_change,
-        data_limits=DataLimits(cmd.max_dataset_bytes, cmd.max_line_bytes), group=group,
+        data_limits=DataLimits(cmd.max_dataset_bytes, cmd.max_line_bytes, fetch=cmd.remote), group=group,
         micro_batches=cmd.micro_batches, interleave=cmd.interleave,
-        print_schedule=print if cmd.print_schedule else None,
+        print_schedule=print if cmd.print_schedule else None, remote=cmd.remote,
     )
-    sinks = []
+    sinks = [Trackers()] if group.is_writer else []
     if metrics is not None:
         metrics.attach(trainer)
         sinks.append(metrics)

@@ -50,6 +50,8 @@ class RunCommand(ServeFlags):
     max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Refuse a dataset file larger than this many bytes")
     max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, gt=0, description="Refuse a dataset line longer than this many bytes")
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
+    remote: bool = Field(True, description="Fetch s3:// datasets and upload to output.uri from this process (pods: "
+                                           "--no-remote; the task's staging and export Jobs do it with its credentials)")
     allow_data_change: bool = Field(False, description="Resume a task even when its dataset changed since its checkpoint (refused by default)")
     progress: bool = Field(True, description="Show a progress bar")
     log_level: Literal["debug", "info", "warning", "error"] = Field("warning", description="Structured log verbosity")

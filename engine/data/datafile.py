@@ -27,6 +27,9 @@ class DataFileError(ValueError):
 class DataLimits:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    # s3:// datasets: fetched by this process (muxtune run), or only read from the copy a staging
+    # Job left in the data area (engine pods, which hold no credentials: `--no-remote`)
+    fetch: bool = True
 
 
 def _kind(mode: int) -> str:

@@ -396,7 +396,7 @@ def test_created_task_has_defaults_and_columns(api):
     stored = json.loads(api.kubectl("get", "ftt", "columns", "-n", NAMESPACE, "-o", "json").stdout)
     assert stored["spec"]["peft"] == {"method": "lora", "r": 8, "alpha": 16, "dropout": 0, "targetModules": ["q_proj", "v_proj"],
                                       "feedforwardModules": [], "useDora": False}
-    assert stored["spec"]["training"]["maxGradNorm"] == 1 and stored["spec"]["output"] == {}
+    assert stored["spec"]["training"]["maxGradNorm"] == 1 and stored["spec"]["output"] == {"uploadCheckpoints": False}
 
     status = {"phase": "Running", "group": "grp-1", "step": 5, "totalSteps": 10, "progress": "5/10",
               "loss": 1.25, "tokensPerSecond": 1234.5, "message": "training"}

@@ -126,9 +126,8 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
     root = tmp_path_factory.mktemp("mlflow")
     log = root / "server.log"
     port = free_port()
-    exe = Path(sys.executable).with_name("mlflow")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--artifacts-destination", str(root / "artifacts")],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=root)

@@ -28,7 +28,7 @@ from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.observe.telemetry import Fanout
 from muxtune.engine.observe.trackers import Trackers
 from muxtune.engine.trainer import MuxTrainer
-from muxtune.engine import trust
+from muxtune.facts import trust
 
 log = logging.getLogger("muxtune.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

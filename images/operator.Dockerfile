@@ -6,13 +6,14 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Every folder pyproject.toml maps into the muxtune namespace must be present to build the wheel.
+# The operator needs no engine (torch): engine/ is not copied, and the muxtune.engine packages are
+# dropped from pyproject.toml before the wheel is built (every other mapped folder is copied).
 COPY pyproject.toml constraints.txt README.md* ./
 COPY muxtune/ muxtune/
-COPY engine/ engine/
 COPY operator/ operator/
 COPY devcluster/ devcluster/
-RUN python -m venv /opt/muxtune \
+RUN sed -i '/"muxtune\.engine/d' pyproject.toml \
+ && python -m venv /opt/muxtune \
  && /opt/muxtune/bin/pip install --upgrade "pip>=24" \
  && /opt/muxtune/bin/pip install -c constraints.txt ".[operator]"
 

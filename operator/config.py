@@ -97,7 +97,7 @@ class OperatorConfig:
     # Development only: poll at a pod's muxtune.io/engine-endpoint annotation (see ANN_ENDPOINT).
     dev_endpoint_annotation: bool = False
     unreachable_after: int = 3  # failed polls in a row before EngineReachable=False
-    # master key of the per-group HMAC keys (engine/trust.py); None: a random key per process
+    # master key of the per-group HMAC keys (muxtune/facts/trust.py); None: a random key per process
     signing_key_file: str | None = None
     pod_backoff_base: float = 2.0  # seconds; doubled per refused pod creation, per group
     pod_backoff_cap: float = 300.0

@@ -1,4 +1,4 @@
-"""Per-group HMAC keys (engine/trust.py), derived from the operator's master key.
+"""Per-group HMAC keys (muxtune/facts/trust.py), derived from the operator's master key.
 
 key(group) = HMAC-SHA256(master, "<namespace>/<name>/<uid>"): every group object has its own key,
 the operator never needs to read a key back from the cluster (it only creates the group's

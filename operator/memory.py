@@ -41,6 +41,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from muxtune.api.basemodel import Architecture
+from muxtune.facts import shards
+from muxtune.facts.builtin_models import BUILTIN_ARCHITECTURES  # noqa: F401  (operator/world.py reads it here)
+from muxtune.facts.methods import Linear as Module
+from muxtune.facts.methods import DEFAULT_METHOD, get_peft_method
 from muxtune.partition import contiguous_bounds
 
 MiB = 1024**2
@@ -51,27 +55,6 @@ ADAPTER_STATE_BYTES_PER_PARAM = 16  # fp32 delta + fp32 gradient + AdamW exp_avg
 FP32 = 4
 DEFAULT_VOCAB = 32000
 NOMINAL_CONTEXT = 256  # the engine's attention cost term when splitting layers (engine/parallel/split.py)
-
-# Figures of the engine's built-in test models (engine/model/loading.py BUILTIN_CONFIGS, byte tokenizer
-# with 259 tokens, untied LM head). Kept here so the operator never imports the engine (torch).
-BUILTIN_ARCHITECTURES: dict[str, Architecture] = {
-    "tiny-llama": Architecture(
-        parameters=804_736, layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=352, vocab_size=259, dtype="bfloat16",
-    ),
-    "small-llama": Architecture(
-        parameters=23_473_664, layers=8, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
-        intermediate_size=1376, vocab_size=259, dtype="bfloat16",
-    ),
-}
-
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "query", "key", "value", "c_attn", "c_proj", "qkv_proj", "dense")
-_KV = ("k_proj", "v_proj", "key", "value")
-_UP = ("gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3", "gate_up_proj", "dense_h_to_4h")
-_DOWN = ("down_proj", "fc2", "w2", "dense_4h_to_h")
-_ROW_PARALLEL = ("o_proj", "out_proj", "c_proj", "dense") + _DOWN  # sharded on the input under tp
-_VOCAB = ("lm_head", "embed_tokens", "wte")
-
 
 @dataclass(frozen=True)
 class MemoryConfig:
@@ -102,7 +85,7 @@ class Parallelism:
 class TaskShape:
     """The slice of a FineTuneTask the memory model reads."""
 
-    method: str = "lora"
+    method: str = DEFAULT_METHOD  # a registered method (muxtune.facts.methods)
     r: int = 8
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     feedforward_modules: tuple[str, ...] = ()
@@ -117,17 +100,6 @@ class TaskShape:
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
-
-
-@dataclass(frozen=True)
-class Module:
-    """One adapted module kind: (d_in, d_out) per layer, or once outside the layers (vocab modules)."""
-
-    name: str
-    d_in: int
-    d_out: int
-    per_layer: bool
-    row_parallel: bool
 
 
 @dataclass(frozen=True)
@@ -234,39 +206,26 @@ def module_of(name: str, arch: Architecture) -> Module:
     """The shape of the modules a target name matches (suffix match)."""
     h = arch.hidden_size
     base = name.rsplit(".", 1)[-1]
-    if base in _UP:
+    if base in shards.MLP_IN:
         return Module(base, h, ffn_size(arch), True, False)
-    if base in _DOWN:
+    if base in shards.MLP_OUT:
         return Module(base, ffn_size(arch), h, True, True)
-    if base in _VOCAB:
+    if base in shards.VOCAB_MODULES:
         return Module(base, h, _vocab(arch), False, False)
-    if base in _KV:
+    if base in shards.KV:
         return Module(base, h, kv_size(arch), True, False)
     # attention projections and anything unknown: h x h in every layer
-    return Module(base, h, h, True, base in _ROW_PARALLEL)
-
-
-def _module_params(shape: TaskShape, m: Module, tp: int = 1) -> int:
-    """Trainable parameters of one delta on one tp rank."""
-    if shape.method == "ia3":
-        width = m.d_in if m.name in shape.feedforward_modules else m.d_out
-        sharded = m.row_parallel if m.name in shape.feedforward_modules else not m.row_parallel
-        return math.ceil(width / tp) if sharded and m.per_layer else width
-    # LoRA (and, conservatively, any unknown method): A is r x d_in, B is d_out x r
-    if not m.per_layer or tp == 1:
-        return shape.r * (m.d_in + m.d_out)
-    if m.row_parallel:
-        return shape.r * (math.ceil(m.d_in / tp) + m.d_out)
-    return shape.r * (m.d_in + math.ceil(m.d_out / tp))
+    return Module(base, h, h, True, base in shards.ROW_PARALLEL)
 
 
 def trainable_params(shape: TaskShape, arch: Architecture) -> int:
-    if shape.method == "prompt_tuning":
-        return max(shape.num_virtual_tokens, 1) * arch.hidden_size
-    total = 0
+    """The method's declared shapes (muxtune.facts.methods): its deltas at the targeted Linears and
+    any at the input embeddings."""
+    method = get_peft_method(shape.method)
+    total = method.input_params(shape, arch.hidden_size)
     for name in shape.target_modules:
         m = module_of(name, arch)
-        total += _module_params(shape, m) * (arch.layers if m.per_layer else 1)
+        total += method.linear_params(shape, m) * (arch.layers if m.per_layer else 1)
     return total
 
 
@@ -301,10 +260,10 @@ def base_bytes_per_token_layer(arch: Architecture, tp: int = 1) -> float:
 
 
 _INPUT_GROUPS = (  # modules reading the same input tensor, and how wide it is
-    ("attention input", ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj")),
-    ("attention output", ("o_proj", "out_proj", "c_proj", "dense")),
-    ("mlp input", _UP),
-    ("mlp hidden", _DOWN),
+    ("attention input", shards.ATTENTION_IN),
+    ("attention output", shards.ATTENTION_OUT),
+    ("mlp input", shards.MLP_IN),
+    ("mlp hidden", shards.MLP_OUT),
 )
 
 
@@ -325,30 +284,26 @@ def delta_inputs(shape: TaskShape, arch: Architecture, tp: int = 1) -> dict[str,
     they are in: one copy of each distinct input (the fused LoRA kernel reads rows through the
     permutation; engine/peft/lora_kernel.py), and for IA3 the scaled tensor and its per-token scales
     (other tasks' tokens are scaled by one)."""
-    d, out = dtype_bytes(arch), {}
-    if shape.method not in ("lora", "ia3"):
+    d, out, method = dtype_bytes(arch), {}, get_peft_method(shape.method)
+    if method.attaches != "linear":
         return out
     for name in shape.target_modules:
         m = module_of(name, arch)
         if not m.per_layer:
             continue
         group, width = _input_group(m, arch, tp)
-        if shape.method == "lora" or name in shape.feedforward_modules:
+        if method.keeps_input(shape, name):
             out[group] = max(out.get(group, 0.0), width * d)  # the input, once per group
-        if shape.method == "ia3":
-            width = m.d_in if name in shape.feedforward_modules else m.d_out
-            sharded = m.row_parallel if name in shape.feedforward_modules else not m.row_parallel
-            scaled = ("scales " if name in shape.feedforward_modules else "scaled output and scales ") + m.name
-            out[scaled] = (1 if name in shape.feedforward_modules else 2) * width * d / (tp if sharded else 1)
+        out.update(method.saved_outputs(shape, name, m, d, tp))
     return out
 
 
 def own_bytes_per_token_layer(shape: TaskShape, arch: Architecture, tp: int = 1) -> float:
-    """Saved by the task's LoRA deltas in one layer per token of the task: each module's rank-r
-    intermediate (fp32 in the fused kernel)."""
-    if shape.method != "lora":
-        return 0.0
-    return sum(shape.r * FP32 for n in shape.target_modules if module_of(n, arch).per_layer)
+    """Saved by the task's deltas in one layer per token of the task (LoRA: each module's rank-r
+    intermediate, fp32 in the fused kernel)."""
+    method = get_peft_method(shape.method)
+    modules = (module_of(n, arch) for n in shape.target_modules)
+    return sum(method.own_saved(shape, m) for m in modules if m.per_layer)
 
 
 def _task_terms(shape: TaskShape, arch: Architecture, tp: int) -> tuple[float, tuple[tuple[str, float], ...]]:
@@ -496,15 +451,14 @@ def _stage_weights(arch: Architecture, layers: int, first: bool, last: bool, tp:
 
 def _stage_params(m: TaskMemory, arch: Architecture, tp: int, layers: int, first: bool, last: bool) -> int:
     """The task's trainable parameters on one rank of a stage with ``layers`` decoder layers."""
-    n = 0
+    method = get_peft_method(m.shape.method)
+    n = method.input_params(m.shape, arch.hidden_size) if first else 0
     for mod in m.modules:
-        k = _module_params(m.shape, mod, tp)
+        k = method.linear_params(m.shape, mod, tp)
         if mod.per_layer:
             n += k * layers
         elif (mod.name == "lm_head" and last) or (mod.name != "lm_head" and first):
             n += k
-    if m.shape.method == "prompt_tuning" and first:
-        n += trainable_params(m.shape, arch)
     return n
 
 

@@ -49,9 +49,7 @@ class TaskRequest:
                 r=spec.peft.r,
                 target_modules=tuple(spec.peft.target_modules),
                 feedforward_modules=tuple(spec.peft.feedforward_modules),
-                num_virtual_tokens=int(getattr(spec.peft, "num_virtual_tokens", 0) or 0)
-                if spec.peft.method == "prompt_tuning"
-                else 0,
+                num_virtual_tokens=spec.peft.virtual_tokens,
                 batch_size=spec.training.batch_size,
                 max_seq_len=spec.dataset.max_seq_len,
             ),

@@ -5,7 +5,7 @@ Isolation: the pod mounts only its member namespaces' areas, never the data or o
 one shared volume or one claim per namespace (OperatorConfig's storage settings). A single
 namespace's group mounts exactly its own namespace; a shared group the namespaces listed in its
 ``muxtune.io/namespaces`` annotation, fixed when it was created (the planner only adds a task to a
-shared group that already mounts its namespace). The group's HMAC key (engine/trust.py) comes
+shared group that already mounts its namespace). The group's HMAC key (muxtune/facts/trust.py) comes
 from a Secret; the pod has no API token (automountServiceAccountToken false, a ServiceAccount
 with no bindings) and runs under the restricted Pod Security Standard.
 

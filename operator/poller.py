@@ -2,7 +2,7 @@
 
 * Where: ``http://<podIP>:<port>`` of rank 0. The ``muxtune.io/engine-endpoint`` annotation, which
   anyone who may edit pods can set, is honoured only under ``--dev-endpoint-annotation``.
-* What: a report counts only when it verifies with the polled group's key (engine/trust.py), is
+* What: a report counts only when it verifies with the polled group's key (muxtune/facts/trust.py), is
   not older than the last one accepted from that group, and only for the group's current members
   (matching uid where the engine reports one); everything else is dropped with one log line.
 * Reachability: after ``unreachable_after`` failed polls in a row a group is unreachable since its
@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 
 import aiohttp
 
-from muxtune.engine import trust
+from muxtune.facts import trust
 from muxtune.operator import status
 from muxtune.operator.config import ANN_ENDPOINT, LABEL_COMPONENT, OperatorConfig
 from muxtune.operator.podspec import pod_name

@@ -3,7 +3,7 @@
 Children (all in the group's namespace, all with an ownerReference to the group):
 * ConfigMap ``<group>-tasks``: ``tasks.yaml``, the member FineTuneTasks as multi-document YAML,
   exactly the schema the engine reads, and ``tasks.yaml.sig``, the operator's signature of it
-  (engine/trust.py). Dataset paths become ``<ns>/<path>`` under ``--data-root /data`` (where
+  (muxtune/facts/trust.py). Dataset paths become ``<ns>/<path>`` under ``--data-root /data`` (where
   the pod mounts each namespace's area at ``/data/<ns>``); the engine writes a task's output to
   ``/output/<ns>/<name>`` (or ``/output/<ns>/<output.path>``); ``model:NAME`` backbones resolve
   to ``/models/NAME`` (``builtin:X`` for a BaseModel whose source is builtin).
@@ -25,7 +25,7 @@ import yaml
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.meta import API_VERSION
-from muxtune.engine import trust
+from muxtune.facts import trust
 from muxtune.operator import podspec
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,

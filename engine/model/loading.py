@@ -14,19 +14,8 @@ import torch
 
 from muxtune.storage import models
 from muxtune.storage.cache import cached_dir
+from muxtune.facts.builtin_models import BUILTIN_CONFIGS  # declared torch-free: the operator sizes them too
 
-# Small Llama-architecture configs. tiny-llama drives the quickstart and tests;
-# small-llama is large enough on CPU for the benchmark to show where time goes.
-# initializer_range 0.1 (not Llama's 0.02): a frozen random lm_head after RMSNorm at 0.02 caps
-# the logit range near 2.6, so no adapter could lower the loss much; at 0.1 losses fall visibly.
-BUILTIN_CONFIGS: dict[str, dict] = {
-    "tiny-llama": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       initializer_range=0.1),
-    "small-llama": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
-                        initializer_range=0.1),
-}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 log = logging.getLogger("muxtune.engine")

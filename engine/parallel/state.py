@@ -28,6 +28,7 @@ from muxtune.engine.parallel import tensor
 from muxtune.engine.parallel.group import AgreedError
 from muxtune.engine.peft.export import adapter_files
 from muxtune.engine.task import named_tensors
+from muxtune.facts.methods import get_peft_method
 
 PREFIX = "base_model.model."  # tensor.py's PEFT names; TaskState's stable names lack it
 
@@ -43,7 +44,7 @@ def _whole(rt, tp, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _partial_names(rt) -> set[str]:
     """Replicated parameters of tensor-parallel split layers: each tp rank holds a partial gradient."""
     names = {id(p): n for n, p in named_tensors(rt.adapter).items()}
-    return {names[id(p)] for p, _sharded, partial in tensor._classified(rt.adapter) if partial}
+    return {names[id(p)] for p, _sharded, partial in tensor.classified(rt.adapter) if partial}
 
 
 def _step_grads(rt, group, state: TaskState) -> dict[str, torch.Tensor]:
@@ -53,7 +54,7 @@ def _step_grads(rt, group, state: TaskState) -> dict[str, torch.Tensor]:
              for n, p in named.items()}
     reduce = [(group.dp_group, list(grads))] if group.dims.dp > 1 else []
     if group.tp_mesh is not None:
-        reduce.append((tensor._group(group.tp_mesh), sorted(_partial_names(rt))))
+        reduce.append((tensor.process_group(group.tp_mesh), sorted(_partial_names(rt))))
     for pg, names in reduce:
         for dtype in sorted({grads[n].dtype for n in names}, key=str):
             some = [n for n in names if grads[n].dtype == dtype]
@@ -199,7 +200,8 @@ def unsupported(task, dims) -> list[str]:
     problems = []
     if dims.pp > 1 and (task.spec.dataset.validation_path or task.spec.dataset.validation_split):
         problems.append("evaluation (dataset.validationPath / validationSplit) is not supported with --pp above 1 yet")
-    if (dims.pp > 1 or dims.tp > 1) and task.spec.peft.method == "prompt_tuning":
-        problems.append("prompt tuning is not supported with --pp or --tp above 1 yet")
+    method = get_peft_method(task.spec.peft.method)
+    if (dims.pp > 1 or dims.tp > 1) and method.attaches == "input":  # one delta for the whole model
+        problems.append(f"{method.title} is not supported with --pp or --tp above 1 yet")
     return problems
 

@@ -51,22 +51,24 @@ import torch.distributed as dist
 from torch import nn
 
 from muxtune.engine.peft.base import ShardSpec, TaskDelta
+from muxtune.facts.shards import TENSOR_PARALLEL_FAMILY
 
 BUCKET_BYTES = 25 << 20  # gradient all-reduce bucket (DDP's default)
-COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW = ("o_proj", "down_proj")
-REGIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-_PLAN = re.compile(r"^(?P<region>.*\.(?:self_attn|mlp))\.(?P<proj>[a-z_]+)$")
+# The split family's tables (muxtune/facts/shards.py, which the operator's memory model reads too)
+COLUMN = TENSOR_PARALLEL_FAMILY.column
+ROW = TENSOR_PARALLEL_FAMILY.row
+REGIONS = TENSOR_PARALLEL_FAMILY.region_members()
+_PLAN = re.compile(rf"^(?P<region>.*\.(?:{'|'.join(REGIONS)}))\.(?P<proj>[a-z_]+)$")
 
 __all__ = [
     "apply_tensor_parallel", "sync_replicated_grads", "grad_norm", "clip_grad_norm_",
     "gather_full_state", "shard_full_state", "load_full_state", "gather_optimizer_state",
-    "load_optimizer_state", "named_parameters",
+    "load_optimizer_state", "named_parameters", "process_group", "classified",
 ]
 
 
 # ----- groups ------------------------------------------------------------------------------------
-def _group(tp):
+def process_group(tp):
     """The ProcessGroup of a 1-D DeviceMesh or a ProcessGroup; None for no tensor parallelism."""
     if tp is None:
         return None
@@ -76,7 +78,7 @@ def _group(tp):
 
 
 def _size(tp) -> int:
-    group = _group(tp)
+    group = process_group(tp)
     return 1 if group is None else dist.get_world_size(group)
 
 
@@ -191,8 +193,9 @@ def apply_tensor_parallel(backbone, tp):
 
 
 # ----- gradients ------------------------------------------------------------------------------------
-def _classified(adapter) -> list[tuple[nn.Parameter, bool, bool]]:
-    """(parameter, sharded, partial gradient) in a fixed order (the same on every rank)."""
+def classified(adapter) -> list[tuple[nn.Parameter, bool, bool]]:
+    """(parameter, sharded, partial gradient) in a fixed order (the same on every rank): a
+    replicated parameter of a split layer has a partial gradient (each rank saw part of the layer)."""
     out = []
     for module in sorted(adapter.deltas):
         delta: TaskDelta = adapter.deltas[module]
@@ -219,10 +222,10 @@ def _buckets(params: list[nn.Parameter], bucket_bytes: int):
 def sync_replicated_grads(adapter, tp, bucket_bytes: int = BUCKET_BYTES) -> None:
     """Sum over tp the gradients of the replicated parameters of split layers (each rank saw part of
     the layer). Call once per optimizer step, after the task's last backward; every tp rank calls it."""
-    group = _group(tp)
+    group = process_group(tp)
     if _size(tp) == 1:
         return
-    partial = [p for p, _sharded, is_partial in _classified(adapter) if is_partial]
+    partial = [p for p, _sharded, is_partial in classified(adapter) if is_partial]
     for bucket in _buckets(partial, bucket_bytes):
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
         dist.all_reduce(flat, group=group)
@@ -236,7 +239,7 @@ def sync_replicated_grads(adapter, tp, bucket_bytes: int = BUCKET_BYTES) -> None
 def grad_norm(adapter, tp) -> torch.Tensor:
     """The task's global gradient 2-norm: split parameters' squares summed over tp, replicated ones
     (already synced, equal on every rank) counted once. Every tp rank calls it."""
-    params = _classified(adapter)
+    params = classified(adapter)
     device = params[0][0].device if params else torch.device("cpu")
     sq = torch.zeros(2, device=device, dtype=torch.float32)  # [sharded, replicated]
     for p, sharded, _partial in params:
@@ -244,7 +247,7 @@ def grad_norm(adapter, tp) -> torch.Tensor:
             sq[0 if sharded else 1] += p.grad.detach().float().pow(2).sum()
     if _size(tp) > 1:
         shard_sq = sq[:1].clone()
-        dist.all_reduce(shard_sq, group=_group(tp))
+        dist.all_reduce(shard_sq, group=process_group(tp))
         sq = torch.cat([shard_sq, sq[1:]])
     return sq.sum().sqrt()
 
@@ -295,7 +298,7 @@ def gather_full_state(adapter, tp, tensors: dict[str, torch.Tensor] | None = Non
         names = [k for k in split if local[k].dtype == dtype]
         flat = torch.cat([local[k].reshape(-1) for k in names])
         parts = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(parts, flat, group=_group(tp))
+        dist.all_gather(parts, flat, group=process_group(tp))
         offset = 0
         for k in names:
             n = local[k].numel()

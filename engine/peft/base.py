@@ -2,7 +2,8 @@
 
 A delta may rescale the layer's input, rescale its output, or add a term computed from the
 task's own tokens. The multiplexed layer combines any mix of methods in one pass, so a new
-method (DoRA, prefix tuning, ...) is one new module that implements this interface.
+method (prefix tuning, ...) is its torch-free declaration (muxtune/facts/methods/) and one module
+here that implements this interface and registers with ``@implements(decl)``.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
+from muxtune.facts.methods import PeftMethodDecl
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,15 @@ class TaskDelta(nn.Module):
 
 
 class PeftMethod:
-    """How a method builds its deltas and describes itself to PEFT.
+    """How a method builds its deltas (its declaration, muxtune.facts.methods, says the rest).
 
-    attaches: "linear" (a delta at each targeted Linear, combined by the multiplexed layer) or
-    "input" (one delta at the input embeddings that supplies the task's virtual tokens: prompt
-    tuning; the backbone embeds them per task)."""
+    attaches (from the declaration): "linear" (a delta at each targeted Linear, combined by the
+    multiplexed layer) or "input" (one delta at the input embeddings that supplies the task's
+    virtual tokens: prompt tuning; the backbone embeds them per task)."""
 
+    decl: ClassVar[type[PeftMethodDecl]]
     name: ClassVar[str]
-    attaches: ClassVar[str] = "linear"
+    attaches: ClassVar[str]
 
     @staticmethod
     def stable_name(module: str, name: str) -> str:
@@ -118,7 +121,19 @@ class PeftMethod:
     def make_delta(base: nn.Linear, module_name: str, spec: PeftSpec, generator: torch.Generator) -> TaskDelta:
         raise NotImplementedError
 
-    @staticmethod
-    def peft_config(spec: PeftSpec, base_model_path: str):
-        """A peft.PeftConfig equal to this spec, for adapter_config.json."""
-        raise NotImplementedError
+
+def matches_target(module_name: str, targets: list[str]) -> bool:
+    """PEFT's rule: a target names a module exactly or is a suffix after a dot."""
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+IMPLEMENTATIONS: dict[str, type[PeftMethod]] = {}
+
+
+def implements(decl: type[PeftMethodDecl]):
+    """Class decorator: register an engine PeftMethod as the torch side of a declared method."""
+    def register(cls: type[PeftMethod]) -> type[PeftMethod]:
+        cls.decl, cls.name, cls.attaches = decl, decl.name, decl.attaches
+        IMPLEMENTATIONS[decl.name] = cls
+        return cls
+    return register

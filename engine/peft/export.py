@@ -12,6 +12,7 @@ from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.durable import storage
 from muxtune.engine.model.backbone import TaskAdapter
 from muxtune.engine.peft.registry import get_method
+from muxtune.facts.methods import get_peft_method
 
 PEFT_PREFIX = "base_model.model."
 
@@ -19,7 +20,7 @@ PEFT_PREFIX = "base_model.model."
 def adapter_files(tensors: dict[str, torch.Tensor], spec: PeftSpec, base_model_path: Path) -> dict[str, bytes]:
     """PEFT's two files as bytes, from full tensors by stable name (PeftMethod.stable_name)."""
     method = get_method(spec.method)
-    config = method.peft_config(spec, str(base_model_path))
+    config = get_peft_method(spec.method).peft_config(spec, str(base_model_path))
     weights = {method.peft_key(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(tensors.items())}
     return {
         "adapter_model.safetensors": st_save(weights, metadata={"format": "pt"}),

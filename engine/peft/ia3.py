@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.peft.base import PeftMethod, TaskDelta
+from muxtune.engine.peft.base import PeftMethod, TaskDelta, implements, matches_target
+from muxtune.facts.methods.ia3 import Ia3Decl
 
 
 class Ia3Delta(TaskDelta):
-    method = "ia3"
+    method = Ia3Decl.name
 
     def __init__(self, base: nn.Linear, feedforward: bool):
         super().__init__()
@@ -32,23 +33,8 @@ class Ia3Delta(TaskDelta):
         return {"ia3_l": {"in": 1} if self.feedforward else {"out": 0}}
 
 
-def _matches(module_name: str, targets: list[str]) -> bool:
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
-
-
+@implements(Ia3Decl)
 class Ia3(PeftMethod):
-    name = "ia3"
-
     @staticmethod
     def make_delta(base, module_name, spec: PeftSpec, generator):
-        return Ia3Delta(base, feedforward=_matches(module_name, spec.feedforward_modules))
-
-    @staticmethod
-    def peft_config(spec: PeftSpec, base_model_path: str):
-        from peft import IA3Config
-
-        return IA3Config(
-            target_modules=sorted(spec.target_modules),
-            feedforward_modules=sorted(spec.feedforward_modules),
-            task_type="CAUSAL_LM", base_model_name_or_path=base_model_path,
-        )
+        return Ia3Delta(base, feedforward=matches_target(module_name, spec.feedforward_modules))

@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.peft.base import PeftMethod, TaskDelta
+from muxtune.engine.peft.base import PeftMethod, TaskDelta, implements
+from muxtune.facts.methods.lora import LoraDecl
 
 
 class LoraDelta(TaskDelta):
-    method = "lora"
+    method = LoraDecl.name
 
     def __init__(self, base: nn.Linear, spec: PeftSpec, generator: torch.Generator):
         super().__init__()
@@ -66,9 +67,8 @@ class LoraDelta(TaskDelta):
         return {"lora_A": {"in": 1}, "lora_B": {"out": 0}}
 
 
+@implements(LoraDecl)
 class Lora(PeftMethod):
-    name = "lora"
-
     @staticmethod
     def make_delta(base, module_name, spec, generator):
         if spec.use_dora:
@@ -76,13 +76,3 @@ class Lora(PeftMethod):
 
             return DoraDelta(base, spec, generator)
         return LoraDelta(base, spec, generator)
-
-    @staticmethod
-    def peft_config(spec: PeftSpec, base_model_path: str):
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-            target_modules=sorted(spec.target_modules), task_type="CAUSAL_LM",
-            base_model_name_or_path=base_model_path, bias="none", use_dora=spec.use_dora,
-        )

@@ -16,11 +16,12 @@ from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.data.examples import IGNORE, Example
-from muxtune.engine.peft.base import PeftMethod, TaskDelta
+from muxtune.engine.peft.base import PeftMethod, TaskDelta, implements
+from muxtune.facts.methods.prompt_tuning import PromptTuningDecl
 
 
 class PromptDelta(TaskDelta):
-    method = "prompt_tuning"
+    method = PromptTuningDecl.name
 
     def __init__(self, embedding: nn.Embedding, spec: PeftSpec, generator: torch.Generator, tokenizer=None):
         super().__init__()
@@ -43,10 +44,8 @@ class PromptDelta(TaskDelta):
         return {"prompt_embeddings": self.prompt_embeddings}
 
 
+@implements(PromptTuningDecl)
 class PromptTuning(PeftMethod):
-    name = "prompt_tuning"
-    attaches = "input"
-
     @staticmethod
     def make_delta(base, module_name, spec, generator, tokenizer=None):
         return PromptDelta(base, spec, generator, tokenizer)
@@ -58,23 +57,6 @@ class PromptTuning(PeftMethod):
     @staticmethod
     def peft_key(stable: str) -> str:
         return stable  # PEFT saves the prompt top-level, as "prompt_embeddings"
-
-    @staticmethod
-    def peft_config(spec: PeftSpec, base_model_path: str):
-        from peft import PromptTuningConfig
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(base_model_path)  # the backbone's own shape, as PEFT records it
-        return PromptTuningConfig(
-            task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens,
-            token_dim=cfg.hidden_size, num_transformer_submodules=1,
-            num_attention_heads=getattr(cfg, "num_attention_heads", None),
-            num_layers=getattr(cfg, "num_hidden_layers", None),
-            prompt_tuning_init=spec.prompt_tuning_init or "RANDOM",
-            prompt_tuning_init_text=spec.prompt_tuning_init_text,
-            tokenizer_name_or_path=base_model_path if spec.prompt_tuning_init == "TEXT" else None,
-            base_model_name_or_path=base_model_path,
-        )
 
 
 def prepend_virtual(examples: list[Example] | None, n: int) -> list[Example] | None:

@@ -1,12 +1,13 @@
-"""PEFT methods by FineTuneTask.spec.peft.method."""
+"""The engine's PEFT methods by FineTuneTask.spec.peft.method: each torch implementation registers
+itself against its declaration (engine/peft/base.py `implements`); importing this registers the
+built-in ones."""
 from __future__ import annotations
 
-from muxtune.engine.peft.base import PeftMethod
-from muxtune.engine.peft.ia3 import Ia3
-from muxtune.engine.peft.lora import Lora
-from muxtune.engine.peft.prompt_tuning import PromptTuning
-
-METHODS: dict[str, type[PeftMethod]] = {m.name: m for m in (Lora, Ia3, PromptTuning)}
+from muxtune.engine.peft import lora  # noqa: F401  isort: skip  (registration, in the declarations' order)
+from muxtune.engine.peft import ia3  # noqa: F401  isort: skip
+from muxtune.engine.peft import prompt_tuning  # noqa: F401  isort: skip
+from muxtune.engine.peft.base import IMPLEMENTATIONS as METHODS
+from muxtune.engine.peft.base import PeftMethod, matches_target  # noqa: F401  (backbone.py reads it here)
 
 
 def get_method(name: str) -> type[PeftMethod]:
@@ -14,8 +15,3 @@ def get_method(name: str) -> type[PeftMethod]:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"peft.method: {name!r} is not supported by this engine (supported: {', '.join(METHODS)})") from None
-
-
-def matches_target(module_name: str, targets: list[str]) -> bool:
-    """PEFT's rule: a target names a module exactly or is a suffix after a dot."""
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)

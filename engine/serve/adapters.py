@@ -21,6 +21,8 @@ from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.model.backbone import MultiplexedBackbone, TaskAdapter
 from muxtune.engine.peft.export import load_adapter_weights
 from muxtune.engine.serve.forward import BASE_SLOT
+from muxtune.facts.methods import get_peft_method, method_for_peft_type, peft_methods
+from muxtune.facts.methods.base import and_list
 
 log = logging.getLogger("muxtune.serve")
 SERVABLE = ("Running", "Succeeded")
@@ -58,8 +60,16 @@ class ServedModel:
     refused: str | None = None  # why this task's adapter cannot be served (its method), if it cannot
 
 
-# Methods whose delta lives outside the multiplexed Linears: serving would answer without it.
-UNSERVED_METHODS = {"prompt_tuning": "prompt tuning (virtual tokens are not prepended to served requests)"}
+# How a method is served (its declaration's served_as) -> why this server cannot, if it cannot:
+# a delta outside the multiplexed Linears would be missing from the answer.
+NOT_SERVED = {"virtual_tokens": "virtual tokens are not prepended to served requests"}
+
+
+def refused_method(method: str) -> str | None:
+    """Why tasks of ``method`` are not served, or None when they are."""
+    decl = get_peft_method(method)
+    why = NOT_SERVED.get(decl.served_as)
+    return f"{decl.title} ({why})" if why else None
 
 
 def spec_from_peft_config(directory: Path) -> PeftSpec:
@@ -82,15 +92,13 @@ def spec_from_peft_config(directory: Path) -> PeftSpec:
 
     refuse_if(bool(cfg.get("modules_to_save")), "modules_to_save")
     refuse_if(cfg.get("layers_to_transform") is not None, "layers_to_transform")
-    if kind == "LORA":
-        refuse_if(cfg.get("bias", "none") != "none", f"bias={cfg.get('bias')!r}")
-        for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
-            refuse_if(bool(cfg.get(flag)), flag)
-        refuse_if(bool(cfg.get("rank_pattern")) or bool(cfg.get("alpha_pattern")), "rank_pattern/alpha_pattern")
-        return PeftSpec(method="lora", r=cfg["r"], alpha=cfg["lora_alpha"], dropout=0.0, target_modules=targets)
-    if kind == "IA3":
-        return PeftSpec(method="ia3", target_modules=targets, feedforward_modules=cfg.get("feedforward_modules") or [])
-    raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not served (lora and ia3 are)")
+    decl = method_for_peft_type(kind)
+    if decl is None or refused_method(decl.name):
+        served = [m.name for m in peft_methods() if m.peft_type and not refused_method(m.name)]
+        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not served ({and_list(served)} are)")
+    unsupported = next(decl.unsupported_peft_features(cfg), None)
+    refuse_if(unsupported is not None, str(unsupported))
+    return PeftSpec(method=decl.name, **decl.spec_fields(cfg))
 
 
 def served_name(task) -> str:
@@ -144,7 +152,7 @@ class AdapterRegistry:
                                                              path=rt.out_dir)
                     self._aliases[key] = name
                 entry.phase, entry.step = rt.phase, rt.step
-                entry.refused = UNSERVED_METHODS.get(rt.task.spec.peft.method)
+                entry.refused = refused_method(rt.task.spec.peft.method)
 
     def served_tasks(self) -> dict[str, dict]:
         """For the engine's /v1/status: {task key: {"servedModel": name}} of the tasks answering now."""

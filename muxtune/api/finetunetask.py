@@ -11,7 +11,9 @@ from typing import Annotated, Literal
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from muxtune.api import sources
+from muxtune.api import peftrules
 from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta, Timestamp
+from muxtune.facts.methods import DEFAULT_METHOD, get_peft_method, peft_method_names
 
 # builtin:NAME, model:NAME (a BaseModel resource), hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX/,
 # or a local directory (the last three for local runs: the operator places builtin: and model:
@@ -26,7 +28,8 @@ BASE_MODEL_PATTERN = (
 REPORTERS = Literal["tensorboard", "mlflow"]
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
-PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
+# The registered methods (muxtune.facts.methods), in registration order.
+PeftMethod = Literal[peft_method_names()]  # type: ignore[valid-type]
 Phase = Literal["Pending", "Placed", "Running", "Succeeded", "Failed", "Suspended"]
 # A module name (suffix-matched against the backbone's module paths). Bounded so the API server's
 # CEL cost estimate for the feedforwardModules rule stays within budget.
@@ -220,20 +223,7 @@ class PeftSpec(ApiModel):
                     "fieldPath": ".feedforwardModules",
                     "reason": "FieldValueInvalid",
                 },
-                {
-                    "rule": "!has(self.useDora) || !self.useDora || !has(self.method) || self.method == 'lora'",
-                    "message": "useDora applies to method lora",
-                    "fieldPath": ".useDora",
-                    "reason": "FieldValueInvalid",
-                },
-                {
-                    "rule": "has(self.method) && self.method == 'prompt_tuning' ? has(self.numVirtualTokens) "
-                    ": !has(self.numVirtualTokens) && !has(self.promptTuningInit) && !has(self.promptTuningInitText)",
-                    "message": "method prompt_tuning needs numVirtualTokens; numVirtualTokens, promptTuningInit and "
-                    "promptTuningInitText are for prompt_tuning only",
-                    "fieldPath": ".numVirtualTokens",
-                    "reason": "FieldValueInvalid",
-                },
+                *peftrules.cel_rules(default=DEFAULT_METHOD),
                 {
                     "rule": "(has(self.promptTuningInit) && self.promptTuningInit == 'TEXT') == has(self.promptTuningInitText)",
                     "message": "promptTuningInit TEXT needs promptTuningInitText, and promptTuningInitText needs promptTuningInit TEXT",
@@ -245,7 +235,7 @@ class PeftSpec(ApiModel):
     )
 
     method: PeftMethod = Field(
-        default="lora",
+        default=DEFAULT_METHOD,
         description="lora (with useDora: DoRA), ia3 or prompt_tuning (targetModules, r, alpha and dropout are then unused).",
     )
     r: int = Field(default=8, gt=0, le=4096, description="LoRA rank.")
@@ -291,13 +281,7 @@ class PeftSpec(ApiModel):
         extra = set(self.feedforward_modules) - set(self.target_modules)
         if extra:
             raise ValueError(f"feedforwardModules {sorted(extra)} must also be in targetModules")
-        if self.use_dora and self.method != "lora":
-            raise ValueError("useDora applies to method lora")
-        pt = self.method == "prompt_tuning"
-        if pt and self.num_virtual_tokens is None:
-            raise ValueError("method prompt_tuning needs numVirtualTokens")
-        if not pt and (self.num_virtual_tokens, self.prompt_tuning_init, self.prompt_tuning_init_text) != (None,) * 3:
-            raise ValueError("numVirtualTokens, promptTuningInit and promptTuningInitText are for prompt_tuning only")
+        peftrules.check(self)
         if (self.prompt_tuning_init == "TEXT") != (self.prompt_tuning_init_text is not None):
             raise ValueError("promptTuningInit TEXT needs promptTuningInitText, and promptTuningInitText needs "
                              "promptTuningInit TEXT")
@@ -306,7 +290,7 @@ class PeftSpec(ApiModel):
     @property
     def virtual_tokens(self) -> int:
         """Positions prepended to each of the task's sequences (prompt tuning), else 0."""
-        return (self.num_virtual_tokens or 0) if self.method == "prompt_tuning" else 0
+        return get_peft_method(self.method).virtual_tokens(self)
 
 
 class TrainingSpec(ApiModel):

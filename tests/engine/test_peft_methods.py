@@ -127,3 +127,31 @@ def test_prompt_tokens_are_counted_and_resume(data_dir, tmp_path, trainer_factor
     a = load_file(rt.out_dir / "adapter_model.safetensors")
     b = load_file(r3.out_dir / "adapter_model.safetensors")
     assert list(a) == ["prompt_embeddings"] and (a["prompt_embeddings"] - b["prompt_embeddings"]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("peft", [
+    {"method": "lora", "r": 4, "targetModules": ["q_proj", "k_proj", "down_proj", "lm_head"]},
+    {"method": "lora", "r": 4, "useDora": True, "targetModules": ["q_proj", "v_proj", "down_proj"]},
+    {"method": "ia3", "targetModules": ["k_proj", "v_proj", "down_proj"], "feedforwardModules": ["down_proj"]},
+    {"method": "prompt_tuning", "numVirtualTokens": VIRTUAL},
+], ids=["lora", "dora", "ia3", "prompt_tuning"])
+def test_declared_trainable_shapes_are_the_engines(peft):
+    """Each method's torch-free shape (muxtune.facts.methods, which the operator's memory model
+    sizes from) counts exactly the parameters the engine's deltas train, Linear by Linear."""
+    from muxtune.api.finetunetask import PeftSpec
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import builtin_path, load_backbone
+    from muxtune.facts.methods import Linear, get_peft_method
+
+    backbone = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), torch.device("cpu"), torch.float32))
+    spec = PeftSpec.model_validate(peft)
+    adapter, decl = backbone.attach(1, spec, seed=0), get_peft_method(spec.method)
+    assert adapter.deltas
+    for module, delta in adapter.deltas.items():
+        trained = sum(p.numel() for p in delta.parameters() if p.requires_grad)
+        if decl.attaches == "input":
+            assert trained == decl.input_params(spec, backbone.model.config.hidden_size)
+            continue
+        base = backbone.linears[module]
+        m = Linear(module.rsplit(".", 1)[-1], base.in_features, base.out_features, True, False)
+        assert trained == decl.linear_params(spec, m), module

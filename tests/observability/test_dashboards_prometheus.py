@@ -92,7 +92,7 @@ def stack(request, prometheus_bin, tmp_path_factory):
         engine_env = dict(os.environ)
         group_key = None
         if operator is not None:  # the engine signs its reports and checks its task file, as in a pod
-            from muxtune.engine import trust
+            from muxtune.facts import trust
 
             group_key = operator.group_key(pod_ns, group, work)
             (work / "group.key").write_bytes(group_key)

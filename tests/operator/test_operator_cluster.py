@@ -97,7 +97,7 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
         assert t.spec.output.path is None  # the engine writes <output>/<namespace>/<name>
         assert t.spec.dataset.path == f"{ns}/sets/{t.metadata.name}.jsonl"  # under --data-root, in its own area
         assert t.metadata.uid == uids[t.metadata.name]  # the engine keys checkpoints by the object's uid
-    from muxtune.engine import trust
+    from muxtune.facts import trust
 
     sig = trust.verify_tasks(operator_env["op"].group_key(g), group_name, cm["data"]["tasks.yaml"].encode(),
                              cm["data"]["tasks.yaml.sig"])

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from muxtune.engine import trust
+from muxtune.facts import trust
 
 pytest_plugins = ["muxtune.devcluster.fixture"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -47,6 +47,34 @@ def test_ffn_estimate_close_to_llama():
     assert abs(M.ffn_size(LLAMA7B) - 11008) < 200
 
 
+def test_module_shapes_follow_the_shared_shard_tables():
+    """The memory model's names (muxtune/facts/shards.py) are the ones it used before the tables were
+    shared, plus GPT-NeoX's fused query_key_value read as an attention input; the engine splits the
+    same Llama names."""
+    from muxtune.facts import shards
+
+    assert set(shards.MLP_IN) == {"gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3", "gate_up_proj", "dense_h_to_4h"}
+    assert set(shards.MLP_OUT) == {"down_proj", "fc2", "w2", "dense_4h_to_h"}
+    assert set(shards.ROW_PARALLEL) == {"o_proj", "out_proj", "c_proj", "dense"} | set(shards.MLP_OUT)
+    assert set(shards.KV) == {"k_proj", "v_proj", "key", "value"}
+    assert set(shards.ATTENTION_IN) == {"q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj",
+                                        "query_key_value"}
+    assert M.module_of("model.layers.0.mlp.down_proj", LLAMA7B).row_parallel
+    assert not M.module_of("q_proj", LLAMA7B).row_parallel
+
+
+def test_prompt_tuning_trains_no_linear_deltas():
+    """A prompt-tuning task's adapter state is its prompt alone, on the first stage (its targetModules,
+    defaulted, are unused): the stage state and the task's trainable parameters agree."""
+    s = M.TaskShape(method="prompt_tuning", num_virtual_tokens=20)
+    tm = M.task_memory(s, LLAMA7B)
+    assert tm.trainable_params == 20 * 4096
+    (first, last) = M.rank_memory(LLAMA7B, [tm], M.Parallelism(pp=2), 80 * 2**30)
+    assert (first.adapter_state, last.adapter_state) == (16 * 20 * 4096, 0)
+    (one,) = M.rank_memory(LLAMA7B, [tm], M.Parallelism(), 80 * 2**30)
+    assert one.adapter_state == tm.adapter_state_bytes
+
+
 def test_ia3_and_mlp_shapes():
     s = M.TaskShape(method="ia3", target_modules=("k_proj", "v_proj", "down_proj"), feedforward_modules=("down_proj",))
     ffn = M.ffn_size(LLAMA7B)

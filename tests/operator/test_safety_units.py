@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from muxtune.api.finetunetask import FineTuneTask
-from muxtune.engine import trust
+from muxtune.facts import trust
 from muxtune.operator import policy, podspec, resources, status
 from muxtune.operator.config import OperatorConfig
 from muxtune.operator.groups import PodBackoff
@@ -28,7 +28,7 @@ KEY = b"k" * 64
 NOW = "2025-01-01T00:00:00Z"
 
 
-# --------------------------------------------------------------------------- engine/trust.py
+# --------------------------------------------------------------------------- muxtune/facts/trust.py
 
 def test_tasks_signature_binds_content_group_and_revision():
     text = b"apiVersion: muxtune.io/v1alpha1\n"

@@ -1,4 +1,4 @@
-"""What an engine pod and the operator trust of each other (stdlib only: the operator imports it too).
+"""What an engine pod and the operator trust of each other (stdlib only: the operator image has no engine).
 
 The group's ConfigMap and the pod's annotations live where tenants may write them, so neither side
 trusts the other's bytes without a MAC made with the group's key (HMAC-SHA256; the operator

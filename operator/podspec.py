@@ -82,6 +82,7 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
     args = [
         "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
+        "--no-remote",  # no credentials here: staging and export Jobs move remote data (operator/transfers.py)
     ]
     if dp * tp * pp > 1:
         args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
@@ -147,8 +148,9 @@ def area_volumes(kind: str, group: dict, config: OperatorConfig) -> tuple[list[d
     return vols, mounts
 
 
-def model_volume(base_model: str, basemodel: dict | None) -> tuple[dict, dict] | None:
-    """(volume, mount) for the backbone's weights, or None (built-in models need none)."""
+def model_volume(base_model: str, basemodel: dict | None, config: OperatorConfig | None = None) -> tuple[dict, dict] | None:
+    """(volume, mount) for the backbone's weights, or None (built-in models need none). An hf or s3
+    source is the directory its Job staged into the model cache (status.cachePath), read-only."""
     if not base_model.startswith("model:"):
         return None
     name = base_model.split(":", 1)[1]
@@ -160,6 +162,10 @@ def model_volume(base_model: str, basemodel: dict | None) -> tuple[dict, dict] |
         return {"name": "model", "persistentVolumeClaim": {"claimName": src["pvc"]["claimName"], "readOnly": True}}, mount
     if src.get("hostPath"):
         return {"name": "model", "hostPath": {"path": src["hostPath"]["path"], "type": "Directory"}}, mount
+    cached = ((basemodel or {}).get("status") or {}).get("cachePath")
+    if (src.get("hf") or src.get("s3")) and cached and config is not None and config.model_cache_pvc:
+        mount["subPath"] = cached
+        return {"name": "model", "persistentVolumeClaim": {"claimName": config.model_cache_pvc, "readOnly": True}}, mount
     return None
 
 
@@ -221,7 +227,7 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
         v, m = area_volumes(kind, group, config)
         volumes += v
         mounts += m
-    mv = model_volume(spec["baseModel"], basemodel)
+    mv = model_volume(spec["baseModel"], basemodel, config)
     if mv:
         volumes.append(mv[0])
         mounts.append(mv[1])
@@ -249,6 +255,7 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         *torchrun_env(name, ns, rank, dp, tp, pp),
+        *([{"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri}] if config.mlflow_tracking_uri else []),
     ]
     ports = [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}]
     if dp > 1:

@@ -21,9 +21,7 @@ def destination(task: FineTuneTask) -> str:
     return f"{uri}/{task.metadata.namespace or 'default'}/{task.metadata.name}/"
 
 
-def wanted(task: FineTuneTask):
-    checkpoints = task.spec.output.upload_checkpoints
-
+def wanted(checkpoints: bool):
     def include(rel: PurePath) -> bool:
         if any(p.startswith(".") for p in rel.parts) or rel.as_posix() == "status.json":
             return False
@@ -32,6 +30,10 @@ def wanted(task: FineTuneTask):
     return include
 
 
+def export_dir(task_dir: Path, to: str, checkpoints: bool) -> list[str]:
+    """Upload a task directory's results to `to`; StorageError (naming the URI, never a secret) when refused."""
+    return s3.upload_tree(Path(task_dir), to, wanted(checkpoints), LAST)
+
+
 def export_task(task: FineTuneTask, task_dir: Path) -> list[str]:
-    """Upload the task's results; StorageError (naming the URI, never a secret) when refused."""
-    return s3.upload_tree(Path(task_dir), destination(task), wanted(task), LAST)
+    return export_dir(task_dir, destination(task), task.spec.output.upload_checkpoints)

@@ -84,7 +84,7 @@ class ModelSource(ApiModel):
     hf: HubSource | None = Field(default=None, description="Weights on the Hugging Face Hub (staged into the model cache).")
     s3: BucketSource | None = Field(default=None, description="Weights in a bucket (staged into the model cache).")
     credentials_secret: str | None = Field(
-        default=None, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        default=None, max_length=253, pattern=sources.SECRET_NAME_PATTERN,
         description="hf and s3: a Secret in the operator's namespace whose keys (HF_TOKEN, AWS_*) become the "
                     "environment of the staging Job; engine pods never see it.")
 

@@ -26,7 +26,6 @@ BASE_MODEL_PATTERN = (
     r"|/.+|\./.+|\.\./.+)$"
 )
 REPORTERS = Literal["tensorboard", "mlflow"]
-SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 # The registered methods (muxtune.facts.methods), in registration order.
 PeftMethod = Literal[peft_method_names()]  # type: ignore[valid-type]
@@ -458,7 +457,7 @@ class FineTuneTaskSpec(ApiModel):
     credentials_secret: str | None = Field(
         default=None,
         max_length=253,
-        pattern=SECRET_NAME_PATTERN,
+        pattern=sources.SECRET_NAME_PATTERN,
         description=(
             "A Secret in the task's namespace whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
             "AWS_ENDPOINT_URL, HF_TOKEN, ...) become the environment of the task's staging and export "

@@ -15,6 +15,7 @@ S3_PREFIX_PATTERN = rf"^s3://{BUCKET}(/.*)?$"
 HF_REPO = r"[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*"
 HF_PATTERN = rf"^hf://{HF_REPO}(@[-A-Za-z0-9_./]+)?$"
 DOTDOT = r"(^|/)[.][.](/|$)"
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # a Secret holding a store's credentials
 
 S3_OBJECT_MESSAGE = "a URI must be s3://BUCKET/KEY (the only remote scheme for data)"
 S3_PREFIX_MESSAGE = "must be s3://BUCKET or s3://BUCKET/PREFIX"

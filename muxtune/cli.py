@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from muxtune.api.crdgen import CrdsCommand
-from muxtune.engine.data.datafile import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
 from muxtune.devcluster.cli import DevClusterCommand
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 

@@ -141,3 +141,25 @@ def test_model_job_stages_a_backbone_once_and_reports_its_path(s3, bucket, tmp_p
     assert term.startswith("models/s3-") and (cache / term / "config.json").is_file()
     rc, out, again = run_job(job, {"/cache": cache, "/tmp": tmp_path}, {"platform": s3.env()}, tmp_path)
     assert rc == 0 and again == term
+
+
+def test_the_jobs_commands_run_without_the_engine_or_torch(tmp_path, s3, bucket):
+    """The Jobs run the operator's image, which has neither engine/ nor torch: `muxtune stage`
+    must import and work with both missing."""
+    import subprocess
+    import sys
+
+    s3.client().put_object(Bucket=bucket, Key="k.jsonl", Body=b"{}\n")
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith(('torch.', 'muxtune.engine')):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from muxtune.cli import main\n"
+        "main(sys.argv[1:])\n")
+    p = subprocess.run([sys.executable, "-c", code, "stage", "data", f"s3://{bucket}/k.jsonl", "--data-area",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert list(tmp_path.rglob("k.jsonl"))

@@ -22,6 +22,7 @@ runs either loop; the others keep their caches warm.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -44,6 +45,8 @@ from muxtune.operator.keys import GroupKeys
 from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.planner import Plan, plan as run_planner
 from muxtune.operator.poller import EnginePoller
+from muxtune.operator.transfer_plan import plan_transfers
+from muxtune.operator.transfers import LABEL_TRANSFER
 from muxtune.operator.world import (
     basemodel_architecture,
     group_state,
@@ -58,6 +61,7 @@ OVERLAY_TTL = 120.0
 IDX_TASKS, IDX_GROUPS, IDX_MODELS = "muxtune_tasks", "muxtune_groups", "muxtune_basemodels"
 IDX_NODES, IDX_PODS, IDX_CMS, IDX_SVCS = "muxtune_nodes", "muxtune_pods", "muxtune_configmaps", "muxtune_services"
 IDX_NAMESPACES = "muxtune_namespaces"
+IDX_JOBS = "muxtune_jobs"
 
 
 def utcnow() -> str:
@@ -265,6 +269,13 @@ class Controller(GroupsMixin):
                 if r is not None:
                     refused[k] = r
 
+        # remote data: staging Jobs before placement, export Jobs after Succeeded, model caches
+        tplan = plan_transfers({k: (o, parsed[k]) for k, o in by_key.items()}, bm_by_name,
+                               self._view("jobs", IDX_JOBS), self._transfer_pods(), cfg)
+        for k, r in tplan.holds.items():
+            refused.setdefault(k, r)
+        await self._gather([self._create_job(j) for j in tplan.create])
+
         def terminal(o: dict) -> bool:
             return ((o.get("status") or {}).get("phase")) in status.TERMINAL
 
@@ -364,6 +375,9 @@ class Controller(GroupsMixin):
                     else "no architecture figures: set spec.architecture (parameters, layers, hiddenSize)"}
             if arch is not None:
                 want["architecture"] = arch.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if bname in tplan.models:  # hf/s3 weights: ready once staged into the model cache
+                want.update(tplan.models[bname])
+                want["ready"] = want["ready"] and want["phase"] == "Ready"
             if not subset(want, bm.get("status") or {}):
                 bjobs.append(self.client.patch(API, "basemodels", None, bname, {"status": want}, subresource="status"))
         await self._gather(bjobs)
@@ -375,6 +389,7 @@ class Controller(GroupsMixin):
             if deleting(o):
                 continue
             view = self._task_view(k, o, parsed[k], final_member.get(k), refused.get(k) or unplaceable.get(k), pods_of)
+            view = dataclasses.replace(view, stages=tuple(tplan.conditions.get(k, ())))
             old = o.get("status") or {}
             new = status.compute_status(old, view, now)
             ns = o["metadata"]["namespace"]
@@ -426,6 +441,23 @@ class Controller(GroupsMixin):
                 cap.take(where, gp.gpus_per_pod)
                 out[gk] = (True, "")
         return out
+
+    def _transfer_pods(self) -> dict[tuple[str, str], list[dict]]:
+        """The transfer Jobs' pods by (namespace, Job name), for their termination messages."""
+        out: dict[tuple[str, str], list[dict]] = {}
+        for p in self._view("pods", IDX_PODS).values():
+            labels = p.get("labels") or {}
+            if LABEL_TRANSFER in labels and labels.get("job-name"):
+                out.setdefault((p["namespace"], labels["job-name"]), []).append(p)
+        return out
+
+    async def _create_job(self, job: dict) -> None:
+        """A transfer Job (its name is derived: after a restart the existing one is adopted)."""
+        try:
+            created, _ = await self.client.create_or_adopt("batch/v1", "jobs", job["metadata"]["namespace"], job)
+            self._note("jobs", created)
+        except ApiError as exc:
+            log.warning("cannot create Job %s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], exc.message)
 
     async def _gather(self, coros) -> list:
         async def run(c):

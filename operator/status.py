@@ -38,6 +38,7 @@ class TaskView:
     unreachable_since: str | None = None  # the engine has not answered polls since then
     unreachable_message: str = ""
     final: bool = False  # unplaceable for good (the spec names something the operator never places)
+    stages: tuple = ()  # DataStaged / Exported conditions from the transfer Jobs (operator/transfer_plan.py)
     endpoint: str | None = None  # the group's OpenAI API base URL (members of a group that serves)
 
 
@@ -68,8 +69,8 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
     """The status the task should have; equal to ``old`` when nothing changed."""
     old = dict(old or {})
     old_phase = old.get("phase")
-    if old_phase in TERMINAL:
-        return old  # terminal phases are final; nothing the operator sees changes them
+    if old_phase in TERMINAL:  # terminal phases are final; only a stage after them (export) is recorded
+        return _with_stages(old, view, now)
 
     st: dict = {
         "step": old.get("step", 0),
@@ -174,8 +175,18 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
             conds.append(_cond("EngineReachable", "True", "EngineReporting", "the engine answers status polls"))
 
     st["progress"] = _progress(st.get("step"), st.get("totalSteps"))
-    st["conditions"] = merge_conditions(old.get("conditions"), conds, now, view.generation)
+    st["conditions"] = merge_conditions(old.get("conditions"), [*conds, *view.stages], now, view.generation)
     return {k: v for k, v in st.items() if v is not None}
+
+
+def _with_stages(old: dict, view: TaskView, now: str) -> dict:
+    """old with the view's stage conditions merged in (replacing conditions of the same type)."""
+    if not view.stages:
+        return old
+    types = {c["type"] for c in view.stages}
+    kept = [c for c in old.get("conditions") or [] if c.get("type") not in types]
+    merged = merge_conditions(old.get("conditions"), list(view.stages), now, view.generation)
+    return {**old, "conditions": kept + merged}
 
 
 def differs(old: dict | None, new: dict) -> bool:

@@ -89,7 +89,10 @@ def plan_transfers(tasks: dict[str, tuple[dict, FineTuneTask | str]], basemodels
     job_pods keyed by (namespace, Job name)."""
     plan = TransferPlan()
     for name, obj in sorted(basemodels.items()):
-        bm = BaseModelResource.model_validate(obj)
+        try:
+            bm = BaseModelResource.model_validate({k: v for k, v in obj.items() if k != "status"})
+        except ValueError:  # not ours to judge here: the planner reports an unusable BaseModel
+            continue
         if bm.spec.source.remote_uri:
             plan.models[name] = _model_status(bm, jobs, job_pods, config, plan)
     for key, (obj, task) in sorted(tasks.items()):

@@ -145,16 +145,12 @@ def model_job(bm: BaseModelResource, config: OperatorConfig) -> dict:
 
 
 def job_outcome(job: dict | None, pods: list[dict] = ()) -> tuple[str, str]:
-    """(state, message) of a transfer Job: Absent, Running, Succeeded or Failed, with the
-    container's termination message (the reason, or the model's cache path) when it has one."""
+    """(state, message) of a transfer Job: Absent, Running, Succeeded or Failed, with its pods'
+    termination message (operator/world.py compact_pod: the reason, or the model's cache path)."""
     if job is None:
         return "Absent", ""
     conds = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
-    message = ""
-    for p in pods:
-        for cs in ((p.get("status") or {}).get("containerStatuses") or []):
-            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
-            message = term.get("message") or message
+    message = next((p["terminationMessage"] for p in pods if p.get("terminationMessage")), "")
     if "Complete" in conds or "SuccessCriteriaMet" in conds:
         return "Succeeded", message.strip()
     if "Failed" in conds:

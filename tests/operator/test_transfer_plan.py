@@ -24,7 +24,7 @@ def _task(name="t", ns="a", phase=None, base="builtin:tiny-llama", uri=True):
 
 def _job(manifest, condition=None, message=""):
     job = dict(manifest, status={"conditions": [{"type": condition, "status": "True"}]} if condition else {})
-    pods = [{"status": {"containerStatuses": [{"state": {"terminated": {"message": message}}}]}}] if message else []
+    pods = [{"terminationMessage": message}] if message else []  # as operator/world.py compact_pod keeps it
     key = (manifest["metadata"]["namespace"], manifest["metadata"]["name"])
     return {key: job}, {key: pods}
 

@@ -30,6 +30,7 @@ def _s3_task(make_task, name, data_dir, uri, **spec):
     return t.model_copy(update={"spec": t.spec.model_copy(update={"dataset": dataset, **spec})})
 
 
+@pytest.mark.slow
 def test_s3_dataset_trains_as_the_same_local_file_and_the_adapter_is_uploaded(
         s3, bucket, make_task, data_dir, tmp_path, trainer_factory):
     c = s3.client()

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from muxtune.engine.data.datafile import DataLimits
-from tests.conftest import data_path
-from tests.engine.sources.conftest import hub_cache
+from tests.helpers.data import data_path
+from tests.helpers.remote import hub_cache
 
 REPO = Path(__file__).resolve().parents[3]
 

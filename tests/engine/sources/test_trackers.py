@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from muxtune.engine.observe.trackers import Trackers
-from tests.engine.sources.conftest import free_port
+from tests.helpers.cluster import free_port
 
 
 def _train(make_task, data_dir, out, trainer_factory, report_to, **training):

@@ -10,8 +10,8 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine.data.datafile import DataLimits
 from muxtune.operator import podspec, resources, transfers
 from muxtune.operator.config import OperatorConfig
-from tests.conftest import write_jsonl
-from tests.engine.sources.jobrunner import run_job
+from tests.helpers.data import write_jsonl
+from tests.helpers.jobrunner import run_job
 
 CFG = OperatorConfig(data_pvc="datasets", output_pvc="outputs", model_cache_pvc="model-cache")
 

@@ -76,3 +76,38 @@ def test_a_staged_basemodel_goes_staging_ready_and_holds_its_tasks_until_then():
     assert key not in plan.holds and not plan.create
     no_cache = plan_transfers({}, {"tiny": bm}, {}, {}, OperatorConfig())
     assert no_cache.models["tiny"]["phase"] == "Failed" and "modelCache.pvc" in no_cache.models["tiny"]["message"]
+
+
+def _snapshot(tasks: dict, groups: dict):
+    from muxtune.operator.snapshot import Snapshot
+
+    return Snapshot(now="2026-01-01T00:00:00Z", tasks=tasks, groups=groups, pods_of={}, configmaps={}, services={},
+                    inventory=(), basemodels={}, architectures={}, namespace_labels={}, reserved_names=frozenset(),
+                    planner_config=CFG.planner_config())
+
+
+def test_a_held_task_leaves_its_group_and_is_not_planned():
+    from muxtune.operator.snapshot import membership, pending_requests
+
+    key, (obj, task) = _task()
+    other, (oobj, otask) = _task("u", uri=False)
+    group = {"metadata": {"name": "g", "namespace": "a"},
+             "spec": {"tasks": [{"namespace": "a", "name": "t", "uid": "u-t"}, {"namespace": "a", "name": "u"}]}}
+    snap = _snapshot({key: obj, other: oobj}, {("a", "g"): group})
+    parsed = {key: task, other: otask}
+    held = plan_transfers({key: (obj, task), other: (oobj, otask)}, {}, {}, {}, CFG).holds
+    assert set(held) == {key}
+    ms = membership(snap, parsed, holds=held)
+    assert ms.active[("a", "g")] == [other] and ms.refused[key].reason == "StagingData"
+    assert pending_requests(snap, ms) == []  # held: not handed to the planner either
+    free = membership(snap, parsed)  # no holds: both stay members
+    assert free.active[("a", "g")] == [key, other]
+
+
+def test_transfer_job_pods_are_found_by_their_job_and_engine_pods_are_not():
+    from muxtune.operator.snapshot import pods_by_job
+
+    pods = {("a", "p1"): {"namespace": "a", "labels": {transfers.LABEL_TRANSFER: "staging", "job-name": "j"}},
+            ("a", "p2"): {"namespace": "a", "labels": {"muxtune.io/group": "g", "job-name": "j"}},
+            ("a", "p3"): {"namespace": "a", "labels": {transfers.LABEL_TRANSFER: "export"}}}
+    assert pods_by_job(pods) == {("a", "j"): [pods[("a", "p1")]]}

@@ -25,6 +25,7 @@ from muxtune.engine.parallel.group import LocalGroup
 from muxtune.engine.observe.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.observe.telemetry import Fanout
+from muxtune.engine.observe.trackers import Trackers
 from muxtune.engine.runtime import StopFlag, install_kernels, load_multiplexed, pick_device, pick_dtype
 from muxtune.engine.trainer import MuxTrainer
 from muxtune.facts import trust
@@ -182,11 +183,11 @@ def _new_trainer(backbone, cfg: RunConfig, base_dir: Path, group, metrics, tasks
     trainer = MuxTrainer(
         backbone, cfg.output, token_budget=cfg.token_budget, chunk_size=cfg.chunk_size,
         resume=cfg.resume, base_dir=base_dir, allow_data_change=cfg.allow_data_change,
-        data_limits=DataLimits(cfg.max_dataset_bytes, cfg.max_line_bytes), group=group,
+        data_limits=DataLimits(cfg.max_dataset_bytes, cfg.max_line_bytes, fetch=cfg.remote), group=group,
         micro_batches=cfg.micro_batches, interleave=cfg.interleave,
-        print_schedule=print if cfg.print_schedule else None,
+        print_schedule=print if cfg.print_schedule else None, remote=cfg.remote,
     )
-    sinks = []
+    sinks = [Trackers()] if group.is_writer else []
     if metrics is not None:
         metrics.attach(trainer)
         sinks.append(metrics)

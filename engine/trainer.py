@@ -37,6 +37,8 @@ from muxtune.engine import fair_queue as scheduler
 from muxtune.engine.durable import storage
 from muxtune.engine.model.backbone import MultiplexedBackbone
 from muxtune.engine.data.dataset import load_dataset
+from muxtune.storage import export
+from muxtune.storage.errors import StorageError
 from muxtune.engine.data.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.parallel import state as dstate
@@ -69,6 +71,7 @@ class MuxTrainer:
         micro_batches: int | None = None,
         interleave: bool = True,
         print_schedule=None,
+        remote: bool = True,
     ):
         self.backbone = backbone
         self.group = group or LocalGroup()
@@ -83,6 +86,7 @@ class MuxTrainer:
         self.base_dir = base_dir
         self.allow_data_change = allow_data_change  # resume a checkpoint whose data fingerprint differs
         self.data_limits = data_limits or DataLimits()
+        self.remote = remote  # upload to output.uri here (muxtune run), not in pods (an export Job does)
         self.tasks: dict[str, TaskRuntime] = {}
         self.rounds = 0
         self.real_tokens = 0  # over the whole run, for the effective-token ratio
@@ -437,8 +441,24 @@ class MuxTrainer:
         self._checkpoint(rt)
         if rt.phase != RUNNING:
             return
+        if (error := self._export(rt)) is not None:
+            self._fail(rt, error)
+            return
         self.backbone.detach(rt.slot)
         self._set_phase(rt, SUCCEEDED, f"trained {rt.step} steps")
+
+    def _export(self, rt: TaskRuntime) -> str | None:
+        """output.uri: rank 0 uploads the finished directory; a refusal fails the task (its adapter stays)."""
+        if not self.remote or rt.task.spec.output.uri is None:
+            return None
+        error = None
+        if self.group.is_writer:
+            self.telemetry.flush(rt)  # trackers' files are part of what is uploaded
+            try:
+                export.export_task(rt.task, rt.out_dir)
+            except StorageError as exc:
+                error = f"output.uri: {exc} (the adapter is kept in the output directory)"
+        return self.group.first_error(error)
 
     def _fail(self, rt: TaskRuntime, reason: str) -> TaskRuntime:
         if rt.optimizer is not None:

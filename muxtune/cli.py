@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, CliApp, CliPositionalArg, CliSubCommand, SettingsConfigDict
 
 from muxtune.api.crdgen import CrdsCommand
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
 from muxtune.devcluster.cli import DevClusterCommand
 from muxtune.operator.cli import OperatorCommand, PlanCommand
 from muxtune.runconfig import RunConfig, ServeConfig
@@ -50,6 +51,54 @@ class ValidateCommand(BaseModel):
             print(f"ok {t.key} ({t.spec.peft.method}, {length})")
 
 
+class StageDataCommand(BaseModel):
+    """Copy s3:// dataset objects into a data area (a staging Job, with the task's credentials)."""
+
+    uris: CliPositionalArg[list[str]] = Field(description="s3://BUCKET/KEY objects")
+    data_area: Path = Field(description="The namespace's data area; each object lands at its staged path in it")
+    max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Refuse an object larger than this many bytes")
+
+    def cli_cmd(self) -> None:
+        from muxtune.storage.stage_cli import stage_data
+
+        sys.exit(stage_data(self.uris, self.data_area, self.max_dataset_bytes))
+
+
+class StageExportCommand(BaseModel):
+    """Upload a finished task's directory to output.uri (an export Job, with the task's credentials)."""
+
+    task_dir: CliPositionalArg[Path] = Field(description="The task's output directory")
+    to: str = Field(description="s3://BUCKET/PREFIX/<namespace>/<name>/")
+    checkpoints: bool = Field(False, description="Also upload checkpoints/")
+
+    def cli_cmd(self) -> None:
+        from muxtune.storage.stage_cli import export_results
+
+        sys.exit(export_results(self.task_dir, self.to, self.checkpoints))
+
+
+class StageModelCommand(BaseModel):
+    """Fetch a hf:// or s3:// backbone into the model cache (MUXTUNE_HOME) once (a BaseModel's Job)."""
+
+    source: CliPositionalArg[str] = Field(description="hf://ORG/NAME[@REVISION] or s3://BUCKET/PREFIX/")
+
+    def cli_cmd(self) -> None:
+        from muxtune.storage.stage_cli import stage_model
+
+        sys.exit(stage_model(self.source))
+
+
+class StageCommand(BaseModel):
+    """Move data between remote stores and the cluster's areas (what staging and export Jobs run)."""
+
+    data: CliSubCommand[StageDataCommand] = Field(description="copy s3:// datasets into a data area")
+    export: CliSubCommand[StageExportCommand] = Field(description="upload a finished task's adapter to output.uri")
+    model: CliSubCommand[StageModelCommand] = Field(description="fetch a hf:// or s3:// backbone into the model cache")
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
 class Muxtune(BaseSettings):
     """muxtune: many PEFT fine-tuning tasks over one multiplexed backbone."""
 
@@ -64,6 +113,7 @@ class Muxtune(BaseSettings):
     operator: CliSubCommand[OperatorCommand] = Field(description="run the Kubernetes operator")
     crds: CliSubCommand[CrdsCommand] = Field(description="write the CRDs generated from the API models")
     dev_cluster: CliSubCommand[DevClusterCommand] = Field(description="local control plane: up, down, status, build")
+    stage: CliSubCommand[StageCommand] = Field(description="staging and export Jobs: datasets, adapters, model cache")
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

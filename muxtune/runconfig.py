@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import CliPositionalArg
 
-from muxtune.engine.data.datafile import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
 
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET  # noqa: F401  (the trainer's and the SLO controller's cap)
 
@@ -64,6 +64,8 @@ class RunConfig(ServeFlags):
     max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Refuse a dataset file larger than this many bytes")
     max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, gt=0, description="Refuse a dataset line longer than this many bytes")
     resume: bool = Field(True, description="Resume tasks from checkpoints found in the output directory")
+    remote: bool = Field(True, description="Fetch s3:// datasets and upload to output.uri from this process (pods: "
+                                           "--no-remote; the task's staging and export Jobs do it with its credentials)")
     allow_data_change: bool = Field(False, description="Resume a task even when its dataset changed since its checkpoint (refused by default)")
     progress: bool = Field(True, description="Show a progress bar")
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)

@@ -160,6 +160,9 @@ class OperatorCommand(BaseModel):
     output_pvc: str | None = Field(None, description="Shared PVC of outputs; a pod mounts subPath <ns> of each member namespace at /output/<ns>")
     output_host_path: str | None = Field(None, description="Host directory used like --output-pvc")
     output_pvc_per_namespace: str | None = Field(None, description="Claim name of each namespace's own output volume (shared groups: <name>-<ns> in the shared namespace)")
+    transfer_image: str = Field("ghcr.io/muxtune/operator:0.1.0", description="Image of the staging, export and model-cache Jobs (torch-free)")
+    model_cache_pvc: str | None = Field(None, description="PVC that hf:// and s3:// BaseModels are staged into once; groups mount the model's directory read-only")
+    mlflow_tracking_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI of engine pods (training.reportTo: mlflow)")
     ephemeral_output: bool = Field(False, description="Allow running without output storage (an emptyDir per pod: adapters are LOST with the pod; throwaway clusters only)")
     poll_interval: float = Field(10.0, gt=0, description="Seconds between /v1/status polls of each group")
     poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP")
@@ -217,6 +220,9 @@ class OperatorCommand(BaseModel):
             output_pvc=self.output_pvc,
             output_host_path=self.output_host_path,
             output_pvc_per_namespace=self.output_pvc_per_namespace,
+            transfer_image=self.transfer_image,
+            model_cache_pvc=self.model_cache_pvc,
+            mlflow_tracking_uri=self.mlflow_tracking_uri,
             poll_interval=self.poll_interval,
             poll_pod_ip=self.poll_pod_ip,
             dev_endpoint_annotation=self.dev_endpoint_annotation,

@@ -100,6 +100,13 @@ class OperatorConfig:
     output_pvc: str | None = None
     output_host_path: str | None = None
     output_pvc_per_namespace: str | None = None
+    # Staging, export and model-cache Jobs (operator/transfers.py): torch-free, so the operator's image
+    transfer_image: str = "ghcr.io/muxtune/operator:0.1.0"
+    # the volume hf:// and s3:// BaseModels are staged into once (read-write for their Jobs only;
+    # groups mount the model's directory in it read-only)
+    model_cache_pvc: str | None = None
+    # engines of tasks with training.reportTo mlflow report here (MLFLOW_TRACKING_URI)
+    mlflow_tracking_uri: str | None = None
     # Without output storage the operator refuses to start (adapters would die with their pod),
     # unless this says the cluster is a throwaway one (an emptyDir per pod).
     ephemeral_output: bool = False
@@ -152,7 +159,8 @@ class OperatorConfig:
         c.shared_namespace = _env("SHARED_NAMESPACE") or os.environ.get("POD_NAMESPACE") or c.shared_namespace
         c.engine_image = _env("ENGINE_IMAGE", c.engine_image) or c.engine_image
         for name in ("data_pvc", "data_host_path", "output_pvc", "output_host_path", "kubeconfig",
-                     "data_pvc_per_namespace", "output_pvc_per_namespace", "signing_key_file"):
+                     "data_pvc_per_namespace", "output_pvc_per_namespace", "signing_key_file",
+                     "transfer_image", "model_cache_pvc", "mlflow_tracking_uri"):
             v = _env(name.upper())
             if v:
                 setattr(c, name, v)

@@ -61,8 +61,10 @@ from muxtune.operator.snapshot import (
     membership,
     pending_requests,
     pods_by_group,
+    pods_by_job,
     unbound_pods,
 )
+from muxtune.operator.transfer_plan import TransferPlan, plan_transfers
 from muxtune.operator.world import basemodel_architecture, group_state, node_inventory, parse_task
 
 log = logging.getLogger("muxtune.operator")
@@ -70,6 +72,7 @@ API = f"{GROUP}/{VERSION}"
 IDX_TASKS, IDX_GROUPS, IDX_MODELS = "muxtune_tasks", "muxtune_groups", "muxtune_basemodels"
 IDX_NODES, IDX_PODS, IDX_CMS, IDX_SVCS = "muxtune_nodes", "muxtune_pods", "muxtune_configmaps", "muxtune_services"
 IDX_NAMESPACES = "muxtune_namespaces"
+IDX_JOBS = "muxtune_jobs"
 
 
 def utcnow() -> str:
@@ -222,11 +225,12 @@ class Controller:
     async def _reconcile(self) -> None:
         """One pass, as ordered phases over one snapshot of the world."""
         snap = self._observe()
-        ms = self._membership(snap)
+        tplan = self._plan_transfers(snap)
+        ms = self._membership(snap, tplan)
         plan = await self._charge_quotas(snap, ms, self._plan(snap, ms))
-        results = await self._apply(snap, ms, plan)
-        await self._basemodel_status(snap)
-        counts = await self._task_status(snap, ms, plan)
+        results = await self._apply(snap, ms, plan, tplan)
+        await self._basemodel_status(snap, tplan)
+        counts = await self._task_status(snap, ms, plan, tplan)
         _record_metrics(snap, plan, counts)
         if any(r is False for r in results):
             self._kick.set()  # something failed: try again after the debounce
@@ -250,14 +254,21 @@ class Controller:
         reserved |= {gk[1] for gk, g in group_objs.items() if deleting(g)}
         return Snapshot(
             now=now, tasks=by_key, groups=group_objs, pods_of=pods_by_group(pods), configmaps=cms, services=svcs,
+            jobs=self._view("jobs", IDX_JOBS), job_pods=pods_by_job(pods),
             inventory=node_inventory(self._index(IDX_NODES).values(), pods.values()), basemodels=bms,
             architectures={name: basemodel_architecture(bm) for name, bm in bms.items()},
             namespace_labels=_by_name(self._index(IDX_NAMESPACES)), reserved_names=frozenset(reserved),
             planner_config=cfg.planner_config(), slo_floors=SloFloors(cfg.min_slo_ttft_ms, cfg.min_slo_tpot_ms))
 
-    def _membership(self, snap: Snapshot) -> Membership:
+    def _plan_transfers(self, snap: Snapshot) -> TransferPlan:
+        """Remote data (operator/transfer_plan.py): staging Jobs before placement, export Jobs after
+        Succeeded, model caches; the tasks it holds back are neither planned nor kept in a group."""
+        tasks = {k: (o, self._parsed(o)) for k, o in snap.tasks.items()}
+        return plan_transfers(tasks, dict(snap.basemodels), dict(snap.jobs), dict(snap.job_pods), self.config)
+
+    def _membership(self, snap: Snapshot, tplan: TransferPlan) -> Membership:
         """Who stays in which group; the rest that is placeable goes to the planner."""
-        return membership(snap, {k: self._parsed(o) for k, o in snap.tasks.items()})
+        return membership(snap, {k: self._parsed(o) for k, o in snap.tasks.items()}, holds=tplan.holds)
 
     def _plan(self, snap: Snapshot, ms: Membership) -> Plan:
         """Run the pure planner on the pending tasks, the groups' remaining members and free GPUs."""
@@ -301,15 +312,16 @@ class Controller:
             states.append(group_state(g, [ms.request(k) for k in ms.active[gk]], unbound_pods(g, pods), accepting))
         return states
 
-    async def _apply(self, snap: Snapshot, ms: Membership, plan: Plan) -> list:
+    async def _apply(self, snap: Snapshot, ms: Membership, plan: Plan, tplan: TransferPlan) -> list:
         """Create, update or delete every planned group; gangs without pods first learn whether all
-        their pods fit (by priority, so a high-priority gang is not starved by smaller ones)."""
+        their pods fit (by priority, so a high-priority gang is not starved by smaller ones). The
+        transfer Jobs the plan misses are created alongside."""
         gplans = planned_groups(plan)
         priority = {gk: max((ms.parsed[k].spec.priority for k in gp.members), default=0) for gk, gp in gplans.items()}
         self.gang_fits = gang_capacity(gplans, snap.groups, snap.pods_of, snap.inventory, priority)
         for gk in [gk for gk in self.gang if gk not in gplans]:
             del self.gang[gk]  # in place: the applier holds the same dict
-        jobs = []
+        jobs = [self._create_job(j) for j in tplan.create]
         for gk, gp in gplans.items():
             jobs.append(self.applier.apply(
                 gk, gp, snap.groups.get(gk), [snap.tasks[k] for k in gp.members], [ms.parsed[k] for k in gp.members],
@@ -317,8 +329,9 @@ class Controller:
                 snap.services.get(gk), snap.basemodels, fits=self.gang_fits.get(gk, (True, ""))))
         return await self._gather(jobs)
 
-    async def _basemodel_status(self, snap: Snapshot) -> None:
-        """A BaseModel is ready when the planner has size figures for it."""
+    async def _basemodel_status(self, snap: Snapshot, tplan: TransferPlan) -> None:
+        """A BaseModel is ready when the planner has size figures for it (and hf/s3 weights are
+        staged into the model cache)."""
         jobs = []
         for bname, bm in sorted(snap.basemodels.items()):
             arch = snap.architectures.get(bname)
@@ -327,11 +340,15 @@ class Controller:
                     else "no architecture figures: set spec.architecture (parameters, layers, hiddenSize)"}
             if arch is not None:
                 want["architecture"] = arch.model_dump(mode="json", by_alias=True, exclude_none=True)
+            if bname in tplan.models:  # hf/s3 weights: ready once staged into the model cache
+                want.update(tplan.models[bname])
+                want["ready"] = want["ready"] and want["phase"] == "Ready"
             if not subset(want, bm.get("status") or {}):
                 jobs.append(self.client.patch(API, "basemodels", None, bname, {"status": want}, subresource="status"))
         await self._gather(jobs)
 
-    async def _task_status(self, snap: Snapshot, ms: Membership, plan: Plan) -> dict[tuple[str, str], int]:
+    async def _task_status(self, snap: Snapshot, ms: Membership, plan: Plan,
+                           tplan: TransferPlan) -> dict[tuple[str, str], int]:
         """Recompute every task's status from this pass's outcome and write those that differ;
         returns the tasks per (namespace, phase)."""
         unplaceable = {u.task: u for u in plan.unplaceable}
@@ -343,6 +360,7 @@ class Controller:
                 continue
             view = self._task_view(k, o, ms.parsed[k], final_member.get(k), ms.refused.get(k) or unplaceable.get(k),
                                    snap.pods_of)
+            view = dataclasses.replace(view, stages=tuple(tplan.conditions.get(k, ())))
             old = o.get("status") or {}
             new = status.compute_status(old, view, snap.now)
             ns = o["metadata"]["namespace"]
@@ -351,6 +369,14 @@ class Controller:
                 jobs.append(self._write_status(o, old, new))
         await self._gather(jobs)
         return counts
+
+    async def _create_job(self, job: dict) -> None:
+        """A transfer Job (its name is derived: after a restart the existing one is adopted)."""
+        try:
+            created, _ = await self.client.create_or_adopt("batch/v1", "jobs", job["metadata"]["namespace"], job)
+            self.overlay.note("jobs", created)
+        except ApiError as exc:
+            log.warning("cannot create Job %s/%s: %s", job["metadata"]["namespace"], job["metadata"]["name"], exc.message)
 
     async def _gather(self, coros) -> list:
         """Run writes concurrently (at most api_concurrency at once); a failed one counts, logs and

@@ -161,6 +161,18 @@ def muxtune_pods(body, namespace, name, **_):
     return {(namespace, name): compact_pod(body)}
 
 
+@kopf.index("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def muxtune_jobs(body, namespace, name, **_):
+    """Our staging, export and model-cache Jobs: whether each finished (operator/transfers.py)."""
+    b = _plain(body)
+    return {(namespace, name): {"metadata": b.get("metadata", {}), "status": b.get("status") or {}}}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
+def on_job_event(**kwargs):
+    _wake(**kwargs)
+
+
 @kopf.index("v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY})
 def muxtune_configmaps(body, namespace, name, **_):
     b = _plain(body)

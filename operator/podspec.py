@@ -91,6 +91,7 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
     args = [
         "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
+        "--no-remote",  # no credentials here: staging and export Jobs move remote data (operator/transfers.py)
     ]
     if token_budget:
         args += ["--token-budget", str(int(token_budget))]
@@ -163,8 +164,9 @@ def area_volumes(kind: str, group: dict, config: OperatorConfig) -> tuple[list[d
     return vols, mounts
 
 
-def model_volume(base_model: str, basemodel: dict | None) -> tuple[dict, dict] | None:
-    """(volume, mount) for the backbone's weights, or None (built-in models need none)."""
+def model_volume(base_model: str, basemodel: dict | None, config: OperatorConfig | None = None) -> tuple[dict, dict] | None:
+    """(volume, mount) for the backbone's weights, or None (built-in models need none). An hf or s3
+    source is the directory its Job staged into the model cache (status.cachePath), read-only."""
     if not base_model.startswith("model:"):
         return None
     name = base_model.split(":", 1)[1]
@@ -176,6 +178,10 @@ def model_volume(base_model: str, basemodel: dict | None) -> tuple[dict, dict] |
         return {"name": "model", "persistentVolumeClaim": {"claimName": src["pvc"]["claimName"], "readOnly": True}}, mount
     if src.get("hostPath"):
         return {"name": "model", "hostPath": {"path": src["hostPath"]["path"], "type": "Directory"}}, mount
+    cached = ((basemodel or {}).get("status") or {}).get("cachePath")
+    if (src.get("hf") or src.get("s3")) and cached and config is not None and config.model_cache_pvc:
+        mount["subPath"] = cached
+        return {"name": "model", "persistentVolumeClaim": {"claimName": config.model_cache_pvc, "readOnly": True}}, mount
     return None
 
 
@@ -313,7 +319,7 @@ def _volumes(group: dict, config: OperatorConfig, basemodel: dict | None) -> tup
         volumes.append({"name": "serving-tokens", "secret": {"secretName": serving_tokens_secret_name(group),
                                                             "defaultMode": 0o440}})
         mounts.append({"name": "serving-tokens", "mountPath": SERVING_TOKENS_MOUNT, "readOnly": True})
-    mv = model_volume(group["spec"]["baseModel"], basemodel)
+    mv = model_volume(group["spec"]["baseModel"], basemodel, config)
     if mv:
         volumes.append(mv[0])
         mounts.append(mv[1])
@@ -332,7 +338,7 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
         "command": ["muxtune"],
         "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")))
                  + _trust_flag(spec["baseModel"], basemodel)),
-        "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp),
+        "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp, config.mlflow_tracking_uri),
         "ports": _ports(config, dp, tp, pp, serving),
         "resources": _resources(config, int(spec.get("gpusPerPod", 1))),
         "volumeMounts": mounts,
@@ -353,7 +359,7 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
     return container
 
 
-def _env(name: str, ns: str, rank: int, dp: int, tp: int, pp: int) -> list[dict]:
+def _env(name: str, ns: str, rank: int, dp: int, tp: int, pp: int, mlflow_uri: str | None = None) -> list[dict]:
     return [
         {"name": "HOME", "value": "/tmp"},
         {"name": "MUXTUNE_HOME", "value": "/tmp/muxtune"},
@@ -363,6 +369,7 @@ def _env(name: str, ns: str, rank: int, dp: int, tp: int, pp: int) -> list[dict]
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         *torchrun_env(name, ns, rank, dp, tp, pp),
+        *([{"name": "MLFLOW_TRACKING_URI", "value": mlflow_uri}] if mlflow_uri else []),
     ]
 
 

@@ -67,6 +67,10 @@ def refusal(req: TaskRequest, basemodels: Mapping[str, Mapping], namespace_label
         return Refusal("UnsupportedBaseModel",
                        f"baseModel {bm_ref!r} is a local directory, which only `muxtune run` can use; in a cluster "
                        "create a BaseModel (source.pvc or source.hostPath) and set baseModel: model:NAME", True)
+    if bm_ref.startswith(("hf://", "s3://")):
+        return Refusal("UnsupportedBaseModel",
+                       f"baseModel {bm_ref!r} is fetched by `muxtune run` only; in a cluster create a BaseModel "
+                       "(source.hf or source.s3: staged once into the model cache) and set baseModel: model:NAME", True)
     if not bm_ref.startswith("model:"):
         return None
     name = bm_ref.split(":", 1)[1]

@@ -7,7 +7,7 @@ spec.tasks is the source of truth), which are refused by policy, and which wait 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from muxtune.operator import gang, policy, slofloor, status
@@ -15,6 +15,7 @@ from muxtune.operator.config import LABEL_GROUP, LABEL_MANAGED_BY, MANAGED_BY
 from muxtune.operator.planner import NodeInfo, PlannerConfig, TaskRequest
 from muxtune.operator.resources import pods_of as dp_of
 from muxtune.operator.slofloor import SloFloors
+from muxtune.operator.transfers import LABEL_TRANSFER
 from muxtune.operator.world import task_request
 
 GroupKey = tuple[str, str]  # (namespace, name)
@@ -38,6 +39,8 @@ class Snapshot:
     reserved_names: frozenset[str]  # group names a new group must not take
     planner_config: PlannerConfig
     slo_floors: SloFloors = SloFloors()
+    jobs: Mapping[GroupKey, dict] = field(default_factory=dict)  # our transfer Jobs by (namespace, name)
+    job_pods: Mapping[GroupKey, list[dict]] = field(default_factory=dict)  # their pods, by Job
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,24 @@ def pods_by_group(pods: Mapping[Any, dict]) -> dict[GroupKey, list[dict]]:
     return out
 
 
-def membership(snap: Snapshot, parsed: Mapping[str, Any]) -> Membership:
-    """Members that were deleted, suspended, finished, refused, re-created under another uid, or
-    listed twice (the first group by name keeps them) leave their group."""
+def pods_by_job(pods: Mapping[Any, dict]) -> dict[GroupKey, list[dict]]:
+    """The transfer Jobs' pods by (namespace, Job name), for their termination messages."""
+    out: dict[GroupKey, list[dict]] = {}
+    for p in pods.values():
+        labels = p.get("labels") or {}
+        if LABEL_TRANSFER in labels and labels.get("job-name"):
+            out.setdefault((p["namespace"], labels["job-name"]), []).append(p)
+    return out
+
+
+def membership(snap: Snapshot, parsed: Mapping[str, Any],
+               holds: Mapping[str, policy.Refusal] | None = None) -> Membership:
+    """Members that were deleted, suspended, finished, refused, held back (remote data not staged
+    yet: ``holds``), re-created under another uid, or listed twice (the first group by name keeps
+    them) leave their group."""
     refused = _refusals(snap, parsed)
+    for k, r in (holds or {}).items():
+        refused.setdefault(k, r)
     member_of: dict[str, GroupKey] = {}
     active: dict[GroupKey, list[str]] = {}
     for gk, g in snap.groups.items():

@@ -38,6 +38,7 @@ class TaskView:
     unreachable_since: str | None = None  # the engine has not answered polls since then
     unreachable_message: str = ""
     final: bool = False  # unplaceable for good (the spec names something the operator never places)
+    stages: tuple = ()  # DataStaged / Exported conditions from the transfer Jobs (operator/transfer_plan.py)
     endpoint: str | None = None  # the group's OpenAI API base URL (members of a group that serves)
 
 
@@ -67,8 +68,8 @@ def _progress(step: int | None, total: int | None) -> str | None:
 def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
     """The status the task should have; equal to ``old`` when nothing changed."""
     old = dict(old or {})
-    if old.get("phase") in TERMINAL:
-        return old  # terminal phases are final; nothing the operator sees changes them
+    if old.get("phase") in TERMINAL:  # terminal phases are final; only a stage after them (export) is recorded
+        return _with_stages(old, view, now)
     st = _carried(old, view)
     if view.situation == "invalid":
         conds = _failed_for_good(st, "InvalidSpec", view.message, now)
@@ -81,7 +82,7 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
     else:
         conds = _member(st, view, now)
     st["progress"] = _progress(st.get("step"), st.get("totalSteps"))
-    st["conditions"] = merge_conditions(old.get("conditions"), conds, now, view.generation)
+    st["conditions"] = merge_conditions(old.get("conditions"), [*conds, *view.stages], now, view.generation)
     return {k: v for k, v in st.items() if v is not None}
 
 
@@ -223,6 +224,16 @@ def _reachability(st: dict, view: TaskView, rep: dict | None) -> list[dict]:
     if st["phase"] in ("Running", "Placed") and rep:
         return [_cond("EngineReachable", "True", "EngineReporting", "the engine answers status polls")]
     return []
+
+
+def _with_stages(old: dict, view: TaskView, now: str) -> dict:
+    """old with the view's stage conditions merged in (replacing conditions of the same type)."""
+    if not view.stages:
+        return old
+    types = {c["type"] for c in view.stages}
+    kept = [c for c in old.get("conditions") or [] if c.get("type") not in types]
+    merged = merge_conditions(old.get("conditions"), list(view.stages), now, view.generation)
+    return {**old, "conditions": kept + merged}
 
 
 def differs(old: dict | None, new: dict) -> bool:

@@ -94,6 +94,9 @@ def compact_pod(pod: Mapping) -> dict:
         "waiting": f"{waiting.get('reason')}: {waiting.get('message') or ''}".rstrip(": ") if waiting else "",
         # Kueue holds it back until its pod group's Workload is admitted
         "gated": any(g.get("name") == KUEUE_ADMISSION_GATE for g in (pod.get("spec") or {}).get("schedulingGates") or []),
+        # a transfer Job's container says why it failed, or where it staged a model
+        "terminationMessage": next((t.get("message") for cs in st.get("containerStatuses") or []
+                                    for t in [(cs.get("state") or {}).get("terminated") or {}] if t.get("message")), ""),
     }
 
 

@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MAX_FILE_BYTES = 1 << 30  # 1 GiB of JSON lines is far more than a PEFT task trains on
-DEFAULT_MAX_LINE_BYTES = 16 << 20  # 16 MiB: a 131072-token example needs well under 2 MiB
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
 
 
 class DataFileError(ValueError):
@@ -27,6 +26,9 @@ class DataFileError(ValueError):
 class DataLimits:
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+    # s3:// datasets: fetched by this process (muxtune run), or only read from the copy a staging
+    # Job left in the data area (engine pods, which hold no credentials: `--no-remote`)
+    fetch: bool = True
 
 
 def _kind(mode: int) -> str:

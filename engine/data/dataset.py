@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from muxtune.api import sources
 from muxtune.api.finetunetask import DatasetSpec
 from muxtune.engine.data.datafile import DataFileError, DataLimits, read_lines
 from muxtune.engine.data.examples import IGNORE, Example, RowError  # noqa: F401 - re-exported
@@ -17,6 +18,8 @@ from muxtune.engine.data.formats.chat import ChatEncoder, ChatTemplateError, cha
 from muxtune.engine.data.formats.text import encode_text
 from muxtune.engine.data.paths import PathEscapeError, confined
 from muxtune.engine.data.truncation import token_prefix
+from muxtune.storage import datasets as remote
+from muxtune.storage.errors import StorageError
 
 
 class DatasetError(ValueError):
@@ -104,9 +107,26 @@ def dataset_file(spec: DatasetSpec, base_dir: Path | None = None, path: str | No
         raise DatasetError(str(exc)) from None
 
 
+def source_file(spec: DatasetSpec, rel: str, field: str, base_dir: Path | None, limits: DataLimits) -> Path:
+    """The local file a dataset field names: under the data root, or for s3://BUCKET/KEY a
+    fetched copy (limits.fetch) or the copy its staging Job left in the data root."""
+    if not sources.is_remote(rel):
+        return dataset_file(spec, base_dir, rel, field)
+    if not limits.fetch:
+        staged = dataset_file(spec, base_dir, remote.staged_relpath(rel), field)
+        if not staged.is_file():
+            raise DatasetError(f"{field}: {rel}: no staged copy in the data area (the task's staging Job has not "
+                               "copied it)")
+        return staged
+    try:
+        return remote.fetch(rel, limits.max_file_bytes)
+    except StorageError as exc:
+        raise DatasetError(f"{field}: {exc}") from None
+
+
 def _read(spec: DatasetSpec, rel: str, field: str, encoder, base_dir, limits) -> list[list[Example]]:
     """Each record's examples (a text record may become several), errors naming field, file and line/row."""
-    path = dataset_file(spec, base_dir, rel, field)
+    path = source_file(spec, rel, field, base_dir, limits)
     out = []
     try:
         for where, row in READERS[spec.format](path, limits, rel):

@@ -5,19 +5,16 @@ under the muxtune cache, and from then on loaded like any Hugging Face model dir
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from muxtune.storage import models
+from muxtune.storage.cache import cached_dir
 from muxtune.facts.builtin_models import BUILTIN_CONFIGS  # declared torch-free: the operator sizes them too
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
@@ -27,10 +24,6 @@ log = logging.getLogger("muxtune.engine")
 
 class ModelLoadError(RuntimeError):
     """The backbone cannot be loaded: every task on it fails with this reason (which names the file)."""
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("MUXTUNE_HOME", Path.home() / ".cache" / "muxtune"))
 
 
 @dataclass
@@ -59,28 +52,15 @@ def _byte_tokenizer():
 
 
 def generated_model(name: str, spec: dict, build: Callable[[Path], None]) -> Path:
-    """`<cache>/models/<name>-<hash(spec)>`, made once by build(directory): process-safe (a file
-    lock) and atomic (built in a temporary directory, then renamed), so concurrent first runs
-    share one copy and a changed spec never reuses a stale one."""
-    root = cache_home() / "models"
-    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
-    target = root / f"{name}-{fingerprint}"
-    if (target / "config.json").exists():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
-            build(tmp)
-            if not (tmp / "config.json").exists():
-                # transformers' save_pretrained writes nothing on a non-zero torch.distributed rank:
-                # never cache a model directory without its model
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise RuntimeError(f"building {name} wrote no config.json (built on a non-zero distributed "
-                                   "rank? resolve built-in models before torch.distributed starts)")
-            os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    return target
+    """`<cache>/models/<name>-<hash(spec)>`, made once by build(directory) (muxtune/storage/cache.py:
+    locked and atomic, so concurrent first runs share one copy and a changed spec never reuses a
+    stale one)."""
+    try:
+        return cached_dir("models", name, spec, build, "config.json", short=True)
+    except RuntimeError as exc:
+        # transformers' save_pretrained writes nothing on a non-zero torch.distributed rank
+        raise RuntimeError(f"{exc} (built on a non-zero distributed rank? resolve built-in models "
+                           "before torch.distributed starts)") from None
 
 
 def builtin_path(name: str) -> Path:
@@ -109,6 +89,8 @@ def resolve_base_model(base_model: str, search_dir: Path | None = None) -> Path:
     """Map a FineTuneTask.spec.baseModel to a local model directory."""
     if base_model.startswith("builtin:"):
         return builtin_path(base_model.removeprefix("builtin:"))
+    if models.is_remote_model(base_model):
+        return models.fetch_model(base_model)
     if base_model.startswith(("model:", "pvc://")):
         raise ValueError(
             f"baseModel {base_model!r} names cluster storage; the operator rewrites it to the "

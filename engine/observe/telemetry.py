@@ -71,6 +71,9 @@ class Telemetry:
 
     def checkpoint_done(self, task, seconds: float, ok: bool) -> None: ...
 
+    def flush(self, task) -> None:
+        """Write out what is buffered for the task (before its directory is uploaded)."""
+
     def close(self) -> None: ...
 
 
@@ -93,6 +96,10 @@ class Fanout(Telemetry):
     def checkpoint_done(self, task, seconds, ok):
         for s in self.sinks:
             s.checkpoint_done(task, seconds, ok)
+
+    def flush(self, task):
+        for s in self.sinks:
+            s.flush(task)
 
     def close(self):
         for s in self.sinks:

@@ -17,7 +17,8 @@ from muxtune.runconfig import ServeConfig
 
 def base_model_id(path: Path) -> str:
     """builtin:NAME for a built-in model's cache directory, else the path as given."""
-    from muxtune.engine.model.loading import BUILTIN_CONFIGS, cache_home
+    from muxtune.engine.model.loading import BUILTIN_CONFIGS
+    from muxtune.storage.cache import cache_home
 
     p = Path(path)
     if p.parent.resolve() == (cache_home() / "models").resolve():

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
+from muxtune.api import sources
 from muxtune.api.meta import API_VERSION, ApiModel, ObjectMeta
 
 
@@ -35,15 +36,38 @@ class HostPathSource(ApiModel):
     path: str = Field(pattern=r"^/.*", description="Absolute directory on every GPU node.")
 
 
+class HubSource(ApiModel):
+    """Weights on the Hugging Face Hub, staged once into the model cache volume."""
+
+    repo: str = Field(pattern=rf"^{sources.HF_REPO}$", max_length=200, description="ORG/NAME on the Hub.")
+    revision: str | None = Field(default=None, pattern=r"^[-A-Za-z0-9_./]+$", max_length=200,
+                                 description="Branch, tag or commit (default: main).")
+
+    @property
+    def uri(self) -> str:
+        return f"hf://{self.repo}" + (f"@{self.revision}" if self.revision else "")
+
+
+class BucketSource(ApiModel):
+    """Weights under an S3 prefix (AWS or S3-compatible), staged once into the model cache volume."""
+
+    uri: str = Field(pattern=sources.S3_PREFIX_PATTERN, max_length=1024, json_schema_extra=sources.s3_prefix_rules(),
+                     description="s3://BUCKET/PREFIX/ holding config.json, the weights and the tokenizer.")
+
+
+SOURCE_KINDS = ("builtin", "pvc", "host_path", "hf", "s3")
+
+
 class ModelSource(ApiModel):
-    """Exactly one of builtin, pvc, hostPath."""
+    """Exactly one of builtin, pvc, hostPath, hf, s3."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "(has(self.builtin) ? 1 : 0) + (has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) == 1",
-                    "message": "set exactly one of builtin, pvc, hostPath",
+                    "rule": "(has(self.builtin) ? 1 : 0) + (has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0)"
+                            " + (has(self.hf) ? 1 : 0) + (has(self.s3) ? 1 : 0) == 1",
+                    "message": "set exactly one of builtin, pvc, hostPath, hf, s3",
                     "reason": "FieldValueInvalid",
                 }
             ]
@@ -57,12 +81,23 @@ class ModelSource(ApiModel):
     )
     pvc: PvcSource | None = Field(default=None, description="Weights in a PersistentVolumeClaim.")
     host_path: HostPathSource | None = Field(default=None, description="Weights in a directory on every GPU node.")
+    hf: HubSource | None = Field(default=None, description="Weights on the Hugging Face Hub (staged into the model cache).")
+    s3: BucketSource | None = Field(default=None, description="Weights in a bucket (staged into the model cache).")
+    credentials_secret: str | None = Field(
+        default=None, max_length=253, pattern=sources.SECRET_NAME_PATTERN,
+        description="hf and s3: a Secret in the operator's namespace whose keys (HF_TOKEN, AWS_*) become the "
+                    "environment of the staging Job; engine pods never see it.")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ModelSource:
-        if sum(x is not None for x in (self.builtin, self.pvc, self.host_path)) != 1:
-            raise ValueError("set exactly one of builtin, pvc, hostPath")
+        if sum(getattr(self, k) is not None for k in SOURCE_KINDS) != 1:
+            raise ValueError("set exactly one of builtin, pvc, hostPath, hf, s3")
         return self
+
+    @property
+    def remote_uri(self) -> str | None:
+        """hf:// or s3:// for a source staged into the model cache, else None."""
+        return self.hf.uri if self.hf else self.s3.uri if self.s3 else None
 
 
 class Architecture(ApiModel):
@@ -104,7 +139,7 @@ class NamespaceSelector(ApiModel):
 class BaseModelSpec(ApiModel):
     """Where a backbone's weights are, how big it is, and which namespaces may train on it."""
 
-    source: ModelSource = Field(description="Where the weights live: exactly one of builtin, pvc, hostPath.")
+    source: ModelSource = Field(description="Where the weights live: exactly one of builtin, pvc, hostPath, hf, s3.")
     allowed_namespaces: list[Annotated[str, StringConstraints(max_length=63, pattern=r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$")]] = Field(
         default_factory=list,
         max_length=1024,
@@ -134,6 +169,10 @@ class BaseModelSpec(ApiModel):
 class BaseModelStatus(ApiModel):
     """Observed state, written by the operator."""
 
+    phase: Literal["Staging", "Ready", "Failed"] | None = Field(
+        default=None, description="hf and s3 sources: Staging while the Job copies the weights into the model "
+                                  "cache, Ready once there, Failed (message says why).")
+    cache_path: str | None = Field(default=None, description="hf and s3 sources: the weights' directory in the model cache volume.")
     ready: bool = Field(default=False, description="The weights were found and the size figures are known.")
     architecture: Architecture | None = Field(
         default=None, description="Size figures in use (from the spec or read from config.json)."

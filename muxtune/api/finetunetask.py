@@ -5,21 +5,27 @@ generated CRD) what the API server admits.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+from muxtune.api import sources
 from muxtune.api import peftrules
 from muxtune.api.meta import API_VERSION, ApiModel, Condition, ObjectMeta, Timestamp
 from muxtune.facts.methods import DEFAULT_METHOD, get_peft_method, peft_method_names
 
-# builtin:NAME, model:NAME (a BaseModel resource), or a local directory (local runs only: the
-# operator places builtin: and model: backbones; weights on a PVC are a BaseModel with source.pvc).
+# builtin:NAME, model:NAME (a BaseModel resource), hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX/,
+# or a local directory (the last three for local runs: the operator places builtin: and model:
+# backbones; weights on a PVC, the Hub or in a bucket are a BaseModel with that source).
 BASE_MODEL_PATTERN = (
     r"^(builtin:[a-z0-9][a-z0-9-]*"
     r"|model:[a-z0-9]([-a-z0-9.]*[a-z0-9])?"
+    rf"|{sources.HF_PATTERN[1:-1]}"
+    rf"|{sources.S3_PREFIX_PATTERN[1:-1]}"
     r"|/.+|\./.+|\.\./.+)$"
 )
+REPORTERS = Literal["tensorboard", "mlflow"]
 
 # The registered methods (muxtune.facts.methods), in registration order.
 PeftMethod = Literal[peft_method_names()]  # type: ignore[valid-type]
@@ -38,13 +44,15 @@ MAX_PATH = 1024
 RELATIVE_PATH_MESSAGE = "must be a relative path without '..' segments (it is resolved inside the {area})"
 
 
-def relative_path_rules(area: str) -> dict:
-    """CEL rules equal to check_relative_path, so the API server refuses what pydantic refuses."""
+def relative_path_rules(area: str, remote: bool = False) -> dict:
+    """CEL rules equal to check_relative_path, so the API server refuses what pydantic refuses;
+    with remote, the value may instead be an s3://BUCKET/KEY URI."""
     msg = RELATIVE_PATH_MESSAGE.format(area=area)
     return {"x-kubernetes-validations": [
         {"rule": "!self.startsWith('/')", "message": msg, "reason": "FieldValueInvalid"},
         {"rule": "!self.matches('(^|/)[.][.](/|$)')", "message": msg, "reason": "FieldValueInvalid"},
         {"rule": "!self.matches('[[:cntrl:]]')", "message": CONTROL_CHARACTERS_MESSAGE, "reason": "FieldValueInvalid"},
+        *([sources.s3_object_rule()] if remote else []),
     ]}
 
 
@@ -52,7 +60,11 @@ def relative_path_rules(area: str) -> dict:
 CONTROL_CHARACTERS_MESSAGE = "must not contain control characters (newline, tab, escape, ...)"
 
 
-def check_relative_path(value: str | None, area: str) -> str | None:
+def check_relative_path(value: str | None, area: str, remote: bool = False) -> str | None:
+    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(CONTROL_CHARACTERS_MESSAGE)
+    if remote and sources.is_remote(value):
+        return sources.check_s3_object(value)
     if value is not None and (value.startswith("/") or ".." in value.split("/")):
         raise ValueError(RELATIVE_PATH_MESSAGE.format(area=area))
     if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
@@ -92,6 +104,13 @@ class DatasetSpec(ApiModel):
                     "reason": "FieldValueInvalid",
                 },
                 {
+                    "rule": "!has(self.format) || self.format != 'hf_disk' || (!self.path.startsWith('s3://') "
+                    "&& (!has(self.validationPath) || !self.validationPath.startsWith('s3://')))",
+                    "message": "hf_disk reads a directory; an s3:// dataset is one object (use jsonl, chat, text or parquet)",
+                    "fieldPath": ".format",
+                    "reason": "FieldValueInvalid",
+                },
+                {
                     "rule": "!has(self.validationPath) || !has(self.validationSplit)",
                     "message": "set validationPath or validationSplit, not both",
                     "fieldPath": ".validationSplit",
@@ -104,11 +123,13 @@ class DatasetSpec(ApiModel):
     path: str = Field(
         min_length=1,
         max_length=MAX_PATH,
-        json_schema_extra=relative_path_rules("data root"),
+        json_schema_extra=relative_path_rules("data root", remote=True),
         description=(
             "The examples, relative to the data root: `muxtune run --data-root` (default: the current "
             "directory), or the namespace's data area in a cluster. A file, or for hf_disk the directory "
-            "`datasets`' save_to_disk wrote."
+            "`datasets`' save_to_disk wrote. Or an object s3://BUCKET/KEY (not hf_disk): fetched with the "
+            "standard AWS credential chain (AWS_ENDPOINT_URL for S3-compatible stores) by `muxtune run`, "
+            "or by a staging Job with spec.credentialsSecret in a cluster."
         ),
     )
     format: DatasetFormat = Field(
@@ -154,10 +175,10 @@ class DatasetSpec(ApiModel):
         default=None,
         min_length=1,
         max_length=MAX_PATH,
-        json_schema_extra=relative_path_rules("data root"),
+        json_schema_extra=relative_path_rules("data root", remote=True),
         description=(
-            "Held-out examples in the same format as path, relative to the data root: their mean token "
-            "loss (no gradients) is reported every training.evalInterval steps and at the end."
+            "Held-out examples in the same format as path, relative to the data root (or s3://BUCKET/KEY): "
+            "their mean token loss (no gradients) is reported every training.evalInterval steps and at the end."
         ),
     )
     validation_split: float | None = Field(
@@ -173,10 +194,12 @@ class DatasetSpec(ApiModel):
     @field_validator("path", "validation_path")
     @classmethod
     def _relative(cls, v: str | None) -> str | None:
-        return check_relative_path(v, "data root")
+        return check_relative_path(v, "data root", remote=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
+        if self.format == "hf_disk" and (sources.is_remote(self.path) or sources.is_remote(self.validation_path)):
+            raise ValueError("hf_disk reads a directory; an s3:// dataset is one object (use jsonl, chat, text or parquet)")
         if self.rows is not None and self.format not in TABLE_FORMATS:
             raise ValueError("rows is for the table formats (parquet, hf_disk); jsonl, chat and text say their rows themselves")
         if self.validation_path is not None and self.validation_split is not None:
@@ -342,12 +365,26 @@ class TrainingSpec(ApiModel):
         ),
     )
 
+    report_to: list[REPORTERS] = Field(
+        default_factory=list,
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description=(
+            "Experiment trackers, as Hugging Face Trainer's report_to: tensorboard (event files in the "
+            "task's output, tensorboard/) and mlflow (a run per task at MLFLOW_TRACKING_URI: parameters, "
+            "per-step loss, learning rate, tokens/s, eval loss, the adapter as an artifact). A tracker "
+            "that is down costs warnings, never the task."
+        ),
+    )
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingSpec:
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of maxSteps and epochs")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError("warmupSteps must not exceed maxSteps")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError("reportTo names a tracker twice")
         return self
 
 
@@ -365,10 +402,33 @@ class OutputSpec(ApiModel):
         ),
     )
 
+    uri: str | None = Field(
+        default=None,
+        max_length=MAX_PATH,
+        pattern=sources.S3_PREFIX_PATTERN,
+        json_schema_extra=sources.s3_prefix_rules(),
+        description=(
+            "s3://BUCKET[/PREFIX]: once the task succeeds, its adapter directory (adapter_config.json, "
+            "adapter_model.safetensors, metrics.jsonl, chat template, TensorBoard events) is uploaded to "
+            "PREFIX/<namespace>/<name>/ (by `muxtune run` with the standard AWS credential chain, or by "
+            "an export Job with spec.credentialsSecret in a cluster)."
+        ),
+    )
+    upload_checkpoints: bool = Field(
+        default=False, description="With uri: also upload the checkpoints/ directory."
+    )
+
     @field_validator("path")
     @classmethod
     def _relative(cls, v: str | None) -> str | None:
         return check_relative_path(v, "namespace's output area")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_dotdot(cls, v: str | None) -> str | None:
+        if v is not None and re.search(sources.DOTDOT, v.removeprefix("s3://")):
+            raise ValueError(sources.DOTDOT_MESSAGE)
+        return v
 
 
 class ServingSpec(ApiModel):
@@ -397,8 +457,20 @@ class FineTuneTaskSpec(ApiModel):
         json_schema_extra=immutable("baseModel"),
         description=(
             "The frozen backbone: builtin:NAME, model:NAME (a BaseModel resource; weights on a "
-            "PVC or host path), or a local Hugging Face model directory (muxtune run only: the "
-            "operator refuses it)."
+            "PVC, a host path, the Hub or in a bucket), or for muxtune run only (the operator refuses "
+            "them: use a BaseModel) a local Hugging Face model directory, hf://ORG/NAME[@REVISION] "
+            "(through huggingface_hub: its cache, HF_HUB_OFFLINE and HF_TOKEN) or s3://BUCKET/PREFIX/ "
+            "(downloaded once into the muxtune cache, keyed by content)."
+        ),
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=sources.SECRET_NAME_PATTERN,
+        description=(
+            "A Secret in the task's namespace whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_ENDPOINT_URL, HF_TOKEN, ...) become the environment of the task's staging and export "
+            "Jobs, which run in the task's namespace; it never reaches a shared engine pod."
         ),
     )
     dataset: DatasetSpec = Field(description="Training data.", json_schema_extra=immutable("dataset"))

@@ -185,6 +185,20 @@ BAD: list[Case] = [
         "spec.architecture.dtype",
         kind="BaseModel",
     ),
+    # remote sources and sinks (issue 17): URIs of the one scheme each field takes, no '..' in keys
+    Case("dataset-gs-uri", {"spec.dataset.path": "gs://bucket/train.jsonl"}, "spec.dataset.path"),
+    Case("dataset-s3-bad-bucket", {"spec.dataset.path": "s3://B/train.jsonl"}, "spec.dataset.path"),
+    Case("dataset-s3-dotdot-key", {"spec.dataset.path": "s3://bucket/a/../b.jsonl"}, "spec.dataset.path"),
+    Case("validation-path-http-uri", {"spec.dataset.validationPath": "https://host/v.jsonl"}, "spec.dataset.validationPath"),
+    Case("hf-disk-from-s3", {"spec.dataset.path": "s3://bucket/set", "spec.dataset.format": "hf_disk"}, "spec.dataset"),
+    Case("output-uri-not-s3", {"spec.output.uri": "gs://bucket/out"}, "spec.output.uri"),
+    Case("output-uri-dotdot", {"spec.output.uri": "s3://bucket/a/../b"}, "spec.output.uri"),
+    Case("report-to-unknown", {"spec.training.reportTo": ["wandb"]}, "spec.training.reportTo"),
+    Case("credentials-secret-bad-name", {"spec.credentialsSecret": "Team_Creds"}, "spec.credentialsSecret"),
+    Case("base-model-hf-no-name", {"spec.baseModel": "hf://acme"}, "spec.baseModel"),
+    Case("model-hf-and-s3", {"spec.source": {"hf": {"repo": "acme/tiny"}, "s3": {"uri": "s3://bucket/m/"}}},
+         "spec.source", kind="BaseModel"),
+    Case("model-hf-bad-repo", {"spec.source": {"hf": {"repo": "acme"}}}, "spec.source.hf.repo", kind="BaseModel"),
     # BackboneGroup (written by the operator, but the same rules hold)
     Case("group-dp-zero", {"spec.parallelism": {"dp": 0}}, "spec.parallelism.dp", kind="BackboneGroup"),
     Case("group-negative-gpus", {"spec.gpusPerPod": -1}, "spec.gpusPerPod", kind="BackboneGroup"),
@@ -193,6 +207,11 @@ BAD: list[Case] = [
 
 GOOD: list[Case] = [
     Case("minimal", {}, ""),
+    Case("remote-sources-and-sinks", {"spec.dataset.path": "s3://team-data/sets/train.jsonl",
+                                      "spec.dataset.validationPath": "s3://team-data/sets/val.jsonl",
+                                      "spec.output": {"uri": "s3://team-adapters/runs", "uploadCheckpoints": True},
+                                      "spec.training.reportTo": ["tensorboard", "mlflow"],
+                                      "spec.credentialsSecret": "team-creds"}, ""),
     Case(
         "ia3-with-feedforward",
         {"spec.peft": {"method": "ia3", "targetModules": ["k_proj", "v_proj", "down_proj"], "feedforwardModules": ["down_proj"]}},
@@ -401,7 +420,7 @@ def test_created_task_has_defaults_and_columns(api):
     stored = json.loads(api.kubectl("get", "ftt", "columns", "-n", NAMESPACE, "-o", "json").stdout)
     assert stored["spec"]["peft"] == {"method": "lora", "r": 8, "alpha": 16, "dropout": 0, "targetModules": ["q_proj", "v_proj"],
                                       "feedforwardModules": [], "useDora": False}
-    assert stored["spec"]["training"]["maxGradNorm"] == 1 and stored["spec"]["output"] == {}
+    assert stored["spec"]["training"]["maxGradNorm"] == 1 and stored["spec"]["output"] == {"uploadCheckpoints": False}
 
     status = {"phase": "Running", "group": "grp-1", "step": 5, "totalSteps": 10, "progress": "5/10",
               "loss": 1.25, "tokensPerSecond": 1234.5, "message": "training"}

@@ -139,6 +139,7 @@ EXPECTED_RULES = {
     ("kueue.x-k8s.io", "workloads"): {"get", "delete"},  # a queued group's Workload: why it waits; deleted first
     ("networking.k8s.io", "networkpolicies"): {"create", "patch"},  # every group (operator/isolation.py)
     ("", "resourcequotas"): {"list"},  # shared groups charged to member namespaces (operator/quota.py)
+    ("batch", "jobs"): {"create", "get", "list", "watch"},  # staging, export, model-cache Jobs (operator/transfers.py)
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "nodes"): {"get", "list", "watch"},

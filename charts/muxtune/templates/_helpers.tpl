@@ -53,6 +53,11 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .Values.engine.image.repository (default .Chart.AppVersion .Values.engine.image.tag) }}
 {{- end }}
 
+{{/* The transfer Jobs' image: transfer.image, else the operator's own. */}}
+{{- define "muxtune.transferImage" -}}
+{{- printf "%s:%s" (default .Values.image.repository .Values.transfer.image.repository) (default (default .Chart.AppVersion .Values.image.tag) .Values.transfer.image.tag) }}
+{{- end }}
+
 {{/* True when the Prometheus Operator API is served. */}}
 {{- define "muxtune.hasMonitoringAPI" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}

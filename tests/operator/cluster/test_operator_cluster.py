@@ -51,7 +51,7 @@ def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
     c = pod["spec"]["containers"][0]
     assert c["command"] + c["args"] == ["muxtune", "run", "/etc/muxtune/tasks/tasks.yaml", "--output", "/output",
                                         "--data-root", "/data", "--watch", "--metrics-host", "0.0.0.0",
-                                        "--metrics-port", "9400", "--no-progress"]
+                                        "--metrics-port", "9400", "--no-progress", "--no-remote"]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     sc, psc = c["securityContext"], pod["spec"]["securityContext"]
     assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]

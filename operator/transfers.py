@@ -1,0 +1,158 @@
+"""Staging, export and model-cache Jobs: where tenants' credentials are used, and only there.
+
+A task's credentials (spec.credentialsSecret) never enter a shared engine pod. Remote data moves
+in Jobs of the task's own namespace that take the Secret as their environment (envFrom; the
+operator never reads its data):
+
+- staging: before the task joins a group, `muxtune stage data` copies its s3:// datasets into
+  the namespace's data area (at the staged paths the engine reads with --no-remote);
+- export: once the task Succeeded, `muxtune stage export` uploads its output directory (read-only
+  mount) to output.uri/<namespace>/<name>/;
+- model cache: a BaseModel with an hf or s3 source is fetched once by `muxtune stage model` into
+  the model cache volume, in the operator's namespace with the BaseModel's own Secret; groups of
+  that model mount the directory it reports read-only.
+
+Names are derived from the object and what is moved, so a restart adopts the Job it made. Every
+function here is pure: manifests and conditions from the objects, no API calls.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from muxtune.api import sources
+from muxtune.api.basemodel import BaseModelResource
+from muxtune.api.finetunetask import FineTuneTask
+from muxtune.operator.config import DATA_MOUNT, LABEL_MANAGED_BY, MANAGED_BY, OUTPUT_MOUNT, OperatorConfig
+from muxtune.operator.podspec import RUN_AS, area_volumes
+from muxtune.storage.export import destination
+
+LABEL_TRANSFER = "muxtune.io/transfer"  # staging, export or model
+LABEL_FOR = "muxtune.io/for"  # the task's or BaseModel's name
+CACHE_MOUNT = "/cache"
+BACKOFF_LIMIT = 2
+DEADLINE_S = 6 * 3600
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+def remote_datasets(task: FineTuneTask) -> list[str]:
+    d = task.spec.dataset
+    return [u for u in (d.path, d.validation_path) if sources.is_remote(u)]
+
+
+def needs_staging(task: FineTuneTask) -> bool:
+    return bool(remote_datasets(task))
+
+
+def needs_export(task: FineTuneTask) -> bool:
+    return task.spec.output.uri is not None
+
+
+def staging_job_name(task: FineTuneTask) -> str:
+    return f"{task.metadata.name[:40]}-stage-{_digest(task.metadata.uid or '', *remote_datasets(task))}"
+
+
+def export_job_name(task: FineTuneTask) -> str:
+    return f"{task.metadata.name[:40]}-export-{_digest(task.metadata.uid or '', task.spec.output.uri or '')}"
+
+
+def model_job_name(bm: BaseModelResource) -> str:
+    return f"model-{bm.metadata.name[:40]}-{_digest(bm.metadata.uid or '', bm.spec.source.remote_uri or '')}"
+
+
+def _container(args: list[str], config: OperatorConfig, secret: str | None, mounts: list[dict], env: list[dict]) -> dict:
+    c = {
+        "name": "transfer", "image": config.transfer_image, "imagePullPolicy": config.engine_image_pull_policy,
+        "command": ["muxtune"], "args": args, "volumeMounts": mounts, "env": env,
+        "terminationMessagePolicy": "File",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+        "resources": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+    }
+    if secret:
+        c["envFrom"] = [{"secretRef": {"name": secret}}]
+    return c
+
+
+def _job(name: str, namespace: str, kind: str, owner: str, container: dict, volumes: list[dict]) -> dict:
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_TRANSFER: kind, LABEL_FOR: owner}
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT, "activeDeadlineSeconds": DEADLINE_S,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never", "automountServiceAccountToken": False,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS,
+                                        "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [*volumes, {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def _area(kind: str, namespace: str, config: OperatorConfig, writable: bool) -> tuple[list[dict], list[dict]]:
+    vols, mounts = area_volumes(kind, {"metadata": {"namespace": namespace}}, config)
+    for v in vols:
+        if "persistentVolumeClaim" in v:
+            v["persistentVolumeClaim"]["readOnly"] = not writable
+    return vols, [{**m, "readOnly": not writable} for m in mounts]
+
+
+TMP = [{"name": "TMPDIR", "value": "/tmp"}, {"name": "HOME", "value": "/tmp"}]
+TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
+
+
+def staging_job(task: FineTuneTask, config: OperatorConfig, max_dataset_bytes: int | None = None) -> dict:
+    """The Job that copies the task's s3:// datasets into its namespace's data area."""
+    ns = task.metadata.namespace or "default"
+    vols, mounts = _area("data", ns, config, writable=True)
+    args = ["stage", "data", *remote_datasets(task), "--data-area", f"{DATA_MOUNT}/{ns}"]
+    if max_dataset_bytes:
+        args += ["--max-dataset-bytes", str(max_dataset_bytes)]
+    c = _container(args, config, task.spec.credentials_secret, [*mounts, TMP_MOUNT], TMP)
+    return _job(staging_job_name(task), ns, "staging", task.metadata.name, c, vols)
+
+
+def export_job(task: FineTuneTask, config: OperatorConfig) -> dict:
+    """The Job that uploads the finished task's directory to output.uri."""
+    ns = task.metadata.namespace or "default"
+    vols, mounts = _area("output", ns, config, writable=False)
+    task_dir = f"{OUTPUT_MOUNT}/{ns}/{task.spec.output.path or task.metadata.name}"
+    args = ["stage", "export", task_dir, "--to", destination(task)]
+    if task.spec.output.upload_checkpoints:
+        args.append("--checkpoints")
+    c = _container(args, config, task.spec.credentials_secret, [*mounts, TMP_MOUNT], TMP)
+    return _job(export_job_name(task), ns, "export", task.metadata.name, c, vols)
+
+
+def model_job(bm: BaseModelResource, config: OperatorConfig) -> dict:
+    """The Job that fetches an hf:// or s3:// BaseModel into the model cache volume, once."""
+    src = bm.spec.source
+    vols = [{"name": "cache", "persistentVolumeClaim": {"claimName": config.model_cache_pvc}}] \
+        if config.model_cache_pvc else [{"name": "cache", "emptyDir": {}}]
+    env = [*TMP, {"name": "MUXTUNE_HOME", "value": CACHE_MOUNT}, {"name": "HF_HUB_CACHE", "value": f"{CACHE_MOUNT}/hub"}]
+    c = _container(["stage", "model", src.remote_uri], config, src.credentials_secret,
+                   [{"name": "cache", "mountPath": CACHE_MOUNT}, TMP_MOUNT], env)
+    return _job(model_job_name(bm), config.shared_namespace, "model", bm.metadata.name, c, vols)
+
+
+def job_outcome(job: dict | None, pods: list[dict] = ()) -> tuple[str, str]:
+    """(state, message) of a transfer Job: Absent, Running, Succeeded or Failed, with its pods'
+    termination message (operator/world.py compact_pod: the reason, or the model's cache path)."""
+    if job is None:
+        return "Absent", ""
+    conds = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
+    message = next((p["terminationMessage"] for p in pods if p.get("terminationMessage")), "")
+    if "Complete" in conds or "SuccessCriteriaMet" in conds:
+        return "Succeeded", message.strip()
+    if "Failed" in conds:
+        return "Failed", (message or conds["Failed"].get("message") or conds["Failed"].get("reason") or "").strip()
+    return "Running", ""

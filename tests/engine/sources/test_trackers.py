@@ -1,0 +1,72 @@
+"""training.reportTo: TensorBoard event files read back with TensorBoard's own reader, an MLflow run
+on a real tracking server (loopback, SQLite), and a tracker that is down costing only a warning."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from muxtune.engine.observe.trackers import Trackers
+from tests.helpers.cluster import free_port
+
+
+def _train(make_task, data_dir, out, trainer_factory, report_to, **training):
+    t = make_task("tracked", data_dir / "reverse.jsonl", steps=4, reportTo=report_to, **training)
+    if "evalInterval" in training:
+        dataset = t.spec.dataset.model_copy(update={"validation_split": 0.25})
+        t = t.model_copy(update={"spec": t.spec.model_copy(update={"dataset": dataset})})
+    trainer = trainer_factory(out)
+    trainer.telemetry = Trackers()
+    trainer.add_task(t)
+    trainer.run()
+    trainer.telemetry.close()
+    rt = trainer.tasks[t.key]
+    assert rt.phase == "Succeeded", rt.message
+    return rt, [json.loads(x) for x in (rt.out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_events_hold_every_step(make_task, data_dir, tmp_path, trainer_factory):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rt, metrics = _train(make_task, data_dir, tmp_path / "out", trainer_factory, ["tensorboard"])
+    acc = EventAccumulator(str(rt.out_dir / "tensorboard"))
+    acc.Reload()
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [m["step"] for m in metrics]
+    assert [e.value for e in loss] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
+    assert [e.value for e in acc.Scalars("train/learning_rate")] == pytest.approx([m["lr"] for m in metrics])
+    assert len(acc.Scalars("train/tokens_per_second")) == len(metrics)
+
+
+@pytest.mark.slow
+def test_mlflow_run_per_task_with_params_metrics_and_adapter(mlflow_server, make_task, data_dir, tmp_path,
+                                                            trainer_factory, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sources-test")
+    rt, metrics = _train(make_task, data_dir, tmp_path / "out", trainer_factory, ["mlflow"], evalInterval=2)
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("sources-test")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`muxtune.task` = 'default/tracked'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["peft.r"] == "4" and run.data.params["baseModel"] == "builtin:tiny-llama"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(h.step, h.value) for h in history] == [(m["step"], pytest.approx(m["loss"])) for m in metrics]
+    for name in ("learning_rate", "tokens_per_second"):
+        assert len(client.get_metric_history(run.info.run_id, name)) == len(metrics)
+    evals = client.get_metric_history(run.info.run_id, "eval_loss")
+    assert [h.step for h in evals] == [m["step"] for m in metrics if "eval_loss" in m] and evals
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files
+
+
+def test_a_tracker_that_is_down_costs_a_warning_not_the_task(make_task, data_dir, tmp_path, trainer_factory,
+                                                            monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with caplog.at_level(logging.WARNING, logger="muxtune.engine"):
+        rt, metrics = _train(make_task, data_dir, tmp_path / "out", trainer_factory, ["mlflow", "tensorboard"])
+    assert len(metrics) == 4 and (rt.out_dir / "adapter_model.safetensors").exists()
+    assert "mlflow tracker off for this task" in caplog.text
+    assert list((rt.out_dir / "tensorboard").iterdir())  # the other tracker carried on

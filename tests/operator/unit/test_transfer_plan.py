@@ -1,0 +1,113 @@
+"""operator/transfer_plan.py: which transfer Jobs to create, which tasks wait or fail before
+placement and why, stage conditions, and BaseModel staging status (pure; no cluster)."""
+from __future__ import annotations
+
+from muxtune.api.basemodel import BaseModelResource
+from muxtune.api.finetunetask import FineTuneTask
+from muxtune.operator import transfers
+from muxtune.operator.config import OperatorConfig
+from muxtune.operator.transfer_plan import plan_transfers
+
+CFG = OperatorConfig(data_pvc="d", output_pvc="o", model_cache_pvc="cache")
+
+
+def _task(name="t", ns="a", phase=None, base="builtin:tiny-llama", uri=True):
+    obj = {"apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask",
+           "metadata": {"name": name, "namespace": ns, "uid": f"u-{name}"},
+           "spec": {"baseModel": base, "credentialsSecret": "creds",
+                    "dataset": {"path": "s3://bk1/train.jsonl" if uri else "train.jsonl"},
+                    "training": {"maxSteps": 2, "learningRate": 1e-3}, "output": {"uri": "s3://bk1/out"}}}
+    if phase:
+        obj["status"] = {"phase": phase}
+    return f"{ns}/{name}", (obj, FineTuneTask.model_validate(obj))
+
+
+def _job(manifest, condition=None, message=""):
+    job = dict(manifest, status={"conditions": [{"type": condition, "status": "True"}]} if condition else {})
+    pods = [{"terminationMessage": message}] if message else []  # as operator/world.py compact_pod keeps it
+    key = (manifest["metadata"]["namespace"], manifest["metadata"]["name"])
+    return {key: job}, {key: pods}
+
+
+def test_a_task_with_s3_data_waits_for_its_staging_job_then_is_released():
+    key, (obj, task) = _task()
+    plan = plan_transfers({key: (obj, task)}, {}, {}, {}, CFG)
+    assert [j["metadata"]["name"] for j in plan.create] == [transfers.staging_job_name(task)]
+    assert plan.holds[key].reason == "StagingData" and not plan.holds[key].final
+    assert plan.conditions[key][0]["type"] == "DataStaged" and plan.conditions[key][0]["status"] == "False"
+    jobs, pods = _job(transfers.staging_job(task, CFG), "Complete", "staged")
+    plan = plan_transfers({key: (obj, task)}, {}, jobs, pods, CFG)
+    assert not plan.create and key not in plan.holds
+    assert plan.conditions[key] == [{"type": "DataStaged", "status": "True", "reason": "Staged",
+                                     "message": f"copied by Job {transfers.staging_job_name(task)}"}]
+
+
+def test_a_failed_staging_job_fails_the_task_with_its_termination_message():
+    key, (obj, task) = _task()
+    jobs, pods = _job(transfers.staging_job(task, CFG), "Failed", "s3://bk1/train.jsonl: the credentials were refused")
+    plan = plan_transfers({key: (obj, task)}, {}, jobs, pods, CFG)
+    hold = plan.holds[key]
+    assert hold.final and hold.reason == "DataStagingFailed" and "the credentials were refused" in hold.message
+
+
+def test_local_data_needs_no_job_and_export_starts_after_succeeded():
+    key, (obj, task) = _task(uri=False)
+    assert plan_transfers({key: (obj, task)}, {}, {}, {}, CFG).create == []
+    key, (obj, task) = _task(uri=False, phase="Succeeded")
+    plan = plan_transfers({key: (obj, task)}, {}, {}, {}, CFG)
+    assert [j["metadata"]["name"] for j in plan.create] == [transfers.export_job_name(task)]
+    jobs, pods = _job(transfers.export_job(task, CFG), "Failed", "s3://bk1/out/a/t/adapter_config.json: upload failed: access denied")
+    (cond,) = plan_transfers({key: (obj, task)}, {}, jobs, pods, CFG).conditions[key]
+    assert cond["type"] == "Exported" and cond["reason"] == "ExportFailed" and "access denied" in cond["message"]
+
+
+def test_a_staged_basemodel_goes_staging_ready_and_holds_its_tasks_until_then():
+    bm = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": "tiny", "uid": "b1"},
+          "spec": {"source": {"hf": {"repo": "acme/tiny"}}, "allowedNamespaces": ["*"]}}
+    key, (obj, task) = _task(base="model:tiny", uri=False)
+    plan = plan_transfers({key: (obj, task)}, {"tiny": bm}, {}, {}, CFG)
+    assert plan.models["tiny"]["phase"] == "Staging" and plan.holds[key].reason == "ModelStaging"
+    (job,) = plan.create
+    assert job["metadata"]["namespace"] == CFG.shared_namespace
+    jobs, pods = _job(transfers.model_job(BaseModelResource.model_validate(bm), CFG), "Complete", "models/hf-0123")
+    plan = plan_transfers({key: (obj, task)}, {"tiny": bm}, jobs, pods, CFG)
+    assert plan.models["tiny"] == {"phase": "Ready", "cachePath": "models/hf-0123",
+                                   "message": "staged into the model cache at models/hf-0123"}
+    assert key not in plan.holds and not plan.create
+    no_cache = plan_transfers({}, {"tiny": bm}, {}, {}, OperatorConfig())
+    assert no_cache.models["tiny"]["phase"] == "Failed" and "modelCache.pvc" in no_cache.models["tiny"]["message"]
+
+
+def _snapshot(tasks: dict, groups: dict):
+    from muxtune.operator.snapshot import Snapshot
+
+    return Snapshot(now="2026-01-01T00:00:00Z", tasks=tasks, groups=groups, pods_of={}, configmaps={}, services={},
+                    inventory=(), basemodels={}, architectures={}, namespace_labels={}, reserved_names=frozenset(),
+                    planner_config=CFG.planner_config())
+
+
+def test_a_held_task_leaves_its_group_and_is_not_planned():
+    from muxtune.operator.snapshot import membership, pending_requests
+
+    key, (obj, task) = _task()
+    other, (oobj, otask) = _task("u", uri=False)
+    group = {"metadata": {"name": "g", "namespace": "a"},
+             "spec": {"tasks": [{"namespace": "a", "name": "t", "uid": "u-t"}, {"namespace": "a", "name": "u"}]}}
+    snap = _snapshot({key: obj, other: oobj}, {("a", "g"): group})
+    parsed = {key: task, other: otask}
+    held = plan_transfers({key: (obj, task), other: (oobj, otask)}, {}, {}, {}, CFG).holds
+    assert set(held) == {key}
+    ms = membership(snap, parsed, holds=held)
+    assert ms.active[("a", "g")] == [other] and ms.refused[key].reason == "StagingData"
+    assert pending_requests(snap, ms) == []  # held: not handed to the planner either
+    free = membership(snap, parsed)  # no holds: both stay members
+    assert free.active[("a", "g")] == [key, other]
+
+
+def test_transfer_job_pods_are_found_by_their_job_and_engine_pods_are_not():
+    from muxtune.operator.snapshot import pods_by_job
+
+    pods = {("a", "p1"): {"namespace": "a", "labels": {transfers.LABEL_TRANSFER: "staging", "job-name": "j"}},
+            ("a", "p2"): {"namespace": "a", "labels": {"muxtune.io/group": "g", "job-name": "j"}},
+            ("a", "p3"): {"namespace": "a", "labels": {transfers.LABEL_TRANSFER: "export"}}}
+    assert pods_by_job(pods) == {("a", "j"): [pods[("a", "p1")]]}

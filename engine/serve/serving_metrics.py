@@ -5,6 +5,7 @@ free text).
 | metric | type | meaning |
 | --- | --- | --- |
 | muxtune_serve_requests_total{model,outcome} | counter | requests that ended: stop, length, abort (client went away), error |
+| muxtune_serve_client_disconnects_total{model} | counter | clients that went away before their answer was whole (their rows freed) |
 | muxtune_serve_rejected_requests_total{status} | counter | requests refused before generation: 400, 404, 429, 503 |
 | muxtune_serve_prompt_tokens_total{model} | counter | prompt tokens of admitted requests (tokens in) |
 | muxtune_serve_generation_tokens_total{model} | counter | generated tokens (tokens out) |
@@ -49,6 +50,7 @@ class ServeMetrics:
         self._lock = threading.Lock()
         self._requests: Counter = Counter()  # (model, outcome)
         self._rejected: Counter = Counter()  # status
+        self._disconnects: Counter = Counter()  # model
         self._prompt: Counter = Counter()
         self._generated: Counter = Counter()
         self._slo: Counter = Counter()  # (model, met|missed)
@@ -108,6 +110,10 @@ class ServeMetrics:
         with self._lock:
             self._rejected[str(status)] += 1
 
+    def disconnected(self, model: str) -> None:
+        with self._lock:
+            self._disconnects[model] += 1
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import generate_latest
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -122,7 +128,7 @@ class _Collector:
     def collect(self):
         m = self.m
         with m._lock:
-            requests, rejected = dict(m._requests), dict(m._rejected)
+            requests, rejected, disconnects = dict(m._requests), dict(m._rejected), dict(m._disconnects)
             prompt, generated, slo, train = dict(m._prompt), dict(m._generated), dict(m._slo), dict(m._train)
             window = list(m._window)
         eng, ctl = m.engine, m.controller
@@ -133,6 +139,11 @@ class _Collector:
         for name in models:
             for outcome in OUTCOMES:
                 fam.add_metric([name, outcome], requests.get((name, outcome), 0))
+        yield fam
+        fam = CounterMetricFamily("muxtune_serve_client_disconnects",
+                                  "Clients that went away before their answer was whole.", labels=["model"])
+        for name in sorted(set(models) | set(disconnects)):
+            fam.add_metric([name], disconnects.get(name, 0))
         yield fam
         fam = CounterMetricFamily("muxtune_serve_rejected_requests", "Requests refused before generation, by HTTP status.",
                                   labels=["status"])

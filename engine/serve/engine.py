@@ -7,6 +7,7 @@ between training rounds, which is what makes adapter snapshots consistent.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ class ServeLimits:
     max_tokens: int = 1024  # cap on a request's max_tokens
     max_prefill_tokens: int = 512  # prompt tokens per iteration at most (longer prompts are chunked)
     queue_timeout_s: float = 60.0  # a request waiting longer gets 503
+    max_queue_wait_s: float = 10.0  # a request the queue ahead would keep waiting longer gets 429 at once
 
 
 @dataclass
@@ -92,6 +94,8 @@ class ServeEngine:
         self.wakeup = threading.Event()
         self._lock = threading.Lock()
         self._closed: str | None = None
+        self.shed = 0  # requests refused with 429: beyond what the queue and the finish rate can take
+        self._finishes: deque[float] = deque(maxlen=64)  # when recent requests finished (the service rate)
         self.prompt_tokens_mean = 64.0  # running mean prompt length: the prefill an arrival is likely to need
         self._seed = torch.Generator().manual_seed(int(time.time_ns() % 2**62))  # seeds for unseeded requests
 
@@ -105,9 +109,23 @@ class ServeEngine:
             if self._closed:
                 raise Overloaded(503, f"the server is not accepting requests: {self._closed}", 5)
             if len(self.waiting) + len(reqs) > self.limits.max_queue:
+                self.shed += len(reqs)
                 raise Overloaded(429, f"too many requests waiting ({self.limits.max_queue}); retry later", 1)
+            wait = self.expected_wait(len(reqs))
+            if wait > self.limits.max_queue_wait_s:
+                self.shed += len(reqs)
+                raise Overloaded(429, f"over capacity: about {wait:.0f}s of requests ahead (at most "
+                                      f"{self.limits.max_queue_wait_s:g}s); retry later", math.ceil(wait))
             self.waiting.extend(reqs)
         self.wakeup.set()
+
+    def expected_wait(self, extra: int = 0) -> float:
+        """Seconds until `extra` new requests would get a row: the requests ahead at the recent finish rate."""
+        ahead = len(self.waiting) + extra - len(self.pool.free)
+        if ahead <= 0 or len(self._finishes) < 8:
+            return 0.0
+        span = self._finishes[-1] - self._finishes[0]
+        return ahead * span / (len(self._finishes) - 1)
 
     @property
     def queue_depth(self) -> int:
@@ -299,6 +317,7 @@ class ServeEngine:
 
     def _finish(self, r: GenerationRequest, reason: str, notify: bool = True) -> None:
         self._release(r)
+        self._finishes.append(time.monotonic())
         r.finish_reason = reason
         if notify:
             r.sink(Done(reason, r.text.rest() if r.text else "", len(r.prompt_ids), len(r.output_ids),

@@ -6,6 +6,10 @@ free text).
 | --- | --- | --- |
 | muxtune_serve_requests_total{model,outcome} | counter | requests that ended: stop, length, abort (client went away), error |
 | muxtune_serve_client_disconnects_total{model} | counter | clients that went away before their answer was whole (their rows freed) |
+| muxtune_serve_shed_requests_total | counter | requests refused with 429 because they were beyond capacity (queue full, or too long a wait) |
+| muxtune_serve_train_share_ratio | gauge | training's share of the recent work time (kept at or above the floor) |
+| muxtune_serve_train_floor_ratio | gauge | the share of time training keeps under any load (--train-floor) |
+| muxtune_serve_floor_rounds_total | counter | training rounds run past the SLO budget to keep the floor |
 | muxtune_serve_rejected_requests_total{status} | counter | requests refused before generation: 400, 404, 429, 503 |
 | muxtune_serve_prompt_tokens_total{model} | counter | prompt tokens of admitted requests (tokens in) |
 | muxtune_serve_generation_tokens_total{model} | counter | generated tokens (tokens out) |
@@ -47,6 +51,7 @@ class ServeMetrics:
         self.engine = None
         self.controller = None
         self.trainer = None
+        self.loop = None  # coserve.CoServer: the training floor
         self._lock = threading.Lock()
         self._requests: Counter = Counter()  # (model, outcome)
         self._rejected: Counter = Counter()  # status
@@ -67,8 +72,8 @@ class ServeMetrics:
                                  buckets=FORWARD_BUCKETS)
         r.register(_Collector(self))
 
-    def attach(self, engine, controller=None, trainer=None) -> None:
-        self.engine, self.controller, self.trainer = engine, controller, trainer
+    def attach(self, engine, controller=None, trainer=None, loop=None) -> None:
+        self.engine, self.controller, self.trainer, self.loop = engine, controller, trainer, loop
 
     # ----- engine thread ----------------------------------------------------------------------
     def admitted(self, req) -> None:
@@ -184,6 +189,8 @@ class _Collector:
                 for name in models:
                     g.add_metric([name], data.get(name, 0))
                 yield g
+            yield CounterMetricFamily("muxtune_serve_shed_requests",
+                                      "Requests refused with 429: beyond capacity.", value=eng.shed)
             yield GaugeMetricFamily("muxtune_serve_kv_cache_usage_ratio", "KV cache rows in use / rows.",
                                     value=eng.pool.used / eng.pool.rows)
             yield GaugeMetricFamily("muxtune_serve_adapter_versions",
@@ -195,6 +202,13 @@ class _Collector:
                 if e.current is not None and e.current.step is not None:
                     g.add_metric([e.name], e.current.step)
             yield g
+        if m.loop is not None:
+            yield GaugeMetricFamily("muxtune_serve_train_share_ratio", "Training's share of the recent work time.",
+                                    value=m.loop.train_share)
+            yield GaugeMetricFamily("muxtune_serve_train_floor_ratio", "The share of time training keeps under any load.",
+                                    value=m.loop.train_floor)
+            yield CounterMetricFamily("muxtune_serve_floor_rounds", "Training rounds run past the SLO budget for the floor.",
+                                      value=m.loop.floor_rounds)
         if ctl is not None:
             yield GaugeMetricFamily("muxtune_serve_train_token_budget",
                                     "Training tokens the SLO controller allowed in the latest iteration.",

@@ -19,7 +19,8 @@ log = logging.getLogger("muxtune.serve")
 
 def limits_from(cmd) -> ServeLimits:
     return ServeLimits(max_num_seqs=cmd.max_num_seqs, max_model_len=cmd.max_model_len, max_queue=cmd.max_queue,
-                       max_tokens=cmd.max_tokens, max_prefill_tokens=cmd.max_prefill_tokens)
+                       max_tokens=cmd.max_tokens, max_prefill_tokens=cmd.max_prefill_tokens,
+                       max_queue_wait_s=cmd.max_queue_wait_s)
 
 
 class Serving:
@@ -44,8 +45,8 @@ class Serving:
                                         only_enabled=getattr(cmd, "serve_tasks", "all") == "enabled")
         self.engine = ServeEngine(backbone, self.adapters, limits_from(cmd), self.metrics)
         self.controller = SloController(slo, token_budget, policy=getattr(cmd, "serve_policy", "coserve"))
-        self.loop = CoServer(self.engine, self.controller, trainer, self.metrics)
-        self.metrics.attach(self.engine, self.controller, trainer)
+        self.loop = CoServer(self.engine, self.controller, trainer, self.metrics, train_floor=cmd.train_floor)
+        self.metrics.attach(self.engine, self.controller, trainer, self.loop)
         template = Path(cmd.chat_template).read_text() if cmd.chat_template else None
         tokenizer = AutoTokenizer.from_pretrained(backbone.path)  # the HTTP thread's own copy
         self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics)

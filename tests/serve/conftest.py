@@ -61,8 +61,8 @@ def make_stack(backbone, trainer=None, adapters=None, *, token_budget=4096, **fl
     metrics = ServeMetrics(slo=slo)
     engine = ServeEngine(backbone, registry, limits_from(cmd), metrics)
     controller = SloController(slo, token_budget)
-    loop = CoServer(engine, controller, trainer, metrics)
-    metrics.attach(engine, controller, trainer)
+    loop = CoServer(engine, controller, trainer, metrics, train_floor=cmd.train_floor)
+    metrics.attach(engine, controller, trainer, loop)
     registry.sync_tasks()
     return SimpleNamespace(engine=engine, registry=registry, controller=controller, loop=loop, metrics=metrics)
 

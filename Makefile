@@ -1,5 +1,5 @@
 # The two commands a new user needs (see README): `make quickstart` and `make test`.
-.PHONY: setup quickstart test bench dev-cluster-bins dev-cluster-up dev-cluster-down crds
+.PHONY: setup quickstart test test-fast bench dev-cluster-bins dev-cluster-up dev-cluster-down crds
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,13 @@ quickstart: setup
 test: setup
 	.venv/bin/muxtune dev-cluster build --kueue
 	bash scripts/test.sh
+
+# The edit-test loop (a few minutes on 2 cores): no control plane, nothing marked `slow` (multi-process
+# parallel runs, subprocess end-to-end runs, the real-Prometheus stack); `make test` stays the whole suite.
+# The chart tests need helm: built with the control plane before pytest, as for `make test` (warm: a stamp check).
+test-fast: setup
+	.venv/bin/muxtune dev-cluster build
+	bash scripts/test.sh --fast
 
 dev-cluster-bins: setup
 	.venv/bin/muxtune dev-cluster build

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench/lora_kernel.py needs a CUDA GPU (torch.cuda.is_available() is False): it times Triton "
               "kernels with CUDA events. On CPU the fused path falls back to the loop; its correctness is "
-              "tested with Triton's interpreter by tests/engine/test_lora_kernel.py.", file=sys.stderr)
+              "tested with Triton's interpreter by tests/engine/kernels/test_lora_kernel.py.", file=sys.stderr)
         return 2
     from muxtune.engine.peft.lora_kernel import kernel_available
 

@@ -36,13 +36,12 @@ PRODUCTS = [("NVIDIA-H100-80GB-HBM3", 81920), ("NVIDIA-A100-SXM4-40GB", 40960)]
 
 
 def _load_helpers():
-    import importlib.util
+    """The operator cluster tests' helpers (tests/helpers/cluster.py): the bench drives the operator as they do."""
+    if str(REPO) not in sys.path:  # run as `python -m bench.operator_scale` or loaded by the scale test
+        sys.path.insert(0, str(REPO))
+    from tests.helpers import cluster
 
-    spec = importlib.util.spec_from_file_location("muxtune_operator_test_helpers", REPO / "tests" / "operator" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+    return cluster
 
 
 def make_nodes(n: int, gpus: int, prefix: str) -> list[dict]:

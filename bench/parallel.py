@@ -115,8 +115,11 @@ def run_layout(spec: dict, layout: dict, n: int, group, device) -> dict | None:
     tr = trainer("timed", spec["steps"])
     rounds = _round_totals()
     tr.telemetry = rounds
-    ticks = _trace_bubble_ticks(tr, layout["pp"])
-    wall = _timed(tr, group, device)
+    ticks, restore = _trace_bubble_ticks(layout["pp"])
+    try:
+        wall = _timed(tr, group, device)
+    finally:
+        restore()
     bad = [f"{rt.key}: {rt.phase} {rt.message}" for rt in tr.tasks.values() if rt.phase != "Succeeded"]
     if bad:
         raise RuntimeError("; ".join(bad))
@@ -181,21 +184,28 @@ def _trainer(spec: dict, layout: dict, n: int, backbone, group, jobs: list, name
     return tr
 
 
-def _trace_bubble_ticks(tr, pp: int) -> list[tuple[int, float]]:
-    """Record (span, idle ticks) of each round's plan in the tick model (what --print-schedule shows)."""
+def _trace_bubble_ticks(pp: int) -> tuple[list[tuple[int, float]], callable]:
+    """Record (span, idle ticks) of each round's plan in the tick model (what --print-schedule shows).
+
+    The trainer calls the pipeline executor through its module, so the trace is installed there;
+    the returned callable restores it."""
+    from muxtune.engine.parallel import pipeline
     from muxtune.engine.parallel.schedule import bubble_fraction, simulate, stage_actions
 
     ticks: list[tuple[int, float]] = []
-    run_pipeline = tr.executor.run_pipeline
+    run_pipeline = pipeline.run_pipeline
 
-    def traced(plan, *a):
+    def traced(backbone, group, plan, *a):
         tl = simulate(stage_actions(plan.flushes, pp))
         span = max((t + 1 for s in tl for t in s), default=0)
         ticks.append((span, sum(f * span for f in bubble_fraction(tl)) / max(1, len(tl))))
-        return run_pipeline(plan, *a)
+        return run_pipeline(backbone, group, plan, *a)
 
-    tr.executor.run_pipeline = traced
-    return ticks
+    def restore() -> None:
+        pipeline.run_pipeline = run_pipeline
+
+    pipeline.run_pipeline = traced
+    return ticks, restore
 
 
 def _timed(tr, group, device) -> float:

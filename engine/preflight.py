@@ -8,10 +8,29 @@ from pathlib import Path
 
 from muxtune.engine.durable import outputs
 from muxtune.engine.durable.runlock import RunLock, RunLockedError
+from muxtune.runconfig import RunConfig
 
 
 class CliProblem(Exception):
     """A problem with the command line or its environment; the message is one line."""
+
+
+def check_data_root(data_root: Path) -> Path:
+    """--data-root must be a directory; its absolute path (what the tasks' dataset paths are relative to)."""
+    base_dir = Path(data_root).resolve()
+    if not base_dir.is_dir():
+        raise CliProblem(f"--data-root {data_root}: not a directory")
+    return base_dir
+
+
+def check_backbones(cfg: RunConfig, base_models: list[str]) -> None:
+    """--watch and --serve-port follow one backbone; serving runs in one process."""
+    if cfg.watch and len(base_models) > 1:
+        raise CliProblem("--watch serves one backbone; the task files name " + ", ".join(base_models))
+    if cfg.serving and len(base_models) > 1:
+        raise CliProblem("--serve-port serves one backbone; the task files name " + ", ".join(base_models))
+    if cfg.serving and cfg.world > 1:
+        raise CliProblem("--serve-port runs in one process; it cannot be combined with --dp/--tp/--pp above 1")
 
 
 def check_output(output: Path) -> None:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 import sys
-import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,60 +15,22 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, load_task_files
 from muxtune.api.strictyaml import MAX_FILE_BYTES as MAX_TASK_FILE_BYTES
 from muxtune import logs
-from muxtune.engine import parallel, preflight
-from muxtune.engine.model.backbone import MultiplexedBackbone
+from muxtune.engine import preflight
 from muxtune.engine.data.datafile import DataLimits
-from muxtune.engine.model.loading import ModelLoadError, load_backbone, resolve_base_model
-from muxtune.engine.parallel import ranks as launch
+from muxtune.engine.model.backbone import MultiplexedBackbone
+from muxtune.engine.model.loading import ModelLoadError, resolve_base_model
+from muxtune.engine.parallel import ranks
 from muxtune.engine.parallel.dims import LayoutError
 from muxtune.engine.parallel.group import LocalGroup
 from muxtune.engine.observe.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.observe.telemetry import Fanout
+from muxtune.engine.runtime import StopFlag, install_kernels, load_multiplexed, pick_device, pick_dtype
 from muxtune.engine.trainer import MuxTrainer
 from muxtune.facts import trust
+from muxtune.runconfig import RunConfig
 
 log = logging.getLogger("muxtune.engine")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-class StopFlag:
-    """SIGTERM/SIGINT finish the round in flight, checkpoint, and exit.
-
-    A second signal gives up at once; not in a rank of a group (escalate=False), whose launcher
-    forwards the user's signal again and escalates to SIGKILL on its own after a grace period.
-    """
-
-    def __init__(self, escalate: bool = True):
-        self.escalate = escalate
-        self.signum: int | None = None
-        self.event = threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, _frame):
-        if self.signum is not None and self.escalate:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.event.set()
-
-    def __call__(self) -> bool:
-        return self.event.is_set()
 
 
 class TaskFileWatcher:
@@ -160,66 +121,30 @@ def failed_group(tasks: list[FineTuneTask], reason: str, output: Path, writer: b
     return runtimes
 
 
-def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, metrics=None,
+def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, metrics=None,
               group=None, device: torch.device | None = None, serve_sock=None) -> MuxTrainer:
+    """Train the tasks of one baseModel over one backbone until they finish (or, with --watch,
+    until stopped); stop() asks to finish the round in flight and checkpoint."""
     group = group or LocalGroup()
-    device = device or pick_device(cmd.device)
-    dtype = pick_dtype(cmd.dtype, device)
-    error = None
-    try:
-        path = resolve_base_model(tasks[0].spec.base_model, Path.cwd())
-        staged = group.dims.pp > 1  # load on the host, keep only this rank's stage on the device
-        backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype))
-        parallel.setup_backbone(backbone, group, device, announce=lambda msg: print(msg, file=sys.stderr))
-    except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
-        error = f"baseModel {tasks[0].spec.base_model}: {exc}"
-    if (error := group.first_error(error)) is not None:  # on every rank of the group alike
-        raise ModelLoadError(error)
-    from muxtune.engine.peft import lora_kernel
-    lora_kernel.install(backbone.ctx, device)  # fused multi-task LoRA on CUDA; MUXTUNE_LORA_KERNEL=0 keeps the loop
-    trainer = MuxTrainer(
-        backbone, cmd.output, token_budget=cmd.token_budget, chunk_size=cmd.chunk_size,
-        resume=cmd.resume, base_dir=base_dir, allow_data_change=cmd.allow_data_change,
-        data_limits=DataLimits(cmd.max_dataset_bytes, cmd.max_line_bytes), group=group,
-        micro_batches=cmd.micro_batches, interleave=cmd.interleave,
-        print_schedule=print if cmd.print_schedule else None,
-    )
-    sinks = []
-    if metrics is not None:
-        metrics.attach(trainer)
-        sinks.append(metrics)
-    trainer.telemetry = Fanout(*sinks)
-    for task in tasks:
-        trainer.add_task(task)
-    if cmd.progress and group.is_writer:  # created after the tasks are known, so its total is right
-        trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
+    device = device or pick_device(cfg.device)
+    base_model = tasks[0].spec.base_model
+    backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code)
+    trainer = _new_trainer(backbone, cfg, base_dir, group, metrics, tasks)
     serving = None
     if serve_sock is not None:  # co-serving (one process only): engine/serve/
         from muxtune.engine.serve.stack import Serving
 
-        serving = Serving.coserving(backbone, tasks[0].spec.base_model, trainer, cmd, serve_sock, metrics)
-    step = serving.loop.iteration if serving else trainer.run_round
-    idle = serving.loop.wait if serving else getattr(getattr(stop, "event", None), "wait", time.sleep)
+        serving = Serving.coserving(backbone, base_model, trainer, cfg, serve_sock, metrics)
     clean = False
     try:
-        if cmd.watch:
-            watcher = TaskFileWatcher(cmd.tasks) if group.is_writer else None
-            while True:  # rank 0 reads the signal and the files; every rank applies the same
-                stopping, wanted = group.decide(lambda: (stop(), watcher.changed()))
-                if stopping:
-                    break
-                if wanted is not None:
-                    reconcile(trainer, [t for t in wanted if t.spec.base_model == tasks[0].spec.base_model])
-                if not step():
-                    idle(1.0)
-        elif serving is not None:  # train while serving, then keep serving until stopped
-            serving.loop.run(stop, until_trained=True)
-            if not stop():
-                print("training finished; the adapters are still served (Ctrl-C to stop)", file=sys.stderr, flush=True)
-                serving.loop.run(stop)
-        else:
-            trainer.run(stop)
+        _drive(trainer, cfg, stop, group, serving, base_model)
         clean = True
+    except Exception as exc:  # noqa: BLE001 - outside a round (serving, watching): no task stays Running
+        from muxtune.engine.trainer import describe_exception
+
+        trainer.fail_running(f"internal error: {describe_exception(exc)}")
+        if group.world > 1:
+            raise
     finally:
         if clean or group.world == 1:  # interrupted: leave checkpoints the rerun replays exactly
             trainer.save_cut()  # (a collective, so in a group only when every rank got here)
@@ -229,53 +154,106 @@ def run_group(tasks: list[FineTuneTask], cmd, stop: StopFlag, base_dir: Path, me
     return trainer
 
 
-def run_from_cli(cmd) -> int:
-    logs.configure(cmd.log_level, extra={"torch.distributed": "error"})
+def _open_backbone(base_model: str, group, device: torch.device, dtype: torch.dtype,
+                   trust_remote_code: bool = False) -> MultiplexedBackbone:
+    """This rank's part of the backbone; a backbone that cannot be loaded raises ModelLoadError on
+    every rank of the group alike (its tasks fail, the run goes on)."""
+    error = None
     try:
-        if trust.active():
-            trust.active().check(cmd.tasks)
-        tasks = load_task_files(cmd.tasks)
-    except trust.TrustError as exc:
-        print(f"error: task files not trusted: {exc}", file=sys.stderr)
-        return 2
-    except SpecError as exc:
-        print(f"error: invalid task spec\n{exc}", file=sys.stderr)
-        return 2
-    base_dir = Path(cmd.data_root).resolve()
-    if not base_dir.is_dir():
-        print(f"error: --data-root {cmd.data_root}: not a directory", file=sys.stderr)
-        return 2
-    groups: dict[str, list[FineTuneTask]] = defaultdict(list)
-    for t in tasks:
-        groups[t.spec.base_model].append(t)
-    if cmd.watch and len(groups) > 1:
-        print("error: --watch serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
-        return 2
-    serving = getattr(cmd, "serve_port", None) is not None
-    if serving and len(groups) > 1:
-        print("error: --serve-port serves one backbone; the task files name " + ", ".join(groups), file=sys.stderr)
-        return 2
-    if serving and cmd.dp * cmd.tp * cmd.pp > 1:
-        print("error: --serve-port runs in one process; it cannot be combined with --dp/--tp/--pp above 1", file=sys.stderr)
-        return 2
-    try:  # read-only checks, before any rank starts
-        preflight.check_output(cmd.output)
-        preflight.check_layout(cmd.output, tasks)
+        path = resolve_base_model(base_model, Path.cwd())
+        backbone = load_multiplexed(path, device, dtype, group, announce=lambda msg: print(msg, file=sys.stderr),
+                                    trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
+        error = f"baseModel {base_model}: {exc}"
+    if (error := group.first_error(error)) is not None:
+        raise ModelLoadError(error)
+    install_kernels(backbone, device)
+    return backbone
+
+
+def _new_trainer(backbone, cfg: RunConfig, base_dir: Path, group, metrics, tasks) -> MuxTrainer:
+    trainer = MuxTrainer(
+        backbone, cfg.output, token_budget=cfg.token_budget, chunk_size=cfg.chunk_size,
+        resume=cfg.resume, base_dir=base_dir, allow_data_change=cfg.allow_data_change,
+        data_limits=DataLimits(cfg.max_dataset_bytes, cfg.max_line_bytes), group=group,
+        micro_batches=cfg.micro_batches, interleave=cfg.interleave,
+        print_schedule=print if cfg.print_schedule else None,
+    )
+    sinks = []
+    if metrics is not None:
+        metrics.attach(trainer)
+        sinks.append(metrics)
+    trainer.telemetry = Fanout(*sinks)
+    for task in tasks:
+        trainer.add_task(task)
+    if cfg.progress and group.is_writer:  # created after the tasks are known, so its total is right
+        trainer.telemetry = Fanout(*sinks, ProgressBar(trainer))
+    return trainer
+
+
+def _drive(trainer: MuxTrainer, cfg: RunConfig, stop, group, serving, base_model: str) -> None:
+    """Train until done; with --watch follow the task files until stopped; while serving, keep
+    serving after training until stopped."""
+    if cfg.watch:
+        step = serving.loop.iteration if serving else trainer.run_round
+        idle = serving.loop.wait if serving else stop.event.wait if isinstance(stop, StopFlag) else time.sleep
+        watcher = TaskFileWatcher(cfg.tasks) if group.is_writer else None
+        while True:  # rank 0 reads the signal and the files; every rank applies the same
+            stopping, wanted = group.decide(lambda: (stop(), watcher.changed()))
+            if stopping:
+                break
+            if wanted is not None:
+                reconcile(trainer, [t for t in wanted if t.spec.base_model == base_model])
+            if not step():
+                idle(1.0)
+    elif serving is not None:  # train while serving, then keep serving until stopped
+        serving.loop.run(stop, until_trained=True)
+        if not stop():
+            print("training finished; the adapters are still served (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            serving.loop.run(stop)
+    else:
+        trainer.run(stop)
+
+
+def run_from_cli(cfg: RunConfig) -> int:
+    """`muxtune run` in this process: check, then start this node's ranks (each runs this
+    again, as a worker) or join the group and train. Module-level: the ranks' entrypoint."""
+    logs.configure(cfg.log_level, extra={"torch.distributed": "error"})
+    try:
+        tasks = _load_tasks(cfg.tasks)
+        base_dir = preflight.check_data_root(cfg.data_root)
+        groups: dict[str, list[FineTuneTask]] = defaultdict(list)
+        for t in tasks:
+            groups[t.spec.base_model].append(t)
+        preflight.check_backbones(cfg, list(groups))
+        preflight.check_output(cfg.output)  # read-only checks, before any rank starts
+        preflight.check_layout(cfg.output, tasks)
     except preflight.CliProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _prepare_models(tasks)
-    if launch.must_launch(cmd.dp, cmd.tp, cmd.pp):  # start this node's ranks; each runs run_from_cli
-        return launch.launch(cmd, launch.rank_main)
+    if ranks.must_launch(cfg.dp, cfg.tp, cfg.pp):
+        return ranks.launch(cfg.world, run_from_cli, cfg)
     try:
-        group, device = launch.join(cmd, pick_device(cmd.device))
+        group, device = ranks.join(cfg.dp, cfg.tp, cfg.pp, pick_device(cfg.device))
     except LayoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _train(cmd, groups, base_dir, group, device)
+        return _train(cfg, groups, base_dir, group, device)
     finally:
         group.close()
+
+
+def _load_tasks(paths: list[Path]) -> list[FineTuneTask]:
+    try:
+        if trust.active():
+            trust.active().check(paths)
+        return load_task_files(paths)
+    except trust.TrustError as exc:
+        raise preflight.CliProblem(f"task files not trusted: {exc}") from None
+    except SpecError as exc:
+        raise preflight.CliProblem(f"invalid task spec\n{exc}") from None
 
 
 def _prepare_models(tasks: list[FineTuneTask]) -> None:
@@ -290,34 +268,58 @@ def _prepare_models(tasks: list[FineTuneTask]) -> None:
             pass
 
 
-def _train(cmd, groups: dict[str, list[FineTuneTask]], base_dir: Path, group, device: torch.device) -> int:
-    """Train every backbone group; rank 0 alone holds the output lock, serves metrics and reports."""
-    writer = group.is_writer
-    metrics = server = lock = serve_sock = None
-    problem = None
-    if writer:
-        try:  # nothing is trained or written until these pass (the lock creates the output last)
-            if cmd.metrics_port is not None:
+@dataclass
+class _Endpoints:
+    """What rank 0 alone holds while the group trains: the metrics server, the serving port, the output lock."""
+
+    metrics: object = None
+    server: object = None
+    serve_sock: object = None
+    lock: object = None
+
+    @classmethod
+    def open(cls, cfg: RunConfig) -> _Endpoints:
+        """Nothing is trained or written until these pass (the lock creates the output last)."""
+        ends = cls()
+        try:
+            if cfg.metrics_port is not None:
                 from muxtune.engine.observe.engine_metrics import EngineMetrics
 
-                metrics = EngineMetrics()
-                status = trust.active().signed(metrics.status) if trust.active() else metrics.status
-                server = preflight.start_server(cmd.metrics_host, cmd.metrics_port, status, metrics.render)
-            if getattr(cmd, "serve_port", None) is not None:
-                serve_sock = preflight.listen("--serve-port", cmd.serve_host, cmd.serve_port)
-            lock = preflight.lock_output(cmd.output)
+                ends.metrics = EngineMetrics()
+                status = trust.active().signed(ends.metrics.status) if trust.active() else ends.metrics.status
+                ends.server = preflight.start_server(cfg.metrics_host, cfg.metrics_port, status, ends.metrics.render)
+            if cfg.serving:
+                ends.serve_sock = preflight.listen("--serve-port", cfg.serve_host, cfg.serve_port)
+            ends.lock = preflight.lock_output(cfg.output)
+        except preflight.CliProblem:
+            ends.close()
+            raise
+        return ends
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.serve_sock is not None:
+            self.serve_sock.close()  # already closed by the serving stack, unless its backbone failed to load
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _train(cfg: RunConfig, groups: dict[str, list[FineTuneTask]], base_dir: Path, group, device: torch.device) -> int:
+    """Train every backbone group; rank 0 alone holds the output lock, serves metrics and reports."""
+    writer = group.is_writer
+    ends, problem = _Endpoints(), None
+    if writer:
+        try:
+            ends = _Endpoints.open(cfg)
         except preflight.CliProblem as exc:
-            if server is not None:
-                server.stop()
-            if serve_sock is not None:
-                serve_sock.close()
             problem = str(exc)
     if (problem := group.decide(lambda: problem)) is not None:
         if writer:
             print(f"error: {problem}", file=sys.stderr)
         return 2
-    if server is not None:
-        print(f"serving /metrics and /v1/status on {cmd.metrics_host}:{server.port}", file=sys.stderr)
+    if ends.server is not None:
+        print(f"serving /metrics and /v1/status on {cfg.metrics_host}:{ends.server.port}", file=sys.stderr)
     stop = StopFlag(escalate=group.world == 1)
     t0 = time.perf_counter()
     runtimes, real, computed, rounds = [], 0, 0, 0
@@ -326,26 +328,24 @@ def _train(cmd, groups: dict[str, list[FineTuneTask]], base_dir: Path, group, de
             if group.decide(stop):
                 break
             try:
-                trainer = run_group(members, cmd, stop, base_dir, metrics, group, device, serve_sock)
+                trainer = run_group(members, cfg, stop, base_dir, ends.metrics, group, device, ends.serve_sock)
             except ModelLoadError as exc:
-                runtimes += failed_group(members, str(exc), cmd.output, writer)
+                runtimes += failed_group(members, str(exc), cfg.output, writer)
                 continue
             runtimes += trainer.tasks.values()
             real, computed, rounds = real + trainer.real_tokens, computed + trainer.computed_tokens, rounds + trainer.rounds
     finally:
-        if server is not None:
-            server.stop()
-        if serve_sock is not None:
-            serve_sock.close()  # already closed by the serving stack, unless its backbone failed to load
-        if lock is not None:
-            lock.release()
+        ends.close()
     if writer:  # one rank speaks for the group
         print(summary_table(runtimes))
         if computed:
             print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
         print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     signum = group.decide(lambda: stop.signum)  # the group exits as rank 0 does
-    serving_after_training = serve_sock is not None and all(r.done for r in runtimes)
+    return _exit_code(runtimes, signum, serving_after_training=ends.serve_sock is not None and all(r.done for r in runtimes))
+
+
+def _exit_code(runtimes: list[TaskRuntime], signum: int | None, serving_after_training: bool) -> int:
     if signum is not None and not serving_after_training:
         return 128 + signum
     if any(r.phase == FAILED for r in runtimes):

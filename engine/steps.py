@@ -6,9 +6,11 @@ split layers), so each rank holds the single-process gradient of its part. The c
 the task's global norm: tensor-parallel shards and pipeline stages each hold part of the adapter,
 so their squared norms are summed. Then each task steps its own AdamW and LR schedule, and
 the group agrees on whether any stage's weights went non-finite, so a task fails on every rank at
-the same step.
+the same step. What became of each task is returned; the trainer applies it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -42,36 +44,45 @@ def clip(rt, norm: torch.Tensor) -> None:
             p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
 
 
-def step_all(trainer, tasks) -> None:
-    """Step every task in tasks (their pending lists are empty), in the given order."""
+@dataclass
+class StepOutcome:
+    """What one task's step came to: failed (the reason), or stepped with this lr and gradient norm."""
+
+    task: object  # the TaskRuntime
+    failed: str | None = None
+    lr: float = 0.0
+    grad_norm: float = 0.0
+
+
+def step_all(group, tasks) -> list[StepOutcome]:
+    """Step every task in tasks (their pending lists are empty), in the given order. Returns what
+    became of each, the failures of non-finite gradients first, for the trainer to apply."""
     if not tasks:
-        return
-    group = trainer.group
+        return []
     if group.tp_mesh is not None:  # replicated deltas of split layers saw part of the layer: sum over tp
         for rt in tasks:
             tensor.sync_replicated_grads(rt.adapter, group.tp_mesh)
     group.allreduce_grads([p for rt in tasks for p in rt.adapter.parameters()])
     norms = grad_norms(tasks, group)
-    stepped = []
+    failed, stepped = [], []
     for rt, norm in zip(tasks, norms):
         if not torch.isfinite(norm):
-            trainer._fail(rt, f"gradient became non-finite at step {rt.step + 1}")
+            failed.append(StepOutcome(rt, failed=f"gradient became non-finite at step {rt.step + 1}"))
             continue
         clip(rt, norm)
         lr = rt.optimizer.param_groups[0]["lr"]
         rt.optimizer.step()
         rt.scheduler.step()
         rt.optimizer.zero_grad(set_to_none=True)
-        stepped.append((rt, lr, float(norm)))
+        stepped.append(StepOutcome(rt, lr=lr, grad_norm=float(norm)))
     if not stepped:
-        return
-    bad = group.sum(torch.tensor([0.0 if _finite(rt.adapter.parameters()) else 1.0 for rt, _, _ in stepped],
+        return failed
+    bad = group.sum(torch.tensor([0.0 if _finite(o.task.adapter.parameters()) else 1.0 for o in stepped],
                                  dtype=torch.float64))
-    for (rt, lr, norm), b in zip(stepped, bad.tolist()):
+    for o, b in zip(stepped, bad.tolist()):
         if b:
-            trainer._fail(rt, f"adapter weights became non-finite at step {rt.step + 1}")
-        else:
-            trainer._record_step(rt, lr, norm)
+            o.failed = f"adapter weights became non-finite at step {o.task.step + 1}"
+    return failed + stepped
 
 
 def _finite(params) -> bool:

@@ -12,7 +12,8 @@ replays the interrupted one exactly (recovery.py); how one task is saved is chec
 In a torch.distributed group every rank runs this same loop over the same tasks and data, so the
 scheduler and packing decide the same everywhere; `group` (engine/parallel/group.py) agrees on
 what could differ, splits each round over the data-parallel replicas and pipeline stages
-(engine/parallel/plan.py, pipeline.py), and only rank 0 writes outputs; checkpoints hold the
+(engine/parallel/plan.py; one stage runs in engine/executor.py, a pipeline stage in
+engine/parallel/pipeline.py), and only rank 0 writes outputs; checkpoints hold the
 whole state (engine/parallel/state.py), so a run resumes under any layout.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch
 
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.engine.durable import checkpoint as ckpt
-from muxtune.engine import evaluation, steps
+from muxtune.engine import evaluation, executor, steps
 from muxtune.engine.durable import outputs
 from muxtune.engine.durable import recovery
 from muxtune.engine import fair_queue as scheduler
@@ -39,11 +41,13 @@ from muxtune.engine.data.datafile import DataLimits
 from muxtune.engine.packing import PackedSequence, pack
 from muxtune.engine.parallel import state as dstate
 from muxtune.engine.parallel.group import LocalGroup
-from muxtune.engine.parallel.pipeline import RoundExecutor
+from muxtune.engine.parallel import pipeline
 from muxtune.engine.parallel.plan import plan_round, replica_share
 from muxtune.engine.parallel.schedule import render, simulate, stage_actions
+from muxtune.engine.executor import RoundOutcome
 from muxtune.engine.task import FAILED, PENDING, RUNNING, SUCCEEDED, SUSPENDED, TaskRuntime
 from muxtune.engine.observe.telemetry import RoundRecord, StageRecord, StepRecord, Telemetry
+from muxtune.runconfig import DEFAULT_TOKEN_BUDGET
 
 log = logging.getLogger("muxtune.engine")
 
@@ -54,7 +58,7 @@ class MuxTrainer:
         backbone: MultiplexedBackbone,
         output: Path,
         *,
-        token_budget: int = 4096,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
         chunk_size: int | None = None,
         resume: bool = True,
         telemetry: Telemetry | None = None,
@@ -71,7 +75,6 @@ class MuxTrainer:
         self.micro_batches = micro_batches or self.group.dims.pp  # per task and round, under pp
         self.interleave = interleave
         self.print_schedule = print_schedule  # callable(text) on rank 0, or None
-        self.executor = RoundExecutor(backbone, self.group)
         self.output = Path(output)
         self.token_budget = token_budget
         self.chunk_size = chunk_size
@@ -194,22 +197,72 @@ class MuxTrainer:
     def run_round(self, token_budget: int | None = None) -> bool:
         """One fused forward/backward (one pipeline round under pp). False when no task has work.
         token_budget (capped by the trainer's own) bounds this round: co-serving passes what the
-        latency SLOs leave."""
+        latency SLOs leave. An unexpected exception inside the round fails the tasks of this
+        backbone with its reason (status Failed) instead of ending the process with them Running."""
+        try:
+            return self._round(token_budget)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a round breaks it for every task in it
+            self._round_failed(exc)
+            return False
+
+    def _round_failed(self, exc: Exception) -> None:
+        self._in_round = False
+        self.fail_running(f"internal error in a training round: {describe_exception(exc)}")
+        if self.group.world > 1:  # the group cannot agree past one rank's exception: end it (the launcher reports)
+            raise exc
+
+    def fail_running(self, reason: str) -> None:
+        """Every running task fails with reason (status.json says so). In a group, without a
+        collective: the other ranks may be anywhere when one rank hits an exception."""
+        for rt in self.active():
+            if self.group.world == 1:
+                self._fail(rt, reason)
+                continue
+            rt.pending, rt.phase, rt.message = [], FAILED, reason
+            if self.group.is_writer:
+                try:
+                    rt.write_status()
+                except Exception:  # noqa: BLE001 - nothing more to do for it
+                    log.error("cannot write status", extra={"task": rt.key})
+
+    def _round(self, token_budget: int | None) -> bool:
         self._align_once()
         active = self.active()
         if not active:
             return False
         self._in_round, self._ticks = True, self._ticks + 1
+        picks, waiting = self._pick(active, token_budget)  # plan
+        plan = self._plan(picks, self.group.dp_rank)
+        outcome, picks = self._forward_backward(picks, plan)  # forward/backward
+        if outcome is None:  # a non-finite loss was isolated; the round is retried
+            self._in_round = False
+            return True
+        completing = self._account(picks, outcome)
+        for done in steps.step_all(self.group, completing):  # step
+            if done.failed:
+                self._fail(done.task, done.failed)
+            else:
+                self._record_step(done.task, done.lr, done.grad_norm)
+        self._record_round([p.task.key for p in picks], [t.key for t in waiting], outcome)  # record
+        self._in_round = False
+        self._end_round()
+        return True
+
+    def _pick(self, active: list[TaskRuntime], token_budget: int | None):
+        """The round's picks (task, examples) within the budget, and the runnable tasks left waiting."""
         for rt in active:
             if not rt.pending:
                 rt.begin_step()
-        g = self.group
         budget = self.token_budget if token_budget is None else max(1, min(token_budget, self.token_budget))
-        budget *= g.dims.dp  # the budget bounds each replica
+        budget *= self.group.dims.dp  # the budget bounds each replica
         if self._solo_rounds:
             self._solo_rounds, budget = self._solo_rounds - 1, 1
-        picks, waiting = scheduler.select(active, budget)
-        plan = self._plan(picks, g.dp_rank)
+        return scheduler.select(active, budget)
+
+    def _forward_backward(self, picks, plan) -> tuple[RoundOutcome | None, list]:
+        """Run the plan; the outcome (None when a non-finite loss stopped the fused round before
+        its backward) and the picks still running."""
+        g = self.group
         if self.print_schedule is not None and g.is_writer:
             self.print_schedule(self._schedule_text(plan))
         n_slots = max(p.task.slot for p in picks) + 1
@@ -218,17 +271,19 @@ class MuxTrainer:
             norm[p.task.slot] = 1.0 / p.task.step_label_tokens
         slots = [p.task.slot for p in picks]
         if g.dims.pp == 1:
-            outcome = self.executor.run_fused(plan, norm, n_slots, lambda o: not o.non_finite(slots))
+            outcome = executor.run_fused(self.backbone, g, plan, norm, n_slots, lambda o: not o.non_finite(slots))
             if not outcome.backward_done:
                 self._isolate_non_finite(picks)
-                self._in_round = False
-                return True
-        else:  # one task per micro-batch: a non-finite loss is that task's alone
-            outcome = self.executor.run_pipeline(plan, norm, n_slots)
-            for p in picks:
-                if p.task.slot in outcome.non_finite(slots):
-                    self._fail(p.task, f"loss became non-finite at step {p.task.step + 1}")
-            picks = [p for p in picks if p.task.phase == RUNNING]
+                return None, picks
+            return outcome, picks
+        outcome = pipeline.run_pipeline(self.backbone, g, plan, norm, n_slots)
+        for p in picks:  # one task per micro-batch: a non-finite loss is that task's alone
+            if p.task.slot in outcome.non_finite(slots):
+                self._fail(p.task, f"loss became non-finite at step {p.task.step + 1}")
+        return outcome, [p for p in picks if p.task.phase == RUNNING]
+
+    def _account(self, picks, outcome: RoundOutcome) -> list[TaskRuntime]:
+        """Credit each pick's share of the round to its step; the tasks whose step batch is now complete."""
         keys = [p.task.key for p in picks]
         completing = []
         for p in picks:
@@ -241,17 +296,16 @@ class MuxTrainer:
             rt.step_computed += outcome.computed_tokens
             if not rt.pending:
                 completing.append(rt)
-        steps.step_all(self, completing)
+        return completing
+
+    def _record_round(self, fused: list[str], waiting: list[str], outcome: RoundOutcome) -> None:
         self.rounds += 1
         self.real_tokens += outcome.real_tokens
         self.computed_tokens += outcome.computed_tokens
         stages = [StageRecord(s, busy, wall) for s, (busy, wall) in enumerate(zip(outcome.stage_busy, outcome.stage_wall))]
-        self.telemetry.round_done(RoundRecord(keys, [t.key for t in waiting], outcome.real_tokens,
+        self.telemetry.round_done(RoundRecord(fused, waiting, outcome.real_tokens,
                                               outcome.computed_tokens, max(outcome.stage_wall),
                                               outcome.attention_pairs_needed, outcome.attention_pairs_computed, stages))
-        self._in_round = False
-        self._end_round()
-        return True
 
     def _plan(self, picks, dp_rank: int):
         bb, g = self.backbone, self.group
@@ -280,7 +334,7 @@ class MuxTrainer:
         rt.tokens_per_second = rt.step_tokens / seconds if seconds > 0 else None
         if evaluation.due(rt):  # no gradients: nothing of this round's training changes
             try:
-                rt.eval_loss, rt.eval_step = evaluation.evaluate(self.backbone, rt, self.token_budget), rt.step
+                rt.eval_loss, rt.eval_step = evaluation.evaluate(self.backbone, rt, self.token_budget, self.group), rt.step
             except Exception as exc:  # noqa: BLE001 - the forward on held-out data: this task's failure
                 return self._fail(rt, f"evaluation failed at step {rt.step}: {exc}")
         record = StepRecord(
@@ -320,7 +374,7 @@ class MuxTrainer:
             batch = pack([PackedSequence(p.task.slot, ex) for ex in exs], None, self.backbone.device,
                          attn_ratio=self.backbone.attn_ratio) if exs else None
             batches.append((p.task.slot, batch))
-        losses = self.executor.isolate(batches)
+        losses = executor.isolate(self.backbone, self.group, batches)
         failed = False
         for p, loss in zip(picks, losses.tolist()):
             if not math.isfinite(loss):
@@ -410,3 +464,9 @@ class MuxTrainer:
             return self._fail(rt, error)
         self.telemetry.task_phase(rt)
         return rt
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`Type: message (at file:line)`, the innermost frame: one line a status can carry."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    return f"{type(exc).__name__}: {exc}" + (f" (at {Path(where.filename).name}:{where.lineno})" if where else "")

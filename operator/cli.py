@@ -130,6 +130,8 @@ class OperatorCommand(BaseModel):
     sharing_policy: Literal["never", "opt-in", "always"] = Field(
         "opt-in", description="never; opt-in (tasks that both set spec.shareAcrossNamespaces); always")
     shared_namespace: str | None = Field(None, description="Namespace of shared groups (default: $POD_NAMESPACE or muxtune-system)")
+    operator_namespace: str | None = Field(None, description="Namespace of the operator's pods, allowed to reach engines' metrics port (default: $POD_NAMESPACE or the shared namespace)")
+    monitoring_namespace: str | None = Field(None, description="Prometheus's namespace: the only one (with the operator) allowed to reach engines' metrics port")
     metrics_port: int = Field(8080, ge=0, le=65535, description="Prometheus /metrics port (0: off)")
     engine_image: str = Field("ghcr.io/muxtune/engine:0.1.0", description="Image of the engine pods")
     engine_metrics_port: int = Field(9400, gt=0, le=65535, description="Engine /metrics and /v1/status port")
@@ -153,6 +155,7 @@ class OperatorCommand(BaseModel):
     output_pvc: str | None = Field(None, description="Shared PVC of outputs; a pod mounts subPath <ns> of each member namespace at /output/<ns>")
     output_host_path: str | None = Field(None, description="Host directory used like --output-pvc")
     output_pvc_per_namespace: str | None = Field(None, description="Claim name of each namespace's own output volume (shared groups: <name>-<ns> in the shared namespace)")
+    ephemeral_output: bool = Field(False, description="Allow running without output storage (an emptyDir per pod: adapters are LOST with the pod; throwaway clusters only)")
     poll_interval: float = Field(10.0, gt=0, description="Seconds between /v1/status polls of each group")
     poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP")
     dev_endpoint_annotation: bool = Field(False, description="DEVELOPMENT ONLY: poll at a pod's muxtune.io/engine-endpoint annotation, "
@@ -178,11 +181,15 @@ class OperatorCommand(BaseModel):
     def to_config(self):
         from muxtune.operator.config import OperatorConfig
 
+        shared = self.shared_namespace or os.environ.get("POD_NAMESPACE") or "muxtune-system"
         return OperatorConfig(
             namespaces=[n for item in self.namespaces for n in item.split(",") if n],
             sharing_policy=self.sharing_policy,
-            shared_namespace=self.shared_namespace or os.environ.get("POD_NAMESPACE") or "muxtune-system",
+            shared_namespace=shared,
             metrics_port=self.metrics_port,
+            operator_namespace=self.operator_namespace or os.environ.get("POD_NAMESPACE") or shared,
+            monitoring_namespace=self.monitoring_namespace,
+            ephemeral_output=self.ephemeral_output,
             engine_image=self.engine_image,
             engine_metrics_port=self.engine_metrics_port,
             engine_cpu_request=self.engine_cpu_request,
@@ -227,6 +234,9 @@ class OperatorCommand(BaseModel):
         from muxtune.operator import handlers
 
         cfg = self.to_config()
+        if cfg.output_problem():
+            print(f"error: {cfg.output_problem()}", file=sys.stderr)
+            sys.exit(2)
         handlers.CONFIG = cfg
         from muxtune import logs
 

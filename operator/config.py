@@ -50,6 +50,8 @@ TASKS_MOUNT = "/etc/muxtune/tasks"
 TASKS_FILE = "tasks.yaml"
 KEY_MOUNT = "/etc/muxtune/key"
 KEY_FILE = "key"
+SERVING_TOKENS_MOUNT = "/etc/muxtune/serving"  # sha256(token) -> namespace of a serving group (operator/isolation.py)
+SERVING_TOKENS_FILE = "tokens.json"
 OUTPUT_MOUNT = "/output"
 DATA_MOUNT = "/data"
 MODELS_MOUNT = "/models"
@@ -65,6 +67,8 @@ class OperatorConfig:
     sharing_policy: Literal["never", "opt-in", "always"] = "opt-in"
     shared_namespace: str = "muxtune-system"  # where groups shared by several namespaces live
     metrics_port: int = 8080
+    operator_namespace: str = "muxtune-system"  # where the operator's pods run (they poll engines' metrics port)
+    monitoring_namespace: str | None = None  # Prometheus's namespace: it alone (and the operator) reaches metrics ports
     engine_image: str = "ghcr.io/muxtune/engine:0.1.0"
     engine_image_pull_policy: str = "IfNotPresent"
     engine_metrics_port: int = 9400
@@ -90,6 +94,9 @@ class OperatorConfig:
     output_pvc: str | None = None
     output_host_path: str | None = None
     output_pvc_per_namespace: str | None = None
+    # Without output storage the operator refuses to start (adapters would die with their pod),
+    # unless this says the cluster is a throwaway one (an emptyDir per pod).
+    ephemeral_output: bool = False
     poll_interval: float = 10.0
     poll_timeout: float = 3.0
     # Poll engines at their pod IP. Pods on kwok nodes (fake IPs) are never polled at the IP.
@@ -155,6 +162,13 @@ class OperatorConfig:
         if _env("LEADER_ELECT") in ("0", "false", "no"):
             c.leader_elect = False
         return c
+
+    def output_problem(self) -> str | None:
+        """Why this configuration would lose adapters, or None (persistent output, or ephemeral by choice)."""
+        if self.output_pvc or self.output_host_path or self.output_pvc_per_namespace or self.ephemeral_output:
+            return None
+        return ("no persistent output storage: set --output-pvc, --output-pvc-per-namespace or --output-host-path "
+                "(the chart's engine.output), or --ephemeral-output for a throwaway cluster whose adapters may be lost")
 
     @property
     def watched(self) -> set[str] | None:

@@ -17,11 +17,18 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator.config import ANN_QUEUE
-from muxtune.operator import gang, kueue, resources
-from muxtune.operator.kube import ApiError
+from muxtune.operator.config import ANN_QUEUE, OperatorConfig
+from muxtune.operator import gang, isolation, kueue, podspec, resources
+from muxtune.operator.events import EventSink
+from muxtune.operator.keys import GroupKeys
+from muxtune.operator.kube import ApiError, KubeClient
+from muxtune.operator.overlay import Overlay
+from muxtune.operator.planner import GroupPlan
+from muxtune.operator.poller import EnginePoller
+from muxtune.operator.snapshot import GroupKey
 from muxtune.operator.world import compact_pod
 
 log = logging.getLogger("muxtune.operator")
@@ -61,8 +68,108 @@ class PodBackoff:
         return self.state.get(gk)
 
 
-class GroupsMixin:
-    """Controller methods that write one group and its children."""
+class GroupApplier:
+    """Writes one planned group and its children, for the controller that holds it.
+
+    ``backoff``, ``decisions`` (this pass's gang decision per group) and ``workload_msgs`` (why
+    Kueue holds a group back) are shared with the controller, which reads them for the tasks'
+    status; ``overlay`` remembers every write until the watch shows it; ``kick`` asks for another
+    pass (after a backoff or a wait).
+    """
+
+    def __init__(self, *, client: KubeClient, config: OperatorConfig, keys: GroupKeys, events: EventSink,
+                 overlay: Overlay, backoff: PodBackoff, poller: EnginePoller, kick: Callable[[], None],
+                 decisions: dict[GroupKey, gang.Decision], workload_msgs: dict[GroupKey, str]):
+        self.client, self.config, self.keys, self.events, self.overlay = client, config, keys, events, overlay
+        self.backoff, self.poller, self.kick = backoff, poller, kick
+        self.decisions, self.workload_msgs = decisions, workload_msgs
+        self._sa_ready: set[tuple[str, str]] = set()
+
+    async def apply(self, gk: GroupKey, gp: GroupPlan, gobj: dict | None, members: list[dict], parsed_members: list,
+                    gpods: list[dict], cm: dict | None, svc: dict | None, bms: Mapping[str, dict],
+                    fits: tuple[bool, str] = (True, "")) -> bool:
+        """Bring one group to its plan (``fits``: whether all its pods fit now); a group left
+        without members is torn down. False: a terminating namesake holds the name, retry later."""
+        if not gp.members:
+            if gobj is not None and not gobj["metadata"].get("deletionTimestamp"):
+                await self._delete_group(gobj, gpods, cm, svc)
+            return True
+        gobj = await self._ensure_group(gk, gp, gobj, members, parsed_members)
+        if gobj is None:
+            return False  # a terminating namesake: retry after it is gone (then the name is free)
+        bm = bms.get(gp.base_model.split(":", 1)[1]) if gp.base_model.startswith("model:") else None
+        await self._ensure_configmap(gk, gobj, parsed_members, cm, bm)
+        if svc is None:
+            svc, _ = await self.client.create_or_adopt("v1", "services", gk[0],
+                                                       resources.service_manifest(gobj, self.config))
+            self.overlay.note("services", svc)
+        gobj = await self._run_gang(gk, gp, gobj, gpods, members, parsed_members, bm, fits)
+        await self._group_status(gk, gp, gobj, gpods)
+        return True
+
+    async def _ensure_group(self, gk, gp, gobj, members, parsed_members) -> dict | None:
+        """The group object with the planned spec; None while a terminating namesake has the name."""
+        ns, name = gk
+        budget = sum(p.spec.training.batch_size * p.spec.dataset.max_seq_len for p in parsed_members)
+        desired = resources.group_manifest(gp, members, budget)
+        if gobj is None:
+            gobj, created = await self.client.create_or_adopt(API, "backbonegroups", ns, desired)
+            if not created and gobj["metadata"].get("deletionTimestamp"):
+                return None
+            self.overlay.note("backbonegroups", gobj)
+            if created:
+                log.info("group %s/%s created: %s", ns, name, ", ".join(gp.members))
+                await self.events.post(gobj, "Normal", "Created",
+                                       f"{len(gp.members)} task(s), {gp.gpus} GPU(s) dp={gp.parallelism.dp} "
+                                       f"tp={gp.parallelism.tp} pp={gp.parallelism.pp}")
+        if not subset(desired["spec"], gobj.get("spec") or {}):
+            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"spec": desired["spec"]})
+            self.overlay.note("backbonegroups", gobj)
+        return gobj
+
+    async def _ensure_configmap(self, gk, gobj, parsed_members, cm, bm) -> None:
+        """The member tasks as the engine reads them, signed with this group's key."""
+        ns = gk[0]
+        key = self.keys.key(gobj)
+        text = resources.tasks_yaml(parsed_members, bm)
+        if resources.configmap_current(gobj, cm, text, key):
+            return
+        want_cm = resources.configmap_manifest(gobj, parsed_members, key,
+                                               resources.next_revision(cm, int(time.time() * 1000)), bm)
+        created = False
+        if cm is None:
+            cm, created = await self.client.create_or_adopt("v1", "configmaps", ns, want_cm)
+            self.overlay.note("configmaps", cm)
+        if not created and not resources.configmap_current(gobj, cm, text, key):
+            cm = await self.client.patch("v1", "configmaps", ns, want_cm["metadata"]["name"], {"data": want_cm["data"]})
+            self.overlay.note("configmaps", cm)
+
+    async def _run_gang(self, gk, gp, gobj, gpods, members, parsed_members, bm, fits) -> dict:
+        """Create, keep or restart the group's pods as one gang (operator/gang.py decides)."""
+        ns, name = gk
+        cfg = self.config
+        names = [resources.pod_name(name, r) for r in range(gp.parallelism.dp)]
+        decision = gang.decide(gpods, names, gobj, now=time.time(), max_restarts=cfg.max_group_restarts,
+                               backoff_base=cfg.pod_backoff_base, backoff_cap=cfg.pod_backoff_cap,
+                               creation_refused=self.backoff.refused(gk) is not None, queued=bool(gp.queue),
+                               fits=lambda: fits)
+        self.decisions[gk] = decision
+        if decision.action == gang.RESTART:
+            gobj = await self._restart_group(gk, gobj, gpods, decision.message, bool(gp.queue), members)
+        elif decision.action == gang.CREATE:
+            if len(decision.ranks) == len(names) and gp.queue and not await kueue.gone(self.client, ns, name):
+                self.decisions[gk] = gang.Decision(gang.WAIT, reason="GroupRestarting",
+                                                   message="waiting for Kueue to delete the group's previous Workload")
+                asyncio.get_running_loop().call_later(1.0, self.kick)
+            else:
+                priority = max((p.spec.priority for p in parsed_members), default=0)
+                await self._create_pods(gk, gobj, list(decision.ranks), bm, priority, members)
+        else:
+            if decision.action == gang.STEADY:
+                self.backoff.succeeded(gk)
+            if decision.retry_in is not None:
+                asyncio.get_running_loop().call_later(decision.retry_in + 0.05, self.kick)
+        return gobj
 
     async def _ensure_service_account(self, ns: str) -> None:
         name = self.config.engine_service_account
@@ -70,6 +177,26 @@ class GroupsMixin:
             return
         await self._create_once("v1", "serviceaccounts", ns, resources.engine_service_account_manifest(ns, name))
         self._sa_ready.add((ns, name))
+
+    async def _ensure_isolation(self, gobj: dict) -> None:
+        """Every group's NetworkPolicy; for a serving group, each member namespace's serving token
+        (in that namespace) and their digests for the engine (operator/isolation.py)."""
+        ns = gobj["metadata"]["namespace"]
+        members = podspec.group_namespaces(gobj)
+        policy = isolation.network_policy_manifest(gobj, self.config, members)
+        try:
+            await self.client.create("networking.k8s.io/v1", "networkpolicies", ns, policy)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            await self.client.patch("networking.k8s.io/v1", "networkpolicies", ns, policy["metadata"]["name"],
+                                    {"spec": policy["spec"]})  # one made by an older operator: bring it up to date
+        if not (gobj.get("spec") or {}).get("serving"):
+            return
+        tokens = {m: self.keys.serving_token(m) for m in members}
+        for m, token in tokens.items():
+            await self._create_once("v1", "secrets", m, isolation.tenant_token_secret_manifest(m, token))
+        await self._create_once("v1", "secrets", ns, isolation.serving_tokens_secret_manifest(gobj, tokens))
 
     async def _create_once(self, api_version: str, plural: str, ns: str, body: dict) -> None:
         """Create; an existing object (409) is left as it is (the operator never reads Secrets back)."""
@@ -88,89 +215,28 @@ class GroupsMixin:
             await self._create_once("v1", "secrets", ns, resources.key_secret_manifest(gobj, self.keys.key(gobj)))
             if self.config.engine_pdb:
                 await self._create_once("policy/v1", "poddisruptionbudgets", ns, resources.pdb_manifest(gobj))
-            if int(((gobj.get("spec") or {}).get("parallelism") or {}).get("dp", 1)) > 1:
-                await self._create_once("networking.k8s.io/v1", "networkpolicies", ns,
-                                        resources.network_policy_manifest(gobj, self.config))
+            await self._ensure_isolation(gobj)
             for rank in missing:
                 pod, _ = await self.client.create_or_adopt(
                     "v1", "pods", ns, resources.pod_manifest(gobj, rank, self.config, bm, priority))
-                self._note("pods", compact_pod(pod))
+                self.overlay.note("pods", compact_pod(pod))
         except ApiError as e:
             if e.status not in REFUSED:
                 raise
-            r = self.backoff.failed(gk, e.message or str(e))
-            delay = max(0.0, r.next_at - time.monotonic())
-            log.warning("group %s/%s: pod creation refused (attempt %d; next in %.0fs): %s",
-                        ns, name, r.attempts, delay, r.message)
-            asyncio.get_running_loop().call_later(delay + 0.05, self.kick)
-            for t in member_objs:
-                await self.event(t, "Warning", "PodCreationRefused", f"BackboneGroup {name}: {r.message}")
+            await self._creation_refused(gk, e, member_objs)
             return
         self.backoff.succeeded(gk)
 
-    async def _apply_group(self, gk, gp, gobj, members, parsed_members, gpods, cm, svc, bms) -> bool:
+    async def _creation_refused(self, gk, e: ApiError, member_objs: list[dict]) -> None:
+        """Back off, log one line, and tell each member task why (a Warning Event)."""
         ns, name = gk
-        cfg = self.config
-        if not gp.members:
-            if gobj is not None and not gobj["metadata"].get("deletionTimestamp"):
-                await self._delete_group(gobj, gpods, cm, svc)
-            return True
-        budget = sum(p.spec.training.batch_size * p.spec.dataset.max_seq_len for p in parsed_members)
-        desired = resources.group_manifest(gp, members, budget)
-        if gobj is None:
-            gobj, created = await self.client.create_or_adopt(API, "backbonegroups", ns, desired)
-            if not created and gobj["metadata"].get("deletionTimestamp"):
-                return False  # a terminating namesake: retry after it is gone (then the name is free)
-            self._note("backbonegroups", gobj)
-            if created:
-                log.info("group %s/%s created: %s", ns, name, ", ".join(gp.members))
-                await self.event(gobj, "Normal", "Created",
-                                 f"{len(gp.members)} task(s), {gp.gpus} GPU(s) dp={gp.parallelism.dp} "
-                                 f"tp={gp.parallelism.tp} pp={gp.parallelism.pp}")
-        if not subset(desired["spec"], gobj.get("spec") or {}):
-            gobj = await self.client.patch(API, "backbonegroups", ns, name, {"spec": desired["spec"]})
-            self._note("backbonegroups", gobj)
-        bm = bms.get(gp.base_model.split(":", 1)[1]) if gp.base_model.startswith("model:") else None
-        # the member tasks, signed for this group
-        key = self.keys.key(gobj)
-        text = resources.tasks_yaml(parsed_members, bm)
-        if not resources.configmap_current(gobj, cm, text, key):
-            want_cm = resources.configmap_manifest(gobj, parsed_members, key,
-                                                   resources.next_revision(cm, int(time.time() * 1000)), bm)
-            created = False
-            if cm is None:
-                cm, created = await self.client.create_or_adopt("v1", "configmaps", ns, want_cm)
-                self._note("configmaps", cm)
-            if not created and not resources.configmap_current(gobj, cm, text, key):
-                cm = await self.client.patch("v1", "configmaps", ns, want_cm["metadata"]["name"], {"data": want_cm["data"]})
-                self._note("configmaps", cm)
-        if svc is None:
-            svc, _ = await self.client.create_or_adopt("v1", "services", ns, resources.service_manifest(gobj, cfg))
-            self._note("services", svc)
-        names = [resources.pod_name(name, r) for r in range(gp.parallelism.dp)]
-        ok, why = self.gang_fits.get(gk, (True, ""))
-        decision = gang.decide(gpods, names, gobj, now=time.time(), max_restarts=cfg.max_group_restarts,
-                               backoff_base=cfg.pod_backoff_base, backoff_cap=cfg.pod_backoff_cap,
-                               creation_refused=self.backoff.refused(gk) is not None, queued=bool(gp.queue),
-                               fits=lambda: (ok, why))
-        self.gang[gk] = decision
-        if decision.action == gang.RESTART:
-            gobj = await self._restart_group(gk, gobj, gpods, decision.message, bool(gp.queue), members)
-        elif decision.action == gang.CREATE:
-            if len(decision.ranks) == len(names) and gp.queue and not await kueue.gone(self.client, ns, name):
-                self.gang[gk] = gang.Decision(gang.WAIT, reason="GroupRestarting",
-                                              message="waiting for Kueue to delete the group's previous Workload")
-                asyncio.get_running_loop().call_later(1.0, self.kick)
-            else:
-                priority = max((p.spec.priority for p in parsed_members), default=0)
-                await self._create_pods(gk, gobj, list(decision.ranks), bm, priority, members)
-        else:
-            if decision.action == gang.STEADY:
-                self.backoff.succeeded(gk)
-            if decision.retry_in is not None:
-                asyncio.get_running_loop().call_later(decision.retry_in + 0.05, self.kick)
-        await self._group_status(gk, gp, gobj, gpods)
-        return True
+        r = self.backoff.failed(gk, e.message or str(e))
+        delay = max(0.0, r.next_at - time.monotonic())
+        log.warning("group %s/%s: pod creation refused (attempt %d; next in %.0fs): %s",
+                    ns, name, r.attempts, delay, r.message)
+        asyncio.get_running_loop().call_later(delay + 0.05, self.kick)
+        for t in member_objs:
+            await self.events.post(t, "Warning", "PodCreationRefused", f"BackboneGroup {name}: {r.message}")
 
     async def _restart_group(self, gk, gobj, gpods, reason: str, queued: bool, member_objs: list[dict]) -> dict:
         """A lost pod broke the group's world: every pod goes (the Workload first), to be recreated."""
@@ -179,13 +245,13 @@ class GroupsMixin:
         log.warning("group %s/%s: %s", ns, name, reason)
         gobj = await self.client.patch(API, "backbonegroups", ns, name, {"metadata": {
             "annotations": gang.restart_annotations(restarts, reason, time.time())}})
-        self._note("backbonegroups", gobj)
+        self.overlay.note("backbonegroups", gobj)
         if queued:
             await kueue.delete_workload(self.client, ns, name)
         await self._delete_pods(gpods)
         self.poller.forget_running(gk)
         for t in member_objs:
-            await self.event(t, "Warning", "GroupRestarting", f"BackboneGroup {name}: {reason}")
+            await self.events.post(t, "Warning", "GroupRestarting", f"BackboneGroup {name}: {reason}")
         return gobj
 
     async def _delete_pods(self, gpods) -> None:
@@ -193,29 +259,33 @@ class GroupsMixin:
             if not p["deleting"]:
                 await self.client.delete("v1", "pods", p["namespace"], p["name"])
                 # seen as terminating until the watch shows it gone: its name is not free yet
-                self._note("pods", {**p, "deleting": True, "metadata": {**p["metadata"], "resourceVersion": str(
+                self.overlay.note("pods", {**p, "deleting": True, "metadata": {**p["metadata"], "resourceVersion": str(
                     int(p["metadata"].get("resourceVersion") or 0) + 1)}})
+
+    def _readiness(self, gk, dp: int, pod_list: list[dict], ready: int) -> tuple[str, str, str]:
+        """(phase, reason, message) of the group: its gang state first, then its pods."""
+        decision = self.decisions.get(gk) or gang.Decision(gang.STEADY)
+        refused = self.backoff.refused(gk)
+        if decision.action == gang.FAILED:
+            return "Failed", "PodFailed", decision.message
+        if decision.action in (gang.RESTART, gang.WAIT) and decision.reason == "GroupRestarting":
+            return "Degraded", "GroupRestarting", decision.message
+        if decision.action == gang.WAIT:
+            return "Pending", decision.reason, decision.message
+        if refused:
+            return "Pending", "PodCreationRefused", f"pod creation refused: {refused.message}"
+        if any(p.get("gated") for p in pod_list):
+            return "Pending", "WaitingForAdmission", self.workload_msgs.get(gk) or kueue.waiting_message(None)
+        if len(pod_list) >= dp and all(p["phase"] == "Running" for p in pod_list):
+            return "Running", "PodsRunning", f"{ready}/{dp} pod(s) ready"
+        return "Pending", "PodsPending", f"{ready}/{dp} pod(s) ready"
 
     async def _group_status(self, gk, gp, gobj, gpods) -> None:
         ns, name = gk
         dp = gp.parallelism.dp
         pod_list = sorted([p for p in gpods if not p["deleting"]], key=lambda p: p["name"])
-        decision = self.gang.get(gk) or gang.Decision(gang.STEADY)
         ready = sum(1 for p in pod_list if p.get("ready"))
-        phase, reason, msg = "Pending", "PodsPending", f"{ready}/{dp} pod(s) ready"
-        refused = self.backoff.refused(gk)
-        if decision.action == gang.FAILED:
-            phase, reason, msg = "Failed", "PodFailed", decision.message
-        elif decision.action in (gang.RESTART, gang.WAIT) and decision.reason == "GroupRestarting":
-            phase, reason, msg = "Degraded", "GroupRestarting", decision.message
-        elif decision.action == gang.WAIT:
-            reason, msg = decision.reason, decision.message
-        elif refused:
-            reason, msg = "PodCreationRefused", f"pod creation refused: {refused.message}"
-        elif any(p.get("gated") for p in pod_list):
-            reason, msg = "WaitingForAdmission", self.workload_msgs.get(gk) or kueue.waiting_message(None)
-        elif len(pod_list) >= dp and all(p["phase"] == "Running" for p in pod_list):
-            phase, reason = "Running", "PodsRunning"
+        phase, reason, msg = self._readiness(gk, dp, pod_list, ready)
         want_status = {
             "phase": phase,
             "pods": [resources.pod_name(name, r) for r in range(dp)],
@@ -238,7 +308,7 @@ class GroupsMixin:
                 cond["lastTransitionTime"] = old_cond.get("lastTransitionTime") or cond["lastTransitionTime"]
             want_status["conditions"] = [cond]
             gobj = await self.client.patch(API, "backbonegroups", ns, name, {"status": want_status}, subresource="status")
-            self._note("backbonegroups", gobj)
+            self.overlay.note("backbonegroups", gobj)
 
     async def _delete_group(self, gobj, gpods, cm, svc) -> None:
         ns, name = gobj["metadata"]["namespace"], gobj["metadata"]["name"]
@@ -248,14 +318,14 @@ class GroupsMixin:
         await self._delete_pods(gpods)
         if cm is not None:
             await self.client.delete("v1", "configmaps", ns, cm["metadata"]["name"])
-            self._note("configmaps", None, (ns, cm["metadata"]["name"]))
+            self.overlay.note("configmaps", None, (ns, cm["metadata"]["name"]))
         if svc is not None:
             await self.client.delete("v1", "services", ns, name)
-            self._note("services", None, (ns, name))
+            self.overlay.note("services", None, (ns, name))
         await self.client.delete(API, "backbonegroups", ns, name)  # the key Secret and PDB go with it (owner)
-        self._note("backbonegroups", None, (ns, name))
+        self.overlay.note("backbonegroups", None, (ns, name))
         self.backoff.succeeded((ns, name))
-        await self.event(gobj, "Normal", "Deleted", "no active member tasks left; GPUs released")
+        await self.events.post(gobj, "Normal", "Deleted", "no active member tasks left; GPUs released")
 
 
 def _utcnow() -> str:

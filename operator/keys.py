@@ -32,6 +32,10 @@ class GroupKeys:
                     "verifying after an operator restart")
         return cls(secrets.token_hex(32).encode())
 
+    def serving_token(self, namespace: str) -> str:
+        """The namespace's bearer token on serving ports (operator/isolation.py): derived, never read back."""
+        return hmac.new(self._master, f"serving-token/{namespace}".encode(), hashlib.sha256).hexdigest()
+
     def key(self, group: dict) -> bytes:
         m = group["metadata"]
         msg = f"{m['namespace']}/{m['name']}/{m.get('uid') or ''}".encode()

@@ -232,25 +232,58 @@ def plan(
 
     ``reserved_names``: names a new group must not take (e.g. groups still terminating).
     """
-    mcfg = config.memory
-    cap = _Capacity(sorted(nodes, key=lambda n: n.name))
-    archs: dict[str, Architecture] = {}
-    arch_errors: dict[str, str] = {}
+    run = _Run(config, _Capacity(sorted(nodes, key=lambda n: n.name)), _Architectures(basemodels),
+               names_taken={g.name for g in groups} | set(reserved_names))
+    run.groups = _existing_groups(groups, run)
+    mems = _task_memories(pending, run)
+    ordered = _order(pending, mems)
+    seen: set[str] = set()
+    for i, t in enumerate(ordered):
+        if t.key in seen:
+            continue
+        seen.add(t.key)
+        _place(t, ordered[i + 1:], seen, mems, run)
+    return _result(run)
 
-    def arch_of(base_model: str) -> Architecture | None:
-        if base_model not in archs and base_model not in arch_errors:
-            a, why = resolve_architecture(base_model, basemodels)
+
+class _Architectures:
+    """Each backbone's figures, resolved once per plan; why not, for the tasks of one without."""
+
+    def __init__(self, basemodels: Mapping[str, Architecture | None]):
+        self.basemodels = basemodels
+        self.known: dict[str, Architecture] = {}
+        self.errors: dict[str, str] = {}
+
+    def of(self, base_model: str) -> Architecture | None:
+        if base_model not in self.known and base_model not in self.errors:
+            a, why = resolve_architecture(base_model, self.basemodels)
             if a is None:
-                arch_errors[base_model] = why
+                self.errors[base_model] = why
             else:
-                archs[base_model] = a
-        return archs.get(base_model)
+                self.known[base_model] = a
+        return self.known.get(base_model)
 
-    # Existing groups, by name.
-    open_groups: list[_OpenGroup] = []
+
+@dataclass
+class _Run:
+    """What placing one task after another changes: free GPUs, the groups, the answers so far."""
+
+    config: PlannerConfig
+    cap: _Capacity
+    archs: _Architectures
+    names_taken: set[str]
+    groups: list[_OpenGroup] = field(default_factory=list)
+    placements: list[Placement] = field(default_factory=list)
+    unplaceable: list[Unplaceable] = field(default_factory=list)
+
+
+def _existing_groups(groups: Sequence[GroupState], run: _Run) -> list[_OpenGroup]:
+    """Existing groups by name, the hot-add targets; the GPUs of their unbound pods are reserved
+    first (best fit), since no node's free count shows them yet."""
+    out = []
     for g in sorted(groups, key=lambda g: g.name):
-        arch = arch_of(g.base_model)
-        og = _OpenGroup(
+        arch = run.archs.of(g.base_model)
+        out.append(_OpenGroup(
             name=g.name,
             namespace=g.namespace,
             base_model=g.base_model,
@@ -260,185 +293,235 @@ def plan(
             memory_mib=g.gpu_memory_mib,
             arch=arch or Architecture(parameters=1, layers=1, hidden_size=1),
             members=[m.key for m in sorted(g.members, key=lambda m: m.key)],
-            mems=[task_memory(m.shape, arch, mcfg) for m in g.members] if arch else [],
+            mems=[task_memory(m.shape, arch, run.config.memory) for m in g.members] if arch else [],
             accepting=g.accepting and arch is not None,
             namespaces=g.namespaces,
             queue=g.queue,
-        )
-        open_groups.append(og)
+        ))
         if g.unbound_pods > 0:
-            cls = cap.class_of_product(g.gpu_product, g.gpu_memory_mib)
-            if cls is not None:
-                for _ in range(g.unbound_pods):
-                    where = cap.find(cls, 1, g.parallelism.gpus_per_pod)
-                    if where:
-                        cap.reserve(where, g.parallelism.gpus_per_pod)
+            _reserve_unbound(g, run.cap)
+    return out
 
-    placements: list[Placement] = []
-    unplaceable: list[Unplaceable] = []
-    names_taken = {g.name for g in groups} | set(reserved_names)
 
-    # Order: priority, then FFD by memory, then creation, namespace, name.
+def _reserve_unbound(g: GroupState, cap: _Capacity) -> None:
+    cls = cap.class_of_product(g.gpu_product, g.gpu_memory_mib)
+    if cls is None:
+        return
+    for _ in range(g.unbound_pods):
+        where = cap.find(cls, 1, g.parallelism.gpus_per_pod)
+        if where:
+            cap.reserve(where, g.parallelism.gpus_per_pod)
+
+
+def _task_memories(pending: Sequence[TaskRequest], run: _Run) -> dict[str, TaskMemory]:
+    """Each pending task's own memory (the first request of a key wins); none without figures."""
     mems: dict[str, TaskMemory] = {}
     for t in pending:
-        a = arch_of(t.base_model)
+        a = run.archs.of(t.base_model)
         if a is not None and t.key not in mems:
-            mems[t.key] = task_memory(t.shape, a, mcfg)
+            mems[t.key] = task_memory(t.shape, a, run.config.memory)
+    return mems
 
+
+def _order(pending: Sequence[TaskRequest], mems: Mapping[str, TaskMemory]) -> list[TaskRequest]:
+    """Priority, then first-fit decreasing by memory, then creation, namespace, name."""
     def sort_key(t: TaskRequest):
         m = mems.get(t.key)
         return (-t.priority, -(m.total_bytes if m else 0), t.created, t.namespace, t.name)
 
-    ordered = sorted(pending, key=sort_key)
-    seen: set[str] = set()
-    for i, t in enumerate(ordered):
-        if t.key in seen:
-            continue
-        seen.add(t.key)
-        arch = arch_of(t.base_model)
-        if arch is None:
-            unplaceable.append(Unplaceable(t.key, "ModelUnknown", arch_errors[t.base_model]))
-            continue
-        mem = mems[t.key]
+    return sorted(pending, key=sort_key)
 
-        target = next((g for g in open_groups if not g.new and g.accepts(t, mem, config)), None)
-        if target is None:
-            target = next((g for g in open_groups if g.new and g.accepts(t, mem, config)), None)
-        if target is not None:
-            target.members.append(t.key)
-            target.mems.append(mem)
-            target.changed = True
-            placements.append(Placement(t.key, target.name, target.new))
-            continue
 
-        # Open a new group. Candidates: every GPU class x parallelism that fits the task (dp > 1 only
-        # when no dp = 1 layout fits). Look ahead: fill each candidate with the compatible pending
-        # tasks that follow (first fit, in order) and prefer the fewest GPUs per task it would hold;
-        # with nothing else pending that is simply the smallest GPU count. Ties: fewer GPUs, the
-        # larger GPU (more headroom for later hot adds), product name, layout order.
-        tenancy = tenancy_for(t, config)
-        ahead = []
-        for u in ordered[i + 1:]:
-            if len(ahead) >= 4 * config.max_tasks_per_group:
-                break
-            if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config, t.queue):
-                ahead.append(mems[u.key])
-        cands = []
-        fits_somewhere = False
-        for cls in cap.classes():
-            product, mib = cls
-            cap_bytes = mib * MiB
-            layouts = [par for par in candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
-                       if par.dp == 1 or par.dp <= t.shape.batch_size]  # every replica gets a sequence
-            accs = {par: GroupMemory(arch, par, cap_bytes, mcfg).add(mem) for par in layouts}
-            fitting = [par for par in layouts if accs[par].busiest() <= cap_bytes]
-            if not fitting:
-                continue
-            fits_somewhere = True
-            single = [par for par in fitting if par.dp == 1] or fitting[:1]
-            for order, par in enumerate(single):
-                acc = accs[par]
-                for m in ahead:
-                    if len(acc.members) >= config.max_tasks_per_group:
-                        break
-                    if acc.busiest(m) <= cap_bytes:
-                        acc.add(m)
-                cands.append((par.gpus / len(acc.members), par.gpus, -mib, product, order, par, cls))
-        best = None  # (gpus, memory_mib, product, par, cls, nodes)
-        for score, gpus, negmib, product, order, par, cls in sorted(cands, key=lambda c: c[:5]):
-            where = cap.find(cls, par.dp, par.gpus_per_pod)
-            if where is not None:
-                best = (gpus, -negmib, product, par, cls, where)
-                break
-        if best is None:
-            if not cap.classes():
-                unplaceable.append(Unplaceable(t.key, "NoGpuNodes", "no node advertises nvidia.com/gpu with a gpu.memory label"))
-            elif fits_somewhere:
-                unplaceable.append(
-                    Unplaceable(t.key, "WaitingForGpus", "fits a GPU class, but not enough free GPUs right now")
-                )
-            else:
-                need = task_memory(t.shape, arch, mcfg).total_bytes + weight_bytes(arch)
-                unplaceable.append(
-                    Unplaceable(
-                        t.key,
-                        "TooLarge",
-                        f"needs about {need / MiB:.0f} MiB; fits no GPU class even at the largest "
-                        f"parallelism within one node (x{config.max_dp} data-parallel)",
-                    )
-                )
-            continue
-        _, mib, product, par, cls, where = best
-        cap.reserve(where, par.gpus_per_pod)
-        name = group_name(t.base_model, tenancy, t.uid or t.key)
-        n = 1
-        while name in names_taken:  # a hash collision, or a stale group of the same task
-            name = group_name(t.base_model, tenancy, f"{t.uid or t.key}#{n}")
-            n += 1
-        names_taken.add(name)
-        og = _OpenGroup(
-            name=name,
-            namespace=tenancy if tenancy is not SHARED else config.shared_namespace,
-            base_model=t.base_model,
-            tenancy=tenancy,
-            par=par,
-            product=product,
-            memory_mib=mib,
-            arch=arch,
-            members=[t.key],
-            mems=[mem],
-            new=True,
-            changed=True,
-            queue=t.queue,
-        )
-        open_groups.append(og)
-        placements.append(Placement(t.key, name, True))
+def _place(t: TaskRequest, rest: Sequence[TaskRequest], seen: set[str], mems: Mapping[str, TaskMemory],
+           run: _Run) -> None:
+    """One task: into an open group (hot add), else into a new group, else unplaceable."""
+    arch = run.archs.of(t.base_model)
+    if arch is None:
+        run.unplaceable.append(Unplaceable(t.key, "ModelUnknown", run.archs.errors[t.base_model]))
+        return
+    mem = mems[t.key]
+    target = _first_fit(run.groups, t, mem, run.config)
+    if target is not None:
+        target.members.append(t.key)
+        target.mems.append(mem)
+        target.changed = True
+        run.placements.append(Placement(t.key, target.name, target.new))
+        return
+    tenancy = tenancy_for(t, run.config)
+    ahead = _look_ahead(t, tenancy, rest, seen, mems, run.config)
+    cands, fits_somewhere = _layout_candidates(t, arch, mem, ahead, run)
+    best = _choose_layout(cands, run.cap)
+    if best is None:
+        run.unplaceable.append(_why_unplaceable(t, arch, fits_somewhere, run))
+        return
+    _open_group(t, arch, mem, tenancy, best, run)
 
-    # Summaries.
-    out_groups: list[GroupPlan] = []
-    used = alloc = gpus = gpus_new = 0
-    by_model: dict[str, list[TaskMemory]] = {}
-    by_class: dict[tuple[str, str], list[TaskMemory]] = {}
-    for g in open_groups:
-        if g.base_model in archs:
-            per_gpu = group_memory_per_gpu(g.arch, g.mems, g.par, g.memory_mib * MiB, mcfg)
-            by_model.setdefault(g.base_model, []).extend(g.mems)
-            by_class.setdefault((g.base_model, g.tenancy or "*"), []).extend(g.mems)
-        else:
-            per_gpu = 0
-        out_groups.append(
-            GroupPlan(
-                name=g.name,
-                namespace=g.namespace,
-                base_model=g.base_model,
-                tenancy=g.tenancy,
-                parallelism=g.par,
-                gpu_product=g.product,
-                gpu_memory_mib=g.memory_mib,
-                members=tuple(g.members),
-                memory_per_gpu_bytes=per_gpu,
-                new=g.new,
-                changed=g.changed,
-                queue=g.queue,
-            )
-        )
-        gpus += g.par.gpus
-        gpus_new += g.par.gpus if g.new else 0
-        used += min(per_gpu, g.memory_mib * MiB) * g.par.gpus
-        alloc += g.memory_mib * MiB * g.par.gpus
-    classes = cap.classes() or [(g.product, g.memory_mib) for g in open_groups]
-    stages = max((cap.max_per_node(c) for c in cap.classes()), default=8)
-    k = config.max_tasks_per_group
-    lb = lower_bound_gpus(by_model, archs, classes, mcfg, stages, k)
-    lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg, stages, k) for (m, _), mems_ in sorted(by_class.items()))
+
+def _first_fit(groups: Sequence[_OpenGroup], t: TaskRequest, mem: TaskMemory,
+               config: PlannerConfig) -> _OpenGroup | None:
+    """Existing groups first (they already hold GPUs), then those opened earlier in this plan."""
+    target = next((g for g in groups if not g.new and g.accepts(t, mem, config)), None)
+    if target is None:
+        target = next((g for g in groups if g.new and g.accepts(t, mem, config)), None)
+    return target
+
+
+def _look_ahead(t: TaskRequest, tenancy: str | None, rest: Sequence[TaskRequest], seen: set[str],
+                mems: Mapping[str, TaskMemory], config: PlannerConfig) -> list[TaskMemory]:
+    """The compatible pending tasks that follow, which a new group would take in (bounded)."""
+    ahead: list[TaskMemory] = []
+    for u in rest:
+        if len(ahead) >= 4 * config.max_tasks_per_group:
+            break
+        if u.base_model == t.base_model and u.key not in seen and compatible(u, tenancy, config, t.queue):
+            ahead.append(mems[u.key])
+    return ahead
+
+
+def _layout_candidates(t: TaskRequest, arch: Architecture, mem: TaskMemory, ahead: Sequence[TaskMemory],
+                       run: _Run) -> tuple[list[tuple], bool]:
+    """Every GPU class x parallelism that fits the task (dp > 1 only when no dp = 1 layout fits),
+    each scored by GPUs per task once filled first-fit with ``ahead``; and whether any fits at all.
+
+    With nothing else pending the score is simply the GPU count. Ties: fewer GPUs, the larger GPU
+    (more headroom for later hot adds), product name, layout order.
+    """
+    config, cap = run.config, run.cap
+    cands = []
+    fits_somewhere = False
+    for cls in cap.classes():
+        product, mib = cls
+        cap_bytes = mib * MiB
+        layouts = [par for par in candidate_parallelisms(arch, cap.max_per_node(cls), config.max_dp)
+                   if par.dp == 1 or par.dp <= t.shape.batch_size]  # every replica gets a sequence
+        accs = {par: GroupMemory(arch, par, cap_bytes, config.memory).add(mem) for par in layouts}
+        fitting = [par for par in layouts if accs[par].busiest() <= cap_bytes]
+        if not fitting:
+            continue
+        fits_somewhere = True
+        single = [par for par in fitting if par.dp == 1] or fitting[:1]
+        for order, par in enumerate(single):
+            acc = _fill(accs[par], ahead, cap_bytes, config.max_tasks_per_group)
+            cands.append((par.gpus / len(acc.members), par.gpus, -mib, product, order, par, cls))
+    return cands, fits_somewhere
+
+
+def _fill(acc: GroupMemory, ahead: Sequence[TaskMemory], cap_bytes: int, max_tasks: int) -> GroupMemory:
+    for m in ahead:
+        if len(acc.members) >= max_tasks:
+            break
+        if acc.busiest(m) <= cap_bytes:
+            acc.add(m)
+    return acc
+
+
+def _choose_layout(cands: list[tuple], cap: _Capacity) -> tuple | None:
+    """The best-scored candidate that free GPUs on nodes can take now:
+    (gpus, memory_mib, product, par, cls, nodes), or None."""
+    for score, gpus, negmib, product, order, par, cls in sorted(cands, key=lambda c: c[:5]):
+        where = cap.find(cls, par.dp, par.gpus_per_pod)
+        if where is not None:
+            return (gpus, -negmib, product, par, cls, where)
+    return None
+
+
+def _why_unplaceable(t: TaskRequest, arch: Architecture, fits_somewhere: bool, run: _Run) -> Unplaceable:
+    if not run.cap.classes():
+        return Unplaceable(t.key, "NoGpuNodes", "no node advertises nvidia.com/gpu with a gpu.memory label")
+    if fits_somewhere:
+        return Unplaceable(t.key, "WaitingForGpus", "fits a GPU class, but not enough free GPUs right now")
+    need = task_memory(t.shape, arch, run.config.memory).total_bytes + weight_bytes(arch)
+    return Unplaceable(
+        t.key,
+        "TooLarge",
+        f"needs about {need / MiB:.0f} MiB; fits no GPU class even at the largest "
+        f"parallelism within one node (x{run.config.max_dp} data-parallel)",
+    )
+
+
+def _open_group(t: TaskRequest, arch: Architecture, mem: TaskMemory, tenancy: str | None, best: tuple,
+                run: _Run) -> None:
+    """Reserve the chosen layout's GPUs on its nodes and open the group under a free name."""
+    _, mib, product, par, cls, where = best
+    run.cap.reserve(where, par.gpus_per_pod)
+    name = _free_name(t, tenancy, run.names_taken)
+    run.groups.append(_OpenGroup(
+        name=name,
+        namespace=tenancy if tenancy is not SHARED else run.config.shared_namespace,
+        base_model=t.base_model,
+        tenancy=tenancy,
+        par=par,
+        product=product,
+        memory_mib=mib,
+        arch=arch,
+        members=[t.key],
+        mems=[mem],
+        new=True,
+        changed=True,
+        queue=t.queue,
+    ))
+    run.placements.append(Placement(t.key, name, True))
+
+
+def _free_name(t: TaskRequest, tenancy: str | None, names_taken: set[str]) -> str:
+    """The deterministic name, suffixed past a hash collision or a stale group of the same task."""
+    name = group_name(t.base_model, tenancy, t.uid or t.key)
+    n = 1
+    while name in names_taken:
+        name = group_name(t.base_model, tenancy, f"{t.uid or t.key}#{n}")
+        n += 1
+    names_taken.add(name)
+    return name
+
+
+def _result(run: _Run) -> Plan:
+    """The plan, with its totals and lower bounds measured on every group it ends with."""
+    mcfg = run.config.memory
+    per_gpu = [group_memory_per_gpu(g.arch, g.mems, g.par, g.memory_mib * MiB, mcfg)
+               if g.base_model in run.archs.known else 0 for g in run.groups]
+    lb, lb_t = _lower_bounds(run)
     return Plan(
-        placements=tuple(placements),
-        groups=tuple(out_groups),
-        unplaceable=tuple(unplaceable),
-        gpus_allocated=gpus,
-        gpus_new=gpus_new,
+        placements=tuple(run.placements),
+        groups=tuple(_group_plan(g, m) for g, m in zip(run.groups, per_gpu)),
+        unplaceable=tuple(run.unplaceable),
+        gpus_allocated=sum(g.par.gpus for g in run.groups),
+        gpus_new=sum(g.par.gpus for g in run.groups if g.new),
         lower_bound_gpus=lb,
-        memory_used_bytes=used,
-        memory_allocated_bytes=alloc,
+        memory_used_bytes=sum(min(m, g.memory_mib * MiB) * g.par.gpus for g, m in zip(run.groups, per_gpu)),
+        memory_allocated_bytes=sum(g.memory_mib * MiB * g.par.gpus for g in run.groups),
         lower_bound_gpus_by_tenancy=lb_t,
     )
+
+
+def _group_plan(g: _OpenGroup, memory_per_gpu: int) -> GroupPlan:
+    return GroupPlan(
+        name=g.name,
+        namespace=g.namespace,
+        base_model=g.base_model,
+        tenancy=g.tenancy,
+        parallelism=g.par,
+        gpu_product=g.product,
+        gpu_memory_mib=g.memory_mib,
+        members=tuple(g.members),
+        memory_per_gpu_bytes=memory_per_gpu,
+        new=g.new,
+        changed=g.changed,
+        queue=g.queue,
+    )
+
+
+def _lower_bounds(run: _Run) -> tuple[int, int]:
+    """(the plan's lower bound on GPUs, the same with each (backbone, tenancy) class apart)."""
+    by_model: dict[str, list[TaskMemory]] = {}
+    by_class: dict[tuple[str, str], list[TaskMemory]] = {}
+    for g in run.groups:
+        if g.base_model in run.archs.known:
+            by_model.setdefault(g.base_model, []).extend(g.mems)
+            by_class.setdefault((g.base_model, g.tenancy or "*"), []).extend(g.mems)
+    cap, archs, mcfg, k = run.cap, run.archs.known, run.config.memory, run.config.max_tasks_per_group
+    classes = cap.classes() or [(g.product, g.memory_mib) for g in run.groups]
+    stages = max((cap.max_per_node(c) for c in cap.classes()), default=8)
+    lb = lower_bound_gpus(by_model, archs, classes, mcfg, stages, k)
+    lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg, stages, k)
+               for (m, _), mems_ in sorted(by_class.items()))
+    return lb, lb_t

@@ -45,6 +45,8 @@ from muxtune.operator.config import (
     OUTPUT_MOUNT,
     RENDEZVOUS_PORT,
     SERVING_PORT,
+    SERVING_TOKENS_FILE,
+    SERVING_TOKENS_MOUNT,
     TASKS_FILE,
     TASKS_MOUNT,
     OperatorConfig,
@@ -64,6 +66,11 @@ def pod_name(group: str, rank: int) -> str:
 def key_secret_name(group: dict) -> str:
     """Per group object (uid), so a re-created namesake never mounts its predecessor's key."""
     return f"{group['metadata']['name']}-key-{(group['metadata'].get('uid') or 'x')[:8]}"
+
+
+def serving_tokens_secret_name(group: dict) -> str:
+    """The digests of the member namespaces' serving tokens (operator/isolation.py)."""
+    return f"{group['metadata']['name']}-serving-tokens"
 
 
 def group_namespaces(group: dict) -> list[str]:
@@ -87,7 +94,8 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
         args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
     elif serving:
         args += ["--serve-port", str(serving.get("port", SERVING_PORT)), "--serve-host", "0.0.0.0",
-                 "--serve-tasks", "enabled", "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
+                 "--serve-tasks", "enabled", "--serve-tokens", f"{SERVING_TOKENS_MOUNT}/{SERVING_TOKENS_FILE}",
+                 "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
                  "--slo-tpot-ms", format(float(serving["sloTpotMs"]), "g")]  # 80 and 80.0 alike (JSON round trips)
     return args
 
@@ -117,12 +125,14 @@ def kueue_metadata(group: dict) -> tuple[dict, dict]:
             {KUEUE_TOTAL_COUNT_ANNOTATION: str(dp)})
 
 
-def _shared_volume(name: str, pvc: str | None, host_path: str | None, read_only: bool) -> dict:
+def _shared_volume(name: str, pvc: str | None, host_path: str | None, read_only: bool, config: OperatorConfig) -> dict:
     if pvc:
         return {"name": name, "persistentVolumeClaim": {"claimName": pvc, "readOnly": read_only}}
     if host_path:
         return {"name": name, "hostPath": {"path": host_path, "type": "Directory"}}
-    return {"name": name, "emptyDir": {}}  # CPU / dev fallback
+    if name == "output" and config.output_problem():  # the CLI refuses to start so; a library caller too
+        raise ValueError(config.output_problem())
+    return {"name": name, "emptyDir": {}}  # no data configured (an empty area), or --ephemeral-output
 
 
 def area_volumes(kind: str, group: dict, config: OperatorConfig) -> tuple[list[dict], list[dict]]:
@@ -141,7 +151,7 @@ def area_volumes(kind: str, group: dict, config: OperatorConfig) -> tuple[list[d
         return vols, mounts
     pvc = config.data_pvc if kind == "data" else config.output_pvc
     host = config.data_host_path if kind == "data" else config.output_host_path
-    vols.append(_shared_volume(kind, pvc, host, read_only))
+    vols.append(_shared_volume(kind, pvc, host, read_only, config))
     for ns in namespaces:
         mounts.append({"name": kind, "mountPath": f"{root}/{ns}", "subPath": ns, "readOnly": read_only})
     return vols, mounts
@@ -192,94 +202,45 @@ def _affinity(config: OperatorConfig, node_terms: list[dict], group: str, dp: in
     return aff or None
 
 
+def _trust_flag(base_model: str, basemodel: dict | None) -> list[str]:
+    """--trust-remote-code only for a `model:` BaseModel whose (admin-written) spec allows it."""
+    allowed = base_model.startswith("model:") and bool(((basemodel or {}).get("spec") or {}).get("trustRemoteCode"))
+    return ["--trust-remote-code"] if allowed else []
+
+
 def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None = None,
                  labels: dict | None = None, owner: dict | None = None, priority: int | None = None) -> dict:
-    meta, spec = group["metadata"], group["spec"]
+    """Rank ``rank``'s pod; its template hash annotation tells a changed spec from a current one."""
+    meta = group["metadata"]
     name, ns = meta["name"], meta["namespace"]
-    par = spec.get("parallelism") or {}
-    dp, tp, pp = int(par.get("dp", 1)), int(par.get("tp", 1)), int(par.get("pp", 1))
-    gpus = int(spec.get("gpusPerPod", 1))
-    gpu_mem = (meta.get("annotations") or {}).get(ANN_GPU_MEMORY)
-    product = spec.get("gpuProduct")
-    serving = spec.get("serving")  # fixed when the pod is created (pods are not restarted for it)
-
-    volumes = [
-        {"name": "tasks", "configMap": {"name": configmap_name(name)}},
-        {"name": "group-key", "secret": {"secretName": key_secret_name(group), "defaultMode": 0o440}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-        {"name": "output-root", "emptyDir": {"sizeLimit": "1Gi"}},  # /output itself; areas mount below it
-    ]
-    mounts = [
-        {"name": "tasks", "mountPath": TASKS_MOUNT, "readOnly": True},
-        {"name": "group-key", "mountPath": KEY_MOUNT, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-        {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "output-root", "mountPath": OUTPUT_MOUNT},
-    ]
-    for kind in ("data", "output"):
-        v, m = area_volumes(kind, group, config)
-        volumes += v
-        mounts += m
-    mv = model_volume(spec["baseModel"], basemodel)
-    if mv:
-        volumes.append(mv[0])
-        mounts.append(mv[1])
-
-    resources: dict = {"requests": {"cpu": config.engine_cpu_request, "memory": config.engine_memory_request}}
-    if config.engine_limits:
-        resources["limits"] = dict(config.engine_limits)
-    if gpus > 0:
-        resources["requests"][GPU_RESOURCE] = str(gpus)
-        resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
-
-    node_terms = []
-    if product:
-        node_terms.append({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]})
-    if gpu_mem and gpus > 0:
-        # at least the GPU memory the plan was sized for
-        node_terms.append({"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(int(gpu_mem) - 1)]})
-
-    env = [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "MUXTUNE_HOME", "value": "/tmp/muxtune"},
-        {"name": "HF_HUB_OFFLINE", "value": "1"},
-        {"name": "MUXTUNE_GROUP", "value": name},
-        {"name": "MUXTUNE_GROUP_KEY_FILE", "value": f"{KEY_MOUNT}/{KEY_FILE}"},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        *torchrun_env(name, ns, rank, dp, tp, pp),
-    ]
-    ports = [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}]
-    if dp > 1:
-        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
-    if serving and dp * tp * pp == 1:
-        ports.append({"name": "serving", "containerPort": serving.get("port", SERVING_PORT), "protocol": "TCP"})
-
-    container = {
-        "name": "engine",
-        "image": config.engine_image,
-        "imagePullPolicy": config.engine_image_pull_policy,
-        "command": ["muxtune"],
-        "args": engine_args(config, dp, tp, pp, serving),
-        "env": env,
-        "ports": ports,
-        "resources": resources,
-        "volumeMounts": mounts,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "privileged": False,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
+    pod_spec = _pod_spec(group, rank, config, basemodel, priority)
+    kueue_labels, kueue_annotations = kueue_metadata(group)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(name, rank),
+            "namespace": ns,
+            "labels": {**(labels or {}), **kueue_labels, "muxtune.io/rank": str(rank)},
+            "annotations": dict(kueue_annotations),
+            "ownerReferences": [owner] if owner else [],
         },
+        "spec": pod_spec,
     }
-    if rank == 0:  # global rank 0 serves the group's endpoints
-        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10,
-                                       "failureThreshold": 3}
+    pod["metadata"]["annotations"][ANN_POD_TEMPLATE] = template_hash(pod_spec)
+    return pod
+
+
+def _layout(group: dict) -> tuple[int, int, int]:
+    par = group["spec"].get("parallelism") or {}
+    return int(par.get("dp", 1)), int(par.get("tp", 1)), int(par.get("pp", 1))
+
+
+def _pod_spec(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None, priority: int | None) -> dict:
+    """One engine container under the restricted Pod Security Standard, with no API token."""
+    name = group["metadata"]["name"]
+    dp = _layout(group)[0]
+    volumes, mounts = _volumes(group, config, basemodel)
     tolerations = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     tolerations += [t for t in config.engine_tolerations if t not in tolerations]
     pod_spec: dict = {
@@ -298,13 +259,20 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
             "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [_container(group, rank, config, mounts, basemodel)],
         "volumes": volumes,
         "tolerations": tolerations,
     }
+    _add_scheduling(pod_spec, group, config, priority)
+    return pod_spec
+
+
+def _add_scheduling(pod_spec: dict, group: dict, config: OperatorConfig, priority: int | None) -> None:
+    """The optional fields: configured node selector, affinity (with the plan's GPU class), pull
+    secrets and the priority class of the group's highest task priority."""
     if config.engine_node_selector:
         pod_spec["nodeSelector"] = dict(config.engine_node_selector)
-    affinity = _affinity(config, node_terms, name, dp)
+    affinity = _affinity(config, _node_terms(group), group["metadata"]["name"], _layout(group)[0])
     if affinity:
         pod_spec["affinity"] = affinity
     if config.engine_image_pull_secrets:
@@ -312,21 +280,117 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
     pc = priority_class(config, priority)
     if pc:
         pod_spec["priorityClassName"] = pc
-    kueue_labels, kueue_annotations = kueue_metadata(group)
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": pod_name(name, rank),
-            "namespace": ns,
-            "labels": {**(labels or {}), **kueue_labels, "muxtune.io/rank": str(rank)},
-            "annotations": dict(kueue_annotations),
-            "ownerReferences": [owner] if owner else [],
+
+
+def _volumes(group: dict, config: OperatorConfig, basemodel: dict | None) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts): the member tasks, the group's key, scratch space, the member namespaces'
+    areas and the backbone's weights; nothing else of the node or the cluster."""
+    volumes = [
+        {"name": "tasks", "configMap": {"name": configmap_name(group["metadata"]["name"])}},
+        {"name": "group-key", "secret": {"secretName": key_secret_name(group), "defaultMode": 0o440}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        {"name": "output-root", "emptyDir": {"sizeLimit": "1Gi"}},  # /output itself; areas mount below it
+    ]
+    mounts = [
+        {"name": "tasks", "mountPath": TASKS_MOUNT, "readOnly": True},
+        {"name": "group-key", "mountPath": KEY_MOUNT, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "output-root", "mountPath": OUTPUT_MOUNT},
+    ]
+    for kind in ("data", "output"):
+        v, m = area_volumes(kind, group, config)
+        volumes += v
+        mounts += m
+    if group["spec"].get("serving"):  # only digests of the member namespaces' tokens (operator/isolation.py)
+        volumes.append({"name": "serving-tokens", "secret": {"secretName": serving_tokens_secret_name(group),
+                                                            "defaultMode": 0o440}})
+        mounts.append({"name": "serving-tokens", "mountPath": SERVING_TOKENS_MOUNT, "readOnly": True})
+    mv = model_volume(group["spec"]["baseModel"], basemodel)
+    if mv:
+        volumes.append(mv[0])
+        mounts.append(mv[1])
+    return volumes, mounts
+
+
+def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict], basemodel: dict | None = None) -> dict:
+    """The engine: its command line, environment, ports and GPUs follow the group's layout."""
+    meta, spec = group["metadata"], group["spec"]
+    dp, tp, pp = _layout(group)
+    serving = spec.get("serving")  # fixed when the pod is created (pods are not restarted for it)
+    container = {
+        "name": "engine",
+        "image": config.engine_image,
+        "imagePullPolicy": config.engine_image_pull_policy,
+        "command": ["muxtune"],
+        "args": engine_args(config, dp, tp, pp, serving) + _trust_flag(spec["baseModel"], basemodel),
+        "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp),
+        "ports": _ports(config, dp, tp, pp, serving),
+        "resources": _resources(config, int(spec.get("gpusPerPod", 1))),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "spec": pod_spec,
     }
-    pod["metadata"]["annotations"][ANN_POD_TEMPLATE] = template_hash(pod_spec)
-    return pod
+    if rank == 0:  # global rank 0 serves the group's endpoints
+        container["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": "metrics"}, "periodSeconds": 10,
+                                       "failureThreshold": 3}
+    return container
+
+
+def _env(name: str, ns: str, rank: int, dp: int, tp: int, pp: int) -> list[dict]:
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "MUXTUNE_HOME", "value": "/tmp/muxtune"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "MUXTUNE_GROUP", "value": name},
+        {"name": "MUXTUNE_GROUP_KEY_FILE", "value": f"{KEY_MOUNT}/{KEY_FILE}"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        *torchrun_env(name, ns, rank, dp, tp, pp),
+    ]
+
+
+def _ports(config: OperatorConfig, dp: int, tp: int, pp: int, serving: dict | None) -> list[dict]:
+    """Metrics always; the rendezvous port across pods; the serving port for a one-process group."""
+    ports = [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}]
+    if dp > 1:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+    if serving and dp * tp * pp == 1:
+        ports.append({"name": "serving", "containerPort": serving.get("port", SERVING_PORT), "protocol": "TCP"})
+    return ports
+
+
+def _resources(config: OperatorConfig, gpus: int) -> dict:
+    resources: dict = {"requests": {"cpu": config.engine_cpu_request, "memory": config.engine_memory_request}}
+    if config.engine_limits:
+        resources["limits"] = dict(config.engine_limits)
+    if gpus > 0:
+        resources["requests"][GPU_RESOURCE] = str(gpus)
+        resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+    return resources
+
+
+def _node_terms(group: dict) -> list[dict]:
+    """The GPU class the plan was sized for: its product, and at least its GPU memory."""
+    spec = group["spec"]
+    gpus = int(spec.get("gpusPerPod", 1))
+    gpu_mem = (group["metadata"].get("annotations") or {}).get(ANN_GPU_MEMORY)
+    product = spec.get("gpuProduct")
+    node_terms = []
+    if product:
+        node_terms.append({"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]})
+    if gpu_mem and gpus > 0:
+        node_terms.append({"key": GPU_MEMORY_LABEL, "operator": "Gt", "values": [str(int(gpu_mem) - 1)]})
+    return node_terms
 
 
 def template_hash(obj: dict) -> str:

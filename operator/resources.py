@@ -12,9 +12,8 @@ Children (all in the group's namespace, all with an ownerReference to the group)
   ``serving`` (8000, the engine's OpenAI API when the group serves); also the DNS domain of the
   pods (rank 0 is the rendezvous for dp > 1).
 * PodDisruptionBudget ``<group>``: no voluntary eviction of a training pod.
-* NetworkPolicy ``<group>`` (groups of several pods): the pods accept connections from each other
-  (torch.distributed's store on pod 0 and its rank-to-rank links use many ports) and, from
-  anywhere, only on the metrics port; torch.distributed authenticates nobody.
+* NetworkPolicy ``<group>`` (every group) and, when it serves, Secret ``<group>-serving-tokens``:
+  operator/isolation.py.
 * Pods ``<group>-<rank>``: operator/podspec.py.
 """
 from __future__ import annotations
@@ -231,29 +230,6 @@ def pdb_manifest(group: dict) -> dict:
             "ownerReferences": [owner_reference(group)],
         },
         "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {LABEL_GROUP: name, LABEL_COMPONENT: "engine"}}},
-    }
-
-
-def network_policy_manifest(group: dict, config: OperatorConfig) -> dict:
-    name = group["metadata"]["name"]
-    selector = {"matchLabels": {LABEL_GROUP: name, LABEL_COMPONENT: "engine"}}
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {
-            "name": name,
-            "namespace": group["metadata"]["namespace"],
-            "labels": group_labels(name),
-            "ownerReferences": [owner_reference(group)],
-        },
-        "spec": {
-            "podSelector": selector,
-            "policyTypes": ["Ingress"],
-            "ingress": [
-                {"from": [{"podSelector": selector}]},
-                {"ports": [{"port": config.engine_metrics_port, "protocol": "TCP"}]},
-            ],
-        },
     }
 
 

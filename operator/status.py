@@ -67,10 +67,26 @@ def _progress(step: int | None, total: int | None) -> str | None:
 def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
     """The status the task should have; equal to ``old`` when nothing changed."""
     old = dict(old or {})
-    old_phase = old.get("phase")
-    if old_phase in TERMINAL:
+    if old.get("phase") in TERMINAL:
         return old  # terminal phases are final; nothing the operator sees changes them
+    st = _carried(old, view)
+    if view.situation == "invalid":
+        conds = _failed_for_good(st, "InvalidSpec", view.message, now)
+    elif view.situation == "suspended":
+        conds = _suspended(st, view)
+    elif view.situation == "unplaceable" and view.final:
+        conds = _failed_for_good(st, view.reason, view.message, now)
+    elif view.situation in ("pending", "unplaceable"):
+        conds = _pending(st, view)
+    else:
+        conds = _member(st, view, now)
+    st["progress"] = _progress(st.get("step"), st.get("totalSteps"))
+    st["conditions"] = merge_conditions(old.get("conditions"), conds, now, view.generation)
+    return {k: v for k, v in st.items() if v is not None}
 
+
+def _carried(old: dict, view: TaskView) -> dict:
+    """What survives from the previous status until something newer replaces it."""
     st: dict = {
         "step": old.get("step", 0),
         "totalSteps": old.get("totalSteps") or view.max_steps,
@@ -85,97 +101,117 @@ def compute_status(old: dict | None, view: TaskView, now: str) -> dict:
     }
     if view.generation is not None:
         st["observedGeneration"] = view.generation
-    conds: list[dict]
+    return st
 
-    if view.situation == "invalid":
-        st["phase"] = "Failed"
-        st["message"] = view.message
-        st["completionTime"] = now
-        conds = [_cond("Placed", "False", "InvalidSpec", view.message), _cond("Running", "False", "InvalidSpec"),
-                 _cond("Failed", "True", "InvalidSpec", view.message)]
-    elif view.situation == "suspended":
-        st["phase"] = "Suspended"
-        reason = "WaitingForAdmission" if view.kueue else "Suspended"
-        st["message"] = ("suspended: waiting for Kueue to admit it (spec.suspend)" if view.kueue
-                         else "spec.suspend is true; the checkpoint is kept")
-        st["tokensPerSecond"] = None
-        conds = [_cond("Placed", "False", reason, st["message"]), _cond("Running", "False", reason)]
-    elif view.situation == "unplaceable" and view.final:
-        st["phase"] = "Failed"
-        st["message"] = view.message
-        st["completionTime"] = now
-        conds = [_cond("Placed", "False", view.reason, view.message), _cond("Running", "False", view.reason),
-                 _cond("Failed", "True", view.reason, view.message)]
-    elif view.situation in ("pending", "unplaceable"):
-        st["phase"] = "Pending"
-        reason = view.reason or "Queued"
-        st["message"] = view.message or "waiting for the planner"
-        st["tokensPerSecond"] = None
-        conds = [_cond("Placed", "False", reason, st["message"]), _cond("Running", "False", "NotPlaced")]
-    else:  # member
-        st["group"] = view.group
-        placed = _cond("Placed", "True", "Packed", f"member of BackboneGroup {view.group}")
-        rep = view.report
-        if rep:
-            st["step"] = int(rep.get("step") or 0)
-            st["totalSteps"] = rep.get("totalSteps") or st["totalSteps"]
-            for k in ("loss", "evalLoss", "tokensPerSecond", "checkpoint"):
-                if k in rep:
-                    st[k] = rep.get(k)
-            if rep.get("message"):
-                st["message"] = rep["message"]
-        if rep and rep.get("servedModel") and view.endpoint:  # the engine answers for this adapter
-            st["endpoint"] = view.endpoint
-        ephase = (rep or {}).get("phase")
-        if ephase == "Succeeded":
-            st["phase"] = "Succeeded"
-            st["completionTime"] = now
-            # a short task can finish between two polls, never seen Running: it ran by now at the latest
-            st["startTime"] = st["startTime"] or now
-            st["tokensPerSecond"] = None if rep.get("tokensPerSecond") is None else rep["tokensPerSecond"]
-            st["message"] = st["message"] or "training finished; adapter written"
-            conds = [placed, _cond("Running", "False", "Completed"), _cond("Complete", "True", "Succeeded", st["message"])]
-        elif ephase == "Failed" or view.pod_state == "failed":
-            st["phase"] = "Failed"
-            st["completionTime"] = now
-            reason = "EngineFailed" if ephase == "Failed" else "PodFailed"
-            st["message"] = (rep or {}).get("message") or view.pod_message or "the engine reported a failure"
-            conds = [placed, _cond("Running", "False", reason, st["message"]), _cond("Failed", "True", reason, st["message"])]
-        elif ephase == "Running":
-            st["phase"] = "Running"
-            st["startTime"] = st["startTime"] or now
-            conds = [placed, _cond("Running", "True", "EngineRunning", f"step {st['step']}")]
-        else:
-            st["phase"] = "Placed"
-            if view.pod_state in GANG_STATES:
-                reason, msg = GANG_STATES[view.pod_state], view.pod_message
-            elif ephase == "Pending":
-                reason, msg = "EngineQueued", "the engine has the task and has not started it yet"
-            elif view.pod_state == "refused":
-                reason, msg = "PodCreationRefused", view.pod_message
-            elif view.pod_state == "unschedulable":
-                reason, msg = "PodUnschedulable", view.pod_message
-            elif view.pod_state == "waiting":
-                reason, msg = "ContainerWaiting", view.pod_message
-            elif view.pod_state == "running":
-                reason, msg = "EngineStarting", view.pod_message or "waiting for the engine's /v1/status"
-            elif view.pod_state == "scheduled":
-                reason, msg = "PodStarting", view.pod_message or "the pod is bound to a node and starting"
-            else:
-                reason, msg = "PodPending", view.pod_message or "waiting for the scheduler to bind the group's pod"
-            st["message"] = msg
-            conds = [placed, _cond("Running", "False", reason, msg)]
-        if st["phase"] in ("Running", "Placed") and view.unreachable_since:
-            msg = f"the engine has not answered since {view.unreachable_since}: {view.unreachable_message}"
-            st["message"] = msg
-            conds.append(dict(_cond("EngineReachable", "False", "EngineUnreachable", msg),
-                              lastTransitionTime=view.unreachable_since))
-        elif st["phase"] in ("Running", "Placed") and rep:
-            conds.append(_cond("EngineReachable", "True", "EngineReporting", "the engine answers status polls"))
 
-    st["progress"] = _progress(st.get("step"), st.get("totalSteps"))
-    st["conditions"] = merge_conditions(old.get("conditions"), conds, now, view.generation)
-    return {k: v for k, v in st.items() if v is not None}
+def _failed_for_good(st: dict, reason: str, message: str, now: str) -> list[dict]:
+    """An invalid spec, or one naming what the operator never places: Failed, never retried."""
+    st["phase"] = "Failed"
+    st["message"] = message
+    st["completionTime"] = now
+    return [_cond("Placed", "False", reason, message), _cond("Running", "False", reason),
+            _cond("Failed", "True", reason, message)]
+
+
+def _suspended(st: dict, view: TaskView) -> list[dict]:
+    st["phase"] = "Suspended"
+    reason = "WaitingForAdmission" if view.kueue else "Suspended"
+    st["message"] = ("suspended: waiting for Kueue to admit it (spec.suspend)" if view.kueue
+                     else "spec.suspend is true; the checkpoint is kept")
+    st["tokensPerSecond"] = None
+    return [_cond("Placed", "False", reason, st["message"]), _cond("Running", "False", reason)]
+
+
+def _pending(st: dict, view: TaskView) -> list[dict]:
+    st["phase"] = "Pending"
+    reason = view.reason or "Queued"
+    st["message"] = view.message or "waiting for the planner"
+    st["tokensPerSecond"] = None
+    return [_cond("Placed", "False", reason, st["message"]), _cond("Running", "False", "NotPlaced")]
+
+
+def _member(st: dict, view: TaskView, now: str) -> list[dict]:
+    """A group member: the engine's report decides the phase; before it trains, the pods say why not."""
+    st["group"] = view.group
+    placed = _cond("Placed", "True", "Packed", f"member of BackboneGroup {view.group}")
+    rep = view.report
+    if rep:
+        _take_report(st, rep)
+    if rep and rep.get("servedModel") and view.endpoint:  # the engine answers for this adapter
+        st["endpoint"] = view.endpoint
+    ephase = (rep or {}).get("phase")
+    if ephase == "Succeeded":
+        conds = [placed, *_succeeded(st, rep, now)]
+    elif ephase == "Failed" or view.pod_state == "failed":
+        conds = [placed, *_failed(st, view, ephase, now)]
+    elif ephase == "Running":
+        st["phase"] = "Running"
+        st["startTime"] = st["startTime"] or now
+        conds = [placed, _cond("Running", "True", "EngineRunning", f"step {st['step']}")]
+    else:
+        st["phase"] = "Placed"
+        reason, st["message"] = _not_running_yet(view, ephase)
+        conds = [placed, _cond("Running", "False", reason, st["message"])]
+    return conds + _reachability(st, view, rep)
+
+
+def _take_report(st: dict, rep: dict) -> None:
+    st["step"] = int(rep.get("step") or 0)
+    st["totalSteps"] = rep.get("totalSteps") or st["totalSteps"]
+    for k in ("loss", "evalLoss", "tokensPerSecond", "checkpoint"):
+        if k in rep:
+            st[k] = rep.get(k)
+    if rep.get("message"):
+        st["message"] = rep["message"]
+
+
+def _succeeded(st: dict, rep: dict, now: str) -> list[dict]:
+    st["phase"] = "Succeeded"
+    st["completionTime"] = now
+    # a short task can finish between two polls, never seen Running: it ran by now at the latest
+    st["startTime"] = st["startTime"] or now
+    st["tokensPerSecond"] = None if rep.get("tokensPerSecond") is None else rep["tokensPerSecond"]
+    st["message"] = st["message"] or "training finished; adapter written"
+    return [_cond("Running", "False", "Completed"), _cond("Complete", "True", "Succeeded", st["message"])]
+
+
+def _failed(st: dict, view: TaskView, ephase: str | None, now: str) -> list[dict]:
+    st["phase"] = "Failed"
+    st["completionTime"] = now
+    reason = "EngineFailed" if ephase == "Failed" else "PodFailed"
+    st["message"] = (view.report or {}).get("message") or view.pod_message or "the engine reported a failure"
+    return [_cond("Running", "False", reason, st["message"]), _cond("Failed", "True", reason, st["message"])]
+
+
+def _not_running_yet(view: TaskView, ephase: str | None) -> tuple[str, str]:
+    """(reason, message) of a placed task's Running=False: the gang, the engine, else its pods."""
+    if view.pod_state in GANG_STATES:
+        return GANG_STATES[view.pod_state], view.pod_message
+    if ephase == "Pending":
+        return "EngineQueued", "the engine has the task and has not started it yet"
+    if view.pod_state == "refused":
+        return "PodCreationRefused", view.pod_message
+    if view.pod_state == "unschedulable":
+        return "PodUnschedulable", view.pod_message
+    if view.pod_state == "waiting":
+        return "ContainerWaiting", view.pod_message
+    if view.pod_state == "running":
+        return "EngineStarting", view.pod_message or "waiting for the engine's /v1/status"
+    if view.pod_state == "scheduled":
+        return "PodStarting", view.pod_message or "the pod is bound to a node and starting"
+    return "PodPending", view.pod_message or "waiting for the scheduler to bind the group's pod"
+
+
+def _reachability(st: dict, view: TaskView, rep: dict | None) -> list[dict]:
+    """EngineReachable, only while the task runs or waits to, and only once the engine was polled."""
+    if st["phase"] in ("Running", "Placed") and view.unreachable_since:
+        msg = f"the engine has not answered since {view.unreachable_since}: {view.unreachable_message}"
+        st["message"] = msg
+        return [dict(_cond("EngineReachable", "False", "EngineUnreachable", msg),
+                     lastTransitionTime=view.unreachable_since)]
+    if st["phase"] in ("Running", "Placed") and rep:
+        return [_cond("EngineReachable", "True", "EngineReporting", "the engine answers status polls")]
+    return []
 
 
 def differs(old: dict | None, new: dict) -> bool:

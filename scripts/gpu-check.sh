@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run of under 8 minutes on one CUDA device:
-#   1. kernel tests        tests/engine/test_lora_kernel.py (interpreter and sm_90 compile checks)
-#   2. attention tests     tests/engine/test_attention.py (varlen flash on the GPU against the dense mask)
+#   1. kernel tests        tests/engine/kernels/test_lora_kernel.py (interpreter and sm_90 compile checks)
+#   2. attention tests     tests/engine/attention/test_attention.py (varlen flash on the GPU against the dense mask)
 #   3. LoRA kernel bench   bench/lora_kernel.py (checks fused == loop first, then times both)
 #   4. multitask bench     bench.multitask's GPU mode at N=1 and N=8: separate (padded),
 #                          separate-packed (padding-free, varlen attention) and muxtune
@@ -43,9 +43,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, record
 }
 
 # (budget: 8 minutes in all on an H100/H200; each limit leaves the rest a share)
-step kernel-tests 150 "$PY" -m pytest tests/engine/test_lora_kernel.py -q -x -p no:cacheprovider \
+step kernel-tests 150 "$PY" -m pytest tests/engine/kernels/test_lora_kernel.py -q -x -p no:cacheprovider \
     --junitxml="$OUT/kernel-tests.xml"
-step attention-tests 90 "$PY" -m pytest tests/engine/test_attention.py -q -p no:cacheprovider \
+step attention-tests 90 "$PY" -m pytest tests/engine/attention/test_attention.py -q -p no:cacheprovider \
     --junitxml="$OUT/attention-tests.xml"
 step lora-kernel-bench 60 "$PY" -m bench.lora_kernel --tasks 1,8 --hidden 2048,4096 --tokens 4096,16384 \
     --warmup 3 --iters 10 --json "$OUT/lora_kernel.json"

@@ -1,36 +1,23 @@
-"""Shared fixtures. Models are built and saved by the tests themselves (no hub exists here)."""
+"""Shared fixtures (helpers live in tests/helpers). Models are built and saved by the tests
+themselves (no hub exists here)."""
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-# Dataset paths are relative to a data root (the API refuses absolute paths): tests keep their data
-# under pytest's base temporary directory and use it as the data root of every trainer they make.
-DATA_ROOT: Path | None = None
+from tests.helpers.data import set_data_root, task_doc, write_jsonl
+from tests.helpers.models import new_trainer
+from tests.helpers.serving import tenant_api_client
 
 
 @pytest.fixture(scope="session", autouse=True)
 def data_root(tmp_path_factory) -> Path:
-    global DATA_ROOT
-    DATA_ROOT = tmp_path_factory.getbasetemp()
-    return DATA_ROOT
-
-
-def data_path(path: Path | str) -> str:
-    """A dataset.path for a file under the tests' data root (absolute paths are made relative)."""
-    p = Path(path)
-    if not p.is_absolute():
-        return str(p)
-    rel = os.path.relpath(p, DATA_ROOT)
-    assert not rel.startswith(".."), f"test data {p} must live under the data root {DATA_ROOT}"
-    return rel
+    """The data root of every trainer the tests make: pytest's base temporary directory."""
+    root = tmp_path_factory.getbasetemp()
+    set_data_root(root)
+    return root
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,37 +27,6 @@ def muxtune_home(tmp_path_factory) -> Path:
     home = Path(os.environ.get("MUXTUNE_TEST_HOME") or tmp_path_factory.mktemp("muxtune-home"))
     os.environ["MUXTUNE_HOME"] = str(home)
     return home
-
-
-def write_jsonl(path: Path, n: int, seed: int = 0, kind: str = "reverse") -> Path:
-    """Deterministic prompt/completion data with mixed lengths."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            w = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 14)))
-            completion = w[::-1] if kind == "reverse" else w.upper()
-            f.write(json.dumps({"prompt": f"{kind}: {w}\n", "completion": completion}) + "\n")
-    return path
-
-
-def task_doc(name: str, data: Path, *, method: str = "lora", r: int = 4, steps: int = 6, batch: int = 4,
-             lr: float = 5e-3, seed: int = 0, targets=("q_proj", "v_proj"), ff=(), base: str = "builtin:tiny-llama",
-             **training) -> dict:
-    peft = {"method": method, "targetModules": list(targets)}
-    if method == "lora":
-        peft.update(r=r, alpha=2 * r, dropout=0.0)
-    if ff:
-        peft["feedforwardModules"] = list(ff)
-    return {
-        "apiVersion": "muxtune.io/v1alpha1", "kind": "FineTuneTask", "metadata": {"name": name},
-        "spec": {
-            "baseModel": base,
-            "dataset": {"path": data_path(data), "maxSeqLen": 48},
-            "peft": peft,
-            "training": {"maxSteps": steps, "batchSize": batch, "learningRate": lr, "seed": seed,
-                         "checkpointInterval": 0, **training},
-        },
-    }
 
 
 @pytest.fixture
@@ -99,39 +55,11 @@ def tiny_backbone_dir(muxtune_home) -> Path:
     return builtin_path("tiny-llama")
 
 
-def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | None = None,
-                base_dir: Path | None = None):
-    """A fresh backbone + trainer on CPU in fp32 (the precision transparency is stated in),
-    reading datasets under the tests' data root."""
-    import torch
-
-    from muxtune.engine.model.backbone import MultiplexedBackbone
-    from muxtune.engine.model.loading import builtin_path, load_backbone
-    from muxtune.engine.trainer import MuxTrainer
-
-    path = backbone_dir or builtin_path("tiny-llama")
-    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu"), torch.float32))
-    return MuxTrainer(backbone, output, token_budget=token_budget, base_dir=base_dir or DATA_ROOT)
-
-
 @pytest.fixture
 def trainer_factory():
     return new_trainer
 
 
-def save_tiny_checkpoint(kind: str, path):
-    """A tiny Llama or Qwen2 (GQA: 4 query heads, 2 key/value heads) saved by save_pretrained, as a
-    user's checkpoint directory is, with the built-in byte-level tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    from muxtune.engine.model.loading import _byte_tokenizer
-
-    torch.manual_seed(3)
-    common = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
-    model = LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
-    model.save_pretrained(path)
-    _byte_tokenizer().save_pretrained(path)
-    return path
-
+@pytest.fixture
+def tenant_api():
+    return tenant_api_client

@@ -88,7 +88,7 @@ def save_task(rt, base_model_path: Path, cut: dict | None = None, *, state: Task
     return path
 
 
-def _heal_metrics(rt, step: int) -> None:
+def heal_metrics(rt, step: int) -> None:
     """metrics.jsonl holds steps 1..step only (those past the checkpoint will be trained again);
     a torn last line is dropped; a bad line elsewhere fails the task, naming file and line."""
     path = rt.out_dir / "metrics.jsonl"
@@ -145,7 +145,7 @@ def apply_checkpoint(rt, path: Path, state: TaskState, strict: bool = True) -> N
 
 def settle_output(rt, path: Path) -> None:
     """After apply_checkpoint(path): metrics.jsonl and the checkpoints follow it (file side)."""
-    _heal_metrics(rt, rt.step)
+    heal_metrics(rt, rt.step)
     _discard_newer(rt, path)
 
 
@@ -182,7 +182,7 @@ def resume_task(rt, allow_data_change: bool = False) -> Path | None:
     checkpoint, when it belongs to another spec or, unless allowed, to other data."""
     found = find_checkpoint(rt, allow_data_change)
     if found is None:
-        _heal_metrics(rt, 0)
+        heal_metrics(rt, 0)
         return None
     path, state, rt.resume_candidates = found  # candidates: what align() may still roll back to
     apply_checkpoint(rt, path, state)
@@ -193,7 +193,7 @@ def resume_task(rt, allow_data_change: bool = False) -> Path | None:
 
 def start_over(rt) -> None:
     """--no-resume: train from step 0; earlier checkpoints are moved aside, not mixed with new ones."""
-    _heal_metrics(rt, 0)
+    heal_metrics(rt, 0)
     old = ckpt.checkpoints_dir(rt.out_dir)
     if old.exists():
         moved = storage.move_aside(old, ".checkpoints-not-resumed")

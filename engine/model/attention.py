@@ -11,13 +11,17 @@ flash-attention kwargs (what `DataCollatorWithFlattening(return_flash_attn_kwarg
                                     of its own, so every token is covered and stays finite)
     max_length_q = max_length_k     the longest segment (Python int)
 
-and the function registered here under NAME (transformers' AttentionInterface) computes:
+and the function registered here under NAME (transformers' AttentionInterface) computes what the
+model's attention module asks for (`sliding_window`: a query sees its last W keys, itself
+included; `softcap`: scores = softcap * tanh(scores / softcap)), kernel by `choose_kernel`:
 - CUDA, fp16/bf16: one call of torch's variable-length flash attention
-  (`torch.nn.attention.varlen.varlen_attn`: flash or cuDNN, causal, GQA without repeating K/V),
-  or flash-attn's `flash_attn_varlen_func` where torch has no varlen_attn;
-- elsewhere (CPU, fp32): causal SDPA per segment on [1, heads, n, d] views (split, not sliced,
-  so the backward concatenates gradients once instead of a full-size zero tensor per segment);
-  measured fastest on CPU (see README's bench section).
+  (`torch.nn.attention.varlen.varlen_attn`: flash or cuDNN, causal, GQA without repeating K/V)
+  when no window or softcap applies, else flash-attn's `flash_attn_varlen_func` (window_size,
+  softcap), when installed;
+- otherwise (CPU, fp32, or CUDA without flash-attn for a window/softcap): per segment on
+  [1, heads, n, d] views (split, not sliced, so the backward concatenates gradients once instead
+  of a full-size zero tensor per segment): causal SDPA, SDPA with a banded causal mask for a
+  window, explicit scores for a softcap; measured fastest on CPU (see README's bench section).
 Called without those kwargs (a plain causal forward, KV caches, a 2D padding mask) it behaves as
 `sdpa` does, so the shared model still serves ordinary callers. Packed `position_ids` without
 boundaries are turned into boundaries, as transformers' flash path does.
@@ -91,48 +95,97 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                       position_ids=position_ids, sliding_window=sliding_window, softcap=softcap, **kwargs)
     if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
         raise ValueError("packed attention: cu_seq_lens_k must equal cu_seq_lens_q (causal self-attention)")
-    if softcap is not None:
-        raise ValueError("packed attention: attention logit softcapping is not supported")
-    max_len = int(max_length_q) if max_length_q is not None else None
-    if sliding_window is not None and (max_len is None or max_len > sliding_window):
-        raise ValueError(f"packed attention: sequences longer than the sliding window ({sliding_window}) are not supported")
+    cu = cu_seq_lens_q
+    max_len = int(max_length_q) if max_length_q is not None else int(cu.diff().max())
+    window = sliding_window if sliding_window is not None and max_len > sliding_window else None  # else: no effect
+    softcap = softcap or None
     # [b, H, S, d] -> [b*S, H, d]: a view when b == 1 (the projections lay tokens out first)
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], t.shape[3]) for t in (query, key, value))
-    cu = cu_seq_lens_q.to(q.device)
-    if _varlen_available(q) and dropout == 0.0:
-        out = varlen_call(q, k, v, cu, max_len if max_len is not None else int(cu.diff().max()), scaling)
-    else:
+    kernel = choose_kernel(q.device.type, q.dtype, window, softcap, dropout)
+    if kernel == "segments":
         bounds = cu.tolist()
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != b * s:
             raise ValueError(f"packed attention: cu_seq_lens must run from 0 to the batch's {b * s} tokens, got {bounds[0]}..{bounds[-1]}")
-        out = segment_attention(q, k, v, bounds, scaling, dropout)
+        out = segment_attention(q, k, v, bounds, scaling, dropout, window, softcap)
+    else:
+        out = varlen_call(q, k, v, cu.to(q.device), max_len, scaling, window, softcap, kernel)
     return out.view(b, s, out.shape[1], out.shape[2]), None
 
 
-def _varlen_available(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and (_torch_varlen or _flash_attn_varlen) is not None
+def choose_kernel(device_type: str, dtype: torch.dtype, window: int | None, softcap: float | None,
+                  dropout: float = 0.0, torch_varlen: bool | None = None, flash_attn: bool | None = None) -> str:
+    """Which implementation computes a packed batch: "torch_varlen" (torch's varlen flash/cuDNN:
+    causal only), "flash_attn" (flash-attn's varlen kernel: also sliding windows and softcaps) or
+    "segments" (per sequence; CPU, fp32, and what neither kernel covers). Pure: the CUDA choice is
+    tested on CPU by naming what is installed."""
+    torch_varlen = _torch_varlen is not None if torch_varlen is None else torch_varlen
+    flash_attn = _flash_attn_varlen is not None if flash_attn is None else flash_attn
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or dropout != 0.0:
+        return "segments"
+    if torch_varlen and window is None and softcap is None:
+        return "torch_varlen"
+    if flash_attn:
+        return "flash_attn"
+    return "segments"
 
 
-def varlen_call(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None) -> torch.Tensor:
+def varlen_call(q, k, v, cu: torch.Tensor, max_len: int, scale: float | None, window: int | None = None,
+                softcap: float | None = None, kernel: str = "torch_varlen") -> torch.Tensor:
     """One variable-length causal flash-attention call over [T, H, d] tokens. The same cu tensor
-    object goes in for queries and keys: cuDNN's varlen causal path requires exactly that."""
+    object goes in for queries and keys: cuDNN's varlen causal path requires exactly that. A
+    window of W keys (the query's own included, as transformers' masks count it) is flash-attn's
+    window_size (W - 1, 0)."""
     cu = cu.to(torch.int32)
-    gqa = q.shape[1] != k.shape[1]
-    if _torch_varlen is not None:
-        return _torch_varlen(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=gqa)
-    return _flash_attn_varlen(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+    if kernel == "torch_varlen":
+        return _torch_varlen(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0),
+                             enable_gqa=q.shape[1] != k.shape[1])
+    return _flash_attn_varlen(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True,
+                              window_size=(-1, -1) if window is None else (window - 1, 0), softcap=softcap or 0.0)
 
 
-def segment_attention(q, k, v, bounds: list[int], scale: float | None, dropout: float = 0.0) -> torch.Tensor:
-    """Causal SDPA per segment ([T, H, d] in and out); bounds are cumulative segment lengths."""
+def segment_attention(q, k, v, bounds: list[int], scale: float | None, dropout: float = 0.0,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention per segment ([T, H, d] in and out); bounds are cumulative segment lengths.
+    Plain causal: SDPA. A sliding window: SDPA with a banded causal mask (a query sees its last
+    `window` keys, itself included). A softcap needs the scores: explicit, as the models' eager
+    attention computes them (scores * scale, softcap * tanh(scores / softcap), fp32 softmax)."""
     sizes = [e - s for s, e in zip(bounds, bounds[1:])]
     gqa = q.shape[1] != k.shape[1]
-    outs = [
-        F.scaled_dot_product_attention(qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
-                                       dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
-        for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))
-    ]
+    outs = []
+    for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes)):
+        qh, kh, vh = qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]
+        n = qs.shape[0]
+        if softcap is not None:
+            out = _softcapped(qh, kh, vh, _band(n, window, qs.device), scale, softcap, dropout)
+        elif window is not None and n > window:
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_band(n, window, qs.device), dropout_p=dropout,
+                                                 scale=scale, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout, is_causal=True, scale=scale,
+                                                 enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _band(n: int, window: int | None, device) -> torch.Tensor:
+    """[n, n] bool: key j visible to query i when j <= i (and i - j < window)."""
+    i = torch.arange(n, device=device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window
+    return allowed
+
+
+def _softcapped(q, k, v, allowed, scale, softcap: float, dropout: float) -> torch.Tensor:
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        weights = F.dropout(weights, p=dropout)
+    return torch.matmul(weights, v)
 
 
 def _bounds_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
-from muxtune.engine.model import attention
+from muxtune.engine.model import attention, families
 from muxtune.engine.model.loading import LoadedBackbone
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft.base import ShardSpec, TaskDelta
@@ -56,13 +56,23 @@ class TaskAdapter:
 
 
 class MultiplexedBackbone:
-    def __init__(self, loaded: LoadedBackbone):
+    """The model's own modules, multiplexed: its family (engine/model/families.py) says where the
+    decoder layers are; Conv1D projections become Linears over the same storage; the packed
+    attention is installed; and the fidelity probe (engine/model/probe.py) checks, before any task
+    attaches, that the packed forward equals the model's own forward on each sequence alone."""
+
+    def __init__(self, loaded: LoadedBackbone, probe: bool = True):
         self.model = loaded.model
+        self.family = families.family_of(self.model)
+        self.conv1d = families.linearize_conv1d(self.model)  # names of the GPT-2-style projections
         attention.install(self.model)  # per-sequence attention from the batch's boundaries, no dense mask
         self.tokenizer = loaded.tokenizer
         self.path = loaded.path
+        self.trust_remote_code = loaded.trust_remote_code  # for whoever loads from path again (a tokenizer)
         self.ctx = MuxContext()
-        self.decoder = self.model.get_decoder()
+        self.decoder = self.model.get_decoder()  # the base model (serving runs it with its own attention)
+        self.layers = families.decoder_layers(self.model, self.family)
+        self.embedding = self.model.get_input_embeddings()
         self.lm_head = self.model.get_output_embeddings()
         self.linears = {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and m is not self.lm_head}
         self.wrapped: dict[str, MultiplexedLinear] = {}
@@ -71,28 +81,32 @@ class MultiplexedBackbone:
         self.prompts: dict[int, PromptDelta] = {}  # slot -> its virtual tokens (prompt tuning)
         self._next_slot, self._free_slots = 0, []  # slot ids: the trainer's tasks and the server's adapter versions
         self.attn_ratio = self._attention_to_linear_ratio()
-        self.device = self.model.get_input_embeddings().weight.device  # where a batch enters
-        n_layers = len(self.decoder.layers)
-        self.stage = Stage(self, 0, n_layers, first=True, last=True)
+        self.device = self.embedding.weight.device  # where a batch enters
+        self.stage = Stage(self, 0, len(self.layers), first=True, last=True)
         self.local_linears = set(self.linears)  # the Linears this process computes (all but under pp)
+        if probe:
+            from muxtune.engine.model.probe import check_fidelity
+
+            self.fidelity = check_fidelity(self)  # raises ModelLoadError on a mismatch: nothing trains
 
     def partition(self, start: int, end: int, first: bool, last: bool, device: torch.device) -> None:
-        """Keep decoder layers [start, end) (and the embedding / norm+head at the ends) on device;
-        the rest become meta tensors: shapes without memory."""
-        decoder = self.decoder
-        tied = self.lm_head.weight is decoder.embed_tokens.weight
-        keep = [*decoder.layers[start:end], decoder.rotary_emb]
-        drop = [layer for i, layer in enumerate(decoder.layers) if not start <= i < end]
-        for module, kept in ((decoder.embed_tokens, first or (tied and last)), (decoder.norm, last),
-                             (self.lm_head, last or (tied and first))):
-            (keep if kept else drop).append(module)
-        for module in drop:
-            module.to("meta")
-        for module in keep:
-            module.to(device)
+        """Keep decoder layers [start, end) on device, with the input embedding on the first stage and
+        the LM head on the last (both where they are tied); the other layers and vocab matrices become
+        meta tensors: shapes without memory. Everything else (norms, positional embeddings, rotary,
+        projections in/out) is small and stays on every stage, since each runs the model's forward."""
+        tied = self.lm_head.weight is self.embedding.weight
+        for i, layer in enumerate(self.layers):
+            layer.to(device if start <= i < end else "meta")
+        vocab = {id(self.embedding): first or (tied and last), id(self.lm_head): last or (tied and first)}
+        for module in (self.embedding, self.lm_head):
+            module.to(device if vocab[id(module)] else "meta")
+        placed = {id(m) for part in (*self.layers, self.embedding, self.lm_head) for m in part.modules()}
+        for module in self.model.modules():  # the rest, whatever its family calls it
+            if id(module) not in placed:
+                _place(module, device)
         self.device = device
         self.stage = Stage(self, start, end, first, last)
-        local = {id(m) for layer in keep for m in layer.modules()}
+        local = {id(m) for layer in self.layers[start:end] for m in layer.modules()}
         self.local_linears = {n for n, m in self.linears.items() if id(m) in local}
 
     def attention_kwargs(self, batch: PackedBatch) -> dict:
@@ -139,6 +153,8 @@ class MultiplexedBackbone:
         method = get_method(spec.method)
         if method.attaches == "input":
             return self._attach_input(slot, spec, method, torch.Generator().manual_seed(seed))
+        if (refused := self.family.unsupported_targets(spec.target_modules)) is not None:
+            raise ValueError(refused)
         names = [n for n in self.linears if matches_target(n, spec.target_modules)]
         if not names:
             raise ValueError(
@@ -160,7 +176,7 @@ class MultiplexedBackbone:
 
     def _attach_input(self, slot: int, spec: PeftSpec, method, generator) -> TaskAdapter:
         """A delta at the input embeddings (prompt tuning): no Linear is wrapped."""
-        emb = self.model.get_input_embeddings()
+        emb = self.embedding
         name = next(n for n, m in self.model.named_modules() if m is emb)
         delta = method.make_delta(emb, name, spec, generator, tokenizer=self.tokenizer)
         self.prompts[slot] = delta
@@ -179,14 +195,26 @@ class MultiplexedBackbone:
             if str(slot) in deltas:
                 del deltas[str(slot)]
 
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """Final (normed) hidden states; this process must hold the whole backbone."""
-        return self.stage.hidden(batch)
-
     def logits(self, batch: PackedBatch) -> torch.Tensor:
-        """Full [rows, chunk, vocab] logits (tests and evaluation)."""
-        return self.lm_head(self.hidden_states(batch))
+        """Full [rows, chunk, vocab] logits, as the model's own forward makes them (its logit
+        scaling and softcapping included); this process must hold the whole backbone."""
+        return self.stage.logits(batch)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """Whether adapted projections are Conv1D (PEFT's fan_in_fan_out, written to adapter_config)."""
+        return bool(self.conv1d)
 
     def forward_loss(self, batch: PackedBatch) -> ForwardResult:
         """Token losses summed per task; the LM head runs only where there is a target."""
         return self.stage.forward(batch)
+
+
+def _place(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers (not its children's) to device."""
+    for name, p in list(module._parameters.items()):
+        if p is not None and p.device != device:
+            module._parameters[name] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+    for name, b in list(module._buffers.items()):
+        if b is not None and b.device != device:
+            module._buffers[name] = b.to(device)

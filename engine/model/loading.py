@@ -38,6 +38,7 @@ class LoadedBackbone:
     model: torch.nn.Module
     tokenizer: object
     path: Path  # the directory from_pretrained read: what adapters name as their base
+    trust_remote_code: bool = False  # the model's own Python files were allowed to run
 
 
 def _byte_tokenizer():
@@ -137,12 +138,30 @@ def check_weights(path: Path) -> None:
             raise ModelLoadError(f"{f}: not a readable safetensors file: {exc}") from None
 
 
-def load_backbone(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedBackbone:
+def check_remote_code(path: Path, trust_remote_code: bool = False) -> None:
+    """A model directory whose config.json (or tokenizer_config.json) maps classes to its own Python
+    files (auto_map) would run them on load: refused, in one line, unless its user has the right
+    to allow it (`--trust-remote-code` locally, spec.trustRemoteCode on a cluster BaseModel)."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ModelLoadError(
+                f"{path}: {name} asks to run Python code from the model directory (auto_map); refused "
+                "(allow it with --trust-remote-code, or spec.trustRemoteCode on the cluster's BaseModel)")
+
+
+def load_backbone(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedBackbone:
     """Load a frozen backbone through the ordinary Hugging Face path; any failure is a
     ModelLoadError naming the directory or file, so the caller can fail this backbone's tasks alone."""
+    check_remote_code(path, trust_remote_code)
     check_weights(path)
     try:
-        loaded = _load(path, device, dtype)
+        loaded = _load(path, device, dtype, trust_remote_code)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "this backbone"
@@ -153,17 +172,20 @@ def load_backbone(path: Path, device: torch.device, dtype: torch.dtype) -> Loade
     return loaded
 
 
-def _load(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedBackbone:
+def _load(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> LoadedBackbone:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # eager: every family supports it (Gemma 2 refuses sdpa); the engine installs its own packed
+    # attention right after (engine/model/attention.py), and the fidelity probe's reference is eager
+    common = dict(dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
         # the pod was given several GPUs (tp*pp by the planner's memory model): spread the layers
         # over all of them, pipeline-style, so the backbone fits; one batch flows through in turn
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", device_map="auto")
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", **common)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, **common)
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedBackbone(model=model, tokenizer=tokenizer, path=Path(path))
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return LoadedBackbone(model=model, tokenizer=tokenizer, path=Path(path), trust_remote_code=trust_remote_code)

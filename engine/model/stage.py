@@ -1,19 +1,32 @@
-"""The backbone run as explicit stages: embed -> decoder layers[a:b] -> norm + LM head + loss.
+"""A contiguous range of the backbone's decoder layers, run through the model's OWN forward.
 
-One implementation for every layout: a single process is one stage holding everything; a
-pipeline stage holds a contiguous range of layers and passes hidden states on. Positions are
-rotary embeddings from the model's own rotary module, computed on each stage from the batch's
-per-sequence positions; the attention inputs come from one function of the batch
-(MultiplexedBackbone.attention_kwargs), so any stage rebuilds them without receiving them.
+Nothing of a family's forward is re-derived here: every stage calls the CausalLM's forward (so
+embedding scales, residual and logit multipliers, final softcapping, rotary variants and per-layer
+window patterns are the family's own code) on the packed batch laid out as one row, with
+per-sequence `position_ids`, the packed boundaries as transformers' flash kwargs (the engine's
+registered attention, engine/model/attention.py) and `logits_to_keep` = the flattened positions
+that have a target, so the LM head runs only there.
+
+A pipeline stage holding layers [start, end) runs the same forward over a slice (no per-family
+code, only the layer list's location from engine/model/families.py):
+- layers before `start` are swapped, for the call, for a pass-through (on a later stage they are
+  meta tensors); the stage's input is zeros of the embedding's shape (the embedding may be meta),
+  and a pre-hook on layer `start` replaces its hidden states with the ones received;
+- a forward hook on layer `end - 1` of a stage that is not last stops the forward there (an
+  exception carrying the layer's output), so norm and head never run on it.
+The fidelity probe (engine/model/probe.py) checks at load that a split equals the whole.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from muxtune.engine.data.dataset import IGNORE
+from muxtune.engine.model import attention
 from muxtune.engine.packing import PackedBatch
 from muxtune.engine.peft import prompt_tuning
 
@@ -24,53 +37,101 @@ class ForwardResult:
     task_tokens: torch.Tensor  # [max_slot+1] label tokens per slot
 
 
+class _Skipped(nn.Module):
+    """A decoder layer another stage runs: its hidden states pass through unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _StageDone(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__("stage done")
+        self.hidden = hidden
+
+
 class Stage:
     def __init__(self, backbone, start: int, end: int, first: bool, last: bool):
-        decoder = backbone.decoder
         self.backbone = backbone
         self.start, self.end, self.first, self.last = start, end, first, last
-        self.embed = decoder.embed_tokens if first else None
-        self.layers = list(decoder.layers[start:end])
-        self.rotary = decoder.rotary_emb
-        self.norm = decoder.norm if last else None
-        self.lm_head = backbone.lm_head if last else None
+        self.layers = backbone.layers  # the model's own ModuleList
+        self._skip = _Skipped()
 
-    def hidden(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """This stage's layers on the batch (the first stage embeds input_ids; later ones take hidden)."""
+    # ----- the model's forward over this stage's slice ---------------------------------------
+    def _model_forward(self, batch: PackedBatch, hidden: torch.Tensor | None, keep) -> torch.Tensor:
+        """Logits at `keep` (last stage) or this stage's output hidden states [1, T, H]."""
         bb = self.backbone
+        n = batch.input_ids.numel()
+        inputs = {"position_ids": batch.position_ids.reshape(1, n), "attention_mask": None, "use_cache": False,
+                  **attention.attention_inputs(batch)}
+        if self.first:
+            ids = batch.input_ids.reshape(1, n)
+            if bb.prompts:  # prompt tuning: virtual-token placeholders take their own task's prompt rows
+                inputs["inputs_embeds"] = prompt_tuning.embed(bb.embedding, ids, batch.layout.token_slot, bb.prompts)
+            else:
+                inputs["input_ids"] = ids
+        else:  # the embedding is another stage's: zeros in its shape, replaced at layer `start`
+            inputs["inputs_embeds"] = torch.zeros(1, n, bb.embedding.embedding_dim, dtype=bb.dtype, device=bb.device)
         bb.ctx.layout = batch.layout
         try:
-            h = self._embed(batch) if self.first else hidden
-            positions = batch.position_ids.to(h.device)
-            rotary = self.rotary(h, positions)
-            attention = bb.attention_kwargs(batch)
-            for layer in self.layers:
-                h = layer(h, position_embeddings=rotary, position_ids=positions, use_cache=False, **attention)
+            with self._sliced(None if self.first else hidden.reshape(1, n, -1)):
+                return bb.model(**inputs, logits_to_keep=keep).logits
+        except _StageDone as done:
+            return done.hidden
         finally:
             bb.ctx.layout = None
-        return self.norm(h) if self.last else h
 
-    def _embed(self, batch: PackedBatch) -> torch.Tensor:
-        prompts = self.backbone.prompts
-        if not prompts:
-            return self.embed(batch.input_ids)
-        # prompt tuning: virtual-token placeholders take their own task's prompt rows
-        return prompt_tuning.embed(self.embed, batch.input_ids, batch.layout.token_slot, prompts)
+    @contextmanager
+    def _sliced(self, hidden: torch.Tensor | None):
+        layers, hooks, swapped = self.layers, [], {}
+        try:
+            if hidden is not None:
+                for i in range(self.start):
+                    swapped[i], layers[i] = layers[i], self._skip
+                hooks.append(layers[self.start].register_forward_pre_hook(_inject(hidden), with_kwargs=True))
+            if not self.last:
+                hooks.append(layers[self.end - 1].register_forward_hook(_stop))
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for i, layer in swapped.items():
+                layers[i] = layer
 
-    def loss(self, batch: PackedBatch, h: torch.Tensor) -> ForwardResult:
+    # ----- what callers use ------------------------------------------------------------------
+    def logits(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Every position's logits, [rows, chunk, vocab] (the last stage; tests, the probe)."""
+        out = self._model_forward(batch, hidden, 0)
+        return out.reshape(*batch.input_ids.shape, out.shape[-1])
+
+    def loss(self, batch: PackedBatch, hidden: torch.Tensor | None = None) -> ForwardResult:
         """Token losses summed per task; the LM head runs only where there is a target."""
-        h = h.reshape(-1, h.shape[-1])
-        targets = batch.targets.to(h.device)  # the last layers may sit on another GPU
+        targets = batch.targets
         sel = (targets != IGNORE).nonzero().squeeze(1)
-        logits = self.lm_head(h.index_select(0, sel)).float()
-        tok_loss = F.cross_entropy(logits, targets.index_select(0, sel), reduction="none")
-        slots = batch.layout.on(h.device).token_slot.index_select(0, sel)
+        logits = self._model_forward(batch, hidden, sel)[0].float()
+        tok_loss = F.cross_entropy(logits, targets.to(logits.device).index_select(0, sel.to(logits.device)),
+                                   reduction="none")
+        slots = batch.layout.on(logits.device).token_slot.index_select(0, sel.to(logits.device))
         n = batch.layout.max_slot + 1
-        loss_sum = torch.zeros(n, device=h.device).index_add(0, slots, tok_loss)
-        tokens = torch.zeros(n, device=h.device).index_add(0, slots, torch.ones_like(tok_loss))
+        loss_sum = torch.zeros(n, device=logits.device).index_add(0, slots, tok_loss)
+        tokens = torch.zeros(n, device=logits.device).index_add(0, slots, torch.ones_like(tok_loss))
         return ForwardResult(loss_sum, tokens)
 
     def forward(self, batch: PackedBatch, hidden: torch.Tensor | None = None):
-        """Hidden states for the next stage, or, on the last stage, the per-task losses."""
-        h = self.hidden(batch, hidden)
-        return self.loss(batch, h) if self.last else h
+        """Hidden states for the next stage ([rows, chunk, H]), or, on the last stage, the per-task losses."""
+        if self.last:
+            return self.loss(batch, hidden)
+        out = self._model_forward(batch, hidden, 0)
+        return out.reshape(*batch.input_ids.shape, out.shape[-1])
+
+
+def _inject(hidden: torch.Tensor):
+    def hook(_module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+    return hook
+
+
+def _stop(_module, _args, output):
+    raise _StageDone(output[0] if isinstance(output, tuple) else output)

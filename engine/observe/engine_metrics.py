@@ -332,6 +332,16 @@ class EngineMetrics(Telemetry):
         for key in [k for k in self._tasks if k not in live]:
             del self._tasks[key]
 
+    def snapshot(self) -> _Snapshot:
+        """The state the scrape renders, copied under the lock (departed tasks dropped first)."""
+        with self._lock:
+            self._drop_departed()
+            return _Snapshot(
+                tasks=[_TaskSeries(**vars(s)) for s in self._tasks.values()], info=self._info,
+                effective=self._effective, attention_work=self._attention_work, real=self._real_tokens,
+                computed=self._computed_tokens, failures=self._checkpoint_failures,
+                stages={s: tuple(v) for s, v in self._stages.items()}, dims=self._dims)
+
     def stage_seconds(self) -> dict[int, tuple[float, float]]:
         """stage -> (busy, idle) seconds so far."""
         with self._lock:
@@ -376,6 +386,21 @@ def _relative(text: str, roots: list[Path]) -> str:
     return text
 
 
+@dataclass
+class _Snapshot:
+    """EngineMetrics' state at one scrape, copied under its lock."""
+
+    tasks: list[_TaskSeries]
+    info: dict[str, str] | None
+    effective: float | None
+    attention_work: float | None
+    real: int
+    computed: int
+    failures: int
+    stages: dict[int, tuple[float, float]]
+    dims: object
+
+
 class _Collector:
     """Builds the per-task and sampled series at scrape time from EngineMetrics' state."""
 
@@ -383,122 +408,131 @@ class _Collector:
         self.m = m
 
     def collect(self):
-        m = self.m
-        with m._lock:
-            m._drop_departed()
-            tasks = [_TaskSeries(**vars(s)) for s in m._tasks.values()]
-            info, effective, attention_work = m._info, m._effective, m._attention_work
-            real, computed, failures = m._real_tokens, m._computed_tokens, m._checkpoint_failures
-            stages = {s: tuple(v) for s, v in m._stages.items()}
-            dims = m._dims
-        labels = ["namespace", "task"]
+        snap = self.m.snapshot()
+        yield from _task_families(snap.tasks)
+        yield from _engine_families(snap)
+        yield from _stage_families(snap.stages)
+        yield from _process_families(self.m.probe)
 
-        def fam(kind, name, doc, extra=()):
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            return cls(name, doc, labels=[*labels, *extra])
 
-        tokens = fam("counter", "muxtune_task_tokens", "Real (non-padding) tokens of the task's completed optimizer steps.")
-        steps = fam("counter", "muxtune_task_steps", "Optimizer steps this process completed for the task.")
-        step = fam("gauge", "muxtune_task_step", "Current optimizer step, counting steps restored from a checkpoint.")
-        max_steps = fam("gauge", "muxtune_task_max_steps", "The task's optimizer steps in all (maxSteps, or from epochs).")
-        eval_loss = fam("gauge", "muxtune_task_eval_loss", "Mean token loss on the task's validation data, latest evaluation.")
-        loss = fam("gauge", "muxtune_task_loss", "Mean token loss of the latest step (NaN: a non-finite loss failed the task).")
-        lr = fam("gauge", "muxtune_task_learning_rate", "Learning rate the latest step used.")
-        grad = fam("gauge", "muxtune_task_grad_norm", "Global L2 gradient norm of the latest step, before clipping.")
-        tps = fam("gauge", "muxtune_task_tokens_per_second", "The latest step's tokens / wall time since the task's previous step.")
-        phase = fam("gauge", "muxtune_task_phase", "1 for the task's current phase, 0 for the others.", ["phase"])
-        fused = fam("gauge", "muxtune_task_fused", "1 if the task's sequences were in the latest fused forward/backward.")
-        fused_rounds = fam("counter", "muxtune_task_fused_rounds", "Fused forward/backwards that carried the task's sequences.")
-        waiting_rounds = fam("counter", "muxtune_task_waiting_rounds",
-                             "Fused forward/backwards that left the runnable task out (token budget).")
-        dropped = fam("counter", "muxtune_task_examples_dropped",
-                      "Examples of the task's dataset not trained on: no completion token within maxSeqLen.")
-        progress = fam("gauge", "muxtune_task_last_progress_timestamp_seconds",
-                       "Unix time of the task's latest optimizer step, or of its start while it has none.")
-        for s in tasks:
-            lv = [s.namespace, s.task]
-            tokens.add_metric(lv, s.tokens)
-            steps.add_metric(lv, s.steps)
-            step.add_metric(lv, s.step)
-            max_steps.add_metric(lv, s.max_steps)
-            for p in PHASES:
-                phase.add_metric([*lv, p], 1.0 if s.phase == p else 0.0)
-            fused.add_metric(lv, 1.0 if s.fused else 0.0)
-            fused_rounds.add_metric(lv, s.fused_rounds)
-            waiting_rounds.add_metric(lv, s.waiting_rounds)
-            dropped.add_metric(lv, s.examples_dropped)
-            for f, v in ((loss, s.loss), (eval_loss, s.eval_loss), (lr, s.lr), (grad, s.grad_norm), (tps, s.tokens_per_second),
-                         (progress, s.last_progress)):
-                if v is not None:
-                    f.add_metric(lv, v)
-        yield from (tokens, steps, step, max_steps, loss, eval_loss, lr, grad, tps, phase, fused, fused_rounds,
-                    waiting_rounds, dropped, progress)
+def _task_families(tasks: list[_TaskSeries]):
+    labels = ["namespace", "task"]
 
-        if info is not None:
-            g = GaugeMetricFamily("muxtune_engine_info", "Always 1: the backbone, device and version this engine runs.",
-                                  labels=list(info))
-            g.add_metric(list(info.values()), 1.0)
-            yield g
-        if effective is not None:
-            yield GaugeMetricFamily("muxtune_engine_effective_token_ratio",
-                                    "Real tokens / computed tokens of the latest fused forward (0-1).", value=effective)
-        if attention_work is not None:
-            yield GaugeMetricFamily("muxtune_engine_attention_work_ratio",
-                                    "Attention (query, key) pairs needed / computed of the latest fused forward (0-1).",
-                                    value=attention_work)
-        yield CounterMetricFamily("muxtune_engine_real_tokens", "Real tokens through the backbone, all tasks.", value=real)
-        yield CounterMetricFamily("muxtune_engine_computed_tokens",
-                                  "Tokens computed through the backbone, padding included.", value=computed)
-        running = [s for s in tasks if s.phase == RUNNING]
-        for name, n, doc in (
-            ("resident", len(running), "Tasks whose adapters are attached (phase Running)."),
-            ("fused", sum(s.fused for s in running), "Resident tasks in the latest fused forward/backward."),
-            ("waiting", sum(s.waiting for s in running), "Resident tasks the latest fused forward/backward left out."),
-        ):
-            yield GaugeMetricFamily(f"muxtune_engine_tasks_{name}", doc, value=n)
-        yield CounterMetricFamily("muxtune_engine_checkpoint_failures", "Checkpoint writes that failed.", value=failures)
-        if dims is not None:
-            degree = GaugeMetricFamily("muxtune_engine_parallel_degree",
-                                       "Ranks of the engine group along dim (dp, tp, pp).", labels=["dim"])
-            for dim in ("dp", "tp", "pp"):
-                degree.add_metric([dim], getattr(dims, dim))
-            yield degree
-        if stages:
-            busy = CounterMetricFamily("muxtune_engine_stage_busy_seconds",
-                                       "Seconds the pipeline stage computed forwards and backwards (mean over dp replicas).",
-                                       labels=["stage"])
-            idle = CounterMetricFamily("muxtune_engine_stage_idle_seconds",
-                                       "Seconds the pipeline stage waited within rounds (the pipeline bubble).",
-                                       labels=["stage"])
-            bubble = GaugeMetricFamily("muxtune_engine_pipeline_bubble_ratio",
-                                       "The stage's idle time over its wall time so far (0-1).", labels=["stage"])
-            for s, (b, wall) in sorted(stages.items()):
-                busy.add_metric([str(s)], b)
-                idle.add_metric([str(s)], wall - b)
-                bubble.add_metric([str(s)], (wall - b) / wall if wall > 0 else 0.0)
-            yield busy
-            yield idle
-            yield bubble
+    def fam(kind, name, doc, extra=()):
+        cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        return cls(name, doc, labels=[*labels, *extra])
 
-        mem = GaugeMetricFamily("muxtune_engine_memory_bytes",
-                                "Memory in use: host RSS (kind=host), PyTorch reserved per GPU (kind=gpu).",
-                                labels=["kind", "gpu"])
-        peak = GaugeMetricFamily("muxtune_engine_memory_peak_bytes", "Peak of muxtune_engine_memory_bytes since start.",
-                                 labels=["kind", "gpu"])
-        rss, rss_peak = m.probe.host_memory()
-        mem.add_metric(["host", ""], rss)
-        peak.add_metric(["host", ""], rss_peak)
-        gpus = m.probe.gpus()
-        util = GaugeMetricFamily("muxtune_engine_gpu_utilization_ratio",
-                                 "NVML: share of the last sample period a kernel ran on the device (0-1).",
-                                 labels=["gpu", "uuid"])
-        for g in gpus:
-            mem.add_metric(["gpu", str(g.index)], g.memory_bytes)
-            peak.add_metric(["gpu", str(g.index)], g.peak_bytes)
-            if g.utilization is not None:
-                util.add_metric([str(g.index), g.uuid or ""], g.utilization)
-        yield mem
-        yield peak
-        yield GaugeMetricFamily("muxtune_engine_gpus", "CUDA devices this process uses (0 on CPU).", value=len(gpus))
-        if util.samples:
-            yield util
+    tokens = fam("counter", "muxtune_task_tokens", "Real (non-padding) tokens of the task's completed optimizer steps.")
+    steps = fam("counter", "muxtune_task_steps", "Optimizer steps this process completed for the task.")
+    step = fam("gauge", "muxtune_task_step", "Current optimizer step, counting steps restored from a checkpoint.")
+    max_steps = fam("gauge", "muxtune_task_max_steps", "The task's optimizer steps in all (maxSteps, or from epochs).")
+    eval_loss = fam("gauge", "muxtune_task_eval_loss", "Mean token loss on the task's validation data, latest evaluation.")
+    loss = fam("gauge", "muxtune_task_loss", "Mean token loss of the latest step (NaN: a non-finite loss failed the task).")
+    lr = fam("gauge", "muxtune_task_learning_rate", "Learning rate the latest step used.")
+    grad = fam("gauge", "muxtune_task_grad_norm", "Global L2 gradient norm of the latest step, before clipping.")
+    tps = fam("gauge", "muxtune_task_tokens_per_second", "The latest step's tokens / wall time since the task's previous step.")
+    phase = fam("gauge", "muxtune_task_phase", "1 for the task's current phase, 0 for the others.", ["phase"])
+    fused = fam("gauge", "muxtune_task_fused", "1 if the task's sequences were in the latest fused forward/backward.")
+    fused_rounds = fam("counter", "muxtune_task_fused_rounds", "Fused forward/backwards that carried the task's sequences.")
+    waiting_rounds = fam("counter", "muxtune_task_waiting_rounds",
+                         "Fused forward/backwards that left the runnable task out (token budget).")
+    dropped = fam("counter", "muxtune_task_examples_dropped",
+                  "Examples of the task's dataset not trained on: no completion token within maxSeqLen.")
+    progress = fam("gauge", "muxtune_task_last_progress_timestamp_seconds",
+                   "Unix time of the task's latest optimizer step, or of its start while it has none.")
+    for s in tasks:
+        lv = [s.namespace, s.task]
+        tokens.add_metric(lv, s.tokens)
+        steps.add_metric(lv, s.steps)
+        step.add_metric(lv, s.step)
+        max_steps.add_metric(lv, s.max_steps)
+        for p in PHASES:
+            phase.add_metric([*lv, p], 1.0 if s.phase == p else 0.0)
+        fused.add_metric(lv, 1.0 if s.fused else 0.0)
+        fused_rounds.add_metric(lv, s.fused_rounds)
+        waiting_rounds.add_metric(lv, s.waiting_rounds)
+        dropped.add_metric(lv, s.examples_dropped)
+        for f, v in ((loss, s.loss), (eval_loss, s.eval_loss), (lr, s.lr), (grad, s.grad_norm), (tps, s.tokens_per_second),
+                     (progress, s.last_progress)):
+            if v is not None:
+                f.add_metric(lv, v)
+    return (tokens, steps, step, max_steps, loss, eval_loss, lr, grad, tps, phase, fused, fused_rounds,
+            waiting_rounds, dropped, progress)
+
+
+def _engine_families(snap: _Snapshot):
+    if snap.info is not None:
+        g = GaugeMetricFamily("muxtune_engine_info", "Always 1: the backbone, device and version this engine runs.",
+                              labels=list(snap.info))
+        g.add_metric(list(snap.info.values()), 1.0)
+        yield g
+    if snap.effective is not None:
+        yield GaugeMetricFamily("muxtune_engine_effective_token_ratio",
+                                "Real tokens / computed tokens of the latest fused forward (0-1).", value=snap.effective)
+    if snap.attention_work is not None:
+        yield GaugeMetricFamily("muxtune_engine_attention_work_ratio",
+                                "Attention (query, key) pairs needed / computed of the latest fused forward (0-1).",
+                                value=snap.attention_work)
+    yield CounterMetricFamily("muxtune_engine_real_tokens", "Real tokens through the backbone, all tasks.", value=snap.real)
+    yield CounterMetricFamily("muxtune_engine_computed_tokens",
+                              "Tokens computed through the backbone, padding included.", value=snap.computed)
+    running = [s for s in snap.tasks if s.phase == RUNNING]
+    for name, n, doc in (
+        ("resident", len(running), "Tasks whose adapters are attached (phase Running)."),
+        ("fused", sum(s.fused for s in running), "Resident tasks in the latest fused forward/backward."),
+        ("waiting", sum(s.waiting for s in running), "Resident tasks the latest fused forward/backward left out."),
+    ):
+        yield GaugeMetricFamily(f"muxtune_engine_tasks_{name}", doc, value=n)
+    yield CounterMetricFamily("muxtune_engine_checkpoint_failures", "Checkpoint writes that failed.", value=snap.failures)
+    if snap.dims is not None:
+        degree = GaugeMetricFamily("muxtune_engine_parallel_degree",
+                                   "Ranks of the engine group along dim (dp, tp, pp).", labels=["dim"])
+        for dim in ("dp", "tp", "pp"):
+            degree.add_metric([dim], getattr(snap.dims, dim))
+        yield degree
+
+
+def _stage_families(stages: dict[int, tuple[float, float]]):
+    if not stages:
+        return
+    busy = CounterMetricFamily("muxtune_engine_stage_busy_seconds",
+                               "Seconds the pipeline stage computed forwards and backwards (mean over dp replicas).",
+                               labels=["stage"])
+    idle = CounterMetricFamily("muxtune_engine_stage_idle_seconds",
+                               "Seconds the pipeline stage waited within rounds (the pipeline bubble).",
+                               labels=["stage"])
+    bubble = GaugeMetricFamily("muxtune_engine_pipeline_bubble_ratio",
+                               "The stage's idle time over its wall time so far (0-1).", labels=["stage"])
+    for s, (b, wall) in sorted(stages.items()):
+        busy.add_metric([str(s)], b)
+        idle.add_metric([str(s)], wall - b)
+        bubble.add_metric([str(s)], (wall - b) / wall if wall > 0 else 0.0)
+    yield busy
+    yield idle
+    yield bubble
+
+
+def _process_families(probe: ProcessProbe):
+    """Memory and GPU utilisation, read now."""
+    mem = GaugeMetricFamily("muxtune_engine_memory_bytes",
+                            "Memory in use: host RSS (kind=host), PyTorch reserved per GPU (kind=gpu).",
+                            labels=["kind", "gpu"])
+    peak = GaugeMetricFamily("muxtune_engine_memory_peak_bytes", "Peak of muxtune_engine_memory_bytes since start.",
+                             labels=["kind", "gpu"])
+    rss, rss_peak = probe.host_memory()
+    mem.add_metric(["host", ""], rss)
+    peak.add_metric(["host", ""], rss_peak)
+    gpus = probe.gpus()
+    util = GaugeMetricFamily("muxtune_engine_gpu_utilization_ratio",
+                             "NVML: share of the last sample period a kernel ran on the device (0-1).",
+                             labels=["gpu", "uuid"])
+    for g in gpus:
+        mem.add_metric(["gpu", str(g.index)], g.memory_bytes)
+        peak.add_metric(["gpu", str(g.index)], g.peak_bytes)
+        if g.utilization is not None:
+            util.add_metric([str(g.index), g.uuid or ""], g.utilization)
+    yield mem
+    yield peak
+    yield GaugeMetricFamily("muxtune_engine_gpus", "CUDA devices this process uses (0 on CPU).", value=len(gpus))
+    if util.samples:
+        yield util

@@ -27,7 +27,12 @@ def setup_backbone(backbone, group, device: torch.device, announce=print) -> Non
     shard over tp. The split is announced once, by rank 0."""
     from muxtune.engine.parallel.split import describe, layer_costs, split_layers
 
+    from muxtune.engine.model.families import require
+
     pp = group.dims.pp
+    for path, degree in (("dp", group.dims.dp), ("pp", pp), ("tp", group.dims.tp)):
+        if degree > 1:  # a family not tested through a path is refused there, naming both
+            require(backbone.family, path)
     if pp > 1:
         plans = split_layers(*layer_costs(backbone.model), pp)
         if group.is_writer:

@@ -71,20 +71,21 @@ def launch_config(world: int):
     return config
 
 
-def launch(cmd, entrypoint) -> int:
-    """Run entrypoint(cmd) on every local rank through torch's elastic agent; the ranks' exit code."""
+def launch(world: int, entrypoint, *args) -> int:
+    """Run entrypoint(*args) on every local rank of a world of that many ranks, through torch's
+    elastic agent; the ranks' exit code. entrypoint is a module-level function (spawn pickles it
+    by name), so this module never imports the command it launches."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    world = cmd.dp * cmd.tp * cmd.pp
     try:
         config = launch_config(world)
     except LayoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        results = elastic_launch(config, entrypoint)(cmd)
+        results = elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as exc:
         print(f"error: a rank of the group failed:\n{exc.format_msg()}", file=sys.stderr)
         return 1
@@ -94,13 +95,13 @@ def launch(cmd, entrypoint) -> int:
     return max(codes) if codes else 0
 
 
-def join(cmd, device: torch.device):
+def join(dp: int, tp: int, pp: int, device: torch.device):
     """This process's group: DistGroup for a worker of a multi-rank world, LocalGroup otherwise.
 
     Raises LayoutError when dp*tp*pp does not match WORLD_SIZE.
     """
     world = int(os.environ.get("WORLD_SIZE", "1")) if is_worker() else 1
-    dims = ParallelDims(cmd.dp, cmd.tp, cmd.pp, world)
+    dims = ParallelDims(dp, tp, pp, world)
     if world == 1:
         return LocalGroup(), device
     device = init_distributed(device)
@@ -123,9 +124,3 @@ def init_distributed(device: torch.device) -> torch.device:
         dist.init_process_group("nccl" if nccl else "gloo", init_method="env://", device_id=device if nccl else None)
     return device
 
-
-def rank_main(cmd) -> int:
-    """What each launched rank runs (a module-level function: spawn pickles it by name)."""
-    from muxtune.engine.run import run_from_cli
-
-    return run_from_cli(cmd)

@@ -30,13 +30,14 @@ class StagePlan:
 
 def layer_costs(model: nn.Module) -> tuple[float, list[float], float]:
     """(embedding cost, per-layer costs, head cost) of a causal LM, in MACs per token."""
-    decoder = model.get_decoder()
+    from muxtune.engine.model.families import decoder_layers
+
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", 1)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     attention = 2 * heads * head_dim * NOMINAL_CONTEXT
     layers = [float(sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear)) + attention)
-              for layer in decoder.layers]
+              for layer in decoder_layers(model)]
     head = model.get_output_embeddings()
     return float(cfg.hidden_size), layers, float(head.weight.numel() + cfg.hidden_size)
 

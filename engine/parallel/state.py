@@ -164,7 +164,7 @@ def resume_task(rt, group, allow_data_change: bool) -> Path | None:
     def find():
         found = recovery.find_checkpoint(rt, allow_data_change)
         if found is None:
-            recovery._heal_metrics(rt, 0)
+            recovery.heal_metrics(rt, 0)
         return found
 
     found = on_writer(group, find)
@@ -196,10 +196,8 @@ def align(trainer) -> bool:
 
 def unsupported(task, dims) -> list[str]:
     """What a task asks for that this layout cannot run yet (the task fails alone, saying so):
-    evaluation and prompt embeddings need the whole model in one process under pp."""
+    prompt embeddings need the whole model in one process under pp."""
     problems = []
-    if dims.pp > 1 and (task.spec.dataset.validation_path or task.spec.dataset.validation_split):
-        problems.append("evaluation (dataset.validationPath / validationSplit) is not supported with --pp above 1 yet")
     method = get_peft_method(task.spec.peft.method)
     if (dims.pp > 1 or dims.tp > 1) and method.attaches == "input":  # one delta for the whole model
         problems.append(f"{method.title} is not supported with --pp or --tp above 1 yet")

@@ -11,6 +11,7 @@ from safetensors.torch import save as st_save
 from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.durable import storage
 from muxtune.engine.model.backbone import TaskAdapter
+from muxtune.engine.model.families import fan_in_fan_out
 from muxtune.engine.peft.registry import get_method
 from muxtune.facts.methods import get_peft_method
 
@@ -21,6 +22,8 @@ def adapter_files(tensors: dict[str, torch.Tensor], spec: PeftSpec, base_model_p
     """PEFT's two files as bytes, from full tensors by stable name (PeftMethod.stable_name)."""
     method = get_method(spec.method)
     config = get_peft_method(spec.method).peft_config(spec, str(base_model_path))
+    if hasattr(config, "fan_in_fan_out") and fan_in_fan_out(base_model_path):
+        config.fan_in_fan_out = True  # Conv1D projections (GPT-2): what PEFT itself records for them
     weights = {method.peft_key(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(tensors.items())}
     return {
         "adapter_model.safetensors": st_save(weights, metadata={"format": "pt"}),

@@ -137,6 +137,10 @@ class AdapterRegistry:
         if self.trainer is None:
             return
         with self._lock:
+            for name, entry in list(self._models.items()):  # a task removed from the run is no longer served
+                if entry.task_key is not None and entry.task_key not in self.trainer.tasks:
+                    del self._models[name]
+                    self._aliases.pop(entry.task_key, None)
             for key, rt in list(self.trainer.tasks.items()):
                 name = served_name(rt.task)
                 entry = self._models.get(name)

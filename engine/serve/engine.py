@@ -53,7 +53,7 @@ class InferenceStats:
 
 
 def layer_devices(backbone) -> list[torch.device]:
-    layers = backbone.decoder.layers
+    layers = backbone.layers  # the family's decoder layers (engine/model/families.py)
     return [next(layer.parameters()).device for layer in layers]
 
 

@@ -121,6 +121,14 @@ class BaseModelSpec(ApiModel):
     architecture: Architecture | None = Field(
         default=None, description="Size figures; filled from config.json by the operator when absent."
     )
+    trust_remote_code: bool = Field(
+        default=False,
+        description=(
+            "Let the engine run the Python files the model directory maps its classes to (auto_map in "
+            "config.json). Off: such a model is refused. BaseModel is cluster-scoped, so only those who "
+            "may create it (cluster admins) can allow this."
+        ),
+    )
 
 
 class BaseModelStatus(ApiModel):

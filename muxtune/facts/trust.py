@@ -37,6 +37,11 @@ def canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+def token_digest(token: str) -> str:
+    """What the engine is given of a serving bearer token (operator/isolation.py, engine/serve/tenant_auth.py)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def _mac(key: bytes, kind: str, *parts: str | bytes) -> str:
     h = hmac.new(key, kind.encode(), hashlib.sha256)
     for p in parts:

@@ -12,7 +12,8 @@ from muxtune.api.backbonegroup import BackboneGroup
 from muxtune.api.basemodel import BaseModelResource
 from muxtune.api.finetunetask import FineTuneTask
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 CRDS = REPO / "crds"
 
 # Keys a structural schema (as the API server accepts it) may not carry, or that mean the

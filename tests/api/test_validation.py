@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +19,10 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import SpecError, parse_task
 from muxtune.api.meta import ApiModel
 
+from tests.helpers.paths import REPO
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 
-REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "muxtune-api-tests"
 
 MODELS: dict[str, type[ApiModel]] = {

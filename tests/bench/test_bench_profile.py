@@ -1,16 +1,10 @@
 """bench/profile.py profiles both systems on the same tokens and sorts their CPU time into buckets."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench import profile  # noqa: E402
-from bench.workload import make_jobs, resolve_model  # noqa: E402
+from bench import profile
+from bench.workload import make_jobs, resolve_model
 
 
 def test_profile_buckets_the_same_tokens_for_both_systems(tmp_path, muxtune_home):

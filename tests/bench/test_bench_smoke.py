@@ -10,11 +10,11 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 SYSTEMS = ("separate", "sequential", "separate-packed", "sequential-packed", "muxtune")
 REQUIRED = {
     "system", "n_tasks", "tokens_per_s", "peak_memory_bytes", "speedup_vs_separate", "speedup_vs_sequential",

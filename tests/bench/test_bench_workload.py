@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # bench/ is a top-level folder run from the repo root, not an installed package
-    sys.path.insert(0, str(REPO))
+from bench import multitask, report
+from bench.workload import lognormal_lengths, make_jobs, peak_tflops, timed_examples, train_flops
 
-from bench import multitask, report  # noqa: E402
-from bench.workload import lognormal_lengths, make_jobs, peak_tflops, timed_examples, train_flops  # noqa: E402
 
 KW = dict(ranks=[4, 8, 16, 32], batch_size=4, steps=3, warmup_steps=1, max_seq_len=128, median_len=32, sigma=0.9, lr=1e-3)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 SCRIPT = REPO / "scripts" / "gpu-check.sh"
 
 
@@ -35,7 +35,7 @@ def test_every_step_it_runs_exists():
     from bench import multitask
 
     text = SCRIPT.read_text()
-    for path in ("tests/engine/test_lora_kernel.py", "tests/engine/test_attention.py"):
+    for path in ("tests/engine/kernels/test_lora_kernel.py", "tests/engine/attention/test_attention.py"):
         assert path in text and (REPO / path).exists()
     args = multitask.parse_args(["--device", "cuda", "--n", "1", "8", "--systems", "separate", "separate-packed", "muxtune",
                                  "--steps", "6", "--warmup-steps", "2", "--repeats", "1", "--timeout", "150"])

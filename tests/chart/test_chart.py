@@ -14,11 +14,18 @@ import yaml
 
 from muxtune.api import crdgen
 
+from tests.helpers.paths import REPO
+
 pytest_plugins = ["muxtune.devcluster.fixture"]
 
-REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "muxtune"
 MONITORING = ["--api-versions", "monitoring.coreos.com/v1"]
+# output storage is required (values schema): the renders below name a claim per namespace
+OUTPUT = ["--set", "engine.output.pvcPerNamespace=muxtune-output"]
+
+
+def with_output(args) -> list[str]:
+    return [*args] if any("engine.output." in a for a in args) else [*OUTPUT, *args]
 ALL_MONITORING = [
     *MONITORING,
     "--set", "monitoring.serviceMonitor.enabled=true",
@@ -45,7 +52,7 @@ def run_helm(helm: Path, *args: str, check: bool = True, env: dict | None = None
 
 
 def render(helm: Path, *args: str, chart: Path = CHART) -> list[dict]:
-    p = run_helm(helm, "template", "mux", str(chart), "--namespace", "muxtune-system", *args)
+    p = run_helm(helm, "template", "mux", str(chart), "--namespace", "muxtune-system", *with_output(args))
     assert "WARNING" not in p.stderr.upper(), p.stderr
     return [d for d in yaml.safe_load_all(p.stdout) if d]
 
@@ -67,7 +74,7 @@ def app_version() -> str:
 @pytest.mark.parametrize("values", [[], ALL_MONITORING], ids=["default", "monitoring"])
 def test_helm_lint_is_clean(helm, values):
     args = [a for a in values if a not in MONITORING]  # lint has no --api-versions
-    p = run_helm(helm, "lint", "--strict", str(CHART), *args)
+    p = run_helm(helm, "lint", "--strict", str(CHART), *with_output(args))
     assert "[WARNING]" not in p.stdout and "[ERROR]" not in p.stdout, p.stdout
     assert "1 chart(s) linted, 0 chart(s) failed" in p.stdout
 
@@ -130,7 +137,8 @@ EXPECTED_RULES = {
     ("", "serviceaccounts"): {"create"},  # the engines' binding-less ServiceAccount
     ("policy", "poddisruptionbudgets"): {"create"},
     ("kueue.x-k8s.io", "workloads"): {"get", "delete"},  # a queued group's Workload: why it waits; deleted first
-    ("networking.k8s.io", "networkpolicies"): {"create"},  # a multi-pod group's rendezvous ports
+    ("networking.k8s.io", "networkpolicies"): {"create", "patch"},  # every group (operator/isolation.py)
+    ("", "resourcequotas"): {"list"},  # shared groups charged to member namespaces (operator/quota.py)
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "nodes"): {"get", "list", "watch"},
@@ -252,9 +260,9 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     ("rbac.aggregate=true", "aggregate"),
 ])
 def test_values_schema_refuses_typos_and_unknown_keys(helm, bad, word):
-    p = run_helm(helm, "template", "mux", str(CHART), "--set", bad, check=False)
+    p = run_helm(helm, "template", "mux", str(CHART), *OUTPUT, "--set", bad, check=False)
     assert p.returncode != 0 and word in p.stderr, p.stderr
-    p = run_helm(helm, "lint", "--strict", str(CHART), "--set", bad, check=False)
+    p = run_helm(helm, "lint", "--strict", str(CHART), *OUTPUT, "--set", bad, check=False)
     assert p.returncode != 0
 
 
@@ -385,9 +393,9 @@ def test_install_into_cluster(helm, kube_cluster):
     env = kube_cluster.env()
     release = "mux"
     try:
-        p = run_helm(helm, "install", release, str(CHART), "-n", ns, "--dry-run=server", env=env)
+        p = run_helm(helm, "install", release, str(CHART), "-n", ns, *OUTPUT, "--dry-run=server", env=env)
         assert "Warning" not in p.stderr, p.stderr
-        p = run_helm(helm, "install", release, str(CHART), "-n", ns, "--wait", "--timeout", "120s", env=env)
+        p = run_helm(helm, "install", release, str(CHART), "-n", ns, *OUTPUT, "--wait", "--timeout", "120s", env=env)
         assert "Warning" not in p.stderr, p.stderr
         for crd in ("finetunetasks", "basemodels", "backbonegroups"):
             k("get", "crd", f"{crd}.muxtune.io")
@@ -417,3 +425,20 @@ def test_install_into_cluster(helm, kube_cluster):
     finally:
         run_helm(helm, "uninstall", release, "-n", ns, "--wait", env=env, check=False)
         k("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.parametrize("values", [[], ["--set", "engine.output.pvc="], ["--set", "engine.output.ephemeral=false"]])
+def test_an_install_without_persistent_output_is_refused(helm, values):
+    """Adapters must outlive their group's pods: no output storage, no install (unless ephemeral on purpose)."""
+    for cmd in (["template", "mux"], ["lint", "--strict"]):
+        p = run_helm(helm, *cmd, str(CHART), *values, check=False)
+        assert p.returncode != 0 and "output" in (p.stderr + p.stdout), p.stderr
+    (dep,) = by_kind(render(helm, "--set", "engine.output.ephemeral=true"))["Deployment"]
+    assert "--ephemeral-output" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_operator_knows_its_namespace_and_prometheus(helm):
+    (dep,) = by_kind(render(helm, "--set", "monitoring.namespace=prom"))["Deployment"]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--operator-namespace=muxtune-system" in args and "--monitoring-namespace=prom" in args
+    assert "--ephemeral-output" not in args

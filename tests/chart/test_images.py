@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 IMAGES = {"operator": "operator", "engine": "engine"}  # image -> pyproject extra
 
 

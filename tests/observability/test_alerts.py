@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 ALERTS = REPO / "charts" / "muxtune" / "files" / "alerts.yaml"
 ALERTS_TEST = Path(__file__).with_name("alerts_test.yaml")
 

@@ -29,31 +29,24 @@ harness is unavailable.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
-import urllib.parse
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 
-from .promstack import (
-    REPO, STEPS,
-    DcgmStandIn, Prometheus, ServingClient, Stack, free_port, start_operator, stop_process, tail,
-    task_docs, wait_for,
+from tests.helpers.promstack import (
+    ALERTS, REPO, SERVE_PORT, STEPS,
+    DcgmStandIn, Prometheus, ServingClient, Stack, operator_caught_up_error, place_group, start_engine,
+    start_operator, start_prometheus, stop_process, tail, task_docs, wait_for, wait_training_scraped,
 )
 
 pytest_plugins = ["muxtune.devcluster.fixture"]
 pytestmark = [pytest.mark.slow]
 
 DASHBOARDS = REPO / "dashboards"
-ALERTS = REPO / "charts" / "muxtune" / "files" / "alerts.yaml"
-MIN_RUNNING_SCRAPES = 3
 # Grafana's built-in interval variables, as a dashboard over the last few minutes would set them
 BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "10m", "__range_s": "600", "__interval_ms": "15000"}
 VAR = re.compile(r"\$(?:\{([A-Za-z_]\w*)(?::\w+)?\}|([A-Za-z_]\w*))")
@@ -68,133 +61,30 @@ def stack(request, prometheus_bin, tmp_path_factory):
     operator, reason, error = start_operator(request, work, tag)
     dcgm = DcgmStandIn()
     try:
-        if operator is not None:
-            ns_a, ns_b = operator.ns_a, operator.ns_b
-        else:
-            ns_a, ns_b = f"obs-a-{tag}", f"obs-b-{tag}"
+        ns_a, ns_b = (operator.ns_a, operator.ns_b) if operator is not None else (f"obs-a-{tag}", f"obs-b-{tag}")
         docs = task_docs(ns_a, ns_b, work)
-        if operator is not None:
-            try:
-                pod_ns, pod, group = operator.apply(docs)
-            except Exception as exc:  # noqa: BLE001 - fail the operator test, go on with the engine
-                error = f"the operator did not pack the tasks: {exc}"
-                operator.close()
-                operator = None
-        if operator is None:
-            pod_ns, pod, group = "muxtune-system", "obs-group-0", "obs-group"
+        operator, placement, error = place_group(operator, docs, error)
+        pod_ns, pod, group = placement
         engine_labels = {"namespace": pod_ns, "pod": pod, "group": group, "container": "engine"}
         dcgm.pod = {"namespace": pod_ns, "pod": pod}
-
-        # the engine: the group pod's command line, on this host
-        tasks_file = work / "tasks.yaml"
-        # start with only the broken task; the others join (hot add via --watch) once Prometheus
-        # scrapes, so the scrapes see training in progress however fast this machine is
-        engine_env = dict(os.environ)
-        group_key = None
-        if operator is not None:  # the engine signs its reports and checks its task file, as in a pod
-            from muxtune.facts import trust
-
-            group_key = operator.group_key(pod_ns, group, work)
-            (work / "group.key").write_bytes(group_key)
-            engine_env.update({"MUXTUNE_GROUP": group, "MUXTUNE_GROUP_KEY_FILE": str(work / "group.key")})
-
-        def write_tasks(ds: list[dict], revision: int) -> None:
-            text = yaml.safe_dump_all(ds)
-            if group_key is not None:
-                trust.signature_path(tasks_file).write_text(trust.sign_tasks(group_key, group, revision, text))
-            tasks_file.write_text(text)
-
-        write_tasks([d for d in docs if d["metadata"]["name"] == "broken"], 1)
-        output = work / "output"
-        engine_log = work / "engine.log"
-        exe = Path(sys.executable).with_name("muxtune")
-        engine = subprocess.Popen(
-            [str(exe), "run", str(tasks_file), "--output", str(output), "--data-root", str(work), "--watch", "--no-progress", "--no-resume",
-             "--metrics-port", "0", "--metrics-host", "127.0.0.1", "--token-budget", "160", "--device", "cpu",
-             "--serve-port", "0"],
-            stdout=open(engine_log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=work, env=engine_env)
-        procs.append(engine)
-
-        def engine_port():
-            assert engine.poll() is None, "engine exited:\n" + tail(engine_log)
-            m = re.search(r"serving /metrics and /v1/status on 127\.0\.0\.1:(\d+)", engine_log.read_text())
-            return int(m.group(1)) if m else None
-
-        port = wait_for(engine_port, 120, "the engine's metrics server")
-        if operator is not None:
-            operator.point_at_engine(pod_ns, pod, f"http://127.0.0.1:{port}")
-
-        # Prometheus, scraping what a cluster's Prometheus would
-        scrape = [
-            {"job_name": "muxtune-engine", "honor_labels": True,
-             "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": engine_labels}]},
-            {"job_name": "dcgm-exporter", "honor_labels": True,
-             "static_configs": [{"targets": [f"127.0.0.1:{dcgm.port}"],
-                                 "labels": {"namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-x1"}}]},
-        ]
-        if operator is not None:
-            scrape.append({"job_name": "muxtune-operator", "honor_labels": True,
-                           "static_configs": [{"targets": [f"127.0.0.1:{operator.port}"],
-                                               "labels": {"namespace": operator.system, "pod": "muxtune-operator-0"}}]})
-        config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-                  "rule_files": [str(ALERTS)], "scrape_configs": scrape}
-        (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-        prom_port = free_port()
-        prom_log = work / "prometheus.log"
-        prom_proc = subprocess.Popen(
-            [prometheus_bin, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-            stdout=open(prom_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(prom_proc)
-        prom = Prometheus(f"http://127.0.0.1:{prom_port}", prom_proc, prom_log)
-
-        def ready():
-            assert prom_proc.poll() is None, "prometheus exited:\n" + tail(prom_log)
-            with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=2) as r:
-                return r.status == 200
-
-        wait_for(ready, 60, "prometheus to be ready")
+        engine, port = start_engine(work, docs, operator, placement, procs)
+        prom = start_prometheus(prometheus_bin, work, port, engine_labels, dcgm, operator, procs)
 
         def scraped_engine():
             return prom.value('count(muxtune_task_phase{phase="Failed"} == 1)') == 1
 
         wait_for(scraped_engine, 60, "the first scrape of the engine", interval=0.5)
-        write_tasks(docs, 2)
-        serve_port = int(wait_for(lambda: re.search(r"serving the OpenAI API on http://127\.0\.0\.1:(\d+)",
-                                                    engine_log.read_text()), 120, "the engine's API server").group(1))
+        engine.write_tasks(docs, 2)
+        serve_port = int(wait_for(lambda: SERVE_PORT.search(engine.log.read_text()), 120,
+                                  "the engine's API server").group(1))
         client = ServingClient(serve_port, [f"{ns_a}/reverse", f"{ns_a}/copy", f"{ns_b}/arithmetic", "builtin:tiny-llama"])
-
-        # training done, as Prometheus saw it: three Succeeded, one Failed
-        def finished():
-            assert engine.poll() is None, "engine exited:\n" + tail(engine_log)
-            return (prom.value('count(muxtune_task_phase{phase="Succeeded"} == 1)') == 3
-                    and prom.value('count(muxtune_task_phase{phase="Failed"} == 1)') == 1)
-
-        wait_for(finished, 600, "the engine's tasks to finish, as scraped", interval=1)
-        # the panels on running tasks need scrapes that caught each one Running; a machine so fast
-        # that they did not would make those queries' emptiness meaningless
-        for d in docs:
-            name = d["metadata"]["name"]
-            if name == "broken":
-                continue
-            # the phase gauge is 0 or 1 per scrape, so its sum counts the scrapes that saw Running
-            seen = prom.value(f'sum_over_time(muxtune_task_phase{{task="{name}",phase="Running"}}[15m])')
-            assert (seen or 0) >= MIN_RUNNING_SCRAPES, (
-                f"{name} was scraped Running {seen or 0} times; raise STEPS so the run outlasts a few scrapes")
+        wait_training_scraped(prom, engine, docs)
         if operator is not None:
-            def operator_caught_up():
-                assert operator.proc.poll() is None, "operator exited:\n" + tail(operator.log)
-                return (prom.value('sum(muxtune_operator_tasks{phase="Succeeded"})') == 3
-                        and prom.value('sum(muxtune_operator_tasks{phase="Failed"})') == 1)
-
-            try:
-                wait_for(operator_caught_up, 120, "the operator to report the tasks' final phases", interval=1)
-            except (TimeoutError, AssertionError) as exc:
-                error = str(exc)
+            error = operator_caught_up_error(operator, prom) or error
         client.close()
         assert len(client.served) >= 8 and {r["model"] for r in client.served} >= set(client.models), client.served
         time.sleep(3)  # a few more scrapes and rule evaluations after the end
-        yield Stack(prom, docs, output, engine_labels, reason, error, client.served)
+        yield Stack(prom, docs, work / "output", engine_labels, reason, error, client.served)
     finally:
         for p in reversed(procs):
             stop_process(p)

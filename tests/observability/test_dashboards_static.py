@@ -3,11 +3,11 @@ panel and target, the template variables the issue asks for, unique ids, no over
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 FILES = sorted((REPO / "dashboards").glob("*.json"))
 WANTED_VARS = {"cluster-overview.json": ["namespace", "group"], "backbone-group.json": ["namespace", "group", "task"]}
 

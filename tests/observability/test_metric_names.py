@@ -11,7 +11,6 @@ import math
 import re
 import subprocess
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +19,8 @@ import yaml
 from muxtune.engine.observe.engine_metrics import PHASES, EngineMetrics, GpuSample, ProcessProbe
 from muxtune.engine.observe.telemetry import RoundRecord, StageRecord, StepRecord
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 
 # bounded labels each registry may use; values checked below where they are enumerable
 ENGINE_TASK_LABELS = {"namespace", "task", "phase"}

@@ -11,14 +11,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers.data import quickstart_tasks
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = REPO / "examples" / "quickstart"
 PORT = re.compile(r"serving the OpenAI API on http://127\.0\.0\.1:(\d+)")
 
 
@@ -48,21 +47,6 @@ def start(argv, cwd, log):
 def stop(proc) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=120)
-
-
-def quickstart_tasks(tmp_path, steps):
-    """The quickstart's three tasks, shortened (their datasets relative to the run's directory)."""
-    docs = []
-    for f in sorted(QUICKSTART.glob("*.yaml")):
-        d = yaml.safe_load(f.read_text())
-        d["spec"]["training"]["maxSteps"] = steps
-        d["spec"]["training"]["checkpointInterval"] = 0
-        d["spec"]["training"].pop("warmupSteps", None)
-        d["spec"]["dataset"]["path"] = str(Path(d["spec"]["dataset"]["path"]).name)
-        (tmp_path / Path(d["spec"]["dataset"]["path"]).name).write_text((QUICKSTART / Path(d["spec"]["dataset"]["path"]).name).read_text())
-        docs.append(d)
-    (tmp_path / "tasks.yaml").write_text(yaml.safe_dump_all(docs))
-    return tmp_path / "tasks.yaml"
 
 
 def test_serve_finished_adapters_answers_the_issue_requests(tmp_path):
@@ -140,7 +124,7 @@ def test_bad_input_is_refused_before_serving(tmp_path):
 
 
 def test_adapter_dirs_finds_adapters_in_a_run_output_or_a_namespace_folder(tmp_path):
-    from muxtune.engine.serve.stack import adapter_dirs
+    from muxtune.engine.serve.serve_cli import adapter_dirs
 
     for d in ("runs/default/a", "runs/default/b", "runs/team/c", "runs/.replaced-a-1/x"):
         (tmp_path / d).mkdir(parents=True)

@@ -18,7 +18,7 @@ def bare_server(tiny_backbone):
     request stays in flight (its connection busy) until the stack closes."""
     from muxtune.engine.serve.stack import Serving
 
-    from tests.serve.conftest import serve_flags
+    from tests.helpers.serving import serve_flags
 
     made = []
 
@@ -122,7 +122,7 @@ def test_a_body_that_never_arrives_gets_408(bare_server, monkeypatch):
 def test_a_busy_serve_port_stops_the_run_before_training(tmp_path):
     holder = socket.create_server(("127.0.0.1", 0))
     port = holder.getsockname()[1]
-    from tests.serve.test_cli_serve import quickstart_tasks
+    from tests.helpers.data import quickstart_tasks
 
     tasks = quickstart_tasks(tmp_path, steps=2)
     done = subprocess.run([sys.executable, "-m", "muxtune.cli", "run", str(tasks), "--output", "out",

@@ -64,3 +64,25 @@ def test_a_prompt_tuning_task_is_refused_by_name_not_served_without_its_prompt(m
     assert reg.lookup("lora").task_key is not None
     with pytest.raises(Unavailable, match="prompt tuning"):
         reg.lookup("prompt")
+
+
+def test_a_task_removed_from_the_run_leaves_the_model_list(make_task, data_dir, tmp_path, trainer_factory):
+    """A deleted FineTuneTask leaves the group's task file, so the trainer drops it: its adapter must
+    then leave /v1/models and stop answering (it used to stay listed)."""
+    from muxtune.engine.run import reconcile
+    from muxtune.engine.serve.adapters import AdapterRegistry
+
+    keep, gone = (make_task(n, data_dir / "reverse.jsonl", steps=3) for n in ("keep", "gone"))
+    for t in (keep, gone):
+        t.metadata.namespace = "team-a"
+        t.spec.serving.enabled = True
+    trainer = trainer_factory(tmp_path / "out")
+    for t in (keep, gone):
+        trainer.add_task(t)
+    reg = AdapterRegistry(trainer.backbone, "base", trainer, only_enabled=True)
+    reg.sync_tasks()
+    assert sorted(m.name for m in reg.models()) == ["team-a/gone", "team-a/keep"]
+    reconcile(trainer, [keep])
+    reg.sync_tasks()
+    assert [m.name for m in reg.models()] == ["team-a/keep"]
+    assert reg.lookup("team-a/gone") is None

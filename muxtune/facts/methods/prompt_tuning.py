@@ -20,7 +20,7 @@ class PromptTuningDecl(PeftMethodDecl):
         from peft import PromptTuningConfig
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(base_model_path)  # the backbone's own shape, as PEFT records it
+        cfg = AutoConfig.from_pretrained(base_model_path, trust_remote_code=False)  # the backbone's own shape, as PEFT records it
         return PromptTuningConfig(
             task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens,
             token_dim=cfg.hidden_size, num_transformer_submodules=1,

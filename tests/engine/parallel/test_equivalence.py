@@ -14,7 +14,7 @@ import time
 import pytest
 
 from muxtune.engine.durable import checkpoint as ckpt
-from .conftest import MUXTUNE, adapter, env, make_workdir, max_diff, run, three_task_docs
+from tests.helpers.parallel_runs import MUXTUNE, adapter, env, make_workdir, max_diff, run, three_task_docs
 
 NAMES = ("lora-r4", "lora-r16", "ia3")
 pytestmark = pytest.mark.slow

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import task_doc
+from tests.helpers.data import task_doc
 
-from . import ranks
-from .conftest import make_workdir
+from tests.helpers import parallel_ranks as ranks
+from tests.helpers.parallel_runs import make_workdir
 
 pytestmark = pytest.mark.slow
 

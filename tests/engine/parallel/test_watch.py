@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import task_doc
+from tests.helpers.data import task_doc
 
-from .conftest import MUXTUNE, env, make_workdir
+from tests.helpers.parallel_runs import MUXTUNE, env, make_workdir
 
 pytestmark = pytest.mark.slow
 

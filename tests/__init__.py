@@ -1,0 +1,1 @@
+"""The test suite: a regular package so `tests.helpers` wins over any other `tests` on sys.path."""

@@ -1,0 +1,38 @@
+"""Tiny models on CPU: a fresh trainer over the built-in backbone, and user-style checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers.data import data_root_dir
+
+
+def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | None = None,
+                base_dir: Path | None = None):
+    """A fresh backbone + trainer on CPU in fp32 (the precision transparency is stated in),
+    reading datasets under the tests' data root."""
+    import torch
+
+    from muxtune.engine.model.backbone import MultiplexedBackbone
+    from muxtune.engine.model.loading import builtin_path, load_backbone
+    from muxtune.engine.trainer import MuxTrainer
+
+    path = backbone_dir or builtin_path("tiny-llama")
+    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu"), torch.float32))
+    return MuxTrainer(backbone, output, token_budget=token_budget, base_dir=base_dir or data_root_dir())
+
+
+def save_tiny_checkpoint(kind: str, path):
+    """A tiny Llama or Qwen2 (GQA: 4 query heads, 2 key/value heads) saved by save_pretrained, as a
+    user's checkpoint directory is, with the built-in byte-level tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from muxtune.engine.model.loading import _byte_tokenizer
+
+    torch.manual_seed(3)
+    common = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
+    model = LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
+    model.save_pretrained(path)
+    _byte_tokenizer().save_pretrained(path)
+    return path

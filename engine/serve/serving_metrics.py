@@ -130,6 +130,28 @@ class _Collector:
     def __init__(self, m: ServeMetrics):
         self.m = m
 
+    @staticmethod
+    def _disconnects(models, disconnects: dict) -> CounterMetricFamily:
+        fam = CounterMetricFamily("muxtune_serve_client_disconnects",
+                                  "Clients that went away before their answer was whole.", labels=["model"])
+        for name in sorted(set(models) | set(disconnects)):
+            fam.add_metric([name], disconnects.get(name, 0))
+        return fam
+
+    @staticmethod
+    def _overload(m: ServeMetrics):
+        """What overload costs: requests shed, and the share of time training kept (its floor)."""
+        if m.engine is not None:
+            yield CounterMetricFamily("muxtune_serve_shed_requests",
+                                      "Requests refused with 429: beyond capacity.", value=m.engine.shed)
+        if m.loop is not None:
+            yield GaugeMetricFamily("muxtune_serve_train_share_ratio", "Training's share of the recent work time.",
+                                    value=m.loop.train_share)
+            yield GaugeMetricFamily("muxtune_serve_train_floor_ratio", "The share of time training keeps under any load.",
+                                    value=m.loop.train_floor)
+            yield CounterMetricFamily("muxtune_serve_floor_rounds", "Training rounds run past the SLO budget for the floor.",
+                                      value=m.loop.floor_rounds)
+
     def collect(self):
         m = self.m
         with m._lock:
@@ -145,11 +167,7 @@ class _Collector:
             for outcome in OUTCOMES:
                 fam.add_metric([name, outcome], requests.get((name, outcome), 0))
         yield fam
-        fam = CounterMetricFamily("muxtune_serve_client_disconnects",
-                                  "Clients that went away before their answer was whole.", labels=["model"])
-        for name in sorted(set(models) | set(disconnects)):
-            fam.add_metric([name], disconnects.get(name, 0))
-        yield fam
+        yield self._disconnects(models, disconnects)
         fam = CounterMetricFamily("muxtune_serve_rejected_requests", "Requests refused before generation, by HTTP status.",
                                   labels=["status"])
         for status in ("400", "404", "429", "503"):
@@ -189,8 +207,6 @@ class _Collector:
                 for name in models:
                     g.add_metric([name], data.get(name, 0))
                 yield g
-            yield CounterMetricFamily("muxtune_serve_shed_requests",
-                                      "Requests refused with 429: beyond capacity.", value=eng.shed)
             yield GaugeMetricFamily("muxtune_serve_kv_cache_usage_ratio", "KV cache rows in use / rows.",
                                     value=eng.pool.used / eng.pool.rows)
             yield GaugeMetricFamily("muxtune_serve_adapter_versions",
@@ -202,13 +218,7 @@ class _Collector:
                 if e.current is not None and e.current.step is not None:
                     g.add_metric([e.name], e.current.step)
             yield g
-        if m.loop is not None:
-            yield GaugeMetricFamily("muxtune_serve_train_share_ratio", "Training's share of the recent work time.",
-                                    value=m.loop.train_share)
-            yield GaugeMetricFamily("muxtune_serve_train_floor_ratio", "The share of time training keeps under any load.",
-                                    value=m.loop.train_floor)
-            yield CounterMetricFamily("muxtune_serve_floor_rounds", "Training rounds run past the SLO budget for the floor.",
-                                      value=m.loop.floor_rounds)
+        yield from self._overload(m)
         if ctl is not None:
             yield GaugeMetricFamily("muxtune_serve_train_token_budget",
                                     "Training tokens the SLO controller allowed in the latest iteration.",

@@ -122,7 +122,7 @@ def tenant_api_client(models: list[str], tokens_file=None):
     class Engine:
         registry, max_model_len, limits = Registry(), 64, ServeLimits(max_model_len=64, max_tokens=8)
 
-        def submit(self, req):
+        def submit_all(self, reqs):  # a request's choices, queued together
             raise Overloaded(429, "busy (the request reached the engine)", 1)
 
     mws = [tenant_middleware(TenantTokens(tokens_file), "base")] if tokens_file is not None else []

@@ -25,9 +25,11 @@ def test_openai_client_streams_n_and_logprobs(http_stack, caplog):
     assert len(lp.tokens) == len(lp.token_logprobs) == c.usage.prompt_tokens + 6
     assert c.choices[0].text.startswith(prompt) and c.usage.completion_tokens == 18
 
-    sampled = client.completions.create(model="lora-a", prompt=[prompt, [1, 114, 101]], max_tokens=8, n=2, seed=3,
-                                        extra_body={"ignore_eos": True})
-    assert sorted(ch.index for ch in sampled.choices) == [0, 1, 2, 3]
+    for prompts in ([prompt, "upper: abc\n"], [[1, 114, 101], [1, 117]]):  # texts, or token-id lists
+        sampled = client.completions.create(model="lora-a", prompt=prompts, max_tokens=8, n=2, seed=3,
+                                            extra_body={"ignore_eos": True})
+        assert sorted(ch.index for ch in sampled.choices) == [0, 1, 2, 3]
+        assert sampled.choices[0].text != sampled.choices[1].text  # choice i samples with seed + i
 
     chat = client.chat.completions.create(model="lora-a", messages=[{"role": "user", "content": prompt}],
                                           max_tokens=5, n=2, logprobs=True, top_logprobs=3, seed=1,

@@ -142,7 +142,7 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     except Exception as exc:  # noqa: BLE001 - outside a round (serving, watching): no task stays Running
         from muxtune.engine.trainer import describe_exception
 
-        trainer.fail_running(f"internal error: {describe_exception(exc)}")
+        trainer.fail_running(group.record_error(f"internal error: {describe_exception(exc)}"))
         if group.world > 1:
             raise
     finally:

@@ -207,7 +207,7 @@ class MuxTrainer:
 
     def _round_failed(self, exc: Exception) -> None:
         self._in_round = False
-        self.fail_running(f"internal error in a training round: {describe_exception(exc)}")
+        self.fail_running(self.group.record_error(f"internal error in a training round: {describe_exception(exc)}"))
         if self.group.world > 1:  # the group cannot agree past one rank's exception: end it (the launcher reports)
             raise exc
 

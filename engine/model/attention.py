@@ -156,7 +156,7 @@ def segment_attention(q, k, v, bounds: list[int], scale: float | None, dropout: 
         qh, kh, vh = qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None]
         n = qs.shape[0]
         if softcap is not None:
-            out = _softcapped(qh, kh, vh, _band(n, window, qs.device), scale, softcap, dropout)
+            out = softcapped_attention(qh, kh, vh, _band(n, window, qs.device), scale, softcap, dropout)
         elif window is not None and n > window:
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_band(n, window, qs.device), dropout_p=dropout,
                                                  scale=scale, enable_gqa=gqa)
@@ -176,7 +176,9 @@ def _band(n: int, window: int | None, device) -> torch.Tensor:
     return allowed
 
 
-def _softcapped(q, k, v, allowed, scale, softcap: float, dropout: float) -> torch.Tensor:
+def softcapped_attention(q, k, v, allowed, scale, softcap: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention with capped scores (Gemma 2), as the models' eager attention computes it; `allowed`
+    is a boolean mask broadcast over [b, H, q, k] (the serving KV cache uses it too)."""
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)

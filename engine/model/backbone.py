@@ -70,7 +70,7 @@ class MultiplexedBackbone:
         self.path = loaded.path
         self.trust_remote_code = loaded.trust_remote_code  # for whoever loads from path again (a tokenizer)
         self.ctx = MuxContext()
-        self.decoder = self.model.get_decoder()  # the base model (serving runs it with its own attention)
+        self.decoder = self.model.get_decoder()  # the base model (tests run it without the LM head)
         self.layers = families.decoder_layers(self.model, self.family)
         self.embedding = self.model.get_input_embeddings()
         self.lm_head = self.model.get_output_embeddings()

@@ -18,6 +18,7 @@ from muxtune.engine.parallel.dims import ParallelDims
 log = logging.getLogger("muxtune.engine")
 T = TypeVar("T")
 BUCKET_BYTES = 25 << 20  # gradient all-reduce bucket (DDP's default size)
+ERROR_KEY = "muxtune/first_error"  # the rendezvous store key of the first error a rank recorded
 
 
 class AgreedError(RuntimeError):
@@ -56,6 +57,10 @@ class LocalGroup:
         return fn()
 
     def first_error(self, error: str | None) -> str | None:
+        return error
+
+    def record_error(self, error: str) -> str:
+        """Record this rank's error without a collective; the group's first recorded error out."""
         return error
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,20 @@ class DistGroup(LocalGroup):
         errors = [None] * self.world
         self.dist.all_gather_object(errors, error)
         return next((e for e in errors if e is not None), None)
+
+    def record_error(self, error: str) -> str:
+        """An exception one rank meets cannot be agreed through a collective (the other ranks may be
+        inside another one, or already gone), so it is recorded in the group's rendezvous store, which
+        outlives the ranks: the first rank to record wins. A rank that fails because a peer died (its
+        collective errors out) records too and gets the peer's error back, so rank 0 writes the real
+        reason into status.json ("rank 1: ..."), not "connection closed"."""
+        mine = f"rank {self.rank}: {error}"
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            return _get_default_store().compare_set(ERROR_KEY, "", mine).decode()
+        except Exception:  # noqa: BLE001 - no store reachable: this rank's own error is all there is
+            return mine
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         out = values.to(self.device)

@@ -51,14 +51,10 @@ import torch.distributed as dist
 from torch import nn
 
 from muxtune.engine.peft.base import ShardSpec, TaskDelta
-from muxtune.facts.shards import TENSOR_PARALLEL_FAMILY
+from muxtune.facts import shards
 
 BUCKET_BYTES = 25 << 20  # gradient all-reduce bucket (DDP's default)
-# The split family's tables (muxtune/facts/shards.py, which the operator's memory model reads too)
-COLUMN = TENSOR_PARALLEL_FAMILY.column
-ROW = TENSOR_PARALLEL_FAMILY.row
-REGIONS = TENSOR_PARALLEL_FAMILY.region_members()
-_PLAN = re.compile(rf"^(?P<region>.*\.(?:{'|'.join(REGIONS)}))\.(?P<proj>[a-z_]+)$")
+
 
 __all__ = [
     "apply_tensor_parallel", "sync_replicated_grads", "grad_norm", "clip_grad_norm_",
@@ -124,22 +120,28 @@ def _region_hooks(module: nn.Module, mesh) -> None:
 
 # ----- sharding the backbone ----------------------------------------------------------------------
 def _plan(backbone) -> tuple[dict[str, str], list[str]]:
-    """{linear name: "out" | "in"} and the region module names; refuses layers it cannot split."""
+    """{linear name: "out" | "in"} and the region module names, from the family's shard table
+    (muxtune/facts/shards.py); refuses layers it cannot split."""
+    table = shards.split_plan(backbone.family.model_type)
+    if table is None:
+        raise ValueError(f"tensor parallel: {backbone.family.name} ({backbone.family.model_type}) has no split plan")
+    members = table.region_members()
+    pattern = re.compile(rf"^(?P<region>.*\.(?:{'|'.join(members)}))\.(?P<proj>[a-z_0-9]+)$")
     dims, regions = {}, {}
     for name in backbone.linears:
-        m = _PLAN.match(name)
-        if m and m["proj"] in COLUMN + ROW:
-            dims[name] = "out" if m["proj"] in COLUMN else "in"
+        m = pattern.match(name)
+        if m and m["proj"] in table.column + table.row:
+            dims[name] = "out" if m["proj"] in table.column else "in"
             regions.setdefault(m["region"], set()).add(m["proj"])
     for region, found in sorted(regions.items()):
-        kind = region.rsplit(".", 1)[-1]
-        if found != set(REGIONS[kind]):
-            raise ValueError(f"tensor parallel: {region} has {sorted(found)}, needs {list(REGIONS[kind])}")
+        needed = members[region.rsplit(".", 1)[-1]]
+        if found != set(needed):
+            raise ValueError(f"tensor parallel: {region} has {sorted(found)}, needs {list(needed)}")
         inner = [n for n in backbone.linears if n.startswith(region + ".") and n not in dims]
         if inner:
             raise ValueError(f"tensor parallel: {region} holds Linears outside the plan: {inner}")
     if not dims:
-        raise ValueError("tensor parallel: no Llama-style self_attn/mlp projections in this backbone")
+        raise ValueError(f"tensor parallel: no {'/'.join(members)} projections in this backbone")
     return dims, sorted(regions)
 
 

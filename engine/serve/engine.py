@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from muxtune.engine.model import families
 from muxtune.engine.serve.adapters import AdapterRegistry, Unavailable
 from muxtune.engine.serve.forward import InferenceForward, WorkItem
 from muxtune.engine.serve.kv_cache import KVPool
@@ -73,10 +74,10 @@ def check_kv_memory(need: int, device: torch.device) -> None:
 
 class ServeEngine:
     def __init__(self, backbone, registry: AdapterRegistry, limits: ServeLimits, metrics=None):
+        families.require(backbone.family, "serve")  # refused naming the family, before any request
         config = backbone.model.config
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        max_len = min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len),
-                      window or limits.max_model_len)
+        # sliding windows do not bound a request: the serving attention applies each layer's window
+        max_len = min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len))
         self.limits = limits
         self.max_model_len = max_len
         self.backbone = backbone

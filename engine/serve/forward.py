@@ -86,10 +86,9 @@ class InferenceForward:
         wanted = [p for i in range(len(items)) for p in sample_at.get(i, ())]
         with torch.inference_mode(), _attention(bb.model.config, ATTENTION_NAME):
             bb.ctx.layout = TokenLayout.from_slots(t(slots))
-            try:
-                out = bb.decoder(input_ids=t(ids)[None], position_ids=t(pos)[None], use_cache=False, serve_plan=plan)
+            try:  # the CausalLM's own forward: its positions, multipliers, logit scaling and softcap
+                out = bb.model(input_ids=t(ids)[None], position_ids=t(pos)[None], use_cache=False, serve_plan=plan,
+                               logits_to_keep=t(wanted))
             finally:
                 bb.ctx.layout = None
-            h = out.last_hidden_state[0]
-            h = h.index_select(0, torch.tensor(wanted, dtype=torch.long, device=h.device))
-            return bb.lm_head(h).float()
+            return out.logits[0].float()

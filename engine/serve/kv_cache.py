@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from muxtune.engine.model.attention import softcapped_attention
+
 ATTENTION_NAME = "muxtune_serve"
 
 
@@ -83,8 +85,12 @@ class KVPool:
         return self.rows - len(self.free)
 
 
-def serve_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, serve_plan=None, **_):
-    """query [1, H, T, d]; key/value [1, kv_heads, T, d] of this forward's tokens. Returns [1, T, H, d]."""
+def serve_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, serve_plan=None,
+                    sliding_window=None, softcap=None, **_):
+    """query [1, H, T, d]; key/value [1, kv_heads, T, d] of this forward's tokens. Returns [1, T, H, d].
+    What the layer's attention module asks for is honoured as its eager attention does: `sliding_window`
+    (a query sees its last W keys, itself included; per layer, so window patterns follow the model) and
+    `softcap` (scores = softcap * tanh(scores / softcap))."""
     plan: AttentionPlan = serve_plan
     if plan is None:
         raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside a serving forward")
@@ -101,22 +107,33 @@ def serve_attention(module, query, key, value, attention_mask, scaling=None, dro
         # slice to the longest context first: gather only the positions in use, not whole rows
         k = K[:, :, : plan.decode_max].index_select(0, plan.decode_rows)
         v = V[:, :, : plan.decode_max].index_select(0, plan.decode_rows)
-        keep = torch.arange(plan.decode_max, device=q.device)[None, :] < plan.decode_len[:, None]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=keep[:, None, None, :],
-                                           scale=scaling, enable_gqa=True)
+        keys = torch.arange(plan.decode_max, device=q.device)[None, :]
+        keep = keys < plan.decode_len[:, None]
+        if sliding_window:
+            keep &= keys >= plan.decode_len[:, None] - sliding_window
+        o = _attend(q, k.to(q.dtype), v.to(q.dtype), keep[:, None, None, :], scaling, softcap)
         out[plan.decode_idx] = o[:, :, 0]
     for start, end, row, offset in plan.prefill:
         n = end - start
         q = query[:, :, start:end]
         k = K[row:row + 1, :, : offset + n].to(q.dtype)
         v = V[row:row + 1, :, : offset + n].to(q.dtype)
-        if offset == 0:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-        else:  # query i sits at position offset + i and sees keys up to there
-            keep = torch.arange(offset + n, device=q.device)[None, :] <= offset + torch.arange(n, device=q.device)[:, None]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scaling, enable_gqa=True)
+        # query i sits at position offset + i and sees keys up to there (the last W of them with a window)
+        at = offset + torch.arange(n, device=q.device)[:, None]
+        keys = torch.arange(offset + n, device=q.device)[None, :]
+        keep = keys <= at
+        if sliding_window:
+            keep &= at - keys < sliding_window
+        o = _attend(q, k, v, keep, scaling, softcap)
         out[start:end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
+
+
+def _attend(q, k, v, keep: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
+    """SDPA under a boolean mask; with a softcap, the explicit scores the models' eager attention computes."""
+    if softcap:
+        return softcapped_attention(q, k, v, keep, scale, softcap)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def register() -> None:

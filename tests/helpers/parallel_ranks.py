@@ -65,3 +65,26 @@ def faults(root: str, docs: list[dict], dp: int, pp: int, muxtune_home: str) -> 
         tr.add_task(FineTuneTask.model_validate(doc))
     tr.run()
     return {rt.name: (rt.phase, rt.step, rt.message) for rt in tr.tasks.values()}
+
+
+def exception_on_rank1(root: str, world_dp: int, muxtune_home: str) -> int:
+    """`muxtune run --dp N` (the real run path) where rank 1's second round raises (a bug only that
+    rank hits); every other rank runs unchanged. Returns this rank's exit code."""
+    os.environ["MUXTUNE_HOME"] = muxtune_home
+    from muxtune.cli import RunCommand
+    from muxtune.engine import executor
+    from muxtune.engine.run import run_from_cli
+
+    if os.environ["RANK"] == "1":
+        real, calls = executor.run_fused, []
+
+        def boom(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected on rank 1")
+            return real(*args, **kwargs)
+
+        executor.run_fused = boom
+    os.chdir(root)
+    return run_from_cli(RunCommand(tasks=["tasks.yaml"], output=Path(root) / "out", progress=False, device="cpu",
+                                   dp=world_dp))

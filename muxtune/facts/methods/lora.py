@@ -31,7 +31,9 @@ class LoraDecl(PeftMethodDecl):
     def unsupported_peft_features(cfg: dict) -> Iterator[str]:
         if cfg.get("bias", "none") != "none":
             yield f"bias={cfg.get('bias')!r}"
-        yield from (flag for flag in ("use_dora", "use_rslora", "fan_in_fan_out") if cfg.get(flag))
+        # fan_in_fan_out (GPT-2-style Conv1D bases) only orients the base weight: PEFT's lora_A/lora_B are
+        # Linears either way, and the engine runs Conv1D as Linear views (engine/model/families.py)
+        yield from (flag for flag in ("use_dora", "use_rslora") if cfg.get(flag))
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             yield "rank_pattern/alpha_pattern"
 

@@ -33,3 +33,20 @@ def test_one_rank_fault_fails_the_task_everywhere(dp, pp, tmp_path, muxtune_home
     assert view["well"][:2] == ("Succeeded", 5)
     well = next(Path(root / "out").rglob("well/adapter_model.safetensors"))
     assert well.exists()
+
+
+def test_an_exception_on_rank_1_ends_with_rank_0s_status_failed(tmp_path, muxtune_home):
+    """Rank 1 raises inside a round; the group ends (the launcher reports a failed rank) and rank 0,
+    which writes status.json, records every task of the backbone Failed with rank 1's reason."""
+    import json
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    root = make_workdir(tmp_path, [task_doc(n, Path("data/reverse.jsonl"), steps=6, seed=i)
+                                   for i, n in enumerate(("a", "b"))])
+    with pytest.raises(ChildFailedError):
+        ranks.start(2, ranks.exception_on_rank1, str(root), 2, str(muxtune_home))
+    for name in ("a", "b"):
+        status = json.loads(next((root / "out").rglob(f"{name}/status.json")).read_text())
+        assert status["phase"] == "Failed", status
+        assert "rank 1" in status["message"] and "RuntimeError: injected on rank 1" in status["message"], status

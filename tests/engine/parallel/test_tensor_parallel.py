@@ -39,7 +39,7 @@ def _tiny(name: str, arch: str, **cfg) -> Path:
                                                          eos_token_id=2, tie_word_embeddings=False, **kw)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = getattr(transformers, f"{arch}ForCausalLM")(config)
+            model = transformers.AutoModelForCausalLM.from_config(config)
             for m in model.modules():  # HF starts biases at zero, where adding one twice would not show
                 if isinstance(m, torch.nn.Linear) and m.bias is not None:
                     torch.nn.init.normal_(m.bias, std=spec["bias_std"])
@@ -57,7 +57,23 @@ def models(muxtune_home) -> dict[str, Path]:
         "llama": builtin_path("tiny-llama"),
         "qwen2": _tiny("tiny-qwen2", "Qwen2"),  # biased q/k/v (column-parallel bias)
         "llama_bias": _tiny("tiny-llama-bias", "Llama", attention_bias=True, mlp_bias=True),  # row-parallel bias
+        **{name: _tiny(f"tiny-{name}", arch, **cfg) for name, (arch, cfg) in FAMILY_CONFIGS.items()},
     }
+
+
+# the other families muxtune/facts/shards.py splits, with what makes each differ (windows shorter
+# than the batch's sequences, softcaps, q/k norms per head, multipliers, NoPE layers)
+_GEMMA = dict(head_dim=16, query_pre_attn_scalar=16)
+FAMILY_CONFIGS = {
+    "qwen3": ("Qwen3", dict(head_dim=16)),
+    "mistral": ("Mistral", dict(sliding_window=8)),
+    "gemma": ("Gemma", dict(head_dim=16)),
+    "gemma2": ("Gemma2", dict(_GEMMA, sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3_text": ("Gemma3Text", dict(_GEMMA, sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    "granite": ("Granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                                logits_scaling=0.5)),
+    "smollm3": ("SmolLM3", dict(no_rope_layers=[1, 0])),
+}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +120,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["llama", "qwen2", "llama_bias"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama_bias", *FAMILY_CONFIGS])
 def test_logits_and_every_delta_gradient_equal_single_process(runs, model):
     single, ranks = runs
     ref = single[f"grads_{model}"]

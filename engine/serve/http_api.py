@@ -23,7 +23,6 @@ from aiohttp import web
 from muxtune.engine.serve.adapters import Unavailable
 from muxtune.engine.serve.engine import ServeEngine
 from muxtune.engine.serve.errors import HttpError
-from muxtune.engine.serve.serving import BODY_TIMEOUT_S, WRITE_TIMEOUT_S  # noqa: F401 - the bounds, for readers
 from muxtune.engine.serve.serving_chat import ChatServing
 from muxtune.engine.serve.serving_completion import CompletionServing
 

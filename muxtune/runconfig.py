@@ -37,6 +37,8 @@ class ServeFlags(BaseModel):
     max_connections: int = Field(256, gt=0, le=65536, description="Open connections at most (the longest-idle one is closed for a new one; 503 when all are busy)")
     idle_timeout_s: float = Field(15.0, gt=0, description="Seconds a connection may take to send a request's headers, or sit idle between requests")
     chat_template: Path | None = Field(None, description="Jinja chat template (default: the tokenizer's, else muxtune's plain one)")
+    train_floor: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the time training keeps however many requests come (0: none; requests beyond what is left are refused with 429)")
+    max_queue_wait_s: float = Field(10.0, gt=0, description="Refuse a request (429 with Retry-After) when the requests ahead of it would keep it waiting longer than this")
     serve_tokens: Path | None = Field(None, description="JSON file of sha256(bearer token) -> namespace (pods; the operator writes it): "
                                                         "requests then need a token and reach only their namespace's adapters")
 

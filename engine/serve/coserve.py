@@ -29,8 +29,14 @@ def _sync(device: torch.device) -> None:
 
 
 class CoServer:
-    def __init__(self, engine: ServeEngine, controller: SloController, trainer=None, metrics=None):
+    FLOOR_DECAY = 0.98  # per iteration: the floor holds over the last ~50 iterations
+
+    def __init__(self, engine: ServeEngine, controller: SloController, trainer=None, metrics=None,
+                 train_floor: float = 0.1):
         self.engine, self.controller, self.trainer, self.metrics = engine, controller, trainer, metrics
+        self.train_floor = train_floor
+        self._train_s = self._all_s = 0.0  # decayed seconds of training and of all work
+        self.floor_rounds = 0  # training rounds run past the SLO budget to keep the floor
         self.device = engine.backbone.device
         self._trained_last = False
         self.iterations = 0
@@ -49,6 +55,11 @@ class CoServer:
                     self._min_seq[rt.key] = sum(len(e.input_ids) for e in ex) / max(1, len(ex))
                 best = min(best, self._min_seq[rt.key])
         return 0 if best is math.inf else int(best)
+
+    @property
+    def train_share(self) -> float:
+        """Training's share of the recent work time (1.0 before any work)."""
+        return self._train_s / self._all_s if self._all_s > 0 else 1.0
 
     def training_active(self) -> bool:
         return self.trainer is not None and bool(self.trainer.active())
@@ -72,7 +83,12 @@ class CoServer:
             idle = not eng.has_work()
             if self.share.training_owed(time.monotonic(), {tenant_of(rt.key) for rt in self.trainer.active()}):
                 budget, idle = ctl.token_budget, True  # over-share tenants' requests wait (timeshare.py)
-            if idle or ctl.worth_running(budget, self._next_sequence_tokens()):
+            floor = not idle and self.train_share < self.train_floor
+            if floor and not ctl.worth_running(budget, self._next_sequence_tokens()):
+                # overload: the SLOs leave training nothing; it still keeps its floor share of the time
+                budget = max(budget, self._next_sequence_tokens())
+                self.floor_rounds += 1
+            if idle or floor or ctl.worth_running(budget, self._next_sequence_tokens()):
                 # with no request in flight training always advances, by one sequence at least, even
                 # when the TTFT SLO is tighter than the smallest round (else it could never run)
                 budget = max(budget, 1)
@@ -88,6 +104,9 @@ class CoServer:
                 by_task = {served_name(rt.task): rt.served_tokens - before[key]
                            for key, rt in self.trainer.tasks.items() if rt.served_tokens != before.get(key, 0)}
         self._trained_last = trained_tokens > 0
+        d = self.FLOOR_DECAY
+        self._train_s = d * self._train_s + train_seconds
+        self._all_s = d * self._all_s + train_seconds + (stats.seconds if stats is not None else 0.0)
         if self.metrics is not None:
             self.metrics.iteration(stats, by_task, train_seconds, eng.has_work())
         self.iterations += 1

@@ -7,6 +7,7 @@ between training rounds, which is what makes adapter snapshots consistent.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -19,6 +20,7 @@ from muxtune.engine.serve.adapters import AdapterRegistry, Unavailable
 from muxtune.engine.serve.forward import InferenceForward, WorkItem
 from muxtune.engine.serve.kv_cache import KVPool
 from muxtune.engine.serve.request import Delta, Done, Failed, GenerationRequest, IncrementalText
+from muxtune.engine.serve import logprobs
 from muxtune.engine.serve.sampling import new_generator, sample
 
 log = logging.getLogger("muxtune.serve")
@@ -40,6 +42,7 @@ class ServeLimits:
     max_tokens: int = 1024  # cap on a request's max_tokens
     max_prefill_tokens: int = 512  # prompt tokens per iteration at most (longer prompts are chunked)
     queue_timeout_s: float = 60.0  # a request waiting longer gets 503
+    max_queue_wait_s: float = 10.0  # a request the queue ahead would keep waiting longer gets 429 at once
 
 
 @dataclass
@@ -92,18 +95,38 @@ class ServeEngine:
         self.wakeup = threading.Event()
         self._lock = threading.Lock()
         self._closed: str | None = None
+        self.shed = 0  # requests refused with 429: beyond what the queue and the finish rate can take
+        self._finishes: deque[float] = deque(maxlen=64)  # when recent requests finished (the service rate)
         self.prompt_tokens_mean = 64.0  # running mean prompt length: the prefill an arrival is likely to need
         self._seed = torch.Generator().manual_seed(int(time.time_ns() % 2**62))  # seeds for unseeded requests
 
     # ----- the HTTP thread -------------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> None:
+        self.submit_all([req])
+
+    def submit_all(self, reqs: list[GenerationRequest]) -> None:
+        """Queue a request's choices together, or none of them (429 when the queue cannot take all)."""
         with self._lock:
             if self._closed:
                 raise Overloaded(503, f"the server is not accepting requests: {self._closed}", 5)
-            if len(self.waiting) >= self.limits.max_queue:
+            if len(self.waiting) + len(reqs) > self.limits.max_queue:
+                self.shed += len(reqs)
                 raise Overloaded(429, f"too many requests waiting ({self.limits.max_queue}); retry later", 1)
-            self.waiting.append(req)
+            wait = self.expected_wait(len(reqs))
+            if wait > self.limits.max_queue_wait_s:
+                self.shed += len(reqs)
+                raise Overloaded(429, f"over capacity: about {wait:.0f}s of requests ahead (at most "
+                                      f"{self.limits.max_queue_wait_s:g}s); retry later", math.ceil(wait))
+            self.waiting.extend(reqs)
         self.wakeup.set()
+
+    def expected_wait(self, extra: int = 0) -> float:
+        """Seconds until `extra` new requests would get a row: the requests ahead at the recent finish rate."""
+        ahead = len(self.waiting) + extra - len(self.pool.free)
+        if ahead <= 0 or len(self._finishes) < 8:
+            return 0.0
+        span = self._finishes[-1] - self._finishes[0]
+        return ahead * span / (len(self._finishes) - 1)
 
     @property
     def queue_depth(self) -> int:
@@ -131,9 +154,16 @@ class ServeEngine:
             return None
         t0 = time.perf_counter()
         try:
-            logits = self.forward(items)
-            picked = [r for it, r in zip(items, reqs) if it.sample]
-            tokens = sample(logits, [r.params for r in picked], [r.generator for r in picked])
+            rows = self._rows(items, self.forward(items))
+            for it, r, logits in zip(items, reqs, rows):
+                if it.all_logits:
+                    self._prompt_logprobs(r, it, logits)
+            picked = [(r, logits[-1:]) for it, r, logits in zip(items, reqs, rows)
+                      if it.sample and r.params.max_tokens > 0]
+            last = torch.cat([lg for _, lg in picked]) if picked else None
+            tokens = [] if last is None else sample(
+                last, [r.params for r, _ in picked], [r.generator for r, _ in picked],
+                [(r.prompt_ids, r.output_ids) for r, _ in picked], self.eos)
         except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the engine
             log.exception("inference forward failed", extra={"requests": len(reqs)})
             for r in set(reqs):
@@ -143,16 +173,41 @@ class ServeEngine:
         for it, r in zip(items, reqs):
             if not it.sample:
                 r.prefilled += len(it.tokens)
-        finished = 0
-        for r, tok in zip(picked, tokens):
+            elif r.params.max_tokens == 0:  # echo only: the prompt (and its logprobs) is the answer
+                r.prefilled = len(r.prompt_ids)
+                self._finish(r, "length")
+        finished = sum(1 for it, r in zip(items, reqs) if it.sample and r.params.max_tokens == 0)
+        for (r, logits), tok in zip(picked, tokens):
             if r.in_prefill:
                 r.prefilled = len(r.prompt_ids)
             try:
+                if r.params.logprobs is not None:
+                    r.pending_logprobs += logprobs.entries(logits, [tok], r.params.logprobs)
                 finished += self._accept(r, tok, now)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error fails this request only
                 log.exception("request failed", extra={"request": r.id})
                 self._fail(r, Failed(500, f"{type(exc).__name__}: {exc}"))
         return InferenceStats(decode, sum(len(it.tokens) for it in items) - decode, time.perf_counter() - t0, finished)
+
+    @staticmethod
+    def _rows(items: list[WorkItem], logits: torch.Tensor) -> list[torch.Tensor]:
+        """The forward's logits split per item: every token's (all_logits), the last one's, or none."""
+        out, at = [], 0
+        for it in items:
+            n = len(it.tokens) if it.all_logits else int(it.sample)
+            out.append(logits[at:at + n])
+            at += n
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(r: GenerationRequest, it: WorkItem, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk's logits predict (row j predicts token offset+j+1)."""
+        if it.offset == 0:
+            r.prompt_logprobs.append(logprobs.TokenLogprob(r.prompt_ids[0], None, []))
+        m = min(len(it.tokens), len(r.prompt_ids) - it.offset - 1)
+        if m > 0:
+            targets = r.prompt_ids[it.offset + 1:it.offset + 1 + m]
+            r.prompt_logprobs += logprobs.entries(logits[:m], targets, r.params.prompt_logprobs)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -215,7 +270,8 @@ class ServeEngine:
                 break
             n = min(len(r.prompt_ids) - r.prefilled, left)
             chunk = r.prompt_ids[r.prefilled:r.prefilled + n]
-            items.append(WorkItem(chunk, r.row, r.prefilled, r.version.slot, r.prefilled + n == len(r.prompt_ids)))
+            items.append(WorkItem(chunk, r.row, r.prefilled, r.version.slot, r.prefilled + n == len(r.prompt_ids),
+                                  all_logits=r.params.prompt_logprobs is not None))
             reqs.append(r)
             left -= n
         return items, reqs, decode
@@ -228,23 +284,27 @@ class ServeEngine:
             if self.metrics:
                 self.metrics.first_token(r)
         r.last_token_at = now
-        if token == self.eos and not r.params.ignore_eos:
+        if (token == self.eos and not r.params.ignore_eos) or token in r.params.stop_token_ids:
             self._finish(r, "stop")
             return 1
         text, stopped = r.text.push(token)
         if stopped:
-            if text:
-                r.sink(Delta(text, len(r.output_ids)))
+            self._delta(r, text)
             self._finish(r, "stop")
             return 1
         if len(r.output_ids) >= r.params.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.max_model_len:
-            if text:
-                r.sink(Delta(text, len(r.output_ids)))
+            self._delta(r, text)
             self._finish(r, "length")
             return 1
         if text or len(r.output_ids) == 1:  # the first token always goes out: clients time TTFT on it
-            r.sink(Delta(text, len(r.output_ids)))
+            self._delta(r, text, always=True)
         return 0
+
+    @staticmethod
+    def _delta(r: GenerationRequest, text: str, always: bool = False) -> None:
+        if text or always:
+            r.sink(Delta(text, len(r.output_ids), r.pending_logprobs))
+            r.pending_logprobs = []
 
     def _release(self, r: GenerationRequest) -> None:
         if r in self.running:
@@ -258,9 +318,11 @@ class ServeEngine:
 
     def _finish(self, r: GenerationRequest, reason: str, notify: bool = True) -> None:
         self._release(r)
+        self._finishes.append(time.monotonic())
         r.finish_reason = reason
         if notify:
-            r.sink(Done(reason, r.text.rest() if r.text else "", len(r.prompt_ids), len(r.output_ids)))
+            r.sink(Done(reason, r.text.rest() if r.text else "", len(r.prompt_ids), len(r.output_ids),
+                        r.pending_logprobs, r.prompt_logprobs if r.params.prompt_logprobs is not None else None))
         if self.metrics:
             self.metrics.finished(r, reason)
 

@@ -29,6 +29,7 @@ class WorkItem:
     offset: int  # position of tokens[0] in the request
     slot: int  # adapter version slot in the multiplexed layers, BASE_SLOT for the base model
     sample: bool  # whether the logits of the last token are wanted
+    all_logits: bool = False  # the logits of every token instead (prompt logprobs)
 
 
 @contextmanager
@@ -48,7 +49,8 @@ class InferenceForward:
         self.pool = pool
 
     def __call__(self, items: list[WorkItem]) -> torch.Tensor:
-        """Logits [n, vocab] (float32) of the items with sample=True, in the order given."""
+        """Logits [n, vocab] (float32), in the order given: every token's of an item with all_logits,
+        else the last token's of an item with sample=True."""
         bb = self.backbone
         device = bb.device
         order = sorted(range(len(items)), key=lambda i: items[i].slot)  # one run per adapter: identity layout
@@ -66,8 +68,10 @@ class InferenceForward:
                 dec_len.append(it.offset + 1)
             else:
                 prefill.append((start, start + n, it.row, it.offset))
-            if it.sample:
-                sample_at[i] = start + n - 1
+            if it.all_logits:
+                sample_at[i] = list(range(start, start + n))
+            elif it.sample:
+                sample_at[i] = [start + n - 1]
         if max(pos) >= self.pool.max_len:
             raise ValueError(f"position {max(pos)} is past the KV cache rows ({self.pool.max_len} tokens)")
 
@@ -79,7 +83,7 @@ class InferenceForward:
             t(dec_idx) if dec_idx else None, t(dec_rows) if dec_rows else None, t(dec_len) if dec_len else None,
             max(dec_len, default=0), prefill,
         )
-        wanted = [sample_at[i] for i in range(len(items)) if i in sample_at]
+        wanted = [p for i in range(len(items)) for p in sample_at.get(i, ())]
         with torch.inference_mode(), _attention(bb.model.config, ATTENTION_NAME):
             bb.ctx.layout = TokenLayout.from_slots(t(slots))
             try:  # the CausalLM's own forward: its positions, multipliers, logit scaling and softcap

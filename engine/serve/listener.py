@@ -8,8 +8,8 @@
   partial headers do not reset it: slowloris costs a socket for at most that long);
 - at most `max_connections` are open: a new one evicts the longest-idle connection (none serving a
   request), and when every one is serving a request it gets a 503 with Retry-After and is closed;
-- request bodies are bounded in size (http_api.MAX_BODY_BYTES) and time (`body_timeout`), and a
-  streamed response a client stops reading is dropped after `write_timeout` (http_api.py).
+- request bodies are bounded in size (http_api.MAX_BODY_BYTES) and time (serving.BODY_TIMEOUT_S), and a
+  streamed response a client stops reading is dropped after serving.WRITE_TIMEOUT_S.
 """
 from __future__ import annotations
 

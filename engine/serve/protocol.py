@@ -14,6 +14,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+MAX_N = 128  # choices per request (each takes a KV cache row)
+MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives
+
+
 class Unsupported(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
@@ -31,13 +35,17 @@ class _Common(BaseModel):
     model: str = Field(min_length=1, description="A served adapter's name, or the base model's id")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    top_k: int = Field(0, ge=-1, description="vLLM's: the k most likely tokens only (0 or -1: off)")
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(0, ge=0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes
@@ -52,46 +60,62 @@ class _Common(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids (got {key!r})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are between -100 and 100 (got {bias})")
+        return v
+
     def check_supported(self) -> None:
-        for param, ok in (("n", self.n == 1), ("presence_penalty", self.presence_penalty == 0),
-                          ("frequency_penalty", self.frequency_penalty == 0), ("logit_bias", not self.logit_bias)):
-            if not ok:
-                raise Unsupported(param, f"{param}: not supported by this server (leave it at its default)")
+        """Known fields this server does not implement: refused (400) rather than dropped."""
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    @property
-    def seed_value(self) -> int | None:
-        return None if self.seed is None else self.seed % 2**63
+    def seed_of(self, choice: int) -> int | None:
+        """Choice i of n samples with seed + i: reproducible, and the n choices differ."""
+        return None if self.seed is None else (self.seed + choice) % 2**63
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str] = Field(description="One prompt: text, or token ids")
-    max_tokens: int | None = Field(16, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, token ids, or a list of either (one choice per prompt and n)")
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo: score the prompt only")
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list) and v and isinstance(v[0], str):
-            if len(v) != 1:
-                raise ValueError("one prompt per request (send several requests for several prompts)")
-            return v[0]
+    def _prompts(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("must not be empty")
+        if isinstance(v, list) and any(isinstance(p, (str, list)) and not p for p in v):
+            raise ValueError("no prompt in the list may be empty")
         return v
 
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice group: text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
     def check_supported(self) -> None:
-        super().check_supported()
-        for param, ok in (("echo", not self.echo), ("logprobs", self.logprobs is None),
-                          ("best_of", self.best_of in (None, 1)), ("suffix", self.suffix is None)):
-            if not ok:
-                raise Unsupported(param, f"{param}: not supported by this server")
+        if self.best_of not in (None, self.n):
+            raise Unsupported("best_of", "best_of: only best_of == n is supported (every sample is returned)")
+        if self.suffix is not None:
+            raise Unsupported("suffix", "suffix: not supported by this server")
+        if self.max_tokens == 0 and not self.echo:
+            raise Unsupported("max_tokens", "max_tokens: 0 only with echo (scoring the prompt)")
 
 
 class TextPart(BaseModel):
@@ -118,7 +142,7 @@ class ChatCompletionRequest(_Common):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None
     response_format: dict | None = None
 
@@ -126,12 +150,12 @@ class ChatCompletionRequest(_Common):
     def _limit(self):
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs set to true")
         return self
 
     def check_supported(self) -> None:
-        super().check_supported()
-        for param, ok in (("logprobs", not self.logprobs), ("top_logprobs", self.top_logprobs is None),
-                          ("tools", not self.tools),
+        for param, ok in (("tools", not self.tools),
                           ("response_format", self.response_format in (None, {"type": "text"}))):
             if not ok:
                 raise Unsupported(param, f"{param}: not supported by this server")
@@ -162,27 +186,11 @@ class ResponseIds:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
-    def _head(self, obj: str) -> dict:
+    def head(self, obj: str) -> dict:
         # system_fingerprint names the weights that answered: the adapter, and its step while it trains
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": self.fingerprint}
 
-    def full(self, text: str, finish_reason: str, prompt: int, completion: int) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": usage(prompt, completion)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": usage(prompt, completion)}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return {**self._head("text_completion"), "choices": [choice]}
-
     def usage_chunk(self, prompt: int, completion: int) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": usage(prompt, completion)}
+        return {**self.head(obj), "choices": [], "usage": usage(prompt, completion)}

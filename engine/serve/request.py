@@ -21,6 +21,7 @@ _ids = itertools.count()
 class Delta:
     text: str
     tokens: int  # generated tokens so far
+    logprobs: list = field(default_factory=list)  # logprobs.TokenLogprob of the tokens since the last event
 
 
 @dataclass
@@ -29,6 +30,8 @@ class Done:
     text: str  # what is left to send
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list = field(default_factory=list)  # the generated tokens' not sent yet
+    prompt_logprobs: list | None = None  # every prompt token's (echo with logprobs), the first without one
 
 
 @dataclass
@@ -97,6 +100,8 @@ class GenerationRequest:
     text: IncrementalText | None = None
     adapter_step: int | None = None  # the optimizer step of the version it uses (training tasks)
     fingerprint: str | None = None  # which weights answered: model, or model@step-N
+    prompt_logprobs: list = field(default_factory=list)  # logprobs.TokenLogprob per prompt token so far
+    pending_logprobs: list = field(default_factory=list)  # generated tokens' entries not sent yet
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:

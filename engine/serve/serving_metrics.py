@@ -5,6 +5,11 @@ free text).
 | metric | type | meaning |
 | --- | --- | --- |
 | muxtune_serve_requests_total{model,outcome} | counter | requests that ended: stop, length, abort (client went away), error |
+| muxtune_serve_client_disconnects_total{model} | counter | clients that went away before their answer was whole (their rows freed) |
+| muxtune_serve_shed_requests_total | counter | requests refused with 429 because they were beyond capacity (queue full, or too long a wait) |
+| muxtune_serve_train_share_ratio | gauge | training's share of the recent work time (kept at or above the floor) |
+| muxtune_serve_train_floor_ratio | gauge | the share of time training keeps under any load (--train-floor) |
+| muxtune_serve_floor_rounds_total | counter | training rounds run past the SLO budget to keep the floor |
 | muxtune_serve_rejected_requests_total{status} | counter | requests refused before generation: 400, 404, 429, 503 |
 | muxtune_serve_prompt_tokens_total{model} | counter | prompt tokens of admitted requests (tokens in) |
 | muxtune_serve_generation_tokens_total{model} | counter | generated tokens (tokens out) |
@@ -46,9 +51,11 @@ class ServeMetrics:
         self.engine = None
         self.controller = None
         self.trainer = None
+        self.loop = None  # coserve.CoServer: the training floor
         self._lock = threading.Lock()
         self._requests: Counter = Counter()  # (model, outcome)
         self._rejected: Counter = Counter()  # status
+        self._disconnects: Counter = Counter()  # model
         self._prompt: Counter = Counter()
         self._generated: Counter = Counter()
         self._slo: Counter = Counter()  # (model, met|missed)
@@ -65,8 +72,8 @@ class ServeMetrics:
                                  buckets=FORWARD_BUCKETS)
         r.register(_Collector(self))
 
-    def attach(self, engine, controller=None, trainer=None) -> None:
-        self.engine, self.controller, self.trainer = engine, controller, trainer
+    def attach(self, engine, controller=None, trainer=None, loop=None) -> None:
+        self.engine, self.controller, self.trainer, self.loop = engine, controller, trainer, loop
 
     # ----- engine thread ----------------------------------------------------------------------
     def admitted(self, req) -> None:
@@ -108,6 +115,10 @@ class ServeMetrics:
         with self._lock:
             self._rejected[str(status)] += 1
 
+    def disconnected(self, model: str) -> None:
+        with self._lock:
+            self._disconnects[model] += 1
+
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import generate_latest
         from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -119,10 +130,32 @@ class _Collector:
     def __init__(self, m: ServeMetrics):
         self.m = m
 
+    @staticmethod
+    def _disconnects(models, disconnects: dict) -> CounterMetricFamily:
+        fam = CounterMetricFamily("muxtune_serve_client_disconnects",
+                                  "Clients that went away before their answer was whole.", labels=["model"])
+        for name in sorted(set(models) | set(disconnects)):
+            fam.add_metric([name], disconnects.get(name, 0))
+        return fam
+
+    @staticmethod
+    def _overload(m: ServeMetrics):
+        """What overload costs: requests shed, and the share of time training kept (its floor)."""
+        if m.engine is not None:
+            yield CounterMetricFamily("muxtune_serve_shed_requests",
+                                      "Requests refused with 429: beyond capacity.", value=m.engine.shed)
+        if m.loop is not None:
+            yield GaugeMetricFamily("muxtune_serve_train_share_ratio", "Training's share of the recent work time.",
+                                    value=m.loop.train_share)
+            yield GaugeMetricFamily("muxtune_serve_train_floor_ratio", "The share of time training keeps under any load.",
+                                    value=m.loop.train_floor)
+            yield CounterMetricFamily("muxtune_serve_floor_rounds", "Training rounds run past the SLO budget for the floor.",
+                                      value=m.loop.floor_rounds)
+
     def collect(self):
         m = self.m
         with m._lock:
-            requests, rejected = dict(m._requests), dict(m._rejected)
+            requests, rejected, disconnects = dict(m._requests), dict(m._rejected), dict(m._disconnects)
             prompt, generated, slo, train = dict(m._prompt), dict(m._generated), dict(m._slo), dict(m._train)
             window = list(m._window)
         eng, ctl = m.engine, m.controller
@@ -134,6 +167,7 @@ class _Collector:
             for outcome in OUTCOMES:
                 fam.add_metric([name, outcome], requests.get((name, outcome), 0))
         yield fam
+        yield self._disconnects(models, disconnects)
         fam = CounterMetricFamily("muxtune_serve_rejected_requests", "Requests refused before generation, by HTTP status.",
                                   labels=["status"])
         for status in ("400", "404", "429", "503"):
@@ -184,6 +218,7 @@ class _Collector:
                 if e.current is not None and e.current.step is not None:
                     g.add_metric([e.name], e.current.step)
             yield g
+        yield from self._overload(m)
         if ctl is not None:
             yield GaugeMetricFamily("muxtune_serve_train_token_budget",
                                     "Training tokens the SLO controller allowed in the latest iteration.",

@@ -21,7 +21,8 @@ log = logging.getLogger("muxtune.serve")
 
 def limits_from(flags: ServeFlags) -> ServeLimits:
     return ServeLimits(max_num_seqs=flags.max_num_seqs, max_model_len=flags.max_model_len, max_queue=flags.max_queue,
-                       max_tokens=flags.max_tokens, max_prefill_tokens=flags.max_prefill_tokens)
+                       max_tokens=flags.max_tokens, max_prefill_tokens=flags.max_prefill_tokens,
+                       max_queue_wait_s=flags.max_queue_wait_s)
 
 
 class Serving:
@@ -48,8 +49,8 @@ class Serving:
         self.adapters = AdapterRegistry(backbone, base_id, trainer, only_enabled=only_enabled)
         self.engine = ServeEngine(backbone, self.adapters, limits_from(flags), self.metrics)
         self.controller = SloController(slo, token_budget, policy=policy)
-        self.loop = CoServer(self.engine, self.controller, trainer, self.metrics)
-        self.metrics.attach(self.engine, self.controller, trainer)
+        self.loop = CoServer(self.engine, self.controller, trainer, self.metrics, train_floor=flags.train_floor)
+        self.metrics.attach(self.engine, self.controller, trainer, self.loop)
         template = Path(flags.chat_template).read_text() if flags.chat_template else None
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, trust_remote_code=backbone.trust_remote_code)  # the HTTP thread's own copy
         self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics)

@@ -30,8 +30,8 @@ def make_stack(backbone, trainer=None, adapters=None, *, token_budget=4096, **fl
     metrics = ServeMetrics(slo=slo)
     engine = ServeEngine(backbone, registry, limits_from(cmd), metrics)
     controller = SloController(slo, token_budget)
-    loop = CoServer(engine, controller, trainer, metrics)
-    metrics.attach(engine, controller, trainer)
+    loop = CoServer(engine, controller, trainer, metrics, train_floor=cmd.train_floor)
+    metrics.attach(engine, controller, trainer, loop)
     registry.sync_tasks()
     return SimpleNamespace(engine=engine, registry=registry, controller=controller, loop=loop, metrics=metrics)
 
@@ -122,7 +122,7 @@ def tenant_api_client(models: list[str], tokens_file=None):
     class Engine:
         registry, max_model_len, limits = Registry(), 64, ServeLimits(max_model_len=64, max_tokens=8)
 
-        def submit(self, req):
+        def submit_all(self, reqs):  # a request's choices, queued together
             raise Overloaded(429, "busy (the request reached the engine)", 1)
 
     mws = [tenant_middleware(TenantTokens(tokens_file), "base")] if tokens_file is not None else []

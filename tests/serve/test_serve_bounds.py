@@ -106,9 +106,9 @@ def test_trickled_headers_are_cut_off(bare_server):
 
 
 def test_a_body_that_never_arrives_gets_408(bare_server, monkeypatch):
-    from muxtune.engine.serve import http_api
+    from muxtune.engine.serve import serving as serving_path
 
-    monkeypatch.setattr(http_api, "BODY_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(serving_path, "BODY_TIMEOUT_S", 0.5)  # the generation endpoints read bodies there
     serving = bare_server()
     s = connect(serving.http.port)
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

@@ -49,9 +49,12 @@ def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
     assert pod["spec"]["nodeName"] in info.gpu_nodes
     assert pod["metadata"]["ownerReferences"] == [owner]
     c = pod["spec"]["containers"][0]
+    gspec = kjson(info, "get", "backbonegroup", group_name, "-n", ns)["spec"]  # the planner's budget reaches the pod
     assert c["command"] + c["args"] == ["muxtune", "run", "/etc/muxtune/tasks/tasks.yaml", "--output", "/output",
                                         "--data-root", "/data", "--watch", "--metrics-host", "0.0.0.0",
-                                        "--metrics-port", "9400", "--no-progress", "--no-remote"]
+                                        "--metrics-port", "9400", "--no-progress", "--no-remote",
+                                        "--token-budget", str(gspec["tokenBudget"]),
+                                        *(["--recompute"] if gspec.get("recompute") else [])]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     sc, psc = c["securityContext"], pod["spec"]["securityContext"]
     assert sc["runAsNonRoot"] and sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"]

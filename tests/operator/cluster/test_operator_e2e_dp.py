@@ -26,10 +26,11 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
 def apply_wide_and_narrow(info, ns: str, area: Path, bm: str) -> str:
-    """"wide" needs two GPUs' memory for its step (by its BaseModel's figures): the group gets dp=2;
-    "narrow" fits next to it. Returns their group, once both are in it."""
+    """"wide" needs two GPUs' memory for its step (by its BaseModel's figures) and, in the speed band
+    (priority >= 100), never takes turns with itself: the group gets dp=2; "narrow" fits next to it.
+    Returns their group, once both are in it."""
     tasks = [task_manifest("wide", ns, base=f"model:{bm}", data=write_data(area, "wide.jsonl", 48, 1), steps=4,
-                           batch=4, seq=8192),
+                           batch=4, seq=8192, priority=100),
              task_manifest("narrow", ns, base=f"model:{bm}", data=write_data(area, "narrow.jsonl", 48, 2), steps=5,
                            batch=2, seq=64)]
     apply(info, basemodel(bm, ns, TWO_REPLICAS), *tasks)

@@ -50,7 +50,7 @@ def events(info, ns, name):
 def test_two_pod_group_waits_for_the_whole_gang_and_restarts_whole(operator_env):
     info, ns = operator_env["info"], operator_env["a"]
     bm = f"whole-{ns}"
-    task = task_manifest("gang", ns, base=f"model:{bm}", batch=8, seq=4096, steps=1000)
+    task = task_manifest("gang", ns, base=f"model:{bm}", batch=8, seq=4096, steps=1000, priority=100)  # speed band: whole steps
     apply(info, basemodel(bm, ns, WHOLE_NODES), task)
     group = wait_for(lambda: (ftt(info, ns, "gang").get("status") or {}).get("group"), 180, what="placed")
     g = kjson(info, "get", "backbonegroup", group, "-n", ns)
@@ -127,8 +127,8 @@ def test_kueue_admits_a_two_pod_group_whole_and_restarts_it_through_its_workload
     apply(info, *ko.queue_objects(queue, ns, quota))
     wait_for(lambda: (ko.condition(kjson(info, "get", f"clusterqueues.kueue.x-k8s.io/{queue}"), "Active") or {})
              .get("status") == "True", 60, what="ClusterQueue active")
-    task = task_manifest("queued", ns, base=f"model:{bm}", batch=4, seq=8192, steps=1000,
-                         labels={ko.QUEUE_NAME_LABEL: queue})
+    task = task_manifest("queued", ns, base=f"model:{bm}", batch=4, seq=8192, steps=1000, priority=100,
+                         labels={ko.QUEUE_NAME_LABEL: queue})  # speed band: its whole step needs two pods
     apply(info, basemodel(bm, ns, TWO_REPLICAS), task)
     try:
         group = wait_for(lambda: (ftt(info, ns, "queued").get("status") or {}).get("group"), 120, what="placed")

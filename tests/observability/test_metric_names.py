@@ -74,7 +74,7 @@ def populated_serve():
     entry = SimpleNamespace(name="team-a/rev", current=SimpleNamespace(step=3))
     req = SimpleNamespace(model=entry, prompt_ids=[1] * 5, output_ids=[2] * 4, ttft=0.2, tpot=0.05)
     registry = SimpleNamespace(models=lambda: [entry], base_id="builtin:tiny-llama", live_versions=1)
-    engine = SimpleNamespace(registry=registry, running=[req], waiting=[], pool=SimpleNamespace(used=1, rows=4))
+    engine = SimpleNamespace(registry=registry, running=[req], waiting=[], pool=SimpleNamespace(used=1, rows=4), shed=2)
     m.attach(engine, SloController(slo, 4096))
     m.admitted(req)
     m.first_token(req)

@@ -20,10 +20,12 @@ def long_data(path, n=32):
     return path
 
 
-def soak(s, submitter, iterations: int, in_flight: int = 6):
+def soak(s, submitter, iterations: int, in_flight: int = 6, model: str = "short"):
+    """One tenant's overload: its own adapter's requests (the same namespace as the training tasks, so
+    the per-tenant time share of timeshare.py owes no other tenant anything and the floor acts alone)."""
     for _ in range(iterations):
         while len(s.engine.running) + len(s.engine.waiting) < in_flight:
-            submitter(s.engine, "base", "reverse: abcdefgh\n", max_tokens=64, ignore_eos=True)
+            submitter(s.engine, model, "reverse: abcdefgh\n", max_tokens=64, ignore_eos=True)
         s.loop.iteration()
 
 

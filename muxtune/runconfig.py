@@ -99,10 +99,12 @@ class RunConfig(ServeFlags):
 class ServeConfig(ServeFlags):
     """Serve finished adapters over one shared backbone with an OpenAI-compatible API."""
 
-    adapters: CliPositionalArg[list[Path]] = Field(description="Adapter directories (adapter_config.json + adapter_model.safetensors); each is served under its directory name")
+    adapters: CliPositionalArg[list[Path]] = Field(default_factory=list, description="Adapter directories (adapter_config.json + adapter_model.safetensors); each is served under its directory name")
     port: int = Field(8000, ge=0, le=65535, description="Port of the OpenAI API (0: any free port)")
     host: str = Field("127.0.0.1", description="Address the API binds")
     base_model: str | None = Field(None, description="Backbone (builtin:NAME or a model directory; default: the adapters' base_model_name_or_path)")
+    enable_lora_loading: bool = Field(False, description="Accept POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA updating) for adapter directories under a --lora-root")
+    lora_root: list[Path] = Field(default_factory=list, description="A directory adapters may be loaded from at runtime (repeatable; symlinks and .. are resolved first)")
     device: Device = Field("auto", description="Where the backbone runs")
     dtype: Dtype = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.model.backbone import MultiplexedBackbone, TaskAdapter
-from muxtune.engine.peft.export import load_adapter_weights
+from muxtune.engine.peft.registry import get_method
 from muxtune.engine.serve.forward import BASE_SLOT
 from muxtune.facts.methods import get_peft_method, method_for_peft_type, peft_methods
 from muxtune.facts.methods.base import and_list
@@ -30,6 +34,10 @@ SERVABLE = ("Running", "Succeeded")
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be served; the message says why."""
+
+
+class NameTaken(AdapterError):
+    """Another adapter (or the base model) is already served under that name."""
 
 
 class Unavailable(Exception):
@@ -44,6 +52,11 @@ class AdapterVersion:
     step: int | None  # the optimizer step it reflects (None: a fixed adapter from files)
     refs: int = 0
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Prompt tuning's virtual positions in front of every request (0 for other methods)."""
+        return self.adapter.spec.virtual_tokens if self.adapter is not None else 0
+
 
 @dataclass
 class ServedModel:
@@ -57,19 +70,7 @@ class ServedModel:
     phase: str | None = None  # the task's phase (training tasks only)
     step: int | None = None
     current: AdapterVersion | None = None
-    refused: str | None = None  # why this task's adapter cannot be served (its method), if it cannot
-
-
-# How a method is served (its declaration's served_as) -> why this server cannot, if it cannot:
-# a delta outside the multiplexed Linears would be missing from the answer.
-NOT_SERVED = {"virtual_tokens": "virtual tokens are not prepended to served requests"}
-
-
-def refused_method(method: str) -> str | None:
-    """Why tasks of ``method`` are not served, or None when they are."""
-    decl = get_peft_method(method)
-    why = NOT_SERVED.get(decl.served_as)
-    return f"{decl.title} ({why})" if why else None
+    removed: bool = False  # unloaded (POST /v1/unload_lora_adapter): queued requests for it get 404
 
 
 def spec_from_peft_config(directory: Path) -> PeftSpec:
@@ -81,9 +82,12 @@ def spec_from_peft_config(directory: Path) -> PeftSpec:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: not a JSON object")
     kind = str(cfg.get("peft_type", "")).upper()
+    decl = method_for_peft_type(kind)
     targets = cfg.get("target_modules")
-    if not isinstance(targets, list):
+    if decl is not None and decl.attaches == "linear" and not isinstance(targets, list):
         raise AdapterError(f"{path}: target_modules must be a list of module names (got {targets!r})")
 
     def refuse_if(cond: bool, what: str):
@@ -92,13 +96,30 @@ def spec_from_peft_config(directory: Path) -> PeftSpec:
 
     refuse_if(bool(cfg.get("modules_to_save")), "modules_to_save")
     refuse_if(cfg.get("layers_to_transform") is not None, "layers_to_transform")
-    decl = method_for_peft_type(kind)
-    if decl is None or refused_method(decl.name):
-        served = [m.name for m in peft_methods() if m.peft_type and not refused_method(m.name)]
+    if decl is None:
+        served = [m.name for m in peft_methods() if m.peft_type]
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not served ({and_list(served)} are)")
     unsupported = next(decl.unsupported_peft_features(cfg), None)
     refuse_if(unsupported is not None, str(unsupported))
-    return PeftSpec(method=decl.name, **decl.spec_fields(cfg))
+    try:
+        return PeftSpec(method=decl.name, **decl.spec_fields(cfg))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterError(f"{path}: not a valid {decl.title} adapter_config.json: {exc}") from None
+
+
+def check_shapes(adapter: TaskAdapter, state: dict) -> None:
+    """Every tensor the adapter needs is in the file with its exact shape (copy_ would broadcast a
+    wrong one silently); ValueError names the first that is not."""
+    key = get_method(adapter.spec.method).peft_key
+    for module, delta in adapter.deltas.items():
+        if delta.shard is not None:
+            continue  # a tensor-parallel shard takes its block of the whole tensor
+        for name, param in delta.peft_state().items():
+            k = key(adapter.stable_name(module, name))
+            if k not in state:
+                raise ValueError(f"{k} is missing from adapter_model.safetensors")
+            if tuple(state[k].shape) != tuple(param.shape):
+                raise ValueError(f"{k} has shape {tuple(state[k].shape)}, this backbone needs {tuple(param.shape)}")
 
 
 def served_name(task) -> str:
@@ -119,21 +140,55 @@ class AdapterRegistry:
         self._models: dict[str, ServedModel] = {}
         self._aliases: dict[str, str] = {}  # task key (namespace/name) -> served name
         self._versions: dict[int, AdapterVersion] = {}  # slot -> live version
+        self._calls: queue.Queue = queue.Queue()  # (fn, Future) to run on the engine thread
         self.base = ServedModel(name=base_id, root=str(backbone.path))
 
     # ----- names ------------------------------------------------------------------------------
     def add_directory(self, name: str, directory: Path) -> ServedModel:
         """Load a finished adapter now, so a bad directory fails at startup with its reason."""
         if name in self._models or name == self.base_id:
-            raise AdapterError(f"two adapters would be served as {name!r}")
+            raise NameTaken(f"two adapters would be served as {name!r}")
         entry = ServedModel(name=name, root=str(Path(directory).resolve()), path=Path(directory))
         entry.current = self._load(name, Path(directory))
         with self._lock:
             self._models[name] = entry
         return entry
 
+    def remove(self, name: str) -> None:
+        """Stop serving an adapter loaded from a directory (engine thread); requests holding its
+        version finish on it, queued ones get 404, and its slot is freed once none holds it."""
+        with self._lock:
+            entry = self._models.get(name)
+            if entry is None or entry.task_key is not None:
+                raise KeyError(name)
+            del self._models[name]
+        entry.removed = True
+        if entry.current is not None and entry.current.refs == 0:
+            self._free(entry.current)
+
+    def call(self, fn) -> Future:
+        """Run fn on the engine thread between iterations (changes to the layers must not race a
+        forward); the caller wakes the engine and waits on the future."""
+        fut: Future = Future()
+        self._calls.put((fn, fut))
+        return fut
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    fut.set_exception(exc)
+
     def sync_tasks(self) -> None:
-        """Follow the trainer's tasks (engine thread, between rounds): new ones appear, phases update."""
+        """Follow the trainer's tasks (engine thread, between rounds): new ones appear, phases update;
+        adapter loads and unloads asked for over HTTP run here."""
+        self._run_calls()
         if self.trainer is None:
             return
         with self._lock:
@@ -156,7 +211,6 @@ class AdapterRegistry:
                                                              path=rt.out_dir)
                     self._aliases[key] = name
                 entry.phase, entry.step = rt.phase, rt.step
-                entry.refused = refused_method(rt.task.spec.peft.method)
 
     def served_tasks(self) -> dict[str, dict]:
         """For the engine's /v1/status: {task key: {"servedModel": name}} of the tasks answering now."""
@@ -166,7 +220,7 @@ class AdapterRegistry:
 
     def models(self) -> list[ServedModel]:
         with self._lock:
-            return [m for m in self._models.values() if m.task_key is None or (m.phase in SERVABLE and not m.refused)]
+            return [m for m in self._models.values() if m.task_key is None or m.phase in SERVABLE]
 
     def lookup(self, name: str) -> ServedModel | None:
         """The entry a request names (None: unknown). A task that cannot serve raises Unavailable."""
@@ -176,8 +230,6 @@ class AdapterRegistry:
             entry = self._models.get(name) or self._models.get(self._aliases.get(name, ""))
             if entry is None:
                 return None
-            if entry.refused:
-                raise Unavailable(f"adapter {name!r} is not served: it uses {entry.refused}")
             if entry.task_key is not None and entry.phase not in SERVABLE:
                 raise Unavailable(f"adapter {name!r} is not served: its task is {entry.phase}")
             return entry
@@ -187,6 +239,8 @@ class AdapterRegistry:
         """A reference on the newest version of entry's adapter, snapshotting it if training moved on."""
         if entry is self.base:
             return AdapterVersion(self.base_id, BASE_SLOT, None, None, refs=1)
+        if entry.removed:
+            raise Unavailable(f"adapter {entry.name!r} was unloaded")
         if entry.task_key is not None:
             rt = self.trainer.tasks.get(entry.task_key) if self.trainer else None
             if rt is None or rt.phase not in SERVABLE:
@@ -225,8 +279,10 @@ class AdapterRegistry:
         slot = self.backbone.new_slot()
         try:
             adapter = self.backbone.attach(slot, spec, seed=0)
-            load_adapter_weights(adapter, directory)
-        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            state = load_file(Path(directory) / "adapter_model.safetensors")
+            check_shapes(adapter, state)
+            adapter.load_peft_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - a bad file (safetensors' own errors too) loses nothing
             self.backbone.detach(slot)
             self.backbone.release_slot(slot)
             raise AdapterError(f"{directory}: cannot load onto this backbone: {exc}") from None

@@ -174,12 +174,12 @@ class ServeEngine:
             if not it.sample:
                 r.prefilled += len(it.tokens)
             elif r.params.max_tokens == 0:  # echo only: the prompt (and its logprobs) is the answer
-                r.prefilled = len(r.prompt_ids)
+                r.prefilled = r.prefix_len
                 self._finish(r, "length")
         finished = sum(1 for it, r in zip(items, reqs) if it.sample and r.params.max_tokens == 0)
         for (r, logits), tok in zip(picked, tokens):
             if r.in_prefill:
-                r.prefilled = len(r.prompt_ids)
+                r.prefilled = r.prefix_len
             try:
                 if r.params.logprobs is not None:
                     r.pending_logprobs += logprobs.entries(logits, [tok], r.params.logprobs)
@@ -201,13 +201,15 @@ class ServeEngine:
 
     @staticmethod
     def _prompt_logprobs(r: GenerationRequest, it: WorkItem, logits: torch.Tensor) -> None:
-        """Logprobs of the prompt tokens this chunk's logits predict (row j predicts token offset+j+1)."""
-        if it.offset == 0:
+        """Logprobs of the prompt tokens this chunk's logits predict: row j predicts cache position
+        offset+j+1, prompt token offset+j+1-virtual; the first prompt token has none (as vLLM)."""
+        lo, v, n = it.offset, r.virtual, len(r.prompt_ids)
+        if lo <= v < lo + len(it.tokens):
             r.prompt_logprobs.append(logprobs.TokenLogprob(r.prompt_ids[0], None, []))
-        m = min(len(it.tokens), len(r.prompt_ids) - it.offset - 1)
-        if m > 0:
-            targets = r.prompt_ids[it.offset + 1:it.offset + 1 + m]
-            r.prompt_logprobs += logprobs.entries(logits[:m], targets, r.params.prompt_logprobs)
+        j0, j1 = max(0, v - lo), min(len(it.tokens), n - 1 + v - lo)
+        if j1 > j0:
+            targets = r.prompt_ids[lo + j0 + 1 - v:lo + j1 + 1 - v]
+            r.prompt_logprobs += logprobs.entries(logits[j0:j1], targets, r.params.prompt_logprobs)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -243,6 +245,12 @@ class ServeEngine:
             except Unavailable as exc:
                 self._fail(r, Failed(404, str(exc), "invalid_request_error"))
                 continue
+            r.virtual = r.version.virtual_tokens
+            if r.prefix_len >= self.max_model_len:  # the adapter's virtual tokens count against the row
+                self._fail(r, Failed(400, f"the prompt ({len(r.prompt_ids)} tokens) and the adapter's {r.virtual} "
+                                          f"virtual tokens leave no room to generate in {self.max_model_len}",
+                                     "invalid_request_error"))
+                continue
             r.row = self.pool.allocate()
             r.admitted_at = time.monotonic()
             r.adapter_step = r.version.step
@@ -260,7 +268,7 @@ class ServeEngine:
         items, reqs = [], []
         for r in self.running:  # decode first: one token for every request past its prompt
             if not r.in_prefill:
-                pos = len(r.prompt_ids) + len(r.output_ids) - 1
+                pos = r.prefix_len + len(r.output_ids) - 1
                 items.append(WorkItem([r.output_ids[-1]], r.row, pos, r.version.slot, True))
                 reqs.append(r)
         decode = len(items)
@@ -268,9 +276,9 @@ class ServeEngine:
         for r in sorted((r for r in self.running if r.in_prefill), key=lambda r: r.seq):  # then prompts, FIFO
             if left <= 0:
                 break
-            n = min(len(r.prompt_ids) - r.prefilled, left)
-            chunk = r.prompt_ids[r.prefilled:r.prefilled + n]
-            items.append(WorkItem(chunk, r.row, r.prefilled, r.version.slot, r.prefilled + n == len(r.prompt_ids),
+            n = min(r.prefix_len - r.prefilled, left)
+            chunk = r.prefix_tokens(r.prefilled, n)
+            items.append(WorkItem(chunk, r.row, r.prefilled, r.version.slot, r.prefilled + n == r.prefix_len,
                                   all_logits=r.params.prompt_logprobs is not None))
             reqs.append(r)
             left -= n
@@ -292,7 +300,7 @@ class ServeEngine:
             self._delta(r, text)
             self._finish(r, "stop")
             return 1
-        if len(r.output_ids) >= r.params.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.max_model_len:
+        if len(r.output_ids) >= r.params.max_tokens or r.prefix_len + len(r.output_ids) >= self.max_model_len:
             self._delta(r, text)
             self._finish(r, "length")
             return 1

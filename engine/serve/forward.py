@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from muxtune.engine.packing import TokenLayout
+from muxtune.engine.peft import prompt_tuning
 from muxtune.engine.serve.kv_cache import ATTENTION_NAME, AttentionPlan, KVPool, register
 
 BASE_SLOT = -1  # a request for the base model: no delta (the layout's "no task" value)
@@ -85,9 +86,13 @@ class InferenceForward:
         )
         wanted = [p for i in range(len(items)) for p in sample_at.get(i, ())]
         with torch.inference_mode(), _attention(bb.model.config, ATTENTION_NAME):
-            bb.ctx.layout = TokenLayout.from_slots(t(slots))
+            bb.ctx.layout = layout = TokenLayout.from_slots(t(slots))
+            tokens = {"input_ids": t(ids)[None]}
+            if min(ids) < 0:  # prompt tuning: virtual tokens take their adapter version's prompt rows
+                tokens = {"inputs_embeds": prompt_tuning.embed(bb.embedding, tokens["input_ids"], layout.token_slot,
+                                                              bb.prompts)}
             try:  # the CausalLM's own forward: its positions, multipliers, logit scaling and softcap
-                out = bb.model(input_ids=t(ids)[None], position_ids=t(pos)[None], use_cache=False, serve_plan=plan,
+                out = bb.model(**tokens, position_ids=t(pos)[None], use_cache=False, serve_plan=plan,
                                logits_to_keep=t(wanted))
             finally:
                 bb.ctx.layout = None

@@ -10,7 +10,8 @@ error shape. Generation endpoints live in their own modules (serving_completion.
 their shared path in serving.py); this file only routes.
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
-GET /health, GET /metrics. Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+GET /health, GET /metrics; with `adapter_loading` (serving_models.py) also POST /v1/load_lora_adapter
+and /v1/unload_lora_adapter. Errors are OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
@@ -33,8 +34,10 @@ MAX_BODY_BYTES = 4 << 20
 class OpenAIApi:
     """Request handling; `tokenizer` is this thread's own copy (the engine thread decodes with another)."""
 
-    def __init__(self, engine: ServeEngine, tokenizer, chat_template: str | None = None, metrics=None):
+    def __init__(self, engine: ServeEngine, tokenizer, chat_template: str | None = None, metrics=None,
+                 adapter_loading=None):
         self.engine, self.tokenizer, self.chat_template, self.metrics = engine, tokenizer, chat_template, metrics
+        self.adapter_loading = adapter_loading
         # tokenising a long prompt must not block the event loop; one worker keeps the tokenizer single-threaded
         pool = ThreadPoolExecutor(1, thread_name_prefix="muxtune-tokenize")
         self.completion = CompletionServing(engine, tokenizer, metrics, pool)
@@ -47,6 +50,8 @@ class OpenAIApi:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/health", self.health)
+        if self.adapter_loading is not None:
+            self.adapter_loading.add_routes(app.router)
         if self.metrics is not None:
             app.router.add_get("/metrics", self.render_metrics)
         return app

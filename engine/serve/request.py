@@ -90,7 +90,8 @@ class GenerationRequest:
     # ----- engine-side state ---------------------------------------------------------------
     version: object = None  # adapters.AdapterVersion while admitted
     row: int | None = None  # KV cache row while admitted
-    prefilled: int = 0  # prompt tokens already in the cache
+    virtual: int = 0  # prompt tuning: virtual positions in front of the prompt (set at admission)
+    prefilled: int = 0  # positions (virtual, then prompt) already in the cache
     output_ids: list[int] = field(default_factory=list)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -117,8 +118,19 @@ class GenerationRequest:
         return self.finish_reason is not None
 
     @property
+    def prefix_len(self) -> int:
+        """Cache positions before the first generated token: the virtual tokens and the prompt."""
+        return self.virtual + len(self.prompt_ids)
+
+    def prefix_tokens(self, start: int, n: int) -> list[int]:
+        """Cache positions [start, start + n) of the prefix: virtual token k is id -(k + 1), which the
+        serving forward embeds with the request's own prompt (engine/peft/prompt_tuning.py)."""
+        head = [-(k + 1) for k in range(start, min(start + n, self.virtual))]
+        return head + self.prompt_ids[max(0, start - self.virtual):max(0, start + n - self.virtual)]
+
+    @property
     def in_prefill(self) -> bool:
-        return self.prefilled < len(self.prompt_ids)
+        return self.prefilled < self.prefix_len
 
     @property
     def ttft(self) -> float | None:

@@ -82,6 +82,12 @@ def backbone_of(base_model: str | None, bases: set) -> tuple[Path, str]:
 def serve_from_cli(cfg: ServeConfig) -> int:
     logs.configure(cfg.log_level)
     try:
+        if cfg.lora_root and not cfg.enable_lora_loading:
+            raise preflight.CliProblem("--lora-root is for --enable-lora-loading")
+        if cfg.enable_lora_loading and not cfg.lora_root:
+            raise preflight.CliProblem("--enable-lora-loading needs at least one --lora-root (where adapters may be loaded from)")
+        if not cfg.adapters and not (cfg.enable_lora_loading and cfg.base_model):
+            raise preflight.CliProblem("no adapters to serve: name adapter directories, or pass --base-model with --enable-lora-loading")
         names, bases = served_names(adapter_dirs([Path(d) for d in cfg.adapters]))
         path, base_id = backbone_of(cfg.base_model, bases)
         sock = preflight.listen("--port", cfg.host, cfg.port)  # before the backbone loads: a busy port is one line, at once
@@ -99,7 +105,8 @@ def serve_from_cli(cfg: ServeConfig) -> int:
     engine_metrics = EngineMetrics()  # /metrics on the API port: the serving series plus memory in use and peak
     engine_metrics.attach(SimpleNamespace(backbone=backbone, tasks={}))
     try:
-        serving = Serving(backbone, base_id, cfg, sock=sock, registry=engine_metrics.registry)
+        serving = Serving(backbone, base_id, cfg, sock=sock, registry=engine_metrics.registry,
+                          lora_roots=cfg.lora_root if cfg.enable_lora_loading else None)
         for name, d in names.items():
             serving.adapters.add_directory(name, d)
         serving.start()

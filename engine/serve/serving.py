@@ -28,6 +28,21 @@ BODY_TIMEOUT_S = 30.0
 WRITE_TIMEOUT_S = 30.0
 
 
+async def read_json(request: web.Request) -> dict:
+    """The request's JSON object body (400 for anything else, 408 when it does not arrive)."""
+    try:
+        raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise HttpError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g}s") from None
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HttpError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "the request body must be a JSON object")
+    return body
+
+
 @dataclass
 class Choice:
     """One answer: prompt p's sample i, its engine request and what came back so far."""
@@ -74,7 +89,7 @@ class OpenAIServing:
 
     # ----- the request path ------------------------------------------------------------------
     async def __call__(self, request: web.Request, lookup) -> web.StreamResponse:
-        req = self._parse(await self._body(request))
+        req = self._parse(await read_json(request))
         entry = lookup(req.model)
         loop = asyncio.get_running_loop()
         choices = await loop.run_in_executor(self._tokenize, self.make_choices, req)
@@ -108,19 +123,6 @@ class OpenAIServing:
             self.engine.wakeup.set()
         if gone_model is not None and self.metrics is not None:
             self.metrics.disconnected(gone_model)
-
-    async def _body(self, request: web.Request):
-        try:
-            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise HttpError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g}s") from None
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HttpError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise HttpError(400, "the request body must be a JSON object")
-        return body
 
     def _parse(self, body: dict):
         try:

@@ -13,6 +13,7 @@ from muxtune.engine.serve.engine import ServeEngine, ServeLimits
 from muxtune.engine.serve.http_api import OpenAIApi
 from muxtune.engine.serve.listener import ConnectionGuard, HttpThread, listen
 from muxtune.engine.serve.serving_metrics import ServeMetrics
+from muxtune.engine.serve.serving_models import AdapterLoading
 from muxtune.engine.serve.tenant_auth import TenantTokens, tenant_middleware
 from muxtune.runconfig import DEFAULT_TOKEN_BUDGET, RunConfig, ServeFlags
 
@@ -28,20 +29,23 @@ def limits_from(flags: ServeFlags) -> ServeLimits:
 class Serving:
     """Engine, controller, hybrid loop and HTTP server of one backbone, started and stopped together.
     `sock` is the serving port bound beforehand (preflight); else host:port binds here (OSError if busy).
-    only_enabled serves only tasks with spec.serving.enabled; policy is the SLO controller's."""
+    only_enabled serves only tasks with spec.serving.enabled; policy is the SLO controller's;
+    lora_roots (not None) enables loading adapters over HTTP from under those directories."""
 
     def __init__(self, backbone, base_id: str, flags: ServeFlags, *, host: str = "127.0.0.1", port: int = 0,
                  sock=None, trainer=None, registry=None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 only_enabled: bool = False, policy: Literal["coserve", "temporal"] = "coserve"):
+                 only_enabled: bool = False, policy: Literal["coserve", "temporal"] = "coserve",
+                 lora_roots: list[Path] | None = None):
         sock = sock if sock is not None else listen(host, port)
         try:
-            self._build(backbone, base_id, flags, sock, trainer, registry, token_budget, only_enabled, policy)
+            self._build(backbone, base_id, flags, sock, trainer, registry, token_budget, only_enabled, policy,
+                        lora_roots)
         except BaseException:
             sock.close()
             raise
 
     def _build(self, backbone, base_id, flags: ServeFlags, sock, trainer, registry, token_budget,
-               only_enabled, policy) -> None:
+               only_enabled, policy, lora_roots) -> None:
         from transformers import AutoTokenizer
 
         slo = Slo(tpot_s=flags.slo_tpot_ms / 1000, ttft_s=flags.slo_ttft_ms / 1000)
@@ -53,7 +57,8 @@ class Serving:
         self.metrics.attach(self.engine, self.controller, trainer, self.loop)
         template = Path(flags.chat_template).read_text() if flags.chat_template else None
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, trust_remote_code=backbone.trust_remote_code)  # the HTTP thread's own copy
-        self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics)
+        loading = AdapterLoading(self.engine, lora_roots) if lora_roots is not None else None
+        self.api = OpenAIApi(self.engine, tokenizer, template, self.metrics, loading)
         guard = ConnectionGuard(flags.max_connections)
         middlewares = [guard.middleware]
         if flags.serve_tokens:  # a cluster pod: per-namespace tokens (engine/serve/tenant_auth.py)

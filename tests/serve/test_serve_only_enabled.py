@@ -41,14 +41,11 @@ def test_only_enabled_tasks_are_served_and_reported(make_task, data_dir, tmp_pat
     assert sorted(m.name for m in everyone.models()) == ["team-a/off", "team-a/on"]
 
 
-def test_a_prompt_tuning_task_is_refused_by_name_not_served_without_its_prompt(make_task, data_dir, tmp_path,
-                                                                               trainer_factory):
-    """Prompt tuning's delta sits at the input embeddings, which the serving forward does not run:
-    answering would silently drop the task's virtual tokens, so the request is refused saying why."""
-    import pytest
-
+def test_a_prompt_tuning_task_is_served_with_its_virtual_tokens(make_task, data_dir, tmp_path, trainer_factory):
+    """Prompt tuning's delta sits at the input embeddings: its task is listed and answers, each request
+    with the task's virtual tokens in front (a frozen copy of the prompt, in a slot of its own)."""
     from muxtune.api.finetunetask import FineTuneTask
-    from muxtune.engine.serve.adapters import AdapterRegistry, Unavailable
+    from muxtune.engine.serve.adapters import AdapterRegistry
 
     lora = make_task("lora", data_dir / "reverse.jsonl", steps=3)
     doc = make_task("prompt", data_dir / "upper.jsonl", steps=3).model_dump(by_alias=True, exclude_none=True)
@@ -60,10 +57,12 @@ def test_a_prompt_tuning_task_is_refused_by_name_not_served_without_its_prompt(m
     trainer.run_round()  # both Running
     reg = AdapterRegistry(trainer.backbone, "base", trainer)
     reg.sync_tasks()
-    assert [m.name for m in reg.models()] == ["lora"]
-    assert reg.lookup("lora").task_key is not None
-    with pytest.raises(Unavailable, match="prompt tuning"):
-        reg.lookup("prompt")
+    assert sorted(m.name for m in reg.models()) == ["lora", "prompt"]
+    version = reg.acquire(reg.lookup("prompt"))
+    live = trainer.tasks[prompt.key].adapter
+    assert version.virtual_tokens == 4 and version.slot != live.slot
+    assert trainer.backbone.prompts[version.slot].prompt_embeddings.equal(
+        trainer.backbone.prompts[live.slot].prompt_embeddings)
 
 
 def test_a_task_removed_from_the_run_leaves_the_model_list(make_task, data_dir, tmp_path, trainer_factory):

@@ -14,6 +14,7 @@ class PromptTuningDecl(PeftMethodDecl):
     requires = ("num_virtual_tokens",)
     owns = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text")
     served_as = "virtual_tokens"
+    peft_type = "PROMPT_TUNING"
 
     @staticmethod
     def peft_config(spec, base_model_path: str):
@@ -31,6 +32,18 @@ class PromptTuningDecl(PeftMethodDecl):
             tokenizer_name_or_path=base_model_path if spec.prompt_tuning_init == "TEXT" else None,
             base_model_name_or_path=base_model_path,
         )
+
+    @staticmethod
+    def unsupported_peft_features(cfg: dict):
+        if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+            yield f"task_type {cfg.get('task_type')!r} (CAUSAL_LM is served)"
+        if (cfg.get("num_transformer_submodules") or 1) != 1:
+            yield "num_transformer_submodules other than 1"
+
+    @staticmethod
+    def spec_fields(cfg: dict) -> dict:
+        """The prompt's weights come from the directory, so its initialisation is not needed."""
+        return dict(num_virtual_tokens=cfg["num_virtual_tokens"])
 
     @classmethod
     def virtual_tokens(cls, spec) -> int:

@@ -133,3 +133,16 @@ def test_bad_directories_are_refused_and_lose_nothing(loading_server, trained_ad
         assert what not in [m["id"] for m in json.loads(http(f"{url}/v1/models")[1])["data"]]
     assert serving.adapters.backbone.adapters == slots, "a failed load left a slot attached"
     assert greedy(url, "good", ids) == before
+
+
+@pytest.mark.parametrize("flags, words", [
+    (dict(enable_lora_loading=True, base_model="builtin:tiny-llama"), "needs at least one --lora-root"),
+    (dict(lora_root=["/tmp"], adapters=["x"]), "--lora-root is for --enable-lora-loading"),
+    (dict(), "no adapters to serve"),
+])
+def test_the_command_refuses_incomplete_flags_before_loading_anything(flags, words, capsys):
+    from muxtune.engine.serve.serve_cli import serve_from_cli
+    from muxtune.runconfig import ServeConfig
+
+    assert serve_from_cli(ServeConfig(**flags)) == 2
+    assert words in capsys.readouterr().err

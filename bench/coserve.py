@@ -38,12 +38,14 @@ from bench.workload import lognormal_lengths, write_dataset
 SYSTEMS = ("muxtune", "temporal", "separate")
 PROFILES = {
     "quick": dict(model="builtin:tiny-llama", tasks=3, rates=[1.0, 2.0, 4.0], requests=16, max_tokens=48,
-                  slo_tpot_ms=100.0, slo_ttft_ms=1000.0, warmup_s=5.0, max_seq_len=96, batch_size=4),
+                  slo_tpot_ms=100.0, slo_ttft_ms=1000.0, warmup_s=5.0, max_seq_len=96, batch_size=4,
+                  overload_rate=24.0, overload_s=20.0),
     "full-cpu": dict(model="builtin:small-llama", tasks=4, rates=[0.5, 1.0, 2.0, 4.0], requests=40, max_tokens=32,
-                     slo_tpot_ms=200.0, slo_ttft_ms=2000.0, warmup_s=15.0, max_seq_len=256, batch_size=8),
+                     slo_tpot_ms=200.0, slo_ttft_ms=2000.0, warmup_s=15.0, max_seq_len=256, batch_size=8,
+                     overload_rate=24.0, overload_s=30.0),
     "full-cuda": dict(model="config:qwen2-0.5b", tasks=8, rates=[2.0, 5.0, 10.0, 20.0], requests=200,
                       max_tokens=128, slo_tpot_ms=50.0, slo_ttft_ms=500.0, warmup_s=20.0, max_seq_len=1024,
-                      batch_size=8),
+                      batch_size=8, overload_rate=200.0, overload_s=30.0),
 }
 READY = {"serve": re.compile(r"serving the OpenAI API on http://127\.0\.0\.1:(\d+)"),
          "metrics": re.compile(r"serving /metrics and /v1/status on 127\.0\.0\.1:(\d+)")}
@@ -63,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-ms", type=float)
     p.add_argument("--attainment", type=float, default=0.9, help="a system meets the SLO at a rate when at least this"
                    " share of its requests had both latencies within their SLO")
+    p.add_argument("--overload-rate", type=float, help="a request rate beyond capacity, run last: training kept per "
+                   "task (its floor) and requests shed with 429 (0: skip)")
+    p.add_argument("--overload-s", type=float, help="seconds of arrivals at the overload rate")
     p.add_argument("--warmup-s", type=float, help="seconds of training before the first rate")
     p.add_argument("--alone-s", type=float, help="seconds training alone is measured (default: max(10, requests / lowest rate))")
     p.add_argument("--max-seq-len", type=int)
@@ -172,6 +177,16 @@ def train_tokens(port: int) -> float:
     return scrape(port).get(("muxtune_engine_real_tokens_total", ()), 0.0)
 
 
+def task_tokens(port: int) -> dict[str, float]:
+    """Real tokens of each task's completed steps."""
+    return {dict(labels)["task"]: v for (name, labels), v in scrape(port).items()
+            if name == "muxtune_task_tokens_total"}
+
+
+def counter(port: int, name: str) -> float:
+    return scrape(port).get((name, ()), 0.0)
+
+
 def wait_training(port: int, timeout: float) -> None:
     """The metrics port opens before the backbone loads: wait for the first training round."""
     deadline = time.monotonic() + timeout
@@ -215,7 +230,7 @@ def start_system(system: str, args, root: Path) -> tuple[list[Proc], int, int, l
     return [trainer, server], serve, metrics, [metrics, serve]
 
 
-def measure_alone(args, root: Path) -> tuple[float, dict]:
+def measure_alone(args, root: Path) -> tuple[float, dict, dict[str, float]]:
     p = Proc("alone", ["run", "tasks.yaml", "--output", "out-alone", "--no-progress", "--no-resume", "--device",
                        args.device, "--token-budget", str(args.token_budget), "--metrics-port", "0",
                        "--metrics-host", "127.0.0.1"], root, args.threads)
@@ -223,15 +238,39 @@ def measure_alone(args, root: Path) -> tuple[float, dict]:
         port = p.port("metrics", args.timeout)
         wait_training(port, args.timeout)
         time.sleep(args.warmup_s)
-        t0, n0 = time.perf_counter(), train_tokens(port)
+        t0, n0, per0 = time.perf_counter(), train_tokens(port), task_tokens(port)
         time.sleep(args.alone_s or max(10.0, args.requests / min(args.rates)))
-        rate = (train_tokens(port) - n0) / (time.perf_counter() - t0)
-        return rate, peak_memory([port])
+        seconds = time.perf_counter() - t0
+        per = {k: (v - per0.get(k, 0.0)) / seconds for k, v in task_tokens(port).items()}
+        return (train_tokens(port) - n0) / seconds, peak_memory([port]), per
     finally:
         p.stop()
 
 
-def run_system(system: str, args, root: Path, models: list[str], prompts: list[str], alone: float) -> list[dict]:
+def run_overload(system: str, args, url: str, serve: int, metrics: int, models, prompts, alone_tasks) -> dict:
+    """Arrivals at the overload rate: training kept per task (tokens/s against training alone) and
+    the requests shed with 429 (the client's count and the server's muxtune_serve_shed_requests_total)."""
+    count = max(1, int(args.overload_rate * args.overload_s))
+    bodies = [request_bodies(args, models, prompts, 100 + i // args.requests)[i % args.requests] for i in range(count)]
+    t0, per0 = time.perf_counter(), task_tokens(metrics)
+    shed0, floor0 = counter(serve, "muxtune_serve_shed_requests_total"), counter(metrics, "muxtune_serve_floor_rounds_total")
+    results = asyncio.run(run_open_loop(url, bodies, arrivals(args.overload_rate, count, args.seed + 100)))
+    seconds = time.perf_counter() - t0
+    per = {k: (v - per0.get(k, 0.0)) / seconds for k, v in task_tokens(metrics).items()}
+    row = summarise(results, args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
+    row.update(system=system, rate=args.overload_rate, window_s=seconds, overload=True,
+               shed_429=sum(1 for r in results if r.status == 429),
+               server_shed=counter(serve, "muxtune_serve_shed_requests_total") - shed0,
+               floor_rounds=counter(metrics, "muxtune_serve_floor_rounds_total") - floor0,
+               task_tokens_per_s=per, task_kept={k: per[k] / alone_tasks[k] for k in per if alone_tasks.get(k)})
+    print(f"  {system:9s} overload {args.overload_rate:.2f}/s: {row['ok']} ok, {row['shed_429']} shed (429), "
+          f"kept per task {', '.join(f'{k} {v:.2f}' for k, v in sorted(row['task_kept'].items()))}",
+          file=sys.stderr, flush=True)
+    return row
+
+
+def run_system(system: str, args, root: Path, models: list[str], prompts: list[str], alone: float,
+               alone_tasks: dict[str, float] | None = None) -> list[dict]:
     procs, serve, metrics, mem_ports = start_system(system, args, root)
     url = f"http://127.0.0.1:{serve}"
     rows = []
@@ -251,6 +290,8 @@ def run_system(system: str, args, root: Path, models: list[str], prompts: list[s
             rows.append(row)
             print(f"  {system:9s} rate {rate:5.2f}/s: attainment {row['slo_attainment']:.2f}, "
                   f"train {tps:8.0f} tok/s", file=sys.stderr, flush=True)
+        if args.overload_rate:
+            rows.append(run_overload(system, args, url, serve, metrics, models, prompts, alone_tasks or {}))
         mem = peak_memory(mem_ports)
         for row in rows:
             row.update(mem)
@@ -273,14 +314,28 @@ def render(rows: list[dict], args, alone: float, alone_mem: dict) -> str:
     cols = ("rate/s", "system", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "SLO att.", "train tok/s", "kept",
             "peak MiB", "ok/429")
     lines = [head, "  ".join(f"{c:>11s}" for c in cols)]
-    for r in sorted(rows, key=lambda r: (r["rate"], SYSTEMS.index(r["system"]))):
+    for r in sorted((r for r in rows if not r.get("overload")), key=lambda r: (r["rate"], SYSTEMS.index(r["system"]))):
         mem = (r["peak_host_bytes"] + r["peak_gpu_bytes"]) / 2**20
         vals = (f"{r['rate']:.2f}", r["system"], _ms(r["ttft_p50"]), _ms(r["ttft_p99"]), _ms(r["tpot_p50"]),
                 _ms(r["tpot_p99"]), f"{r['slo_attainment']:.2f}", f"{r['train_tokens_per_s']:.0f}",
                 "-" if r["train_kept"] is None else f"{r['train_kept']:.2f}", f"{mem:.0f}", f"{r['ok']}/{r['rejected']}")
         lines.append("  ".join(f"{v:>11s}" for v in vals))
-    lines += verdict(rows, args)
+    lines += verdict([r for r in rows if not r.get("overload")], args)
+    lines += render_overload([r for r in rows if r.get("overload")], args)
     return "\n".join(lines)
+
+
+def render_overload(rows: list[dict], args) -> list[str]:
+    """Per system at the overload rate: requests answered and shed, and training kept per task."""
+    if not rows:
+        return []
+    out = [f"overload: {args.overload_rate:.2f} requests/s for {args.overload_s:.0f}s (beyond capacity); "
+           "training kept = task tokens/s against training alone"]
+    for r in rows:
+        kept = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["task_kept"].items()))
+        out.append(f"  {r['system']:9s} {r['requests']} requests: {r['ok']} answered, {r['shed_429']} shed with 429 "
+                   f"(server counted {r['server_shed']:.0f}), floor rounds {r['floor_rounds']:.0f}; kept per task: {kept}")
+    return out
 
 
 def verdict(rows: list[dict], args) -> list[str]:
@@ -321,15 +376,15 @@ def main(argv=None) -> int:
         base = args.model if args.model.startswith("builtin:") else None
         models = names + ([base] if base else [])
         print(f"training alone ({args.threads} threads) ...", file=sys.stderr, flush=True)
-        alone, alone_mem = measure_alone(args, root)
+        alone, alone_mem, alone_tasks = measure_alone(args, root)
         rows = []
         for system in args.systems:
             print(f"{system} ...", file=sys.stderr, flush=True)
-            rows += run_system(system, args, root, models, prompts, alone)
+            rows += run_system(system, args, root, models, prompts, alone, alone_tasks)
         print(render(rows, args, alone, alone_mem))
         if args.json:
             args.json.write_text(json.dumps({"alone_tokens_per_s": alone, "alone_memory": alone_mem,
-                                             "rows": rows}, indent=1))
+                                             "alone_task_tokens_per_s": alone_tasks, "rows": rows}, indent=1))
     return 0
 
 

@@ -25,7 +25,7 @@ from muxtune.api.finetunetask import PeftSpec
 from muxtune.engine.model.backbone import MultiplexedBackbone, TaskAdapter
 from muxtune.engine.peft.registry import get_method
 from muxtune.engine.serve.forward import BASE_SLOT
-from muxtune.facts.methods import get_peft_method, method_for_peft_type, peft_methods
+from muxtune.facts.methods import method_for_peft_type, peft_methods
 from muxtune.facts.methods.base import and_list
 
 log = logging.getLogger("muxtune.serve")

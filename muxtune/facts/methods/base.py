@@ -45,10 +45,8 @@ class PeftMethodDecl:
     requires: ClassVar[tuple[str, ...]] = ()
     owns: ClassVar[tuple[str, ...]] = ()
     flags: ClassVar[tuple[str, ...]] = ()
-    # serving: "deltas" (its deltas join a served request's Linears) or "virtual_tokens" (needs its
-    # prompt prepended to each request); peft_type: what adapter_config.json says, when the server
-    # loads this method's adapter directories
-    served_as: ClassVar[Literal["deltas", "virtual_tokens"]] = "deltas"
+    # peft_type: what adapter_config.json says, when the server loads this method's adapter directories
+    # (a method that attaches at the input is served with its virtual tokens: attaches says which)
     peft_type: ClassVar[str | None] = None
 
     # ----- PEFT ---------------------------------------------------------------------------------

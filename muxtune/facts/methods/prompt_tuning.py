@@ -13,7 +13,6 @@ class PromptTuningDecl(PeftMethodDecl):
     attaches = "input"
     requires = ("num_virtual_tokens",)
     owns = ("num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text")
-    served_as = "virtual_tokens"
     peft_type = "PROMPT_TUNING"
 
     @staticmethod

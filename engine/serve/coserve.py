@@ -56,6 +56,19 @@ class CoServer:
                 best = min(best, self._min_seq[rt.key])
         return 0 if best is math.inf else int(best)
 
+    FLOOR_EFFICIENCY = 4  # a floor round holds at least this many times its fixed cost's worth of tokens
+
+    def _floor_budget(self) -> int:
+        """Tokens of a round that brings training's share of the time back to the floor (the deficit's
+        seconds, by the cost model): at least the next sequence, and enough that the round's fixed cost
+        is a fifth of it at most, or rounds of one short sequence would keep the floor's time but
+        little of its tokens (measured: 2-8% of training alone at a 0.1 floor)."""
+        ctl, f = self.controller, self.train_floor
+        deficit_s = max(0.0, (f * self._all_s - self._train_s) / (1 - f))
+        a, b = ctl.train.coefficients()
+        efficient = int(self.FLOOR_EFFICIENCY * a / b) if b > 0 else 0
+        return max(self._next_sequence_tokens(), min(ctl.token_budget, max(efficient, ctl.train.tokens(deficit_s))))
+
     @property
     def train_share(self) -> float:
         """Training's share of the recent work time (1.0 before any work)."""
@@ -84,9 +97,9 @@ class CoServer:
             if self.share.training_owed(time.monotonic(), {tenant_of(rt.key) for rt in self.trainer.active()}):
                 budget, idle = ctl.token_budget, True  # over-share tenants' requests wait (timeshare.py)
             floor = not idle and self.train_share < self.train_floor
-            if floor and not ctl.worth_running(budget, self._next_sequence_tokens()):
-                # overload: the SLOs leave training nothing; it still keeps its floor share of the time
-                budget = max(budget, self._next_sequence_tokens())
+            if floor and budget < (catch_up := self._floor_budget()):
+                # overload: the SLOs leave training too little; it still keeps its floor share of the time
+                budget = catch_up
                 self.floor_rounds += 1
             if idle or floor or ctl.worth_running(budget, self._next_sequence_tokens()):
                 # with no request in flight training always advances, by one sequence at least, even

@@ -23,9 +23,13 @@ def long_data(path, n=32):
 def soak(s, submitter, iterations: int, in_flight: int = 6, model: str = "short"):
     """One tenant's overload: its own adapter's requests (the same namespace as the training tasks, so
     the per-tenant time share of timeshare.py owes no other tenant anything and the floor acts alone)."""
+    submitted = 0
     for _ in range(iterations):
         while len(s.engine.running) + len(s.engine.waiting) < in_flight:
-            submitter(s.engine, model, "reverse: abcdefgh\n", max_tokens=64, ignore_eos=True)
+            # staggered lengths: requests admitted together must not all finish in one iteration, which
+            # would leave the engine idle for a moment and hand training a full round (not overload)
+            submitter(s.engine, model, "reverse: abcdefgh\n", max_tokens=56 + 4 * (submitted % 5), ignore_eos=True)
+            submitted += 1
         s.loop.iteration()
 
 

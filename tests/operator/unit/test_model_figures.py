@@ -92,3 +92,25 @@ def test_a_staged_model_is_sized_from_what_its_job_read():
     plan = plan_transfers({}, {"m": bm}, {key: dict(job, status={"conditions": [{"type": "Complete", "status": "True"}]})},
                           {key: [{"terminationMessage": "models/hf-0123"}]}, cfg)
     assert plan.models["m"]["cachePath"] == "models/hf-0123" and "configArchitecture" not in plan.models["m"]
+
+
+# published configs (the keys that matter) and their models' published parameter counts
+PUBLISHED = {
+    "Llama-3-8B": (dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                        attention_bias=False, mlp_bias=False), 8_030_261_248),
+    "gpt2": (dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
+             124_439_808),
+    "opt-125m": (dict(model_type="opt", hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                      max_position_embeddings=2048, vocab_size=50272, word_embed_proj_dim=768,
+                      do_layer_norm_before=True, enable_bias=True), 125_239_296),
+    "pythia-160m": (dict(model_type="gpt_neox", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, vocab_size=50304, tie_word_embeddings=False), 162_322_944),
+}
+
+
+def test_published_models_are_counted_as_published():
+    from muxtune.facts.config_figures import config_figures
+
+    for name, (config, parameters) in PUBLISHED.items():
+        assert config_figures(config)["parameters"] == parameters, name

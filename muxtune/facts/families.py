@@ -109,15 +109,13 @@ REGISTRY: dict[str, Family] = {f.model_type: f for f in (
     # NeoX's fused query_key_value is laid out head by head ([q k v] per head), so a block of whole
     # heads is a contiguous block of rows: it splits as a column-parallel Linear
     Family("gpt_neox", "GPT-NeoX/Pythia", "gpt_neox.layers", ("query_key_value", "dense"),
-           ("dense_h_to_4h", "dense_4h_to_h"), fused_qkv=True, notes="partial rotary, parallel residual",
-           tp_refusal="its head-by-head fused query_key_value has a shard plan, not yet tested equal to one process",
+           ("dense_h_to_4h", "dense_4h_to_h"), fused_qkv=True, notes="partial rotary, parallel residual", paths=PATHS,
            shards=Shards(("query_key_value",), ("dense",), ("dense_h_to_4h",), ("dense_4h_to_h",),
                          regions=("attention", "mlp")),
            layout=Layout("gpt_neox", mlp_matrices=2)),
     # its attention splits; the fused experts stay replicated (no Linears in the plan)
     _llama_like("qwen3_moe", "Qwen3-MoE", "attention targets; experts refused", Layout(qk_norm="head", experts=True),
-                tp=False, mlp_targets=(), experts=("experts", "gate_up_proj", "down_proj", "gate_proj", "up_proj"),
-                tp_refusal="its attention has a shard plan (experts replicated), not yet tested equal to one process"),
+                mlp_targets=(), experts=("experts", "gate_up_proj", "down_proj", "gate_proj", "up_proj")),
     # named for the memory model only (projection names and roles); the engine does not run them
     Family("phi", "Phi-1/2", "", (), paths=(),
            shards=Shards(("q_proj", "k_proj", "v_proj"), ("dense",), ("fc1",), ("fc2",), kv=_KV)),

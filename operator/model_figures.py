@@ -33,7 +33,7 @@ def read_source_figures(bm: Mapping) -> tuple[dict, str]:
         return (arch.model_dump(exclude_none=True), "") if arch else ({}, f"no built-in model {src['builtin']!r}")
     if src.get("hostPath"):
         path = Path(src["hostPath"].get("path") or "/")
-        figures = read_figures(path)
+        figures = _read_host_path(path)
         return figures, "" if figures else f"{path}/config.json is not readable where the operator runs"
     if src.get("hf") or src.get("s3"):
         status = bm.get("status") or {}
@@ -48,6 +48,21 @@ def read_source_figures(bm: Mapping) -> tuple[dict, str]:
     if src.get("pvc"):
         return {}, "the operator mounts no PersistentVolumeClaim, so it cannot read config.json from a pvc source"
     return {}, "no source"
+
+
+_READ: dict[tuple[Path, int], dict] = {}  # every reconcile pass asks; read again only when config.json changes
+
+
+def _read_host_path(path: Path) -> dict:
+    try:
+        key = (path, (path / "config.json").stat().st_mtime_ns)
+    except OSError:
+        return {}
+    if key not in _READ:
+        if len(_READ) > 1000:
+            _READ.clear()
+        _READ[key] = read_figures(path)
+    return dict(_READ[key])
 
 
 def basemodel_figures(bm: Mapping) -> tuple[Architecture | None, str]:

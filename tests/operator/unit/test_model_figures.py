@@ -114,3 +114,14 @@ def test_published_models_are_counted_as_published():
 
     for name, (config, parameters) in PUBLISHED.items():
         assert config_figures(config)["parameters"] == parameters, name
+
+
+def test_a_changed_config_json_is_read_again(tmp_path):
+    import os
+
+    bm = _bm({"hostPath": {"path": str(_model_dir(tmp_path, MOE))}})
+    assert basemodel_figures(bm)[0].layers == 2
+    _model_dir(tmp_path, dict(MOE, num_hidden_layers=3))
+    st = (tmp_path / "config.json").stat()
+    os.utime(tmp_path / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert basemodel_figures(bm)[0].layers == 3

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from muxtune.engine.fair_queue import weight
 from muxtune.engine.serve.adapters import served_name
 from muxtune.engine.serve.controller import SloController
 from muxtune.engine.serve.engine import ServeEngine
@@ -40,8 +41,29 @@ class CoServer:
         self.device = engine.backbone.device
         self._trained_last = False
         self.iterations = 0
-        self._min_seq: dict[str, float] = {}
+        self._mean_seq: dict[str, float] = {}
         self.share = TenantTimeShare()  # one tenant's traffic cannot starve the others' training
+
+    def _mean_sequence(self, rt) -> float:
+        if rt.key not in self._mean_seq:
+            ex = rt.stream.examples
+            self._mean_seq[rt.key] = sum(len(e.input_ids) for e in ex) / max(1, len(ex))
+        return self._mean_seq[rt.key]
+
+    def _bound_leads(self) -> None:
+        """No task carries more than one step's tokens (the largest step's) of lead over the
+        least-served one into a round: service it got while rounds had room for everyone (training
+        alone, an idle server) is not held against it once rounds get tight. Without this the fair
+        queue made `copy` (long sequences, so more tokens a step) wait, under load, until its
+        neighbours caught up on the thousands of tokens it led by: minutes (issue 20's soak)."""
+        active = [rt for rt in self.trainer.active() if rt.stream is not None]
+        if len(active) < 2:
+            return
+        keys = {rt.key: rt.served_tokens / weight(rt.priority) for rt in active}
+        cap = min(keys.values()) + max(self._mean_sequence(rt) * rt.task.spec.training.batch_size for rt in active)
+        for rt in active:
+            if keys[rt.key] > cap:
+                rt.served_tokens = int(cap * weight(rt.priority))
 
     def _next_sequence_tokens(self) -> int:
         """Tokens of the smallest sequence the trainer could run next: the least a round costs."""
@@ -50,10 +72,7 @@ class CoServer:
             if rt.pending:
                 best = min(best, len(rt.pending[0].input_ids))
             elif rt.stream is not None:
-                if rt.key not in self._min_seq:
-                    ex = rt.stream.examples
-                    self._min_seq[rt.key] = sum(len(e.input_ids) for e in ex) / max(1, len(ex))
-                best = min(best, self._min_seq[rt.key])
+                best = min(best, self._mean_sequence(rt))
         return 0 if best is math.inf else int(best)
 
     FLOOR_EFFICIENCY = 4  # a floor round holds at least this many times its fixed cost's worth of tokens
@@ -105,6 +124,7 @@ class CoServer:
                 # with no request in flight training always advances, by one sequence at least, even
                 # when the TTFT SLO is tighter than the smallest round (else it could never run)
                 budget = max(budget, 1)
+                self._bound_leads()
                 before = {key: rt.served_tokens for key, rt in self.trainer.tasks.items()}
                 real = self.trainer.real_tokens
                 t0 = time.perf_counter()

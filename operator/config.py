@@ -138,6 +138,12 @@ class OperatorConfig:
     # replica too few sequences, and a gang of more pods is harder to place at once.
     max_dp: int = 8
     max_group_restarts: int = 6  # whole-group restarts (lost or failed pod) before the tasks fail
+    # Repack passes (operator/repacker.py): after tasks finish, whole groups are drained into others
+    # of their class through checkpoints; at most this many moves a pass, passes this many seconds
+    # apart, and a moved task is not moved again for repack_task_cooldown seconds. 0 moves: off.
+    repack_max_moves: int = 8
+    repack_interval: float = 60.0
+    repack_task_cooldown: float = 600.0
     activation_scale: float = 1.0  # multiplies the memory model's activations (operator/memory.py)
     log_level: str = "info"
     kubeconfig: str | None = None

@@ -51,6 +51,7 @@ from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.overlay import Overlay
 from muxtune.operator.planner import GroupPlan, Plan, plan as run_planner
 from muxtune.operator.poller import EnginePoller
+from muxtune.operator.repacker import Repacker
 from muxtune.operator.slofloor import SloFloors
 from muxtune.operator.snapshot import (
     GroupKey,
@@ -107,6 +108,8 @@ class Controller:
         self.applier = GroupApplier(client=client, config=config, keys=self.keys, events=self.events,
                                     overlay=self.overlay, backoff=self.backoff, poller=self.poller, kick=self.kick,
                                     decisions=self.gang, workload_msgs=self.workload_msgs)
+        self.repacker = Repacker(config.repack_max_moves, config.repack_interval, config.repack_task_cooldown)
+        self._held: set[str] = set()  # tasks moving between groups whose checkpoint is not written yet
         self.passes = 0
         self.errors = 0
         self._tasks: list[asyncio.Task] = []
@@ -227,7 +230,8 @@ class Controller:
         snap = self._observe()
         tplan = self._plan_transfers(snap)
         ms = self._membership(snap, tplan)
-        plan = await self._charge_quotas(snap, ms, self._plan(snap, ms))
+        self._repack_settle(snap, ms)
+        plan = self._repack(snap, ms, await self._charge_quotas(snap, ms, self._plan(snap, ms)))
         results = await self._apply(snap, ms, plan, tplan)
         await self._basemodel_status(snap, tplan)
         counts = await self._task_status(snap, ms, plan, tplan)
@@ -273,7 +277,7 @@ class Controller:
     def _plan(self, snap: Snapshot, ms: Membership) -> Plan:
         """Run the pure planner on the pending tasks, the groups' remaining members and free GPUs."""
         states = self._group_states(snap, ms)
-        pending = pending_requests(snap, ms)
+        pending = self._pending(snap, ms)
         t0 = time.perf_counter()
 
         def run(tasks, dropped):  # the planner, with preempted members out of their groups
@@ -293,7 +297,7 @@ class Controller:
         tasks their quotas cannot cover wait (QuotaExceeded), the rest is planned again without them."""
         states = self._group_states(snap, ms)
         plan, waiting = await quota.place_within_quota(
-            self.client, plan, pending_requests(snap, ms), {k: ms.request(k) for k in ms.member_of},
+            self.client, plan, self._pending(snap, ms), {k: ms.request(k) for k in ms.member_of},
             lambda p: run_planner(p, states, snap.inventory, snap.architectures, snap.planner_config,
                                   reserved_names=snap.reserved_names))
         if waiting:
@@ -312,7 +316,32 @@ class Controller:
             started = group_started(gk[1], [snap.tasks[k] for k in ms.active[gk]], self.reports)
             states.append(group_state(g, [ms.request(k) for k in ms.active[gk]], unbound_pods(g, pods), accepting,
                                       started))
-        return states
+        moving = {k: ms.request(k) for k in self.repacker.moving if k in snap.tasks and ms.placeable(k, snap.tasks[k])}
+        return self.repacker.arrivals(states, moving, self._held)
+
+    def _pending(self, snap: Snapshot, ms: Membership) -> list:
+        """Placeable tasks in no group, less those a repack pass moves (they join their target)."""
+        return [r for r in pending_requests(snap, ms) if r.key not in self.repacker.moving]
+
+    def _repack_settle(self, snap: Snapshot, ms: Membership) -> None:
+        """Moves done or void are forgotten; a member that left a group arms the next repack pass;
+        a moving task waits while its old group still has pods (the engine checkpoints it on SIGTERM)."""
+        live = {k for k, o in snap.tasks.items() if ms.placeable(k, o)}
+        targets = {gk[1] for gk, g in snap.groups.items() if not deleting(g)}
+        self.repacker.settle(ms.member_of, live, targets)
+        if any(len((g.get("spec") or {}).get("tasks") or []) > len(ms.active.get(gk, []))
+               for gk, g in snap.groups.items() if not deleting(g)):
+            self.repacker.members_left = True
+        with_pods = {gk[1] for gk, pods in snap.pods_of.items() if pods}
+        self._held = self.repacker.held(lambda name: name in with_pods)
+
+    def _repack(self, snap: Snapshot, ms: Membership, plan: Plan) -> Plan:
+        """A repack pass when one is due (operator/repacker.py bounds them); held tasks say why they wait."""
+        if self._held:
+            plan = dataclasses.replace(plan, unplaceable=(*plan.unplaceable, *self.repacker.unplaceable(self._held)))
+        if self.repacker.max_moves <= 0 or not self.repacker.due(bool(self._pending(snap, ms) or plan.unplaceable)):
+            return plan
+        return self.repacker.run(plan, self._group_states(snap, ms), snap.architectures, snap.planner_config)
 
     async def _apply(self, snap: Snapshot, ms: Membership, plan: Plan, tplan: TransferPlan) -> list:
         """Create, update or delete every planned group; gangs without pods first learn whether all

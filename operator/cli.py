@@ -22,7 +22,7 @@ def load_inventory(path: Path):
     import yaml
 
     from muxtune.operator.planner import NodeInfo
-    from muxtune.operator.world import compact_node
+    from muxtune.operator.world import compact_node, node_inventory
 
     nodes: list[NodeInfo] = []
     for doc in yaml.safe_load_all(Path(path).read_text()):
@@ -31,9 +31,7 @@ def load_inventory(path: Path):
         items = doc.get("items") if doc.get("kind") in ("List", "NodeList") else [doc] if doc.get("kind") == "Node" else None
         if items is not None:
             for n in items:
-                c = compact_node(n)
-                if c["gpus"] > 0 and c["gpuMemoryMiB"] > 0:
-                    nodes.append(NodeInfo(c["name"], c["gpus"], c["gpus"], c["gpuMemoryMiB"], c["gpuProduct"]))
+                nodes += node_inventory([compact_node(n)], [])  # whole GPUs, or time-sliced replicas
             continue
         for n in doc.get("nodes") or []:
             count = int(n.get("count", 1))

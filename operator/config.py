@@ -46,6 +46,10 @@ ANN_RESTART_REASON = "muxtune.io/restart-reason"
 RENDEZVOUS_PORT = 29500  # torch.distributed's store on pod 0 (PET_MASTER_PORT)
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
+# Time-sliced GPUs (NVIDIA device plugin sharing.timeSlicing with renameByDefault: docs/OPERATOR.md):
+# a node advertises replicas of its GPUs under this name and labels how many replicas a GPU has
+GPU_SHARED_RESOURCE = "nvidia.com/gpu.shared"
+GPU_REPLICAS_LABEL = "nvidia.com/gpu.replicas"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 

@@ -539,7 +539,14 @@ def gang_capacity(gplans: Mapping[GroupKey, GroupPlan], group_objs: Mapping[Grou
     out = {}
     waiting = [(gk, gp) for gk, gp in gplans.items()
                if gp.members and not gp.queue and not any(not p["deleting"] for p in pods_of.get(gk, []))]
+    slices = _free_slices(inventory, pods_of)
     for gk, gp in sorted(waiting, key=lambda x: (-priority.get(x[0], 0), x[0])):
+        if gp.shared_gpu:  # one time-sliced replica on a node of its product
+            node = next((n for n, (product, free) in sorted(slices.items()) if product == gp.gpu_product and free > 0), None)
+            out[gk] = (True, "") if node else (False, f"waiting for a free shared {gp.gpu_product} GPU slice")
+            if node:
+                slices[node] = (gp.gpu_product, slices[node][1] - 1)
+            continue
         where = cap.place(gp.gpu_product, gp.gpu_memory_mib, gp.pods, gp.gpus_per_pod)
         if where is None:
             out[gk] = (False, cap.why_not(gp.gpu_product, gp.gpu_memory_mib, gp.pods, gp.gpus_per_pod))
@@ -547,6 +554,17 @@ def gang_capacity(gplans: Mapping[GroupKey, GroupPlan], group_objs: Mapping[Grou
             cap.take(where, gp.gpus_per_pod)
             out[gk] = (True, "")
     return out
+
+
+def _free_slices(inventory, pods_of: Mapping[GroupKey, list[dict]]) -> dict[str, tuple[str, int]]:
+    """node -> (product, free shared GPU slices), less the slices of pods not yet bound."""
+    free = {n.name: (n.gpu_product, n.slices_free) for n in inventory if n.gpu_slices > 1}
+    pending = sum(p.get("slices", 0) for ps in pods_of.values() for p in ps
+                  if not p["deleting"] and not p.get("nodeName") and p["phase"] not in ("Succeeded", "Failed"))
+    for name in sorted(free, key=lambda n: -free[n][1]):
+        take = min(pending, free[name][1])
+        free[name], pending = (free[name][0], free[name][1] - take), pending - take
+    return free
 
 
 def _record_metrics(snap: Snapshot, plan: Plan, counts: dict[tuple[str, str], int]) -> None:

@@ -36,6 +36,7 @@ from muxtune.operator.config import (
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
+    GPU_SHARED_RESOURCE,
     KEY_FILE,
     KEY_MOUNT,
     KUEUE_POD_GROUP_LABEL,
@@ -84,11 +85,13 @@ def group_namespaces(group: dict) -> list[str]:
 
 
 def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, serving: dict | None = None,
-                token_budget: int | None = None, recompute: bool = False) -> list[str]:
+                token_budget: int | None = None, recompute: bool = False,
+                gpu_memory_fraction: float | None = None) -> list[str]:
     """The engine's command line; with the group's spec.serving it also serves the adapters of the
     members that enabled serving (and only those) on the serving port, within the group's SLOs.
     Serving runs in one process, so a group laid out over several ranks trains without it. The
-    planner's token budget and recompute are what the group's memory was sized for."""
+    planner's token budget and recompute are what the group's memory was sized for; on a shared GPU
+    the engine is told its share (--gpu-memory-fraction), which it enforces."""
     args = [
         "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
@@ -98,6 +101,8 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
         args += ["--token-budget", str(int(token_budget))]
     if recompute:
         args.append("--recompute")
+    if gpu_memory_fraction:
+        args += ["--gpu-memory-fraction", f"{float(gpu_memory_fraction):g}"]
     if dp * tp * pp > 1:
         args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
     elif serving:
@@ -350,11 +355,12 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
         "image": config.engine_image,
         "imagePullPolicy": config.engine_image_pull_policy,
         "command": ["muxtune"],
-        "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")))
+        "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")),
+                             spec.get("gpuMemoryFraction"))
                  + _trust_flag(spec["baseModel"], basemodel)),
         "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp, config.mlflow_tracking_uri),
         "ports": _ports(config, dp, tp, pp, serving),
-        "resources": _resources(config, int(spec.get("gpusPerPod", 1))),
+        "resources": _resources(config, int(spec.get("gpusPerPod", 1)), bool(spec.get("gpuMemoryFraction"))),
         "volumeMounts": mounts,
         "securityContext": {
             "runAsNonRoot": True,
@@ -397,13 +403,15 @@ def _ports(config: OperatorConfig, dp: int, tp: int, pp: int, serving: dict | No
     return ports
 
 
-def _resources(config: OperatorConfig, gpus: int) -> dict:
+def _resources(config: OperatorConfig, gpus: int, shared: bool = False) -> dict:
+    """CPU and memory requests; the GPUs, or on a shared GPU one time-sliced replica of it."""
     resources: dict = {"requests": {"cpu": config.engine_cpu_request, "memory": config.engine_memory_request}}
     if config.engine_limits:
         resources["limits"] = dict(config.engine_limits)
     if gpus > 0:
-        resources["requests"][GPU_RESOURCE] = str(gpus)
-        resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+        name, count = (GPU_SHARED_RESOURCE, "1") if shared else (GPU_RESOURCE, str(gpus))
+        resources["requests"][name] = count
+        resources.setdefault("limits", {})[name] = count
     return resources
 
 

@@ -85,6 +85,7 @@ def group_spec(plan: GroupPlan, members: list[dict]) -> dict:
     }
     spec["tokenBudget"] = plan.token_budget  # what its pods run with (--token-budget), fixed at creation
     spec["recompute"] = plan.recompute
+    spec["gpuMemoryFraction"] = round(plan.gpu_fraction, 6) if plan.shared_gpu else None
     spec["serving"] = group_serving(plan, members)
     return {k: v for k, v in spec.items() if v is not None}
 

@@ -20,55 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-class SavedTensorMeter:
-    """Live and peak bytes of tensors saved for backward (pack/unpack hooks)."""
-
-    def __init__(self, exclude: set[int]):
-        self.exclude = exclude
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
-        self.current = 0
-        self.peak = 0
-
-    def pack(self, t):
-        return _Saved(self, t)
-
-    @staticmethod
-    def unpack(saved):
-        return saved.tensor
-
-    def hooks(self):
-        import torch
-
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-
-class _Saved:
-    __slots__ = ("meter", "tensor", "key")
-
-    def __init__(self, meter: SavedTensorMeter, t):
-        self.meter, self.tensor, self.key = meter, t, None
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if t.device.type == "meta" or key in meter.exclude or storage.nbytes() == 0:
-            return
-        self.key = key
-        entry = meter.live.get(key)
-        if entry is None:
-            meter.live[key] = [1, storage.nbytes()]
-            meter.current += storage.nbytes()
-            meter.peak = max(meter.peak, meter.current)
-        else:
-            entry[0] += 1
-
-    def __del__(self):
-        if self.key is None:
-            return
-        entry = self.meter.live[self.key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.meter.current -= entry[1]
-            del self.meter.live[self.key]
+from muxtune.engine.memory_share import SavedTensorMeter  # noqa: F401  (the engine's own meter)
 
 
 def _nbytes(t) -> int:

@@ -17,10 +17,43 @@ one round in which every task completes a step, and reports, with no CUDA alloca
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from muxtune.engine.memory_share import SavedTensorMeter  # noqa: F401  (the engine's own meter)
+
+
+@contextlib.contextmanager
+def metering_recomputation(meter: SavedTensorMeter):
+    """Under --recompute a layer's saved tensors are rebuilt in backward and held by
+    torch.utils.checkpoint (keyed by a handle the layer's backward drops), not through the
+    saved-tensor hooks: count each for as long as its handle lives, so the peak includes the
+    layer being recomputed. (A layer's input, saved for the recomputation, goes through the hooks.)"""
+    import torch.utils.checkpoint as cp
+
+    original = cp._recomputation_hook.__init__
+
+    def init(self, frame_ref, gid):
+        original(self, frame_ref, gid)
+        inner = self.pack_hook
+
+        def pack(x):
+            out = inner(x)
+            frame = frame_ref()
+            for handle, kept in list(frame.recomputed[gid].items()) if frame is not None else ():
+                if kept is out and not hasattr(handle, "meter"):
+                    handle.meter = meter.pack(out)  # released with the handle
+            return out
+
+        pack._checkpoint_internal = True
+        self.pack_hook = pack
+
+    cp._recomputation_hook.__init__ = init
+    try:
+        yield
+    finally:
+        cp._recomputation_hook.__init__ = original
 
 
 def _nbytes(t) -> int:
@@ -28,7 +61,7 @@ def _nbytes(t) -> int:
 
 
 def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, dp: int, pp: int,
-            muxtune_home: str, tp: int = 1, token_budget: int = 1 << 30) -> dict:
+            muxtune_home: str, tp: int = 1, token_budget: int = 1 << 30, recompute: bool = False) -> dict:
     """Training rounds on this rank until every task has stepped (one round without a budget);
     what it held at the peak (see the module docstring)."""
     import torch
@@ -54,6 +87,7 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
         device, group = cpu, LocalGroup()
     backbone = MultiplexedBackbone(load_backbone(path, cpu, getattr(torch, dtype)))
     parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
+    backbone.recompute = recompute  # the engine's --recompute
     trainer = MuxTrainer(backbone, Path(out), token_budget=token_budget, resume=False, base_dir=Path(data_root),
                          group=group)
     for doc in docs:
@@ -67,7 +101,7 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
             _rt.key, sum(_nbytes(p.grad) for p in _rt.adapter.parameters() if p.grad is not None)))
     params = [p for p in backbone.model.parameters() if p.device.type != "meta"]
     meter = SavedTensorMeter({p.untyped_storage().data_ptr() for p in params})
-    with meter.hooks():
+    with meter.hooks(), (metering_recomputation(meter) if recompute else contextlib.nullcontext()):
         while any(rt.step == 0 for rt in tasks) and trainer.run_round():
             pass
     assert set(grads) == {rt.key for rt in tasks}, f"not every task stepped in the round: {sorted(grads)}"

@@ -225,7 +225,9 @@ class _Scene:
 
 
 def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, timeout: float = 900,
-        cleanup: bool = True, log=print) -> dict:
+        cleanup: bool = True, log=print, arrival_chunk: int = 250, arrival_gap: float = 0.0) -> dict:
+    """The workload, created ``arrival_chunk`` tasks at a time ``arrival_gap`` seconds apart (tasks
+    that arrive over several reconcile passes), placed by the operator; its figures."""
     kh = _load_helpers()
     scene = _set_up(info, kh, nodes, gpus_per_node, namespaces, log)
     op = _start_operator(info, kh, scene)
@@ -234,7 +236,10 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
 
     docs = make_tasks(tasks, scene.tenant_ns)
     t0 = time.monotonic()
-    create_many(info, docs)
+    for i in range(0, len(docs), arrival_chunk):
+        if i:
+            time.sleep(arrival_gap)
+        create_many(info, docs[i:i + arrival_chunk])
     t_created = time.monotonic() - t0
     log(f"{tasks} FineTuneTasks created in {t_created:.1f}s")
     items = kh.wait_for(lambda: _all_decided(info, kh, scene, tasks), timeout, interval=1.0,

@@ -178,6 +178,10 @@ class OperatorCommand(BaseModel):
                                                            "engine saves less, e.g. under activation recomputation)")
     max_dp: int = Field(8, ge=1, description="Most data-parallel pods of one group (used only when no single-pod layout fits)")
     max_group_restarts: int = Field(6, ge=0, description="Whole-group restarts after a lost or failed pod before its tasks fail")
+    repack_max_moves: int = Field(8, ge=0, description="Most tasks one repack pass moves between groups, through their "
+                                                       "checkpoints, after tasks finish (0: no repacking)")
+    repack_interval: float = Field(60.0, gt=0, description="Least seconds between two repack passes")
+    repack_task_cooldown: float = Field(600.0, ge=0, description="Seconds a moved task is not moved again")
     api_concurrency: int = Field(16, gt=0, description="Kubernetes API writes in flight at once")
     standalone: bool = Field(True, description="kopf without peering (one replica)")
     kubeconfig: str | None = Field(None, description="Kubeconfig (default: $KUBECONFIG, then in-cluster)")
@@ -235,6 +239,9 @@ class OperatorCommand(BaseModel):
             activation_scale=self.activation_scale,
             max_dp=self.max_dp,
             max_group_restarts=self.max_group_restarts,
+            repack_max_moves=self.repack_max_moves,
+            repack_interval=self.repack_interval,
+            repack_task_cooldown=self.repack_task_cooldown,
             api_concurrency=self.api_concurrency,
             kubeconfig=self.kubeconfig,
             log_level=self.log_level,

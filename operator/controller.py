@@ -341,7 +341,12 @@ class Controller:
             plan = dataclasses.replace(plan, unplaceable=(*plan.unplaceable, *self.repacker.unplaceable(self._held)))
         if self.repacker.max_moves <= 0 or not self.repacker.due(bool(self._pending(snap, ms) or plan.unplaceable)):
             return plan
-        return self.repacker.run(plan, self._group_states(snap, ms), snap.architectures, snap.planner_config)
+        before = dict(self.repacker.moving)
+        plan = self.repacker.run(plan, self._group_states(snap, ms), snap.architectures, snap.planner_config)
+        for k, mv in sorted(self.repacker.moving.items()):
+            if k not in before:
+                log.info("repack: %s moves from group %s to %s through its checkpoint", k, mv.source, mv.target)
+        return plan
 
     async def _apply(self, snap: Snapshot, ms: Membership, plan: Plan, tplan: TransferPlan) -> list:
         """Create, update or delete every planned group; gangs without pods first learn whether all

@@ -72,3 +72,13 @@ def test_the_inventory_reads_time_sliced_nodes():
         {"resources": {"requests": {"nvidia.com/gpu.shared": "1"}}}]}, "status": {"phase": "Running"}}
     (info,) = world.node_inventory([world.compact_node(node)], [world.compact_pod(pod)])
     assert (info.gpus_allocatable, info.gpu_slices, info.slices_free) == (0, 4, 31)
+
+
+def test_the_mixed_workload_on_partly_time_sliced_nodes_needs_fewer_gpus():
+    reqs, nodes, archs = bench.mixed_workload()
+    whole = P.plan(reqs, [], nodes, archs)
+    shared = P.plan(reqs, [], bench.shared_gpu_nodes(nodes), archs)
+    assert not shared.unplaceable and shared.gpu_slices > 0
+    assert shared.gpus_allocated < whole.gpus_allocated
+    for g in shared.groups:  # each group, a slice's included, fits its memory at its budget
+        assert g.memory_per_gpu_bytes <= g.gpu_memory_mib * M.MiB

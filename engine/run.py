@@ -190,6 +190,8 @@ def _new_trainer(backbone, cfg: RunConfig, base_dir: Path, group, metrics, tasks
         print_schedule=print if cfg.print_schedule else None, remote=cfg.remote,
     )
     if cfg.gpu_memory_fraction is not None:  # a GPU shared with another group's engine
+        if group.world > 1:  # ranks would lower their budgets apart; the planner shares 1-GPU groups only
+            raise SystemExit("--gpu-memory-fraction: a shared GPU runs a one-process group (dp = tp = pp = 1)")
         trainer.memory_share = MemoryShare(cfg.gpu_memory_fraction, device or pick_device(cfg.device),
                                            cfg.device_memory_mib)
     sinks = [Trackers()] if group.is_writer else []

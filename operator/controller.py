@@ -339,7 +339,7 @@ class Controller:
         """A repack pass when one is due (operator/repacker.py bounds them); held tasks say why they wait."""
         if self._held:
             plan = dataclasses.replace(plan, unplaceable=(*plan.unplaceable, *self.repacker.unplaceable(self._held)))
-        if self.repacker.max_moves <= 0 or not self.repacker.due(bool(self._pending(snap, ms) or plan.unplaceable)):
+        if self.repacker.max_moves <= 0 or not self.repacker.due(placing=bool(plan.placements)):
             return plan
         before = dict(self.repacker.moving)
         plan = self.repacker.run(plan, self._group_states(snap, ms), snap.architectures, snap.planner_config)

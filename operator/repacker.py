@@ -10,8 +10,8 @@ A move has two phases, so that no task loses a step:
    (tests/engine/resume/test_repack_resume.py: the step sequence is the uninterrupted one).
    A target that is gone or full lets the task go back to the planner.
 
-Churn is bounded: one pass at a time (none while a move is in flight or a task waits to be
-placed), passes at least ``interval`` seconds apart and only after a member left a group, at most
+Churn is bounded: one pass at a time (none while a move is in flight, nor in a pass that places
+tasks: tasks that cannot be placed do not stop it, the GPUs it frees may be theirs), passes at least ``interval`` seconds apart and only after a member left a group, at most
 ``max_moves`` tasks a pass (whole groups only: a partial drain frees no GPU), and a task moved in
 the last ``task_cooldown`` seconds pins its group (it is not moved again). Targets keep their
 budget and pods (repack.plan_repack hot-adds at the fixed budget).
@@ -70,8 +70,10 @@ class Repacker:
     def joined(self, states: Sequence[GroupState]) -> set[str]:
         return {m.key for s in states for m in s.members if m.key in self.moving}
 
-    def due(self, pending: bool) -> bool:
-        return (not self.moving and not pending and self.members_left
+    def due(self, placing: bool) -> bool:
+        """A pass may run: a member left a group, no move is under way, this pass places no task
+        (a receiver must not take moved tasks on top of new ones), and ``interval`` has passed."""
+        return (not self.moving and not placing and self.members_left
                 and self.clock() - self.last_pass >= self.interval)
 
     def run(self, plan: Plan, states: Sequence[GroupState], basemodels: Mapping[str, Architecture | None],

@@ -32,10 +32,10 @@ def test_a_pass_drains_a_group_through_checkpoints_then_joins_the_target():
     clock = Clock()
     r = Repacker(max_moves=8, interval=60, task_cooldown=600, clock=clock)
     states = [_group("g1", [_task(f"x{i}") for i in range(5)]), _group("g2", [_task("y0"), _task("y1")])]
-    assert not r.due(pending=False)  # nothing finished yet: no pass
+    assert not r.due(placing=False)  # nothing finished yet: no pass
     r.members_left = True  # a member left a group (finished)
-    assert not r.due(pending=True)  # placement first
-    assert r.due(pending=False)
+    assert not r.due(placing=True)  # a pass that places tasks first
+    assert r.due(placing=False)
     plan = r.run(_plan(states), states, MODELS, P.PlannerConfig())
     assert _members(plan)["g2"] == set()  # the donor is emptied: the applier tears it down (SIGTERM)
     assert {u.task for u in plan.unplaceable if u.reason == REPACKING} == {"a/y0", "a/y1"}
@@ -62,14 +62,14 @@ def test_churn_is_bounded_between_passes_and_per_task():
     r.members_left = True
     r.run(_plan(three), three, MODELS, P.PlannerConfig())
     assert r.moves == 3 and len({mv.source for mv in r.moving.values()}) == 1  # <= max_moves, whole groups
-    assert not r.due(pending=False)  # a move in flight: no second pass
+    assert not r.due(placing=False)  # a move in flight: no second pass
     r.settle({k: ("a", mv.target) for k, mv in r.moving.items()}, [t.key for g in three for t in g.members],
              {"g0", "g1", "g2"})
     r.members_left = True
     clock.t += 30
-    assert not r.due(pending=False)  # passes at least `interval` apart
+    assert not r.due(placing=False)  # passes at least `interval` apart
     clock.t += 31
-    assert r.due(pending=False)
+    assert r.due(placing=False)
     # a group holding a task moved within the cooldown is not drained again
     moved = next(iter(r.moved_at))
     after = [_group("g0", [_task(f"t0-{j}") for j in range(3)]), _group("g9", [_task(moved.split("/")[1])])]

@@ -61,12 +61,11 @@ def test_a_round_past_the_share_lowers_the_budget(make_task, data_dir, tmp_path,
 
 def test_the_flag_reaches_the_trainer(tmp_path):
     from muxtune.engine import run
+    from muxtune.engine.parallel.group import LocalGroup
     from muxtune.runconfig import RunConfig
 
-    cfg = RunConfig(tasks=[tmp_path / "t.yaml"], gpu_memory_fraction=0.25, device_memory_mib=2048, device="cpu")
     from tests.helpers.models import new_trainer
 
-    backbone = new_trainer(tmp_path / "o").backbone
-    trainer = run._new_trainer(backbone, cfg, tmp_path, __import__("muxtune.engine.parallel.group", fromlist=["x"]).LocalGroup(),
-                               None, [], CPU)
+    cfg = RunConfig(tasks=[tmp_path / "t.yaml"], gpu_memory_fraction=0.25, device_memory_mib=2048, device="cpu")
+    trainer = run._new_trainer(new_trainer(tmp_path / "o").backbone, cfg, tmp_path, LocalGroup(), None, [], CPU)
     assert trainer.memory_share is not None and trainer.memory_share.limit == 512 * MiB

@@ -33,7 +33,10 @@ LAYOUTS = [  # model, dtype, dp, pp, tp, token budget (None: every step fused in
     ("small-llama", "float32", 1, 1, 1, 2 * SEQ, False),  # the tasks take turns: a round holds two sequences
     ("small-llama", "float32", 1, 2, 1, 3 * SEQ, False),
     # --recompute: each layer keeps its input; in backward one layer's saved tensors are rebuilt at a
-    # time (metered too, engine_memory.metering_recomputation). Measured: model 16.3 / engine 13.9 MiB
+    # time (metered too, engine_memory.metering_recomputation). Measured: model 16.3 / engine 13.9 MiB.
+    # (pp=2, budget 384, recompute: model 20.3 / 13.7, engine 12.9 / 11.9 MiB per stage: the model
+    # counts the recomputed layer for a whole round, the engine rebuilds one micro-batch's at a
+    # time; over, never under, so it is not a layout here)
     ("small-llama", "float32", 1, 1, 1, 2 * SEQ, True),
 ]
 RESULTS: list[str] = []

@@ -139,6 +139,8 @@ EXPECTED_RULES = {
     ("kueue.x-k8s.io", "workloads"): {"get", "delete"},  # a queued group's Workload: why it waits; deleted first
     ("networking.k8s.io", "networkpolicies"): {"create", "patch"},  # every group (operator/isolation.py)
     ("", "resourcequotas"): {"list"},  # shared groups charged to member namespaces (operator/quota.py)
+    ("kueue.x-k8s.io", "localqueues"): {"list"},  # ... and to their Kueue queues
+    ("kueue.x-k8s.io", "clusterqueues"): {"list"},  # the queues' GPU quota (cluster-scoped)
     ("batch", "jobs"): {"create", "get", "list", "watch"},  # staging, export, model-cache Jobs (operator/transfers.py)
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
@@ -161,7 +163,7 @@ def _granted(role: dict) -> dict[tuple[str, str], set[str]]:
 
 
 CLUSTER_READS = {k for k in EXPECTED_RULES if k[1] in ("basemodels", "basemodels/status", "nodes", "namespaces",
-                                                        "customresourcedefinitions")}
+                                                        "customresourcedefinitions", "clusterqueues")}
 LEASES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 

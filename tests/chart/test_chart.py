@@ -247,6 +247,10 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     assert cfg.engine_priority_classes == [{"minPriority": 500, "className": "muxtune-high"}] and cfg.engine_pdb is False
     assert cfg.engine_affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 1
     assert cfg.leader_elect and cfg.signing_key_file == "/etc/muxtune/signing/key" and not cfg.dev_endpoint_annotation
+    assert cfg.status_token_file == "/etc/muxtune/status-token/token"
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in kinds["Deployment"][0]["spec"]["template"]["spec"]["volumes"]}
+    assert mounts["status-token"] == "/etc/muxtune/status-token" and vols["status-token"]["secret"]["secretName"] == "mux-muxtune-status-token"
     assert cmd.liveness_port == 8081
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz" and {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
@@ -306,6 +310,11 @@ def test_monitoring_objects(helm):
     assert ep["honorLabels"] is True and sm["spec"]["endpoints"][0]["honorLabels"] is True
     assert {"sourceLabels": ["__meta_kubernetes_pod_label_muxtune_io_group"], "targetLabel": "group"} in ep["relabelings"]
     assert pm["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/name": "muxtune-engine"}}
+    # engines answer /metrics only to the status token: Prometheus scrapes with the chart's Secret,
+    # the one the operator mounts (same namespace as the PodMonitor, as the Prometheus Operator needs)
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": "mux-muxtune-status-token", "key": "token"}}
+    (tok,) = [s for s in kinds["Secret"] if s["metadata"]["name"] == "mux-muxtune-status-token"]
+    assert tok["metadata"]["namespace"] == pm["metadata"]["namespace"] and len(tok["data"]["token"]) >= 48
 
 
 @pytest.fixture

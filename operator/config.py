@@ -87,7 +87,7 @@ class OperatorConfig:
     # highest band its members' spec.priority reaches when the pods are created
     engine_priority_classes: list[dict] = field(default_factory=list)
     engine_pdb: bool = True  # a PodDisruptionBudget per group (voluntary evictions wait)
-    # When GPUs are short, namespaces get task slots in proportion to these weights (default 1):
+    # When GPUs are short, namespaces get GPUs in proportion to these weights (default 1):
     # operator/fairshare.py; a higher-priority task preempts a lower-priority group
     namespace_weights: dict[str, float] = field(default_factory=dict)
     # the least spec.serving.sloTtftMs / sloTpotMs a task may ask for (operator/slofloor.py)

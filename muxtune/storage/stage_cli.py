@@ -3,15 +3,18 @@
 Each prints one line saying what it did and exits 0, or prints the reason (never a secret) and
 exits 1; the reason is also written to the container's termination message, which the operator
 shows on the task or BaseModel. The model command's termination message on success is the
-model's directory relative to the cache volume, which engine pods then mount read-only.
+model's directory relative to the cache volume, which engine pods then mount read-only, and on a
+second line the size figures read from its config.json (JSON), which the operator sizes it by.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from muxtune.facts.config_figures import read_figures
 from muxtune.storage import datasets, export, models
 from muxtune.storage.cache import cache_home, cached_dir
 from muxtune.storage.errors import StorageError, redact
@@ -70,5 +73,6 @@ def stage_model(source: str) -> int:
             path = cached_dir("models", "hf", {"source": source, "commit": snap.name},
                               lambda d: shutil.copytree(snap, d, symlinks=False, dirs_exist_ok=True), "config.json")
         rel = path.resolve().relative_to(cache_home().resolve()).as_posix()
-        return f"model ready at {rel}", rel
+        # the operator cannot mount the cache: it reads the path, then config.json's figures
+        return f"model ready at {rel}", f"{rel}\n{json.dumps(read_figures(path))}"
     return _run(go)

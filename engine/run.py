@@ -302,7 +302,8 @@ class _Endpoints:
 
                 ends.metrics = EngineMetrics()
                 status = trust.active().signed(ends.metrics.status) if trust.active() else ends.metrics.status
-                ends.server = preflight.start_server(cfg.metrics_host, cfg.metrics_port, status, ends.metrics.render)
+                ends.server = preflight.start_server(cfg.metrics_host, cfg.metrics_port, status, ends.metrics.render,
+                                                    cfg.status_token_sha256)
             if cfg.serving:
                 ends.serve_sock = preflight.listen("--serve-port", cfg.serve_host, cfg.serve_port)
             ends.lock = preflight.lock_output(cfg.output)

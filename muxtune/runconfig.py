@@ -67,6 +67,9 @@ class RunConfig(ServeFlags):
     chunk_size: int | None = Field(None, gt=0, description="Packed chunk length (default: the longest maxSeqLen)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /v1/status on this port (0: any free port)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics/status server binds (pods pass 0.0.0.0)")
+    status_token_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                                            description="SHA-256 (hex) of the bearer token /metrics and /v1/status then require "
+                                                        "(pods: the operator passes it); without it they answer anyone who reaches the port")
     watch: bool = Field(False, description="Keep running and follow changes to the task files (used in pods)")
     max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Refuse a dataset file larger than this many bytes")
     max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, gt=0, description="Refuse a dataset line longer than this many bytes")

@@ -168,6 +168,8 @@ class OperatorCommand(BaseModel):
                                                              "which anyone who may edit pods can set")
     unreachable_after: int = Field(3, gt=0, description="Failed polls in a row before a task shows EngineReachable=False")
     signing_key_file: str | None = Field(None, description="Master key of the per-group HMAC keys (default: random per process)")
+    status_token_file: str | None = Field(None, description="Bearer token of the engines' /metrics and /v1/status, shared with "
+                                                            "Prometheus (default: random per process)")
     pod_backoff_base: float = Field(2.0, gt=0, description="Seconds before retrying a refused pod creation; doubles per attempt")
     pod_backoff_cap: float = Field(300.0, gt=0, description="Longest wait between refused pod creations")
     leader_elect: bool = Field(True, description="Elect a leader over a Lease in the shared namespace (several replicas)")
@@ -230,6 +232,7 @@ class OperatorCommand(BaseModel):
             dev_endpoint_annotation=self.dev_endpoint_annotation,
             unreachable_after=self.unreachable_after,
             signing_key_file=self.signing_key_file,
+            status_token_file=self.status_token_file,
             pod_backoff_base=self.pod_backoff_base,
             pod_backoff_cap=self.pod_backoff_cap,
             leader_elect=self.leader_elect,
@@ -256,6 +259,9 @@ class OperatorCommand(BaseModel):
         if cfg.output_problem():
             print(f"error: {cfg.output_problem()}", file=sys.stderr)
             sys.exit(2)
+        from muxtune.operator.keys import load_status_token
+
+        cfg.status_token = load_status_token(cfg.status_token_file)  # read when it runs, not when parsed
         handlers.CONFIG = cfg
         from muxtune import logs
 

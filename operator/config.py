@@ -91,7 +91,7 @@ class OperatorConfig:
     # highest band its members' spec.priority reaches when the pods are created
     engine_priority_classes: list[dict] = field(default_factory=list)
     engine_pdb: bool = True  # a PodDisruptionBudget per group (voluntary evictions wait)
-    # When GPUs are short, namespaces get task slots in proportion to these weights (default 1):
+    # When GPUs are short, namespaces get GPUs in proportion to these weights (default 1):
     # operator/fairshare.py; a higher-priority task preempts a lower-priority group
     namespace_weights: dict[str, float] = field(default_factory=dict)
     # the least spec.serving.sloTtftMs / sloTpotMs a task may ask for (operator/slofloor.py)
@@ -126,6 +126,11 @@ class OperatorConfig:
     unreachable_after: int = 3  # failed polls in a row before EngineReachable=False
     # master key of the per-group HMAC keys (muxtune/facts/trust.py); None: a random key per process
     signing_key_file: str | None = None
+    # bearer token of the engines' /metrics and /v1/status (operator/keys.py), read from the file
+    # when the operator starts; None: engines' status ports take no token (unit tests; a running
+    # operator always has one, random per process without the file)
+    status_token_file: str | None = None
+    status_token: str | None = None
     pod_backoff_base: float = 2.0  # seconds; doubled per refused pod creation, per group
     pod_backoff_cap: float = 300.0
     leader_elect: bool = True
@@ -173,10 +178,13 @@ class OperatorConfig:
         c.engine_image = _env("ENGINE_IMAGE", c.engine_image) or c.engine_image
         for name in ("data_pvc", "data_host_path", "output_pvc", "output_host_path", "kubeconfig",
                      "data_pvc_per_namespace", "output_pvc_per_namespace", "signing_key_file",
-                     "transfer_image", "model_cache_pvc", "mlflow_tracking_uri"):
+                     "transfer_image", "model_cache_pvc", "mlflow_tracking_uri", "status_token_file"):
             v = _env(name.upper())
             if v:
                 setattr(c, name, v)
+        from muxtune.operator.keys import load_status_token
+
+        c.status_token = load_status_token(c.status_token_file)
         for name, conv in (("metrics_port", int), ("engine_metrics_port", int), ("poll_interval", float),
                            ("max_tasks_per_group", int), ("debounce", float)):
             v = _env(name.upper())

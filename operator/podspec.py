@@ -53,6 +53,7 @@ from muxtune.operator.config import (
     TASKS_MOUNT,
     OperatorConfig,
 )
+from muxtune.operator.keys import status_token_sha256
 
 RUN_AS = 65532
 
@@ -97,6 +98,8 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
         "--no-remote",  # no credentials here: staging and export Jobs move remote data (operator/transfers.py)
     ]
+    if config.status_token:  # the engine gets the digest only: a pod in a tenant's namespace never holds the token
+        args += ["--status-token-sha256", status_token_sha256(config.status_token)]
     if token_budget:
         args += ["--token-budget", str(int(token_budget))]
     if recompute:

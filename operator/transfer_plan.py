@@ -3,6 +3,7 @@
 From the tasks, BaseModels, transfer Jobs and their pods (operator/transfers.py), it says which
 Jobs to create, which tasks must wait (or fail) before placement and why, each task's stage
 conditions (DataStaged, Exported), and each staged BaseModel's status (Staging, Ready, Failed).
+A failed export fails the Succeeded task (operator/status.py), as `muxtune run` does.
 The reconciler applies it: Jobs created, holds merged into the policy refusals (so a held task
 is neither planned nor joins a group), conditions and BaseModel statuses patched.
 """
@@ -15,6 +16,7 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.operator import transfers
 from muxtune.operator.config import OperatorConfig
 from muxtune.operator.policy import Refusal
+from muxtune.operator.status import EXPORT_FAILED
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -61,7 +63,7 @@ def _export(plan: TransferPlan, key: str, task: FineTuneTask, jobs, job_pods, co
     if state in ("Absent", "Running"):
         cond = _cond("Exported", False, "Exporting", f"the export Job {name} is uploading the adapter")
     elif state == "Failed":
-        cond = _cond("Exported", False, "ExportFailed", f"uploading to output.uri failed (Job {name}): {msg}")
+        cond = _cond("Exported", False, EXPORT_FAILED, f"output.uri: {msg or 'the upload failed'} (export Job {name})")
     else:
         cond = _cond("Exported", True, "Uploaded", f"{msg or 'uploaded'} to {transfers.destination(task)}")
     plan.conditions.setdefault(key, []).append(cond)

@@ -120,7 +120,8 @@ def test_staging_with_wrong_credentials_fails_with_the_reason_and_no_secret(s3, 
     secret = "Sup3rSecretValue-x81"
     rc, out, term = run_job(transfers.staging_job(task, CFG), {"/data/team-a": tmp_path / "data", "/tmp": tmp_path},
                             {"a-creds": {**s3.env(), "AWS_SECRET_ACCESS_KEY": secret}}, tmp_path)
-    assert rc == 1 and "the credentials were refused" in term and secret not in out + term
+    assert rc == 1 and term.startswith("error: ") and "the credentials were refused" in term
+    assert secret not in out + term
     assert not list((tmp_path / "data").rglob("*.jsonl"))  # nothing half-staged
 
 
@@ -138,7 +139,7 @@ def test_model_job_stages_a_backbone_once_and_reports_its_path(s3, bucket, tmp_p
     job = transfers.model_job(bm, CFG)
     rc, out, term = run_job(job, {"/cache": cache, "/tmp": tmp_path}, {"platform": s3.env()}, tmp_path)
     assert rc == 0, out
-    assert term.startswith("models/s3-") and (cache / term / "config.json").is_file()
+    assert term.startswith("ok: models/s3-") and (cache / term.removeprefix("ok: ") / "config.json").is_file()
     rc, out, again = run_job(job, {"/cache": cache, "/tmp": tmp_path}, {"platform": s3.env()}, tmp_path)
     assert rc == 0 and again == term
 

@@ -104,8 +104,10 @@ def plan_transfers(tasks: dict[str, tuple[dict, FineTuneTask | str]], basemodels
         if phase not in TERMINAL and transfers.needs_staging(task):
             _staging(plan, key, task, jobs, job_pods, config)
         if phase not in TERMINAL and task.spec.base_model.startswith("model:") and key not in plan.holds:
-            model = plan.models.get(task.spec.base_model.split(":", 1)[1])
-            if model is not None and model["phase"] != "Ready":
+            bname = task.spec.base_model.split(":", 1)[1]
+            model, recorded = plan.models.get(bname), (basemodels.get(bname) or {}).get("status") or {}
+            # held until the BaseModel's status says where its weights are: pods are made from it
+            if model is not None and (model["phase"] != "Ready" or recorded.get("cachePath") != model["cachePath"]):
                 plan.holds[key] = Refusal("ModelStaging", f"{task.spec.base_model}: {model['message']}", False)
         if phase == "Succeeded" and transfers.needs_export(task):
             _export(plan, key, task, jobs, job_pods, config)

@@ -73,7 +73,9 @@ def test_a_staged_basemodel_goes_staging_ready_and_holds_its_tasks_until_then():
     plan = plan_transfers({key: (obj, task)}, {"tiny": bm}, jobs, pods, CFG)
     assert plan.models["tiny"] == {"phase": "Ready", "cachePath": "models/hf-0123",
                                    "message": "staged into the model cache at models/hf-0123"}
-    assert key not in plan.holds and not plan.create
+    assert key in plan.holds and not plan.create  # until the status saying where the weights are is written
+    bm["status"] = {"phase": "Ready", "cachePath": "models/hf-0123"}
+    assert key not in plan_transfers({key: (obj, task)}, {"tiny": bm}, jobs, pods, CFG).holds
     no_cache = plan_transfers({}, {"tiny": bm}, {}, {}, OperatorConfig())
     assert no_cache.models["tiny"]["phase"] == "Failed" and "modelCache.pvc" in no_cache.models["tiny"]["message"]
 
@@ -150,3 +152,19 @@ def test_a_failed_export_fails_the_succeeded_task_as_muxtune_run_does():
     stages = tuple(plan_transfers({key: (obj, task)}, {}, *ok, CFG).conditions[key])
     kept = status.compute_status(old, status.TaskView(None, None, "member", stages=stages), "2026-01-01T00:00:00Z")
     assert kept["phase"] == "Succeeded"
+
+
+def test_the_engine_reads_each_dataset_inside_its_namespaces_area_and_staged_objects_where_the_job_put_them():
+    """The staging Job writes /data/<ns>/<staged path>; the engine's --data-root is /data."""
+    from muxtune.operator import resources
+    from muxtune.storage.datasets import staged_relpath
+
+    key, (obj, task) = _task()
+    job = transfers.staging_job(task, CFG)
+    area = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert area[area.index("--data-area") + 1] == "/data/a"
+    doc = resources.engine_task_document(task)
+    assert doc["spec"]["dataset"]["path"] == "a/" + staged_relpath("s3://bk1/train.jsonl")
+    obj["spec"]["dataset"]["validationPath"] = "held/val.jsonl"
+    doc = resources.engine_task_document(FineTuneTask.model_validate(obj))
+    assert doc["spec"]["dataset"]["validationPath"] == "a/held/val.jsonl"  # never another namespace's area

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
 from muxtune.operator.config import (
     ANN_GPU_MEMORY,
     ANN_NAMESPACES,
@@ -93,6 +94,8 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
         "--no-remote",  # no credentials here: staging and export Jobs move remote data (operator/transfers.py)
     ]
+    if config.max_dataset_bytes != DEFAULT_MAX_FILE_BYTES:  # read what the staging Jobs may copy
+        args += ["--max-dataset-bytes", str(config.max_dataset_bytes)]
     if token_budget:
         args += ["--token-budget", str(int(token_budget))]
     if recompute:

@@ -40,6 +40,11 @@ def _outcome(job_name: str, namespace: str, jobs: dict, job_pods: dict) -> tuple
 
 def _staging(plan: TransferPlan, key: str, task: FineTuneTask, jobs, job_pods, config) -> None:
     ns, name = task.metadata.namespace or "default", transfers.staging_job_name(task)
+    over = transfers.size_cap(task, config)[1]
+    if over:
+        plan.holds[key] = Refusal("DataStagingFailed", over, True)
+        plan.conditions[key] = [_cond("DataStaged", False, "DataStagingFailed", over)]
+        return
     state, msg = _outcome(name, ns, jobs, job_pods)
     if state == "Absent":
         plan.create.append(transfers.staging_job(task, config))

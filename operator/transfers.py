@@ -111,13 +111,22 @@ TMP = [{"name": "TMPDIR", "value": "/tmp"}, {"name": "HOME", "value": "/tmp"}]
 TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
-def staging_job(task: FineTuneTask, config: OperatorConfig, max_dataset_bytes: int | None = None) -> dict:
+def size_cap(task: FineTuneTask, config: OperatorConfig) -> tuple[int, str | None]:
+    """(the staging Job's size cap, why the task may not be staged): the task's dataset.maxBytes
+    may lower the operator's cap, never raise it."""
+    asked = task.spec.dataset.max_bytes
+    if asked is not None and asked > config.max_dataset_bytes:
+        return config.max_dataset_bytes, (f"dataset.maxBytes {asked} is over this cluster's cap of "
+                                          f"{config.max_dataset_bytes} bytes (the operator's --max-dataset-bytes)")
+    return asked or config.max_dataset_bytes, None
+
+
+def staging_job(task: FineTuneTask, config: OperatorConfig) -> dict:
     """The Job that copies the task's s3:// datasets into its namespace's data area."""
     ns = task.metadata.namespace or "default"
     vols, mounts = _area("data", ns, config, writable=True)
-    args = ["stage", "data", *remote_datasets(task), "--data-area", f"{DATA_MOUNT}/{ns}"]
-    if max_dataset_bytes:
-        args += ["--max-dataset-bytes", str(max_dataset_bytes)]
+    args = ["stage", "data", *remote_datasets(task), "--data-area", f"{DATA_MOUNT}/{ns}",
+            "--max-dataset-bytes", str(size_cap(task, config)[0])]
     c = _container(args, config, task.spec.credentials_secret, [*mounts, TMP_MOUNT], TMP)
     return _job(staging_job_name(task), ns, "staging", task.metadata.name, c, vols)
 

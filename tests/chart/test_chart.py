@@ -227,6 +227,7 @@ def test_operator_args_parse_as_the_operator_cli(helm):
                            "--set", "engine.priorityClasses[0].minPriority=500",
                            "--set", "engine.priorityClasses[0].className=muxtune-high",
                            "--set", "engine.resources.limits.memory=32Gi", "--set", "engine.podDisruptionBudget=false",
+                           "--set", "transfer.maxDatasetBytes=5000000000",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].key=zone",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].operator=Exists"))
@@ -245,7 +246,7 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     assert cfg.engine_priority_classes == [{"minPriority": 500, "className": "muxtune-high"}] and cfg.engine_pdb is False
     assert cfg.engine_affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 1
     assert cfg.leader_elect and cfg.signing_key_file == "/etc/muxtune/signing/key" and not cfg.dev_endpoint_annotation
-    assert cmd.liveness_port == 8081
+    assert cmd.liveness_port == 8081 and cfg.max_dataset_bytes == 5_000_000_000  # not 5e+09
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz" and {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
 

@@ -4,9 +4,11 @@ place of its volume mounts. Returns (exit code, output, termination message); ru
 reports them on the Job's pod, the part of a kubelet's work a kwok node leaves out."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -39,9 +41,6 @@ def report_to_pod(info, job: dict, rc: int, message: str, timeout: float = 60) -
     """What a kubelet reports once the container exited: its exit code and termination message in
     the pod's status. A kwok node has already completed the pod (it runs nothing), so this lands
     on the finished pod: the operator reads a Job's outcome from this result (operator/transfers.py)."""
-    import json
-    import time
-
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
     deadline = time.monotonic() + timeout
     while True:

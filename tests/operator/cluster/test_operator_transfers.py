@@ -168,52 +168,10 @@ def _stage_model(info, system, name, cache, secrets, tmp_path):
                                 60, interval=1, what=f"{name} Ready or Failed")
 
 
-def test_hf_and_s3_basemodels_are_staged_once_and_a_group_trains_on_the_cache(
-        operator_env, s3, bucket, tmp_path, tiny_backbone_dir):  # noqa: F811
+def _train_on_the_cache(info, ns, s3name, cache, data, tmp_path):
+    """The group of the s3 model mounts its directory in the cache, read-only, and trains on it."""
     from muxtune.devcluster.hostengines import HostEngines
-    from tests.helpers.kubelet import write_data
-    from tests.helpers.remote import hub_cache
 
-    info, ns, system = operator_env["info"], operator_env["a"], operator_env["system"]
-    tag = ns.rsplit("-", 1)[-1]
-    cfg = json.loads((tiny_backbone_dir / "config.json").read_text())
-    arch = {"parameters": 200_000, "layers": cfg["num_hidden_layers"], "hiddenSize": cfg["hidden_size"],
-            "numAttentionHeads": cfg["num_attention_heads"], "vocabSize": cfg["vocab_size"]}
-    c = s3.client()
-    for f in tiny_backbone_dir.iterdir():
-        if f.is_file():
-            c.upload_file(str(f), bucket, f"models/tiny/{f.name}")
-    cache = tmp_path / "cache"  # the model cache volume
-    hub_cache(cache / "hub", "acme/tiny", tiny_backbone_dir)  # as huggingface_hub left it there
-    pvs = _model_cache_claims(info, [system, ns], tag)
-    info.kubectl("create", "secret", "generic", "platform", "-n", system,
-                 *[f"--from-literal={k}={v}" for k, v in s3.env().items()])
-    secrets = {"platform": {**s3.env(), "HF_HUB_OFFLINE": "1"}, "wrong": {**s3.env(), "AWS_SECRET_ACCESS_KEY": "nope-4f1"}}
-    s3name, hfname = f"s3-{tag}", f"hf-{tag}"
-    kh.apply(info, _basemodel(s3name, ns, {"s3": {"uri": f"s3://{bucket}/models/tiny/"}}, "platform", arch),
-             _basemodel(hfname, ns, {"hf": {"repo": "acme/tiny"}}, "platform", arch),
-             _basemodel(f"gone-{tag}", ns, {"s3": {"uri": f"s3://{bucket}/models/none/"}}, "platform", arch),
-             _basemodel(f"denied-{tag}", ns, {"s3": {"uri": f"s3://{bucket}/models/tiny/"}}, "wrong", arch))
-    data = tmp_path / "data"
-    (data / ns).mkdir(parents=True)
-    task = kh.task_manifest("on-cache", ns, base=f"model:{s3name}", data=write_data(data / ns, "rev.jsonl", 24, 1),
-                            steps=3, seq=32)
-    kh.apply(info, task)
-    kh.wait_for(lambda: any(c["reason"] == "ModelStaging" for c in _status(info, "ftt", "on-cache", ns).get("conditions", [])),
-                60, what="the task held while its model stages")
-
-    for name, secret, want in ((s3name, "platform", "Ready"), (hfname, "platform", "Ready"),
-                               (f"gone-{tag}", "platform", "no config.json"), (f"denied-{tag}", "wrong", "credentials were refused")):
-        rc, out, st = _stage_model(info, system, name, cache, secrets, tmp_path)
-        if want == "Ready":
-            assert rc == 0 and st["phase"] == "Ready", (out, st)
-            assert (cache / st["cachePath"] / "config.json").is_file() and not (cache / st["cachePath"]).is_symlink()
-        else:
-            assert rc == 1 and st["phase"] == "Failed" and want in st["message"], (out, st)
-            assert "nope-4f1" not in json.dumps(st)
-    assert _status(info, "basemodel", hfname)["cachePath"] != _status(info, "basemodel", s3name)["cachePath"]
-
-    # the group of the s3 model mounts its directory in the cache, read-only, and trains on it
     path = _status(info, "basemodel", s3name)["cachePath"]
 
     def bound_pod():
@@ -242,4 +200,53 @@ def test_hf_and_s3_basemodels_are_staged_once_and_a_group_trains_on_the_cache(
     finally:
         engines.close()
         link.unlink()
+
+
+def test_hf_and_s3_basemodels_are_staged_once_and_a_group_trains_on_the_cache(
+        operator_env, s3, bucket, tmp_path, tiny_backbone_dir):  # noqa: F811
+    from tests.helpers.kubelet import write_data
+    from tests.helpers.remote import hub_cache
+
+    info, ns, system = operator_env["info"], operator_env["a"], operator_env["system"]
+    tag = ns.rsplit("-", 1)[-1]
+    cfg = json.loads((tiny_backbone_dir / "config.json").read_text())
+    arch = {"parameters": 200_000, "layers": cfg["num_hidden_layers"], "hiddenSize": cfg["hidden_size"],
+            "numAttentionHeads": cfg["num_attention_heads"], "vocabSize": cfg["vocab_size"]}
+    c = s3.client()
+    for f in tiny_backbone_dir.iterdir():
+        if f.is_file():
+            c.upload_file(str(f), bucket, f"models/tiny/{f.name}")
+    cache = tmp_path / "cache"  # the model cache volume
+    hub_cache(cache / "hub", "acme/tiny", tiny_backbone_dir)  # as huggingface_hub left it there
+    pvs = _model_cache_claims(info, [system, ns], tag)
+    secrets = {"platform": {**s3.env(), "HF_HUB_OFFLINE": "1"}, "wrong": {**s3.env(), "AWS_SECRET_ACCESS_KEY": "nope-4f1"}}
+    for secret, env in secrets.items():
+        info.kubectl("create", "secret", "generic", secret, "-n", system, *[f"--from-literal={k}={v}" for k, v in env.items()])
+    s3name, hfname = f"s3-{tag}", f"hf-{tag}"
+    kh.apply(info, _basemodel(s3name, ns, {"s3": {"uri": f"s3://{bucket}/models/tiny/"}}, "platform", arch),
+             _basemodel(hfname, ns, {"hf": {"repo": "acme/tiny"}}, "platform", arch),
+             _basemodel(f"gone-{tag}", ns, {"s3": {"uri": f"s3://{bucket}/models/none/"}}, "platform", arch),
+             _basemodel(f"denied-{tag}", ns, {"s3": {"uri": f"s3://{bucket}/models/tiny/"}}, "wrong", arch))
+    data = tmp_path / "data"
+    (data / ns).mkdir(parents=True)
+    task = kh.task_manifest("on-cache", ns, base=f"model:{s3name}", data=write_data(data / ns, "rev.jsonl", 24, 1),
+                            steps=3, seq=32)
+    kh.apply(info, task)
+    kh.wait_for(lambda: any(c["reason"] == "ModelStaging" for c in _status(info, "ftt", "on-cache", ns).get("conditions", [])),
+                60, what="the task held while its model stages")
+
+    for name, want in ((s3name, "Ready"), (hfname, "Ready"), (f"gone-{tag}", "no config.json"),
+                       (f"denied-{tag}", "credentials were refused")):
+        rc, out, st = _stage_model(info, system, name, cache, secrets, tmp_path)
+        if want == "Ready":
+            assert rc == 0 and st["phase"] == "Ready", (out, st)
+            assert (cache / st["cachePath"] / "config.json").is_file() and not (cache / st["cachePath"]).is_symlink()
+        else:
+            assert rc == 1 and st["phase"] == "Failed" and want in st["message"], (out, st)
+            assert "nope-4f1" not in json.dumps(st)
+    assert _status(info, "basemodel", hfname)["cachePath"] != _status(info, "basemodel", s3name)["cachePath"]
+
+    try:
+        _train_on_the_cache(info, ns, s3name, cache, data, tmp_path)
+    finally:
         info.kubectl("delete", "pv", *pvs, "--wait=false", check=False)

@@ -10,6 +10,7 @@ without running them: tests/helpers/jobrunner.py)."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,7 @@ def test_hf_and_s3_basemodels_are_staged_once_and_a_group_trains_on_the_cache(
     kh.apply(info, _basemodel(s3name, ns, {"s3": {"uri": f"s3://{bucket}/models/tiny/"}}, "platform", arch),
              _basemodel(hfname, ns, {"hf": {"repo": "acme/tiny"}}, "platform", arch),
              _basemodel(f"gone-{tag}", ns, {"s3": {"uri": f"s3://{bucket}/models/none/"}}, "platform", arch),
+             _basemodel(f"nobucket-{tag}", ns, {"s3": {"uri": f"s3://no-such-{tag}/models/tiny/"}}, "platform", arch),
              _basemodel(f"denied-{tag}", ns, {"s3": {"uri": f"s3://{bucket}/models/tiny/"}}, "wrong", arch))
     data = tmp_path / "data"
     (data / ns).mkdir(parents=True)
@@ -235,9 +237,12 @@ def test_hf_and_s3_basemodels_are_staged_once_and_a_group_trains_on_the_cache(
     kh.wait_for(lambda: any(c["reason"] == "ModelStaging" for c in _status(info, "ftt", "on-cache", ns).get("conditions", [])),
                 60, what="the task held while its model stages")
 
-    for name, want in ((s3name, "Ready"), (hfname, "Ready"), (f"gone-{tag}", "no config.json"),
-                       (f"denied-{tag}", "credentials were refused")):
-        rc, out, st = _stage_model(info, system, name, cache, secrets, tmp_path)
+    cases = {s3name: "Ready", hfname: "Ready", f"gone-{tag}": "no config.json",
+             f"nobucket-{tag}": "does not exist", f"denied-{tag}": "credentials were refused"}
+    with ThreadPoolExecutor(3) as pool:  # the Jobs run side by side, as on a cluster's nodes
+        outcomes = dict(zip(cases, pool.map(lambda n: _stage_model(info, system, n, cache, secrets, tmp_path), cases)))
+    for name, want in cases.items():
+        rc, out, st = outcomes[name]
         if want == "Ready":
             assert rc == 0 and st["phase"] == "Ready", (out, st)
             assert (cache / st["cachePath"] / "config.json").is_file() and not (cache / st["cachePath"]).is_symlink()

@@ -65,7 +65,8 @@ from muxtune.operator.snapshot import (
     unbound_pods,
 )
 from muxtune.operator.transfer_plan import TransferPlan, plan_transfers
-from muxtune.operator.world import basemodel_architecture, group_started, group_state, node_inventory, parse_task
+from muxtune.operator.world import (
+    basemodel_architecture, basemodel_figures, group_started, group_state, node_inventory, parse_task)
 
 log = logging.getLogger("muxtune.operator")
 API = f"{GROUP}/{VERSION}"
@@ -339,7 +340,7 @@ class Controller:
             arch = snap.architectures.get(bname)
             want = {"ready": arch is not None,
                     "message": "architecture figures available to the planner" if arch is not None
-                    else "no architecture figures: set spec.architecture (parameters, layers, hiddenSize)"}
+                    else basemodel_figures(bm)[1]}
             if arch is not None:
                 want["architecture"] = arch.model_dump(mode="json", by_alias=True, exclude_none=True)
             if bname in tplan.models:  # hf/s3 weights: ready once staged into the model cache

@@ -9,9 +9,10 @@ is neither planned nor joins a group), conditions and BaseModel statuses patched
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
-from muxtune.api.basemodel import BaseModelResource
+from muxtune.api.basemodel import ArchitectureFigures, BaseModelResource
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.operator import transfers
 from muxtune.operator.config import OperatorConfig
@@ -86,7 +87,22 @@ def _model_status(bm: BaseModelResource, jobs, job_pods, config: OperatorConfig,
         return {"phase": "Staging", "message": f"the Job {name} is fetching {bm.spec.source.remote_uri}"}
     if state == "Failed":
         return {"phase": "Failed", "message": f"staging failed (Job {name}): {msg or 'no reason given'}"}
-    return {"phase": "Ready", "cachePath": msg, "message": f"staged into the model cache at {msg}"}
+    path, _, figures = msg.partition("\n")
+    out = {"phase": "Ready", "cachePath": path, "message": f"staged into the model cache at {path}"}
+    read = _read_figures(figures)
+    if read:
+        out["configArchitecture"] = read
+    return out
+
+
+def _read_figures(text: str) -> dict:
+    """The figures the model-cache Job read from config.json (muxtune/storage/stage_cli.py), on the
+    wire; {} when it reported none or nothing usable (the BaseModel's message then says so)."""
+    try:
+        return ArchitectureFigures.model_validate(json.loads(text)).model_dump(
+            mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
+    except ValueError:
+        return {}
 
 
 def plan_transfers(tasks: dict[str, tuple[dict, FineTuneTask | str]], basemodels: dict[str, dict],

@@ -179,4 +179,6 @@ def job_outcome(job: dict | None, pods: list[dict] = ()) -> tuple[str, str]:
         return "Failed", result.removeprefix(RESULT_ERROR)
     if failed:  # no container said why (image pull, deadline, eviction): the Job's own reason
         return "Failed", (result or failed.get("message") or failed.get("reason") or "").strip()
+    if result:  # an older transfer image's result, unprefixed: only a container writes one
+        return "Succeeded", result
     return "Running", ""

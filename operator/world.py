@@ -6,6 +6,7 @@ from typing import Iterable, Mapping
 from pydantic import ValidationError
 
 from muxtune.api.basemodel import Architecture
+from muxtune.operator.model_figures import basemodel_figures
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import format_validation_error
 from muxtune.operator.config import (
@@ -115,19 +116,9 @@ def node_inventory(nodes: Iterable[Mapping], pods: Iterable[Mapping]) -> list[No
 
 
 def basemodel_architecture(bm: Mapping) -> Architecture | None:
-    builtin = (((bm.get("spec") or {}).get("source") or {}).get("builtin"))
-    if builtin and not (bm.get("spec") or {}).get("architecture"):
-        from muxtune.operator.memory import BUILTIN_ARCHITECTURES
-
-        return BUILTIN_ARCHITECTURES.get(builtin)
-    for part in ("spec", "status"):
-        a = ((bm.get(part) or {}).get("architecture"))
-        if a:
-            try:
-                return Architecture.model_validate(a)
-            except ValidationError:
-                return None
-    return None
+    """The figures in use: typed in spec.architecture, the rest read from config.json
+    (operator/model_figures.py); None when the required ones are missing."""
+    return basemodel_figures(bm)[0]
 
 
 def parse_task(obj: Mapping) -> FineTuneTask | str:

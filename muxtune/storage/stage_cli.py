@@ -6,15 +6,18 @@ exits 1. Its result is also the container's termination message: `ok: <detail>` 
 from the Job's condition alone: a kubelet always delivers both, but a kwok node (the dev cluster)
 completes Job pods without running them, and its stand-in kubelet reports the result afterwards.
 The model command's detail on success is the model's directory relative to the cache volume,
-which engine pods then mount read-only.
+which engine pods then mount read-only, and on a second line the size figures read from its
+config.json (JSON), which the operator sizes it by.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from muxtune.facts.config_figures import read_figures
 from muxtune.storage import datasets, export, models
 from muxtune.storage.cache import cache_home, cached_dir
 from muxtune.storage.errors import StorageError, redact
@@ -74,5 +77,6 @@ def stage_model(source: str) -> int:
             path = cached_dir("models", "hf", {"source": source, "commit": snap.name},
                               lambda d: shutil.copytree(snap, d, symlinks=False, dirs_exist_ok=True), "config.json")
         rel = path.resolve().relative_to(cache_home().resolve()).as_posix()
-        return f"model ready at {rel}", rel
+        # the operator cannot mount the cache: it reads the path, then config.json's figures
+        return f"model ready at {rel}", f"{rel}\n{json.dumps(read_figures(path))}"
     return _run(go)

@@ -208,6 +208,36 @@ def test_unplaceable_task_is_pending_with_a_reason(operator_env):
     info.kubectl("delete", "basemodel", f"huge-{ns}")
 
 
+# a GPT-2 config.json as save_pretrained writes it; 41952 = sum(p.numel()) of its model
+# (tests/engine/families/test_config_figures.py checks every family's count against the real model)
+GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": None, "n_positions": 256,
+               "vocab_size": 259, "tie_word_embeddings": True, "activation_function": "gelu_new"}
+
+
+def test_a_basemodel_with_only_a_source_is_sized_from_its_config_json(operator_env, tmp_path):
+    """The operator runs on this host, so a hostPath here is a directory it sees: no typed figures."""
+    import json
+
+    info, ns = operator_env["info"], operator_env["a"]
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_CONFIG))
+    read = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"read-{ns}"},
+            "spec": {"source": {"hostPath": {"path": str(tmp_path)}}, "allowedNamespaces": [ns]}}
+    blind = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"blind-{ns}"},
+             "spec": {"source": {"pvc": {"claimName": "weights"}}, "allowedNamespaces": [ns],
+                      "architecture": {"layers": 2}}}
+    apply(info, read, blind)
+    st = wait_for(lambda: (s := kjson(info, "get", "basemodel", f"read-{ns}").get("status") or {}).get("ready") and s,
+                  30, what="BaseModel sized from config.json")
+    arch = st["architecture"]
+    assert (arch["parameters"], arch["layers"], arch["hiddenSize"], arch["modelType"]) == (41952, 2, 32, "gpt2")
+    st = wait_for(lambda: (kjson(info, "get", "basemodel", f"blind-{ns}").get("status") or {}).get("message"), 30,
+                  what="BaseModel message")
+    assert st.startswith("missing architecture figures parameters, hiddenSize: set them in spec.architecture")
+    assert "PersistentVolumeClaim" in st
+    assert not kjson(info, "get", "basemodel", f"blind-{ns}")["status"]["ready"]
+    info.kubectl("delete", "basemodel", f"read-{ns}", f"blind-{ns}")
+
+
 def test_operator_restart_mid_reconcile_creates_no_duplicates(operator_env):
     info, ns, op = operator_env["info"], operator_env["a"], operator_env["op"]
     names = [f"rs-{i}" for i in range(8)]

@@ -130,6 +130,8 @@ def test_the_outcome_is_the_jobs_result_not_its_condition_alone():
                                                "message": "Job was active longer than specified deadline"}]})
     assert transfers.job_outcome(failed, []) == ("Failed", "Job was active longer than specified deadline")
     assert transfers.job_outcome(dict(job, status={}), retried) == ("Running", "")
+    # an older transfer image's unprefixed result still counts (only a container writes one)
+    assert transfers.job_outcome(complete, [{"terminationMessage": "models/hf-1"}]) == ("Succeeded", "models/hf-1")
 
 
 def test_a_failed_export_fails_the_succeeded_task_as_muxtune_run_does():

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import CliPositionalArg
 
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
+
 INVENTORY_HELP = """Node inventory YAML: either Kubernetes Node objects (`kubectl get nodes -o yaml`; GPUs from
 allocatable nvidia.com/gpu, memory from the nvidia.com/gpu.memory label, in MiB), or
 `nodes: [{name, gpus, gpusFree, gpuMemoryMiB, gpuProduct, count}]`."""
@@ -161,6 +163,8 @@ class OperatorCommand(BaseModel):
     transfer_image: str = Field("ghcr.io/muxtune/operator:0.1.0", description="Image of the staging, export and model-cache Jobs (torch-free)")
     model_cache_pvc: str | None = Field(None, description="PVC that hf:// and s3:// BaseModels are staged into once; groups mount the model's directory read-only")
     mlflow_tracking_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI of engine pods (training.reportTo: mlflow)")
+    max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Largest s3:// object a staging Job copies "
+                                   "(a task's dataset.maxBytes may lower it, not raise it); engine pods read up to it")
     ephemeral_output: bool = Field(False, description="Allow running without output storage (an emptyDir per pod: adapters are LOST with the pod; throwaway clusters only)")
     poll_interval: float = Field(10.0, gt=0, description="Seconds between /v1/status polls of each group")
     poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP")
@@ -227,6 +231,7 @@ class OperatorCommand(BaseModel):
             transfer_image=self.transfer_image,
             model_cache_pvc=self.model_cache_pvc,
             mlflow_tracking_uri=self.mlflow_tracking_uri,
+            max_dataset_bytes=self.max_dataset_bytes,
             poll_interval=self.poll_interval,
             poll_pod_ip=self.poll_pod_ip,
             dev_endpoint_annotation=self.dev_endpoint_annotation,

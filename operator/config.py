@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
 from muxtune.operator.memory import MemoryConfig
 from muxtune.operator.planner import PlannerConfig
 
@@ -112,6 +113,9 @@ class OperatorConfig:
     # the volume hf:// and s3:// BaseModels are staged into once (read-write for their Jobs only;
     # groups mount the model's directory in it read-only)
     model_cache_pvc: str | None = None
+    # the largest s3:// object a staging Job copies (a task's dataset.maxBytes may ask less, not more);
+    # engine pods are told it too, so they read what was staged
+    max_dataset_bytes: int = DEFAULT_MAX_FILE_BYTES
     # engines of tasks with training.reportTo mlflow report here (MLFLOW_TRACKING_URI)
     mlflow_tracking_uri: str | None = None
     # Without output storage the operator refuses to start (adapters would die with their pod),
@@ -186,6 +190,7 @@ class OperatorConfig:
 
         c.status_token = load_status_token(c.status_token_file)
         for name, conv in (("metrics_port", int), ("engine_metrics_port", int), ("poll_interval", float),
+                           ("max_dataset_bytes", int),
                            ("max_tasks_per_group", int), ("debounce", float)):
             v = _env(name.upper())
             if v:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
 from muxtune.operator.config import (
     ANN_ENGINE_BUDGET,
     ANN_GPU_MEMORY,
@@ -100,6 +101,8 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
     ]
     if config.status_token:  # the engine gets the digest only: a pod in a tenant's namespace never holds the token
         args += ["--status-token-sha256", status_token_sha256(config.status_token)]
+    if config.max_dataset_bytes != DEFAULT_MAX_FILE_BYTES:  # read what the staging Jobs may copy
+        args += ["--max-dataset-bytes", str(config.max_dataset_bytes)]
     if token_budget:
         args += ["--token-budget", str(int(token_budget))]
     if recompute:

@@ -229,6 +229,7 @@ def test_operator_args_parse_as_the_operator_cli(helm):
                            "--set", "engine.priorityClasses[0].minPriority=500",
                            "--set", "engine.priorityClasses[0].className=muxtune-high",
                            "--set", "engine.resources.limits.memory=32Gi", "--set", "engine.podDisruptionBudget=false",
+                           "--set", "transfer.maxDatasetBytes=5000000000",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].key=zone",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].operator=Exists"))
@@ -251,7 +252,7 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     vols = {v["name"]: v for v in kinds["Deployment"][0]["spec"]["template"]["spec"]["volumes"]}
     assert mounts["status-token"] == "/etc/muxtune/status-token" and vols["status-token"]["secret"]["secretName"] == "mux-muxtune-status-token"
-    assert cmd.liveness_port == 8081
+    assert cmd.liveness_port == 8081 and cfg.max_dataset_bytes == 5_000_000_000  # not 5e+09
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz" and {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
 

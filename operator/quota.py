@@ -18,7 +18,10 @@ instead, before placement:
   what counts against it is the charge of every namespace whose queue is that ClusterQueue (its
   other tasks' shares included), since Kueue never sees the operator's shared groups. Borrowing in
   a cohort is not counted: a shared task gets the nominal quota at most;
-* a task newly placed into a shared group whose namespace's (or queue's) charge would exceed its
+* a group on a time-sliced GPU (``nvidia.com/gpu.shared``, operator/placement.py) is charged too,
+  even in its tenant's own namespace: its pod requests a replica, which no ``nvidia.com/gpu``
+  quota counts, so the operator charges its share of the GPU (``gpu_fraction``) by token share;
+* a task newly placed into a shared group (or onto a GPU slice) whose namespace's (or queue's) charge would exceed its
   room is not placed: it waits, ``QuotaExceeded``, naming the quota. Tasks already running are
   never evicted.
 
@@ -77,17 +80,32 @@ def tokens(t: TaskRequest) -> int:
     return max(1, t.shape.batch_size * t.shape.max_seq_len)
 
 
+def charged_by_operator(g: GroupPlan) -> bool:
+    """Groups no namespace's ResourceQuota counts: shared ones (the operator's namespace) and those
+    on a GPU slice (a ``nvidia.com/gpu.shared`` replica is not a ``nvidia.com/gpu``)."""
+    return g.tenancy is None or g.shared_gpu
+
+
+def group_gpus(g: GroupPlan) -> float:
+    return g.gpus * g.gpu_fraction if g.shared_gpu else g.gpus
+
+
 def charges(groups: Iterable[GroupPlan], requests: Mapping[str, TaskRequest]) -> dict[str, float]:
-    """{namespace: GPUs charged} over the shared groups (tenancy None), by token share."""
+    """{namespace: GPUs charged} over the groups the operator charges, by token share."""
     out: dict[str, float] = {}
     for g in groups:
-        if g.tenancy is not None or not g.members:
+        if not charged_by_operator(g) or not g.members:
             continue
         total = sum(tokens(requests[k]) for k in g.members)
         for k in g.members:
             ns = requests[k].namespace
-            out[ns] = out.get(ns, 0.0) + g.gpus * tokens(requests[k]) / total
+            out[ns] = out.get(ns, 0.0) + group_gpus(g) * tokens(requests[k]) / total
     return out
+
+
+def _what(g: GroupPlan) -> str:
+    where = "shared group" if g.tenancy is None else "group"
+    return f"{where} {g.name}" + (f" (a {g.gpu_fraction:g} slice of a time-sliced GPU)" if g.shared_gpu else "")
 
 
 def _limits(room_or_rooms) -> list[Room]:
@@ -104,7 +122,7 @@ def over_quota(groups: Iterable[GroupPlan], requests: Mapping[str, TaskRequest],
     charged = charges(groups, requests)
     out = []
     for g in groups:
-        if g.tenancy is not None:
+        if not charged_by_operator(g):
             continue
         for k in g.members:
             ns = requests[k].namespace
@@ -117,8 +135,8 @@ def over_quota(groups: Iterable[GroupPlan], requests: Mapping[str, TaskRequest],
                     whose = f"namespace {ns}'s" if scope == {ns} else f"the queue of namespace {ns} ({', '.join(sorted(scope))})"
                     out.append(Unplaceable(k, "QuotaExceeded", (
                         f"{whose} GPU quota ({r.label()}: {r.hard:g} GPU(s), {max(r.free, 0):g} free) does not "
-                        f"cover its share of shared group {g.name} ({charge:.2f} GPU(s) by token share over all "
-                        f"its shared tasks); the task waits until quota frees or is raised")))
+                        f"cover its share of {_what(g)} ({charge:.2f} GPU(s) by token share over all "
+                        f"its tasks there); the task waits until quota frees or is raised")))
                     break
     return out
 
@@ -179,10 +197,10 @@ async def place_within_quota(client, plan, pending: list[TaskRequest], members: 
     The quotas are read only for namespaces with a task newly placed in a shared group."""
     requests = {**members, **{t.key: t for t in pending}}
     new = {t.key for t in pending}
-    placed = {requests[k].namespace for g in plan.groups if g.tenancy is None for k in g.members if k in new}
+    placed = {requests[k].namespace for g in plan.groups if charged_by_operator(g) for k in g.members if k in new}
     if not placed:
         return plan, []
-    charged = {requests[k].namespace for g in plan.groups if g.tenancy is None for k in g.members}
+    charged = {requests[k].namespace for g in plan.groups if charged_by_operator(g) for k in g.members}
     queues = await kueue_rooms(client, charged)
     rooms = {ns: [*_limits(room((await client.list("v1", "resourcequotas", ns)).get("items") or [])), *queues.get(ns, [])]
              for ns in sorted(placed)}

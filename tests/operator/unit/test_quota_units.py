@@ -15,10 +15,10 @@ def req(ns, name, batch=8, seq=512) -> TaskRequest:
     return TaskRequest(ns, name, "builtin:tiny-llama", TaskShape(batch_size=batch, max_seq_len=seq), share=True)
 
 
-def gplan(members, gpus=1, tenancy=None) -> GroupPlan:
+def gplan(members, gpus=1, tenancy=None, gpu_fraction=1.0) -> GroupPlan:
     return GroupPlan(name="mt-g", namespace="muxtune-system", base_model="builtin:tiny-llama", tenancy=tenancy,
                      parallelism=Parallelism(tp=gpus), gpu_product="", gpu_memory_mib=80000, members=tuple(members),
-                     memory_per_gpu_bytes=1, new=True, changed=True)
+                     memory_per_gpu_bytes=1, new=True, changed=True, gpu_fraction=gpu_fraction)
 
 
 def rq(name, hard, used="0", key="requests.nvidia.com/gpu"):
@@ -36,6 +36,18 @@ def test_shares_follow_tokens_and_only_shared_groups_are_charged():
     reqs = {t.key: t for t in (req("a", "x", 8, 512), req("b", "y", 8, 1536), req("a", "solo"))}
     got = quota.charges([gplan(["a/x", "b/y"], gpus=2), gplan(["a/solo"], tenancy="a")], reqs)
     assert got == pytest.approx({"a": 0.5, "b": 1.5})  # 4096 vs 12288 tokens of 2 GPUs; a's own group: its pods
+
+
+def test_a_gpu_slice_is_charged_even_in_the_tenants_own_namespace():
+    """A group on a time-sliced GPU runs its pod in the tenant's namespace, but the pod requests a
+    nvidia.com/gpu.shared replica, which a nvidia.com/gpu quota does not count: the operator charges
+    the slice (a quarter of a GPU here) or a zero-GPU namespace would train on one."""
+    reqs = {t.key: t for t in (req("a", "x"), req("a", "y"))}
+    sliced = gplan(["a/x", "a/y"], tenancy="a", gpu_fraction=0.25)
+    assert quota.charges([sliced], reqs) == pytest.approx({"a": 0.25})
+    (u,) = [o for o in quota.over_quota([sliced], reqs, {"a/y"}, {"a": quota.room([rq("gpus", "0")])})]
+    assert u.task == "a/y" and u.reason == "QuotaExceeded" and "slice of a time-sliced GPU" in u.message
+    assert not quota.over_quota([sliced], reqs, {"a/y"}, {"a": quota.room([rq("gpus", "1")])})
 
 
 CASES = [  # (quota of team-a, members, new, expected waiting) -- every one is a bypass attempt or a legal fit

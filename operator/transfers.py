@@ -18,6 +18,8 @@ function here is pure: manifests and conditions from the objects, no API calls.
 from __future__ import annotations
 
 import hashlib
+import time
+from datetime import datetime
 
 from muxtune.api import sources
 from muxtune.api.basemodel import BaseModelResource
@@ -26,6 +28,8 @@ from muxtune.operator.config import DATA_MOUNT, LABEL_MANAGED_BY, MANAGED_BY, OU
 from muxtune.operator.podspec import RUN_AS, area_volumes
 from muxtune.storage.export import destination
 from muxtune.storage.stage_cli import RESULT_ERROR, RESULT_OK
+
+RESULT_LOST_AFTER_S = 300  # a finished Job's pods gone this long: its result will never come
 
 LABEL_TRANSFER = "muxtune.io/transfer"  # staging, export or model
 LABEL_FOR = "muxtune.io/for"  # the task's or BaseModel's name
@@ -161,11 +165,12 @@ def _result(pods) -> str:
     return next((m for m in messages if m.startswith(RESULT_OK)), messages[-1] if messages else "")
 
 
-def job_outcome(job: dict | None, pods: list[dict] = ()) -> tuple[str, str]:
+def job_outcome(job: dict | None, pods: list[dict] = (), now: float | None = None) -> tuple[str, str]:
     """(state, message) of a transfer Job: Absent, Running, Succeeded or Failed, from its finished
     pods' result (operator/world.py compact_pod keeps the termination message). A finished Job
     without a result yet is still Running: on a kwok node the pod completes before the stand-in
-    kubelet has run it and reported what it did (a real kubelet reports both at once)."""
+    kubelet has run it and reported what it did (a real kubelet reports both at once). A finished
+    Job whose pods are all gone for RESULT_LOST_AFTER_S can never report: Failed, saying so."""
     if job is None:
         return "Absent", ""
     conds = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
@@ -181,4 +186,16 @@ def job_outcome(job: dict | None, pods: list[dict] = ()) -> tuple[str, str]:
         return "Failed", (result or failed.get("message") or failed.get("reason") or "").strip()
     if result:  # an older transfer image's result, unprefixed: only a container writes one
         return "Succeeded", result
+    if not pods and _finished_for(job, now) > RESULT_LOST_AFTER_S:  # deleted pods took the result with them
+        return "Failed", (f"Job {job['metadata']['name']} finished but its pods, and the result they held, are "
+                          "gone; delete the Job to run it again")
     return "Running", ""
+
+
+def _finished_for(job: dict, now: float | None) -> float:
+    """Seconds since the Job finished (its completionTime); 0 when it does not say."""
+    done = (job.get("status") or {}).get("completionTime")
+    if not done:
+        return 0.0
+    at = datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp()
+    return (time.time() if now is None else now) - at

@@ -2,6 +2,8 @@
 placement and why, stage conditions, and BaseModel staging status (pure; no cluster)."""
 from __future__ import annotations
 
+from datetime import datetime
+
 from muxtune.api.basemodel import BaseModelResource
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.operator import transfers
@@ -130,6 +132,13 @@ def test_the_outcome_is_the_jobs_result_not_its_condition_alone():
                                                "message": "Job was active longer than specified deadline"}]})
     assert transfers.job_outcome(failed, []) == ("Failed", "Job was active longer than specified deadline")
     assert transfers.job_outcome(dict(job, status={}), retried) == ("Running", "")
+    # pods deleted after the Job finished took its result: it fails once that has lasted, saying so
+    done = dict(complete, status={**complete["status"], "completionTime": "2026-01-01T00:00:00Z"})
+    t0 = datetime.fromisoformat("2026-01-01T00:00:00+00:00").timestamp()
+    assert transfers.job_outcome(done, [], now=t0 + 10) == ("Running", "")
+    state, why = transfers.job_outcome(done, [], now=t0 + transfers.RESULT_LOST_AFTER_S + 1)
+    assert state == "Failed" and "pods, and the result they held, are gone" in why
+    assert transfers.job_outcome(done, [{"phase": "Succeeded"}], now=t0 + 10_000) == ("Running", "")  # kwok: not run yet
     # an older transfer image's unprefixed result still counts (only a container writes one)
     assert transfers.job_outcome(complete, [{"terminationMessage": "models/hf-1"}]) == ("Succeeded", "models/hf-1")
 

@@ -3,6 +3,7 @@
 From the tasks, BaseModels, transfer Jobs and their pods (operator/transfers.py), it says which
 Jobs to create, which tasks must wait (or fail) before placement and why, each task's stage
 conditions (DataStaged, Exported), and each staged BaseModel's status (Staging, Ready, Failed).
+A failed export fails the Succeeded task (operator/status.py), as `muxtune run` does.
 The reconciler applies it: Jobs created, holds merged into the policy refusals (so a held task
 is neither planned nor joins a group), conditions and BaseModel statuses patched.
 """
@@ -16,6 +17,7 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.operator import transfers
 from muxtune.operator.config import OperatorConfig
 from muxtune.operator.policy import Refusal
+from muxtune.operator.status import EXPORT_FAILED
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -39,6 +41,11 @@ def _outcome(job_name: str, namespace: str, jobs: dict, job_pods: dict) -> tuple
 
 def _staging(plan: TransferPlan, key: str, task: FineTuneTask, jobs, job_pods, config) -> None:
     ns, name = task.metadata.namespace or "default", transfers.staging_job_name(task)
+    over = transfers.size_cap(task, config)[1]
+    if over:
+        plan.holds[key] = Refusal("DataStagingFailed", over, True)
+        plan.conditions[key] = [_cond("DataStaged", False, "DataStagingFailed", over)]
+        return
     state, msg = _outcome(name, ns, jobs, job_pods)
     if state == "Absent":
         plan.create.append(transfers.staging_job(task, config))
@@ -62,7 +69,7 @@ def _export(plan: TransferPlan, key: str, task: FineTuneTask, jobs, job_pods, co
     if state in ("Absent", "Running"):
         cond = _cond("Exported", False, "Exporting", f"the export Job {name} is uploading the adapter")
     elif state == "Failed":
-        cond = _cond("Exported", False, "ExportFailed", f"uploading to output.uri failed (Job {name}): {msg}")
+        cond = _cond("Exported", False, EXPORT_FAILED, f"output.uri: {msg or 'the upload failed'} (export Job {name})")
     else:
         cond = _cond("Exported", True, "Uploaded", f"{msg or 'uploaded'} to {transfers.destination(task)}")
     plan.conditions.setdefault(key, []).append(cond)
@@ -118,8 +125,10 @@ def plan_transfers(tasks: dict[str, tuple[dict, FineTuneTask | str]], basemodels
         if phase not in TERMINAL and transfers.needs_staging(task):
             _staging(plan, key, task, jobs, job_pods, config)
         if phase not in TERMINAL and task.spec.base_model.startswith("model:") and key not in plan.holds:
-            model = plan.models.get(task.spec.base_model.split(":", 1)[1])
-            if model is not None and model["phase"] != "Ready":
+            bname = task.spec.base_model.split(":", 1)[1]
+            model, recorded = plan.models.get(bname), (basemodels.get(bname) or {}).get("status") or {}
+            # held until the BaseModel's status says where its weights are: pods are made from it
+            if model is not None and (model["phase"] != "Ready" or recorded.get("cachePath") != model["cachePath"]):
                 plan.holds[key] = Refusal("ModelStaging", f"{task.spec.base_model}: {model['message']}", False)
         if phase == "Succeeded" and transfers.needs_export(task):
             _export(plan, key, task, jobs, job_pods, config)

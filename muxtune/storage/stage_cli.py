@@ -1,10 +1,13 @@
 """`muxtune stage`: what a staging, export or model-cache Job runs, with the credentials of its Secret.
 
 Each prints one line saying what it did and exits 0, or prints the reason (never a secret) and
-exits 1; the reason is also written to the container's termination message, which the operator
-shows on the task or BaseModel. The model command's termination message on success is the
-model's directory relative to the cache volume, which engine pods then mount read-only, and on a
-second line the size figures read from its config.json (JSON), which the operator sizes it by.
+exits 1. Its result is also the container's termination message: `ok: <detail>` or `error:
+<reason>` (RESULT_OK / RESULT_ERROR). The operator reads the Job's outcome from that result, not
+from the Job's condition alone: a kubelet always delivers both, but a kwok node (the dev cluster)
+completes Job pods without running them, and its stand-in kubelet reports the result afterwards.
+The model command's detail on success is the model's directory relative to the cache volume,
+which engine pods then mount read-only, and on a second line the size figures read from its
+config.json (JSON), which the operator sizes it by.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from muxtune.storage.cache import cache_home, cached_dir
 from muxtune.storage.errors import StorageError, redact
 
 TERMINATION_LOG = os.environ.get("MUXTUNE_TERMINATION_LOG", "/dev/termination-log")
+RESULT_OK, RESULT_ERROR = "ok: ", "error: "
 
 
 def _report(text: str) -> None:
@@ -35,15 +39,15 @@ def _run(fn) -> int:
         line, message = fn()
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        _report(str(exc))
+        _report(RESULT_ERROR + str(exc))
         return 1
     except Exception as exc:  # noqa: BLE001 - anything else is reported the same way, redacted
         text = redact(f"{type(exc).__name__}: {exc}")
         print(f"error: {text}", file=sys.stderr)
-        _report(text)
+        _report(RESULT_ERROR + text)
         return 1
     print(line)
-    _report(message)
+    _report(RESULT_OK + message)
     return 0
 
 

@@ -2,6 +2,7 @@
 running as a subprocess with the Helm chart's ServiceAccount and RBAC."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -35,7 +36,7 @@ def cm_task_names(info, ns, group):
     return sorted(d["metadata"]["name"] for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d)
 
 
-def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
+def check_group_pod(info, ns: str, group_name: str, owner: dict, status_digest: str) -> None:
     """The group's one pod: bound by the real scheduler to a kwok GPU node, the engine's command line,
     a locked-down security context, and only this namespace's areas mounted."""
 
@@ -53,6 +54,7 @@ def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
     assert c["command"] + c["args"] == ["muxtune", "run", "/etc/muxtune/tasks/tasks.yaml", "--output", "/output",
                                         "--data-root", "/data", "--watch", "--metrics-host", "0.0.0.0",
                                         "--metrics-port", "9400", "--no-progress", "--no-remote",
+                                        "--status-token-sha256", status_digest,  # the digest only, never the token
                                         "--token-budget", str(gspec["tokenBudget"]),
                                         *(["--recompute"] if gspec.get("recompute") else [])]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -131,7 +133,8 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     owner = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BackboneGroup", "name": group_name,
              "uid": g["metadata"]["uid"], "controller": True}
 
-    check_group_pod(info, ns, group_name, owner)
+    token = operator_env["op"].status_token_file.read_text().strip()
+    check_group_pod(info, ns, group_name, owner, hashlib.sha256(token.encode()).hexdigest())
     check_signed_configmap(info, ns, group_name, owner, operator_env["op"].group_key(g))
     check_companions(info, ns, group_name, owner)
 

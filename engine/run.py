@@ -138,10 +138,18 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code)
     trainer = _new_trainer(backbone, cfg, base_dir, group, metrics, tasks)
     serving = None
-    if serve_sock is not None:  # co-serving (one process only): engine/serve/
+    if serve_sock is not None and group.world == 1:  # co-serving: engine/serve/
         from muxtune.engine.serve.stack import Serving
 
         serving = Serving.coserving(backbone, base_model, trainer, cfg, serve_sock, metrics)
+    elif cfg.serving and group.world > 1:  # rank 0 fronts the API, every rank follows it (engine/serve/distributed.py)
+        from muxtune.engine.serve.distributed import serve_in_group
+        from muxtune.engine.serve.follower import Follower
+        from muxtune.engine.serve.stack import Serving, limits_from
+
+        serving = serve_in_group(
+            group, lambda ch: Serving.coserving(backbone, base_model, trainer, cfg, serve_sock, metrics, channel=ch),
+            lambda ch: Follower(backbone, group, limits_from(cfg), ch, trainer))
     clean = False
     try:
         _drive(trainer, cfg, stop, group, serving, base_model)
@@ -216,7 +224,7 @@ def _drive(trainer: MuxTrainer, cfg: RunConfig, stop, group, serving, base_model
                 idle(1.0)
     elif serving is not None:  # train while serving, then keep serving until stopped
         serving.loop.run(stop, until_trained=True)
-        if not stop():
+        if not group.decide(stop):  # rank 0's loop decided for the group
             print("training finished; the adapters are still served (Ctrl-C to stop)", file=sys.stderr, flush=True)
             serving.loop.run(stop)
     else:

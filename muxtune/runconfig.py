@@ -43,7 +43,21 @@ class ServeFlags(BaseModel):
                                                         "requests then need a token and reach only their namespace's adapters")
 
 
-class RunConfig(ServeFlags):
+class ParallelFlags(BaseModel):
+    """The group's layout (shared by `run` and `serve`; engine/parallel)."""
+
+    dp: int = Field(1, ge=1, description="Data-parallel replicas: each task's step batch is split over them "
+                                         "(serving: replica 0 answers, the others train)")
+    tp: int = Field(1, ge=1, description="Tensor-parallel ranks the base Linears are sharded over")
+    pp: int = Field(1, ge=1, description="Pipeline stages the decoder layers are split over (balanced by compute)")
+
+    @property
+    def world(self) -> int:
+        """Ranks the layout asks for (dp x tp x pp)."""
+        return self.dp * self.tp * self.pp
+
+
+class RunConfig(ParallelFlags, ServeFlags):
     """Train FineTuneTasks together over one shared backbone (no cluster needed).
 
     With --dp/--tp/--pp above 1 it starts that many ranks on this machine (torch elastic), or
@@ -78,25 +92,17 @@ class RunConfig(ServeFlags):
         "all", description="Which tasks' adapters are served: all, or only those with spec.serving.enabled (pods)")
     serve_policy: Literal["coserve", "temporal"] = Field(
         "coserve", description="coserve: token-level mixing under the SLOs; temporal: train only while no request is in flight (a baseline)")
-    dp: int = Field(1, ge=1, description="Data-parallel replicas: each task's step batch is split over them")
-    tp: int = Field(1, ge=1, description="Tensor-parallel ranks the base Linears are sharded over")
-    pp: int = Field(1, ge=1, description="Pipeline stages the decoder layers are split over (balanced by compute)")
     micro_batches: int | None = Field(None, ge=1, description="Pipeline micro-batches per task and round (default: --pp)")
     interleave: bool = Field(True, description="Interleave different tasks' micro-batches in one pipeline flush "
                                                "(--no-interleave: one flush per task, for comparison)")
     print_schedule: bool = Field(False, description="Print each round's pipeline schedule (stage x tick: F/B, micro-batch, task)")
 
     @property
-    def world(self) -> int:
-        """Ranks the layout asks for (dp x tp x pp)."""
-        return self.dp * self.tp * self.pp
-
-    @property
     def serving(self) -> bool:
         return self.serve_port is not None
 
 
-class ServeConfig(ServeFlags):
+class ServeConfig(ParallelFlags, ServeFlags):
     """Serve finished adapters over one shared backbone with an OpenAI-compatible API."""
 
     adapters: CliPositionalArg[list[Path]] = Field(description="Adapter directories (adapter_config.json + adapter_model.safetensors); each is served under its directory name")

@@ -358,7 +358,8 @@ def _train(cfg: RunConfig, groups: dict[str, list[FineTuneTask]], base_dir: Path
             print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
         print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     signum = group.decide(lambda: stop.signum)  # the group exits as rank 0 does
-    return _exit_code(runtimes, signum, serving_after_training=ends.serve_sock is not None and all(r.done for r in runtimes))
+    code = _exit_code(runtimes, signum, serving_after_training=cfg.serving and all(r.done for r in runtimes))
+    return ranks.exit_if_signalled(group, code, signum is not None)
 
 
 def _exit_code(runtimes: list[TaskRuntime], signum: int | None, serving_after_training: bool) -> int:

@@ -144,11 +144,6 @@ def _serve(cfg: ServeConfig, names: dict[str, Path], path: Path, base_id: str, s
         serving.loop.run(stop)
     finally:
         serving.close()
-    if group.world > 1 and stop.signum is not None:
-        # the launcher, stopping on that signal, waits for its ranks to exit: a rank that returns
-        # would wait in torch's worker wrapper for a reading that never comes, until SIGKILL
-        group.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    from muxtune.engine.parallel.ranks import exit_if_signalled
+
+    return exit_if_signalled(group, 0, stop.signum is not None)

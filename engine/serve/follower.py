@@ -101,6 +101,16 @@ class Follower:
         self.loop = self  # what run.py drives, as rank 0's Serving.loop
 
     def _do(self, kind: str, payload) -> None:
+        """One decision of rank 0's. A failure is recorded for the group (rank 0 reports the first
+        recorded) and ends this rank: its peers' collectives then fail instead of waiting."""
+        try:
+            self._apply(kind, payload)
+        except GroupBroken:
+            raise
+        except Exception as exc:
+            raise GroupBroken(self.group.record_error(f"serving: {type(exc).__name__}: {exc}")) from exc
+
+    def _apply(self, kind: str, payload) -> None:
         if kind == FORWARD:
             if self.serves:
                 items, live = payload

@@ -142,6 +142,10 @@ def _serve(cfg: ServeConfig, names: dict[str, Path], path: Path, base_id: str, s
         return 2
     try:
         serving.loop.run(stop)
+    except GroupBroken as exc:  # a rank failed: the first recorded reason, once
+        if group.is_writer:
+            print(f"error: {exc}", file=sys.stderr)
+        raise  # every rank's process ends (as run's ranks do): collectives with it fail at once, the launcher reports
     finally:
         serving.close()
     from muxtune.engine.parallel.ranks import exit_if_signalled

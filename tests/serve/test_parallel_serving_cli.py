@@ -49,3 +49,32 @@ def test_run_tp2_serves_while_training_then_equals_peft(tmp_path):
         assert ref == text or "\ufffd" in ref
     ref_lp = peft_logprobs(base, adapter, prompt, expected)  # a different token would give another logprob
     assert max(abs(a - b) for a, b in zip(served["token_logprobs"], ref_lp)) < 1e-4
+
+
+def test_serve_tp2_a_failing_rank_fails_the_request_and_the_server_not_hangs(tmp_path):
+    """Rank 1 cannot build the adapter rank 0 serves (its directory went away after rank 0 loaded
+    it): the request gets an error at once, and every rank stops with rank 1's reason."""
+    import shutil
+    import time
+
+    from muxtune.engine.model.families import FAMILIES
+    from tests.engine.families.checkpoints import save_family_checkpoint
+    from tests.helpers.parallel_serving import random_lora
+
+    base = save_family_checkpoint("llama", tmp_path / "llama")
+    random_lora(base, tmp_path / "lora", FAMILIES["llama"].attention_targets)
+    server = Server(["serve", str(tmp_path / "lora"), "--base-model", str(base), "--port", "0", "--tp", "2",
+                     "--max-num-seqs", "2", "--max-model-len", "64"], tmp_path)
+    try:
+        shutil.rmtree(tmp_path / "lora")  # rank 1 makes its copy at the first request that needs it
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as failed:  # urllib: HTTPError 500 (or the connection closed)
+            server.complete("lora", [5, 6, 7, 8], 4)
+        wait_for(lambda: server.proc.poll() is not None, 90, "the group to stop\n" + server.output)
+        elapsed = time.monotonic() - t0
+    finally:
+        code = server.stop()
+    assert code != 0
+    assert "rank 1: serving: AdapterError" in server.output, server.output  # rank 0 reports rank 1's reason
+    assert elapsed < 90, elapsed
+    assert getattr(failed.value, "code", 500) == 500

@@ -16,7 +16,6 @@ control group of its own, with a timeout:
 - END (whether the iteration did anything): rank 0's iteration is over, so every rank returns
   from it together and the caller's next collective (`--watch`'s agreement) lines up.
 - LEAVE: rank 0's serving loop returned (stop, or training done): every rank's returns.
-- ABORT (a message): rank 0 failed; every rank raises it.
 
 Data parallelism: replica 0 serves, the other replicas train only. Replicas hold the same weights,
 so another replica would add throughput, not answers; but rank 0 would then split every
@@ -33,7 +32,6 @@ be inside that forward's collectives, so nothing after it could line up.
 from __future__ import annotations
 
 import datetime
-import logging
 from typing import Callable
 
 import torch
@@ -41,8 +39,7 @@ import torch
 from muxtune.engine.serve.coserve import CoServer
 from muxtune.engine.serve.forward import InferenceForward, WorkItem
 
-log = logging.getLogger("muxtune.serve")
-FORWARD, TRAIN, END, LEAVE, ABORT = "forward", "train", "end", "leave", "abort"
+FORWARD, TRAIN, END, LEAVE = "forward", "train", "end", "leave"
 CONTROL_TIMEOUT_S = 600  # a rank waits this long for rank 0's next decision (rank 0 sends one per iteration)
 
 
@@ -190,26 +187,13 @@ class LeaderLoop(CoServer):
         engine.step = checked_step
 
     def iteration(self) -> bool:
-        try:
-            busy = super().iteration()
-        except BaseException as exc:
-            self._abort(exc)
-            raise
+        busy = super().iteration()  # raising, rank 0 ends: the others' next collective fails with it
         self.channel.send(END, busy)
         return busy
 
     def run(self, should_stop, until_trained: bool = False) -> None:
         super().run(should_stop, until_trained)
         self.channel.send(LEAVE)
-
-    def _abort(self, exc: BaseException) -> None:
-        """Tell every rank why rank 0 stops (best effort: the channel itself may be what failed)."""
-        if isinstance(exc, GroupBroken):
-            return
-        try:
-            self.channel.send(ABORT, f"rank 0: {type(exc).__name__}: {exc}")
-        except Exception:  # noqa: BLE001 - the peers learn it from the closed connections instead
-            pass
 
 
 def serve_in_group(group, lead: Callable[[ControlChannel], object], follow: Callable[[ControlChannel], object]):

@@ -7,7 +7,6 @@ decides: no queue, no clock, no sampling.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,12 +14,10 @@ import torch
 
 from muxtune.engine.peft.export import load_adapter_weights
 from muxtune.engine.serve.adapters import spec_from_peft_config
-from muxtune.engine.serve.distributed import ABORT, END, FORWARD, LEAVE, TRAIN, ControlChannel, GroupBroken, StageLinks
+from muxtune.engine.serve.distributed import END, FORWARD, LEAVE, TRAIN, ControlChannel, GroupBroken, StageLinks
 from muxtune.engine.serve.engine import ServeLimits, model_len
 from muxtune.engine.serve.forward import BASE_SLOT, InferenceForward
 from muxtune.engine.serve.kv_cache import KVPool
-
-log = logging.getLogger("muxtune.serve")
 
 
 class MirroredVersions:
@@ -119,8 +116,6 @@ class Follower:
                 self.links.forward(self.forward, items)
         elif kind == TRAIN:
             self.trainer.run_round(payload)
-        elif kind == ABORT:
-            raise GroupBroken(payload)
 
     def iteration(self) -> bool:
         """rank 0's iteration: what it decided, until it ends; whether it did anything."""

@@ -94,7 +94,7 @@ def serve_greedy(base: str, adapter: str, tp: int, pp: int, cases: list, new: in
     """Serving over a group of dp x tp x pp ranks (engine/serve/distributed.py), driven on rank 0
     straight through its engine (no HTTP client): the cases [(model, prompt ids)] decoded greedily
     in one batch, with their logprobs, and the prompt logprobs of the first (echo). Rank 0 returns
-    {"tokens", "logprobs", "prompt_logprobs", "forwards"}; the other ranks None."""
+    {"tokens", "logprobs", "prompt_logprobs", "iterations"}; the other ranks None."""
     import torch
 
     from muxtune.engine.parallel.dims import ParallelDims
@@ -130,7 +130,7 @@ def serve_greedy(base: str, adapter: str, tp: int, pp: int, cases: list, new: in
     serving.close()
     group.close()
     out = {"tokens": [r.output_ids for r, _ in reqs], "logprobs": [], "prompt_logprobs": None,
-           "forwards": serving.loop.iterations}
+           "iterations": serving.loop.iterations}
     for _, events in reqs:  # each Delta/Done event carries the logprobs of the tokens it sends
         out["logprobs"].append([e.logprob for ev in events for e in getattr(ev, "logprobs", None) or []])
     out["prompt_logprobs"] = [e.logprob for e in reqs[0][1][-1].prompt_logprobs]  # on the Done event

@@ -118,7 +118,8 @@ class MultiplexedBackbone:
     def _attention_to_linear_ratio(self) -> float:
         """Attention FLOPs per (query, key) pair / linear FLOPs per token, for packing."""
         cfg = self.model.config
-        linear = sum(m.weight.numel() for m in self.linears.values()) + self.lm_head.weight.numel()
+        # in x out, not weight.numel(): a quantized (QLoRA) weight's storage is packed
+        linear = sum(m.in_features * m.out_features for m in self.linears.values()) + self.lm_head.weight.numel()
         layers = getattr(cfg, "num_hidden_layers", 1)
         heads = getattr(cfg, "num_attention_heads", 1)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -93,7 +93,8 @@ def serve_from_cli(cfg: ServeConfig) -> int:
     from muxtune.engine.serve.stack import Serving
 
     device = pick_device(cfg.device)
-    backbone = load_multiplexed(path, device, pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
+    backbone = load_multiplexed(path, device, pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+                                quantization=cfg.quantize)
     install_kernels(backbone, device)
     stop = StopFlag()
     engine_metrics = EngineMetrics()  # /metrics on the API port: the serving series plus memory in use and peak

@@ -20,6 +20,7 @@ from muxtune.operator.config import (
     KWOK_NODE_ANNOTATION,
 )
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET as ENGINE_DEFAULT_BUDGET
+from muxtune.facts.quantization import NO_QUANTIZATION
 from muxtune.operator.memory import Parallelism
 from muxtune.operator.planner import SHARED, GroupState, NodeInfo, TaskRequest
 
@@ -115,6 +116,15 @@ def node_inventory(nodes: Iterable[Mapping], pods: Iterable[Mapping]) -> list[No
 
 
 def basemodel_architecture(bm: Mapping) -> Architecture | None:
+    """The size figures the planner sizes the model by, with its weights' storage (spec.quantization)."""
+    arch = _figures(bm)
+    quantization = (bm.get("spec") or {}).get("quantization") or NO_QUANTIZATION
+    if arch is None or arch.quantization == quantization:
+        return arch
+    return arch.model_copy(update={"quantization": quantization})
+
+
+def _figures(bm: Mapping) -> Architecture | None:
     builtin = (((bm.get("spec") or {}).get("source") or {}).get("builtin"))
     if builtin and not (bm.get("spec") or {}).get("architecture"):
         from muxtune.operator.memory import BUILTIN_ARCHITECTURES

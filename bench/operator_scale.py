@@ -325,9 +325,15 @@ def _all_decided(info, kh, scene: _Scene, tasks: int) -> list[dict] | None:
 
 
 def _all_bound(info, kh, scene: _Scene) -> list[dict] | None:
+    """Every group's pods, once each group has all of its pods bound and none terminating (a group
+    whose budget the planner lowered before its first step restarts its pods)."""
     pods = [p for ns in scene.namespaces
             for p in kh.kjson(info, "get", "pods", "-n", ns, "-l", "app.kubernetes.io/managed-by=muxtune-operator")["items"]]
-    return pods if pods and all(p["spec"].get("nodeName") for p in pods) else None
+    groups = [g for ns in scene.namespaces for g in kh.kjson(info, "get", "backbonegroups", "-n", ns)["items"]]
+    want = sum(g["spec"]["parallelism"]["dp"] for g in groups)
+    ok = pods and len(pods) == want and all(p["spec"].get("nodeName") and not p["metadata"].get("deletionTimestamp")
+                                            for p in pods)
+    return pods if ok else None
 
 
 def _settled(info, kh, scene: _Scene) -> bool:

@@ -27,6 +27,9 @@ ANN_PRIORITY = "muxtune.io/priority"
 ANN_GPU_MEMORY = "muxtune.io/gpu-memory-mib"
 ANN_TENANCY = "muxtune.io/tenancy"
 ANN_POD_TEMPLATE = "muxtune.io/pod-template-hash"
+# On a pod: the token budget (and "+recompute") its engine was started with; a group whose budget the
+# planner lowered before its first step restarts the pods that run with another
+ANN_ENGINE_BUDGET = "muxtune.io/engine-budget"
 SERVING_PORT = 8000  # the engine's OpenAI-compatible API in a pod of a group that serves
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Kueue's plain-pod group integration (devcluster/kueue_objects.py documents what each does)

@@ -65,7 +65,7 @@ from muxtune.operator.snapshot import (
     unbound_pods,
 )
 from muxtune.operator.transfer_plan import TransferPlan, plan_transfers
-from muxtune.operator.world import basemodel_architecture, group_state, node_inventory, parse_task
+from muxtune.operator.world import basemodel_architecture, group_started, group_state, node_inventory, parse_task
 
 log = logging.getLogger("muxtune.operator")
 API = f"{GROUP}/{VERSION}"
@@ -309,7 +309,9 @@ class Controller:
                 continue
             pods = snap.pods_of.get(gk, [])
             accepting = not group_failed(g, pods, self.config.max_group_restarts) and not self.backoff.refused(gk)
-            states.append(group_state(g, [ms.request(k) for k in ms.active[gk]], unbound_pods(g, pods), accepting))
+            started = group_started(gk[1], [snap.tasks[k] for k in ms.active[gk]], self.reports)
+            states.append(group_state(g, [ms.request(k) for k in ms.active[gk]], unbound_pods(g, pods), accepting,
+                                      started))
         return states
 
     async def _apply(self, snap: Snapshot, ms: Membership, plan: Plan, tplan: TransferPlan) -> list:

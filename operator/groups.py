@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from muxtune.api.meta import GROUP, VERSION
-from muxtune.operator.config import ANN_QUEUE, OperatorConfig
+from muxtune.operator.config import ANN_ENGINE_BUDGET, ANN_QUEUE, OperatorConfig
 from muxtune.operator import gang, isolation, kueue, podspec, resources
 from muxtune.operator.events import EventSink
 from muxtune.operator.keys import GroupKeys
@@ -152,6 +152,14 @@ class GroupApplier:
         """Create, keep or restart the group's pods as one gang (operator/gang.py decides)."""
         ns, name = gk
         cfg = self.config
+        stale = [p for p in gpods if not p["deleting"] and podspec.runs_other_budget(p, gobj.get("spec") or {})]
+        if stale:  # the planner lowered the budget before the first step: nothing to lose but start-up
+            await self._delete_pods(gpods)
+            self.decisions[gk] = gang.Decision(gang.WAIT, reason="PodPending", message=(
+                f"restarting the group's pods with token budget {podspec.engine_budget(gobj['spec'])} "
+                f"(was {stale[0]['annotations'].get(ANN_ENGINE_BUDGET)}) to take in more tasks"))
+            log.info("group %s/%s: %s", ns, name, self.decisions[gk].message)
+            return gobj
         names = [resources.pod_name(name, r) for r in range(gp.parallelism.dp)]
         decision = gang.decide(gpods, names, gobj, now=time.time(), max_restarts=cfg.max_group_restarts,
                                backoff_base=cfg.pod_backoff_base, backoff_cap=cfg.pod_backoff_cap,

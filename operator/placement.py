@@ -90,6 +90,10 @@ class GroupState:
     # written before the planner chose budgets runs with the engine's default)
     token_budget: int = DEFAULT_TOKEN_BUDGET
     recompute: bool = False
+    # a member has run a step in this group (its engine said so): its budget is fixed. Before the
+    # first step the planner may lower the budget to take in a task (its pods restart with the new
+    # one; nothing is lost), so tasks that arrive over several passes pack as if planned at once.
+    started: bool = True
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,12 @@ adapter state (:func:`floor_gpus`); ``Plan.gpus_allocated`` is measured against 
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from muxtune.api.basemodel import Architecture
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
+from muxtune.operator.bounds import _pow2_upto, floor_gpus, lower_bound_gpus  # noqa: F401  (re-exported)
 from muxtune.operator.budget import choose_budget, fast_tokens, min_budget
 from muxtune.operator.memory import (
     GroupMemory,
@@ -54,7 +54,6 @@ from muxtune.operator.memory import (
     Parallelism,
     TaskMemory,
     group_memory_per_gpu,
-    rank_memory,
     resolve_architecture,
     task_memory,
     weight_bytes,
@@ -103,14 +102,6 @@ def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig, qu
     if tenancy is SHARED:
         return may_share(task, config)
     return tenancy == task.namespace
-
-
-def _pow2_upto(n: int) -> list[int]:
-    out, v = [], 1
-    while v <= n:
-        out.append(v)
-        v *= 2
-    return out
 
 
 def candidate_parallelisms(arch: Architecture, gpus_per_node: int, max_dp: int) -> list[Parallelism]:
@@ -185,7 +176,9 @@ class _OpenGroup:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     recompute: bool = False
     fast_tokens: int = 0  # the speed band's members' step tokens per replica (all in one round)
+    started: bool = False  # a member ran a step here: the budget is fixed (GroupState.started)
     acc: GroupMemory | None = None
+    least_acc: GroupMemory | None = None  # its members at the least budget they allow, recomputed
 
     def memory_with(self, extra: TaskMemory | None, config: MemoryConfig) -> int:
         if self.acc is None or len(self.acc.members) != len(self.mems):
@@ -195,54 +188,53 @@ class _OpenGroup:
                 self.acc.add(m)
         return self.acc.busiest(extra)
 
-    def accepts(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> bool:
+    def may_join(self, t: TaskRequest, config: PlannerConfig) -> bool:
+        """Backbone, tenancy, queue, namespaces and size allow ``t`` here (memory aside)."""
         return (
             self.accepting
             and self.base_model == t.base_model
             and compatible(t, self.tenancy, config, self.queue)
             and (self.new or self.namespaces is None or t.namespace in self.namespaces)
             and len(self.members) < config.max_tasks_per_group
+        )
+
+    def accepts(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> bool:
+        """``t`` fits at the group's own budget (a hot add: its pods keep running)."""
+        return (
+            self.may_join(t, config)
             and self.fast_tokens + fast_tokens(t, self.par, config) <= self.token_budget
             and self.memory_with(mem, config.memory) <= self.memory_mib * MiB
         )
+
+    def lowered_budget(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> tuple[int, bool] | None:
+        """(budget, recompute) at which a group that has not run a step yet also holds ``t``; None
+        when it has, or when not even the least budget its members allow, recomputed, holds them.
+        A budget chosen for the members known when the group opened took the memory later ones need."""
+        if self.started or not self.may_join(t, config):
+            return None
+        least = max(self.fast_tokens + fast_tokens(t, self.par, config), mem.shape.seq_len,
+                    *(m.shape.seq_len for m in self.mems))
+        cap = self.memory_mib * MiB
+        acc = self.least_acc
+        if acc is None or acc.token_budget != least or len(acc.members) != len(self.mems):
+            acc = self.least_acc = GroupMemory(self.arch, self.par, cap, config.memory, least, True)
+            for m in self.mems:
+                acc.add(m)
+        if acc.busiest(mem) > cap:
+            return None
+        return choose_budget(GroupMemory(self.arch, self.par, cap, config.memory), [*self.mems, mem], least, cap,
+                             config)
+
+    def set_budget(self, budget: tuple[int, bool]) -> None:
+        self.token_budget, self.recompute = budget
+        self.acc = None
+        self.changed = True
 
     def add(self, t: TaskRequest, mem: TaskMemory, config: PlannerConfig) -> None:
         self.members.append(t.key)
         self.mems.append(mem)
         self.fast_tokens += fast_tokens(t, self.par, config)
         self.changed = True
-
-
-def lower_bound_gpus(
-    tasks_by_model: Mapping[str, list[TaskMemory]],
-    archs: Mapping[str, Architecture],
-    gpu_classes: Iterable[tuple[str, int]],
-    config: MemoryConfig = MemoryConfig(),
-    max_stages: int = 8,
-    max_tasks_per_group: int = 32,
-) -> int:
-    """Per backbone max(groups, ceil(least bytes its tasks need / largest usable GPU)), summed.
-
-    Its tasks need at least ceil(n / max_tasks_per_group) groups, each with a copy of the weights.
-    The least bytes: those copies, plus all tasks as if in one group whose pipeline is as deep as a
-    node allows, memory taken as fungible across GPUs (every adapter, and the activations of the
-    least round a token budget allows: the longest sequence alone, recomputed). Valid because another layout never lowers it: more groups
-    repeat weights and in-flight micro-batches, tp replicates norms, dp splits batches, and tasks
-    of different backbones never share a GPU.
-    """
-    usable = max((mib * MiB - config.reserve(mib * MiB) for _, mib in gpu_classes), default=0)
-    if usable <= 0:
-        return 0
-    total = 0
-    for model, mems in sorted(tasks_by_model.items()):
-        if not mems:
-            continue
-        arch = archs[model]
-        groups = math.ceil(len(mems) / max(1, max_tasks_per_group))
-        need = min(sum(r.resident for r in rank_memory(arch, mems, Parallelism(pp=pp), usable, config, 1, True))
-                   for pp in _pow2_upto(min(arch.layers, max(1, max_stages))))
-        total += max(groups, math.ceil((need + (groups - 1) * weight_bytes(arch)) / usable))
-    return total
 
 
 def plan(
@@ -325,6 +317,7 @@ def _existing_groups(groups: Sequence[GroupState], run: _Run) -> list[_OpenGroup
             token_budget=g.token_budget,
             recompute=g.recompute,
             fast_tokens=sum(fast_tokens(m, g.parallelism, run.config) for m in g.members),
+            started=g.started,
         ))
         if g.unbound_pods > 0:
             _reserve_unbound(g, run.cap)
@@ -389,6 +382,11 @@ def _first_fit(groups: Sequence[_OpenGroup], t: TaskRequest, mem: TaskMemory,
     target = next((g for g in groups if not g.new and g.accepts(t, mem, config)), None)
     if target is None:
         target = next((g for g in groups if g.new and g.accepts(t, mem, config)), None)
+    for g in ([] if target is not None else sorted(groups, key=lambda g: g.new)):
+        budget = g.lowered_budget(t, mem, config)
+        if budget is not None:
+            g.set_budget(budget)
+            return g
     return target
 
 
@@ -561,22 +559,3 @@ def _lower_bounds(run: _Run) -> tuple[int, int, int]:
     lb_t = sum(lower_bound_gpus({m: mems_}, archs, classes, mcfg, stages, k)
                for (m, _), mems_ in sorted(by_class.items()))
     return lb, lb_t, floor_gpus(by_class, archs, classes, mcfg, k)
-
-
-def floor_gpus(tasks_by_class: Mapping[tuple[str, str], list[TaskMemory]], archs: Mapping[str, Architecture],
-               gpu_classes: Iterable[tuple[str, int]], config: MemoryConfig = MemoryConfig(),
-               max_tasks_per_group: int = 32) -> int:
-    """GPUs that weight copies and adapter + optimizer state alone need, activations left out (one
-    token budget bounds them): per (backbone, tenancy) class, ceil(n / max_tasks_per_group) groups
-    of at least one GPU each, each a copy of the weights, plus every task's state, on the largest
-    usable GPU. What a planner that sizes budgets (not whole fused steps) is measured against."""
-    usable = max((mib * MiB - config.reserve(mib * MiB) for _, mib in gpu_classes), default=0)
-    if usable <= 0:
-        return 0
-    total = 0
-    for (model, _tenancy), mems in sorted(tasks_by_class.items()):
-        if mems:
-            groups = math.ceil(len(mems) / max(1, max_tasks_per_group))
-            need = groups * weight_bytes(archs[model]) + sum(m.adapter_state_bytes for m in mems)
-            total += max(groups, math.ceil(need / usable))
-    return total

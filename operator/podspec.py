@@ -27,6 +27,7 @@ import hashlib
 import json
 
 from muxtune.operator.config import (
+    ANN_ENGINE_BUDGET,
     ANN_GPU_MEMORY,
     ANN_NAMESPACES,
     ANN_POD_TEMPLATE,
@@ -247,7 +248,20 @@ def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict
         "spec": pod_spec,
     }
     pod["metadata"]["annotations"][ANN_POD_TEMPLATE] = template_hash(pod_spec)
+    pod["metadata"]["annotations"][ANN_ENGINE_BUDGET] = engine_budget(group["spec"])
     return pod
+
+
+def engine_budget(spec: dict) -> str:
+    """The --token-budget (and --recompute) a group's spec gives its engine, as its pods record it."""
+    return f"{spec.get('tokenBudget') or ''}{'+recompute' if spec.get('recompute') else ''}"
+
+
+def runs_other_budget(pod: dict, spec: dict) -> bool:
+    """A (compact) pod started with another budget than the group's spec now gives; pods written
+    before pods recorded it count as current."""
+    have = (pod.get("annotations") or {}).get(ANN_ENGINE_BUDGET)
+    return have is not None and have != engine_budget(spec)
 
 
 def _layout(group: dict) -> tuple[int, int, int]:

@@ -150,7 +150,22 @@ def parse_task(obj: Mapping) -> FineTuneTask | str:
         return format_validation_error(f"FineTuneTask {name}", e)
 
 
-def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, accepting: bool) -> GroupState:
+def group_started(name: str, members: Iterable[Mapping], reports: Mapping[str, Mapping]) -> bool:
+    """Whether a member has run a step in group ``name``: its engine's latest report says so, or
+    (before the first poll after an operator restart) its status does. Until then the planner
+    may still change the group's token budget (GroupState.started)."""
+    for m in members:
+        meta = m.get("metadata") or {}
+        rep = reports.get(f"{meta.get('namespace')}/{meta.get('name')}") or {}
+        st = m.get("status") or {}
+        if (rep.get("_group") == name and int(rep.get("step") or 0) > 0) or \
+                (st.get("group") == name and int(st.get("step") or 0) > 0):
+            return True
+    return False
+
+
+def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, accepting: bool,
+                started: bool = True) -> GroupState:
     meta, spec = group["metadata"], group.get("spec") or {}
     ann = meta.get("annotations") or {}
     ten = ann.get(ANN_TENANCY)
@@ -168,6 +183,7 @@ def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, a
         accepting=accepting,
         namespaces=frozenset(n for n in ann.get(ANN_NAMESPACES, "").split(",") if n) if ten == "*" else None,
         queue=ann.get(ANN_QUEUE, ""),
+        started=started,
         **_engine_budget(spec),
     )
 

@@ -26,6 +26,22 @@ def walkthrough() -> str:
     return m.group(1)
 
 
+def release_demo_namespace(info, timeout: float = 120) -> None:
+    """The block kills its operator once the task succeeds, so the group's pod would keep its kwok GPU
+    for the rest of the session (later tests that need whole nodes would wait forever): delete the
+    namespace and wait until its pods are gone."""
+    import time
+
+    info.kubectl("delete", "namespace", "demo", "--wait=false", check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pods = info.kubectl("get", "pods", "-n", "demo", "-o", "name", check=False).stdout.strip()
+        if not pods:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"pods of namespace demo still present after {timeout}s: {pods}")
+
+
 def test_readme_block_is_found_and_uses_only_documented_commands():
     script = walkthrough()
     assert "muxtune dev-cluster env" in script and "host-engines" in script and "kubectl apply" in script
@@ -49,6 +65,7 @@ def test_readme_kubernetes_walkthrough_ends_with_an_adapter_on_disk(kube_cluster
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+        release_demo_namespace(kube_cluster)
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in (tmp_path / "k8s").glob("*.log"))
     assert proc.returncode == 0, out[-6000:] + logs
     adapter = tmp_path / "k8s" / "output" / "demo" / "reverse" / "adapter_model.safetensors"

@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from muxtune.facts.quantization import NF4, NO_QUANTIZATION, quant_decl
+from muxtune.facts.quantization import NF4, quant_decl, splittable
 
 # LLM.int8's outlier threshold. 0: every column in int8 (vector-wise: one scale per token and per
 # weight row), so each token's output depends on that token alone. bitsandbytes' default 6.0 picks
@@ -58,7 +58,7 @@ def load_kwargs(quantization: str, device: torch.device, dtype: torch.dtype) -> 
 def check_layout(quantization: str, tp: int, pp: int) -> None:
     """Tensor and pipeline parallelism split or move the base weights, which packed 4/8-bit
     storage does not allow here: refused in one line (data parallelism is fine)."""
-    if quantization != NO_QUANTIZATION and (tp > 1 or pp > 1):
+    if not splittable(quantization) and (tp > 1 or pp > 1):
         raise QuantizationUnavailable(f"a {quantization} backbone cannot be split (--tp {tp} --pp {pp}); "
                                       "use --dp, or more memory per GPU")
 

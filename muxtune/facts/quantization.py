@@ -48,6 +48,12 @@ QUANTIZE_HELP = ("Store the frozen backbone's decoder Linears quantized (QLoRA):
                  "int8 (LLM.int8), through bitsandbytes; adapters train in the compute dtype. none: as loaded")
 
 
+def splittable(name: str) -> bool:
+    """Whether tensor or pipeline parallelism may split a base stored so: packed 4/8-bit weights are
+    neither sharded nor moved between stages here (the engine refuses; the planner never asks)."""
+    return name == NO_QUANTIZATION
+
+
 def quant_decl(name: str) -> QuantDecl | None:
     """The declaration of a storage format, None for unquantized weights."""
     if name == NO_QUANTIZATION:

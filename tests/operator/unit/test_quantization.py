@@ -50,3 +50,12 @@ def test_memory_model_counts_quantized_weights():
     # and the planner's per-rank view counts the same weights
     (rank,) = memory.rank_memory(LLAMA_8B.model_copy(update={"quantization": "nf4"}), [], memory.Parallelism(), 80 << 30)
     assert rank.weights == nf4
+
+
+def test_the_planner_never_splits_a_quantized_base():
+    from muxtune.operator.planner import candidate_parallelisms
+
+    for q, split in (("none", True), ("nf4", False), ("int8", False)):
+        layouts = candidate_parallelisms(LLAMA_8B.model_copy(update={"quantization": q}), 8, 4)
+        assert any(p.tp * p.pp > 1 for p in layouts) == split
+        assert any(p.dp > 1 for p in layouts)

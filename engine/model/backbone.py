@@ -68,6 +68,7 @@ class MultiplexedBackbone:
         attention.install(self.model)  # per-sequence attention from the batch's boundaries, no dense mask
         self.tokenizer = loaded.tokenizer
         self.path = loaded.path
+        self.quantization = loaded.quantization  # the decoder Linears' storage (QLoRA)
         self.trust_remote_code = loaded.trust_remote_code  # for whoever loads from path again (a tokenizer)
         self.ctx = MuxContext()
         self.recompute = False  # activation checkpointing per decoder layer (engine/model/stage.py)

@@ -21,6 +21,23 @@ def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | 
     return MuxTrainer(backbone, output, token_budget=token_budget, base_dir=base_dir or data_root_dir())
 
 
+def examples_loss(model, examples) -> float:
+    """Mean label-token loss of a (PEFT) model over examples, each alone: the user's evaluation."""
+    import torch
+
+    from muxtune.engine.data.dataset import IGNORE
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0].float()
+            t = torch.tensor(ex.targets)
+            keep = t != IGNORE
+            total += float(torch.nn.functional.cross_entropy(logits[keep], t[keep], reduction="sum"))
+            n += int(keep.sum())
+    return total / n
+
+
 def save_tiny_checkpoint(kind: str, path):
     """A tiny Llama or Qwen2 (GQA: 4 query heads, 2 key/value heads) saved by save_pretrained, as a
     user's checkpoint directory is, with the built-in byte-level tokenizer."""

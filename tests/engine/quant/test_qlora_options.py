@@ -60,3 +60,4 @@ def test_dense_weight_is_what_the_quantized_module_computes_with(kind):
     if kind == "nf4":  # NF4 computes with exactly this dequantized weight
         x = torch.randn(5, 64)
         assert torch.allclose(q(x), x @ w.t(), atol=1e-6)
+

@@ -16,7 +16,7 @@ pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (the engine
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from muxtune.engine.data.dataset import IGNORE  # noqa: E402
+from tests.helpers.models import examples_loss  # noqa: E402
 
 # fp32 compute over the same quantized weights: NF4 dequantizes alike in both processes and int8
 # (vector-wise, no batch-wide outlier columns) quantizes each token alone, so the packed batch and
@@ -30,18 +30,6 @@ def _user_config(quantization: str) -> BitsAndBytesConfig:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)  # per-token: see engine/model/quantize.py
-
-
-def _peft_loss(model, examples) -> float:
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for ex in examples:
-            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0].float()
-            t = torch.tensor(ex.targets)
-            keep = t != IGNORE
-            total += float(torch.nn.functional.cross_entropy(logits[keep], t[keep], reduction="sum"))
-            n += int(keep.sum())
-    return total / n
 
 
 @pytest.mark.parametrize("quantization", ["nf4", pytest.param("int8", marks=pytest.mark.slow)])
@@ -74,11 +62,11 @@ def test_adapter_on_quantized_base_reproduces_validation_loss(quantization, make
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32,
                                                 quantization_config=_user_config(quantization), device_map={"": "cpu"})
     model = PeftModel.from_pretrained(base, rt.out_dir).eval()
-    user_loss = _peft_loss(model, rt.validation)
+    user_loss = examples_loss(model, rt.validation)
     assert abs(engine_loss - user_loss) <= TOLERANCE, (engine_loss, user_loss)
     # the adapter matters (the comparison means something), and so does the quantization
     with model.disable_adapter():
-        assert abs(_peft_loss(model, rt.validation) - user_loss) > 10 * TOLERANCE
+        assert abs(examples_loss(model, rt.validation) - user_loss) > 10 * TOLERANCE
     dense = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
-    dense_loss = _peft_loss(PeftModel.from_pretrained(dense, rt.out_dir).eval(), rt.validation)
+    dense_loss = examples_loss(PeftModel.from_pretrained(dense, rt.out_dir).eval(), rt.validation)
     assert abs(dense_loss - user_loss) > 10 * TOLERANCE

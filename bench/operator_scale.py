@@ -170,12 +170,28 @@ def plan_figures(reqs, nodes, archs) -> dict:
             "groups": len(p.groups), "gpus": p.gpus_allocated, "floorGpus": p.floor_gpus,
             "gpusOverFloor": round(p.gpus_allocated / max(1, p.floor_gpus), 3),
             "lowerBoundGpus": p.lower_bound_gpus, "lowerBoundGpusByTenancy": p.lower_bound_gpus_by_tenancy,
-            "recomputingGroups": sum(g.recompute for g in p.groups),
+            "recomputingGroups": sum(g.recompute for g in p.groups), "sharedGpuGroups": p.gpu_slices,
             "tokenBudgets": sorted({g.token_budget for g in p.groups}), "planCpuSeconds": round(cpu, 3)}
 
 
+def shared_gpu_nodes(nodes, count: int = 10, replicas: int = 2):
+    """The first ``count`` 8 x 80 GB nodes time-sliced (nvidia.com/gpu.shared, ``replicas`` a GPU):
+    small groups may take one replica, half a GPU's memory (MuxServe-style sharing)."""
+    from muxtune.operator import planner as P
+
+    whole = [n for n in nodes if n.gpu_memory_mib == 81920]
+    sliced = {n.name for n in whole[:count]}
+    return [n for n in nodes if n.name not in sliced] + [
+        P.NodeInfo(n.name, 0, 0, n.gpu_memory_mib, f"{n.gpu_product}-SHARED", gpu_slices=replicas,
+                   slices_free=n.gpus_allocatable * replicas) for n in whole[:count]]
+
+
 def plan_only() -> dict:
-    return {"testWorkload": plan_figures(*test_workload()), "mixedWorkload": plan_figures(*mixed_workload())}
+    """Both workloads; the mixed one also with 10 of its 80 GB nodes time-sliced (there the floor,
+    a whole GPU per group, is no longer a bound: two groups may share one)."""
+    reqs, nodes, archs = mixed_workload()
+    return {"testWorkload": plan_figures(*test_workload()), "mixedWorkload": plan_figures(reqs, nodes, archs),
+            "mixedWorkloadSharedGpus": plan_figures(reqs, shared_gpu_nodes(nodes), archs)}
 
 
 def apiserver_requests(info) -> dict[str, float]:
@@ -225,7 +241,9 @@ class _Scene:
 
 
 def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, timeout: float = 900,
-        cleanup: bool = True, log=print) -> dict:
+        cleanup: bool = True, log=print, arrival_chunk: int = 250, arrival_gap: float = 0.0) -> dict:
+    """The workload, created ``arrival_chunk`` tasks at a time ``arrival_gap`` seconds apart (tasks
+    that arrive over several reconcile passes), placed by the operator; its figures."""
     kh = _load_helpers()
     scene = _set_up(info, kh, nodes, gpus_per_node, namespaces, log)
     op = _start_operator(info, kh, scene)
@@ -234,7 +252,10 @@ def run(info, *, nodes: int, gpus_per_node: int, tasks: int, namespaces: int, ti
 
     docs = make_tasks(tasks, scene.tenant_ns)
     t0 = time.monotonic()
-    create_many(info, docs)
+    for i in range(0, len(docs), arrival_chunk):
+        if i:
+            time.sleep(arrival_gap)
+        create_many(info, docs[i:i + arrival_chunk])
     t_created = time.monotonic() - t0
     log(f"{tasks} FineTuneTasks created in {t_created:.1f}s")
     items = kh.wait_for(lambda: _all_decided(info, kh, scene, tasks), timeout, interval=1.0,

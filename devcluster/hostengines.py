@@ -96,10 +96,12 @@ class HostEngines:
     work: Path  # per-pod task files, keys and logs
     device: str = "cpu"
     engines: dict[str, HostEngine] = field(default_factory=dict)  # by pod uid
+    namespace: str | None = None  # only this namespace's engine pods (None: every namespace)
 
     def step(self) -> None:
         """Start engines for newly bound pods, stop those whose pod is gone, refresh task files."""
-        pods = json.loads(self.kubectl("get", "pods", "-A", "-l", ENGINE_SELECTOR, "-o", "json").stdout)["items"]
+        where = ["-n", self.namespace] if self.namespace else ["-A"]
+        pods = json.loads(self.kubectl("get", "pods", *where, "-l", ENGINE_SELECTOR, "-o", "json").stdout)["items"]
         live = {p["metadata"]["uid"]: p for p in pods if not p["metadata"].get("deletionTimestamp")}
         for uid in [u for u in self.engines if u not in live]:
             self._stop(self.engines.pop(uid))

@@ -4,6 +4,7 @@ one line on stderr and exit code 2, never a traceback, with nothing trained and 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from muxtune.engine.durable import outputs
@@ -51,11 +52,14 @@ def check_layout(output: Path, tasks) -> None:
         raise CliProblem("output directories: " + "; ".join(str(exc).splitlines())) from None
 
 
-def start_server(host: str, port: int, status, render):
+def start_server(host: str, port: int, status, render, token_sha256: str | None = None):
     from muxtune.engine.observe.status_server import EngineServer
 
+    if token_sha256 is None and host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: /metrics and /v1/status on {host}:{port} answer anyone who reaches them "
+              "(no --status-token-sha256)", file=sys.stderr)
     try:
-        server = EngineServer(host, port, status, render)
+        server = EngineServer(host, port, status, render, token_sha256=token_sha256)
     except OSError as exc:  # EADDRINUSE, EACCES below 1024, an unknown host ...
         why = os.strerror(exc.errno) if exc.errno else str(exc)
         raise CliProblem(f"--metrics-port {port}: cannot listen on {host}:{port}: {why}") from None

@@ -26,6 +26,7 @@ from muxtune.engine.observe.progress import ProgressBar, summary_table
 from muxtune.engine.task import FAILED, SUCCEEDED, TaskRuntime
 from muxtune.engine.observe.telemetry import Fanout
 from muxtune.engine.observe.trackers import Trackers
+from muxtune.engine.memory_share import MemoryShare
 from muxtune.engine.runtime import StopFlag, install_kernels, load_multiplexed, pick_device, pick_dtype
 from muxtune.engine.trainer import MuxTrainer
 from muxtune.facts import trust
@@ -137,7 +138,7 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     base_model = tasks[0].spec.base_model
     backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code,
                               cfg.quantize)
-    trainer = _new_trainer(backbone, cfg, base_dir, group, metrics, tasks)
+    trainer = _new_trainer(backbone, cfg, base_dir, group, metrics, tasks, device)
     serving = None
     if serve_sock is not None:  # co-serving (one process only): engine/serve/
         from muxtune.engine.serve.stack import Serving
@@ -179,7 +180,8 @@ def _open_backbone(base_model: str, group, device: torch.device, dtype: torch.dt
     return backbone
 
 
-def _new_trainer(backbone, cfg: RunConfig, base_dir: Path, group, metrics, tasks) -> MuxTrainer:
+def _new_trainer(backbone, cfg: RunConfig, base_dir: Path, group, metrics, tasks,
+                 device: torch.device | None = None) -> MuxTrainer:
     backbone.recompute = cfg.recompute
     trainer = MuxTrainer(
         backbone, cfg.output, token_budget=cfg.token_budget, chunk_size=cfg.chunk_size,
@@ -188,6 +190,11 @@ def _new_trainer(backbone, cfg: RunConfig, base_dir: Path, group, metrics, tasks
         micro_batches=cfg.micro_batches, interleave=cfg.interleave,
         print_schedule=print if cfg.print_schedule else None, remote=cfg.remote,
     )
+    if cfg.gpu_memory_fraction is not None:  # a GPU shared with another group's engine
+        if group.world > 1:  # ranks would lower their budgets apart; the planner shares 1-GPU groups only
+            raise SystemExit("--gpu-memory-fraction: a shared GPU runs a one-process group (dp = tp = pp = 1)")
+        trainer.memory_share = MemoryShare(cfg.gpu_memory_fraction, device or pick_device(cfg.device),
+                                           cfg.device_memory_mib)
     sinks = [Trackers()] if group.is_writer else []
     if metrics is not None:
         metrics.attach(trainer)
@@ -296,7 +303,8 @@ class _Endpoints:
 
                 ends.metrics = EngineMetrics()
                 status = trust.active().signed(ends.metrics.status) if trust.active() else ends.metrics.status
-                ends.server = preflight.start_server(cfg.metrics_host, cfg.metrics_port, status, ends.metrics.render)
+                ends.server = preflight.start_server(cfg.metrics_host, cfg.metrics_port, status, ends.metrics.render,
+                                                    cfg.status_token_sha256)
             if cfg.serving:
                 ends.serve_sock = preflight.listen("--serve-port", cfg.serve_host, cfg.serve_port)
             ends.lock = preflight.lock_output(cfg.output)

@@ -95,6 +95,7 @@ class MuxTrainer:
         self.step_hooks: list = []  # callables(trainer, runtime) after each optimizer step
         self._aligned = False  # restarted tasks moved to their common cut (before the first round)
         self._in_round = False  # True while a round is half done: no checkpoint may see that state
+        self.memory_share = None  # a MemoryShare (engine/memory_share.py) when the GPU is shared with another group
         self._cut_due = False
         self._ticks = 0  # rounds run, whatever their outcome
         self._last_cut: tuple | None = None
@@ -133,6 +134,8 @@ class MuxTrainer:
             rt.build_optimizer()
         except Exception as exc:  # noqa: BLE001 - any setup error is this task's failure
             error = str(exc) or type(exc).__name__  # MemoryError has no text
+        if error is None and self.memory_share is not None:  # the GPU's share holds its state, or it is refused
+            error = self.memory_share.refusal(self.backbone, [*self.active(), rt])
         if (error := self.group.first_error(error)) is None:  # one rank's bad read fails it everywhere
             try:
                 if self.resume:
@@ -237,7 +240,7 @@ class MuxTrainer:
         self._in_round, self._ticks = True, self._ticks + 1
         picks, waiting = self._pick(active, token_budget)  # plan
         plan = self._plan(picks, self.group.dp_rank)
-        outcome, picks = self._forward_backward(picks, plan)  # forward/backward
+        outcome, picks = self._metered_forward_backward(picks, plan)  # forward/backward
         if outcome is None:  # a non-finite loss was isolated; the round is retried
             self._in_round = False
             return True
@@ -262,6 +265,19 @@ class MuxTrainer:
         if self._solo_rounds:
             self._solo_rounds, budget = self._solo_rounds - 1, 1
         return scheduler.select(active, budget)
+
+    def _metered_forward_backward(self, picks, plan) -> tuple[RoundOutcome | None, list]:
+        """The round; on a shared GPU its resident + saved-tensor peak is checked against the share
+        and the token budget lowered for the next rounds when it passed (engine/memory_share.py)."""
+        share = self.memory_share
+        if share is None:
+            return self._forward_backward(picks, plan)
+        with share.metered(self.backbone):
+            result = self._forward_backward(picks, plan)
+        least = max(rt.task.spec.dataset.max_seq_len for rt in self.active()) if self.active() else 1
+        peak = share.resident(self.backbone, self.active()) + share.last_peak
+        self.token_budget = share.budget_after(peak, self.token_budget, least)
+        return result
 
     def _forward_backward(self, picks, plan) -> tuple[RoundOutcome | None, list]:
         """Run the plan; the outcome (None when a non-finite loss stopped the fused round before

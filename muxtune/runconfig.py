@@ -61,9 +61,17 @@ class RunConfig(ServeFlags):
     token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
     recompute: bool = Field(False, description="Activation checkpointing per decoder layer: keep each layer's input only and "
                                                 "recompute the rest in backward (less memory, same results, ~1/3 more compute)")
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1, description="This engine's share of a GPU another group's "
+                                              "engine also uses: the CUDA allocator is capped at it, a task whose state would not "
+                                              "fit is refused, a round past it lowers the token budget (the operator sets it)")
+    device_memory_mib: int | None = Field(None, gt=0, description="Memory the --gpu-memory-fraction is of (default: the CUDA "
+                                          "device's; on CPU the host's)")
     chunk_size: int | None = Field(None, gt=0, description="Packed chunk length (default: the longest maxSeqLen)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /v1/status on this port (0: any free port)")
     metrics_host: str = Field("127.0.0.1", description="Address the metrics/status server binds (pods pass 0.0.0.0)")
+    status_token_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                                            description="SHA-256 (hex) of the bearer token /metrics and /v1/status then require "
+                                                        "(pods: the operator passes it); without it they answer anyone who reaches the port")
     watch: bool = Field(False, description="Keep running and follow changes to the task files (used in pods)")
     max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Refuse a dataset file larger than this many bytes")
     max_line_bytes: int = Field(DEFAULT_MAX_LINE_BYTES, gt=0, description="Refuse a dataset line longer than this many bytes")

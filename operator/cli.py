@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import CliPositionalArg
 
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
+
 INVENTORY_HELP = """Node inventory YAML: either Kubernetes Node objects (`kubectl get nodes -o yaml`; GPUs from
 allocatable nvidia.com/gpu, memory from the nvidia.com/gpu.memory label, in MiB), or
 `nodes: [{name, gpus, gpusFree, gpuMemoryMiB, gpuProduct, count}]`."""
@@ -22,7 +24,7 @@ def load_inventory(path: Path):
     import yaml
 
     from muxtune.operator.planner import NodeInfo
-    from muxtune.operator.world import compact_node
+    from muxtune.operator.world import compact_node, node_inventory
 
     nodes: list[NodeInfo] = []
     for doc in yaml.safe_load_all(Path(path).read_text()):
@@ -31,9 +33,7 @@ def load_inventory(path: Path):
         items = doc.get("items") if doc.get("kind") in ("List", "NodeList") else [doc] if doc.get("kind") == "Node" else None
         if items is not None:
             for n in items:
-                c = compact_node(n)
-                if c["gpus"] > 0 and c["gpuMemoryMiB"] > 0:
-                    nodes.append(NodeInfo(c["name"], c["gpus"], c["gpus"], c["gpuMemoryMiB"], c["gpuProduct"]))
+                nodes += node_inventory([compact_node(n)], [])  # whole GPUs, or time-sliced replicas
             continue
         for n in doc.get("nodes") or []:
             count = int(n.get("count", 1))
@@ -163,6 +163,8 @@ class OperatorCommand(BaseModel):
     transfer_image: str = Field("ghcr.io/muxtune/operator:0.1.0", description="Image of the staging, export and model-cache Jobs (torch-free)")
     model_cache_pvc: str | None = Field(None, description="PVC that hf:// and s3:// BaseModels are staged into once; groups mount the model's directory read-only")
     mlflow_tracking_uri: str | None = Field(None, description="MLFLOW_TRACKING_URI of engine pods (training.reportTo: mlflow)")
+    max_dataset_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, gt=0, description="Largest s3:// object a staging Job copies "
+                                   "(a task's dataset.maxBytes may lower it, not raise it); engine pods read up to it")
     ephemeral_output: bool = Field(False, description="Allow running without output storage (an emptyDir per pod: adapters are LOST with the pod; throwaway clusters only)")
     poll_interval: float = Field(10.0, gt=0, description="Seconds between /v1/status polls of each group")
     poll_pod_ip: bool = Field(True, description="Poll engines at their pod IP")
@@ -170,6 +172,8 @@ class OperatorCommand(BaseModel):
                                                              "which anyone who may edit pods can set")
     unreachable_after: int = Field(3, gt=0, description="Failed polls in a row before a task shows EngineReachable=False")
     signing_key_file: str | None = Field(None, description="Master key of the per-group HMAC keys (default: random per process)")
+    status_token_file: str | None = Field(None, description="Bearer token of the engines' /metrics and /v1/status, shared with "
+                                                            "Prometheus (default: random per process)")
     pod_backoff_base: float = Field(2.0, gt=0, description="Seconds before retrying a refused pod creation; doubles per attempt")
     pod_backoff_cap: float = Field(300.0, gt=0, description="Longest wait between refused pod creations")
     leader_elect: bool = Field(True, description="Elect a leader over a Lease in the shared namespace (several replicas)")
@@ -180,6 +184,10 @@ class OperatorCommand(BaseModel):
                                                            "engine saves less, e.g. under activation recomputation)")
     max_dp: int = Field(8, ge=1, description="Most data-parallel pods of one group (used only when no single-pod layout fits)")
     max_group_restarts: int = Field(6, ge=0, description="Whole-group restarts after a lost or failed pod before its tasks fail")
+    repack_max_moves: int = Field(8, ge=0, description="Most tasks one repack pass moves between groups, through their "
+                                                       "checkpoints, after tasks finish (0: no repacking)")
+    repack_interval: float = Field(60.0, gt=0, description="Least seconds between two repack passes")
+    repack_task_cooldown: float = Field(600.0, ge=0, description="Seconds a moved task is not moved again")
     api_concurrency: int = Field(16, gt=0, description="Kubernetes API writes in flight at once")
     standalone: bool = Field(True, description="kopf without peering (one replica)")
     kubeconfig: str | None = Field(None, description="Kubeconfig (default: $KUBECONFIG, then in-cluster)")
@@ -223,11 +231,13 @@ class OperatorCommand(BaseModel):
             transfer_image=self.transfer_image,
             model_cache_pvc=self.model_cache_pvc,
             mlflow_tracking_uri=self.mlflow_tracking_uri,
+            max_dataset_bytes=self.max_dataset_bytes,
             poll_interval=self.poll_interval,
             poll_pod_ip=self.poll_pod_ip,
             dev_endpoint_annotation=self.dev_endpoint_annotation,
             unreachable_after=self.unreachable_after,
             signing_key_file=self.signing_key_file,
+            status_token_file=self.status_token_file,
             pod_backoff_base=self.pod_backoff_base,
             pod_backoff_cap=self.pod_backoff_cap,
             leader_elect=self.leader_elect,
@@ -237,6 +247,9 @@ class OperatorCommand(BaseModel):
             activation_scale=self.activation_scale,
             max_dp=self.max_dp,
             max_group_restarts=self.max_group_restarts,
+            repack_max_moves=self.repack_max_moves,
+            repack_interval=self.repack_interval,
+            repack_task_cooldown=self.repack_task_cooldown,
             api_concurrency=self.api_concurrency,
             kubeconfig=self.kubeconfig,
             log_level=self.log_level,
@@ -251,6 +264,9 @@ class OperatorCommand(BaseModel):
         if cfg.output_problem():
             print(f"error: {cfg.output_problem()}", file=sys.stderr)
             sys.exit(2)
+        from muxtune.operator.keys import load_status_token
+
+        cfg.status_token = load_status_token(cfg.status_token_file)  # read when it runs, not when parsed
         handlers.CONFIG = cfg
         from muxtune import logs
 

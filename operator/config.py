@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
 from muxtune.operator.memory import MemoryConfig
 from muxtune.operator.planner import PlannerConfig
 
@@ -46,6 +47,10 @@ ANN_RESTART_REASON = "muxtune.io/restart-reason"
 RENDEZVOUS_PORT = 29500  # torch.distributed's store on pod 0 (PET_MASTER_PORT)
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
+# Time-sliced GPUs (NVIDIA device plugin sharing.timeSlicing with renameByDefault: docs/OPERATOR.md):
+# a node advertises replicas of its GPUs under this name and labels how many replicas a GPU has
+GPU_SHARED_RESOURCE = "nvidia.com/gpu.shared"
+GPU_REPLICAS_LABEL = "nvidia.com/gpu.replicas"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
@@ -87,7 +92,7 @@ class OperatorConfig:
     # highest band its members' spec.priority reaches when the pods are created
     engine_priority_classes: list[dict] = field(default_factory=list)
     engine_pdb: bool = True  # a PodDisruptionBudget per group (voluntary evictions wait)
-    # When GPUs are short, namespaces get task slots in proportion to these weights (default 1):
+    # When GPUs are short, namespaces get GPUs in proportion to these weights (default 1):
     # operator/fairshare.py; a higher-priority task preempts a lower-priority group
     namespace_weights: dict[str, float] = field(default_factory=dict)
     # the least spec.serving.sloTtftMs / sloTpotMs a task may ask for (operator/slofloor.py)
@@ -108,6 +113,9 @@ class OperatorConfig:
     # the volume hf:// and s3:// BaseModels are staged into once (read-write for their Jobs only;
     # groups mount the model's directory in it read-only)
     model_cache_pvc: str | None = None
+    # the largest s3:// object a staging Job copies (a task's dataset.maxBytes may ask less, not more);
+    # engine pods are told it too, so they read what was staged
+    max_dataset_bytes: int = DEFAULT_MAX_FILE_BYTES
     # engines of tasks with training.reportTo mlflow report here (MLFLOW_TRACKING_URI)
     mlflow_tracking_uri: str | None = None
     # Without output storage the operator refuses to start (adapters would die with their pod),
@@ -122,6 +130,11 @@ class OperatorConfig:
     unreachable_after: int = 3  # failed polls in a row before EngineReachable=False
     # master key of the per-group HMAC keys (muxtune/facts/trust.py); None: a random key per process
     signing_key_file: str | None = None
+    # bearer token of the engines' /metrics and /v1/status (operator/keys.py), read from the file
+    # when the operator starts; None: engines' status ports take no token (unit tests; a running
+    # operator always has one, random per process without the file)
+    status_token_file: str | None = None
+    status_token: str | None = None
     pod_backoff_base: float = 2.0  # seconds; doubled per refused pod creation, per group
     pod_backoff_cap: float = 300.0
     leader_elect: bool = True
@@ -138,6 +151,12 @@ class OperatorConfig:
     # replica too few sequences, and a gang of more pods is harder to place at once.
     max_dp: int = 8
     max_group_restarts: int = 6  # whole-group restarts (lost or failed pod) before the tasks fail
+    # Repack passes (operator/repacker.py): after tasks finish, whole groups are drained into others
+    # of their class through checkpoints; at most this many moves a pass, passes this many seconds
+    # apart, and a moved task is not moved again for repack_task_cooldown seconds. 0 moves: off.
+    repack_max_moves: int = 8
+    repack_interval: float = 60.0
+    repack_task_cooldown: float = 600.0
     activation_scale: float = 1.0  # multiplies the memory model's activations (operator/memory.py)
     log_level: str = "info"
     kubeconfig: str | None = None
@@ -163,11 +182,15 @@ class OperatorConfig:
         c.engine_image = _env("ENGINE_IMAGE", c.engine_image) or c.engine_image
         for name in ("data_pvc", "data_host_path", "output_pvc", "output_host_path", "kubeconfig",
                      "data_pvc_per_namespace", "output_pvc_per_namespace", "signing_key_file",
-                     "transfer_image", "model_cache_pvc", "mlflow_tracking_uri"):
+                     "transfer_image", "model_cache_pvc", "mlflow_tracking_uri", "status_token_file"):
             v = _env(name.upper())
             if v:
                 setattr(c, name, v)
+        from muxtune.operator.keys import load_status_token
+
+        c.status_token = load_status_token(c.status_token_file)
         for name, conv in (("metrics_port", int), ("engine_metrics_port", int), ("poll_interval", float),
+                           ("max_dataset_bytes", int),
                            ("max_tasks_per_group", int), ("debounce", float)):
             v = _env(name.upper())
             if v:

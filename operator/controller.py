@@ -51,6 +51,7 @@ from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.overlay import Overlay
 from muxtune.operator.planner import GroupPlan, Plan, plan as run_planner
 from muxtune.operator.poller import EnginePoller
+from muxtune.operator.repacker import Repacker
 from muxtune.operator.slofloor import SloFloors
 from muxtune.operator.snapshot import (
     GroupKey,
@@ -65,7 +66,8 @@ from muxtune.operator.snapshot import (
     unbound_pods,
 )
 from muxtune.operator.transfer_plan import TransferPlan, plan_transfers
-from muxtune.operator.world import basemodel_architecture, group_started, group_state, node_inventory, parse_task
+from muxtune.operator.world import (
+    basemodel_architecture, basemodel_figures, group_started, group_state, node_inventory, parse_task)
 
 log = logging.getLogger("muxtune.operator")
 API = f"{GROUP}/{VERSION}"
@@ -107,6 +109,8 @@ class Controller:
         self.applier = GroupApplier(client=client, config=config, keys=self.keys, events=self.events,
                                     overlay=self.overlay, backoff=self.backoff, poller=self.poller, kick=self.kick,
                                     decisions=self.gang, workload_msgs=self.workload_msgs)
+        self.repacker = Repacker(config.repack_max_moves, config.repack_interval, config.repack_task_cooldown)
+        self._held: set[str] = set()  # tasks moving between groups whose checkpoint is not written yet
         self.passes = 0
         self.errors = 0
         self._tasks: list[asyncio.Task] = []
@@ -227,7 +231,8 @@ class Controller:
         snap = self._observe()
         tplan = self._plan_transfers(snap)
         ms = self._membership(snap, tplan)
-        plan = await self._charge_quotas(snap, ms, self._plan(snap, ms))
+        self._repack_settle(snap, ms)
+        plan = self._repack(snap, ms, await self._charge_quotas(snap, ms, self._plan(snap, ms)))
         results = await self._apply(snap, ms, plan, tplan)
         await self._basemodel_status(snap, tplan)
         counts = await self._task_status(snap, ms, plan, tplan)
@@ -273,7 +278,7 @@ class Controller:
     def _plan(self, snap: Snapshot, ms: Membership) -> Plan:
         """Run the pure planner on the pending tasks, the groups' remaining members and free GPUs."""
         states = self._group_states(snap, ms)
-        pending = pending_requests(snap, ms)
+        pending = self._pending(snap, ms)
         t0 = time.perf_counter()
 
         def run(tasks, dropped):  # the planner, with preempted members out of their groups
@@ -293,7 +298,7 @@ class Controller:
         tasks their quotas cannot cover wait (QuotaExceeded), the rest is planned again without them."""
         states = self._group_states(snap, ms)
         plan, waiting = await quota.place_within_quota(
-            self.client, plan, pending_requests(snap, ms), {k: ms.request(k) for k in ms.member_of},
+            self.client, plan, self._pending(snap, ms), {k: ms.request(k) for k in ms.member_of},
             lambda p: run_planner(p, states, snap.inventory, snap.architectures, snap.planner_config,
                                   reserved_names=snap.reserved_names))
         if waiting:
@@ -312,7 +317,37 @@ class Controller:
             started = group_started(gk[1], [snap.tasks[k] for k in ms.active[gk]], self.reports)
             states.append(group_state(g, [ms.request(k) for k in ms.active[gk]], unbound_pods(g, pods), accepting,
                                       started))
-        return states
+        moving = {k: ms.request(k) for k in self.repacker.moving if k in snap.tasks and ms.placeable(k, snap.tasks[k])}
+        return self.repacker.arrivals(states, moving, self._held)
+
+    def _pending(self, snap: Snapshot, ms: Membership) -> list:
+        """Placeable tasks in no group, less those a repack pass moves (they join their target)."""
+        return [r for r in pending_requests(snap, ms) if r.key not in self.repacker.moving]
+
+    def _repack_settle(self, snap: Snapshot, ms: Membership) -> None:
+        """Moves done or void are forgotten; a member that left a group arms the next repack pass;
+        a moving task waits while its old group still has pods (the engine checkpoints it on SIGTERM)."""
+        live = {k for k, o in snap.tasks.items() if ms.placeable(k, o)}
+        targets = {gk[1] for gk, g in snap.groups.items() if not deleting(g)}
+        self.repacker.settle(ms.member_of, live, targets)
+        if any(len((g.get("spec") or {}).get("tasks") or []) > len(ms.active.get(gk, []))
+               for gk, g in snap.groups.items() if not deleting(g)):
+            self.repacker.members_left = True
+        with_pods = {gk[1] for gk, pods in snap.pods_of.items() if pods}
+        self._held = self.repacker.held(lambda name: name in with_pods)
+
+    def _repack(self, snap: Snapshot, ms: Membership, plan: Plan) -> Plan:
+        """A repack pass when one is due (operator/repacker.py bounds them); held tasks say why they wait."""
+        if self._held:
+            plan = dataclasses.replace(plan, unplaceable=(*plan.unplaceable, *self.repacker.unplaceable(self._held)))
+        if self.repacker.max_moves <= 0 or not self.repacker.due(placing=bool(plan.placements)):
+            return plan
+        before = dict(self.repacker.moving)
+        plan = self.repacker.run(plan, self._group_states(snap, ms), snap.architectures, snap.planner_config)
+        for k, mv in sorted(self.repacker.moving.items()):
+            if k not in before:
+                log.info("repack: %s moves from group %s to %s through its checkpoint", k, mv.source, mv.target)
+        return plan
 
     async def _apply(self, snap: Snapshot, ms: Membership, plan: Plan, tplan: TransferPlan) -> list:
         """Create, update or delete every planned group; gangs without pods first learn whether all
@@ -339,7 +374,7 @@ class Controller:
             arch = snap.architectures.get(bname)
             want = {"ready": arch is not None,
                     "message": "architecture figures available to the planner" if arch is not None
-                    else "no architecture figures: set spec.architecture (parameters, layers, hiddenSize)"}
+                    else basemodel_figures(bm)[1]}
             if arch is not None:
                 want["architecture"] = arch.model_dump(mode="json", by_alias=True, exclude_none=True)
             if bname in tplan.models:  # hf/s3 weights: ready once staged into the model cache
@@ -510,7 +545,14 @@ def gang_capacity(gplans: Mapping[GroupKey, GroupPlan], group_objs: Mapping[Grou
     out = {}
     waiting = [(gk, gp) for gk, gp in gplans.items()
                if gp.members and not gp.queue and not any(not p["deleting"] for p in pods_of.get(gk, []))]
+    slices = _free_slices(inventory, pods_of)
     for gk, gp in sorted(waiting, key=lambda x: (-priority.get(x[0], 0), x[0])):
+        if gp.shared_gpu:  # one time-sliced replica on a node of its product
+            node = next((n for n, (product, free) in sorted(slices.items()) if product == gp.gpu_product and free > 0), None)
+            out[gk] = (True, "") if node else (False, f"waiting for a free shared {gp.gpu_product} GPU slice")
+            if node:
+                slices[node] = (gp.gpu_product, slices[node][1] - 1)
+            continue
         where = cap.place(gp.gpu_product, gp.gpu_memory_mib, gp.pods, gp.gpus_per_pod)
         if where is None:
             out[gk] = (False, cap.why_not(gp.gpu_product, gp.gpu_memory_mib, gp.pods, gp.gpus_per_pod))
@@ -518,6 +560,17 @@ def gang_capacity(gplans: Mapping[GroupKey, GroupPlan], group_objs: Mapping[Grou
             cap.take(where, gp.gpus_per_pod)
             out[gk] = (True, "")
     return out
+
+
+def _free_slices(inventory, pods_of: Mapping[GroupKey, list[dict]]) -> dict[str, tuple[str, int]]:
+    """node -> (product, free shared GPU slices), less the slices of pods not yet bound."""
+    free = {n.name: (n.gpu_product, n.slices_free) for n in inventory if n.gpu_slices > 1}
+    pending = sum(p.get("slices", 0) for ps in pods_of.values() for p in ps
+                  if not p["deleting"] and not p.get("nodeName") and p["phase"] not in ("Succeeded", "Failed"))
+    for name in sorted(free, key=lambda n: -free[n][1]):
+        take = min(pending, free[name][1])
+        free[name], pending = (free[name][0], free[name][1] - take), pending - take
+    return free
 
 
 def _record_metrics(snap: Snapshot, plan: Plan, counts: dict[tuple[str, str], int]) -> None:

@@ -2,11 +2,14 @@
 
 When every pending task fits, nothing changes: the planner places them all. When GPUs are short
 (a trial plan leaves tasks WaitingForGpus), first come, first served would let one namespace's
-burst take every GPU; instead the task slots the plan achieves are divided between the namespaces
-that want them by weighted max-min fairness (water-filling: a namespace wanting less than its
-share gets what it wants, the rest is split again), and each namespace's pending tasks are
-admitted, highest priority first, up to its share less the tasks it already runs. Shares count
-tasks, the unit the planner packs; a namespace's weight comes from the operator's configuration.
+burst take every GPU; instead the GPUs the plan uses are divided between the namespaces that want
+them by weighted max-min fairness over GPUs, not tasks (a namespace of 2-GPU tasks gets as many
+GPUs as one of 1-GPU tasks, so half as many tasks): progressive filling, where the namespace with
+the fewest GPUs per unit of weight (its running tasks included) admits its next task, highest
+priority first, while the task's GPUs still fit. A task's GPUs are its group's GPUs by token
+share (``batch_size * max_seq_len``, as operator/quota.py charges them); a task the trial plan
+did not place counts as a like task it did place (same backbone and shape), else as one GPU.
+A namespace's weight comes from the operator's configuration.
 
 A pending task that still cannot be placed preempts the running tasks of one group whose members
 all have a lower priority (the lowest such group, from the namespace most over its share): they
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from muxtune.operator.placement import GroupState, Plan, TaskRequest, Unplaceable
+from muxtune.operator.quota import tokens
 
 SHORT = "WaitingForGpus"  # the planner's reason when a task fits a GPU class but no GPU is free
 HELD = "WaitingForFairShare"
@@ -43,19 +47,19 @@ class Weights:
         return max(1e-9, float(self.by_namespace.get(namespace, self.default)))
 
 
-def fair_shares(capacity: int, demand: Mapping[str, int], weights: Weights) -> dict[str, int]:
-    """Weighted max-min fair division of ``capacity`` slots: each slot goes to the namespace with
-    the lowest (slots + 1) / weight that still wants one (ties by name, so the result is stable)."""
-    shares = {ns: 0 for ns in demand}
-    heap = [(1 / weights.of(ns), ns) for ns, d in demand.items() if d > 0]
-    heapq.heapify(heap)
-    for _ in range(max(0, capacity)):
-        if not heap:
-            break
-        _, ns = heapq.heappop(heap)
-        shares[ns] += 1
-        if shares[ns] < demand[ns]:
-            heapq.heappush(heap, ((shares[ns] + 1) / weights.of(ns), ns))
+def fair_shares(capacity: float, demand: Mapping[str, float], weights: Weights) -> dict[str, float]:
+    """Weighted max-min fair division of ``capacity`` GPUs (water-filling): a namespace wanting
+    less than its weighted share gets what it wants, the rest is divided again."""
+    shares = {ns: 0.0 for ns in demand}
+    left, wanting = float(capacity), {ns for ns, d in demand.items() if d > 0}
+    while left > 1e-9 and wanting:
+        per_weight = left / sum(weights.of(ns) for ns in wanting)
+        sated = {ns for ns in wanting if demand[ns] - shares[ns] <= per_weight * weights.of(ns) + 1e-9}
+        for ns in sated or wanting:
+            give = min(demand[ns] - shares[ns], per_weight * weights.of(ns))
+            shares[ns] += give
+            left -= give
+        wanting -= sated if sated else wanting
     return shares
 
 
@@ -69,39 +73,78 @@ def _namespace(key: str) -> str:
     return key.split("/", 1)[0]
 
 
-def _count(keys: Iterable[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for k in keys:
-        out[_namespace(k)] = out.get(_namespace(k), 0) + 1
+def task_gpus(plan: Plan, requests: Mapping[str, TaskRequest], unplaced: Iterable[TaskRequest]) -> dict[str, float]:
+    """Each task's GPUs: its group's GPUs by token share; an unplaced task, a like placed task's (else 1)."""
+    out: dict[str, float] = {}
+    for g in plan.groups:
+        total = sum(tokens(requests[k]) for k in g.members if k in requests) or 1
+        out.update({k: g.gpus * tokens(requests[k]) / total for k in g.members if k in requests})
+    like = {(requests[k].base_model, requests[k].shape): v for k, v in out.items()}
+    out.update({t.key: like.get((t.base_model, t.shape), 1.0) for t in unplaced if t.key not in out})
     return out
 
 
-def admit(pending: Sequence[TaskRequest], members: Iterable[str], trial: Plan, weights: Weights) -> Admission:
+def _usage(keys: Iterable[str], gpus: Mapping[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in keys:
+        out[_namespace(k)] = out.get(_namespace(k), 0.0) + gpus.get(k, 0.0)
+    return out
+
+
+def _queues(competing: Sequence[TaskRequest]) -> dict[str, list[TaskRequest]]:
+    out: dict[str, list[TaskRequest]] = {}
+    for t in sorted(competing, key=lambda t: (-t.priority, t.created, t.name)):
+        out.setdefault(t.namespace, []).append(t)
+    return out
+
+
+def _choose(competing: Sequence[TaskRequest], used: dict[str, float], gpus: Mapping[str, float], capacity: float,
+            shares: Mapping[str, float], weights: Weights) -> set[str]:
+    """Each namespace admits its tasks, highest priority first, while they stay within its share
+    (even where no GPU is free now: the task may preempt); what is left of the GPUs then goes by
+    progressive filling (the namespace lowest in GPUs per weight admits its next task if it fits)."""
+    queues, chosen = _queues(competing), set()
+    for ns, q in queues.items():
+        while q and used.get(ns, 0.0) + gpus[q[0].key] <= shares.get(ns, 0.0) + 1e-9:
+            t = q.pop(0)
+            chosen.add(t.key)
+            used[ns] = used.get(ns, 0.0) + gpus[t.key]
+    heap = [(used.get(ns, 0.0) / weights.of(ns), ns) for ns, q in queues.items() if q]
+    heapq.heapify(heap)
+    total = sum(used.values())
+    while heap:
+        _, ns = heapq.heappop(heap)
+        t = queues[ns].pop(0)
+        if total + gpus[t.key] > capacity + 1e-9:
+            continue  # the rest of this namespace's queue waits: its next task does not fit what is left
+        chosen.add(t.key)
+        total += gpus[t.key]
+        used[ns] = used.get(ns, 0.0) + gpus[t.key]
+        if queues[ns]:
+            heapq.heappush(heap, (used[ns] / weights.of(ns), ns))
+    return chosen
+
+
+def admit(pending: Sequence[TaskRequest], members: Mapping[str, TaskRequest], trial: Plan,
+          weights: Weights) -> Admission:
     """Which pending tasks the planner may place, given the trial plan of all of them."""
     waiting = {u.task for u in trial.unplaceable if u.reason == SHORT}
     if not waiting:
         return Admission(tuple(pending))  # GPUs are not short: everyone is placed
-    members = list(members)
     trial_reason = {u.task: u for u in trial.unplaceable}
     placed = {k for g in trial.groups for k in g.members} - set(members)
     competing = [t for t in pending if t.key in placed or t.key in waiting]
-    running = _count(members)
-    demand = _count([*members, *(t.key for t in competing)])
-    shares = fair_shares(len(members) + len(placed), demand, weights)
-    admitted, held = [t for t in pending if t.key not in placed and t.key not in waiting], []
-    by_ns: dict[str, list[TaskRequest]] = {}
-    for t in competing:
-        by_ns.setdefault(t.namespace, []).append(t)
-    for ns, tasks in sorted(by_ns.items()):
-        room = max(0, shares.get(ns, 0) - running.get(ns, 0))
-        tasks.sort(key=lambda t: (-t.priority, t.created, t.name))
-        admitted += tasks[:room]
-        # beyond the share: a task the trial placed lost its slot to fairness; one it did not place
-        # was waiting for GPUs anyway (and must not take a slot fairness freed)
-        held += [Unplaceable(t.key, HELD, f"GPUs are short and namespace {ns} has its fair share: "
-                             f"{shares.get(ns, 0)} of {len(members) + len(placed)} task slots "
-                             f"(weight {weights.of(ns):g})") if t.key in placed else trial_reason[t.key]
-                 for t in tasks[room:]]
+    gpus = task_gpus(trial, {**members, **{t.key: t for t in pending}}, competing)
+    capacity = float(sum(g.gpus for g in trial.groups))
+    running = _usage(members, gpus)
+    shares = fair_shares(capacity, _usage([*members, *(t.key for t in competing)], gpus), weights)
+    chosen = _choose(competing, dict(running), gpus, capacity, shares, weights)
+    admitted = [t for t in pending if (t.key not in placed and t.key not in waiting) or t.key in chosen]
+    # beyond the share: a task the trial placed lost its GPUs to fairness; one it did not place
+    # was waiting for GPUs anyway (and must not take GPUs fairness freed)
+    held = [Unplaceable(t.key, HELD, f"GPUs are short and namespace {t.namespace} has its fair share: "
+                        f"{shares.get(t.namespace, 0):.3g} of {capacity:g} GPU(s) (weight {weights.of(t.namespace):g})")
+            if t.key in placed else trial_reason[t.key] for t in competing if t.key not in chosen]
     return Admission(tuple(admitted), tuple(held))
 
 
@@ -132,14 +175,14 @@ def plan_fairly(pending: Sequence[TaskRequest], groups: Mapping[str, Sequence[Ta
 
     ``groups``: each live group's members (by group name); ``releasing``: a group is being torn
     down (its GPUs are about to be free), so no further group is preempted yet."""
-    members = [m.key for ms in groups.values() for m in ms]
+    members = {m.key: m for ms in groups.values() for m in ms}
     trial = run(pending, frozenset())
     adm = admit(pending, members, trial, weights)
     plan = run(adm.admitted, frozenset()) if adm.held else trial
     unplaced = {u.task for u in plan.unplaceable if u.reason == SHORT}
     dropped: list[str] = []
     if unplaced and not releasing:
-        usage = _count(members)
+        usage = _usage(members, task_gpus(trial, members, ()))
         over = {ns: usage[ns] / weights.of(ns) for ns in usage}
         top, dropped = victims([t for t in adm.admitted if t.key in unplaced], groups, over)
         if dropped:

@@ -310,6 +310,7 @@ class GroupApplier:
             "memoryPlannedBytes": gp.memory_per_gpu_bytes * gp.gpus,
             "tokenBudget": gp.token_budget,
             "recompute": gp.recompute,
+            "gpuMemoryFraction": round(gp.gpu_fraction, 6) if gp.shared_gpu else None,
             "observedGeneration": gobj["metadata"].get("generation"),
         }
         cur = gobj.get("status") or {}

@@ -6,6 +6,10 @@ Secret), and a key learnt from one group's Secret says nothing about any other g
 master key comes from --signing-key-file (the chart mounts a Secret of the operator's namespace
 that tenants cannot read); without it a random key per process is used, which breaks the
 signatures of running groups on every restart (fine for a test, not for a cluster).
+
+The status token (:func:`load_status_token`) guards every engine's /metrics and /v1/status: the
+operator polls with it, Prometheus scrapes with it (the chart's Secret), engines get only its
+SHA-256 (:func:`status_token_sha256`), so an engine pod in a tenant's namespace never holds it.
 """
 from __future__ import annotations
 
@@ -40,3 +44,21 @@ class GroupKeys:
         m = group["metadata"]
         msg = f"{m['namespace']}/{m['name']}/{m.get('uid') or ''}".encode()
         return hmac.new(self._master, msg, hashlib.sha256).hexdigest().encode()
+
+
+def load_status_token(path: str | None) -> str:
+    """The bearer token of the engines' status port: --status-token-file (the chart's Secret, kept
+    across upgrades), else a random one per process (running groups' polls then fail after an
+    operator restart, as their reports do without --signing-key-file)."""
+    if path:
+        token = Path(path).read_text().strip()
+        if len(token) < 16:
+            raise ValueError("the status token must have at least 16 characters")
+        return token
+    log.warning("no --status-token-file: using a random per-process status token; Prometheus cannot scrape engines "
+                "and running groups stop answering polls after an operator restart")
+    return secrets.token_hex(32)
+
+
+def status_token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -30,6 +30,12 @@ engine (engine/model/stage.py, engine/peft/, engine/parallel/) keeps there:
   everything above on the last stage).
 * **reserve**: 1 GiB (CUDA context, NCCL buffers) plus 5% of the GPU (allocator fragmentation).
 
+**families** (their layouts in muxtune/facts/families.py, the figures read from config.json): the
+query and attention output are heads x head_dim wide, the MLP gated (gate, up, down) or fc1/fc2,
+fused q/k/v and gate/up projections sized as one Linear; a MoE layer's weights hold every expert
+and the router (replicated under tp), its activations only the experts each token is routed to.
+A sliding window changes no term: the varlen kernels save no scores, windowed or not.
+
 **token budget** (the engine's --token-budget): one round fuses at most that many real tokens per
 replica (a single sequence longer than it still runs alone), the tasks beyond it take turns; so a
 group's activations are at most those of one budget's round, whatever its members: the budget's
@@ -48,6 +54,8 @@ from typing import Mapping
 
 from muxtune.api.basemodel import Architecture
 from muxtune.facts import shards
+from muxtune.operator.shapes import (
+    _vocab, ffn_size, head_dim, heads, layer_linear_params, layer_params, layout, moe, module_of, q_size)
 from muxtune.facts.builtin_models import BUILTIN_ARCHITECTURES  # noqa: F401  (operator/world.py reads it here)
 from muxtune.facts.methods import Linear as Module
 from muxtune.facts.methods import DEFAULT_METHOD, get_peft_method
@@ -60,7 +68,6 @@ GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAPTER_STATE_BYTES_PER_PARAM = 16  # fp32 delta + fp32 gradient + AdamW exp_avg + exp_avg_sq
 FP32 = 4
-DEFAULT_VOCAB = 32000
 NOMINAL_CONTEXT = 256  # the engine's attention cost term when splitting layers (engine/parallel/split.py)
 
 @dataclass(frozen=True)
@@ -163,7 +170,8 @@ def _cached(key, compute):
 
 def _akey(arch: Architecture) -> tuple:
     return (arch.parameters, arch.layers, arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads,
-            arch.intermediate_size, arch.vocab_size, arch.dtype)
+            arch.intermediate_size, arch.vocab_size, arch.dtype, arch.model_type, arch.head_dim, arch.num_experts,
+            arch.num_experts_per_tok, arch.moe_intermediate_size)
 
 
 
@@ -182,56 +190,6 @@ def linear_weight_bytes(arch: Architecture) -> float:
     (QLoRA, muxtune/facts/quantization.py; embeddings, LM head and norms stay in the dtype)."""
     decl = quant_decl(arch.quantization)
     return dtype_bytes(arch) if decl is None else decl.bytes_per_weight(arch.hidden_size)
-
-
-def heads(arch: Architecture) -> int:
-    return arch.num_attention_heads or max(1, arch.hidden_size // 128)
-
-
-def kv_size(arch: Architecture) -> int:
-    """Width of k_proj/v_proj outputs (grouped-query attention shrinks them)."""
-    h, n = arch.hidden_size, heads(arch)
-    return h * (arch.num_key_value_heads or n) // n
-
-
-def _vocab(arch: Architecture) -> int:
-    return arch.vocab_size or DEFAULT_VOCAB
-
-
-def ffn_size(arch: Architecture) -> int:
-    """Feed-forward width: the figure when given, else from the parameter count of a gated
-    (Llama-style) block: per layer 2h^2 + 2h*kv (attention) + 3*h*ffn; clamped to [h, 8h], 8h/3
-    when the count is too small to say."""
-    if arch.intermediate_size:
-        return arch.intermediate_size
-    h, L = arch.hidden_size, arch.layers
-    embed = 2 * _vocab(arch) * h if arch.vocab_size else 0
-    per_layer = (arch.parameters - embed) / L
-    ffn = (per_layer - 2 * h * h - 2 * h * kv_size(arch)) / (3 * h)
-    if ffn < h:
-        ffn = 8 * h / 3
-    return int(min(ffn, 8 * h))
-
-
-def layer_linear_params(arch: Architecture) -> int:
-    h = arch.hidden_size
-    return 2 * h * h + 2 * h * kv_size(arch) + 3 * h * ffn_size(arch)
-
-
-def module_of(name: str, arch: Architecture) -> Module:
-    """The shape of the modules a target name matches (suffix match)."""
-    h = arch.hidden_size
-    base = name.rsplit(".", 1)[-1]
-    if base in shards.MLP_IN:
-        return Module(base, h, ffn_size(arch), True, False)
-    if base in shards.MLP_OUT:
-        return Module(base, ffn_size(arch), h, True, True)
-    if base in shards.VOCAB_MODULES:
-        return Module(base, h, _vocab(arch), False, False)
-    if base in shards.KV:
-        return Module(base, h, kv_size(arch), True, False)
-    # attention projections and anything unknown: h x h in every layer
-    return Module(base, h, h, True, base in shards.ROW_PARALLEL)
 
 
 def trainable_params(shape: TaskShape, arch: Architecture) -> int:
@@ -259,7 +217,7 @@ def _split_layers(arch: Architecture, stages: int) -> list[tuple[int, int]]:
     ranges minimising the costliest stage, ties to the split that puts layers earlier."""
     n = arch.layers
     h = arch.hidden_size
-    layer = float(layer_linear_params(arch) + 2 * h * NOMINAL_CONTEXT)
+    layer = float(layer_linear_params(arch) + 2 * q_size(arch) * NOMINAL_CONTEXT)
     return contiguous_bounds(float(h), [layer] * n, float(_vocab(arch) * h + h), stages)
 
 
@@ -267,12 +225,23 @@ def _split_layers(arch: Architecture, stages: int) -> list[tuple[int, int]]:
 
 
 def base_bytes_per_token_layer(arch: Architecture, tp: int = 1) -> float:
-    """Saved for backward by one decoder layer per token, without any delta."""
+    """Saved for backward by one decoder layer per token, without any delta. A sliding window
+    changes none of it: the varlen kernels save q, k, v, the output and the log-sum-exp, never scores."""
     d, h = dtype_bytes(arch), arch.hidden_size
     norms = 2 * (h + 1) * FP32  # two RMSNorm inputs (upcast to fp32) and their rstd
-    attention = 4 * h * d / tp + heads(arch) / tp * FP32  # q, k, v (all heads), output; log-sum-exp
-    mlp = 3 * ffn_size(arch) * d / tp  # gate, up, act(gate)
-    return norms + attention + mlp
+    attention = 4 * q_size(arch) * d / tp + heads(arch) / tp * FP32  # q, k, v (all heads), output; log-sum-exp
+    return norms + attention + mlp_bytes_per_token(arch, tp)
+
+
+def mlp_bytes_per_token(arch: Architecture, tp: int = 1) -> float:
+    """The MLP's saved tensors per token: a gated MLP's gate, up and act(gate); fc1/fc2's fc1 output
+    and its activation; MoE: per routed expert its gate, up, act(gate) and weighted output, and the
+    router's fp32 probabilities over the experts (experts are replicated under tp)."""
+    d, experts = dtype_bytes(arch), moe(arch)
+    if experts:
+        n, k, width = experts
+        return k * (3 * width + arch.hidden_size) * d + n * FP32
+    return (3 if layout(arch).mlp_matrices == 3 else 2) * ffn_size(arch) * d / tp
 
 
 _INPUT_GROUPS = (  # modules reading the same input tensor, and how wide it is
@@ -364,7 +333,7 @@ class GroupMemory:
         sin, and on the last stage the final norm's fp32 input and the fp32 log-softmax."""
         arch, (layers, _first, last) = self.arch, self.flags[s]
         d, h = dtype_bytes(arch), arch.hidden_size
-        per_token = 2 * (h // heads(arch)) * d + (((h + 1) + _vocab(arch)) * FP32 if last else 0)
+        per_token = 2 * head_dim(arch) * d + (((h + 1) + _vocab(arch)) * FP32 if last else 0)
         return layers, float(d), float(per_token)
 
     def _mb(self, tokens: int, seq: int, layer_bytes: float, s: int) -> float:
@@ -497,9 +466,12 @@ def _stage_weights(arch: Architecture, layers: int, first: bool, last: bool, tp:
     the stages of a pp=1, tp=1 split add up to the architecture's own parameter count (tied heads,
     biases, unusual blocks)."""
     h, v = arch.hidden_size, _vocab(arch)
-    modelled = arch.layers * (layer_linear_params(arch) + 2 * h) + 2 * v * h + h
-    linear = layers * layer_linear_params(arch) / tp * (linear_weight_bytes(arch) / dtype_bytes(arch))
-    params = linear + layers * 2 * h + (v * h if first else 0) + (v * h + h if last else 0)  # in dtype units
+    modelled = arch.layers * (layer_params(arch) + 2 * h) + 2 * v * h + h
+    experts = layer_params(arch) - layer_linear_params(arch)  # replicated under tp
+    # the tp-split Linears at their stored bytes (QLoRA: 4/8-bit plus scales), in dtype units
+    linear = layer_linear_params(arch) / tp * (linear_weight_bytes(arch) / dtype_bytes(arch))
+    per_layer = linear + experts + 2 * h
+    params = layers * per_layer + (v * h if first else 0) + (v * h + h if last else 0)
     return int(math.ceil(params * arch.parameters / modelled * dtype_bytes(arch)))
 
 

@@ -64,10 +64,18 @@ class NodeInfo:
     gpus_free: int
     gpu_memory_mib: int
     gpu_product: str = ""
+    # GPU sharing (MuxServe-style, docs/OPERATOR.md): the device plugin's time-slicing replicas per
+    # GPU, advertised as nvidia.com/gpu.shared; a group on one gets 1/gpu_slices of a GPU's memory
+    gpu_slices: int = 0
+    slices_free: int = 0
 
     @property
     def gpu_class(self) -> tuple[str, int]:
         return (self.gpu_product, self.gpu_memory_mib)
+
+    @property
+    def slice_class(self) -> tuple[str, str, int, int]:
+        return ("slice", self.gpu_product, self.gpu_memory_mib, self.gpu_slices)
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,7 @@ class GroupState:
     # written before the planner chose budgets runs with the engine's default)
     token_budget: int = DEFAULT_TOKEN_BUDGET
     recompute: bool = False
+    gpu_fraction: float = 1.0  # < 1: the group runs on a shared GPU slice (gpu_memory_mib is its share)
     # a member has run a step in this group (its engine said so): its budget is fixed. Before the
     # first step the planner may lower the budget to take in a task (its pods restart with the new
     # one; nothing is lost), so tasks that arrive over several passes pack as if planned at once.
@@ -150,6 +159,13 @@ class GroupPlan:
     queue: str = ""
     token_budget: int = DEFAULT_TOKEN_BUDGET  # the engine's --token-budget: tokens one round fuses per replica
     recompute: bool = False  # the engine's --recompute: activation checkpointing per decoder layer
+    # < 1: one time-sliced GPU replica (nvidia.com/gpu.shared), shared with other groups; its engine
+    # gets --gpu-memory-fraction and gpu_memory_mib is that share of the GPU's memory
+    gpu_fraction: float = 1.0
+
+    @property
+    def shared_gpu(self) -> bool:
+        return self.gpu_fraction < 1
 
     @property
     def gpus(self) -> int:
@@ -182,6 +198,7 @@ class Plan:
     # class) and the adapter + optimizer state need: activations left out, as one token budget
     # bounds them (planner.floor_gpus)
     floor_gpus: int = 0
+    gpu_slices: int = 0  # groups on shared GPU slices (their GPUs count once per whole GPU's worth)
 
     @property
     def new_groups(self) -> tuple[GroupPlan, ...]:
@@ -215,6 +232,7 @@ class Plan:
                     "memoryPerGpuMiB": round(g.memory_per_gpu_bytes / MiB, 1),
                     "tokenBudget": g.token_budget,
                     "recompute": g.recompute,
+                    "gpuMemoryFraction": g.gpu_fraction,
                     "members": list(g.members),
                 }
                 for g in self.groups
@@ -225,5 +243,6 @@ class Plan:
             "lowerBoundGpus": self.lower_bound_gpus,
             "lowerBoundGpusByTenancy": self.lower_bound_gpus_by_tenancy,
             "floorGpus": self.floor_gpus,
+            "gpuSlices": self.gpu_slices,
             "packingEfficiency": round(self.packing_efficiency, 4),
         }

@@ -40,6 +40,7 @@ adapter state (:func:`floor_gpus`); ``Plan.gpus_allocated`` is measured against 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -48,6 +49,7 @@ from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
 from muxtune.facts.quantization import splittable
 from muxtune.operator.bounds import _pow2_upto, floor_gpus, lower_bound_gpus  # noqa: F401  (re-exported)
 from muxtune.operator.budget import choose_budget, fast_tokens, min_budget
+from muxtune.operator.capacity import _Capacity
 from muxtune.operator.memory import (
     GroupMemory,
     MemoryConfig,
@@ -123,41 +125,6 @@ def candidate_parallelisms(arch: Architecture, gpus_per_node: int, max_dp: int) 
     return out
 
 
-class _Capacity:
-    """Free GPUs per node, reserved best-fit (the fullest node that still fits)."""
-
-    def __init__(self, nodes: Sequence[NodeInfo]):
-        self.nodes = {n.name: n for n in nodes}
-        self.free = {n.name: max(0, n.gpus_free) for n in nodes}
-
-    def classes(self) -> list[tuple[str, int]]:
-        return sorted({n.gpu_class for n in self.nodes.values() if n.gpus_allocatable > 0 and n.gpu_memory_mib > 0})
-
-    def max_per_node(self, cls: tuple[str, int]) -> int:
-        return max((n.gpus_allocatable for n in self.nodes.values() if n.gpu_class == cls), default=0)
-
-    def find(self, cls: tuple[str, int], pods: int, gpus_per_pod: int) -> list[str] | None:
-        cands = sorted(
-            (self.free[n.name], n.name)
-            for n in self.nodes.values()
-            if n.gpu_class == cls and self.free[n.name] >= gpus_per_pod
-        )
-        if len(cands) < pods:
-            return None
-        return [name for _, name in cands[:pods]]
-
-    def reserve(self, names: Iterable[str], gpus_per_pod: int) -> None:
-        for n in names:
-            self.free[n] -= gpus_per_pod
-
-    def class_of_product(self, product: str, memory_mib: int) -> tuple[str, int] | None:
-        cls = (product, memory_mib)
-        if any(n.gpu_class == cls for n in self.nodes.values()):
-            return cls
-        same = sorted(n.gpu_class for n in self.nodes.values() if n.gpu_product == product)
-        return same[0] if same else None
-
-
 @dataclass
 class _OpenGroup:
     name: str
@@ -179,6 +146,7 @@ class _OpenGroup:
     recompute: bool = False
     fast_tokens: int = 0  # the speed band's members' step tokens per replica (all in one round)
     started: bool = False  # a member ran a step here: the budget is fixed (GroupState.started)
+    gpu_fraction: float = 1.0  # < 1: a shared GPU slice; memory_mib is the share
     acc: GroupMemory | None = None
     least_acc: GroupMemory | None = None  # its members at the least budget they allow, recomputed
 
@@ -320,6 +288,7 @@ def _existing_groups(groups: Sequence[GroupState], run: _Run) -> list[_OpenGroup
             recompute=g.recompute,
             fast_tokens=sum(fast_tokens(m, g.parallelism, run.config) for m in g.members),
             started=g.started,
+            gpu_fraction=g.gpu_fraction,
         ))
         if g.unbound_pods > 0:
             _reserve_unbound(g, run.cap)
@@ -327,6 +296,11 @@ def _existing_groups(groups: Sequence[GroupState], run: _Run) -> list[_OpenGroup
 
 
 def _reserve_unbound(g: GroupState, cap: _Capacity) -> None:
+    if g.gpu_fraction < 1:
+        where = cap.find_slice(None, g.gpu_product)
+        if where:
+            cap.reserve(where, 1, shared=True)
+        return
     cls = cap.class_of_product(g.gpu_product, g.gpu_memory_mib)
     if cls is None:
         return
@@ -431,6 +405,15 @@ def _layout_candidates(t: TaskRequest, arch: Architecture, mem: TaskMemory, ahea
         for order, par in enumerate(single):
             acc = _fill(accs[par], ahead, cap_bytes, config.max_tasks_per_group)
             cands.append((par.gpus / len(acc.members), par.gpus, -mib, product, order, par, cls, acc.members))
+    for scls in cap.slice_classes():  # one time-sliced GPU replica: 1/replicas of the GPU's memory
+        _, product, mib, replicas = scls
+        share = mib * MiB // replicas
+        acc = GroupMemory(arch, Parallelism(), share, config.memory, min_budget(t, Parallelism(), config), True).add(mem)
+        if acc.busiest() <= share:
+            fits_somewhere = True
+            acc = _fill(acc, ahead, share, config.max_tasks_per_group)
+            cands.append((1 / replicas / len(acc.members), 1 / replicas, -mib, product, 0, Parallelism(), scls,
+                          acc.members))
     return cands, fits_somewhere
 
 
@@ -447,14 +430,14 @@ def _choose_layout(cands: list[tuple], cap: _Capacity) -> tuple | None:
     """The best-scored candidate that free GPUs on nodes can take now:
     (gpus, memory_mib, product, par, cls, nodes), or None."""
     for score, gpus, negmib, product, order, par, cls, filled in sorted(cands, key=lambda c: c[:5]):
-        where = cap.find(cls, par.dp, par.gpus_per_pod)
+        where = cap.find_slice(cls) if cls[0] == "slice" else cap.find(cls, par.dp, par.gpus_per_pod)
         if where is not None:
             return (gpus, -negmib, product, par, cls, where, filled)
     return None
 
 
 def _why_unplaceable(t: TaskRequest, arch: Architecture, fits_somewhere: bool, run: _Run) -> Unplaceable:
-    if not run.cap.classes():
+    if not run.cap.classes() and not run.cap.slice_classes():
         return Unplaceable(t.key, "NoGpuNodes", "no node advertises nvidia.com/gpu with a gpu.memory label")
     if fits_somewhere:
         return Unplaceable(t.key, "WaitingForGpus", "fits a GPU class, but not enough free GPUs right now")
@@ -471,7 +454,9 @@ def _open_group(t: TaskRequest, arch: Architecture, mem: TaskMemory, tenancy: st
                 run: _Run) -> None:
     """Reserve the chosen layout's GPUs on its nodes and open the group under a free name."""
     _, mib, product, par, cls, where, filled = best
-    run.cap.reserve(where, par.gpus_per_pod)
+    fraction = 1 / cls[3] if cls[0] == "slice" else 1.0
+    mib = mib // cls[3] if cls[0] == "slice" else mib  # a slice's group sees its share of the GPU's memory
+    run.cap.reserve(where, par.gpus_per_pod, shared=fraction < 1)
     name = _free_name(t, tenancy, run.names_taken)
     budget, recompute = choose_budget(GroupMemory(arch, par, mib * MiB, run.config.memory), filled,
                                       min_budget(t, par, run.config), mib * MiB, run.config)
@@ -492,6 +477,7 @@ def _open_group(t: TaskRequest, arch: Architecture, mem: TaskMemory, tenancy: st
         token_budget=budget,
         recompute=recompute,
         fast_tokens=fast_tokens(t, par, run.config),
+        gpu_fraction=fraction,
     ))
     run.placements.append(Placement(t.key, name, True))
 
@@ -517,14 +503,24 @@ def _result(run: _Run) -> Plan:
         placements=tuple(run.placements),
         groups=tuple(_group_plan(g, m) for g, m in zip(run.groups, per_gpu)),
         unplaceable=tuple(run.unplaceable),
-        gpus_allocated=sum(g.par.gpus for g in run.groups),
-        gpus_new=sum(g.par.gpus for g in run.groups if g.new),
+        gpus_allocated=_gpus(run.groups),
+        gpus_new=_gpus([g for g in run.groups if g.new]),
         lower_bound_gpus=lb,
         memory_used_bytes=sum(min(m, g.memory_mib * MiB) * g.par.gpus for g, m in zip(run.groups, per_gpu)),
         memory_allocated_bytes=sum(g.memory_mib * MiB * g.par.gpus for g in run.groups),
         lower_bound_gpus_by_tenancy=lb_t,
         floor_gpus=floor,
+        gpu_slices=sum(g.gpu_fraction < 1 for g in run.groups),
     )
+
+
+def _gpus(groups: Sequence[_OpenGroup]) -> int:
+    """Whole GPUs, plus the shared slices' GPUs: a whole GPU per 1/fraction slices of a product."""
+    slices: dict[str, float] = {}
+    for g in groups:
+        if g.gpu_fraction < 1:
+            slices[g.product] = slices.get(g.product, 0.0) + g.gpu_fraction
+    return sum(g.par.gpus for g in groups if g.gpu_fraction >= 1) + sum(math.ceil(v - 1e-9) for v in slices.values())
 
 
 def _group_plan(g: _OpenGroup, memory_per_gpu: int) -> GroupPlan:
@@ -543,6 +539,7 @@ def _group_plan(g: _OpenGroup, memory_per_gpu: int) -> GroupPlan:
         queue=g.queue,
         token_budget=g.token_budget,
         recompute=g.recompute,
+        gpu_fraction=g.gpu_fraction,
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES
 from muxtune.operator.config import (
     ANN_ENGINE_BUDGET,
     ANN_GPU_MEMORY,
@@ -36,6 +37,7 @@ from muxtune.operator.config import (
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
+    GPU_SHARED_RESOURCE,
     KEY_FILE,
     KEY_MOUNT,
     KUEUE_POD_GROUP_LABEL,
@@ -53,6 +55,7 @@ from muxtune.operator.config import (
     OperatorConfig,
 )
 from muxtune.facts.quantization import NO_QUANTIZATION
+from muxtune.operator.keys import status_token_sha256
 
 RUN_AS = 65532
 
@@ -85,20 +88,28 @@ def group_namespaces(group: dict) -> list[str]:
 
 
 def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, serving: dict | None = None,
-                token_budget: int | None = None, recompute: bool = False) -> list[str]:
+                token_budget: int | None = None, recompute: bool = False,
+                gpu_memory_fraction: float | None = None) -> list[str]:
     """The engine's command line; with the group's spec.serving it also serves the adapters of the
     members that enabled serving (and only those) on the serving port, within the group's SLOs.
     Serving runs in one process, so a group laid out over several ranks trains without it. The
-    planner's token budget and recompute are what the group's memory was sized for."""
+    planner's token budget and recompute are what the group's memory was sized for; on a shared GPU
+    the engine is told its share (--gpu-memory-fraction), which it enforces."""
     args = [
         "run", f"{TASKS_MOUNT}/{TASKS_FILE}", "--output", OUTPUT_MOUNT, "--data-root", DATA_MOUNT, "--watch",
         "--metrics-host", "0.0.0.0", "--metrics-port", str(config.engine_metrics_port), "--no-progress",
         "--no-remote",  # no credentials here: staging and export Jobs move remote data (operator/transfers.py)
     ]
+    if config.status_token:  # the engine gets the digest only: a pod in a tenant's namespace never holds the token
+        args += ["--status-token-sha256", status_token_sha256(config.status_token)]
+    if config.max_dataset_bytes != DEFAULT_MAX_FILE_BYTES:  # read what the staging Jobs may copy
+        args += ["--max-dataset-bytes", str(config.max_dataset_bytes)]
     if token_budget:
         args += ["--token-budget", str(int(token_budget))]
     if recompute:
         args.append("--recompute")
+    if gpu_memory_fraction:
+        args += ["--gpu-memory-fraction", f"{float(gpu_memory_fraction):g}"]
     if dp * tp * pp > 1:
         args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
     elif serving:
@@ -357,11 +368,12 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
         "image": config.engine_image,
         "imagePullPolicy": config.engine_image_pull_policy,
         "command": ["muxtune"],
-        "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")))
+        "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")),
+                             spec.get("gpuMemoryFraction"))
                  + _trust_flag(spec["baseModel"], basemodel) + _quantize_flag(spec["baseModel"], basemodel)),
         "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp, config.mlflow_tracking_uri),
         "ports": _ports(config, dp, tp, pp, serving),
-        "resources": _resources(config, int(spec.get("gpusPerPod", 1))),
+        "resources": _resources(config, int(spec.get("gpusPerPod", 1)), bool(spec.get("gpuMemoryFraction"))),
         "volumeMounts": mounts,
         "securityContext": {
             "runAsNonRoot": True,
@@ -404,13 +416,15 @@ def _ports(config: OperatorConfig, dp: int, tp: int, pp: int, serving: dict | No
     return ports
 
 
-def _resources(config: OperatorConfig, gpus: int) -> dict:
+def _resources(config: OperatorConfig, gpus: int, shared: bool = False) -> dict:
+    """CPU and memory requests; the GPUs, or on a shared GPU one time-sliced replica of it."""
     resources: dict = {"requests": {"cpu": config.engine_cpu_request, "memory": config.engine_memory_request}}
     if config.engine_limits:
         resources["limits"] = dict(config.engine_limits)
     if gpus > 0:
-        resources["requests"][GPU_RESOURCE] = str(gpus)
-        resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+        name, count = (GPU_SHARED_RESOURCE, "1") if shared else (GPU_RESOURCE, str(gpus))
+        resources["requests"][name] = count
+        resources.setdefault("limits", {})[name] = count
     return resources
 
 

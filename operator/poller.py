@@ -2,6 +2,8 @@
 
 * Where: ``http://<podIP>:<port>`` of rank 0. The ``muxtune.io/engine-endpoint`` annotation, which
   anyone who may edit pods can set, is honoured only under ``--dev-endpoint-annotation``.
+* Who: every poll carries the operator's status token (``Authorization: Bearer``); the engine
+  answers /v1/status to that token only (engine/observe/status_server.py).
 * What: a report counts only when it verifies with the polled group's key (muxtune/facts/trust.py), is
   not older than the last one accepted from that group, and only for the group's current members
   (matching uid where the engine reports one); everything else is dropped with one log line.
@@ -129,7 +131,8 @@ class EnginePoller:
             if ep:
                 targets.append((gk, g, ep))
         timeout = aiohttp.ClientTimeout(total=self.config.poll_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as s:
+        auth = {"Authorization": f"Bearer {self.config.status_token}"} if self.config.status_token else {}
+        async with aiohttp.ClientSession(timeout=timeout, headers=auth) as s:
             async def one(ep):
                 self.requests += 1
                 try:

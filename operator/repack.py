@@ -28,15 +28,17 @@ class Move:
 
 
 def plan_repack(groups: Sequence[GroupState], basemodels: Mapping[str, Architecture | None],
-                config: PlannerConfig = PlannerConfig(), max_moves: int = 8) -> tuple[Move, ...]:
-    """Moves that drain whole groups into groups of the same class with room; fewest members first."""
+                config: PlannerConfig = PlannerConfig(), max_moves: int = 8,
+                pinned: frozenset[str] = frozenset()) -> tuple[Move, ...]:
+    """Moves that drain whole groups into groups of the same class with room; fewest members first.
+    A group with a ``pinned`` member (one moved recently) is not drained."""
     run = _Run(config, _Capacity([]), _Architectures(basemodels), set())
     opens = _existing_groups(groups, run)
     requests = {m.key: m for g in groups for m in g.members}
     moves: list[Move] = []
     receivers: set[str] = set()
     for donor in sorted((g for g in opens if g.accepting and g.members), key=lambda g: (len(g.members), -g.par.gpus, g.name)):
-        if donor.name in receivers or len(moves) + len(donor.members) > max_moves:
+        if donor.name in receivers or len(moves) + len(donor.members) > max_moves or pinned & set(donor.members):
             continue
         targets = [g for g in opens if g is not donor and g.accepting]
         placed = _drain(donor, targets, requests, config)

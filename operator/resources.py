@@ -22,6 +22,7 @@ import posixpath
 
 import yaml
 
+from muxtune.api import sources
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.meta import API_VERSION
 from muxtune.facts import trust
@@ -45,6 +46,7 @@ from muxtune.operator.config import (
 )
 from muxtune.operator.planner import GroupPlan
 from muxtune.operator.podspec import configmap_name, key_secret_name, pod_name  # noqa: F401  (re-exported)
+from muxtune.storage.datasets import staged_relpath
 
 SIG_FILE = TASKS_FILE + trust.SIG_SUFFIX
 
@@ -85,6 +87,7 @@ def group_spec(plan: GroupPlan, members: list[dict]) -> dict:
     }
     spec["tokenBudget"] = plan.token_budget  # what its pods run with (--token-budget), fixed at creation
     spec["recompute"] = plan.recompute
+    spec["gpuMemoryFraction"] = round(plan.gpu_fraction, 6) if plan.shared_gpu else None
     spec["serving"] = group_serving(plan, members)
     return {k: v for k, v in spec.items() if v is not None}
 
@@ -134,13 +137,21 @@ def resolve_base_model(base_model: str, basemodel: dict | None = None) -> str:
     return base_model
 
 
+def _in_area(ns: str, path: str) -> str:
+    """A dataset field as the engine reads it: inside its namespace's area; an s3:// object is the
+    copy its staging Job left there (operator/transfers.py)."""
+    return posixpath.join(ns, staged_relpath(path) if sources.is_remote(path) else path)
+
+
 def engine_task_document(task: FineTuneTask, basemodel: dict | None = None) -> dict:
     """One member as the engine reads it: the same FineTuneTask schema, its dataset path inside its
     own namespace's area (relative to --data-root); the engine puts the output under <output>/<ns>/."""
     ns = task.metadata.namespace or "default"
     spec = task.spec.model_copy(deep=True)
     spec.base_model = resolve_base_model(spec.base_model, basemodel)
-    spec.dataset.path = posixpath.join(ns, spec.dataset.path)
+    spec.dataset.path = _in_area(ns, spec.dataset.path)
+    if spec.dataset.validation_path is not None:
+        spec.dataset.validation_path = _in_area(ns, spec.dataset.validation_path)
     meta = {"name": task.metadata.name, "namespace": ns}
     if task.metadata.uid:
         meta["uid"] = task.metadata.uid

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TERMINAL = ("Succeeded", "Failed")
+EXPORT_FAILED = "ExportFailed"  # an Exported=False stage that fails a Succeeded task (operator/transfer_plan.py)
 GANG_STATES = {"gang": "WaitingForGang", "admission": "WaitingForAdmission", "restarting": "GroupRestarting"}
 ENGINE_PHASES = ("Pending", "Running", "Succeeded", "Failed")
 
@@ -230,10 +231,18 @@ def _with_stages(old: dict, view: TaskView, now: str) -> dict:
     """old with the view's stage conditions merged in (replacing conditions of the same type)."""
     if not view.stages:
         return old
-    types = {c["type"] for c in view.stages}
+    stages = list(view.stages)
+    new = dict(old)
+    failed = next((c for c in stages if c.get("reason") == EXPORT_FAILED), None)
+    if failed and old.get("phase") == "Succeeded":  # as `muxtune run` fails it: the upload is part of the task
+        new.update(phase="Failed", completionTime=now,
+                   message=f"{failed['message']} (the adapter is kept in the output directory)")
+        stages += [_cond("Complete", "False", EXPORT_FAILED, new["message"]),
+                   _cond("Failed", "True", EXPORT_FAILED, new["message"])]
+    types = {c["type"] for c in stages}
     kept = [c for c in old.get("conditions") or [] if c.get("type") not in types]
-    merged = merge_conditions(old.get("conditions"), list(view.stages), now, view.generation)
-    return {**old, "conditions": kept + merged}
+    merged = merge_conditions(old.get("conditions"), stages, now, view.generation)
+    return {**new, "conditions": kept + merged}
 
 
 def differs(old: dict | None, new: dict) -> bool:

@@ -18,6 +18,8 @@ function here is pure: manifests and conditions from the objects, no API calls.
 from __future__ import annotations
 
 import hashlib
+import time
+from datetime import datetime
 
 from muxtune.api import sources
 from muxtune.api.basemodel import BaseModelResource
@@ -25,6 +27,9 @@ from muxtune.api.finetunetask import FineTuneTask
 from muxtune.operator.config import DATA_MOUNT, LABEL_MANAGED_BY, MANAGED_BY, OUTPUT_MOUNT, OperatorConfig
 from muxtune.operator.podspec import RUN_AS, area_volumes
 from muxtune.storage.export import destination
+from muxtune.storage.stage_cli import RESULT_ERROR, RESULT_OK
+
+RESULT_LOST_AFTER_S = 300  # a finished Job's pods gone this long: its result will never come
 
 LABEL_TRANSFER = "muxtune.io/transfer"  # staging, export or model
 LABEL_FOR = "muxtune.io/for"  # the task's or BaseModel's name
@@ -110,13 +115,22 @@ TMP = [{"name": "TMPDIR", "value": "/tmp"}, {"name": "HOME", "value": "/tmp"}]
 TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
-def staging_job(task: FineTuneTask, config: OperatorConfig, max_dataset_bytes: int | None = None) -> dict:
+def size_cap(task: FineTuneTask, config: OperatorConfig) -> tuple[int, str | None]:
+    """(the staging Job's size cap, why the task may not be staged): the task's dataset.maxBytes
+    may lower the operator's cap, never raise it."""
+    asked = task.spec.dataset.max_bytes
+    if asked is not None and asked > config.max_dataset_bytes:
+        return config.max_dataset_bytes, (f"dataset.maxBytes {asked} is over this cluster's cap of "
+                                          f"{config.max_dataset_bytes} bytes (the operator's --max-dataset-bytes)")
+    return asked or config.max_dataset_bytes, None
+
+
+def staging_job(task: FineTuneTask, config: OperatorConfig) -> dict:
     """The Job that copies the task's s3:// datasets into its namespace's data area."""
     ns = task.metadata.namespace or "default"
     vols, mounts = _area("data", ns, config, writable=True)
-    args = ["stage", "data", *remote_datasets(task), "--data-area", f"{DATA_MOUNT}/{ns}"]
-    if max_dataset_bytes:
-        args += ["--max-dataset-bytes", str(max_dataset_bytes)]
+    args = ["stage", "data", *remote_datasets(task), "--data-area", f"{DATA_MOUNT}/{ns}",
+            "--max-dataset-bytes", str(size_cap(task, config)[0])]
     c = _container(args, config, task.spec.credentials_secret, [*mounts, TMP_MOUNT], TMP)
     return _job(staging_job_name(task), ns, "staging", task.metadata.name, c, vols)
 
@@ -144,15 +158,44 @@ def model_job(bm: BaseModelResource, config: OperatorConfig) -> dict:
     return _job(model_job_name(bm), config.shared_namespace, "model", bm.metadata.name, c, vols)
 
 
-def job_outcome(job: dict | None, pods: list[dict] = ()) -> tuple[str, str]:
-    """(state, message) of a transfer Job: Absent, Running, Succeeded or Failed, with its pods'
-    termination message (operator/world.py compact_pod: the reason, or the model's cache path)."""
+def _result(pods) -> str:
+    """The Job's result: its pods' termination message (muxtune/storage/stage_cli.py), a success
+    first (a retry that worked), else the last pod's."""
+    messages = [p["terminationMessage"].strip() for p in pods if p.get("terminationMessage")]
+    return next((m for m in messages if m.startswith(RESULT_OK)), messages[-1] if messages else "")
+
+
+def job_outcome(job: dict | None, pods: list[dict] = (), now: float | None = None) -> tuple[str, str]:
+    """(state, message) of a transfer Job: Absent, Running, Succeeded or Failed, from its finished
+    pods' result (operator/world.py compact_pod keeps the termination message). A finished Job
+    without a result yet is still Running: on a kwok node the pod completes before the stand-in
+    kubelet has run it and reported what it did (a real kubelet reports both at once). A finished
+    Job whose pods are all gone for RESULT_LOST_AFTER_S can never report: Failed, saying so."""
     if job is None:
         return "Absent", ""
     conds = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"}
-    message = next((p["terminationMessage"] for p in pods if p.get("terminationMessage")), "")
-    if "Complete" in conds or "SuccessCriteriaMet" in conds:
-        return "Succeeded", message.strip()
-    if "Failed" in conds:
-        return "Failed", (message or conds["Failed"].get("message") or conds["Failed"].get("reason") or "").strip()
+    failed = conds.get("Failed") or conds.get("FailureTarget")
+    if not failed and "Complete" not in conds and "SuccessCriteriaMet" not in conds:
+        return "Running", ""
+    result = _result(pods)
+    if result.startswith(RESULT_OK):
+        return "Succeeded", result.removeprefix(RESULT_OK)
+    if result.startswith(RESULT_ERROR):
+        return "Failed", result.removeprefix(RESULT_ERROR)
+    if failed:  # no container said why (image pull, deadline, eviction): the Job's own reason
+        return "Failed", (result or failed.get("message") or failed.get("reason") or "").strip()
+    if result:  # an older transfer image's result, unprefixed: only a container writes one
+        return "Succeeded", result
+    if not pods and _finished_for(job, now) > RESULT_LOST_AFTER_S:  # deleted pods took the result with them
+        return "Failed", (f"Job {job['metadata']['name']} finished but its pods, and the result they held, are "
+                          "gone; delete the Job to run it again")
     return "Running", ""
+
+
+def _finished_for(job: dict, now: float | None) -> float:
+    """Seconds since the Job finished (its completionTime); 0 when it does not say."""
+    done = (job.get("status") or {}).get("completionTime")
+    if not done:
+        return 0.0
+    at = datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp()
+    return (time.time() if now is None else now) - at

@@ -6,6 +6,7 @@ from typing import Iterable, Mapping
 from pydantic import ValidationError
 
 from muxtune.api.basemodel import Architecture
+from muxtune.operator.model_figures import basemodel_figures
 from muxtune.api.finetunetask import FineTuneTask
 from muxtune.api.loader import format_validation_error
 from muxtune.operator.config import (
@@ -15,7 +16,9 @@ from muxtune.operator.config import (
     ANN_TENANCY,
     GPU_MEMORY_LABEL,
     GPU_PRODUCT_LABEL,
+    GPU_REPLICAS_LABEL,
     GPU_RESOURCE,
+    GPU_SHARED_RESOURCE,
     KUEUE_ADMISSION_GATE,
     KWOK_NODE_ANNOTATION,
 )
@@ -37,13 +40,14 @@ def parse_quantity_int(q) -> int:
         return 0
 
 
-def pod_gpus(pod: Mapping) -> int:
-    """GPUs a pod holds: the max of its init containers' and the sum of its containers' requests."""
+def pod_gpus(pod: Mapping, resource: str = GPU_RESOURCE) -> int:
+    """GPUs (or shared GPU slices) a pod holds: the max of its init containers' and the sum of its
+    containers' requests."""
     spec = pod.get("spec") or {}
 
     def req(c):
         r = c.get("resources") or {}
-        return parse_quantity_int((r.get("requests") or {}).get(GPU_RESOURCE) or (r.get("limits") or {}).get(GPU_RESOURCE))
+        return parse_quantity_int((r.get("requests") or {}).get(resource) or (r.get("limits") or {}).get(resource))
 
     main = sum(req(c) for c in spec.get("containers") or [])
     init = max((req(c) for c in spec.get("initContainers") or []), default=0)
@@ -60,6 +64,8 @@ def compact_node(node: Mapping) -> dict:
     return {
         "name": meta.get("name"),
         "gpus": parse_quantity_int(alloc.get(GPU_RESOURCE)),
+        "slices": parse_quantity_int(alloc.get(GPU_SHARED_RESOURCE)),
+        "replicas": parse_quantity_int(labels.get(GPU_REPLICAS_LABEL)),
         "gpuMemoryMiB": parse_quantity_int(labels.get(GPU_MEMORY_LABEL)),
         "gpuProduct": labels.get(GPU_PRODUCT_LABEL, ""),
         "schedulable": not (node.get("spec") or {}).get("unschedulable", False) and ready,
@@ -85,6 +91,7 @@ def compact_pod(pod: Mapping) -> dict:
         "deleting": bool(meta.get("deletionTimestamp")),
         "nodeName": (pod.get("spec") or {}).get("nodeName"),
         "gpus": pod_gpus(pod),
+        "slices": pod_gpus(pod, GPU_SHARED_RESOURCE),
         "phase": st.get("phase", "Pending"),
         "ready": ready,
         "podIP": st.get("podIP"),
@@ -104,40 +111,31 @@ def compact_pod(pod: Mapping) -> dict:
 def node_inventory(nodes: Iterable[Mapping], pods: Iterable[Mapping]) -> list[NodeInfo]:
     """Compact nodes + compact pods -> free GPUs per schedulable GPU node."""
     used: dict[str, int] = {}
+    sliced: dict[str, int] = {}
     for p in pods:
         if p.get("nodeName") and p.get("phase") not in TERMINAL_POD_PHASES:
             used[p["nodeName"]] = used.get(p["nodeName"], 0) + int(p.get("gpus") or 0)
+            sliced[p["nodeName"]] = sliced.get(p["nodeName"], 0) + int(p.get("slices") or 0)
     out = []
     for n in nodes:
-        if n["gpus"] <= 0 or n["gpuMemoryMiB"] <= 0 or not n.get("schedulable", True):
+        slices = n.get("slices", 0) if n.get("replicas", 0) > 1 else 0
+        if (n["gpus"] <= 0 and slices <= 0) or n["gpuMemoryMiB"] <= 0 or not n.get("schedulable", True):
             continue
-        out.append(NodeInfo(n["name"], n["gpus"], n["gpus"] - used.get(n["name"], 0), n["gpuMemoryMiB"], n["gpuProduct"]))
+        out.append(NodeInfo(n["name"], n["gpus"], n["gpus"] - used.get(n["name"], 0), n["gpuMemoryMiB"], n["gpuProduct"],
+                            gpu_slices=n.get("replicas", 0) if slices else 0,
+                            slices_free=slices - sliced.get(n["name"], 0) if slices else 0))
     return sorted(out, key=lambda x: x.name)
 
 
 def basemodel_architecture(bm: Mapping) -> Architecture | None:
-    """The size figures the planner sizes the model by, with its weights' storage (spec.quantization)."""
-    arch = _figures(bm)
+    """The figures in use: typed in spec.architecture, the rest read from config.json
+    (operator/model_figures.py), with the weights' storage (spec.quantization); None when the
+    required ones are missing."""
+    arch = basemodel_figures(bm)[0]
     quantization = (bm.get("spec") or {}).get("quantization") or NO_QUANTIZATION
     if arch is None or arch.quantization == quantization:
         return arch
     return arch.model_copy(update={"quantization": quantization})
-
-
-def _figures(bm: Mapping) -> Architecture | None:
-    builtin = (((bm.get("spec") or {}).get("source") or {}).get("builtin"))
-    if builtin and not (bm.get("spec") or {}).get("architecture"):
-        from muxtune.operator.memory import BUILTIN_ARCHITECTURES
-
-        return BUILTIN_ARCHITECTURES.get(builtin)
-    for part in ("spec", "status"):
-        a = ((bm.get(part) or {}).get("architecture"))
-        if a:
-            try:
-                return Architecture.model_validate(a)
-            except ValidationError:
-                return None
-    return None
 
 
 def parse_task(obj: Mapping) -> FineTuneTask | str:
@@ -184,6 +182,7 @@ def group_state(group: Mapping, members: list[TaskRequest], unbound_pods: int, a
         namespaces=frozenset(n for n in ann.get(ANN_NAMESPACES, "").split(",") if n) if ten == "*" else None,
         queue=ann.get(ANN_QUEUE, ""),
         started=started,
+        gpu_fraction=float(spec.get("gpuMemoryFraction") or 1.0),
         **_engine_budget(spec),
     )
 

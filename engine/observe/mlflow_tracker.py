@@ -6,9 +6,16 @@ The run holds the task's parameters, per-step loss, learning rate, tokens/s and 
 eval loss, and at the end the adapter directory as artifacts (adapter/). Calls run on a worker
 thread, so a slow or absent server never holds a training round; the first failure is a warning
 and the rest of the task's records are dropped.
+
+The run's id is kept in the task's output directory (RUN_FILE), beside its checkpoints: a task
+resumed from its checkpoint (a restart, a move to another group) continues the same run, as
+HF Trainer does with MLFLOW_RUN_ID. Steps replayed after the checkpoint are logged again (MLflow
+keeps every value; the newest of a step is the one training kept).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import queue
@@ -21,6 +28,7 @@ log = logging.getLogger("muxtune.engine")
 CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 CLOSE_WAIT_S = 60.0
+RUN_FILE = "mlflow_run.json"
 ARTIFACTS = ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "chat_template.jinja")
 
 
@@ -33,6 +41,13 @@ def params(task) -> dict[str, str]:
         for k, v in getattr(spec, section).to_wire().items():
             flat[f"{section}.{k}"] = v
     return {k: str(v)[:500] for k, v in flat.items()}
+
+
+def _server() -> str:
+    """The tracking server, hashed (its URI may carry credentials; the run file must not)."""
+    from mlflow import get_tracking_uri
+
+    return hashlib.sha256(get_tracking_uri().encode()).hexdigest()[:16]
 
 
 class MlflowTracker:
@@ -74,12 +89,40 @@ class MlflowTracker:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "muxtune")
         exp = c.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp is not None else c.create_experiment(name)
-        run = c.create_run(exp_id, run_name=task.key.replace("/", "."),
-                           tags={"muxtune.task": task.key, "muxtune.uid": task.metadata.uid or ""})
+        uid = task.metadata.uid or ""
+        self.run_id = self._resumable(exp_id, uid)
+        if self.run_id is not None:
+            c.update_run(self.run_id, status="RUNNING")
+            log.info("mlflow: continuing run %s", self.run_id, extra={"task": self.key})
+            return
+        run = c.create_run(exp_id, run_name=task.key.replace("/", "."), tags={"muxtune.task": task.key, "muxtune.uid": uid})
         self.run_id = run.info.run_id
+        self._remember(exp_id, uid)
         from mlflow.entities import Param
 
         c.log_batch(self.run_id, params=[Param(k, v) for k, v in params(task).items()])
+
+    def _resumable(self, exp_id: str, uid: str) -> str | None:
+        """The run this task's directory names, if it is this task's (same uid, experiment and
+        server) and still exists."""
+        try:
+            saved = json.loads((self.out_dir / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if (saved.get("uid"), saved.get("experimentId"), saved.get("server")) != (uid, exp_id, _server()):
+            return None
+        try:
+            run = self.client.get_run(saved["runId"])
+        except Exception:  # noqa: BLE001 - deleted or never there: a new run
+            return None
+        return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+    def _remember(self, exp_id: str, uid: str) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps({"runId": self.run_id, "experimentId": exp_id, "uid": uid,
+                                   "server": _server()}))
+        os.replace(tmp, self.out_dir / RUN_FILE)
 
     def _metrics(self, record: StepRecord) -> None:
         from mlflow.entities import Metric

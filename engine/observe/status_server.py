@@ -11,10 +11,18 @@ Bounded by design, because anyone who can reach the port can open connections:
 
 Only GET and HEAD of the three routes; the port binds when the server is made, so a busy port is
 an OSError for the caller before anything starts.
+
+Who may read: given ``token_sha256`` (pods: the operator passes the SHA-256 of its status token,
+never the token), /v1/status and /metrics answer only ``Authorization: Bearer <token>`` whose
+digest matches (the operator's polls, Prometheus with the chart's Secret); anything else gets 401.
+/healthz stays open for probes. Without it (a local ``muxtune run``) the port is open to whoever
+reaches it, which is why it binds 127.0.0.1 unless told otherwise (docs/SECURITY-MODEL.md).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import socket
 import threading
@@ -22,7 +30,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 MAX_HEADER_BYTES = 16 << 10
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+OPEN_ROUTES = frozenset({"/healthz"})  # probes carry no token
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 
 
@@ -37,12 +46,13 @@ class _Conn:
 class EngineServer:
     def __init__(self, host: str, port: int, status: Callable[[], dict], metrics: Callable[[], tuple[bytes, str]], *,
                  max_connections: int = 512, header_timeout: float = 10.0, idle_timeout: float = 60.0,
-                 write_timeout: float = 30.0, backlog: int = 1024):
+                 write_timeout: float = 30.0, backlog: int = 1024, token_sha256: str | None = None):
         self.routes = {
             "/v1/status": lambda: (json.dumps(status()).encode(), "application/json"),
             "/metrics": metrics,
             "/healthz": lambda: (b"ok\n", "text/plain"),
         }
+        self.token_sha256 = token_sha256.strip().lower() if token_sha256 else None
         self.max_connections = max_connections
         self.header_timeout, self.idle_timeout, self.write_timeout = header_timeout, idle_timeout, write_timeout
         self.sock = socket.create_server((host, port), backlog=backlog)  # raises here if the port is taken
@@ -149,14 +159,20 @@ class EngineServer:
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if sep:
-                headers[name.strip().lower()] = value.strip().lower()
-        close = headers.get("connection") == "close" or (version == "HTTP/1.0" and headers.get("connection") != "keep-alive")
+                headers[name.strip().lower()] = value.strip()
+        conn_hdr = headers.get("connection", "").lower()
+        close = conn_hdr == "close" or (version == "HTTP/1.0" and conn_hdr != "keep-alive")
         if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
             close = True  # a GET with a body: answer, then close rather than parse the body
         if method not in ("GET", "HEAD"):
             await self._respond(writer, 405, b"", "text/plain", head_only=False, close=True)
             return False
-        route = self.routes.get(target.split("?", 1)[0])
+        path = target.split("?", 1)[0]
+        route = self.routes.get(path)
+        if route is not None and path not in OPEN_ROUTES and not self.authorized(headers.get("authorization", "")):
+            await self._respond(writer, 401, b"unauthorized\n", "text/plain", head_only=method == "HEAD", close=close,
+                                extra="WWW-Authenticate: Bearer\r\n")
+            return not close
         if route is None:
             await self._respond(writer, 404, b"not found\n", "text/plain", head_only=method == "HEAD", close=close)
             return not close
@@ -168,8 +184,19 @@ class EngineServer:
         await self._respond(writer, code, body, ctype, head_only=method == "HEAD", close=close)
         return not close
 
-    async def _respond(self, writer, code: int, body: bytes, ctype: str, *, head_only: bool, close: bool) -> None:
+    def authorized(self, header: str) -> bool:
+        """True without a configured token (local use), else for ``Bearer <token>`` of the right digest."""
+        if self.token_sha256 is None:
+            return True
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        return hmac.compare_digest(digest, self.token_sha256)
+
+    async def _respond(self, writer, code: int, body: bytes, ctype: str, *, head_only: bool, close: bool,
+                       extra: str = "") -> None:
         head = (f"HTTP/1.1 {code} {REASONS[code]}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-                f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode()
+                f"{extra}Connection: {'close' if close else 'keep-alive'}\r\n\r\n").encode()
         writer.write(head if head_only else head + body)
         await asyncio.wait_for(writer.drain(), self.write_timeout)

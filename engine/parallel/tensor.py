@@ -121,7 +121,7 @@ def _region_hooks(module: nn.Module, mesh) -> None:
 # ----- sharding the backbone ----------------------------------------------------------------------
 def _plan(backbone) -> tuple[dict[str, str], list[str]]:
     """{linear name: "out" | "in"} and the region module names, from the family's shard table
-    (muxtune/facts/shards.py); refuses layers it cannot split."""
+    (its entry in muxtune/facts/families.py, via shards.split_plan); refuses layers it cannot split."""
     table = shards.split_plan(backbone.family.model_type)
     if table is None:
         raise ValueError(f"tensor parallel: {backbone.family.name} ({backbone.family.model_type}) has no split plan")

@@ -49,6 +49,9 @@ class BackboneGroupSpec(ApiModel):
         "Chosen by the planner with the layout, from the memory left once weights and adapter state are counted."))
     recompute: bool | None = Field(default=None, description=(
         "The engine's --recompute: activation checkpointing per decoder layer, so a larger budget fits the same GPUs."))
+    gpu_memory_fraction: float | None = Field(default=None, gt=0, lt=1, description=(
+        "Set when the group runs on a shared GPU (one time-sliced replica, nvidia.com/gpu.shared, with other groups): "
+        "its share of the GPU's memory, the engine's --gpu-memory-fraction."))
     serving: GroupServing | None = Field(
         default=None, description="Set when a member has spec.serving.enabled: the engine's pods start with the API open."
     )
@@ -72,6 +75,8 @@ class BackboneGroupStatus(ApiModel):
     memory_planned_bytes: int | None = Field(default=None, description="GPU memory the planner budgeted for the group, in bytes.")
     token_budget: int | None = Field(default=None, description="The token budget the group's engine runs with (spec.tokenBudget).")
     recompute: bool | None = Field(default=None, description="Whether the group's engine recomputes activations (spec.recompute).")
+    gpu_memory_fraction: float | None = Field(default=None, description=(
+        "The group's share of a GPU it shares with other groups (spec.gpuMemoryFraction); absent on whole GPUs."))
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations.")
     observed_generation: int | None = Field(default=None, description="Generation the status reflects.")
 

@@ -101,12 +101,13 @@ class ModelSource(ApiModel):
         return self.hf.uri if self.hf else self.s3.uri if self.s3 else None
 
 
-class Architecture(ApiModel):
-    """Figures the planner's memory model needs; read from config.json when absent."""
+class ArchitectureFigures(ApiModel):
+    """Size figures as a BaseModel's author may type them: any subset. The operator reads the rest
+    from the model's config.json where it can (figures typed here win over figures read)."""
 
-    parameters: int = Field(gt=0, description="Backbone parameter count.")
-    layers: int = Field(gt=0, description="Transformer blocks.")
-    hidden_size: int = Field(gt=0, description="Model width.")
+    parameters: int | None = Field(default=None, gt=0, description="Backbone parameter count.")
+    layers: int | None = Field(default=None, gt=0, description="Transformer blocks.")
+    hidden_size: int | None = Field(default=None, gt=0, description="Model width.")
     num_attention_heads: int | None = Field(default=None, gt=0, description="Attention heads per block.")
     num_key_value_heads: int | None = Field(
         default=None, gt=0, description="Key/value heads per block (grouped-query attention); default: numAttentionHeads."
@@ -119,6 +120,24 @@ class Architecture(ApiModel):
     quantization: Quantization = Field(
         default=NO_QUANTIZATION, description="Storage of the decoder Linears' frozen weights (nf4: 4-bit, int8: 8-bit); "
                                              "the BaseModel's spec.quantization, which it must equal when both are set.")
+    model_type: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$",
+                                   description="config.json's model_type: the family whose layout sizes the blocks.")
+    head_dim: int | None = Field(default=None, gt=0, description="Width of one attention head; default: hiddenSize / numAttentionHeads.")
+    num_experts: int | None = Field(default=None, gt=0, description="MoE: experts per sparse block.")
+    num_experts_per_tok: int | None = Field(default=None, gt=0, description="MoE: experts each token is routed to.")
+    moe_intermediate_size: int | None = Field(default=None, gt=0, description="MoE: one expert's feed-forward width.")
+    sliding_window: int | None = Field(default=None, gt=0, description="Keys a query sees in windowed attention layers.")
+
+
+REQUIRED_FIGURES = ("parameters", "layers", "hidden_size")
+
+
+class Architecture(ArchitectureFigures):
+    """Figures the planner's memory model needs: typed in spec.architecture or read from config.json."""
+
+    parameters: int = Field(gt=0, description="Backbone parameter count.")
+    layers: int = Field(gt=0, description="Transformer blocks.")
+    hidden_size: int = Field(gt=0, description="Model width.")
 
 
 class LabelSelectorRequirement(ApiModel):
@@ -157,9 +176,9 @@ class BaseModelSpec(ApiModel):
     namespace_selector: NamespaceSelector | None = Field(
         default=None, description="Namespaces (by label) whose FineTuneTasks may also use this model."
     )
-    architecture: Architecture | None = Field(
-        default=None, description="Size figures; filled from config.json by the operator when absent."
-    )
+    architecture: ArchitectureFigures | None = Field(
+        default=None, description="Size figures, any of them; the operator reads those left out from the model's "
+                                  "config.json where it can (a built-in, a hostPath it sees, hf and s3 once staged).")
     quantization: Quantization = Field(
         default=NO_QUANTIZATION,
         description=(
@@ -201,6 +220,8 @@ class BaseModelStatus(ApiModel):
     architecture: Architecture | None = Field(
         default=None, description="Size figures in use (from the spec or read from config.json)."
     )
+    config_architecture: ArchitectureFigures | None = Field(
+        default=None, description="hf and s3 sources: the figures the staging Job read from the model's config.json.")
     message: str | None = Field(default=None, description="Why the model is not ready.")
 
 

@@ -153,6 +153,8 @@ RESOURCES: tuple[Resource, ...] = (
             PrinterColumn("GPUs/Pod", ".spec.gpusPerPod", "integer", description="nvidia.com/gpu per pod.", priority=1),
             PrinterColumn("Recompute", ".status.recompute", "boolean",
                           description="Activation checkpointing per decoder layer.", priority=1),
+            PrinterColumn("GPU Share", ".status.gpuMemoryFraction", "number",
+                          description="Share of a GPU shared with other groups (absent: whole GPUs).", priority=1),
             PrinterColumn("Restarts", ".status.restarts", "integer", description="Whole-group restarts after a lost pod.",
                           priority=1),
         ),

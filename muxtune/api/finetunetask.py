@@ -191,6 +191,16 @@ class DatasetSpec(ApiModel):
         ),
     )
 
+    max_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "In a cluster: the largest s3:// object the task's staging Job copies (path and validationPath), "
+            "at most the operator's cap (the chart's transfer.maxDatasetBytes, default 1 GiB); a task asking "
+            "more fails with the reason. Default: that cap. `muxtune run` uses --max-dataset-bytes."
+        ),
+    )
+
     @field_validator("path", "validation_path")
     @classmethod
     def _relative(cls, v: str | None) -> str | None:

@@ -35,7 +35,7 @@ def _architecture(cfg: dict) -> Architecture:
     return Architecture(
         parameters=llama_parameters(cfg, BYTE_VOCAB), layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
         num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
-        intermediate_size=cfg["intermediate_size"], vocab_size=BYTE_VOCAB, dtype=BUILTIN_DTYPE,
+        intermediate_size=cfg["intermediate_size"], vocab_size=BYTE_VOCAB, dtype=BUILTIN_DTYPE, model_type="llama",
     )
 
 

@@ -139,6 +139,8 @@ EXPECTED_RULES = {
     ("kueue.x-k8s.io", "workloads"): {"get", "delete"},  # a queued group's Workload: why it waits; deleted first
     ("networking.k8s.io", "networkpolicies"): {"create", "patch"},  # every group (operator/isolation.py)
     ("", "resourcequotas"): {"list"},  # shared groups charged to member namespaces (operator/quota.py)
+    ("kueue.x-k8s.io", "localqueues"): {"list"},  # ... and to their Kueue queues
+    ("kueue.x-k8s.io", "clusterqueues"): {"list"},  # the queues' GPU quota (cluster-scoped)
     ("batch", "jobs"): {"create", "get", "list", "watch"},  # staging, export, model-cache Jobs (operator/transfers.py)
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
@@ -161,7 +163,7 @@ def _granted(role: dict) -> dict[tuple[str, str], set[str]]:
 
 
 CLUSTER_READS = {k for k in EXPECTED_RULES if k[1] in ("basemodels", "basemodels/status", "nodes", "namespaces",
-                                                        "customresourcedefinitions")}
+                                                        "customresourcedefinitions", "clusterqueues")}
 LEASES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 
 
@@ -227,6 +229,7 @@ def test_operator_args_parse_as_the_operator_cli(helm):
                            "--set", "engine.priorityClasses[0].minPriority=500",
                            "--set", "engine.priorityClasses[0].className=muxtune-high",
                            "--set", "engine.resources.limits.memory=32Gi", "--set", "engine.podDisruptionBudget=false",
+                           "--set", "transfer.maxDatasetBytes=5000000000",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].key=zone",
                            "--set", "engine.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].preference.matchExpressions[0].operator=Exists"))
@@ -245,7 +248,11 @@ def test_operator_args_parse_as_the_operator_cli(helm):
     assert cfg.engine_priority_classes == [{"minPriority": 500, "className": "muxtune-high"}] and cfg.engine_pdb is False
     assert cfg.engine_affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 1
     assert cfg.leader_elect and cfg.signing_key_file == "/etc/muxtune/signing/key" and not cfg.dev_endpoint_annotation
-    assert cmd.liveness_port == 8081
+    assert cfg.status_token_file == "/etc/muxtune/status-token/token"
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in kinds["Deployment"][0]["spec"]["template"]["spec"]["volumes"]}
+    assert mounts["status-token"] == "/etc/muxtune/status-token" and vols["status-token"]["secret"]["secretName"] == "mux-muxtune-status-token"
+    assert cmd.liveness_port == 8081 and cfg.max_dataset_bytes == 5_000_000_000  # not 5e+09
     probe = c["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz" and {"name": "health", "containerPort": 8081, "protocol": "TCP"} in c["ports"]
 
@@ -304,6 +311,11 @@ def test_monitoring_objects(helm):
     assert ep["honorLabels"] is True and sm["spec"]["endpoints"][0]["honorLabels"] is True
     assert {"sourceLabels": ["__meta_kubernetes_pod_label_muxtune_io_group"], "targetLabel": "group"} in ep["relabelings"]
     assert pm["spec"]["selector"] == {"matchLabels": {"app.kubernetes.io/name": "muxtune-engine"}}
+    # engines answer /metrics only to the status token: Prometheus scrapes with the chart's Secret,
+    # the one the operator mounts (same namespace as the PodMonitor, as the Prometheus Operator needs)
+    assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": "mux-muxtune-status-token", "key": "token"}}
+    (tok,) = [s for s in kinds["Secret"] if s["metadata"]["name"] == "mux-muxtune-status-token"]
+    assert tok["metadata"]["namespace"] == pm["metadata"]["namespace"] and len(tok["data"]["token"]) >= 48
 
 
 @pytest.fixture

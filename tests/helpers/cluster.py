@@ -91,6 +91,7 @@ class OperatorProcess:
     proc: subprocess.Popen | None = None
     dev_endpoint: bool = True  # honour muxtune.io/engine-endpoint (kwok pod IPs are fake)
     signing_key: Path | None = None
+    status_token_file: Path | None = None  # the engines' status-port token, as the chart's Secret holds it
     env_extra: dict = field(default_factory=dict)
 
     def start(self) -> None:
@@ -98,6 +99,10 @@ class OperatorProcess:
             self.signing_key = self.log_path.parent / "signing.key"
             if not self.signing_key.exists():
                 self.signing_key.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
+        if self.status_token_file is None:
+            self.status_token_file = self.log_path.parent / "status.token"
+            if not self.status_token_file.exists():
+                self.status_token_file.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         args = [
             sys.executable, "-m", "muxtune.operator.cli", "operator",
             "--kubeconfig", str(self.kubeconfig),
@@ -107,6 +112,7 @@ class OperatorProcess:
             "--no-poll-pod-ip",  # kwok pod IPs are fake; engines are reached through the annotation only
             *(["--dev-endpoint-annotation"] if self.dev_endpoint else []),
             "--signing-key-file", str(self.signing_key),
+            "--status-token-file", str(self.status_token_file),
             "--lease-duration", "4", "--lease-renew-interval", "0.5",
             "--pod-backoff-base", "2",
             "--poll-interval", "1",
@@ -154,6 +160,11 @@ class OperatorProcess:
             if all(f'{k}="{v}"' in head for k, v in labels.items()):
                 total += float(value)
         return total
+
+    @property
+    def status_auth(self) -> dict[str, str]:
+        """The header the operator (and Prometheus) send to an engine's /v1/status and /metrics."""
+        return {"Authorization": f"Bearer {self.status_token_file.read_text().strip()}"}
 
     def group_key(self, group: dict) -> bytes:
         from muxtune.operator.keys import GroupKeys

@@ -17,58 +17,43 @@ one round in which every task completes a step, and reports, with no CUDA alloca
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-
-class SavedTensorMeter:
-    """Live and peak bytes of tensors saved for backward (pack/unpack hooks)."""
-
-    def __init__(self, exclude: set[int]):
-        self.exclude = exclude
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [references, bytes]
-        self.current = 0
-        self.peak = 0
-
-    def pack(self, t):
-        return _Saved(self, t)
-
-    @staticmethod
-    def unpack(saved):
-        return saved.tensor
-
-    def hooks(self):
-        import torch
-
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+from muxtune.engine.memory_share import SavedTensorMeter  # noqa: F401  (the engine's own meter)
 
 
-class _Saved:
-    __slots__ = ("meter", "tensor", "key")
+@contextlib.contextmanager
+def metering_recomputation(meter: SavedTensorMeter):
+    """Under --recompute a layer's saved tensors are rebuilt in backward and held by
+    torch.utils.checkpoint (keyed by a handle the layer's backward drops), not through the
+    saved-tensor hooks: count each for as long as its handle lives, so the peak includes the
+    layer being recomputed. (A layer's input, saved for the recomputation, goes through the hooks.)"""
+    import torch.utils.checkpoint as cp
 
-    def __init__(self, meter: SavedTensorMeter, t):
-        self.meter, self.tensor, self.key = meter, t, None
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if t.device.type == "meta" or key in meter.exclude or storage.nbytes() == 0:
-            return
-        self.key = key
-        entry = meter.live.get(key)
-        if entry is None:
-            meter.live[key] = [1, storage.nbytes()]
-            meter.current += storage.nbytes()
-            meter.peak = max(meter.peak, meter.current)
-        else:
-            entry[0] += 1
+    original = cp._recomputation_hook.__init__
 
-    def __del__(self):
-        if self.key is None:
-            return
-        entry = self.meter.live[self.key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.meter.current -= entry[1]
-            del self.meter.live[self.key]
+    def init(self, frame_ref, gid):
+        original(self, frame_ref, gid)
+        inner = self.pack_hook
+
+        def pack(x):
+            out = inner(x)
+            frame = frame_ref()
+            for handle, kept in list(frame.recomputed[gid].items()) if frame is not None else ():
+                if kept is out and not hasattr(handle, "meter"):
+                    handle.meter = meter.pack(out)  # released with the handle
+            return out
+
+        pack._checkpoint_internal = True
+        self.pack_hook = pack
+
+    cp._recomputation_hook.__init__ = init
+    try:
+        yield
+    finally:
+        cp._recomputation_hook.__init__ = original
 
 
 def _nbytes(t) -> int:
@@ -76,7 +61,7 @@ def _nbytes(t) -> int:
 
 
 def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, dp: int, pp: int,
-            muxtune_home: str, tp: int = 1, token_budget: int = 1 << 30) -> dict:
+            muxtune_home: str, tp: int = 1, token_budget: int = 1 << 30, recompute: bool = False) -> dict:
     """Training rounds on this rank until every task has stepped (one round without a budget);
     what it held at the peak (see the module docstring)."""
     import torch
@@ -102,6 +87,7 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
         device, group = cpu, LocalGroup()
     backbone = MultiplexedBackbone(load_backbone(path, cpu, getattr(torch, dtype)))
     parallel.setup_backbone(backbone, group, device, announce=lambda _m: None)
+    backbone.recompute = recompute  # the engine's --recompute
     trainer = MuxTrainer(backbone, Path(out), token_budget=token_budget, resume=False, base_dir=Path(data_root),
                          group=group)
     for doc in docs:
@@ -115,7 +101,7 @@ def measure(out: str, data_root: str, docs: list[dict], model: str, dtype: str, 
             _rt.key, sum(_nbytes(p.grad) for p in _rt.adapter.parameters() if p.grad is not None)))
     params = [p for p in backbone.model.parameters() if p.device.type != "meta"]
     meter = SavedTensorMeter({p.untyped_storage().data_ptr() for p in params})
-    with meter.hooks():
+    with meter.hooks(), (metering_recomputation(meter) if recompute else contextlib.nullcontext()):
         while any(rt.step == 0 for rt in tasks) and trainer.run_round():
             pass
     assert set(grads) == {rt.key for rt in tasks}, f"not every task stepped in the round: {sorted(grads)}"

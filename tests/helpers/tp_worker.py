@@ -45,8 +45,30 @@ def backbone(path: Path, tp, dtype: torch.dtype = torch.float32) -> MultiplexedB
     return bb
 
 
+# The tasks name Llama's projections; another family's by role: GPT-NeoX's fused query_key_value
+# stands for q/k/v, dense for o, dense_h_to_4h for gate/up; Qwen3-MoE's MLP is its fused experts
+# (not adaptable), so its tasks target the attention alone.
+RENAMED = {
+    "gpt_neox": {"q_proj": "query_key_value", "k_proj": "query_key_value", "v_proj": "query_key_value",
+                 "o_proj": "dense", "gate_proj": "dense_h_to_4h", "up_proj": "dense_h_to_4h",
+                 "down_proj": "dense_4h_to_h"},
+    "qwen3_moe": {"gate_proj": None, "up_proj": None, "down_proj": None},
+}
+
+
+def peft_for(bb: MultiplexedBackbone, peft: dict) -> PeftSpec:
+    """The task's PEFT spec with its targets named as the backbone's family names them."""
+    names = RENAMED.get(bb.family.model_type, {})
+
+    def rename(targets):
+        return list(dict.fromkeys(n for t in targets if (n := names.get(t, t)) is not None))
+
+    lists = {k: rename(peft[k]) for k in ("targetModules", "feedforwardModules") if k in peft}
+    return PeftSpec.model_validate({**peft, **lists})
+
+
 def attach_all(bb: MultiplexedBackbone) -> dict:
-    return {t["slot"]: bb.attach(t["slot"], PeftSpec.model_validate(t["peft"]), t["seed"]) for t in TASKS}
+    return {t["slot"]: bb.attach(t["slot"], peft_for(bb, t["peft"]), t["seed"]) for t in TASKS}
 
 
 def examples(tokenizer, kind: str, n: int, seed: int):

@@ -62,3 +62,8 @@ app.kubernetes.io/component: operator
 {{- define "muxtune.hasMonitoringAPI" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
 {{- end }}
+
+{{/* The Secret holding the engines' status token (key `token`). */}}
+{{- define "muxtune.statusTokenSecret" -}}
+{{- default (printf "%s-status-token" (include "muxtune.fullname" .)) .Values.operator.statusToken.existingSecret -}}
+{{- end }}

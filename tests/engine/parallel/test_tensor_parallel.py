@@ -1,5 +1,6 @@
 """Tensor parallelism computes what one process computes: two real gloo ranks (tests/helpers/tp_worker.py)
-against the same scenarios run here in one process, on tiny Llama, Qwen2 and biased Llama models."""
+against the same scenarios run here in one process, on tiny Llama, Qwen2 and biased Llama models and one
+of each other family the engine splits (FAMILY_CONFIGS)."""
 from __future__ import annotations
 
 import os
@@ -61,7 +62,7 @@ def models(muxtune_home) -> dict[str, Path]:
     }
 
 
-# the other families muxtune/facts/shards.py splits, with what makes each differ (windows shorter
+# the other families the engine splits (muxtune/facts/families.py), with what makes each differ (windows shorter
 # than the batch's sequences, softcaps, q/k norms per head, multipliers, NoPE layers)
 _GEMMA = dict(head_dim=16, query_pre_attn_scalar=16)
 FAMILY_CONFIGS = {
@@ -73,6 +74,11 @@ FAMILY_CONFIGS = {
     "granite": ("Granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3,
                                 logits_scaling=0.5)),
     "smollm3": ("SmolLM3", dict(no_rope_layers=[1, 0])),
+    # fused head-by-head query_key_value, partial rotary, parallel residual (targets renamed by role:
+    # tests/helpers/tp_worker.py RENAMED)
+    "gpt_neox": ("GPTNeoX", dict(rotary_pct=0.25, use_parallel_residual=True)),
+    # attention split, fused experts replicated (attention targets only)
+    "qwen3_moe": ("Qwen3Moe", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
 }
 
 

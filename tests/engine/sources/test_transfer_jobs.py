@@ -120,7 +120,8 @@ def test_staging_with_wrong_credentials_fails_with_the_reason_and_no_secret(s3, 
     secret = "Sup3rSecretValue-x81"
     rc, out, term = run_job(transfers.staging_job(task, CFG), {"/data/team-a": tmp_path / "data", "/tmp": tmp_path},
                             {"a-creds": {**s3.env(), "AWS_SECRET_ACCESS_KEY": secret}}, tmp_path)
-    assert rc == 1 and "the credentials were refused" in term and secret not in out + term
+    assert rc == 1 and term.startswith("error: ") and "the credentials were refused" in term
+    assert secret not in out + term
     assert not list((tmp_path / "data").rglob("*.jsonl"))  # nothing half-staged
 
 
@@ -138,7 +139,8 @@ def test_model_job_stages_a_backbone_once_and_reports_its_path(s3, bucket, tmp_p
     job = transfers.model_job(bm, CFG)
     rc, out, term = run_job(job, {"/cache": cache, "/tmp": tmp_path}, {"platform": s3.env()}, tmp_path)
     assert rc == 0, out
-    assert term.startswith("models/s3-") and (cache / term / "config.json").is_file()
+    path = term.removeprefix("ok: ").splitlines()[0]  # then config.json's figures, for the operator
+    assert term.startswith("ok: models/s3-") and (cache / path / "config.json").is_file()
     rc, out, again = run_job(job, {"/cache": cache, "/tmp": tmp_path}, {"platform": s3.env()}, tmp_path)
     assert rc == 0 and again == term
 
@@ -163,3 +165,35 @@ def test_the_jobs_commands_run_without_the_engine_or_torch(tmp_path, s3, bucket)
                         str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert list(tmp_path.rglob("k.jsonl"))
+
+
+def test_the_staging_jobs_size_cap_is_the_admins_and_a_task_may_only_lower_it(s3, bucket, tmp_path):
+    """--max-dataset-bytes (chart: transfer.maxDatasetBytes) caps what a staging Job copies and is
+    what engine pods read up to; dataset.maxBytes lowers it for one task, and asking more than the
+    cap fails that task before any Job runs."""
+    from muxtune.operator.transfer_plan import plan_transfers
+
+    c = s3.client()
+    c.put_object(Bucket=bucket, Key="team-a/train.jsonl", Body=b'{"prompt": "p", "completion": "c"}\n' * 40)  # 1400 B
+    c.put_object(Bucket=bucket, Key="team-a/val.jsonl", Body=b"{}\n")
+    cfg = OperatorConfig(data_pvc="datasets", output_pvc="outputs", max_dataset_bytes=5000)
+    task = _task("team-a", "t", "creds", bucket)
+    (tmp_path / "data").mkdir()
+    mounts = {"/data/team-a": tmp_path / "data", "/tmp": tmp_path}
+    rc, out, _ = run_job(transfers.staging_job(task, cfg), mounts, {"creds": s3.env()}, tmp_path)
+    assert rc == 0, out
+    args = podspec.engine_args(cfg)
+    assert args[args.index("--max-dataset-bytes") + 1] == "5000"
+    assert "--max-dataset-bytes" not in podspec.engine_args(CFG)  # the default cap is the engine's own
+
+    lower = task.model_copy(deep=True)
+    lower.spec.dataset.max_bytes = 1000
+    rc, out, term = run_job(transfers.staging_job(lower, cfg), mounts, {"creds": s3.env()}, tmp_path)
+    assert rc == 1 and "larger than the dataset size cap of 1000 bytes" in term, out
+
+    higher = task.model_copy(deep=True)
+    higher.spec.dataset.max_bytes = 10**10
+    obj = {"metadata": {"name": "t", "namespace": "team-a"}}
+    plan = plan_transfers({"team-a/t": (obj, higher)}, {}, {}, {}, cfg)
+    assert plan.create == [] and plan.holds["team-a/t"].final
+    assert "over this cluster's cap of 5000 bytes" in plan.holds["team-a/t"].message

@@ -2,6 +2,7 @@
 running as a subprocess with the Helm chart's ServiceAccount and RBAC."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -35,7 +36,7 @@ def cm_task_names(info, ns, group):
     return sorted(d["metadata"]["name"] for d in yaml.safe_load_all(cm["data"]["tasks.yaml"]) if d)
 
 
-def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
+def check_group_pod(info, ns: str, group_name: str, owner: dict, status_digest: str) -> None:
     """The group's one pod: bound by the real scheduler to a kwok GPU node, the engine's command line,
     a locked-down security context, and only this namespace's areas mounted."""
 
@@ -53,6 +54,7 @@ def check_group_pod(info, ns: str, group_name: str, owner: dict) -> None:
     assert c["command"] + c["args"] == ["muxtune", "run", "/etc/muxtune/tasks/tasks.yaml", "--output", "/output",
                                         "--data-root", "/data", "--watch", "--metrics-host", "0.0.0.0",
                                         "--metrics-port", "9400", "--no-progress", "--no-remote",
+                                        "--status-token-sha256", status_digest,  # the digest only, never the token
                                         "--token-budget", str(gspec["tokenBudget"]),
                                         *(["--recompute"] if gspec.get("recompute") else [])]
     assert c["resources"]["requests"]["nvidia.com/gpu"] == "1" and c["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -131,7 +133,8 @@ def test_tasks_are_packed_into_a_group_with_pods_configmap_and_service(operator_
     owner = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BackboneGroup", "name": group_name,
              "uid": g["metadata"]["uid"], "controller": True}
 
-    check_group_pod(info, ns, group_name, owner)
+    token = operator_env["op"].status_token_file.read_text().strip()
+    check_group_pod(info, ns, group_name, owner, hashlib.sha256(token.encode()).hexdigest())
     check_signed_configmap(info, ns, group_name, owner, operator_env["op"].group_key(g))
     check_companions(info, ns, group_name, owner)
 
@@ -206,6 +209,36 @@ def test_unplaceable_task_is_pending_with_a_reason(operator_env):
     assert any(e["type"] == "Warning" and e["reason"] == "TooLarge" for e in events)
     info.kubectl("delete", "ftt", "too-big", "no-model", "-n", ns)
     info.kubectl("delete", "basemodel", f"huge-{ns}")
+
+
+# a GPT-2 config.json as save_pretrained writes it; 41952 = sum(p.numel()) of its model
+# (tests/engine/families/test_config_figures.py checks every family's count against the real model)
+GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": None, "n_positions": 256,
+               "vocab_size": 259, "tie_word_embeddings": True, "activation_function": "gelu_new"}
+
+
+def test_a_basemodel_with_only_a_source_is_sized_from_its_config_json(operator_env, tmp_path):
+    """The operator runs on this host, so a hostPath here is a directory it sees: no typed figures."""
+    import json
+
+    info, ns = operator_env["info"], operator_env["a"]
+    (tmp_path / "config.json").write_text(json.dumps(GPT2_CONFIG))
+    read = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"read-{ns}"},
+            "spec": {"source": {"hostPath": {"path": str(tmp_path)}}, "allowedNamespaces": [ns]}}
+    blind = {"apiVersion": "muxtune.io/v1alpha1", "kind": "BaseModel", "metadata": {"name": f"blind-{ns}"},
+             "spec": {"source": {"pvc": {"claimName": "weights"}}, "allowedNamespaces": [ns],
+                      "architecture": {"layers": 2}}}
+    apply(info, read, blind)
+    st = wait_for(lambda: (s := kjson(info, "get", "basemodel", f"read-{ns}").get("status") or {}).get("ready") and s,
+                  30, what="BaseModel sized from config.json")
+    arch = st["architecture"]
+    assert (arch["parameters"], arch["layers"], arch["hiddenSize"], arch["modelType"]) == (41952, 2, 32, "gpt2")
+    st = wait_for(lambda: (kjson(info, "get", "basemodel", f"blind-{ns}").get("status") or {}).get("message"), 30,
+                  what="BaseModel message")
+    assert st.startswith("missing architecture figures parameters, hiddenSize: set them in spec.architecture")
+    assert "PersistentVolumeClaim" in st
+    assert not kjson(info, "get", "basemodel", f"blind-{ns}")["status"]["ready"]
+    info.kubectl("delete", "basemodel", f"read-{ns}", f"blind-{ns}")
 
 
 def test_operator_restart_mid_reconcile_creates_no_duplicates(operator_env):

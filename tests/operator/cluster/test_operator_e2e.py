@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class HostEngine:
     group: str
     tmp: Path
     port: int = field(default_factory=free_port)
+    auth: dict = field(default_factory=dict)  # the operator's status token header
     proc: subprocess.Popen | None = None
     mirror: ConfigMapMirror | None = None
 
@@ -68,7 +70,8 @@ class HostEngine:
                           f"muxtune.io/engine-endpoint=http://127.0.0.1:{self.port}", "--overwrite")
 
     def tasks(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/status", timeout=5) as r:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/status", headers=self.auth)
+        with urllib.request.urlopen(req, timeout=5) as r:
             return json.load(r)["tasks"]
 
     def log(self) -> str:
@@ -153,6 +156,32 @@ def check_running_then_short_tasks_succeed(info, ns: str, group: str, engine: Ho
     assert table.count("Succeeded") >= 2 and "4/4" in table and "5/5" in table
 
 
+def check_status_port_answers_only_the_operator(ns: str, engine: HostEngine, op) -> None:
+    """The pod's own command line carries only the token's digest; /v1/status and /metrics answer
+    the operator's token (its polls moved the tasks above) and nothing else, a tenant's serving
+    token included; /healthz stays open for the kubelet's probes."""
+    from muxtune.operator.keys import GroupKeys
+
+    tenant = GroupKeys(op.signing_key.read_bytes().strip()).serving_token(ns)
+    argv = engine.proc.args
+    assert "--status-token-sha256" in argv and op.status_auth["Authorization"].split()[1] not in argv
+    tried = answered = 0
+    for path in ("/v1/status", "/metrics"):
+        for hdr in ({}, {"Authorization": f"Bearer {tenant}"}, {"Authorization": "Bearer wrong"}):
+            req = urllib.request.Request(f"http://127.0.0.1:{engine.port}{path}", headers=hdr)
+            tried += 1
+            try:
+                urllib.request.urlopen(req, timeout=5).read()
+                answered += 1
+            except urllib.error.HTTPError as e:
+                assert e.code == 401, (path, hdr, e.code)
+        req = urllib.request.Request(f"http://127.0.0.1:{engine.port}{path}", headers=op.status_auth)
+        assert urllib.request.urlopen(req, timeout=5).status == 200
+    assert urllib.request.urlopen(f"http://127.0.0.1:{engine.port}/healthz", timeout=5).status == 200
+    print(f"status-port requests without the operator's token tried: {tried}, answered: {answered}")
+    assert answered == 0
+
+
 def check_deleted_task_leaves_the_running_engine(info, ns: str, engine: HostEngine) -> None:
     """The deleted task leaves the group's ConfigMap and the running engine drops it (it never
     finishes); waited for, since short neighbours may finish before the patch lands."""
@@ -216,10 +245,11 @@ def test_engine_trains_a_group_pod_to_succeeded(operator_env, tmp_path):
     (data / ns).mkdir(parents=True)  # the namespace's own area: the pod mounts it at /data/<ns>
     names = apply_four_tasks(info, ns, data / ns)
     group, pod = one_group_and_bound_pod(info, ns, names)
-    engine = HostEngine(info, ns, group, tmp_path)
+    engine = HostEngine(info, ns, group, tmp_path, auth=op.status_auth)
     try:
         engine.start(pod, data)
         check_running_then_short_tasks_succeed(info, ns, group, engine)
+        check_status_port_answers_only_the_operator(ns, engine, op)
         check_deleted_task_leaves_the_running_engine(info, ns, engine)
         check_forged_task_file_is_refused(ns, engine)
         check_dead_engine_then_teardown(info, ns, group, pod["metadata"]["uid"], engine, op)

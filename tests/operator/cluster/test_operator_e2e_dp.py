@@ -88,7 +88,7 @@ def start_engines(pods, group, ns, tasks_dir, data, key, ports, tmp_path, procs,
     return outs
 
 
-def check_one_distributed_group_trained(info, ns: str, procs, outs, port0: int, tmp_path: Path) -> None:
+def check_one_distributed_group_trained(info, ns: str, procs, outs, port0: int, tmp_path: Path, auth: dict) -> None:
     def phases():
         ps = {n: (kjson(info, "get", "ftt", n, "-n", ns).get("status") or {}).get("phase") for n in ("wide", "narrow")}
         if all(v in ("Succeeded", "Failed") for v in ps.values()):
@@ -100,7 +100,7 @@ def check_one_distributed_group_trained(info, ns: str, procs, outs, port0: int, 
     assert got == {"wide": "Succeeded", "narrow": "Succeeded"}, \
         (got, (tmp_path / "engine-0.log").read_text()[-3000:], (tmp_path / "engine-1.log").read_text()[-3000:])
     # one torch.distributed group of two ranks, reported by rank 0
-    with urllib.request.urlopen(f"http://127.0.0.1:{port0}/v1/status", timeout=5) as r:
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port0}/v1/status", headers=auth), timeout=5) as r:
         report = json.load(r)
     assert report["parallel"]["dp"] == 2 and report["parallel"]["world"] == 2, report.get("parallel")
     for name, steps in (("wide", 4), ("narrow", 5)):
@@ -146,7 +146,7 @@ def test_two_pod_group_trains_as_one_distributed_group(operator_env, tmp_path):
         outs = start_engines(pods, group, ns, tasks_dir, data, key, ports, tmp_path, procs, logs)
         info.kubectl("annotate", "pod", f"{group}-0", "-n", ns,
                      f"muxtune.io/engine-endpoint=http://127.0.0.1:{ports[0]}", "--overwrite")
-        check_one_distributed_group_trained(info, ns, procs, outs, ports[0], tmp_path)
+        check_one_distributed_group_trained(info, ns, procs, outs, ports[0], tmp_path, operator_env["op"].status_auth)
         print(f"two-pod e2e wall time {time.monotonic() - t0:.1f}s")
     finally:
         mirror.stop.set()

@@ -176,6 +176,7 @@ def test_two_replicas_one_leader_exec_login_and_no_files_left(operator_env, tmp_
     private_tmp = tmp_path / "optmp"
     private_tmp.mkdir()
     op2 = OperatorProcess(kc, op1.namespaces, system, tmp_path / "op2.log", signing_key=op1.signing_key,
+                          status_token_file=op1.status_token_file,
                           env_extra={"TMPDIR": str(private_tmp)})
     op2.start()
     try:

@@ -25,15 +25,18 @@ def _bench():
 
 
 def test_scale_small(kube_cluster):
-    res = _bench().run(kube_cluster, nodes=40, gpus_per_node=8, tasks=150, namespaces=4, timeout=300)
+    # the tasks arrive in 5 waves, 3 s apart: several reconcile passes place them, each seeing a part
+    res = _bench().run(kube_cluster, nodes=40, gpus_per_node=8, tasks=150, namespaces=4, timeout=300,
+                       arrival_chunk=30, arrival_gap=3.0)
     print(json.dumps(res, indent=2))
     assert res["phases"] == {"Placed": 150}, res["phases"]
     assert res["tasksPlaced"] == 150 and res["pods"] >= res["groups"] > 0
-    # placing tasks as they arrive, over several passes, costs at most half again the GPUs of planning
-    # them all at once (the memory lower bound is too loose to judge by: a pipeline keeps only a
-    # window of micro-batches in flight, and the bound takes memory as fungible across its stages)
+    # placing tasks as they arrive, over several passes, costs about the GPUs of planning them all at
+    # once: groups that have not run a step lower their budget to take in later tasks (the memory
+    # lower bound is too loose to judge by: a pipeline keeps only a window of micro-batches in
+    # flight, and the bound takes memory as fungible across its stages)
     assert res["gpusLowerBound"] <= res["gpusLowerBoundByTenancy"] <= res["gpusUsed"]
-    assert res["gpusUsed"] <= 1.5 * res["gpusOneShotPlan"]
+    assert res["gpusUsed"] <= 1.2 * res["gpusOneShotPlan"]
     assert 0 < res["packingEfficiency"] <= 1
     assert res["operatorRequestsPerTask"] < 10
     assert res["reconcileErrors"]["muxtune_operator_reconcile_errors_total"] == 0

@@ -170,3 +170,33 @@ def _count_quota_case(info, kh, ns, name, system):
             if any(t["namespace"] == ns and t["name"] == name for t in g["spec"]["tasks"]):
                 pods = kh.kjson(info, "get", "pods", "-n", gns, "-l", f"muxtune.io/group={g['metadata']['name']}")
                 COUNTS["quota_bypassed"] += bool(pods["items"])
+
+
+def test_gpu_quota_of_a_namespaces_kueue_queue_holds_for_sharers(operator_env, kueue_cluster):
+    """Kueue never sees a shared group (its pods run in the operator's namespace, unqueued): the
+    operator charges the sharer's share to the ClusterQueue its namespace's LocalQueue points to."""
+    from muxtune.devcluster import kueue_objects as ko
+
+    COUNTS.update(quota_cases=0, quota_bypassed=0)
+    info, a, system = operator_env["info"], operator_env["a"], operator_env["system"]
+    queue = f"kq-{a}"[-40:]
+    kh.apply(info, *ko.queue_objects(queue, a, {"nvidia.com/gpu": 0}))
+    try:
+        kh.wait_for(lambda: (ko.condition(kh.kjson(info, "get", f"clusterqueues.kueue.x-k8s.io/{queue}"), "Active")
+                             or {}).get("status") == "True", 60, what="ClusterQueue active")
+        kh.apply(info, kh.task_manifest("kq-sharer", a, data="sets/k.jsonl", share=True))
+        conds, _ = kh.wait_for(lambda: (lambda c: c if "QuotaExceeded" in c[0] else None)(
+            _conditions(info, kh, a, "kq-sharer")), 60, what="the sharer waiting on its queue's quota")
+        assert f"ClusterQueue {queue}: 0 GPU(s), 0 free" in conds["QuotaExceeded"]["message"], conds
+        _count_quota_case(info, kh, a, "kq-sharer", system)
+        # the queue given one GPU: the share fits, the sharer is placed in a shared group
+        kh.apply(info, ko.cluster_queue(queue, queue, {"nvidia.com/gpu": 1}))
+        kh.wait_for(lambda: any(t["name"] == "kq-sharer" for g in _groups(info, kh, system) for t in g["spec"]["tasks"]),
+                    60, what="the sharer placed once its queue has a GPU")
+    finally:
+        info.kubectl("delete", "ftt", "kq-sharer", "-n", a, "--ignore-not-found", check=False)
+        info.kubectl("delete", "localqueue.kueue.x-k8s.io", queue, "-n", a, "--ignore-not-found", check=False)
+        info.kubectl("delete", f"clusterqueue.kueue.x-k8s.io/{queue}", f"resourceflavor.kueue.x-k8s.io/{queue}",
+                     "--ignore-not-found", "--wait=false", check=False)
+    print(f"Kueue quota cases tried: {COUNTS['quota_cases']}, bypassed: {COUNTS['quota_bypassed']}")
+    assert COUNTS["quota_cases"] == 1 and COUNTS["quota_bypassed"] == 0

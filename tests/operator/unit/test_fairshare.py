@@ -34,7 +34,7 @@ def test_fair_shares_are_weighted_max_min():
     assert F.fair_shares(16, {"a": 1000, "b": 10}, w) == {"a": 8, "b": 8}
     assert F.fair_shares(16, {"a": 1000, "b": 2}, w) == {"a": 14, "b": 2}  # what b leaves goes to a
     assert F.fair_shares(16, {"a": 1000, "b": 1000}, F.Weights({"b": 3})) == {"a": 4, "b": 12}
-    assert F.fair_shares(3, {"a": 5, "b": 5, "c": 0}, w) == {"a": 2, "b": 1, "c": 0}
+    assert F.fair_shares(3, {"a": 5, "b": 5, "c": 0}, w) == {"a": 1.5, "b": 1.5, "c": 0}  # GPUs: fractions too
 
 
 def test_a_burst_from_one_namespace_does_not_take_every_gpu():
@@ -48,7 +48,7 @@ def test_a_burst_from_one_namespace_does_not_take_every_gpu():
     assert placed_by_namespace(plan) == {"team-a": 2, "team-b": 2}
     held = {u.task: u for u in plan.unplaceable if u.reason == F.HELD}
     assert sorted(held) == ["team-a/a02", "team-a/a03"]  # the slots fairness gave to team-b; oldest kept
-    assert "fair share: 2 of 4 task slots" in held["team-a/a03"].message
+    assert "fair share: 1 of 2 GPU(s)" in held["team-a/a03"].message
     assert {u.reason for u in plan.unplaceable if u.task not in held} == {"WaitingForGpus"}
     # weights: 4 GPUs (8 slots) split 3:1
     weighted = F.plan_fairly(burst + late, {}, runner([], nodes(n=1, gpus=4)), F.Weights({"team-a": 3}), False)
@@ -114,3 +114,38 @@ def test_a_namespace_alone_waits_for_gpus_not_for_its_fair_share():
     more = [task(f"more-{i}", ns="team-a") for i in range(3)]
     plan = F.plan_fairly(more, {g.name: list(g.members) for g in groups}, runner(groups), F.Weights(), False)
     assert {u.reason for u in plan.unplaceable} == {"WaitingForGpus"}
+
+
+def test_fair_shares_count_gpus_not_tasks():
+    """team-a's tasks need 2 GPUs each (llama70b: tp=2), team-b's one (llama7b). On 8 GPUs each
+    namespace gets 4 GPUs: 2 of team-a's tasks, 4 of team-b's (counting tasks would give each 2
+    tasks: 4 GPUs to team-a, 2 to team-b, 2 left idle)."""
+    cfg = P.PlannerConfig(max_tasks_per_group=1)
+
+    def run(pending, dropped):
+        return P.plan(pending, [], nodes(n=1, gpus=8), MODELS, cfg)
+
+    big = [task(f"a{i}", ns="team-a", model="model:llama70b", created="2025-01-01T00:00:00Z") for i in range(10)]
+    small = [task(f"b{i}", ns="team-b", created="2025-01-02T00:00:00Z") for i in range(10)]
+    assert {g.members[0].split("/")[0] for g in run(big + small, frozenset()).groups} == {"team-a"}  # FCFS
+    plan = F.plan_fairly(big + small, {}, run, F.Weights(), releasing=False)
+    gpus: dict[str, int] = {}
+    for g in plan.groups:
+        gpus[g.members[0].split("/")[0]] = gpus.get(g.members[0].split("/")[0], 0) + g.gpus
+    assert gpus == {"team-a": 4, "team-b": 4} and placed_by_namespace(plan) == {"team-a": 2, "team-b": 4}
+    held = {u.task: u for u in plan.unplaceable if u.reason == F.HELD}
+    assert sorted(held) == ["team-a/a2", "team-a/a3"]  # the trial placed a0..a3; fairness gave two to team-b
+    assert "fair share: 4 of 8 GPU(s)" in held["team-a/a3"].message
+    # weight 3 for team-b: 6 of the 8 GPUs (six 1-GPU tasks), team-a one 2-GPU task
+    weighted = F.plan_fairly(big + small, {}, run, F.Weights({"team-b": 3}), False)
+    assert placed_by_namespace(weighted) == {"team-a": 1, "team-b": 6}
+
+
+def test_gpu_shares_of_tasks_in_one_group_follow_their_tokens():
+    """A task's GPUs are its group's by token share, as quota charges them."""
+    g = P.GroupPlan("g", "ns", "model:llama7b", None, M.Parallelism(dp=2), "p", H100, ("a/x", "b/y"), 0, True, True)
+    reqs = {"a/x": task("x", ns="a", batch=8, seq=512), "b/y": task("y", ns="b", batch=8, seq=1536)}
+    plan = P.Plan((), (g,), (), 2, 2, 0, 0, 0)
+    waiting = [task("z", ns="c", batch=8, seq=512), task("w", ns="c", batch=8, seq=256)]
+    # a waiting task counts as a like placed one (z as x), else as one GPU (w)
+    assert F.task_gpus(plan, reqs, waiting) == {"a/x": 0.5, "b/y": 1.5, "c/z": 0.5, "c/w": 1.0}

@@ -136,7 +136,8 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     group = group or LocalGroup()
     device = device or pick_device(cfg.device)
     base_model = tasks[0].spec.base_model
-    backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code)
+    backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code,
+                              cfg.quantize)
     trainer = _new_trainer(backbone, cfg, base_dir, group, metrics, tasks, device)
     serving = None
     if serve_sock is not None and group.world == 1:  # co-serving: engine/serve/
@@ -171,14 +172,14 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
 
 
 def _open_backbone(base_model: str, group, device: torch.device, dtype: torch.dtype,
-                   trust_remote_code: bool = False) -> MultiplexedBackbone:
+                   trust_remote_code: bool = False, quantization: str = "none") -> MultiplexedBackbone:
     """This rank's part of the backbone; a backbone that cannot be loaded raises ModelLoadError on
     every rank of the group alike (its tasks fail, the run goes on)."""
     error = None
     try:
         path = resolve_base_model(base_model, Path.cwd())
         backbone = load_multiplexed(path, device, dtype, group, announce=lambda msg: print(msg, file=sys.stderr),
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, quantization=quantization)
     except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
         error = f"baseModel {base_model}: {exc}"
     if (error := group.first_error(error)) is not None:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import CliPositionalArg
 
 from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
+from muxtune.facts.quantization import QUANTIZE_HELP, Quantization
 
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET  # noqa: F401  (the trainer's and the SLO controller's cap)
 
@@ -70,6 +71,7 @@ class RunConfig(ParallelFlags, ServeFlags):
     data_root: Path = Field(Path("."), description="Directory that the tasks' dataset.path values are relative to")
     device: Device = Field("auto", description="Where the backbone runs")
     dtype: Dtype = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    quantize: Quantization = Field("none", description=QUANTIZE_HELP)
     token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
     recompute: bool = Field(False, description="Activation checkpointing per decoder layer: keep each layer's input only and "
                                                 "recompute the rest in backward (less memory, same results, ~1/3 more compute)")
@@ -119,5 +121,6 @@ class ServeConfig(ParallelFlags, ServeFlags):
     base_model: str | None = Field(None, description="Backbone (builtin:NAME or a model directory; default: the adapters' base_model_name_or_path)")
     device: Device = Field("auto", description="Where the backbone runs")
     dtype: Dtype = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    quantize: Quantization = Field("none", description=QUANTIZE_HELP)
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
     log_level: LogLevel = Field("warning", description="Structured log verbosity")

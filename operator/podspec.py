@@ -54,6 +54,7 @@ from muxtune.operator.config import (
     TASKS_MOUNT,
     OperatorConfig,
 )
+from muxtune.facts.quantization import NO_QUANTIZATION
 from muxtune.operator.keys import status_token_sha256
 
 RUN_AS = 65532
@@ -232,6 +233,12 @@ def _trust_flag(base_model: str, basemodel: dict | None) -> list[str]:
     return ["--trust-remote-code"] if allowed else []
 
 
+def _quantize_flag(base_model: str, basemodel: dict | None) -> list[str]:
+    """--quantize for a `model:` BaseModel stored quantized (spec.quantization): what the planner sized."""
+    quantization = ((basemodel or {}).get("spec") or {}).get("quantization") or NO_QUANTIZATION
+    return ["--quantize", quantization] if base_model.startswith("model:") and quantization != NO_QUANTIZATION else []
+
+
 def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None = None,
                  labels: dict | None = None, owner: dict | None = None, priority: int | None = None) -> dict:
     """Rank ``rank``'s pod; its template hash annotation tells a changed spec from a current one."""
@@ -363,7 +370,7 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
         "command": ["muxtune"],
         "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")),
                              spec.get("gpuMemoryFraction"))
-                 + _trust_flag(spec["baseModel"], basemodel)),
+                 + _trust_flag(spec["baseModel"], basemodel) + _quantize_flag(spec["baseModel"], basemodel)),
         "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp, config.mlflow_tracking_uri),
         "ports": _ports(config, dp, tp, pp, serving),
         "resources": _resources(config, int(spec.get("gpusPerPod", 1)), bool(spec.get("gpuMemoryFraction"))),

@@ -115,7 +115,8 @@ def _serve(cfg: ServeConfig, names: dict[str, Path], path: Path, base_id: str, s
     from muxtune.engine.serve.stack import Serving
 
     backbone = load_multiplexed(path, device, pick_dtype(cfg.dtype, device), group if group.world > 1 else None,
-                                announce=lambda msg: print(msg, file=sys.stderr), trust_remote_code=cfg.trust_remote_code)
+                                announce=lambda msg: print(msg, file=sys.stderr), trust_remote_code=cfg.trust_remote_code,
+                                quantization=cfg.quantize)
     install_kernels(backbone, device)
     stop = StopFlag(escalate=group.world == 1)
 

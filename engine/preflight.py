@@ -25,13 +25,11 @@ def check_data_root(data_root: Path) -> Path:
 
 
 def check_backbones(cfg: RunConfig, base_models: list[str]) -> None:
-    """--watch and --serve-port follow one backbone; serving runs in one process."""
+    """--watch and --serve-port follow one backbone."""
     if cfg.watch and len(base_models) > 1:
         raise CliProblem("--watch serves one backbone; the task files name " + ", ".join(base_models))
     if cfg.serving and len(base_models) > 1:
         raise CliProblem("--serve-port serves one backbone; the task files name " + ", ".join(base_models))
-    if cfg.serving and cfg.world > 1:
-        raise CliProblem("--serve-port runs in one process; it cannot be combined with --dp/--tp/--pp above 1")
 
 
 def check_output(output: Path) -> None:

@@ -136,13 +136,22 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
     group = group or LocalGroup()
     device = device or pick_device(cfg.device)
     base_model = tasks[0].spec.base_model
-    backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code)
+    backbone = _open_backbone(base_model, group, device, pick_dtype(cfg.dtype, device), cfg.trust_remote_code,
+                              cfg.quantize)
     trainer = _new_trainer(backbone, cfg, base_dir, group, metrics, tasks, device)
     serving = None
-    if serve_sock is not None:  # co-serving (one process only): engine/serve/
+    if serve_sock is not None and group.world == 1:  # co-serving: engine/serve/
         from muxtune.engine.serve.stack import Serving
 
         serving = Serving.coserving(backbone, base_model, trainer, cfg, serve_sock, metrics)
+    elif cfg.serving and group.world > 1:  # rank 0 fronts the API, every rank follows it (engine/serve/distributed.py)
+        from muxtune.engine.serve.distributed import serve_in_group
+        from muxtune.engine.serve.follower import Follower
+        from muxtune.engine.serve.stack import Serving, limits_from
+
+        serving = serve_in_group(
+            group, lambda ch: Serving.coserving(backbone, base_model, trainer, cfg, serve_sock, metrics, channel=ch),
+            lambda ch: Follower(backbone, group, limits_from(cfg), ch, trainer))
     clean = False
     try:
         _drive(trainer, cfg, stop, group, serving, base_model)
@@ -163,14 +172,14 @@ def run_group(tasks: list[FineTuneTask], cfg: RunConfig, stop, base_dir: Path, m
 
 
 def _open_backbone(base_model: str, group, device: torch.device, dtype: torch.dtype,
-                   trust_remote_code: bool = False) -> MultiplexedBackbone:
+                   trust_remote_code: bool = False, quantization: str = "none") -> MultiplexedBackbone:
     """This rank's part of the backbone; a backbone that cannot be loaded raises ModelLoadError on
     every rank of the group alike (its tasks fail, the run goes on)."""
     error = None
     try:
         path = resolve_base_model(base_model, Path.cwd())
         backbone = load_multiplexed(path, device, dtype, group, announce=lambda msg: print(msg, file=sys.stderr),
-                                    trust_remote_code=trust_remote_code)
+                                    trust_remote_code=trust_remote_code, quantization=quantization)
     except Exception as exc:  # noqa: BLE001 - whatever breaks the backbone fails its tasks, not the run
         error = f"baseModel {base_model}: {exc}"
     if (error := group.first_error(error)) is not None:
@@ -223,7 +232,7 @@ def _drive(trainer: MuxTrainer, cfg: RunConfig, stop, group, serving, base_model
                 idle(1.0)
     elif serving is not None:  # train while serving, then keep serving until stopped
         serving.loop.run(stop, until_trained=True)
-        if not stop():
+        if not group.decide(stop):  # rank 0's loop decided for the group
             print("training finished; the adapters are still served (Ctrl-C to stop)", file=sys.stderr, flush=True)
             serving.loop.run(stop)
     else:
@@ -358,7 +367,8 @@ def _train(cfg: RunConfig, groups: dict[str, list[FineTuneTask]], base_dir: Path
             print(f"{rounds} fused forward/backward passes, effective-token ratio {real / computed:.3f}")
         print(f"wall time {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     signum = group.decide(lambda: stop.signum)  # the group exits as rank 0 does
-    return _exit_code(runtimes, signum, serving_after_training=ends.serve_sock is not None and all(r.done for r in runtimes))
+    code = _exit_code(runtimes, signum, serving_after_training=cfg.serving and all(r.done for r in runtimes))
+    return ranks.exit_if_signalled(group, code, signum is not None)
 
 
 def _exit_code(runtimes: list[TaskRuntime], signum: int | None, serving_after_training: bool) -> int:

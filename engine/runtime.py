@@ -13,6 +13,8 @@ import torch
 
 from muxtune.engine.model.backbone import MultiplexedBackbone
 from muxtune.engine.model.loading import load_backbone
+from muxtune.engine.model.quantize import check_layout
+from muxtune.facts.quantization import NO_QUANTIZATION
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,17 +59,19 @@ class StopFlag:
 
 
 def load_multiplexed(path: Path, device: torch.device, dtype: torch.dtype, group=None, announce=None,
-                     trust_remote_code: bool = False) -> MultiplexedBackbone:
-    """The backbone at path, multiplexed. In a group it is placed for this rank: loaded on the
-    host under pipeline parallelism (only this rank's stage then goes to the device), then split
-    and sharded (engine/parallel)."""
+                     trust_remote_code: bool = False, quantization: str = NO_QUANTIZATION) -> MultiplexedBackbone:
+    """The backbone at path, multiplexed (its decoder Linears quantized when asked: QLoRA). In a
+    group it is placed for this rank: loaded on the host under pipeline parallelism (only this
+    rank's stage then goes to the device), then split and sharded (engine/parallel)."""
     if group is None:
-        return MultiplexedBackbone(load_backbone(path, device, dtype, trust_remote_code=trust_remote_code))
+        return MultiplexedBackbone(load_backbone(path, device, dtype, trust_remote_code=trust_remote_code,
+                                                 quantization=quantization))
     from muxtune.engine import parallel
 
+    check_layout(quantization, group.dims.tp, group.dims.pp)
     staged = group.dims.pp > 1
     backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu") if staged else device, dtype,
-                                                 trust_remote_code=trust_remote_code))
+                                                 trust_remote_code=trust_remote_code, quantization=quantization))
     parallel.setup_backbone(backbone, group, device, announce=announce)
     return backbone
 

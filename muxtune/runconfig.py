@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import CliPositionalArg
 
 from muxtune.facts.data_limits import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_LINE_BYTES
+from muxtune.facts.quantization import QUANTIZE_HELP, Quantization
 
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET  # noqa: F401  (the trainer's and the SLO controller's cap)
 
@@ -43,7 +44,21 @@ class ServeFlags(BaseModel):
                                                         "requests then need a token and reach only their namespace's adapters")
 
 
-class RunConfig(ServeFlags):
+class ParallelFlags(BaseModel):
+    """The group's layout (shared by `run` and `serve`; engine/parallel)."""
+
+    dp: int = Field(1, ge=1, description="Data-parallel replicas: each task's step batch is split over them "
+                                         "(serving: replica 0 answers, the others train)")
+    tp: int = Field(1, ge=1, description="Tensor-parallel ranks the base Linears are sharded over")
+    pp: int = Field(1, ge=1, description="Pipeline stages the decoder layers are split over (balanced by compute)")
+
+    @property
+    def world(self) -> int:
+        """Ranks the layout asks for (dp x tp x pp)."""
+        return self.dp * self.tp * self.pp
+
+
+class RunConfig(ParallelFlags, ServeFlags):
     """Train FineTuneTasks together over one shared backbone (no cluster needed).
 
     With --dp/--tp/--pp above 1 it starts that many ranks on this machine (torch elastic), or
@@ -56,6 +71,7 @@ class RunConfig(ServeFlags):
     data_root: Path = Field(Path("."), description="Directory that the tasks' dataset.path values are relative to")
     device: Device = Field("auto", description="Where the backbone runs")
     dtype: Dtype = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    quantize: Quantization = Field("none", description=QUANTIZE_HELP)
     token_budget: int = Field(DEFAULT_TOKEN_BUDGET, gt=0, description="Real tokens fused into one forward/backward; tasks beyond it take turns")
     recompute: bool = Field(False, description="Activation checkpointing per decoder layer: keep each layer's input only and "
                                                 "recompute the rest in backward (less memory, same results, ~1/3 more compute)")
@@ -86,25 +102,17 @@ class RunConfig(ServeFlags):
         "all", description="Which tasks' adapters are served: all, or only those with spec.serving.enabled (pods)")
     serve_policy: Literal["coserve", "temporal"] = Field(
         "coserve", description="coserve: token-level mixing under the SLOs; temporal: train only while no request is in flight (a baseline)")
-    dp: int = Field(1, ge=1, description="Data-parallel replicas: each task's step batch is split over them")
-    tp: int = Field(1, ge=1, description="Tensor-parallel ranks the base Linears are sharded over")
-    pp: int = Field(1, ge=1, description="Pipeline stages the decoder layers are split over (balanced by compute)")
     micro_batches: int | None = Field(None, ge=1, description="Pipeline micro-batches per task and round (default: --pp)")
     interleave: bool = Field(True, description="Interleave different tasks' micro-batches in one pipeline flush "
                                                "(--no-interleave: one flush per task, for comparison)")
     print_schedule: bool = Field(False, description="Print each round's pipeline schedule (stage x tick: F/B, micro-batch, task)")
 
     @property
-    def world(self) -> int:
-        """Ranks the layout asks for (dp x tp x pp)."""
-        return self.dp * self.tp * self.pp
-
-    @property
     def serving(self) -> bool:
         return self.serve_port is not None
 
 
-class ServeConfig(ServeFlags):
+class ServeConfig(ParallelFlags, ServeFlags):
     """Serve finished adapters over one shared backbone with an OpenAI-compatible API."""
 
     adapters: CliPositionalArg[list[Path]] = Field(default_factory=list, description="Adapter directories (adapter_config.json + adapter_model.safetensors); each is served under its directory name")
@@ -115,5 +123,6 @@ class ServeConfig(ServeFlags):
     lora_root: list[Path] = Field(default_factory=list, description="A directory adapters may be loaded from at runtime (repeatable; symlinks and .. are resolved first)")
     device: Device = Field("auto", description="Where the backbone runs")
     dtype: Dtype = Field("auto", description="Backbone compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    quantize: Quantization = Field("none", description=QUANTIZE_HELP)
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
     log_level: LogLevel = Field("warning", description="Structured log verbosity")

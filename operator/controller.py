@@ -41,7 +41,6 @@ from muxtune.operator.config import (
     LABEL_GROUP,
     LABEL_MANAGED_BY,
     MANAGED_BY,
-    SERVING_PORT,
     OperatorConfig,
 )
 from muxtune.operator.events import EventSink
@@ -50,6 +49,7 @@ from muxtune.operator.keys import GroupKeys
 from muxtune.operator.kube import ApiError, KubeClient
 from muxtune.operator.overlay import Overlay
 from muxtune.operator.planner import GroupPlan, Plan, plan as run_planner
+from muxtune.operator.podspec import serving_endpoint
 from muxtune.operator.poller import EnginePoller
 from muxtune.operator.repacker import Repacker
 from muxtune.operator.slofloor import SloFloors
@@ -456,7 +456,7 @@ class Controller:
         return status.TaskView(gen, max_steps, "member", group=gk[1], pod_state=pod_state, pod_message=pod_msg,
                                report=report, kueue=queued, unreachable_since=reach.since if reach else None,
                                unreachable_message=reach.error if reach else "",
-                               endpoint=f"http://{gk[1]}.{gk[0]}.svc:{SERVING_PORT}/v1")
+                               endpoint=serving_endpoint(gk[1], gk[0]))
 
     def _pod_state(self, gk: GroupKey, gpods: list[dict]) -> tuple[str, str]:
         """(state, message) of a member's group as its tasks show it: the gang first, then the pods."""

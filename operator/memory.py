@@ -59,6 +59,7 @@ from muxtune.operator.shapes import (
 from muxtune.facts.builtin_models import BUILTIN_ARCHITECTURES  # noqa: F401  (operator/world.py reads it here)
 from muxtune.facts.methods import Linear as Module
 from muxtune.facts.methods import DEFAULT_METHOD, get_peft_method
+from muxtune.facts.quantization import quant_decl
 from muxtune.partition import contiguous_bounds
 
 MiB = 1024**2
@@ -179,7 +180,16 @@ def dtype_bytes(arch: Architecture) -> int:
 
 
 def weight_bytes(arch: Architecture) -> int:
-    return arch.parameters * dtype_bytes(arch)
+    if quant_decl(arch.quantization) is None:
+        return arch.parameters * dtype_bytes(arch)
+    return _stage_weights(arch, arch.layers, True, True, 1)
+
+
+def linear_weight_bytes(arch: Architecture) -> float:
+    """Bytes per frozen decoder-Linear weight: the dtype's, or its quantized storage with its scales
+    (QLoRA, muxtune/facts/quantization.py; embeddings, LM head and norms stay in the dtype)."""
+    decl = quant_decl(arch.quantization)
+    return dtype_bytes(arch) if decl is None else decl.bytes_per_weight(arch.hidden_size)
 
 
 def trainable_params(shape: TaskShape, arch: Architecture) -> int:
@@ -452,12 +462,15 @@ def task_memory(shape: TaskShape, arch: Architecture, config: MemoryConfig = Mem
 
 
 def _stage_weights(arch: Architecture, layers: int, first: bool, last: bool, tp: int) -> int:
-    """The stage's frozen parameters in bytes, scaled so that the stages of a pp=1, tp=1 split add
-    up to the architecture's own parameter count (tied heads, biases, unusual blocks)."""
+    """The stage's frozen parameters in bytes (decoder Linears at linear_weight_bytes), scaled so that
+    the stages of a pp=1, tp=1 split add up to the architecture's own parameter count (tied heads,
+    biases, unusual blocks)."""
     h, v = arch.hidden_size, _vocab(arch)
     modelled = arch.layers * (layer_params(arch) + 2 * h) + 2 * v * h + h
     experts = layer_params(arch) - layer_linear_params(arch)  # replicated under tp
-    per_layer = layer_linear_params(arch) / tp + experts + 2 * h
+    # the tp-split Linears at their stored bytes (QLoRA: 4/8-bit plus scales), in dtype units
+    linear = layer_linear_params(arch) / tp * (linear_weight_bytes(arch) / dtype_bytes(arch))
+    per_layer = linear + experts + 2 * h
     params = layers * per_layer + (v * h if first else 0) + (v * h + h if last else 0)
     return int(math.ceil(params * arch.parameters / modelled * dtype_bytes(arch)))
 

@@ -46,6 +46,7 @@ from typing import Iterable, Mapping, Sequence
 
 from muxtune.api.basemodel import Architecture
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET
+from muxtune.facts.quantization import splittable
 from muxtune.operator.bounds import _pow2_upto, floor_gpus, lower_bound_gpus  # noqa: F401  (re-exported)
 from muxtune.operator.budget import choose_budget, fast_tokens, min_budget
 from muxtune.operator.capacity import _Capacity
@@ -109,13 +110,14 @@ def compatible(task: TaskRequest, tenancy: str | None, config: PlannerConfig, qu
 def candidate_parallelisms(arch: Architecture, gpus_per_node: int, max_dp: int) -> list[Parallelism]:
     """Every dp x tp x pp (powers of two; tp*pp within a node), fewest GPUs first, then dp, pp.
     tp must divide the attention heads, the key/value heads and the MLP width where the
-    architecture gives them: the engine shards whole heads and whole columns, and refuses otherwise."""
+    architecture gives them: the engine shards whole heads and whole columns, and refuses otherwise.
+    A quantized (QLoRA) base is never split: dp only."""
     out = []
     for tp in _pow2_upto(gpus_per_node):
         if any(n and n % tp for n in (arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size)):
             continue
         for pp in _pow2_upto(gpus_per_node // tp):
-            if pp > arch.layers:
+            if pp > arch.layers or (tp * pp > 1 and not splittable(arch.quantization)):
                 continue
             for dp in _pow2_upto(max_dp):
                 out.append(Parallelism(dp=dp, tp=tp, pp=pp))

@@ -54,6 +54,7 @@ from muxtune.operator.config import (
     TASKS_MOUNT,
     OperatorConfig,
 )
+from muxtune.facts.quantization import NO_QUANTIZATION
 from muxtune.operator.keys import status_token_sha256
 
 RUN_AS = 65532
@@ -65,6 +66,12 @@ def configmap_name(group: str) -> str:
 
 def pod_name(group: str, rank: int) -> str:
     return f"{group}-{rank}"
+
+
+def serving_endpoint(group: str, namespace: str) -> str:
+    """Where a group's OpenAI API answers: pod 0, where global rank 0 fronts it, by its stable DNS
+    name through the group's headless Service (every pod has hostname and subdomain set)."""
+    return f"http://{pod_name(group, 0)}.{group}.{namespace}.svc:{SERVING_PORT}/v1"
 
 
 def key_secret_name(group: dict) -> str:
@@ -91,7 +98,8 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
                 gpu_memory_fraction: float | None = None) -> list[str]:
     """The engine's command line; with the group's spec.serving it also serves the adapters of the
     members that enabled serving (and only those) on the serving port, within the group's SLOs.
-    Serving runs in one process, so a group laid out over several ranks trains without it. The
+    In a group laid out over several ranks, global rank 0 serves and the other ranks follow its
+    decisions; every rank gets the same line (torchrun's env says which rank it is). The
     planner's token budget and recompute are what the group's memory was sized for; on a shared GPU
     the engine is told its share (--gpu-memory-fraction), which it enforces."""
     args = [
@@ -111,7 +119,7 @@ def engine_args(config: OperatorConfig, dp: int = 1, tp: int = 1, pp: int = 1, s
         args += ["--gpu-memory-fraction", f"{float(gpu_memory_fraction):g}"]
     if dp * tp * pp > 1:
         args += ["--dp", str(dp), "--tp", str(tp), "--pp", str(pp)]
-    elif serving:
+    if serving:
         args += ["--serve-port", str(serving.get("port", SERVING_PORT)), "--serve-host", "0.0.0.0",
                  "--serve-tasks", "enabled", "--serve-tokens", f"{SERVING_TOKENS_MOUNT}/{SERVING_TOKENS_FILE}",
                  "--slo-ttft-ms", format(float(serving["sloTtftMs"]), "g"),
@@ -230,6 +238,12 @@ def _trust_flag(base_model: str, basemodel: dict | None) -> list[str]:
     """--trust-remote-code only for a `model:` BaseModel whose (admin-written) spec allows it."""
     allowed = base_model.startswith("model:") and bool(((basemodel or {}).get("spec") or {}).get("trustRemoteCode"))
     return ["--trust-remote-code"] if allowed else []
+
+
+def _quantize_flag(base_model: str, basemodel: dict | None) -> list[str]:
+    """--quantize for a `model:` BaseModel stored quantized (spec.quantization): what the planner sized."""
+    quantization = ((basemodel or {}).get("spec") or {}).get("quantization") or NO_QUANTIZATION
+    return ["--quantize", quantization] if base_model.startswith("model:") and quantization != NO_QUANTIZATION else []
 
 
 def pod_manifest(group: dict, rank: int, config: OperatorConfig, basemodel: dict | None = None,
@@ -363,9 +377,9 @@ def _container(group: dict, rank: int, config: OperatorConfig, mounts: list[dict
         "command": ["muxtune"],
         "args": (engine_args(config, dp, tp, pp, serving, spec.get("tokenBudget"), bool(spec.get("recompute")),
                              spec.get("gpuMemoryFraction"))
-                 + _trust_flag(spec["baseModel"], basemodel)),
+                 + _trust_flag(spec["baseModel"], basemodel) + _quantize_flag(spec["baseModel"], basemodel)),
         "env": _env(meta["name"], meta["namespace"], rank, dp, tp, pp, config.mlflow_tracking_uri),
-        "ports": _ports(config, dp, tp, pp, serving),
+        "ports": _ports(config, dp, serving if rank == 0 else None),
         "resources": _resources(config, int(spec.get("gpusPerPod", 1)), bool(spec.get("gpuMemoryFraction"))),
         "volumeMounts": mounts,
         "securityContext": {
@@ -399,12 +413,13 @@ def _env(name: str, ns: str, rank: int, dp: int, tp: int, pp: int, mlflow_uri: s
     ]
 
 
-def _ports(config: OperatorConfig, dp: int, tp: int, pp: int, serving: dict | None) -> list[dict]:
-    """Metrics always; the rendezvous port across pods; the serving port for a one-process group."""
+def _ports(config: OperatorConfig, dp: int, serving: dict | None) -> list[dict]:
+    """Metrics always; the rendezvous port across pods; the serving port where the group serves
+    (pod 0's: global rank 0 fronts the API)."""
     ports = [{"name": "metrics", "containerPort": config.engine_metrics_port, "protocol": "TCP"}]
     if dp > 1:
         ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
-    if serving and dp * tp * pp == 1:
+    if serving:
         ports.append({"name": "serving", "containerPort": serving.get("port", SERVING_PORT), "protocol": "TCP"})
     return ports
 

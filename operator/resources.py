@@ -94,10 +94,11 @@ def group_spec(plan: GroupPlan, members: list[dict]) -> dict:
 
 def group_serving(plan: GroupPlan, members: list[dict]) -> dict | None:
     """The group's serving settings when a member asks for serving: the strictest SLOs of those that do.
-    Co-serving runs in one engine process, so a group split over several (dp, tp or pp > 1) does not serve."""
+    A group laid out over several ranks serves too: global rank 0 (pod 0) fronts the API and every
+    rank runs its shard or stage of each inference step (engine/serve/distributed.py)."""
     wanted = [((t.get("spec") or {}).get("serving") or {}) for t in members]
     wanted = [w for w in wanted if w.get("enabled")]
-    if not wanted or plan.parallelism.gpus > 1:
+    if not wanted:
         return None
     return {"port": SERVING_PORT, "sloTtftMs": min(float(w.get("sloTtftMs", 1000.0)) for w in wanted),
             "sloTpotMs": min(float(w.get("sloTpotMs", 100.0)) for w in wanted)}

@@ -23,6 +23,7 @@ from muxtune.operator.config import (
     KWOK_NODE_ANNOTATION,
 )
 from muxtune.facts.budget import DEFAULT_TOKEN_BUDGET as ENGINE_DEFAULT_BUDGET
+from muxtune.facts.quantization import NO_QUANTIZATION
 from muxtune.operator.memory import Parallelism
 from muxtune.operator.planner import SHARED, GroupState, NodeInfo, TaskRequest
 
@@ -128,8 +129,13 @@ def node_inventory(nodes: Iterable[Mapping], pods: Iterable[Mapping]) -> list[No
 
 def basemodel_architecture(bm: Mapping) -> Architecture | None:
     """The figures in use: typed in spec.architecture, the rest read from config.json
-    (operator/model_figures.py); None when the required ones are missing."""
-    return basemodel_figures(bm)[0]
+    (operator/model_figures.py), with the weights' storage (spec.quantization); None when the
+    required ones are missing."""
+    arch = basemodel_figures(bm)[0]
+    quantization = (bm.get("spec") or {}).get("quantization") or NO_QUANTIZATION
+    if arch is None or arch.quantization == quantization:
+        return arch
+    return arch.model_copy(update={"quantization": quantization})
 
 
 def parse_task(obj: Mapping) -> FineTuneTask | str:

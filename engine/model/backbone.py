@@ -68,6 +68,7 @@ class MultiplexedBackbone:
         attention.install(self.model)  # per-sequence attention from the batch's boundaries, no dense mask
         self.tokenizer = loaded.tokenizer
         self.path = loaded.path
+        self.quantization = loaded.quantization  # the decoder Linears' storage (QLoRA)
         self.trust_remote_code = loaded.trust_remote_code  # for whoever loads from path again (a tokenizer)
         self.ctx = MuxContext()
         self.recompute = False  # activation checkpointing per decoder layer (engine/model/stage.py)
@@ -118,7 +119,8 @@ class MultiplexedBackbone:
     def _attention_to_linear_ratio(self) -> float:
         """Attention FLOPs per (query, key) pair / linear FLOPs per token, for packing."""
         cfg = self.model.config
-        linear = sum(m.weight.numel() for m in self.linears.values()) + self.lm_head.weight.numel()
+        # in x out, not weight.numel(): a quantized (QLoRA) weight's storage is packed
+        linear = sum(m.in_features * m.out_features for m in self.linears.values()) + self.lm_head.weight.numel()
         layers = getattr(cfg, "num_hidden_layers", 1)
         heads = getattr(cfg, "num_attention_heads", 1)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from muxtune.engine.model import quantize
+from muxtune.facts.quantization import NO_QUANTIZATION
 from muxtune.storage import models
 from muxtune.storage.cache import cached_dir
 from muxtune.facts.builtin_models import BUILTIN_CONFIGS  # declared torch-free: the operator sizes them too
@@ -32,6 +34,7 @@ class LoadedBackbone:
     tokenizer: object
     path: Path  # the directory from_pretrained read: what adapters name as their base
     trust_remote_code: bool = False  # the model's own Python files were allowed to run
+    quantization: str = NO_QUANTIZATION  # the decoder Linears' storage (engine/model/quantize.py)
 
 
 def _byte_tokenizer():
@@ -137,13 +140,15 @@ def check_remote_code(path: Path, trust_remote_code: bool = False) -> None:
                 "(allow it with --trust-remote-code, or spec.trustRemoteCode on the cluster's BaseModel)")
 
 
-def load_backbone(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False) -> LoadedBackbone:
-    """Load a frozen backbone through the ordinary Hugging Face path; any failure is a
-    ModelLoadError naming the directory or file, so the caller can fail this backbone's tasks alone."""
+def load_backbone(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False,
+                  quantization: str = NO_QUANTIZATION) -> LoadedBackbone:
+    """Load a frozen backbone through the ordinary Hugging Face path (quantized by bitsandbytes
+    when asked); any failure is a ModelLoadError naming the directory or file, so the caller can
+    fail this backbone's tasks alone."""
     check_remote_code(path, trust_remote_code)
     check_weights(path)
     try:
-        loaded = _load(path, device, dtype, trust_remote_code)
+        loaded = _load(path, device, dtype, trust_remote_code, quantization)
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "this backbone"
@@ -154,20 +159,25 @@ def load_backbone(path: Path, device: torch.device, dtype: torch.dtype, trust_re
     return loaded
 
 
-def _load(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> LoadedBackbone:
+def _load(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_code: bool,
+          quantization: str = NO_QUANTIZATION) -> LoadedBackbone:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # eager: every family supports it (Gemma 2 refuses sdpa); the engine installs its own packed
     # attention right after (engine/model/attention.py), and the fidelity probe's reference is eager
-    common = dict(dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    common = dict(dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code,
+                  **quantize.load_kwargs(quantization, device, dtype))
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
         # the pod was given several GPUs (tp*pp by the planner's memory model): spread the layers
         # over all of them, pipeline-style, so the backbone fits; one batch flows through in turn
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", **common)
+        model = AutoModelForCausalLM.from_pretrained(path, **{**common, "device_map": "auto"})
+    elif quantization != NO_QUANTIZATION:  # placed (and quantized) by its device map
+        model = AutoModelForCausalLM.from_pretrained(path, **common)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **common)
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return LoadedBackbone(model=model, tokenizer=tokenizer, path=Path(path), trust_remote_code=trust_remote_code)
+    return LoadedBackbone(model=model, tokenizer=tokenizer, path=Path(path), trust_remote_code=trust_remote_code,
+                          quantization=quantization)

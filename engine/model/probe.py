@@ -22,6 +22,7 @@ import torch
 from muxtune.engine.data.dataset import Example
 from muxtune.engine.model.loading import ModelLoadError
 from muxtune.engine.packing import PackedSequence, pack
+from muxtune.facts.quantization import probe_slack
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 SEED = 1234
@@ -51,7 +52,7 @@ def check_fidelity(backbone) -> float:
         if len(backbone.layers) >= 2:
             diff = max(diff, _split_diff(backbone, batch, packed))
     scale = max(1.0, max(float(r.abs().max()) for r in alone))
-    allowed = TOLERANCE.get(backbone.dtype, 2e-2) * scale
+    allowed = TOLERANCE.get(backbone.dtype, 2e-2) * scale * probe_slack(backbone.quantization)
     if not diff <= allowed:  # NaN fails too
         arch = ", ".join(getattr(cfg, "architectures", None) or [type(model).__name__])
         raise ModelLoadError(

@@ -76,12 +76,20 @@ class Stage:
             inputs["inputs_embeds"] = torch.zeros(1, n, bb.embedding.embedding_dim, dtype=bb.dtype, device=bb.device)
         bb.ctx.layout = batch.layout
         try:
-            with self._sliced(None if self.first else hidden.reshape(1, n, -1)):
-                return bb.model(**inputs, logits_to_keep=keep).logits
-        except _StageDone as done:
-            return done.hidden
+            return self.run_sliced(lambda: bb.model(**inputs, logits_to_keep=keep).logits,
+                                   None if self.first else hidden.reshape(1, n, -1))
         finally:
             bb.ctx.layout = None
+
+    def run_sliced(self, call, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """call() (a call of the model's own forward) over this stage's slice: its result on the last
+        stage, else the hidden states the slice ends with; `hidden` enters at layer `start` (not
+        the first stage). The training forward above and the serving forward (engine/serve/forward.py)."""
+        try:
+            with self._sliced(hidden):
+                return call()
+        except _StageDone as done:
+            return done.hidden
 
     @contextmanager
     def _sliced(self, hidden: torch.Tensor | None):

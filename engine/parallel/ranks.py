@@ -95,6 +95,19 @@ def launch(world: int, entrypoint, *args) -> int:
     return max(codes) if codes else 0
 
 
+def exit_if_signalled(group, code: int, signalled: bool) -> int:
+    """code, returned; but a rank of a group that a signal stopped exits with it here (after its
+    work, checkpoints included, is done): its launcher, stopping on that signal, waits for the
+    ranks to exit, and a rank that returned would wait in torch's worker wrapper for a reading of
+    its result that never comes, until SIGKILL."""
+    if group.world > 1 and signalled:
+        group.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def join(dp: int, tp: int, pp: int, device: torch.device):
     """This process's group: DistGroup for a worker of a multi-rank world, LocalGroup otherwise.
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from muxtune.api.finetunetask import PeftSpec
+from muxtune.engine.model.quantize import dense_weight
 from muxtune.engine.peft.lora import LoraDelta
 
 
@@ -23,11 +24,11 @@ class DoraDelta(LoraDelta):
         super().__init__(base, spec, generator)
         object.__setattr__(self, "_base", base)  # by reference: not a submodule, not in state dicts
         with torch.no_grad():  # B = 0 at the start, so the magnitude starts as the base weight's row norms
-            norm = torch.linalg.norm(base.weight.float(), dim=1)
+            norm = torch.linalg.norm(dense_weight(base, torch.float32), dim=1)
         self.lora_magnitude_vector = nn.Parameter(norm.to(base.weight.device))
 
     def magnitude_scale(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self._base.weight.to(dtype)
+        w = dense_weight(self._base, dtype)  # dequantized when the base is 4/8-bit (QLoRA)
         lora_w = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)).detach()
         norm = torch.linalg.norm(w + self.scaling * lora_w, dim=1).detach()
         return self.lora_magnitude_vector.to(dtype) / norm
@@ -36,7 +37,7 @@ class DoraDelta(LoraDelta):
         x = self._dropped(x)
         s = self.magnitude_scale(x.dtype)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        base = F.linear(x, self._base.weight.to(x.dtype))
+        base = F.linear(x, dense_weight(self._base, x.dtype))
         return (s - 1) * base + s * ((x @ a.t()) @ b.t()) * self.scaling
 
     def peft_state(self) -> dict[str, torch.Tensor]:

@@ -1,11 +1,16 @@
 """A backbone Linear shared by many tasks: the base op runs once on all tokens, each task's
-delta runs on that task's tokens only (spatial multiplexing)."""
+delta runs on that task's tokens only (spatial multiplexing).
+
+The base may be a quantized bitsandbytes Linear (QLoRA, engine/model/quantize.py): then the base
+op is that module's own forward (it dequantizes in its compute dtype), and the deltas stay in the
+activations' dtype on top, as PEFT's bitsandbytes LoRA layers compute them."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muxtune.engine.model.quantize import is_quantized
 from muxtune.engine.packing import TokenLayout
 from muxtune.engine.peft.base import TaskDelta
 
@@ -24,6 +29,7 @@ class MultiplexedLinear(nn.Module):
         self.base = base
         self.ctx = ctx
         self.deltas = nn.ModuleDict()  # str(slot) -> TaskDelta
+        self.quantized = is_quantized(base)  # packed 4/8-bit storage: only the module itself reads it
 
     @property
     def in_features(self) -> int:
@@ -42,7 +48,7 @@ class MultiplexedLinear(nn.Module):
         xf = x.reshape(-1, shape[-1])
         present = [(slot, s, e, self.deltas[str(slot)]) for slot, s, e in layout.segments if str(slot) in self.deltas]
         in_scale = self._token_scale(layout, present, "input_scale", xf)
-        y = F.linear(xf if in_scale is None else xf * in_scale, self.base.weight, self.base.bias)
+        y = self._base_op(xf if in_scale is None else xf * in_scale)
         out_scale = self._token_scale(layout, present, "output_scale", y)
         if out_scale is not None:
             y = y * out_scale
@@ -50,6 +56,11 @@ class MultiplexedLinear(nn.Module):
         if add is not None:
             y = y + add
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _base_op(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return self.base(x)
+        return F.linear(x, self.base.weight, self.base.bias)
 
     @staticmethod
     def _token_scale(layout: TokenLayout, present, kind: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -71,7 +82,8 @@ class MultiplexedLinear(nn.Module):
         work = [(s, e, d) for _slot, s, e, d in present if type(d).additive is not TaskDelta.additive]
         if not work:
             return None
-        width = self.base.weight.shape[0]  # this rank's outputs (all of them unless tensor parallel)
+        # this rank's outputs (all of them unless tensor parallel; a packed weight's shape is its storage's)
+        width = self.base.out_features if self.quantized else self.base.weight.shape[0]
         if self.ctx.additive_kernel is not None:
             return self.ctx.additive_kernel(xf, layout, work, width)
         return segmented_additive(xf, layout, work, width)

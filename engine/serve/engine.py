@@ -53,41 +53,26 @@ class InferenceStats:
     finished: int
 
 
-def layer_devices(backbone) -> list[torch.device]:
-    layers = backbone.layers  # the family's decoder layers (engine/model/families.py)
-    return [next(layer.parameters()).device for layer in layers]
-
-
-def check_kv_memory(need: int, device: torch.device) -> None:
-    """Refuse, with the numbers, a KV cache that would not fit next to training (never OOM later)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        room, where = int(free * 0.5), "half the free GPU memory"
-    else:
-        import psutil
-
-        room, where = int(psutil.virtual_memory().available * 0.5), "half the available host memory"
-    if need > room:
-        raise ValueError(f"the KV cache needs {need / 2**30:.2f} GiB (max-num-seqs x max-model-len), more than {where} "
-                         f"({room / 2**30:.2f} GiB); lower --max-num-seqs or --max-model-len")
+def model_len(config, limits: ServeLimits) -> int:
+    """Tokens of one request at most (a KV cache row): sliding windows do not bound a request, the
+    serving attention applies each layer's window."""
+    return min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len))
 
 
 class ServeEngine:
     def __init__(self, backbone, registry: AdapterRegistry, limits: ServeLimits, metrics=None):
         families.require(backbone.family, "serve")  # refused naming the family, before any request
         config = backbone.model.config
-        # sliding windows do not bound a request: the serving attention applies each layer's window
-        max_len = min(limits.max_model_len, getattr(config, "max_position_embeddings", limits.max_model_len))
+        max_len = model_len(config, limits)
         self.limits = limits
         self.max_model_len = max_len
         self.backbone = backbone
         self.registry = registry
         self.metrics = metrics
-        devices = layer_devices(backbone)
-        check_kv_memory(KVPool.bytes_needed(config, len(devices), backbone.dtype, limits.max_num_seqs, max_len),
-                        devices[0])
-        self.pool = KVPool(config, devices, backbone.dtype, limits.max_num_seqs, max_len)
+        self.pool = KVPool.for_backbone(backbone, limits.max_num_seqs, max_len)
         self.forward = InferenceForward(backbone, self.pool)
+        head = backbone.lm_head.weight.device  # meta on a pipeline stage before the last: logits come to rank 0
+        self.logits_device = backbone.device if head.type == "meta" else head
         self.tokenizer = backbone.tokenizer  # engine thread only
         self.eos = backbone.tokenizer.eos_token_id
         self.waiting: deque[GenerationRequest] = deque()
@@ -256,7 +241,7 @@ class ServeEngine:
             r.adapter_step = r.version.step
             r.fingerprint = r.version.model if r.version.step is None else f"{r.version.model}@step-{r.version.step}"
             self.prompt_tokens_mean += 0.1 * (len(r.prompt_ids) - self.prompt_tokens_mean)
-            r.generator = new_generator(r.params, self.backbone.lm_head.weight.device,
+            r.generator = new_generator(r.params, self.logits_device,
                                         int(torch.randint(2**62, (1,), generator=self._seed)))
             r.text = IncrementalText(self.tokenizer, r.params.stop)
             self.running.append(r)

@@ -43,7 +43,26 @@ def _attention(config, name: str):
         config._attn_implementation = old
 
 
+@dataclass
+class ForwardBatch:
+    """One forward's inputs, laid out from its items: what every stage and shard computes alike."""
+
+    ids: torch.Tensor  # [T] token ids, flattened over the items (grouped by slot)
+    pos: torch.Tensor  # [T] their positions
+    slots: torch.Tensor  # [T] their adapter version slots
+    plan: AttentionPlan
+    wanted: torch.Tensor  # flattened indices whose logits come out, in the items' order
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.numel()
+
+
 class InferenceForward:
+    """The serving forward of this process's part of the backbone: all of it in one process; one
+    pipeline stage's layers (`backbone.stage`) and one tensor-parallel shard in a group, where
+    engine/serve/distributed.py moves the hidden states between stages and the logits to rank 0."""
+
     def __init__(self, backbone, pool: KVPool):
         register()
         self.backbone = backbone
@@ -52,9 +71,12 @@ class InferenceForward:
     def __call__(self, items: list[WorkItem]) -> torch.Tensor:
         """Logits [n, vocab] (float32), in the order given: every token's of an item with all_logits,
         else the last token's of an item with sample=True."""
-        bb = self.backbone
-        device = bb.device
-        order = sorted(range(len(items)), key=lambda i: items[i].slot)  # one run per adapter: identity layout
+        return self.run(self.prepare(items))
+
+    def prepare(self, items: list[WorkItem]) -> ForwardBatch:
+        """The items flattened into one row (one run per adapter: an identity layout); ValueError
+        for a position past the KV cache rows, before anything runs."""
+        order = sorted(range(len(items)), key=lambda i: items[i].slot)
         ids, rows, pos, slots, sample_at, prefill, dec_idx, dec_rows, dec_len = [], [], [], [], {}, [], [], [], []
         for i in order:
             it = items[i]
@@ -77,7 +99,7 @@ class InferenceForward:
             raise ValueError(f"position {max(pos)} is past the KV cache rows ({self.pool.max_len} tokens)")
 
         def t(values):
-            return torch.tensor(values, dtype=torch.long, device=device)
+            return torch.tensor(values, dtype=torch.long, device=self.backbone.device)
 
         plan = AttentionPlan(
             self.pool, t(rows), t(pos),
@@ -85,15 +107,27 @@ class InferenceForward:
             max(dec_len, default=0), prefill,
         )
         wanted = [p for i in range(len(items)) for p in sample_at.get(i, ())]
+        return ForwardBatch(t(ids), t(pos), t(slots), plan, t(wanted))
+
+    def run(self, batch: ForwardBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits at batch.wanted ([n, vocab], float32) on the last stage; before it, the hidden
+        states this stage's layers end with ([T, hidden]). `hidden`: the previous stage's."""
+        bb, stage = self.backbone, self.backbone.stage
+        inputs = {"position_ids": batch.pos[None], "use_cache": False, "serve_plan": batch.plan,
+                  "logits_to_keep": batch.wanted}
+        if stage.first:
+            inputs["input_ids"] = batch.ids[None]
+        else:  # the embedding is another stage's: zeros in its shape, replaced at the stage's first layer
+            inputs["inputs_embeds"] = torch.zeros(1, batch.tokens, bb.embedding.embedding_dim, dtype=bb.dtype,
+                                                  device=bb.device)
+            hidden = hidden.reshape(1, batch.tokens, -1)
         with torch.inference_mode(), _attention(bb.model.config, ATTENTION_NAME):
-            bb.ctx.layout = layout = TokenLayout.from_slots(t(slots))
-            tokens = {"input_ids": t(ids)[None]}
-            if min(ids) < 0:  # prompt tuning: virtual tokens take their adapter version's prompt rows
-                tokens = {"inputs_embeds": prompt_tuning.embed(bb.embedding, tokens["input_ids"], layout.token_slot,
-                                                              bb.prompts)}
+            bb.ctx.layout = layout = TokenLayout.from_slots(batch.slots)
+            if stage.first and bool((batch.ids < 0).any()):  # prompt tuning: virtual tokens take their version's prompt
+                inputs["inputs_embeds"] = prompt_tuning.embed(bb.embedding, inputs.pop("input_ids"), layout.token_slot,
+                                                              bb.prompts)
             try:  # the CausalLM's own forward: its positions, multipliers, logit scaling and softcap
-                out = bb.model(**tokens, position_ids=t(pos)[None], use_cache=False, serve_plan=plan,
-                               logits_to_keep=t(wanted))
+                out = stage.run_sliced(lambda: bb.model(**inputs).logits, hidden)
             finally:
                 bb.ctx.layout = None
-            return out.logits[0].float()
+            return out[0].float() if stage.last else out[0]

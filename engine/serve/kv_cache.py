@@ -24,6 +24,27 @@ from muxtune.engine.model.attention import softcapped_attention
 ATTENTION_NAME = "muxtune_serve"
 
 
+def kv_shape(config, tp: int = 1) -> tuple[int, int]:
+    """(key/value heads of one tensor-parallel rank, head dim): tp splits the heads (engine/parallel/tensor.py)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return kv_heads // tp, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def check_kv_memory(need: int, device: torch.device) -> None:
+    """Refuse, with the numbers, a KV cache that would not fit next to training (never OOM later)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        room, where = int(free * 0.5), "half the free GPU memory"
+    else:
+        import psutil
+
+        room, where = int(psutil.virtual_memory().available * 0.5), "half the available host memory"
+    if need > room:
+        raise ValueError(f"the KV cache needs {need / 2**30:.2f} GiB (max-num-seqs x max-model-len), more than {where} "
+                         f"({room / 2**30:.2f} GiB); lower --max-num-seqs or --max-model-len")
+
+
 @dataclass
 class AttentionPlan:
     """Where each token of one inference forward goes: built once per iteration, read by every layer."""
@@ -50,12 +71,13 @@ class AttentionPlan:
 
 
 class KVPool:
-    """Per-layer K/V buffers with one row per request in flight."""
+    """Per-layer K/V buffers with one row per request in flight. Each rank of a group holds its own
+    part: the layers of its pipeline stage (the others' are meta tensors, no memory) and, under
+    tensor parallelism, its block of the key/value heads (what its attention modules compute)."""
 
-    def __init__(self, config, layer_devices: list[torch.device], dtype: torch.dtype, rows: int, max_len: int):
-        heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    def __init__(self, config, layer_devices: list[torch.device], dtype: torch.dtype, rows: int, max_len: int,
+                 tp: int = 1):
+        self.kv_heads, self.head_dim = kv_shape(config, tp)
         self.rows, self.max_len = rows, max_len
         shape = (rows, self.kv_heads, max_len, self.head_dim)
         with torch.inference_mode():
@@ -63,11 +85,20 @@ class KVPool:
             self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
         self.free = list(range(rows - 1, -1, -1))
 
+    @classmethod
+    def for_backbone(cls, backbone, rows: int, max_len: int) -> KVPool:
+        """This process's pool for its part of the backbone; ValueError, with the numbers, when it would
+        not fit next to training (never OOM later)."""
+        devices = [next(layer.parameters()).device for layer in backbone.layers]  # meta: another stage's
+        tp = next(iter(backbone.shards.values())).world if backbone.shards else 1
+        local = [d for d in devices if d.type != "meta"]
+        config = backbone.model.config
+        check_kv_memory(cls.bytes_needed(config, len(local), backbone.dtype, rows, max_len, tp), local[0])
+        return cls(config, devices, backbone.dtype, rows, max_len, tp)
+
     @staticmethod
-    def bytes_needed(config, layers: int, dtype: torch.dtype, rows: int, max_len: int) -> int:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    def bytes_needed(config, layers: int, dtype: torch.dtype, rows: int, max_len: int, tp: int = 1) -> int:
+        kv_heads, head_dim = kv_shape(config, tp)
         return 2 * layers * rows * kv_heads * max_len * head_dim * torch.finfo(dtype).bits // 8
 
     @property

@@ -5,6 +5,8 @@ The command's own checks (adapter directories, one base model, a free port) come
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,41 +82,82 @@ def backbone_of(base_model: str | None, bases: set) -> tuple[Path, str]:
 
 
 def serve_from_cli(cfg: ServeConfig) -> int:
+    """Module-level: under --dp/--tp/--pp it is also the entrypoint of the ranks it starts (run.py's way)."""
+    from muxtune.engine.parallel import ranks
+
     logs.configure(cfg.log_level)
+    launching = ranks.must_launch(cfg.dp, cfg.tp, cfg.pp)
     try:
         if cfg.lora_root and not cfg.enable_lora_loading:
             raise preflight.CliProblem("--lora-root is for --enable-lora-loading")
         if cfg.enable_lora_loading and not cfg.lora_root:
             raise preflight.CliProblem("--enable-lora-loading needs at least one --lora-root (where adapters may be loaded from)")
+        if cfg.enable_lora_loading and cfg.dp * cfg.tp * cfg.pp > 1:  # a load would reach rank 0's layers only
+            raise preflight.CliProblem("--enable-lora-loading serves from one process (--dp, --tp and --pp 1)")
         if not cfg.adapters and not (cfg.enable_lora_loading and cfg.base_model):
             raise preflight.CliProblem("no adapters to serve: name adapter directories, or pass --base-model with --enable-lora-loading")
         names, bases = served_names(adapter_dirs([Path(d) for d in cfg.adapters]))
         path, base_id = backbone_of(cfg.base_model, bases)
-        sock = preflight.listen("--port", cfg.host, cfg.port)  # before the backbone loads: a busy port is one line, at once
+        sock = None
+        if launching or os.environ.get("RANK", "0") == "0":  # rank 0 alone fronts the API
+            sock = preflight.listen("--port", cfg.host, cfg.port)  # before the backbone loads: a busy port is one line, at once
     except preflight.CliProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if launching:  # the port was free; rank 0 binds it again
+        sock.close()
+        code = ranks.launch(cfg.world, serve_from_cli, cfg)
+        return 0 if code in (128 + signal.SIGTERM, 128 + signal.SIGINT) else code  # stopped as asked
+    from muxtune.engine.runtime import pick_device
+
+    group, device = ranks.join(cfg.dp, cfg.tp, cfg.pp, pick_device(cfg.device))
+    try:
+        return _serve(cfg, names, path, base_id, sock, group, device)
+    finally:
+        group.close()
+
+
+def _serve(cfg: ServeConfig, names: dict[str, Path], path: Path, base_id: str, sock, group, device) -> int:
     from muxtune.engine.observe.engine_metrics import EngineMetrics
-    from muxtune.engine.runtime import StopFlag, install_kernels, load_multiplexed, pick_device, pick_dtype
+    from muxtune.engine.runtime import StopFlag, install_kernels, load_multiplexed, pick_dtype
     from muxtune.engine.serve.stack import Serving
 
-    device = pick_device(cfg.device)
-    backbone = load_multiplexed(path, device, pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code)
+    backbone = load_multiplexed(path, device, pick_dtype(cfg.dtype, device), group if group.world > 1 else None,
+                                announce=lambda msg: print(msg, file=sys.stderr), trust_remote_code=cfg.trust_remote_code,
+                                quantization=cfg.quantize)
     install_kernels(backbone, device)
-    stop = StopFlag()
-    engine_metrics = EngineMetrics()  # /metrics on the API port: the serving series plus memory in use and peak
-    engine_metrics.attach(SimpleNamespace(backbone=backbone, tasks={}))
-    try:
-        serving = Serving(backbone, base_id, cfg, sock=sock, registry=engine_metrics.registry,
+    stop = StopFlag(escalate=group.world == 1)
+
+    def lead(channel=None):
+        engine_metrics = EngineMetrics()  # /metrics on the API port: the serving series plus memory in use and peak
+        engine_metrics.attach(SimpleNamespace(backbone=backbone, tasks={}))
+        serving = Serving(backbone, base_id, cfg, sock=sock, registry=engine_metrics.registry, channel=channel,
                           lora_roots=cfg.lora_root if cfg.enable_lora_loading else None)
         for name, d in names.items():
             serving.adapters.add_directory(name, d)
-        serving.start()
-    except (AdapterError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        return serving.start()
+
+    from muxtune.engine.serve.distributed import GroupBroken, serve_in_group
+    from muxtune.engine.serve.follower import Follower
+    from muxtune.engine.serve.stack import limits_from
+
+    try:
+        if group.world == 1:
+            serving = lead()
+        else:  # rank 0 fronts the API, every rank follows it (engine/serve/distributed.py)
+            serving = serve_in_group(group, lead, lambda ch: Follower(backbone, group, limits_from(cfg), ch))
+    except (AdapterError, OSError, ValueError, GroupBroken) as exc:
+        if group.is_writer:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         serving.loop.run(stop)
+    except GroupBroken as exc:  # a rank failed: the first recorded reason, once
+        if group.is_writer:
+            print(f"error: {exc}", file=sys.stderr)
+        raise  # every rank's process ends (as run's ranks do): collectives with it fail at once, the launcher reports
     finally:
         serving.close()
-    return 0
+    from muxtune.engine.parallel.ranks import exit_if_signalled
+
+    return exit_if_signalled(group, 0, stop.signum is not None)

@@ -1,4 +1,5 @@
-"""Wiring: the serving stack for `muxtune run --serve-port` (co-serving) and `muxtune serve` (serve_cli.py)."""
+"""Wiring: the serving stack for `muxtune run --serve-port` (co-serving) and `muxtune serve` (serve_cli.py);
+in a parallel group, rank 0's stack (the other ranks follow: distributed.py, follower.py)."""
 from __future__ import annotations
 
 import logging
@@ -34,18 +35,18 @@ class Serving:
 
     def __init__(self, backbone, base_id: str, flags: ServeFlags, *, host: str = "127.0.0.1", port: int = 0,
                  sock=None, trainer=None, registry=None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-                 only_enabled: bool = False, policy: Literal["coserve", "temporal"] = "coserve",
+                 only_enabled: bool = False, policy: Literal["coserve", "temporal"] = "coserve", channel=None,
                  lora_roots: list[Path] | None = None):
         sock = sock if sock is not None else listen(host, port)
         try:
-            self._build(backbone, base_id, flags, sock, trainer, registry, token_budget, only_enabled, policy,
+            self._build(backbone, base_id, flags, sock, trainer, registry, token_budget, only_enabled, policy, channel,
                         lora_roots)
         except BaseException:
             sock.close()
             raise
 
     def _build(self, backbone, base_id, flags: ServeFlags, sock, trainer, registry, token_budget,
-               only_enabled, policy, lora_roots) -> None:
+               only_enabled, policy, channel, lora_roots) -> None:
         from transformers import AutoTokenizer
 
         slo = Slo(tpot_s=flags.slo_tpot_ms / 1000, ttft_s=flags.slo_ttft_ms / 1000)
@@ -53,7 +54,13 @@ class Serving:
         self.adapters = AdapterRegistry(backbone, base_id, trainer, only_enabled=only_enabled)
         self.engine = ServeEngine(backbone, self.adapters, limits_from(flags), self.metrics)
         self.controller = SloController(slo, token_budget, policy=policy)
-        self.loop = CoServer(self.engine, self.controller, trainer, self.metrics, train_floor=flags.train_floor)
+        if channel is None:
+            self.loop = CoServer(self.engine, self.controller, trainer, self.metrics, train_floor=flags.train_floor)
+        else:  # rank 0 of a group: every decision also goes to the other ranks (distributed.py)
+            from muxtune.engine.serve.distributed import LeaderLoop
+
+            self.loop = LeaderLoop(self.engine, self.controller, trainer, self.metrics, train_floor=flags.train_floor,
+                                   channel=channel, group=channel.group)
         self.metrics.attach(self.engine, self.controller, trainer, self.loop)
         template = Path(flags.chat_template).read_text() if flags.chat_template else None
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, trust_remote_code=backbone.trust_remote_code)  # the HTTP thread's own copy
@@ -66,11 +73,13 @@ class Serving:
         self.http = HttpThread(self.api.app(*middlewares), sock, guard, idle_timeout=flags.idle_timeout_s)
 
     @classmethod
-    def coserving(cls, backbone, base_id: str, trainer, cfg: RunConfig, sock, engine_metrics=None) -> Serving:
-        """`muxtune run --serve-port`: serve the trainer's tasks (started), metrics on the engine's registry."""
+    def coserving(cls, backbone, base_id: str, trainer, cfg: RunConfig, sock, engine_metrics=None,
+                  channel=None) -> Serving:
+        """`muxtune run --serve-port`: serve the trainer's tasks (started), metrics on the engine's registry;
+        channel: rank 0 of a group (engine/serve/distributed.py)."""
         serving = cls(backbone, base_id, cfg, sock=sock, trainer=trainer, token_budget=cfg.token_budget,
                       registry=engine_metrics.registry if engine_metrics is not None else None,
-                      only_enabled=cfg.serve_tasks == "enabled", policy=cfg.serve_policy)
+                      only_enabled=cfg.serve_tasks == "enabled", policy=cfg.serve_policy, channel=channel)
         serving.adapters.sync_tasks()
         if engine_metrics is not None:  # /v1/status tells the operator which tasks answer requests
             engine_metrics.status_extras.append(serving.adapters.served_tasks)

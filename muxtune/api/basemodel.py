@@ -7,6 +7,7 @@ from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from muxtune.api import sources
 from muxtune.api.meta import API_VERSION, ApiModel, ObjectMeta
+from muxtune.facts.quantization import NO_QUANTIZATION, Quantization
 
 
 NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -116,6 +117,9 @@ class ArchitectureFigures(ApiModel):
     )
     vocab_size: int | None = Field(default=None, gt=0, description="Tokenizer vocabulary size.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(default="bfloat16", description="Weight dtype at runtime.")
+    quantization: Quantization = Field(
+        default=NO_QUANTIZATION, description="Storage of the decoder Linears' frozen weights (nf4: 4-bit, int8: 8-bit); "
+                                             "the BaseModel's spec.quantization, which it must equal when both are set.")
     model_type: str | None = Field(default=None, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$",
                                    description="config.json's model_type: the family whose layout sizes the blocks.")
     head_dim: int | None = Field(default=None, gt=0, description="Width of one attention head; default: hiddenSize / numAttentionHeads.")
@@ -175,6 +179,14 @@ class BaseModelSpec(ApiModel):
     architecture: ArchitectureFigures | None = Field(
         default=None, description="Size figures, any of them; the operator reads those left out from the model's "
                                   "config.json where it can (a built-in, a hostPath it sees, hf and s3 once staged).")
+    quantization: Quantization = Field(
+        default=NO_QUANTIZATION,
+        description=(
+            "QLoRA: store the frozen backbone's decoder Linears in 4 bits (nf4, NormalFloat with double-quantized "
+            "scales) or 8 bits (int8, LLM.int8) through bitsandbytes; adapters train in the compute dtype and "
+            "load with PeftModel on the same quantized base. The planner sizes the weights accordingly."
+        ),
+    )
     trust_remote_code: bool = Field(
         default=False,
         description=(
@@ -183,6 +195,18 @@ class BaseModelSpec(ApiModel):
             "may create it (cluster admins) can allow this."
         ),
     )
+
+
+    @model_validator(mode="after")
+    def _one_quantization(self) -> BaseModelSpec:
+        """spec.architecture carries the storage the memory model sizes: spec.quantization's."""
+        arch = self.architecture
+        if arch is not None and arch.quantization != self.quantization:
+            if arch.quantization != NO_QUANTIZATION:
+                raise ValueError(f"architecture.quantization {arch.quantization!r} differs from quantization "
+                                 f"{self.quantization!r}; set quantization only")
+            self.architecture = arch.model_copy(update={"quantization": self.quantization})
+        return self
 
 
 class BaseModelStatus(ApiModel):

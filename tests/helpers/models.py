@@ -7,9 +7,9 @@ from tests.helpers.data import data_root_dir
 
 
 def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | None = None,
-                base_dir: Path | None = None):
+                base_dir: Path | None = None, quantization: str = "none"):
     """A fresh backbone + trainer on CPU in fp32 (the precision transparency is stated in),
-    reading datasets under the tests' data root."""
+    reading datasets under the tests' data root; quantization: nf4 / int8 (QLoRA, bitsandbytes)."""
     import torch
 
     from muxtune.engine.model.backbone import MultiplexedBackbone
@@ -17,8 +17,25 @@ def new_trainer(output: Path, *, token_budget: int = 4096, backbone_dir: Path | 
     from muxtune.engine.trainer import MuxTrainer
 
     path = backbone_dir or builtin_path("tiny-llama")
-    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu"), torch.float32))
+    backbone = MultiplexedBackbone(load_backbone(path, torch.device("cpu"), torch.float32, quantization=quantization))
     return MuxTrainer(backbone, output, token_budget=token_budget, base_dir=base_dir or data_root_dir())
+
+
+def examples_loss(model, examples) -> float:
+    """Mean label-token loss of a (PEFT) model over examples, each alone: the user's evaluation."""
+    import torch
+
+    from muxtune.engine.data.dataset import IGNORE
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0].float()
+            t = torch.tensor(ex.targets)
+            keep = t != IGNORE
+            total += float(torch.nn.functional.cross_entropy(logits[keep], t[keep], reduction="sum"))
+            n += int(keep.sum())
+    return total / n
 
 
 def save_tiny_checkpoint(kind: str, path):

@@ -88,3 +88,50 @@ def exception_on_rank1(root: str, world_dp: int, muxtune_home: str) -> int:
     os.chdir(root)
     return run_from_cli(RunCommand(tasks=["tasks.yaml"], output=Path(root) / "out", progress=False, device="cpu",
                                    dp=world_dp))
+
+
+def serve_greedy(base: str, adapter: str, tp: int, pp: int, cases: list, new: int, dp: int = 1) -> dict | None:
+    """Serving over a group of dp x tp x pp ranks (engine/serve/distributed.py), driven on rank 0
+    straight through its engine (no HTTP client): the cases [(model, prompt ids)] decoded greedily
+    in one batch, with their logprobs, and the prompt logprobs of the first (echo). Rank 0 returns
+    {"tokens", "logprobs", "prompt_logprobs", "iterations"}; the other ranks None."""
+    import torch
+
+    from muxtune.engine.parallel.dims import ParallelDims
+    from muxtune.engine.parallel.group import DistGroup
+    from muxtune.engine.parallel.ranks import init_distributed
+    from muxtune.engine.runtime import load_multiplexed
+    from muxtune.engine.serve.distributed import serve_in_group
+    from muxtune.engine.serve.follower import Follower
+    from muxtune.engine.serve.stack import Serving, limits_from
+    from tests.helpers.serving import serve_flags, submit
+
+    device = init_distributed(torch.device("cpu"))
+    group = DistGroup(ParallelDims(dp, tp, pp, int(os.environ["WORLD_SIZE"])), device)
+    backbone = load_multiplexed(Path(base), device, torch.float32, group, announce=lambda _m: None)
+    flags = serve_flags(max_num_seqs=4, max_prefill_tokens=4, max_model_len=64)
+
+    def lead(channel):
+        serving = Serving(backbone, "base", flags, port=0, channel=channel)
+        serving.adapters.add_directory("lora", Path(adapter))
+        return serving
+
+    serving = serve_in_group(group, lead, lambda ch: Follower(backbone, group, limits_from(flags), ch))
+    if not group.is_writer:
+        serving.loop.run(None)
+        serving.close()
+        group.close()
+        return None
+    reqs = [submit(serving.engine, model, ids, max_tokens=new, ignore_eos=True, logprobs=0,
+                   **({"prompt_logprobs": 0} if i == 0 else {})) for i, (model, ids) in enumerate(cases)]
+    while serving.engine.has_work():
+        serving.loop.iteration()
+    serving.loop.run(lambda: True)  # returns at once: the other ranks leave with it
+    serving.close()
+    group.close()
+    out = {"tokens": [r.output_ids for r, _ in reqs], "logprobs": [], "prompt_logprobs": None,
+           "iterations": serving.loop.iterations}
+    for _, events in reqs:  # each Delta/Done event carries the logprobs of the tokens it sends
+        out["logprobs"].append([e.logprob for ev in events for e in getattr(ev, "logprobs", None) or []])
+    out["prompt_logprobs"] = [e.logprob for e in reqs[0][1][-1].prompt_logprobs]  # on the Done event
+    return out

@@ -27,18 +27,9 @@ def peft_loss(adapter_dir, examples) -> float:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from muxtune.engine.data.dataset import IGNORE
+    from tests.helpers.models import examples_loss
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32,
                                                 attn_implementation="eager")
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for ex in examples:
-            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0].float()
-            t = torch.tensor(ex.targets)
-            keep = t != IGNORE
-            total += float(torch.nn.functional.cross_entropy(logits[keep], t[keep], reduction="sum"))
-            n += int(keep.sum())
-    return total / n
+    return examples_loss(PeftModel.from_pretrained(base, adapter_dir).eval(), examples)

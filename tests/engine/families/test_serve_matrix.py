@@ -8,39 +8,13 @@ import pytest
 import torch
 
 from muxtune.engine.model.families import FAMILIES
+from tests.helpers.parallel_serving import peft_generate, random_lora
 from tests.helpers.serving import make_stack, submit
 
 from .checkpoints import WINDOW
 
 PROMPT = 11  # > WINDOW: the prompt alone crosses the window, and is prefilled in 3 chunks
 NEW = 14
-
-
-def random_lora(base_dir, out_dir, targets) -> None:
-    """A PEFT LoRA adapter with random (non-zero) A and B, saved the user's way."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        peft_model = get_peft_model(model, config)
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.data.normal_(0, 0.3)  # large enough that the adapter changes the greedy tokens
-    peft_model.save_pretrained(out_dir)
-
-
-def peft_generate(base_dir, adapter_dir, prompt: list[int], new: int) -> list[int]:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
-    base.generation_config.eos_token_id = None  # through EOS, as the server's ignore_eos
-    model = (PeftModel.from_pretrained(base, adapter_dir) if adapter_dir else base).eval()
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

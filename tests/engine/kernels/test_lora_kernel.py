@@ -8,6 +8,7 @@ tests below assert on them. Errors are relative: max |fused - ref| / max |ref|.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -350,8 +351,9 @@ def _ratio(err_fused: float, err_ref: float) -> float:
     return err_fused / err_ref if err_ref > 0 else float("inf")
 
 
-def _backbone_rows(dtype):
-    """A whole MultiplexedBackbone forward/backward with the kernel installed vs not."""
+def _backbone_rows(dtype, quantization="none"):
+    """A whole MultiplexedBackbone forward/backward with the kernel installed vs not (over a
+    4-bit base too: QLoRA's base op is bitsandbytes', the deltas the kernel's)."""
     import random
 
     from muxtune.api.finetunetask import PeftSpec
@@ -361,7 +363,8 @@ def _backbone_rows(dtype):
     from muxtune.engine.model.loading import builtin_path, load_backbone
     from muxtune.engine.packing import PackedSequence, pack
 
-    bb = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), torch.device("cpu"), dtype))
+    bb = MultiplexedBackbone(load_backbone(builtin_path("tiny-llama"), torch.device("cpu"), dtype,
+                                           quantization=quantization))
     specs = [
         PeftSpec(r=2, alpha=4, target_modules=["q_proj", "v_proj"]),
         PeftSpec(r=8, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
@@ -418,6 +421,12 @@ def backbone_fp32():
     return _backbone_rows(torch.float32)
 
 
+if importlib.util.find_spec("bitsandbytes") is not None:
+    @case
+    def backbone_nf4():
+        return _backbone_rows(torch.float32, quantization="nf4")
+
+
 @case
 def backbone_bf16():
     return _backbone_rows(torch.bfloat16)
@@ -463,7 +472,7 @@ def _compile_main(out_path: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # the tests
 
-BACKBONE_CASES = ["backbone_fp32", "backbone_bf16"]
+BACKBONE_CASES = [n for n in ("backbone_fp32", "backbone_bf16", "backbone_nf4") if n in CASES]
 
 
 @pytest.fixture(scope="module")

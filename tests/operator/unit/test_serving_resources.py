@@ -1,5 +1,5 @@
 """Co-serving in the cluster, pure parts: a group serves when a member enables spec.serving (the
-strictest SLOs of those that do; never a group split over several processes), its pods open the
+strictest SLOs of those that do; a group split over several ranks too, fronted by pod 0), its pods open the
 API on port 8000 and serve only the members that enabled it, its Service names the port, and a
 task's status.endpoint appears once its engine reports it answers for the adapter."""
 from __future__ import annotations
@@ -33,8 +33,23 @@ def test_group_serves_with_the_strictest_slos_of_its_serving_members():
     assert g["spec"]["serving"] == {"port": 8000, "sloTtftMs": 800.0, "sloTpotMs": 60.0}
     BackboneGroup.model_validate(g)  # the CRD's schema
     assert "serving" not in group([member("c", {"enabled": False}), member("d")])["spec"]
-    # co-serving is one engine process: a group split over GPUs (dp, tp or pp > 1) does not serve
-    assert "serving" not in group([member("a", {"enabled": True})], Parallelism(tp=2))["spec"]
+    # a group split over ranks serves too (global rank 0 fronts the API)
+    assert group([member("a", {"enabled": True})], Parallelism(tp=2))["spec"]["serving"]["port"] == 8000
+
+
+def test_a_multi_pod_group_serves_from_pod_0_and_every_rank_gets_the_line():
+    """dp=2 x tp=2: two pods; all ranks run the same command line (rank 0 serves, the others follow
+    its decisions), only pod 0 opens the serving port, and the endpoint names pod 0."""
+    from muxtune.operator.podspec import serving_endpoint
+
+    g = group([member("a", {"enabled": True, "sloTtftMs": 500, "sloTpotMs": 50})], Parallelism(dp=2, tp=2))
+    pods = [resources.pod_manifest(g, r, OperatorConfig(output_host_path="/srv/out"))["spec"] for r in (0, 1)]
+    c0, c1 = (p["containers"][0] for p in pods)
+    for c in (c0, c1):
+        a = c["args"]
+        assert a[a.index("--serve-port") + 1] == "8000" and a[a.index("--tp") + 1] == "2" and a[a.index("--dp") + 1] == "2"
+    assert "serving" in [p["name"] for p in c0["ports"]] and "serving" not in [p["name"] for p in c1["ports"]]
+    assert serving_endpoint("mt-x", "ns") == f"http://{pods[0]['hostname']}.{pods[0]['subdomain']}.ns.svc:8000/v1"
 
 
 def test_serving_pod_opens_the_api_for_enabled_tasks_only():

@@ -56,6 +56,8 @@ class CoServer:
         alone, an idle server) is not held against it once rounds get tight. Without this the fair
         queue made `copy` (long sequences, so more tokens a step) wait, under load, until its
         neighbours caught up on the thousands of tokens it led by: minutes (issue 20's soak)."""
+        if self.trainer.group.world > 1:
+            return  # every rank picks a round's sequences itself: a change on rank 0 alone would split them
         active = [rt for rt in self.trainer.active() if rt.stream is not None]
         if len(active) < 2:
             return

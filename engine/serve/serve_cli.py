@@ -92,6 +92,8 @@ def serve_from_cli(cfg: ServeConfig) -> int:
             raise preflight.CliProblem("--lora-root is for --enable-lora-loading")
         if cfg.enable_lora_loading and not cfg.lora_root:
             raise preflight.CliProblem("--enable-lora-loading needs at least one --lora-root (where adapters may be loaded from)")
+        if cfg.enable_lora_loading and cfg.serve_tokens:  # the load endpoints answer for no one namespace
+            raise preflight.CliProblem("--enable-lora-loading is not per-tenant: it cannot be combined with --serve-tokens")
         if cfg.enable_lora_loading and cfg.dp * cfg.tp * cfg.pp > 1:  # a load would reach rank 0's layers only
             raise preflight.CliProblem("--enable-lora-loading serves from one process (--dp, --tp and --pp 1)")
         if not cfg.adapters and not (cfg.enable_lora_loading and cfg.base_model):

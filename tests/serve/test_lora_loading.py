@@ -139,6 +139,9 @@ def test_bad_directories_are_refused_and_lose_nothing(loading_server, trained_ad
     (dict(enable_lora_loading=True, base_model="builtin:tiny-llama"), "needs at least one --lora-root"),
     (dict(lora_root=["/tmp"], adapters=["x"]), "--lora-root is for --enable-lora-loading"),
     (dict(), "no adapters to serve"),
+    # loaded adapters would answer every tenant's token alike: refused where tokens are in force
+    (dict(enable_lora_loading=True, lora_root=["/tmp"], base_model="builtin:tiny-llama", serve_tokens="/tmp/t.json"),
+     "cannot be combined with --serve-tokens"),
 ])
 def test_the_command_refuses_incomplete_flags_before_loading_anything(flags, words, capsys):
     from muxtune.engine.serve.serve_cli import serve_from_cli

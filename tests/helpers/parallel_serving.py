@@ -35,6 +35,22 @@ def random_lora(base_dir, out_dir, targets) -> None:
     peft_model.save_pretrained(out_dir)
 
 
+def random_prompt_tuning(base_dir, out_dir, virtual_tokens: int = 5) -> None:
+    """A PEFT prompt-tuning adapter with random (large) virtual token embeddings, saved the user's way."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=virtual_tokens)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        peft_model = get_peft_model(model, config)
+        for name, p in peft_model.named_parameters():
+            if "prompt_encoder" in name:
+                p.data.normal_(0, 1.0)  # large enough that the virtual tokens change the greedy tokens
+    peft_model.save_pretrained(out_dir)
+
+
 def peft_model(base_dir, adapter_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

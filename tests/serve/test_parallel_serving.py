@@ -11,7 +11,7 @@ import torch
 from muxtune.engine.model.families import FAMILIES
 from tests.engine.families.checkpoints import save_family_checkpoint
 from tests.helpers import parallel_ranks
-from tests.helpers.parallel_serving import peft_generate, peft_logprobs, random_lora
+from tests.helpers.parallel_serving import peft_generate, peft_logprobs, random_lora, random_prompt_tuning
 
 pytestmark = pytest.mark.slow
 NEW = 10
@@ -47,3 +47,18 @@ def test_served_over_ranks_equals_peft(model_type, dp, tp, pp, family_checkpoint
     prompt_ref = peft_logprobs(base, adapter, prompts[0][:1], prompts[0][1:])  # echo: every prompt token's
     assert out["prompt_logprobs"][0] is None
     assert max(abs(a - b) for a, b in zip(out["prompt_logprobs"][1:], prompt_ref)) < TOL
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_prompt_tuning_served_over_ranks_equals_peft(tp, pp, family_checkpoint, tmp_path):
+    """Virtual tokens enter on the first stage (every tp shard's, or pp's stage 0): greedy tokens equal
+    PeftModel.generate with the prompt-tuning adapter, mixed with a base-model request."""
+    base = family_checkpoint("llama")
+    adapter = tmp_path / "prompt"
+    random_prompt_tuning(base, adapter)
+    prompts = _prompts(2, 11)
+    cases = [("lora", prompts[0]), ("base", prompts[1])]  # "lora": the served adapter, whatever its method
+    out = parallel_ranks.start(tp * pp, parallel_ranks.serve_greedy, str(base), str(adapter), tp, pp, cases, NEW, 1)[0]
+    expected = [peft_generate(base, adapter if m == "lora" else None, ids, NEW) for m, ids in cases]
+    assert out["tokens"] == expected, (tp, pp)
+    assert expected[0] != peft_generate(base, None, prompts[0], NEW), "the virtual tokens change the greedy tokens"

@@ -37,7 +37,9 @@ if [ ! -f "$STAMP" ]; then
   reqs=(".[all]" -c constraints.txt)
   if ! pip_install --no-index --find-links "$WHEELS" -e "${reqs[@]}" >>"$LOG" 2>&1; then
     say "dependencies (wheel cache incomplete: downloading; first run only, torch is large)"
-    logged .venv/bin/python -m pip download -q -d "$WHEELS" -r constraints.txt "setuptools>=77" wheel
+    # Resolve the project's own requirement set (extras included) so that every transitive wheel
+    # (lm_eval[api]'s tenacity, say) lands in the cache, not just the pinned names.
+    logged .venv/bin/python -m pip download -q -d "$WHEELS" -c constraints.txt ".[all]" "setuptools>=77" wheel
     logged pip_install --no-index --find-links "$WHEELS" -e "${reqs[@]}"
   fi
   rm -f .venv/.muxtune-deps-*

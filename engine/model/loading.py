@@ -173,6 +173,7 @@ def _load(path: Path, device: torch.device, dtype: torch.dtype, trust_remote_cod
         model = AutoModelForCausalLM.from_pretrained(path, **{**common, "device_map": "auto"})
     elif quantization != NO_QUANTIZATION:  # placed (and quantized) by its device map
         model = AutoModelForCausalLM.from_pretrained(path, **common)
+        quantize.one_weight_format(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **common)
         model.to(device)

@@ -63,6 +63,16 @@ def check_layout(quantization: str, tp: int, pp: int) -> None:
                                       "use --dp, or more memory per GPU")
 
 
+def one_weight_format(model: nn.Module) -> None:
+    """Keep each 4-bit weight in the format it trains in. On a CPU with AVX512-BF16, bitsandbytes
+    repacks a Linear4bit the first time it runs in eval mode without grad (scales rounded to bf16,
+    out_features a multiple of 32 or an assertion): the fidelity probe, evaluation and serving would
+    then compute another function than the training rounds, and small layers would not run at all."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def is_quantized(linear: nn.Module) -> bool:
     """A bitsandbytes Linear (4- or 8-bit): its weight is packed storage, its forward dequantizes."""
     if "bitsandbytes" not in sys.modules:

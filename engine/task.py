@@ -21,6 +21,7 @@ from muxtune.engine.durable import storage
 from muxtune.engine.durable.checkpoint import TaskState, spec_hash
 from muxtune.engine.data.dataset import DataStream, Example, LoadedDataset
 from muxtune.engine.peft.prompt_tuning import prepend_virtual
+from muxtune.facts.quantization import NO_QUANTIZATION
 
 PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
 log = logging.getLogger("muxtune.engine")
@@ -118,6 +119,7 @@ class TaskRuntime:
     eval_loss: float | None = None
     eval_step: int | None = None  # the step eval_loss was measured at
     chat_template: str | None = None  # saved with the adapter
+    base_quantization: str = NO_QUANTIZATION  # the frozen base it trains on (QLoRA): a resume must match
 
     @property
     def key(self) -> str:
@@ -202,7 +204,7 @@ class TaskRuntime:
         rng = {m: s for m, d in sorted(self.adapter.deltas.items()) if (s := d.rng_state()) is not None}
         meta = {
             "task": self.key, "uid": self.task.metadata.uid, "spec_hash": spec_hash(self.task.spec),
-            "data_fingerprint": self.data_fingerprint, "step": self.step, "tokens_total": self.tokens_total,
+            "data_fingerprint": self.data_fingerprint, "quantization": self.base_quantization, "step": self.step, "tokens_total": self.tokens_total,
             "served_tokens": self.served_tokens, "last_loss": self.last_loss, "saves": self.saves,
             "eval_loss": self.eval_loss, "eval_step": self.eval_step,
             "data": self.step_start if self.pending else self.stream.state(),

@@ -37,6 +37,7 @@ from muxtune.engine.durable import checkpoint as ckpt
 from muxtune.engine.durable import storage
 from muxtune.engine.durable.checkpoint import TaskState
 from muxtune.engine.durable.storage import CorruptError
+from muxtune.facts.quantization import NO_QUANTIZATION
 
 log = logging.getLogger("muxtune.engine")
 
@@ -121,6 +122,11 @@ def read_checkpoint(rt, path: Path, meta: dict, allow_data_change: bool) -> Task
     if meta.get("spec_hash") != ckpt.spec_hash(rt.task.spec):
         raise ValueError(f"{path}: written for a different spec of {rt.key}; use another output "
                          "directory, or delete the old one to start over")
+    trained_on = meta.get("quantization", NO_QUANTIZATION)  # checkpoints before QLoRA: an unquantized base
+    if trained_on != rt.base_quantization:
+        raise ValueError(f"{path}: trained on a base quantized as {trained_on!r}, this run loads it as "
+                         f"{rt.base_quantization!r}; resume with --quantize {trained_on} (BaseModel "
+                         "spec.quantization in a cluster), or use another output directory")
     state = ckpt.load(path)
     if meta.get("data_fingerprint") != rt.data_fingerprint:
         if not allow_data_change:

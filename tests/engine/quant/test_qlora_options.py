@@ -2,6 +2,8 @@
 the layouts packed weights cannot take, and the dense weight DoRA reads."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pydantic_settings import CliApp
@@ -61,3 +63,39 @@ def test_dense_weight_is_what_the_quantized_module_computes_with(kind):
         x = torch.randn(5, 64)
         assert torch.allclose(q(x), x @ w.t(), atol=1e-6)
 
+
+
+class _Crash(BaseException):
+    """A simulated process death mid-run (not an error the engine handles)."""
+
+
+def _crash_after(step):
+    def hook(trainer, rt):
+        if rt.step == step:
+            raise _Crash(step)
+    return hook
+
+
+def test_a_checkpoint_resumes_only_on_the_base_it_was_trained_on(make_task, data_dir, tmp_path, trainer_factory):
+    """An adapter half-trained over an NF4 base would go on over another function of the weights if
+    resumed on the 16/32-bit base (or the other way round): refused naming both, the checkpoint kept."""
+    pytest.importorskip("bitsandbytes")
+    task = make_task("q", data_dir / "reverse.jsonl", steps=6, checkpointInterval=2)
+    first = trainer_factory(tmp_path / "out", quantization="nf4")
+    first.step_hooks.append(_crash_after(3))
+    first.add_task(task)
+    with pytest.raises(_Crash):
+        first.run()
+    ckpts = sorted((first.tasks[task.key].out_dir / "checkpoints").iterdir())
+    assert ckpts and json.loads((ckpts[-1] / "state.json").read_text())["quantization"] == "nf4"
+
+    dense = trainer_factory(tmp_path / "out")
+    rt = dense.add_task(task)
+    assert rt.phase == "Failed" and "'nf4'" in rt.message and "'none'" in rt.message and "--quantize nf4" in rt.message
+    assert ckpts[-1].exists()
+
+    again = trainer_factory(tmp_path / "out", quantization="nf4")
+    rt = again.add_task(task)
+    assert rt.phase != "Failed" and rt.step == 2, rt.message
+    again.run()
+    assert rt.phase == "Succeeded", rt.message

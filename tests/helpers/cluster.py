@@ -195,10 +195,15 @@ def apply(info, *docs: dict) -> None:
     info.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(list(docs)))
 
 
+# The BaseModels below run the built-in tiny-llama but describe a model no single node/GPU holds.
+# Every shape figure is typed: the operator fills untyped ones from the source's config.json
+# (tiny-llama's head_dim 32, intermediate_size 352), which would make these models small again.
 # two pods x 8 GPUs: more than one kwok node holds (the figures of a 200B-parameter, 8-layer model)
-WHOLE_NODES = {"parameters": 200_000_000_000, "layers": 8, "hiddenSize": 16384, "numAttentionHeads": 1, "vocabSize": 259}
+WHOLE_NODES = {"parameters": 200_000_000_000, "layers": 8, "hiddenSize": 16384, "numAttentionHeads": 1,
+               "numKeyValueHeads": 1, "headDim": 16384, "intermediateSize": 131072, "vocabSize": 259}
 # two pods x 1 GPU: one layer and one head leave only data parallelism; one GPU holds half the step
-TWO_REPLICAS = {"parameters": 10_000_000, "layers": 1, "hiddenSize": 65536, "numAttentionHeads": 1, "vocabSize": 259}
+TWO_REPLICAS = {"parameters": 10_000_000, "layers": 1, "hiddenSize": 65536, "numAttentionHeads": 1,
+                "numKeyValueHeads": 1, "headDim": 65536, "intermediateSize": 174762, "vocabSize": 259}
 
 
 def basemodel(name: str, ns: str, figures: dict) -> dict:

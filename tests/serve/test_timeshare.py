@@ -72,6 +72,7 @@ class _BusyEngine:
 class _Trainer:
     def __init__(self):
         self.rounds, self.real_tokens = [], 0
+        self.group = SimpleNamespace(world=1)  # one process (the co-serving loop asks, as MuxTrainer.group answers)
         self.tasks = {"team-b/train": SimpleNamespace(key="team-b/train", served_tokens=0, pending=[],
                                                       stream=None, task=None)}
 

@@ -31,6 +31,9 @@ def configure(level: str = "warning", extra: dict[str, str] | None = None) -> No
         logger.handlers[:] = [handler]
         logger.setLevel(lvl.upper())
         logger.propagate = False
+    # bitsandbytes' CPU backend warns on import (PEFT imports it whenever it is installed) that an
+    # optional kernel it would fetch from the Hub is absent: every run printed it mid-progress bar
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:  # transformers' own bars and notices are noise in a training log
         from transformers.utils import logging as hf_logging
 

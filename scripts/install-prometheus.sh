@@ -25,7 +25,10 @@ cleanup() { if [ "$created_policy" = 1 ]; then $SUDO rm -f "$policy"; fi; }
 trap cleanup EXIT
 export DEBIAN_FRONTEND=noninteractive
 echo "install-prometheus: apt-get install prometheus (server + promtool)" >&2
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+log=$(mktemp)  # apt's own chatter (debconf notices) is shown only when it fails
+if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends prometheus; } >"$log" 2>&1; then
+  tail -n 30 "$log" >&2; rm -f "$log"; exit 1
+fi
+rm -f "$log"
 command -v prometheus >/dev/null && command -v promtool >/dev/null
 prometheus --version 2>&1 | head -1 >&2

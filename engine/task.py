@@ -204,7 +204,8 @@ class TaskRuntime:
         rng = {m: s for m, d in sorted(self.adapter.deltas.items()) if (s := d.rng_state()) is not None}
         meta = {
             "task": self.key, "uid": self.task.metadata.uid, "spec_hash": spec_hash(self.task.spec),
-            "data_fingerprint": self.data_fingerprint, "quantization": self.base_quantization, "step": self.step, "tokens_total": self.tokens_total,
+            "data_fingerprint": self.data_fingerprint, "quantization": self.base_quantization,
+            "step": self.step, "tokens_total": self.tokens_total,
             "served_tokens": self.served_tokens, "last_loss": self.last_loss, "saves": self.saves,
             "eval_loss": self.eval_loss, "eval_step": self.eval_step,
             "data": self.step_start if self.pending else self.stream.state(),

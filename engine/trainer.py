@@ -116,8 +116,8 @@ class MuxTrainer:
         except outputs.OutputLayoutError as exc:
             out_dir, problems = None, [str(exc)]
         problems += dstate.unsupported(task, self.group.dims)
-        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(reuse=False), out_dir=None if problems else out_dir)
-        rt.base_quantization = self.backbone.quantization
+        rt = TaskRuntime(task=task, slot=self.backbone.new_slot(reuse=False), out_dir=None if problems else out_dir,
+                         base_quantization=self.backbone.quantization)
         self.tasks[task.key] = rt
         if problems:
             return self._fail(rt, "; ".join(problems))

@@ -39,7 +39,7 @@ if [ ! -f "$STAMP" ]; then
     say "dependencies (wheel cache incomplete: downloading; first run only, torch is large)"
     # Resolve the project's own requirement set (extras included) so that every transitive wheel
     # (lm_eval[api]'s tenacity, say) lands in the cache, not just the pinned names.
-    logged .venv/bin/python -m pip download -q -d "$WHEELS" -c constraints.txt ".[all]" "setuptools>=77" wheel
+    logged .venv/bin/python -m pip download -q -d "$WHEELS" "${reqs[@]}" "setuptools>=77" wheel
     logged pip_install --no-index --find-links "$WHEELS" -e "${reqs[@]}"
   fi
   rm -f .venv/.muxtune-deps-*

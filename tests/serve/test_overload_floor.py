@@ -46,7 +46,7 @@ def test_training_keeps_its_floor_and_no_task_starves(tmp_path, make_task, data_
     soak(s, submitter, 80)
     served = {rt.task.metadata.name: rt.served_tokens for rt in trainer.tasks.values()}
     if floor == 0:
-        # the SLOs leave training little (0.05-0.11 measured, by machine): well under what floor 0.3 keeps (>= 0.24)
+        # the SLOs leave training little (0.105 in one run that failed a 0.1 limit): well under what floor 0.3 keeps (>= 0.24)
         assert s.loop.train_share < 0.2 and s.loop.floor_rounds == 0, s.loop.train_share
         return
     assert all(rt.phase == "Running" for rt in trainer.tasks.values())
